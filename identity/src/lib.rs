@@ -1,10 +1,18 @@
 //! Identity for Rampart: SPIFFE IDs, X.509-SVIDs, trust bundles, identity
 //! sources and the rustls verifiers that authenticate peers.
 //!
-//! The proxy never touches certificates directly: it asks this crate for
-//! ready-made TLS configurations and receives the peer's [`SpiffeId`] after a
-//! handshake.
+//! The proxy never touches certificates directly: it receives ready-made TLS
+//! configurations from the [`store::IdentityStore`] and the peer's
+//! [`verify::PeerIdentity`] after a handshake.
 
+pub mod bundle;
+pub mod ca;
+pub mod files;
 pub mod id;
+pub mod store;
+pub mod svid;
+pub mod tls;
+pub mod verify;
 
 pub use id::{SpiffeId, SpiffeIdError, TrustDomain};
+pub use verify::{IdMatcher, PeerIdentity};
