@@ -104,7 +104,7 @@ impl DevCa {
         let key = KeyPair::from_pem(&key_pem)?;
         let certs = crate::svid::parse_certs_pem(cert_pem.as_bytes())?;
         let cert_der = certs[0].clone();
-        let td = ca_trust_domain(&cert_der).ok_or_else(|| CaError::NoTrustDomain(cert_path))?;
+        let td = ca_trust_domain(&cert_der).ok_or(CaError::NoTrustDomain(cert_path))?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
         Ok(DevCa {
             td,
