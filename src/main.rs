@@ -1,6 +1,9 @@
 //! The `rampart` binary: command line, configuration and wiring.
 
+mod ca_cmd;
+mod config;
 mod init;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -14,17 +17,24 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the sidecar.
+    Run(run::RunArgs),
     /// Install the iptables rules that capture a pod's traffic (init container).
     Init(init::InitArgs),
+    /// Development CA: create one, issue SVIDs.
+    #[command(subcommand)]
+    Ca(ca_cmd::CaCommand),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Init(args) => init::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("rampart: {e:#}");
             std::process::ExitCode::FAILURE

@@ -1,0 +1,39 @@
+//! The authorization stage: turns an [`Authenticated`] connection into a
+//! [`Permitted`] one, or refuses it. Only `rampart_authz` can make the
+//! [`Permit`] that forwarding requires.
+
+use rampart_authz::{ConnectionInfo, Decision, Denial, Permit};
+
+use crate::tls::Authenticated;
+
+/// An inbound connection that may proceed.
+#[derive(Debug)]
+pub struct Permitted {
+    /// The authenticated connection.
+    pub conn: Authenticated,
+    /// The proof.
+    pub permit: Permit,
+}
+
+/// Decides whether an authenticated connection may reach the app on `port`.
+pub fn authorize(
+    conn: Authenticated,
+    port: u16,
+    authorizer: &rampart_authz::Authorizer,
+) -> Result<Permitted, Box<(Authenticated, Denial)>> {
+    let info = ConnectionInfo {
+        peer: Some(&conn.peer.id),
+        source: conn.client.0.ip(),
+        dest_port: port,
+    };
+    match authorizer.check_connection(&info) {
+        Decision::Allow(permit) => {
+            crate::metrics::decision("allow", "matched");
+            Ok(Permitted { conn, permit })
+        }
+        Decision::Deny(d) => {
+            crate::metrics::decision("deny", d.reason.as_str());
+            Err(Box::new((conn, d)))
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The proxy's runtime plan: typed, validated settings handed over by the
+//! binary after it has loaded and checked the YAML configuration.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rampart_authz::Authorizer;
+use rampart_identity::store::ConfigSpec;
+use rampart_identity::{IdMatcher, TrustDomain};
+
+/// Everything the data plane needs to run.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The sidecar's own trust domain.
+    pub trust_domain: TrustDomain,
+    /// Admin listener address.
+    pub admin: SocketAddr,
+    /// Transparent (iptables) listeners, when enabled.
+    pub transparent: Option<TransparentConfig>,
+    /// Explicit listeners.
+    pub listeners: Vec<ListenerConfig>,
+    /// Outbound routing and server verification.
+    pub outbound: OutboundConfig,
+    /// Inbound authorization.
+    pub authorizer: Arc<Authorizer>,
+    /// Timeouts and limits.
+    pub limits: Limits,
+}
+
+/// The two capture listeners of a pod.
+#[derive(Debug, Clone)]
+pub struct TransparentConfig {
+    /// Where redirected outbound connections arrive.
+    pub outbound: SocketAddr,
+    /// Where redirected inbound connections arrive.
+    pub inbound: SocketAddr,
+    /// Address the app listens on; inbound traffic goes to `app_host:<original port>`.
+    pub app_host: IpAddr,
+}
+
+/// Direction of an explicit listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Accepts plaintext from the local app, originates mTLS to a peer sidecar.
+    Outbound,
+    /// Terminates mTLS from peer sidecars, forwards plaintext to the local app.
+    Inbound,
+}
+
+impl Direction {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// A listener bound to a configured address that forwards to a configured target.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Name for logs.
+    pub name: String,
+    /// Direction.
+    pub direction: Direction,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Where to forward (the peer sidecar for outbound, the app for inbound).
+    pub target: SocketAddr,
+    /// Inbound only: the port policies see (default: the target's port).
+    pub port: u16,
+    /// Outbound only: identities the target must present; when `None` the
+    /// outbound server rules decide, as for a captured connection.
+    pub server_identities: Option<IdMatcher>,
+}
+
+/// How outbound connections are routed and which servers are accepted.
+#[derive(Debug, Clone, Default)]
+pub struct OutboundConfig {
+    /// Destinations outside the mesh by address: forwarded as plaintext.
+    pub passthrough_cidrs: Vec<IpNet>,
+    /// Destinations outside the mesh by port: forwarded as plaintext.
+    pub passthrough_ports: Vec<u16>,
+    /// When set, only these destinations are in the mesh; others pass through.
+    pub mesh_cidrs: Option<Vec<IpNet>>,
+    /// Which identity each meshed destination must present; first match wins.
+    pub servers: Vec<ServerRule>,
+    /// What to do for a meshed destination no rule matches.
+    pub unknown_server: UnknownServer,
+}
+
+/// Identities expected of the servers at some destinations.
+#[derive(Debug, Clone)]
+pub struct ServerRule {
+    /// Destination addresses (empty: any).
+    pub cidrs: Vec<IpNet>,
+    /// Destination ports (empty: any).
+    pub ports: Vec<u16>,
+    /// Accepted server identities.
+    pub expect: IdMatcher,
+}
+
+impl ServerRule {
+    fn matches(&self, dst: SocketAddr) -> bool {
+        (self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(&dst.ip())))
+            && (self.ports.is_empty() || self.ports.contains(&dst.port()))
+    }
+}
+
+/// Policy for meshed destinations without a server rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownServer {
+    /// Refuse the connection (fail closed).
+    #[default]
+    Deny,
+    /// Accept any server of the sidecar's own trust domain.
+    AnyInTrustDomain,
+}
+
+/// Timeouts and limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connecting to a target.
+    pub connect_timeout: Duration,
+    /// Completing a TLS handshake.
+    pub handshake_timeout: Duration,
+    /// How long a drain waits for connections to finish.
+    pub drain_timeout: Duration,
+    /// Open connections per listener.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(15),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboundRoute {
+    /// Outside the mesh: plaintext.
+    Passthrough,
+    /// In the mesh: mTLS with the client configuration at this index.
+    Mesh(usize),
+    /// In the mesh, but no rule says which identity to expect.
+    NoServerRule,
+}
+
+impl ProxyConfig {
+    /// The TLS configurations the identity store must build for this plan.
+    /// Client indices: one per server rule, then the trust-domain fallback,
+    /// then one per explicit outbound listener with its own identities.
+    pub fn tls_spec(&self) -> ConfigSpec {
+        let mut client: Vec<IdMatcher> = self
+            .outbound
+            .servers
+            .iter()
+            .map(|r| r.expect.clone())
+            .collect();
+        client.push(IdMatcher::trust_domains([self.trust_domain.clone()]));
+        for l in &self.listeners {
+            if let Some(ids) = &l.server_identities {
+                client.push(ids.clone());
+            }
+        }
+        ConfigSpec {
+            server: vec![None],
+            client,
+            alpn: Vec::new(),
+        }
+    }
+
+    /// Index of the client configuration of explicit listener `listener_index`.
+    pub fn listener_client_index(&self, listener_index: usize) -> Option<usize> {
+        let base = self.outbound.servers.len() + 1;
+        let mut n = 0;
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.server_identities.is_some() {
+                if i == listener_index {
+                    return Some(base + n);
+                }
+                n += 1;
+            }
+        }
+        None
+    }
+
+    /// Routes an outbound destination.
+    pub fn route(&self, dst: SocketAddr) -> OutboundRoute {
+        let o = &self.outbound;
+        if o.passthrough_ports.contains(&dst.port())
+            || o.passthrough_cidrs.iter().any(|c| c.contains(&dst.ip()))
+        {
+            return OutboundRoute::Passthrough;
+        }
+        if let Some(mesh) = &o.mesh_cidrs
+            && !mesh.iter().any(|c| c.contains(&dst.ip()))
+        {
+            return OutboundRoute::Passthrough;
+        }
+        if let Some(i) = o.servers.iter().position(|r| r.matches(dst)) {
+            return OutboundRoute::Mesh(i);
+        }
+        match o.unknown_server {
+            UnknownServer::Deny => OutboundRoute::NoServerRule,
+            UnknownServer::AnyInTrustDomain => OutboundRoute::Mesh(o.servers.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_identity::SpiffeId;
+
+    fn cfg() -> ProxyConfig {
+        ProxyConfig {
+            trust_domain: TrustDomain::parse("example.org").unwrap(),
+            admin: "127.0.0.1:15000".parse().unwrap(),
+            transparent: None,
+            listeners: vec![],
+            outbound: OutboundConfig {
+                passthrough_cidrs: vec!["192.168.0.0/16".parse().unwrap()],
+                passthrough_ports: vec![5432],
+                mesh_cidrs: Some(vec!["10.0.0.0/8".parse().unwrap()]),
+                servers: vec![ServerRule {
+                    cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+                    ports: vec![8080],
+                    expect: IdMatcher::ids([SpiffeId::parse("spiffe://example.org/s").unwrap()]),
+                }],
+                unknown_server: UnknownServer::Deny,
+            },
+            authorizer: Arc::new(Authorizer::default()),
+            limits: Limits::default(),
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let mut c = cfg();
+        let r = |c: &ProxyConfig, s: &str| c.route(s.parse().unwrap());
+        assert_eq!(r(&c, "10.1.2.3:8080"), OutboundRoute::Mesh(0));
+        assert_eq!(r(&c, "10.1.2.3:9090"), OutboundRoute::NoServerRule);
+        assert_eq!(r(&c, "10.2.2.3:8080"), OutboundRoute::NoServerRule);
+        assert_eq!(r(&c, "10.1.2.3:5432"), OutboundRoute::Passthrough);
+        assert_eq!(r(&c, "192.168.1.1:8080"), OutboundRoute::Passthrough);
+        assert_eq!(r(&c, "172.16.0.1:8080"), OutboundRoute::Passthrough);
+        c.outbound.unknown_server = UnknownServer::AnyInTrustDomain;
+        assert_eq!(r(&c, "10.2.2.3:8080"), OutboundRoute::Mesh(1));
+        assert_eq!(c.tls_spec().client.len(), 2);
+    }
+}

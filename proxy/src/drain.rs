@@ -1,0 +1,73 @@
+//! Graceful drain: a signal that tells listeners to stop accepting, and a
+//! count of open connections to wait for, up to a deadline.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+/// Starts a drain and waits for it.
+#[derive(Debug)]
+pub struct Drain {
+    signal: watch::Sender<bool>,
+    tracker: Option<mpsc::Sender<()>>,
+    done: mpsc::Receiver<()>,
+}
+
+/// Held by listeners and connections: tells them to stop, keeps the drain
+/// waiting while alive.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    signal: watch::Receiver<bool>,
+    _tracker: mpsc::Sender<()>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drain {
+    /// A drain not yet started.
+    pub fn new() -> Self {
+        let (signal, _) = watch::channel(false);
+        let (tracker, done) = mpsc::channel(1);
+        Drain {
+            signal,
+            tracker: Some(tracker),
+            done,
+        }
+    }
+
+    /// A handle for a listener or connection.
+    pub fn watch(&self) -> Watch {
+        Watch {
+            signal: self.signal.subscribe(),
+            // Invariant: `tracker` is only taken by `drain`, which consumes self.
+            _tracker: self.tracker.clone().expect("drain not started"),
+        }
+    }
+
+    /// Signals every watcher and waits until all are dropped or `deadline` passes.
+    /// Returns true when everything finished in time.
+    pub async fn drain(mut self, deadline: Duration) -> bool {
+        self.signal.send_replace(true);
+        drop(self.tracker.take());
+        tokio::time::timeout(deadline, self.done.recv())
+            .await
+            .is_ok()
+    }
+}
+
+impl Watch {
+    /// Resolves when the drain starts.
+    pub async fn signaled(&mut self) {
+        // An error means the Drain was dropped: treat it as a drain too.
+        let _ = self.signal.wait_for(|d| *d).await;
+    }
+
+    /// True once the drain has started.
+    pub fn is_draining(&self) -> bool {
+        *self.signal.borrow()
+    }
+}

@@ -1,0 +1,76 @@
+//! The proxy's metrics: names, units and descriptions in one place, label
+//! values from closed enums only (no peer-chosen strings).
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
+
+use crate::config::Direction;
+
+/// Connections accepted.
+pub const CONNECTIONS_OPENED: &str = "rampart_tcp_connections_opened_total";
+/// Connections closed.
+pub const CONNECTIONS_CLOSED: &str = "rampart_tcp_connections_closed_total";
+/// Connections open now.
+pub const CONNECTIONS_ACTIVE: &str = "rampart_tcp_connections_active";
+/// Bytes proxied.
+pub const BYTES: &str = "rampart_tcp_bytes_total";
+/// TLS handshakes by outcome.
+pub const TLS_HANDSHAKES: &str = "rampart_tls_handshakes_total";
+/// Authorization decisions.
+pub const AUTHZ_DECISIONS: &str = "rampart_authz_decisions_total";
+/// Connections that failed before or while forwarding.
+pub const FORWARD_ERRORS: &str = "rampart_forward_errors_total";
+
+/// Registers descriptions with the installed recorder.
+pub fn describe() {
+    describe_counter!(CONNECTIONS_OPENED, Unit::Count, "TCP connections accepted");
+    describe_counter!(CONNECTIONS_CLOSED, Unit::Count, "TCP connections closed");
+    describe_gauge!(CONNECTIONS_ACTIVE, Unit::Count, "TCP connections open now");
+    describe_counter!(BYTES, Unit::Bytes, "Bytes proxied, by direction and flow");
+    describe_counter!(TLS_HANDSHAKES, Unit::Count, "TLS handshakes by result");
+    describe_counter!(AUTHZ_DECISIONS, Unit::Count, "Authorization decisions");
+    describe_counter!(FORWARD_ERRORS, Unit::Count, "Failures to reach a target");
+}
+
+/// Counts a connection for as long as it lives.
+pub struct ConnectionGauge {
+    direction: Direction,
+}
+
+impl ConnectionGauge {
+    /// Counts a newly accepted connection.
+    pub fn open(direction: Direction) -> Self {
+        counter!(CONNECTIONS_OPENED, "direction" => direction.as_str()).increment(1);
+        gauge!(CONNECTIONS_ACTIVE, "direction" => direction.as_str()).increment(1.0);
+        ConnectionGauge { direction }
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        let d = self.direction.as_str();
+        counter!(CONNECTIONS_CLOSED, "direction" => d).increment(1);
+        gauge!(CONNECTIONS_ACTIVE, "direction" => d).decrement(1.0);
+    }
+}
+
+/// Counts proxied bytes: `from_client` flowed client -> target.
+pub fn bytes(direction: Direction, from_client: u64, to_client: u64) {
+    let d = direction.as_str();
+    counter!(BYTES, "direction" => d, "flow" => "to_target").increment(from_client);
+    counter!(BYTES, "direction" => d, "flow" => "to_client").increment(to_client);
+}
+
+/// Counts a handshake outcome (`"ok"` or a failure reason label).
+pub fn handshake(direction: Direction, result: &'static str) {
+    counter!(TLS_HANDSHAKES, "direction" => direction.as_str(), "result" => result).increment(1);
+}
+
+/// Counts an authorization decision.
+pub fn decision(action: &'static str, reason: &'static str) {
+    counter!(AUTHZ_DECISIONS, "action" => action, "reason" => reason).increment(1);
+}
+
+/// Counts a forwarding failure.
+pub fn forward_error(direction: Direction, reason: &'static str) {
+    counter!(FORWARD_ERRORS, "direction" => direction.as_str(), "reason" => reason).increment(1);
+}

@@ -1,0 +1,135 @@
+//! The outbound pipeline: accept -> orig_dst -> route (mesh or passthrough)
+//! -> tls (originate, verify the server's SPIFFE ID during the handshake)
+//! -> forward.
+
+use std::sync::Arc;
+
+use tracing::{Instrument, field};
+
+use crate::accept::{Accepted, Listener};
+use crate::config::{Direction, OutboundRoute};
+use crate::drain::Watch;
+use crate::server::Shared;
+use crate::{forward, metrics, tls};
+
+/// How an outbound listener picks the server identity to expect.
+#[derive(Debug, Clone, Copy)]
+pub enum ServerChoice {
+    /// By the outbound routing rules, from the destination.
+    ByRoute,
+    /// A fixed client configuration (explicit listener with its own identities).
+    Fixed(usize),
+}
+
+/// Serves an outbound listener until the drain starts.
+pub async fn serve(
+    listener: Listener,
+    choice: ServerChoice,
+    shared: Arc<Shared>,
+    mut watch: Watch,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = watch.signaled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok(Ok(a)) => {
+                let shared = shared.clone();
+                let w = watch.clone();
+                tokio::spawn(async move {
+                    handle(a, choice, shared).await;
+                    drop(w);
+                });
+            }
+            Ok(Err((e, client))) => {
+                tracing::info!(src.addr = %client.0, error = %e, "outbound connection refused");
+                metrics::forward_error(Direction::Outbound, "no_original_dst");
+            }
+            Err(e) => crate::server::accept_backoff(Direction::Outbound, e).await,
+        }
+    }
+}
+
+async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>) {
+    let _gauge = metrics::ConnectionGauge::open(Direction::Outbound);
+    let dst = accepted.orig_dst.0;
+    let span = tracing::info_span!(
+        "conn",
+        direction = "outbound",
+        src.addr = %accepted.client.0,
+        dst.addr = %dst,
+        peer.id = field::Empty,
+    );
+    async move {
+        let limits = &shared.config.limits;
+        let route = match choice {
+            ServerChoice::Fixed(i) => OutboundRoute::Mesh(i),
+            ServerChoice::ByRoute => shared.config.route(dst),
+        };
+        let index = match route {
+            OutboundRoute::Passthrough => {
+                let upstream = match forward::connect(dst, limits.connect_timeout).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::info!(error = %e, "destination unreachable");
+                        metrics::forward_error(Direction::Outbound, e.label());
+                        return;
+                    }
+                };
+                tracing::debug!("passthrough (outside the mesh)");
+                if let Ok(t) = forward::splice(accepted.stream, upstream).await {
+                    metrics::bytes(Direction::Outbound, t.to_target, t.to_client);
+                }
+                return;
+            }
+            OutboundRoute::NoServerRule => {
+                tracing::warn!(
+                    "connection refused: no server identity configured for this destination"
+                );
+                metrics::forward_error(Direction::Outbound, "no_server_rule");
+                return;
+            }
+            OutboundRoute::Mesh(i) => i,
+        };
+        let Some(configs) = shared.identity() else {
+            tracing::info!("connection refused: no identity");
+            metrics::handshake(Direction::Outbound, "no_identity");
+            return;
+        };
+        let client_cfg = configs.client[index].clone();
+        drop(configs);
+        let upstream = match forward::connect(dst, limits.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(error = %e, "destination unreachable");
+                metrics::forward_error(Direction::Outbound, e.label());
+                return;
+            }
+        };
+        let (tls_stream, peer) =
+            match tls::originate(upstream, dst, client_cfg, limits.handshake_timeout).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::info!(reason = e.label(), error = %e, "handshake failed");
+                    metrics::handshake(Direction::Outbound, e.label());
+                    return;
+                }
+            };
+        metrics::handshake(Direction::Outbound, "ok");
+        tracing::Span::current().record("peer.id", field::display(&peer.id));
+        match forward::splice(accepted.stream, tls_stream).await {
+            Ok(t) => {
+                metrics::bytes(Direction::Outbound, t.to_target, t.to_client);
+                tracing::debug!(
+                    bytes.to_peer = t.to_target,
+                    bytes.to_app = t.to_client,
+                    "connection closed"
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+        }
+    }
+    .instrument(span)
+    .await
+}

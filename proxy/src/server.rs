@@ -1,0 +1,169 @@
+//! Wiring of the data plane: binds every listener, serves them, and drains
+//! them on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rampart_identity::store::TlsConfigs;
+use tokio::sync::watch;
+
+use crate::accept::{self, DstSource, Listener};
+use crate::admin::{self, MetricsRender};
+use crate::config::{Direction, ProxyConfig};
+use crate::drain::Drain;
+use crate::inbound::{self, AppTarget};
+use crate::outbound::{self, ServerChoice};
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub struct Shared {
+    /// The plan.
+    pub config: ProxyConfig,
+    identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
+    listening: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    /// The current TLS configurations, if the sidecar has an identity.
+    pub fn identity(&self) -> Option<Arc<TlsConfigs>> {
+        self.identity.borrow().clone()
+    }
+
+    /// Ready: has an identity, its listeners are up, and it is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
+            && self.identity.borrow().is_some()
+    }
+}
+
+enum Role {
+    Inbound(AppTarget),
+    Outbound(ServerChoice),
+}
+
+/// A proxy whose sockets are bound but not yet served.
+pub struct BoundProxy {
+    shared: Arc<Shared>,
+    listeners: Vec<(Listener, Role)>,
+    admin: tokio::net::TcpListener,
+    render: MetricsRender,
+}
+
+/// A listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("binding {what} listener on {addr}: {source}")]
+pub struct BindError {
+    what: String,
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// Binds the admin listener and every proxy listener of `config`.
+pub fn bind(
+    config: ProxyConfig,
+    identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
+    render: MetricsRender,
+) -> Result<BoundProxy, BindError> {
+    let max = config.limits.max_connections;
+    let mk = |what: &str, addr: SocketAddr, dst: DstSource| -> Result<Listener, BindError> {
+        let err = |source| BindError {
+            what: what.to_owned(),
+            addr,
+            source,
+        };
+        let l = accept::bind(addr).map_err(err)?;
+        Listener::new(l, dst, max).map_err(err)
+    };
+    let mut listeners = Vec::new();
+    if let Some(t) = &config.transparent {
+        listeners.push((
+            mk("transparent outbound", t.outbound, DstSource::OriginalDst)?,
+            Role::Outbound(ServerChoice::ByRoute),
+        ));
+        listeners.push((
+            mk("transparent inbound", t.inbound, DstSource::OriginalDst)?,
+            Role::Inbound(AppTarget::OriginalPort { host: t.app_host }),
+        ));
+    }
+    for (i, l) in config.listeners.iter().enumerate() {
+        let bound = mk(&l.name, l.listen, DstSource::Fixed(l.target))?;
+        let role = match l.direction {
+            Direction::Inbound => Role::Inbound(AppTarget::Fixed {
+                target: l.target,
+                port: l.port,
+            }),
+            Direction::Outbound => Role::Outbound(match config.listener_client_index(i) {
+                Some(idx) => ServerChoice::Fixed(idx),
+                None => ServerChoice::ByRoute,
+            }),
+        };
+        listeners.push((bound, role));
+    }
+    let admin = accept::bind(config.admin).map_err(|source| BindError {
+        what: "admin".into(),
+        addr: config.admin,
+        source,
+    })?;
+    Ok(BoundProxy {
+        shared: Arc::new(Shared {
+            config,
+            identity,
+            listening: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }),
+        listeners,
+        admin,
+        render,
+    })
+}
+
+impl BoundProxy {
+    /// Addresses of the bound proxy listeners, in configuration order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|(l, _)| l.local_addr()).collect()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: stops accepting, turns
+    /// not-ready, and waits for open connections up to the drain timeout.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let drain = Drain::new();
+        let (admin_stop_tx, admin_stop) = watch::channel(false);
+        let admin_task = tokio::spawn(admin::serve(
+            self.admin,
+            self.shared.clone(),
+            self.render,
+            admin_stop,
+        ));
+        for (listener, role) in self.listeners {
+            tracing::info!(addr = %listener.local_addr(), "listening");
+            let shared = self.shared.clone();
+            let w = drain.watch();
+            match role {
+                Role::Inbound(t) => tokio::spawn(inbound::serve(listener, t, shared, w)),
+                Role::Outbound(c) => tokio::spawn(outbound::serve(listener, c, shared, w)),
+            };
+        }
+        self.shared.listening.store(true, Ordering::Release);
+        shutdown.await;
+        tracing::info!("draining");
+        self.shared.draining.store(true, Ordering::Release);
+        let deadline = self.shared.config.limits.drain_timeout;
+        if drain.drain(deadline).await {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!(timeout = ?deadline, "drain deadline passed; closing open connections");
+        }
+        let _ = admin_stop_tx.send(true);
+        let _ = admin_task.await;
+    }
+}
+
+/// Backs off after an accept error (for example EMFILE) instead of spinning.
+pub(crate) async fn accept_backoff(direction: Direction, e: std::io::Error) {
+    tracing::error!(direction = direction.as_str(), error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}

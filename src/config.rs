@@ -1,0 +1,726 @@
+//! The YAML configuration: typed structs with defaults, loaded and validated
+//! as a whole before any socket is opened. Errors name the file, the line
+//! and the field. Every field is documented in docs/config.md.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rampart_authz::{Authorizer, DefaultAction};
+use rampart_identity::{IdMatcher, SpiffeId, TrustDomain};
+use rampart_proxy::config as pc;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the sidecar's SVID and trust bundles come from.
+    pub identity: IdentityConfig,
+    /// The admin listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Transparent capture listeners (iptables REDIRECT); absent means off.
+    #[serde(default)]
+    pub transparent: Option<TransparentConfig>,
+    /// Explicit listeners.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// Outbound routing and server identities.
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    /// Inbound authorization.
+    #[serde(default)]
+    pub inbound: InboundConfig,
+    /// Timeouts and limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The async runtime.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// Identity source: exactly one of `files` or `dev_ca`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// SVID and bundle from PEM files.
+    #[serde(default)]
+    pub files: Option<FilesIdentity>,
+    /// SVIDs issued in-process by a development CA on disk.
+    #[serde(default)]
+    pub dev_ca: Option<DevCaIdentity>,
+}
+
+/// PEM files of an SVID and its trust bundle.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesIdentity {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, SEC1 or PKCS#1 PEM).
+    pub key: PathBuf,
+    /// CA certificates of the SVID's own trust domain.
+    pub bundle: PathBuf,
+    /// Bundles of federated trust domains.
+    #[serde(default)]
+    pub federated: Vec<FederatedBundle>,
+}
+
+/// A federated trust domain's bundle file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedBundle {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Its CA certificates (PEM).
+    pub bundle: PathBuf,
+}
+
+/// An in-process development CA.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevCaIdentity {
+    /// Directory written by `rampart ca init`.
+    pub dir: PathBuf,
+    /// The SPIFFE ID to issue to this sidecar.
+    pub spiffe_id: SpiffeId,
+    /// Lifetime of each SVID; renewed at half-life.
+    #[serde(default = "default_svid_ttl", with = "duration")]
+    pub ttl: Duration,
+}
+
+fn default_svid_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to bind.
+    #[serde(default = "default_admin")]
+    pub address: SocketAddr,
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: default_admin(),
+        }
+    }
+}
+
+/// The transparent capture listeners.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// Where iptables redirects outbound connections.
+    #[serde(default = "default_outbound")]
+    pub outbound: SocketAddr,
+    /// Where iptables redirects inbound connections.
+    #[serde(default = "default_inbound")]
+    pub inbound: SocketAddr,
+    /// Address of the app for inbound traffic.
+    #[serde(default = "default_app_host")]
+    pub app_host: IpAddr,
+}
+
+fn default_outbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15001))
+}
+fn default_inbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+fn default_app_host() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+
+/// Direction of an explicit listener.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// App -> peer sidecar (originates mTLS).
+    Outbound,
+    /// Peer sidecar -> app (terminates mTLS).
+    Inbound,
+}
+
+/// An explicit listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name, for logs.
+    pub name: String,
+    /// Direction.
+    pub direction: Direction,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Where to forward.
+    pub target: SocketAddr,
+    /// Inbound: the port policies see (default: the target's port).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Outbound: SPIFFE IDs the target must present.
+    #[serde(default)]
+    pub server_identities: Option<Vec<SpiffeId>>,
+}
+
+/// Outbound routing.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Destinations outside the mesh, by address.
+    #[serde(default)]
+    pub passthrough_cidrs: Vec<IpNet>,
+    /// Destinations outside the mesh, by port.
+    #[serde(default)]
+    pub passthrough_ports: Vec<u16>,
+    /// When set, only these destinations are in the mesh.
+    #[serde(default)]
+    pub mesh_cidrs: Option<Vec<IpNet>>,
+    /// Server identities per destination, first match wins.
+    #[serde(default)]
+    pub servers: Vec<ServerConfig>,
+    /// Meshed destinations with no server rule.
+    #[serde(default)]
+    pub unknown_server: UnknownServer,
+}
+
+/// What to do with a meshed destination no server rule matches.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownServer {
+    /// Refuse the connection.
+    #[default]
+    Deny,
+    /// Accept any server of our own trust domain.
+    AnyInTrustDomain,
+}
+
+/// Identities expected of servers at some destinations.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Destination addresses (empty: any).
+    #[serde(default)]
+    pub cidrs: Vec<IpNet>,
+    /// Destination ports (empty: any).
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Accepted server SPIFFE IDs.
+    #[serde(default)]
+    pub identities: Vec<SpiffeId>,
+    /// Accepted server trust domains (any ID in them).
+    #[serde(default)]
+    pub trust_domains: Vec<TrustDomain>,
+}
+
+/// Inbound authorization.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Per-port allowed peers.
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+    /// Ports without an entry.
+    #[serde(default)]
+    pub default_action: DefaultPortAction,
+}
+
+/// Who may connect to one port.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// The app port.
+    pub port: u16,
+    /// SPIFFE IDs allowed to connect.
+    pub allowed_peers: Vec<SpiffeId>,
+}
+
+/// Default for ports without an entry.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultPortAction {
+    /// Refuse.
+    #[default]
+    Deny,
+    /// Allow any authenticated peer of a trusted domain.
+    AllowAnyAuthenticated,
+}
+
+/// Timeouts and limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connecting to a target.
+    #[serde(default = "d_connect", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Completing a TLS handshake.
+    #[serde(default = "d_handshake", with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Waiting for connections to finish on shutdown.
+    #[serde(default = "d_drain", with = "duration")]
+    pub drain_timeout: Duration,
+    /// Open connections per listener.
+    #[serde(default = "d_max_conns")]
+    pub max_connections: usize,
+}
+
+fn d_connect() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_handshake() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_drain() -> Duration {
+    Duration::from_secs(15)
+}
+fn d_max_conns() -> usize {
+    10_000
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            connect_timeout: d_connect(),
+            handshake_timeout: d_handshake(),
+            drain_timeout: d_drain(),
+            max_connections: d_max_conns(),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `info,rampart_proxy=debug`.
+    #[serde(default = "d_level")]
+    pub level: String,
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+fn d_level() -> String {
+    "info".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: d_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The async runtime.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; 1 runs everything on one thread, as a sidecar usually should.
+    #[serde(default = "d_workers")]
+    pub workers: usize,
+}
+
+fn d_workers() -> usize {
+    1
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            workers: d_workers(),
+        }
+    }
+}
+
+/// Durations as strings with a unit: `250ms`, `5s`, `10m`, `1h`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Parses `<number><unit>`.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| format!("{s:?} has no unit (use ms, s, m or h)"))?;
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number followed by a unit"))?;
+        let secs = match unit {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+        };
+        Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
+    }
+
+    /// Serde deserializer.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// Serde serializer.
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", v.as_millis()))
+    }
+}
+
+/// A configuration that could not be loaded; the message names file, line and field.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file. Relative paths in it
+    /// are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("{}: cannot read: {e}", path.display())],
+        })?;
+        let mut cfg = Self::parse(&path.display().to_string(), &text)?;
+        if let Some(dir) = path.parent() {
+            cfg.resolve_paths(dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates configuration text; `name` is used in errors.
+    pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.inner();
+            let mut msg = inner.to_string();
+            // serde_yaml appends " at line L column C"; we print the location up front.
+            if let Some(i) = msg.find(" at line ") {
+                msg.truncate(i);
+            }
+            let loc = inner
+                .location()
+                .map(|l| format!("{}:{}", l.line(), l.column()))
+                .unwrap_or_else(|| "?".into());
+            let field = if field == "." {
+                "(top level)".into()
+            } else {
+                field
+            };
+            ConfigError {
+                problems: vec![format!("{name}:{loc}: field `{field}`: {msg}")],
+            }
+        })?;
+        let problems = cfg.validate();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError {
+                problems: problems
+                    .into_iter()
+                    .map(|(field, msg)| {
+                        let line = find_line(text, &field);
+                        format!("{name}:{line}: field `{field}`: {msg}")
+                    })
+                    .collect(),
+            })
+        }
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        if let Some(f) = &mut self.identity.files {
+            fix(&mut f.cert);
+            fix(&mut f.key);
+            fix(&mut f.bundle);
+            for b in &mut f.federated {
+                fix(&mut b.bundle);
+            }
+        }
+        if let Some(d) = &mut self.identity.dev_ca {
+            fix(&mut d.dir);
+        }
+    }
+
+    /// Cross-field checks; returns (field path, problem) pairs.
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        match (&self.identity.files, &self.identity.dev_ca) {
+            (None, None) => p.push((
+                "identity".into(),
+                "one identity source is required: `files` or `dev_ca`".into(),
+            )),
+            (Some(_), Some(_)) => p.push((
+                "identity".into(),
+                "give only one identity source: `files` or `dev_ca`".into(),
+            )),
+            _ => {}
+        }
+        if let Some(d) = &self.identity.dev_ca
+            && d.ttl < Duration::from_secs(2)
+        {
+            p.push(("identity.dev_ca.ttl".into(), "must be at least 2s".into()));
+        }
+        if self.transparent.is_none() && self.listeners.is_empty() {
+            p.push((
+                "listeners".into(),
+                "no listeners: configure `transparent` and/or `listeners`".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if !names.insert(l.name.as_str()) {
+                p.push((
+                    format!("listeners[{i}].name"),
+                    format!("duplicate listener name {:?}", l.name),
+                ));
+            }
+            if l.direction == Direction::Outbound && l.port.is_some() {
+                p.push((
+                    format!("listeners[{i}].port"),
+                    "only inbound listeners have a policy port".into(),
+                ));
+            }
+            if l.direction == Direction::Inbound && l.server_identities.is_some() {
+                p.push((
+                    format!("listeners[{i}].server_identities"),
+                    "only outbound listeners verify server identities".into(),
+                ));
+            }
+            if let Some(ids) = &l.server_identities
+                && ids.is_empty()
+            {
+                p.push((
+                    format!("listeners[{i}].server_identities"),
+                    "must list at least one SPIFFE ID".into(),
+                ));
+            }
+        }
+        let mut ports = std::collections::HashSet::new();
+        for (i, port) in self.inbound.ports.iter().enumerate() {
+            if !ports.insert(port.port) {
+                p.push((
+                    format!("inbound.ports[{i}].port"),
+                    format!("duplicate port {}", port.port),
+                ));
+            }
+        }
+        for (i, s) in self.outbound.servers.iter().enumerate() {
+            if s.identities.is_empty() && s.trust_domains.is_empty() {
+                p.push((
+                    format!("outbound.servers[{i}]"),
+                    "must list `identities` or `trust_domains`".into(),
+                ));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.push(("log.level".into(), format!("invalid filter: {e}")));
+        }
+        if self.runtime.workers == 0 {
+            p.push(("runtime.workers".into(), "must be at least 1".into()));
+        }
+        if self.limits.max_connections == 0 {
+            p.push(("limits.max_connections".into(), "must be at least 1".into()));
+        }
+        p
+    }
+
+    /// Builds the data plane's plan; `td` is the sidecar's trust domain.
+    pub fn proxy_config(&self, td: TrustDomain) -> pc::ProxyConfig {
+        let authorizer = Authorizer::from_port_allowlist(
+            self.inbound
+                .ports
+                .iter()
+                .map(|p| (p.port, p.allowed_peers.clone())),
+            match self.inbound.default_action {
+                DefaultPortAction::Deny => DefaultAction::Deny,
+                DefaultPortAction::AllowAnyAuthenticated => DefaultAction::AllowAnyAuthenticated,
+            },
+        );
+        pc::ProxyConfig {
+            trust_domain: td,
+            admin: self.admin.address,
+            transparent: self.transparent.as_ref().map(|t| pc::TransparentConfig {
+                outbound: t.outbound,
+                inbound: t.inbound,
+                app_host: t.app_host,
+            }),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| pc::ListenerConfig {
+                    name: l.name.clone(),
+                    direction: match l.direction {
+                        Direction::Inbound => pc::Direction::Inbound,
+                        Direction::Outbound => pc::Direction::Outbound,
+                    },
+                    listen: l.listen,
+                    target: l.target,
+                    port: l.port.unwrap_or(l.target.port()),
+                    server_identities: l
+                        .server_identities
+                        .as_ref()
+                        .map(|ids| IdMatcher::ids(ids.iter().cloned())),
+                })
+                .collect(),
+            outbound: pc::OutboundConfig {
+                passthrough_cidrs: self.outbound.passthrough_cidrs.clone(),
+                passthrough_ports: self.outbound.passthrough_ports.clone(),
+                mesh_cidrs: self.outbound.mesh_cidrs.clone(),
+                servers: self
+                    .outbound
+                    .servers
+                    .iter()
+                    .map(|s| pc::ServerRule {
+                        cidrs: s.cidrs.clone(),
+                        ports: s.ports.clone(),
+                        expect: IdMatcher::ids(s.identities.iter().cloned())
+                            .union(&IdMatcher::trust_domains(s.trust_domains.iter().cloned())),
+                    })
+                    .collect(),
+                unknown_server: match self.outbound.unknown_server {
+                    UnknownServer::Deny => pc::UnknownServer::Deny,
+                    UnknownServer::AnyInTrustDomain => pc::UnknownServer::AnyInTrustDomain,
+                },
+            },
+            authorizer: Arc::new(authorizer),
+            limits: pc::Limits {
+                connect_timeout: self.limits.connect_timeout,
+                handshake_timeout: self.limits.handshake_timeout,
+                drain_timeout: self.limits.drain_timeout,
+                max_connections: self.limits.max_connections,
+            },
+        }
+    }
+}
+
+/// Best-effort line of a field path like `listeners[1].name` in YAML text:
+/// finds the last key of the path after the line of the previous keys.
+fn find_line(text: &str, field: &str) -> String {
+    let keys: Vec<&str> = field
+        .split('.')
+        .map(|k| k.split('[').next().unwrap_or(k))
+        .filter(|k| !k.is_empty())
+        .collect();
+    let mut start = 0;
+    let mut found = None;
+    let lines: Vec<&str> = text.lines().collect();
+    for key in keys {
+        let pat = format!("{key}:");
+        if let Some(off) = lines[start..].iter().position(|l| {
+            let t = l.trim_start().trim_start_matches("- ");
+            t.starts_with(&pat)
+        }) {
+            start += off;
+            found = Some(start + 1);
+        }
+    }
+    found.map(|l| l.to_string()).unwrap_or_else(|| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+identity:
+  files: {cert: svid.pem, key: svid.key, bundle: bundle.pem}
+transparent: {}
+";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse("t.yaml", MINIMAL).unwrap();
+        let t = c.transparent.unwrap();
+        assert_eq!(t.outbound.port(), 15001);
+        assert_eq!(t.inbound.port(), 15006);
+        assert_eq!(c.admin.address.to_string(), "127.0.0.1:15000");
+        assert_eq!(c.limits.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let text = "
+identity:
+  files: {cert: a, key: b, bundle: c}
+transparent: {}
+inbound:
+  ports:
+    - port: 8080
+      allowed_peers: [\"spiffe://Example.org/x\"]
+";
+        let e = Config::parse("pod.yaml", text).unwrap_err().to_string();
+        assert!(e.starts_with("pod.yaml:8:"), "{e}");
+        assert!(e.contains("inbound.ports[0].allowed_peers[0]"), "{e}");
+        assert!(e.contains("trust domain"), "{e}");
+
+        let e = Config::parse("pod.yaml", "identity: {}\ntransparent: {}\nbogus: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pod.yaml:3:"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+
+        let e = Config::parse("pod.yaml", "identity: {}\nlimits:\n  connect_timeout: 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.connect_timeout"), "{e}");
+    }
+
+    #[test]
+    fn cross_field_problems_are_all_reported() {
+        let text = "
+identity: {}
+listeners:
+  - {name: a, direction: outbound, listen: 127.0.0.1:1, target: 127.0.0.1:2, port: 3}
+  - {name: a, direction: inbound, listen: 127.0.0.1:4, target: 127.0.0.1:5}
+";
+        let e = Config::parse("x.yaml", text).unwrap_err();
+        assert_eq!(e.problems.len(), 3, "{:?}", e.problems);
+        assert!(e.problems[0].contains("x.yaml:2: field `identity`"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            duration::parse("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(duration::parse("2m").unwrap(), Duration::from_secs(120));
+        assert!(duration::parse("5").is_err());
+        assert!(duration::parse("5d").is_err());
+    }
+}

@@ -1,0 +1,162 @@
+//! `rampart run`: loads the configuration, obtains the identity, binds the
+//! listeners and serves until SIGTERM or SIGINT, then drains.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use rampart_identity::ca::DevCa;
+use rampart_identity::files::{self, FilePaths};
+use rampart_identity::store::IdentityStore;
+
+use crate::config::{Config, LogFormat};
+
+/// Arguments of `rampart run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (YAML).
+    #[arg(long, short, env = "RAMPART_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// Exit code for configuration errors (EX_USAGE, as sysexits.h).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Runs the sidecar. Returns the process exit code.
+pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rampart: invalid configuration:\n{e}");
+            return Ok(std::process::ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    init_logging(&cfg);
+    let rt = if cfg.runtime.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.runtime.workers)
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(serve(cfg))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn init_logging(cfg: &Config) {
+    // The filter was validated with the rest of the configuration.
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match cfg.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// The identity source, loaded once before any socket is opened.
+enum Source {
+    Files,
+    DevCa { ca: Box<DevCa>, ttl: Duration },
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ])
+        .context("metrics buckets")?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    rampart_proxy::metrics::describe();
+
+    // Obtain the first identity before binding, so a missing or invalid
+    // certificate fails the start with a clear error.
+    let (svid, bundles, source) = if let Some(f) = &cfg.identity.files {
+        let paths = FilePaths {
+            cert: f.cert.clone(),
+            key: f.key.clone(),
+            bundle: f.bundle.clone(),
+            federated: f
+                .federated
+                .iter()
+                .map(|b| (b.trust_domain.clone(), b.bundle.clone()))
+                .collect(),
+        };
+        let (svid, bundles) = files::load(&paths).context("loading the identity files")?;
+        (svid, bundles, Source::Files)
+    } else if let Some(d) = &cfg.identity.dev_ca {
+        let ca = DevCa::load(&d.dir).context("loading the development CA")?;
+        let issued = ca.issue(&d.spiffe_id, d.ttl).context("issuing an SVID")?;
+        let mut bundles = rampart_identity::bundle::BundleSet::new();
+        bundles.insert(ca.bundle()?);
+        (
+            issued.svid,
+            bundles,
+            Source::DevCa {
+                ca: Box::new(ca),
+                ttl: d.ttl,
+            },
+        )
+    } else {
+        anyhow::bail!("no identity source configured");
+    };
+    let td = svid.id().trust_domain().clone();
+    let plan = cfg.proxy_config(td);
+    let store = Arc::new(IdentityStore::new(plan.tls_spec()));
+    store
+        .publish(&svid, &bundles)
+        .context("building TLS configuration from the SVID")?;
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
+
+    if let Source::DevCa { ca, ttl } = source {
+        let store = store.clone();
+        let id = svid.id().clone();
+        tokio::spawn(async move {
+            loop {
+                // Renew at half-life, as SPIRE agents do.
+                tokio::time::sleep(ttl / 2).await;
+                match ca.issue(&id, ttl) {
+                    Ok(issued) => {
+                        if let Err(e) = store.publish(&issued.svid, &bundles) {
+                            tracing::error!(error = %e, "rotation failed");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "SVID renewal failed"),
+                }
+            }
+        });
+    }
+
+    let render: rampart_proxy::admin::MetricsRender = Arc::new(move || handle.render());
+    let bound = rampart_proxy::bind(plan, store.subscribe(), render)?;
+    bound.run(shutdown_signal()).await;
+    drop(store);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
