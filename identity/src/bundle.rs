@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use base64::Engine;
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 
@@ -27,6 +28,17 @@ pub enum BundleError {
     /// The bundle has no certificates.
     #[error("bundle for {0} has no certificates")]
     Empty(TrustDomain),
+    /// The bundle is JSON but not a SPIFFE bundle (a JWK Set).
+    #[error("bundle for {td} is not a valid SPIFFE bundle (JWK Set): {reason}")]
+    BadJwks {
+        /// The trust domain.
+        td: TrustDomain,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The bundle is neither JSON nor PEM with CERTIFICATE blocks.
+    #[error("bundle for {0} is neither a JWK Set nor PEM certificates")]
+    BadPem(TrustDomain),
 }
 
 /// The X.509 authorities of one trust domain.
@@ -58,6 +70,21 @@ impl TrustBundle {
         })
     }
 
+    /// Parses a bundle file's contents: a SPIFFE bundle (JWK Set, detected by
+    /// its leading `{`) or PEM CA certificates.
+    pub fn parse(td: TrustDomain, data: &[u8]) -> Result<Self, BundleError> {
+        let first = data.iter().find(|b| !b.is_ascii_whitespace());
+        if first == Some(&b'{') {
+            let certs = x509_authorities_from_jwks(&td, data)?;
+            return Self::new(td, certs);
+        }
+        let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &data[..]).collect();
+        match certs {
+            Ok(certs) if !certs.is_empty() => Self::new(td, certs),
+            _ => Err(BundleError::BadPem(td)),
+        }
+    }
+
     /// The trust domain this bundle belongs to.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.td
@@ -72,6 +99,48 @@ impl TrustBundle {
     pub fn roots(&self) -> &Arc<RootCertStore> {
         &self.roots
     }
+}
+
+/// The X.509 authorities of a SPIFFE bundle (SPIFFE Trust Domain and Bundle
+/// §4): every JWK with `"use": "x509-svid"` contributes the first value of its
+/// `x5c`; entries of other uses, and entries without `x5c`, are ignored.
+fn x509_authorities_from_jwks(
+    td: &TrustDomain,
+    data: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, BundleError> {
+    let bad = |reason: String| BundleError::BadJwks {
+        td: td.clone(),
+        reason,
+    };
+    let doc: serde_json::Value = serde_json::from_slice(data).map_err(|e| bad(e.to_string()))?;
+    // "keys: MUST be present" (§4.1.3); an empty array revokes every key.
+    let keys = doc
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or_else(|| bad("no `keys` array".into()))?;
+    let mut certs = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        if key.get("use").and_then(|u| u.as_str()) != Some("x509-svid") {
+            continue;
+        }
+        // "kid: MUST NOT be set" for X.509-SVID keys (§4.2.2) is the
+        // publisher's rule; consumers only need `x5c`.
+        let Some(first) = key
+            .get("x5c")
+            .and_then(|x| x.as_array())
+            .and_then(|a| a.first())
+        else {
+            continue;
+        };
+        let b64 = first
+            .as_str()
+            .ok_or_else(|| bad(format!("keys[{i}].x5c[0] is not a string")))?;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| bad(format!("keys[{i}].x5c[0]: {e}")))?;
+        certs.push(CertificateDer::from(der));
+    }
+    Ok(certs)
 }
 
 /// The bundles a sidecar trusts, one per trust domain.
@@ -104,6 +173,15 @@ impl BundleSet {
     /// Number of bundles.
     pub fn len(&self) -> usize {
         self.bundles.len()
+    }
+
+    /// True when both sets hold the same certificates for the same trust domains.
+    pub fn same_as(&self, other: &BundleSet) -> bool {
+        self.bundles.len() == other.bundles.len()
+            && self
+                .bundles
+                .iter()
+                .all(|(td, b)| other.get(td).is_some_and(|o| o.certs == b.certs))
     }
 
     /// True when no bundle is present.

@@ -159,6 +159,18 @@ impl DevCa {
         ttl: Duration,
         dns_names: &[String],
     ) -> Result<IssuedSvid, CaError> {
+        self.issue_at(id, SystemTime::now(), ttl, dns_names)
+    }
+
+    /// Issues an X.509-SVID for `id` valid from a minute before `now` until
+    /// `now + ttl`; `now` is injected so that tests can run on paused time.
+    pub fn issue_at(
+        &self,
+        id: &SpiffeId,
+        now: SystemTime,
+        ttl: Duration,
+        dns_names: &[String],
+    ) -> Result<IssuedSvid, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -181,7 +193,7 @@ impl DevCa {
         }
         params.subject_alt_names = sans;
         params.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
+        let now = OffsetDateTime::from(now);
         // Backdate a little so peers with a slightly slow clock accept it.
         params.not_before = now - time::Duration::seconds(60);
         params.not_after = now + to_time(ttl)?;
@@ -245,4 +257,90 @@ fn write(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
         .open(path)
         .map_err(io)?;
     f.write_all(contents.as_bytes()).map_err(io)
+}
+
+/// The development CA as an identity source: issues the sidecar's SVID at
+/// start and renews it at half-life, as SPIRE agents do, so that a renewal
+/// failure leaves half the lifetime to recover before the SVID expires.
+pub struct DevCaSource {
+    ca: std::sync::Arc<DevCa>,
+    id: SpiffeId,
+    ttl: Duration,
+}
+
+impl DevCaSource {
+    /// Issues SVIDs for `id` with lifetime `ttl` from `ca`.
+    pub fn new(ca: std::sync::Arc<DevCa>, id: SpiffeId, ttl: Duration) -> Self {
+        DevCaSource { ca, id, ttl }
+    }
+
+    /// Sends a fresh identity at start and every half-life; returns when `tx` closes.
+    pub async fn run(self, tx: tokio::sync::mpsc::Sender<crate::rotation::Update>) {
+        use crate::metrics::{self as m, SourceKind};
+        use crate::rotation::Update;
+        loop {
+            let next = match self.issue() {
+                Ok(identity) => {
+                    m::source_connected(SourceKind::DevCa, true);
+                    if tx.send(Update::Identity(Box::new(identity))).await.is_err() {
+                        return;
+                    }
+                    self.ttl / 2
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "development CA could not issue an SVID");
+                    m::source_error(SourceKind::DevCa);
+                    m::source_connected(SourceKind::DevCa, false);
+                    Duration::from_secs(1).min(self.ttl / 4)
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                () = tx.closed() => return,
+            }
+        }
+    }
+
+    fn issue(&self) -> Result<crate::rotation::Identity, CaError> {
+        let issued = self.ca.issue(&self.id, self.ttl)?;
+        let mut bundles = crate::bundle::BundleSet::new();
+        bundles.insert(self.ca.bundle()?);
+        Ok(crate::rotation::Identity {
+            svid: issued.svid,
+            bundles,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rotation::Update;
+
+    #[tokio::test(start_paused = true)]
+    async fn dev_ca_source_renews_at_half_life() {
+        let td = TrustDomain::parse("example.org").unwrap();
+        let ca = std::sync::Arc::new(DevCa::generate(&td, Duration::from_secs(3600)).unwrap());
+        let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(DevCaSource::new(ca, id.clone(), Duration::from_secs(60)).run(tx));
+        let start = tokio::time::Instant::now();
+        let mut serials = Vec::new();
+        for _ in 0..3 {
+            match rx.recv().await {
+                Some(Update::Identity(i)) => {
+                    assert_eq!(i.svid.id(), &id);
+                    serials.push(i.svid.info().serial.clone());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(60),
+            "two renewals at 30s each"
+        );
+        serials.dedup();
+        assert_eq!(serials.len(), 3);
+    }
 }

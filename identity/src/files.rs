@@ -1,11 +1,26 @@
 //! The file identity source: an SVID chain, its key and trust bundles read
-//! from PEM files (for example a Kubernetes Secret volume).
+//! from files (for example a Kubernetes Secret volume), and reloaded when
+//! they change. Bundles are PEM certificates or SPIFFE bundles (JWK Sets).
+//!
+//! Change detection compares the *contents* of the files, read through any
+//! symlinks, once per poll interval. That is what survives a Kubernetes
+//! Secret update, which swaps the `..data` symlink atomically: the watched
+//! paths never change, their targets do, so mtimes and inodes of the paths
+//! themselves say nothing. The files are small, so reading them every second
+//! costs less than an inotify watch on every directory in each chain.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::metrics::{self as m, SourceKind};
+use crate::rotation::{Identity, Update};
 
 use crate::bundle::{BundleError, BundleSet, TrustBundle};
 use crate::id::TrustDomain;
-use crate::svid::{Svid, SvidError, parse_certs_pem};
+use crate::svid::{Svid, SvidError};
 
 /// Why the file source could not load.
 #[derive(Debug, thiserror::Error)]
@@ -56,12 +71,8 @@ fn read(path: &Path) -> Result<Vec<u8>, FileSourceError> {
     })
 }
 
-fn bundle(td: TrustDomain, path: &Path) -> Result<TrustBundle, FileSourceError> {
-    let certs = parse_certs_pem(&read(path)?).map_err(|source| FileSourceError::Invalid {
-        path: path.to_owned(),
-        source,
-    })?;
-    TrustBundle::new(td, certs).map_err(|source| FileSourceError::Bundle {
+fn bundle(td: TrustDomain, path: &Path, data: &[u8]) -> Result<TrustBundle, FileSourceError> {
+    TrustBundle::parse(td, data).map_err(|source| FileSourceError::Bundle {
         path: path.to_owned(),
         source,
     })
@@ -69,9 +80,48 @@ fn bundle(td: TrustDomain, path: &Path) -> Result<TrustBundle, FileSourceError> 
 
 /// Loads the SVID and bundles.
 pub fn load(paths: &FilePaths) -> Result<(Svid, BundleSet), FileSourceError> {
-    let cert = read(&paths.cert)?;
-    let key = read(&paths.key)?;
-    let svid = Svid::from_pem(&cert, &key).map_err(|source| FileSourceError::Invalid {
+    parse(paths, &Contents::read(paths)?)
+}
+
+/// The raw bytes of every file, in the order of [`FilePaths`].
+#[derive(PartialEq, Eq)]
+struct Contents {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    bundle: Vec<u8>,
+    federated: Vec<Vec<u8>>,
+}
+
+impl Contents {
+    fn read(paths: &FilePaths) -> Result<Self, FileSourceError> {
+        Ok(Contents {
+            cert: read(&paths.cert)?,
+            key: read(&paths.key)?,
+            bundle: read(&paths.bundle)?,
+            federated: paths
+                .federated
+                .iter()
+                .map(|(_, p)| read(p))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// A digest, so that the key's bytes are not kept twice in memory.
+    fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for part in [&self.cert, &self.key, &self.bundle]
+            .into_iter()
+            .chain(&self.federated)
+        {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.finalize().into()
+    }
+}
+
+fn parse(paths: &FilePaths, c: &Contents) -> Result<(Svid, BundleSet), FileSourceError> {
+    let svid = Svid::from_pem(&c.cert, &c.key).map_err(|source| FileSourceError::Invalid {
         path: if matches!(source, SvidError::BadKey) {
             paths.key.clone()
         } else {
@@ -80,9 +130,77 @@ pub fn load(paths: &FilePaths) -> Result<(Svid, BundleSet), FileSourceError> {
         source,
     })?;
     let mut set = BundleSet::new();
-    set.insert(bundle(svid.id().trust_domain().clone(), &paths.bundle)?);
-    for (td, path) in &paths.federated {
-        set.insert(bundle(td.clone(), path)?);
+    set.insert(bundle(
+        svid.id().trust_domain().clone(),
+        &paths.bundle,
+        &c.bundle,
+    )?);
+    for ((td, path), data) in paths.federated.iter().zip(&c.federated) {
+        set.insert(bundle(td.clone(), path, data)?);
     }
     Ok((svid, set))
+}
+
+/// How often the file source looks for changes, unless configured.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The file source as a worker: loads the files, then reloads them whenever
+/// their contents change. A file that fails to load is logged and counted,
+/// and the last good identity stays in service.
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    paths: FilePaths,
+    interval: Duration,
+}
+
+impl FileSource {
+    /// A source for `paths`, polled every `interval`.
+    pub fn new(paths: FilePaths, interval: Duration) -> Self {
+        FileSource { paths, interval }
+    }
+
+    /// Sends the identity whenever it changes; returns when `tx` closes.
+    pub async fn run(self, tx: mpsc::Sender<Update>) {
+        let mut seen: Option<[u8; 32]> = None;
+        let mut ok = false;
+        loop {
+            match Contents::read(&self.paths) {
+                Ok(c) => {
+                    let digest = c.digest();
+                    if seen != Some(digest) {
+                        seen = Some(digest);
+                        match parse(&self.paths, &c) {
+                            Ok((svid, bundles)) => {
+                                tracing::info!(spiffe.id = %svid.id(), "identity files loaded");
+                                ok = true;
+                                let update = Update::Identity(Box::new(Identity { svid, bundles }));
+                                if tx.send(update).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                ok = false;
+                                tracing::warn!(error = %e, "identity files invalid; keeping the last good identity");
+                                m::source_error(SourceKind::Files);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    // A missing file mid-update is common (Secret swaps); only
+                    // count it, and try again next poll.
+                    if seen.take().is_some() || ok {
+                        tracing::warn!(error = %e, "identity files unreadable; keeping the last good identity");
+                    }
+                    ok = false;
+                    m::source_error(SourceKind::Files);
+                }
+            }
+            m::source_connected(SourceKind::Files, ok);
+            tokio::select! {
+                () = tokio::time::sleep(self.interval) => {}
+                () = tx.closed() => return,
+            }
+        }
+    }
 }

@@ -5,14 +5,19 @@
 //! configurations from the [`store::IdentityStore`] and the peer's
 //! [`verify::PeerIdentity`] after a handshake.
 
+pub mod agent;
 pub mod bundle;
 pub mod ca;
 pub mod files;
 pub mod id;
+pub mod metrics;
+mod pb;
+pub mod rotation;
 pub mod store;
 pub mod svid;
 pub mod tls;
 pub mod verify;
+pub mod workload_api;
 
 pub use id::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use verify::{IdMatcher, PeerIdentity};
