@@ -55,6 +55,9 @@ pub struct IdentityConfig {
     /// SVIDs issued in-process by a development CA on disk.
     #[serde(default)]
     pub dev_ca: Option<DevCaIdentity>,
+    /// SVIDs streamed from a SPIFFE Workload API (SPIRE agent, `rampart agent`).
+    #[serde(default)]
+    pub workload_api: Option<crate::identity::WorkloadApiIdentity>,
 }
 
 /// PEM files of an SVID and its trust bundle.
@@ -70,6 +73,13 @@ pub struct FilesIdentity {
     /// Bundles of federated trust domains.
     #[serde(default)]
     pub federated: Vec<FederatedBundle>,
+    /// How often the files are checked for changes.
+    #[serde(default = "default_poll_interval", with = "duration")]
+    pub poll_interval: Duration,
+}
+
+fn default_poll_interval() -> Duration {
+    rampart_identity::files::DEFAULT_POLL_INTERVAL
 }
 
 /// A federated trust domain's bundle file.
@@ -414,6 +424,9 @@ impl Config {
         if let Some(dir) = path.parent() {
             cfg.resolve_paths(dir);
         }
+        if let Some(w) = &mut cfg.identity.workload_api {
+            w.resolve_endpoint(&path.display().to_string(), &text)?;
+        }
         Ok(cfg)
     }
 
@@ -479,16 +492,24 @@ impl Config {
     /// Cross-field checks; returns (field path, problem) pairs.
     fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        match (&self.identity.files, &self.identity.dev_ca) {
-            (None, None) => p.push((
+        let sources = [
+            self.identity.files.is_some(),
+            self.identity.dev_ca.is_some(),
+            self.identity.workload_api.is_some(),
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            0 => p.push((
                 "identity".into(),
-                "one identity source is required: `files` or `dev_ca`".into(),
+                "one identity source is required: `files`, `dev_ca` or `workload_api`".into(),
             )),
-            (Some(_), Some(_)) => p.push((
+            1 => {}
+            _ => p.push((
                 "identity".into(),
-                "give only one identity source: `files` or `dev_ca`".into(),
+                "give only one identity source: `files`, `dev_ca` or `workload_api`".into(),
             )),
-            _ => {}
+        }
+        if let Some(w) = &self.identity.workload_api {
+            p.extend(w.validate());
         }
         if let Some(d) = &self.identity.dev_ca
             && d.ttl < Duration::from_secs(2)
@@ -630,7 +651,7 @@ impl Config {
 
 /// Best-effort line of a field path like `listeners[1].name` in YAML text:
 /// finds the last key of the path after the line of the previous keys.
-fn find_line(text: &str, field: &str) -> String {
+pub(crate) fn find_line(text: &str, field: &str) -> String {
     let keys: Vec<&str> = field
         .split('.')
         .map(|k| k.split('[').next().unwrap_or(k))

@@ -1,7 +1,9 @@
 //! The `rampart` binary: command line, configuration and wiring.
 
+mod agent;
 mod ca_cmd;
 mod config;
+mod identity;
 mod init;
 mod run;
 
@@ -21,6 +23,8 @@ enum Command {
     Run(run::RunArgs),
     /// Install the iptables rules that capture a pod's traffic (init container).
     Init(init::InitArgs),
+    /// Development Workload API server backed by a development CA.
+    Agent(agent::AgentArgs),
     /// Development CA: create one, issue SVIDs.
     #[command(subcommand)]
     Ca(ca_cmd::CaCommand),
@@ -30,6 +34,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Agent(args) => agent::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
     };

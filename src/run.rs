@@ -3,13 +3,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use rampart_identity::ca::DevCa;
-use rampart_identity::files::{self, FilePaths};
-use rampart_identity::store::IdentityStore;
 
 use crate::config::{Config, LogFormat};
 
@@ -62,12 +58,6 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-/// The identity source, loaded once before any socket is opened.
-enum Source {
-    Files,
-    DevCa { ca: Box<DevCa>, ttl: Duration },
-}
-
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
@@ -79,64 +69,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
     rampart_proxy::metrics::describe();
-
-    // Obtain the first identity before binding, so a missing or invalid
-    // certificate fails the start with a clear error.
-    let (svid, bundles, source) = if let Some(f) = &cfg.identity.files {
-        let paths = FilePaths {
-            cert: f.cert.clone(),
-            key: f.key.clone(),
-            bundle: f.bundle.clone(),
-            federated: f
-                .federated
-                .iter()
-                .map(|b| (b.trust_domain.clone(), b.bundle.clone()))
-                .collect(),
-        };
-        let (svid, bundles) = files::load(&paths).context("loading the identity files")?;
-        (svid, bundles, Source::Files)
-    } else if let Some(d) = &cfg.identity.dev_ca {
-        let ca = DevCa::load(&d.dir).context("loading the development CA")?;
-        let issued = ca.issue(&d.spiffe_id, d.ttl).context("issuing an SVID")?;
-        let mut bundles = rampart_identity::bundle::BundleSet::new();
-        bundles.insert(ca.bundle()?);
-        (
-            issued.svid,
-            bundles,
-            Source::DevCa {
-                ca: Box::new(ca),
-                ttl: d.ttl,
-            },
-        )
-    } else {
-        anyhow::bail!("no identity source configured");
-    };
-    let td = svid.id().trust_domain().clone();
-    let plan = cfg.proxy_config(td);
-    let store = Arc::new(IdentityStore::new(plan.tls_spec()));
-    store
-        .publish(&svid, &bundles)
-        .context("building TLS configuration from the SVID")?;
+    rampart_identity::metrics::describe();
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
-
-    if let Source::DevCa { ca, ttl } = source {
-        let store = store.clone();
-        let id = svid.id().clone();
-        tokio::spawn(async move {
-            loop {
-                // Renew at half-life, as SPIRE agents do.
-                tokio::time::sleep(ttl / 2).await;
-                match ca.issue(&id, ttl) {
-                    Ok(issued) => {
-                        if let Err(e) = store.publish(&issued.svid, &bundles) {
-                            tracing::error!(error = %e, "rotation failed");
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "SVID renewal failed"),
-                }
-            }
-        });
-    }
+    let (plan, store) = crate::identity::start(&cfg).await?;
 
     let render: rampart_proxy::admin::MetricsRender = Arc::new(move || handle.render());
     let bound = rampart_proxy::bind(plan, store.subscribe(), render)?;
@@ -145,7 +80,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::codegen::BoxStream;
 use tonic::transport::server::UdsConnectInfo;
@@ -62,6 +62,9 @@ pub struct Agent {
     ca: Arc<DevCa>,
     registrations: Arc<Registrations>,
     ttl: Duration,
+    // Ends every open stream at shutdown; a graceful server shutdown waits
+    // for in-flight requests, and these streams would otherwise never end.
+    stop: Arc<watch::Sender<bool>>,
 }
 
 impl Agent {
@@ -71,6 +74,7 @@ impl Agent {
             ca,
             registrations: Arc::new(registrations),
             ttl,
+            stop: Arc::new(watch::channel(false).0),
         }
     }
 
@@ -80,6 +84,11 @@ impl Agent {
         listener: UnixListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
+        let stop = self.stop.clone();
+        let shutdown = async move {
+            shutdown.await;
+            stop.send_replace(true);
+        };
         tonic::transport::Server::builder()
             .serve_with_incoming_shutdown(
                 SpiffeWorkloadApiServer::new(self),
@@ -152,6 +161,7 @@ impl SpiffeWorkloadApi for Agent {
         let (tx, rx) = mpsc::channel(1);
         let ca = self.ca.clone();
         let ttl = self.ttl;
+        let mut stop = self.stop.subscribe();
         tracing::info!(peer.uid = uid, spiffe.id = %ids[0], "X.509-SVID stream opened");
         tokio::spawn(async move {
             loop {
@@ -168,6 +178,7 @@ impl SpiffeWorkloadApi for Agent {
                 tokio::select! {
                     () = tokio::time::sleep(ttl / 2) => {}
                     () = tx.closed() => return,
+                    _ = stop.wait_for(|s| *s) => return,
                 }
             }
         });
@@ -189,11 +200,15 @@ impl SpiffeWorkloadApi for Agent {
             bundles: HashMap::from([(td, concat(bundle.certs()))]),
         };
         let (tx, rx) = mpsc::channel(1);
+        let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
             // The bundle never changes while the agent runs; keep the stream
             // open (clients reconnect when it closes) until the client leaves.
             if tx.send(Ok(msg)).await.is_ok() {
-                tx.closed().await;
+                tokio::select! {
+                    () = tx.closed() => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

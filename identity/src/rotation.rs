@@ -85,11 +85,21 @@ impl Rotation {
 
     /// Runs until the update channel closes and the last SVID has expired
     /// (or immediately after the channel closes if nothing is in service).
-    pub async fn run(self, mut updates: mpsc::Receiver<Update>) {
+    pub async fn run(self, updates: mpsc::Receiver<Update>) {
+        self.run_after(None, updates).await;
+    }
+
+    /// Like [`Rotation::run`], applying `first` before reading `updates`
+    /// (for callers that had to look at the first update themselves, for
+    /// example to learn the trust domain).
+    pub async fn run_after(self, first: Option<Update>, mut updates: mpsc::Receiver<Update>) {
         let mut current: Option<InService> = None;
         // The last serial and bundles ever published, so that recovery after
         // an expiry counts as a rotation and an unchanged resend does not.
         let mut last: Option<(String, BundleSet)> = None;
+        if let Some(Update::Identity(id)) = first {
+            self.apply(*id, &mut current, &mut last);
+        }
         let mut open = true;
         loop {
             let expiry = current.as_ref().map(|c| self.instant_of(c.not_after));

@@ -1,0 +1,187 @@
+//! Wiring of the identity source chosen in the configuration: `files`,
+//! `dev_ca` or `workload_api`. Each runs as a worker feeding the rotation
+//! worker, which publishes into the [`IdentityStore`] the proxy reads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rampart_identity::ca::{DevCa, DevCaSource};
+use rampart_identity::files::{self, FilePaths, FileSource};
+use rampart_identity::metrics::SourceKind;
+use rampart_identity::rotation::{self, Rotation, UPDATE_CHANNEL, Update};
+use rampart_identity::store::IdentityStore;
+use rampart_identity::workload_api::{SvidSelector, WorkloadApiConfig, WorkloadApiSource};
+use rampart_identity::{SpiffeId, TrustDomain};
+use rampart_proxy::config::ProxyConfig;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConfigError, duration, find_line};
+
+/// The environment variable SPIFFE clients "MUST fall back to" for the
+/// Workload API endpoint (SPIFFE Workload Endpoint §4).
+pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
+
+/// `identity.workload_api`: SVIDs streamed from a SPIFFE Workload API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadApiIdentity {
+    /// Endpoint URI, `unix:///run/spire/sockets/agent.sock` or `tcp://IP:port`;
+    /// when absent, the value of `SPIFFE_ENDPOINT_SOCKET` at start.
+    #[serde(default)]
+    pub socket: Option<String>,
+    /// Use the SVID with this SPIFFE ID (default: the first one).
+    #[serde(default)]
+    pub spiffe_id: Option<SpiffeId>,
+    /// Use the SVID with this hint (default: the first one).
+    #[serde(default)]
+    pub hint: Option<String>,
+    /// The sidecar's trust domain. When neither this nor `spiffe_id` is set,
+    /// listeners are bound only after the first SVID arrives.
+    #[serde(default)]
+    pub trust_domain: Option<TrustDomain>,
+    /// First delay before reconnecting to the endpoint.
+    #[serde(default = "d_backoff_initial", with = "duration")]
+    pub backoff_initial: Duration,
+    /// Longest delay before reconnecting.
+    #[serde(default = "d_backoff_max", with = "duration")]
+    pub backoff_max: Duration,
+}
+
+fn d_backoff_initial() -> Duration {
+    Duration::from_millis(200)
+}
+fn d_backoff_max() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl WorkloadApiIdentity {
+    /// Fills `socket` from `SPIFFE_ENDPOINT_SOCKET` when the file leaves it out;
+    /// the only environment read of the configuration, and logged with it.
+    pub(crate) fn resolve_endpoint(&mut self, name: &str, text: &str) -> Result<(), ConfigError> {
+        if self.socket.is_none() {
+            self.socket = std::env::var(ENDPOINT_ENV).ok().filter(|s| !s.is_empty());
+        }
+        let field = "identity.workload_api.socket";
+        let problem = match &self.socket {
+            None => Some(format!("not set, and {ENDPOINT_ENV} is not set either")),
+            Some(s) => check_endpoint(s).err(),
+        };
+        match problem {
+            None => Ok(()),
+            Some(msg) => Err(ConfigError {
+                problems: vec![format!(
+                    "{name}:{}: field `{field}`: {msg}",
+                    find_line(text, field)
+                )],
+            }),
+        }
+    }
+
+    /// Field problems, as (field path, reason) pairs.
+    pub(crate) fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.spiffe_id.is_some() && self.hint.is_some() {
+            p.push((
+                "identity.workload_api.hint".into(),
+                "give `spiffe_id` or `hint`, not both".into(),
+            ));
+        }
+        if let Some(s) = &self.socket
+            && let Err(e) = check_endpoint(s)
+        {
+            p.push(("identity.workload_api.socket".into(), e));
+        }
+        if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
+            p.push((
+                "identity.workload_api.backoff_max".into(),
+                "backoff delays must be positive, max at least initial".into(),
+            ));
+        }
+        p
+    }
+}
+
+/// "unix:///absolute/path" or "tcp://IP:port" (SPIFFE Workload Endpoint §4).
+fn check_endpoint(s: &str) -> Result<(), String> {
+    if let Some(path) = s.strip_prefix("unix://") {
+        if path.starts_with('/') && path.len() > 1 {
+            return Ok(());
+        }
+        return Err(format!("{s:?}: a unix endpoint is unix:///absolute/path"));
+    }
+    if let Some(addr) = s.strip_prefix("tcp://") {
+        if addr.parse::<std::net::SocketAddr>().is_ok() {
+            return Ok(());
+        }
+        return Err(format!("{s:?}: a tcp endpoint is tcp://IP:port"));
+    }
+    Err(format!("{s:?}: expected unix:///path or tcp://IP:port"))
+}
+
+/// Starts the configured identity source and its rotation worker; returns the
+/// data plane's plan and the store it reads identities from. Files and the
+/// development CA are loaded once here, so a broken file or CA fails the start.
+pub async fn start(cfg: &Config) -> anyhow::Result<(ProxyConfig, Arc<IdentityStore>)> {
+    let (tx, mut rx) = mpsc::channel(UPDATE_CHANNEL);
+    let (kind, td, first) = if let Some(f) = &cfg.identity.files {
+        let paths = FilePaths {
+            cert: f.cert.clone(),
+            key: f.key.clone(),
+            bundle: f.bundle.clone(),
+            federated: f
+                .federated
+                .iter()
+                .map(|b| (b.trust_domain.clone(), b.bundle.clone()))
+                .collect(),
+        };
+        let (svid, _) = files::load(&paths).context("loading the identity files")?;
+        tokio::spawn(FileSource::new(paths, f.poll_interval).run(tx));
+        (SourceKind::Files, svid.id().trust_domain().clone(), None)
+    } else if let Some(d) = &cfg.identity.dev_ca {
+        let ca = DevCa::load(&d.dir).context("loading the development CA")?;
+        tokio::spawn(DevCaSource::new(Arc::new(ca), d.spiffe_id.clone(), d.ttl).run(tx));
+        (SourceKind::DevCa, d.spiffe_id.trust_domain().clone(), None)
+    } else if let Some(w) = &cfg.identity.workload_api {
+        let select = match (&w.spiffe_id, &w.hint) {
+            (Some(id), _) => SvidSelector::Id(id.clone()),
+            (None, Some(h)) => SvidSelector::Hint(h.clone()),
+            (None, None) => SvidSelector::First,
+        };
+        let source = WorkloadApiSource::new(WorkloadApiConfig {
+            // Config::load filled it in or refused the file.
+            endpoint: w.socket.clone().context("no Workload API endpoint")?,
+            select,
+            backoff_initial: w.backoff_initial,
+            backoff_max: w.backoff_max,
+        });
+        tokio::spawn(source.run(tx));
+        let known = w
+            .trust_domain
+            .clone()
+            .or_else(|| w.spiffe_id.as_ref().map(|id| id.trust_domain().clone()));
+        match known {
+            Some(td) => (SourceKind::WorkloadApi, td, None),
+            None => {
+                tracing::info!("waiting for the first SVID to learn the trust domain");
+                let first = loop {
+                    match rx.recv().await {
+                        Some(Update::Identity(id)) => break id,
+                        Some(Update::Revoked) => continue,
+                        None => anyhow::bail!("the Workload API source stopped"),
+                    }
+                };
+                let td = first.svid.id().trust_domain().clone();
+                (SourceKind::WorkloadApi, td, Some(Update::Identity(first)))
+            }
+        }
+    } else {
+        anyhow::bail!("no identity source configured");
+    };
+    let plan = cfg.proxy_config(td);
+    let store = Arc::new(IdentityStore::new(plan.tls_spec()));
+    let worker = Rotation::new(store.clone(), kind, rotation::system_clock());
+    tokio::spawn(worker.run_after(first, rx));
+    Ok((plan, store))
+}
