@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
@@ -21,6 +22,9 @@ use crate::svid::{Svid, SvidError};
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key inside a CA directory.
 pub const CA_KEY_FILE: &str = "ca.key";
+
+/// id-ce-basicConstraints (RFC 5280 §4.2.1.9).
+const BASIC_CONSTRAINTS_OID: &[u64] = &[2, 5, 29, 19];
 
 /// Errors of the development CA.
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +181,14 @@ impl DevCa {
         dn.push(DnType::CountryName, "US");
         dn.push(DnType::OrganizationName, "SPIFFE");
         params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
+        // basicConstraints with cA left at its DEFAULT (false), which DER
+        // encodes as an empty SEQUENCE. rcgen's `ExplicitNoCa` writes
+        // `cA FALSE` explicitly, which strict DER parsers (py-spiffe's
+        // `cryptography`) reject, so the extension is written by hand.
+        params.is_ca = IsCa::NoCa;
+        let mut bc = CustomExtension::from_oid_content(BASIC_CONSTRAINTS_OID, vec![0x30, 0x00]);
+        bc.set_criticality(true);
+        params.custom_extensions.push(bc);
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
