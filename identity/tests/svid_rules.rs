@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rampart_identity::bundle::{BundleSet, TrustBundle};
 use rampart_identity::svid::{Svid, SvidError, validate_leaf};
-use rampart_identity::{IdMatcher, SpiffeId, TrustDomain, tls};
+use rampart_identity::{IdMatcher, TrustDomain, tls};
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
