@@ -118,7 +118,7 @@ fn bundles_parse_from_jwks_and_pem_alike() {
     );
     let from_jwks = TrustBundle::parse(td.clone(), jwks.as_bytes()).unwrap();
     let from_pem = TrustBundle::parse(td.clone(), ca.cert_pem().as_bytes()).unwrap();
-    assert_eq!(from_jwks.certs(), &[der.clone()]);
+    assert_eq!(from_jwks.certs(), std::slice::from_ref(&der));
     assert_eq!(from_pem.certs(), &[der]);
     // A JWK Set without X.509 authorities names no CA: refused, not trusted-by-nobody silently.
     assert!(TrustBundle::parse(td.clone(), br#"{"keys": []}"#).is_err());
