@@ -185,3 +185,69 @@ pub async fn start(cfg: &Config) -> anyhow::Result<(ProxyConfig, Arc<IdentitySto
     tokio::spawn(worker.run_after(first, rx));
     Ok((plan, store))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LISTENERS: &str = "listeners:\n  - {name: in, direction: inbound, listen: 127.0.0.1:1, target: 127.0.0.1:2}\n";
+
+    fn parse(identity: &str) -> Result<Config, ConfigError> {
+        Config::parse("t.yaml", &format!("identity:\n{identity}{LISTENERS}"))
+    }
+
+    #[test]
+    fn workload_api_fields_and_defaults() {
+        let c = parse(
+            "  workload_api:\n    socket: unix:///run/spire/sockets/agent.sock\n    spiffe_id: spiffe://example.org/web\n",
+        )
+        .unwrap();
+        let w = c.identity.workload_api.unwrap();
+        assert_eq!(
+            w.socket.as_deref(),
+            Some("unix:///run/spire/sockets/agent.sock")
+        );
+        assert_eq!(w.spiffe_id.unwrap().as_str(), "spiffe://example.org/web");
+        assert_eq!(w.backoff_initial, Duration::from_millis(200));
+        assert_eq!(w.backoff_max, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn workload_api_problems_name_their_field() {
+        for (identity, field) in [
+            (
+                "  workload_api: {socket: unix:///s, spiffe_id: spiffe://e.org/a, hint: x}\n",
+                "identity.workload_api.hint",
+            ),
+            (
+                "  workload_api: {socket: unix://relative}\n",
+                "identity.workload_api.socket",
+            ),
+            (
+                "  workload_api: {socket: tcp://localhost:80}\n",
+                "identity.workload_api.socket",
+            ),
+            (
+                "  workload_api: {socket: unix:///s, backoff_initial: 2s, backoff_max: 1s}\n",
+                "identity.workload_api.backoff_max",
+            ),
+            (
+                "  workload_api: {socket: unix:///s}\n  dev_ca: {dir: d, spiffe_id: spiffe://e.org/a}\n",
+                "identity",
+            ),
+        ] {
+            let e = parse(identity).unwrap_err().to_string();
+            assert!(e.contains(&format!("field `{field}`")), "{identity}: {e}");
+        }
+    }
+
+    #[test]
+    fn endpoints() {
+        assert!(check_endpoint("unix:///run/spire/sockets/agent.sock").is_ok());
+        assert!(check_endpoint("tcp://127.0.0.1:8000").is_ok());
+        // "tcp://127.0.0.1:8000/foo" is invalid (SPIFFE Workload Endpoint §4).
+        assert!(check_endpoint("tcp://127.0.0.1:8000/foo").is_err());
+        assert!(check_endpoint("unix:/x").is_err());
+        assert!(check_endpoint("/run/agent.sock").is_err());
+    }
+}

@@ -8,7 +8,7 @@ mod wl_support;
 
 use std::time::{Duration, Instant};
 
-use wl_support::{Agent, Client, EchoApp, Pod, Sidecar, require_e2e, wait_for};
+use wl_support::{Agent, Client, EchoApp, Pod, Sidecar, wait_for};
 
 /// SVID lifetime for the rotation tests: the agent pushes a new SVID every
 /// half-life, so a 4s TTL rotates every 2s.
@@ -16,12 +16,7 @@ const SHORT_TTL: &str = "4s";
 
 #[test]
 fn py_spiffe_fetches_an_svid_that_openssl_verifies_against_the_bundle() {
-    if !wl_support::python_spiffe_available() {
-        let reason = "python3 cannot import spiffe (pip install -r tests/requirements.txt)";
-        if require_e2e() {
-            panic!("{reason}");
-        }
-        eprintln!("skipped: {reason}");
+    if !wl_support::python_spiffe_or_skip() {
         return;
     }
     let pod = Pod::new();
@@ -55,6 +50,33 @@ fn py_spiffe_fetches_an_svid_that_openssl_verifies_against_the_bundle() {
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
     );
+}
+
+#[test]
+fn the_security_header_is_required() {
+    if !wl_support::python_spiffe_or_skip() {
+        return;
+    }
+    let pod = Pod::new();
+    let agent = Agent::start(&pod, "1h");
+    for (mode, want) in [
+        ("with-header", "OK"),
+        ("without-header", "INVALID_ARGUMENT"),
+    ] {
+        let out = std::process::Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/raw_call.py"))
+            .arg(agent.endpoint())
+            .arg(mode)
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            got.trim(),
+            want,
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]

@@ -19,14 +19,21 @@ pub fn require_e2e() -> bool {
     std::env::var("RAMPART_REQUIRE_E2E").is_ok_and(|v| v == "1")
 }
 
-/// True when `python3 -c "import spiffe"` works.
-pub fn python_spiffe_available() -> bool {
-    Command::new("python3")
-        .args(["-c", "import spiffe"])
+/// True when `python3 -c "import spiffe"` works; otherwise prints why the
+/// test is skipped and returns false, or panics when skipping is not allowed.
+pub fn python_spiffe_or_skip() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import spiffe, grpc"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let reason = "python3 cannot import spiffe (pip install -r tests/requirements.txt)";
+        assert!(!require_e2e(), "{reason}");
+        eprintln!("skipped: {reason}");
+    }
+    ok
 }
 
 /// Polls `cond` every 50ms until it holds, or panics after `limit`.
