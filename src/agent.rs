@@ -27,7 +27,7 @@ pub struct AgentArgs {
     #[arg(long)]
     pub registrations: PathBuf,
     /// Lifetime of each SVID; open streams get a new one at half-life.
-    #[arg(long, default_value = "1h", value_parser = crate::config::duration::parse)]
+    #[arg(long, default_value = "30s", value_parser = crate::config::duration::parse)]
     pub ttl: Duration,
     /// Log filter, e.g. `info` or `rampart_identity=debug`.
     #[arg(long, default_value = "info")]

@@ -511,6 +511,14 @@ impl Config {
         if let Some(w) = &self.identity.workload_api {
             p.extend(w.validate());
         }
+        if let Some(f) = &self.identity.files
+            && f.poll_interval < Duration::from_millis(10)
+        {
+            p.push((
+                "identity.files.poll_interval".into(),
+                "must be at least 10ms".into(),
+            ));
+        }
         if let Some(d) = &self.identity.dev_ca
             && d.ttl < Duration::from_secs(2)
         {

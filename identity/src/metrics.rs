@@ -56,6 +56,9 @@ pub fn describe() {
         SOURCE_CONNECTED,
         "1 while the identity source is connected, by source"
     );
+    // Counters exist from the start, so that rate() sees their first increment.
+    metrics::counter!(ROTATIONS).absolute(0);
+    metrics::counter!(BUNDLE_UPDATES).absolute(0);
 }
 
 pub(crate) fn source_error(kind: SourceKind) {

@@ -73,7 +73,12 @@ pub struct WorkloadApiSource {
 /// How one connection ended.
 enum Ended {
     /// The server closed the stream or the connection failed: retry.
-    Retry(String),
+    Retry {
+        /// What happened.
+        reason: String,
+        /// Whether a message arrived on this connection before it ended.
+        received: bool,
+    },
     /// `InvalidArgument`: retrying the same request cannot help (§6).
     Fatal(String),
     /// Nobody listens to our updates any more.
@@ -91,6 +96,9 @@ impl WorkloadApiSource {
     pub async fn run(self, tx: mpsc::Sender<Update>) {
         let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
         m::source_connected(SourceKind::WorkloadApi, false);
+        // Failed attempts in a row: the first is a warning, the rest debug,
+        // so an outage is one log line per state change, not one per retry.
+        let mut failures = 0u32;
         loop {
             let ended = tokio::select! {
                 e = self.stream_once(&tx, &mut backoff) => e,
@@ -108,15 +116,26 @@ impl WorkloadApiSource {
                     m::source_error(SourceKind::WorkloadApi);
                     return;
                 }
-                Ended::Retry(reason) => {
+                Ended::Retry { reason, received } => {
                     m::source_error(SourceKind::WorkloadApi);
+                    failures = if received { 1 } else { failures + 1 };
                     let delay = backoff.next_delay();
-                    tracing::warn!(
-                        endpoint = %self.cfg.endpoint,
-                        error = %reason,
-                        retry.after_ms = delay.as_millis() as u64,
-                        "Workload API unavailable; keeping the current identity"
-                    );
+                    if failures == 1 {
+                        tracing::warn!(
+                            endpoint = %self.cfg.endpoint,
+                            error = %reason,
+                            retry.after_ms = delay.as_millis() as u64,
+                            "Workload API unavailable; keeping the current identity"
+                        );
+                    } else {
+                        tracing::debug!(
+                            endpoint = %self.cfg.endpoint,
+                            error = %reason,
+                            attempt = failures,
+                            retry.after_ms = delay.as_millis() as u64,
+                            "Workload API still unavailable"
+                        );
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = tx.closed() => return,
@@ -129,13 +148,14 @@ impl WorkloadApiSource {
     async fn stream_once(&self, tx: &mpsc::Sender<Update>, backoff: &mut Backoff) -> Ended {
         let client = match WorkloadApiClient::connect_to(&self.cfg.endpoint).await {
             Ok(c) => c,
-            Err(e) => return Ended::Retry(e.to_string()),
+            Err(e) => return retry(e, false),
         };
         let mut stream = match client.stream_x509_contexts().await {
             Ok(s) => s,
             Err(e) if e.is_invalid_argument() => return Ended::Fatal(e.to_string()),
-            Err(e) => return Ended::Retry(e.to_string()),
+            Err(e) => return retry(e, false),
         };
+        let mut received = false;
         while let Some(msg) = stream.next().await {
             let ctx = match msg {
                 Ok(ctx) => ctx,
@@ -148,6 +168,10 @@ impl WorkloadApiSource {
                     continue;
                 }
             };
+            if !received {
+                tracing::info!(endpoint = %self.cfg.endpoint, "Workload API connected");
+                received = true;
+            }
             m::source_connected(SourceKind::WorkloadApi, true);
             backoff.reset();
             let update = match identity_from(&ctx, &self.cfg.select) {
@@ -167,7 +191,17 @@ impl WorkloadApiSource {
                 return Ended::Stopped;
             }
         }
-        Ended::Retry("stream closed by the server".into())
+        Ended::Retry {
+            reason: "stream closed by the server".into(),
+            received,
+        }
+    }
+}
+
+fn retry(e: impl std::fmt::Display, received: bool) -> Ended {
+    Ended::Retry {
+        reason: e.to_string(),
+        received,
     }
 }
 
