@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 
 use wl_support::{Agent, Client, EchoApp, Pod, Sidecar, wait_for};
 
-/// SVID lifetime for the rotation tests: the agent pushes a new SVID every
+/// SVID lifetime for the rotation test: the agent pushes a new SVID every
 /// half-life, so a 4s TTL rotates every 2s.
 const SHORT_TTL: &str = "4s";
+/// SVID lifetime for the restart test: a quick restart must fit in the
+/// remaining validity (at least half the TTL) with reconnection backoff.
+const RESTART_TTL: &str = "6s";
 
 #[test]
 fn py_spiffe_fetches_an_svid_that_openssl_verifies_against_the_bundle() {
@@ -132,7 +135,7 @@ fn agent_restart_keeps_traffic_and_expiry_fails_closed_then_recovers() {
     let pod = Pod::new();
     let app = EchoApp::start();
     let (client_side, server_side) = Sidecar::pair(&pod, &app);
-    let mut agent = Agent::start(&pod, SHORT_TTL);
+    let mut agent = Agent::start(&pod, RESTART_TTL);
     let both = |status| {
         client_side.ready_status() == Some(status) && server_side.ready_status() == Some(status)
     };
@@ -146,7 +149,7 @@ fn agent_restart_keeps_traffic_and_expiry_fails_closed_then_recovers() {
     let mut sent = 0;
     while down.elapsed() < Duration::from_secs(4) {
         if down.elapsed() > Duration::from_millis(500) && !agent.is_running() {
-            agent = Agent::start(&pod, SHORT_TTL);
+            agent = Agent::start(&pod, RESTART_TTL);
         }
         if let Err(e) = client.request(sent) {
             failures.push(format!("request {sent} at {:?}: {e}", down.elapsed()));
@@ -171,7 +174,7 @@ fn agent_restart_keeps_traffic_and_expiry_fails_closed_then_recovers() {
     );
 
     // The agent returns; the sidecars recover by themselves.
-    let _agent = Agent::start(&pod, SHORT_TTL);
+    let _agent = Agent::start(&pod, RESTART_TTL);
     wait_for("both sidecars ready again", Duration::from_secs(15), || {
         both(200)
     });

@@ -4,6 +4,12 @@
 //! The proxy never touches certificates directly: it receives ready-made TLS
 //! configurations from the [`store::IdentityStore`] and the peer's
 //! [`verify::PeerIdentity`] after a handshake.
+//!
+//! Identity sources are workers that only produce [`rotation::Update`]s:
+//! [`workload_api::WorkloadApiSource`] (a SPIRE agent or `rampart agent`),
+//! [`files::FileSource`] and [`ca::DevCaSource`]. One [`rotation::Rotation`]
+//! worker publishes them into the store and withdraws an expired SVID.
+//! [`agent`] is the development Workload API server behind `rampart agent`.
 
 pub mod agent;
 pub mod bundle;
