@@ -72,7 +72,7 @@ impl Env {
         out
     }
 
-    fn sidecar(&self, name: &str, svid: &PathBuf, body: &str) -> Sidecar {
+    fn sidecar(&self, name: &str, svid: &std::path::Path, body: &str) -> Sidecar {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let cfg = format!(
             "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: warn}}\n{body}",
