@@ -285,7 +285,7 @@ fn restore_input(config: &InitConfig, family: Family, stale_jumps: &[String]) ->
     }
     // The proxy's own listeners are never redirected, so a connection
     // addressed to one of them reaches it and a redirect can never loop.
-    let mut untouched = vec![config.admin_port, config.outbound_port, config.inbound_port];
+    let mut untouched = [config.admin_port, config.outbound_port, config.inbound_port];
     untouched.sort_unstable();
 
     // Inbound: everything except excluded ports goes to the inbound listener.
