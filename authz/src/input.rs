@@ -88,10 +88,7 @@ pub fn build(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Value {
         ":method".into(),
         Value::String(req.method.as_str().to_owned()),
     );
-    headers.insert(
-        ":path".into(),
-        Value::String(req.raw_path_and_query.to_owned()),
-    );
+    headers.insert(":path".into(), Value::String(forwarded_path(req)));
     let id = req
         .headers
         .get("x-request-id")
@@ -142,7 +139,7 @@ pub fn build(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Value {
                 "id": id,
                 "method": req.method.as_str(),
                 "headers": headers,
-                "path": req.raw_path_and_query,
+                "path": forwarded_path(req),
                 "host": req.authority,
                 "scheme": req.scheme,
                 "protocol": req.protocol.as_str(),
@@ -172,4 +169,14 @@ fn decode_path_segment(s: &str) -> String {
     }
     // A path segment has no '+' convention; protect it from form decoding.
     decode_component(&s.replace('+', "%2B")).into_owned()
+}
+
+/// The request target as forwarded: the normalized path and the query as
+/// sent. Policies see what the application will see (Envoy with
+/// `normalize_path`), never a raw form that could disagree with it.
+fn forwarded_path(req: &RequestInfo<'_>) -> String {
+    match req.query {
+        Some(q) => format!("{}?{q}", req.path),
+        None => req.path.to_owned(),
+    }
 }
