@@ -185,21 +185,21 @@ fn scenario3_ingress_by_cidr_and_by_dns_principal() {
             "ingress mTLS DNS SAN",
             get("/x")
                 .source("10.9.9.9")
-                .from_dns("ingress-nginx.ext.cluster.local"),
+                .with_dns_san("ingress-nginx.ext.cluster.local"),
             true,
         ),
         (
             "ingress mTLS DNS SAN upper-case",
             get("/x")
                 .source("10.9.9.9")
-                .from_dns("Ingress-Nginx.ext.cluster.local"),
+                .with_dns_san("Ingress-Nginx.ext.cluster.local"),
             true,
         ),
         (
             "other DNS SAN",
             get("/x")
                 .source("10.9.9.9")
-                .from_dns("evil.ext.cluster.local"),
+                .with_dns_san("evil.ext.cluster.local"),
             false,
         ),
         ("other port", get("/x").from(app1).port(9090), false),

@@ -67,7 +67,7 @@ impl Req {
         self.peer = Some(SpiffeId::parse(id).unwrap());
         self
     }
-    pub fn from_dns(mut self, name: &str) -> Self {
+    pub fn with_dns_san(mut self, name: &str) -> Self {
         self.peer_dns.push(name.into());
         self
     }
