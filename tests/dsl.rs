@@ -35,3 +35,22 @@ fn pods_talk_and_captures_see_first_bytes() {
     let banner = client.exec_ok(apps::client(server.addr(8081), "x"));
     assert_eq!(banner, "220 hello\nx");
 }
+
+#[test]
+fn captures_recognise_a_real_tls_client_hello() {
+    if !support::require_root() {
+        return;
+    }
+    let net = Net::new("tls");
+    let client = net.pod("client");
+    let server = net.pod("server");
+    let _echo = server.spawn(apps::echo_server(8443));
+    server.wait_tcp_listening(8443, WAIT);
+
+    let capture = client.capture("eth0", 8443);
+    // The echo server is no TLS server: only the first bytes matter here.
+    client.exec_ok(apps::tls_client(server.addr(8443)));
+    let first = capture.first_payloads(WAIT);
+    let hello = first.to_port.expect("the client sent a ClientHello");
+    assert!(looks_like_tls(&hello), "{hello:02x?}");
+}

@@ -138,9 +138,10 @@ fn clean_removes_only_its_own_chains_and_jumps() {
 }
 
 /// Who answers a connection, as the whoami server reports it.
-struct Case {
+struct Case<'a> {
     what: &'static str,
     uid: u32,
+    dst: &'a Pod,
     dst_port: u16,
     expected_listener: u16,
 }
@@ -153,42 +154,28 @@ fn captures_outbound_except_proxy_uid_and_excluded_ports() {
     let net = Net::new("outbound");
     let app = net.pod("app");
     let server = net.pod("server");
-    init(&app, &["--exclude-outbound-ports=9090"]);
+    let database = net.pod("database");
+    let excluded_cidr = format!("--exclude-outbound-cidrs={}/32", database.ip());
+    init(&app, &["--exclude-outbound-ports=9090", &excluded_cidr]);
     let _proxy = app.spawn(apps::whoami_server(&[OUTBOUND_PORT]));
     let _server = server.spawn(apps::whoami_server(&[8080, 9090]));
+    let _database = database.spawn(apps::whoami_server(&[8080]));
     for port in [8080, 9090] {
         server.wait_tcp_listening(port, WAIT);
     }
+    database.wait_tcp_listening(8080, WAIT);
     app.wait_tcp_listening(OUTBOUND_PORT, WAIT);
 
+    #[rustfmt::skip]
     let cases = [
-        Case {
-            what: "app traffic is redirected",
-            uid: 1000,
-            dst_port: 8080,
-            expected_listener: OUTBOUND_PORT,
-        },
-        Case {
-            what: "root's traffic is redirected",
-            uid: 0,
-            dst_port: 8080,
-            expected_listener: OUTBOUND_PORT,
-        },
-        Case {
-            what: "the proxy's own traffic is not",
-            uid: PROXY_UID,
-            dst_port: 8080,
-            expected_listener: 8080,
-        },
-        Case {
-            what: "an excluded port is not",
-            uid: 1000,
-            dst_port: 9090,
-            expected_listener: 9090,
-        },
+        Case { what: "app traffic is redirected", uid: 1000, dst: &server, dst_port: 8080, expected_listener: OUTBOUND_PORT },
+        Case { what: "root's traffic is redirected", uid: 0, dst: &server, dst_port: 8080, expected_listener: OUTBOUND_PORT },
+        Case { what: "the proxy's own traffic is not", uid: PROXY_UID, dst: &server, dst_port: 8080, expected_listener: 8080 },
+        Case { what: "an excluded port is not", uid: 1000, dst: &server, dst_port: 9090, expected_listener: 9090 },
+        Case { what: "an excluded network is not", uid: 1000, dst: &database, dst_port: 8080, expected_listener: 8080 },
     ];
     for case in cases {
-        let dst = server.addr(case.dst_port);
+        let dst = case.dst.addr(case.dst_port);
         let output = app.exec_as(case.uid, apps::client(dst, "hello"));
         let reply = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{}: {output:?}", case.what);
@@ -251,15 +238,53 @@ fn app_to_own_pod_ip_is_not_captured() {
 }
 
 #[test]
-fn refuses_without_net_admin() {
+fn include_list_limits_capture_to_its_networks() {
     if !support::require_root() {
         return;
     }
-    let net = Net::new("nocap");
+    let net = Net::new("include");
+    let app = net.pod("app");
+    let mesh = net.pod("mesh");
+    let outside = net.pod("outside");
+    init(&app, &[&format!("--include-outbound-cidrs={}", mesh.ip())]);
+    let _proxy = app.spawn(apps::whoami_server(&[OUTBOUND_PORT]));
+    let _mesh = mesh.spawn(apps::whoami_server(&[8080]));
+    let _outside = outside.spawn(apps::whoami_server(&[8080]));
+    app.wait_tcp_listening(OUTBOUND_PORT, WAIT);
+    mesh.wait_tcp_listening(8080, WAIT);
+    outside.wait_tcp_listening(8080, WAIT);
+
+    let to_mesh = app.exec_ok(apps::client(mesh.addr(8080), ""));
+    assert!(
+        to_mesh.starts_with(&format!("port={OUTBOUND_PORT} ")),
+        "{to_mesh}"
+    );
+    let to_outside = app.exec_ok(apps::client(outside.addr(8080), ""));
+    assert!(to_outside.starts_with("port=8080 "), "{to_outside}");
+}
+
+#[test]
+fn refuses_clearly_when_it_cannot_work() {
+    if !support::require_root() {
+        return;
+    }
+    let net = Net::new("refuse");
     let pod = net.pod("app");
-    let output = pod.exec_as(1000, [rampart_bin(), "init"]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("CAP_NET_ADMIN"), "{stderr}");
+    let not_root = pod.exec_as(1000, [rampart_bin(), "init"]);
+    let no_iptables = pod.exec(["env", "PATH=/nonexistent", rampart_bin(), "init"]);
+    let bad_cidr = pod.exec([
+        rampart_bin(),
+        "init",
+        "--exclude-outbound-cidrs=10.0.0.0/40",
+    ]);
+    for (output, expected) in [
+        (not_root, "needs CAP_NET_ADMIN"),
+        (no_iptables, "`iptables-save` was not found in PATH"),
+        (bad_cidr, "'--exclude-outbound-cidrs <CIDRS>'"),
+    ] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{expected}: {output:?}");
+        assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
+    }
     assert!(!nat_rules(&pod).contains("RAMPART"));
 }

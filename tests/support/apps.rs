@@ -37,6 +37,13 @@ pub fn client(addr: SocketAddr, payload: &str) -> Vec<String> {
     )
 }
 
+/// A TLS client: connects to `addr` and starts a handshake (no
+/// certificate checks: it only has to put a real ClientHello on the wire);
+/// prints `handshake ok` or the failure, and always exits 0.
+pub fn tls_client(addr: SocketAddr) -> Vec<String> {
+    script(TLS_CLIENT, [addr.ip().to_string(), addr.port().to_string()])
+}
+
 /// The python3 the apps run with: the system one when there is one, since
 /// a per-user install (pyenv under /root) is not reachable by other UIDs.
 pub fn python() -> Option<String> {
@@ -115,4 +122,18 @@ try:
             sys.stdout.buffer.write(data)
 except OSError as e:
     sys.exit("client: %s:%d: %s" % (host, port, e))
+"#;
+
+const TLS_CLIENT: &str = r#"
+import socket, ssl, sys
+host, port = sys.argv[1], int(sys.argv[2])
+context = ssl.create_default_context()
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+try:
+    with socket.create_connection((host, port), timeout=5) as raw:
+        with context.wrap_socket(raw) as tls:
+            print("handshake ok")
+except (OSError, ssl.SSLError) as e:
+    print("handshake failed: %s" % e)
 "#;

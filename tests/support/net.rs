@@ -339,6 +339,12 @@ fn remove_netns(ns: &str) {
 fn sweep_stale() {
     static SWEEP: Once = Once::new();
     SWEEP.call_once(|| {
+        // The first `ip netns add` on a machine sets up the /run/netns mount;
+        // parallel first calls race on it, so one goes first, alone.
+        let warmup = unique("warmup", u32::MAX);
+        ip(&["netns", "add", &warmup]);
+        remove_netns(&warmup);
+
         let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
             return;
         };
