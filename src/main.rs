@@ -1,6 +1,7 @@
 //! The `rampart` binary: command line, configuration and wiring.
 
 mod init;
+mod policy_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -16,12 +17,15 @@ struct Cli {
 enum Command {
     /// Install the iptables rules that capture a pod's traffic (init container).
     Init(init::InitArgs),
+    /// Check policy files, or explain a decision for one request.
+    Policy(policy_cmd::PolicyArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Init(args) => init::run(args),
+        Command::Policy(args) => policy_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
