@@ -627,8 +627,7 @@ fn invalid_files_are_rejected_whole_with_locations() {
         std::path::Path::new("."),
         &Options::default(),
     )
-    .err()
-    .expect("rejected");
+    .expect_err("rejected");
     assert_eq!(e.0.len(), 2, "{e}");
     let msg = e.to_string();
     assert!(msg.contains("two.yaml:4:"), "{msg}");
