@@ -3,6 +3,7 @@
 mod ca_cmd;
 mod config;
 mod init;
+mod policy_cmd;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     /// Development CA: create one, issue SVIDs.
     #[command(subcommand)]
     Ca(ca_cmd::CaCommand),
+    /// Check policy files, or explain a decision for one request.
+    Policy(policy_cmd::PolicyArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +35,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(args),
         Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Policy(args) => policy_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
