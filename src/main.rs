@@ -2,6 +2,7 @@
 
 mod ca_cmd;
 mod config;
+mod demo;
 mod init;
 mod policy_cmd;
 mod run;
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run the sidecar.
     Run(run::RunArgs),
+    /// Run scenario 1 (the ec and news sites) locally and check every decision.
+    Demo(demo::DemoArgs),
     /// Install the iptables rules that capture a pod's traffic (init container).
     Init(init::InitArgs),
     /// Development CA: create one, issue SVIDs.
@@ -33,6 +36,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
         Command::Policy(args) => policy_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
