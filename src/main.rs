@@ -3,8 +3,10 @@
 mod agent;
 mod ca_cmd;
 mod config;
+mod demo;
 mod identity;
 mod init;
+mod policy_cmd;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the sidecar.
     Run(run::RunArgs),
+    /// Run scenario 1 (the ec and news sites) locally and check every decision.
+    Demo(demo::DemoArgs),
     /// Install the iptables rules that capture a pod's traffic (init container).
     Init(init::InitArgs),
     /// Development Workload API server backed by a development CA.
@@ -28,6 +32,8 @@ enum Command {
     /// Development CA: create one, issue SVIDs.
     #[command(subcommand)]
     Ca(ca_cmd::CaCommand),
+    /// Check policy files, or explain a decision for one request.
+    Policy(policy_cmd::PolicyArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,8 +41,10 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Agent(args) => agent::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(args),
         Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Policy(args) => policy_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

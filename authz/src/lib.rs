@@ -1,24 +1,73 @@
-//! Authorization for Rampart: decides whether a connection (and, later, a
-//! request) may proceed. A library with no knowledge of sockets or tokio.
+//! Authorization for Rampart: decides whether a connection or a request may
+//! proceed. A library with no knowledge of sockets or tokio; it sits between
+//! `identity` (which authenticated the peer) and `forward` in the pipeline.
 //!
-//! The proxy can only forward a connection when it holds a [`Permit`], and
-//! only this crate can make one, so a skipped check is a compile error.
+//! The proxy can only forward when it holds a [`Permit`], and only this crate
+//! can make one, so a skipped check is a compile error.
+//!
+//! Stages, one module each: [`model`] (the YAML format, validated while it is
+//! read), [`load`] (files, errors with file/line/field), `compile` (matchers
+//! built once), `eval` (native decisions, allocation-free), [`normalize`]
+//! (request paths), [`rego`] (in-process Rego with OPA-Envoy's input from
+//! [`input`]) and [`explain`] (why a decision was made).
 
-use std::collections::{HashMap, HashSet};
+pub mod explain;
+pub mod input;
+pub mod load;
+pub mod model;
+pub mod normalize;
+pub mod rego;
+
+mod compile;
+mod decide;
+mod eval;
+mod request;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use rampart_identity::SpiffeId;
 
+pub use load::{LoadError, LoadErrors, Options, PolicyInfo};
+pub use normalize::{NormalizeOptions, NormalizedPath, PathError, normalize_path};
+pub use request::{HttpProtocol, RequestInfo, grpc_method_of};
+
 /// What is known about an inbound connection when it is authorized.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionInfo<'a> {
-    /// The authenticated peer, `None` for plaintext sources.
+    /// The authenticated peer's SPIFFE ID, `None` for plaintext sources and
+    /// for certificates without a SPIFFE ID.
     pub peer: Option<&'a SpiffeId>,
+    /// DNS SANs of the peer's verified certificate (ingress certificates),
+    /// empty when there is none. A peer with DNS SANs is authenticated.
+    pub peer_dns: &'a [String],
     /// The source address of the connection.
     pub source: IpAddr,
     /// The port the client asked for (the original destination port).
     pub dest_port: u16,
+}
+
+impl<'a> ConnectionInfo<'a> {
+    /// A connection from `source` to `dest_port`, with an optional SPIFFE peer
+    /// and no DNS SANs.
+    pub fn new(peer: Option<&'a SpiffeId>, source: IpAddr, dest_port: u16) -> Self {
+        ConnectionInfo {
+            peer,
+            peer_dns: &[],
+            source,
+            dest_port,
+        }
+    }
+
+    /// The same connection, with the peer certificate's DNS SANs.
+    pub fn with_peer_dns(self, peer_dns: &'a [String]) -> Self {
+        ConnectionInfo { peer_dns, ..self }
+    }
+
+    /// Whether the peer presented a verified certificate.
+    pub fn is_authenticated(&self) -> bool {
+        self.peer.is_some() || !self.peer_dns.is_empty()
+    }
 }
 
 /// Proof that a connection or request was allowed, naming what allowed it.
@@ -26,6 +75,8 @@ pub struct ConnectionInfo<'a> {
 pub struct Permit {
     policy: Arc<str>,
     rule: Arc<str>,
+    effects: Option<Arc<HttpEffects>>,
+    notes: Notes,
 }
 
 impl Permit {
@@ -33,10 +84,48 @@ impl Permit {
     pub fn policy(&self) -> &str {
         &self.policy
     }
-    /// The rule within the policy that allowed it.
+    /// The rule within the policy that allowed it (the query for Rego).
     pub fn rule(&self) -> &str {
         &self.rule
     }
+    /// Header changes a Rego policy asked for, if any.
+    pub fn effects(&self) -> Option<&HttpEffects> {
+        self.effects.as_deref()
+    }
+    /// AUDIT and dry-run matches to log with this decision.
+    pub fn notes(&self) -> &Notes {
+        &self.notes
+    }
+}
+
+/// Header changes requested by an allowing Rego policy (OPA-Envoy result).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpEffects {
+    /// `headers`: added to (replacing in) the request sent upstream.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `response_headers_to_add`: added to the response sent to the client.
+    pub response_headers_to_add: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `request_headers_to_remove`: removed from the request sent upstream.
+    pub request_headers_to_remove: Vec<http::HeaderName>,
+}
+
+/// A policy and rule, named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRef {
+    /// Policy name.
+    pub policy: Arc<str>,
+    /// Rule name.
+    pub rule: Arc<str>,
+}
+
+/// Matches that did not change the decision but must be logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notes {
+    /// The first AUDIT rule that matched.
+    pub audit: Option<RuleRef>,
+    /// A dry-run policy that would have refused: the DENY rule that matched,
+    /// `no_rule_matched` for an ALLOW policy, or the query of a Rego policy.
+    pub dry_run_denied_by: Option<RuleRef>,
 }
 
 /// Why something was refused.
@@ -44,10 +133,21 @@ impl Permit {
 pub enum DenyReason {
     /// No policy covers the port and the default is deny.
     NoPolicy,
-    /// A policy covers the port but no rule matched the peer.
+    /// ALLOW policies cover the port but no rule matched.
     NotAllowed,
-    /// The connection has no authenticated peer, and the port requires one.
+    /// No authenticated peer, and the port requires one.
     Unauthenticated,
+    /// A DENY rule matched.
+    DeniedByRule,
+    /// A Rego policy's result refused.
+    RegoDenied,
+    /// A Rego policy failed to evaluate (error, undefined or malformed
+    /// result): fail closed.
+    RegoError,
+    /// A Rego policy ran out of time: fail closed.
+    RegoTimeout,
+    /// A Rego policy covers the port but the traffic is not HTTP.
+    RequiresHttp,
 }
 
 impl DenyReason {
@@ -57,17 +157,92 @@ impl DenyReason {
             DenyReason::NoPolicy => "no_policy",
             DenyReason::NotAllowed => "not_allowed",
             DenyReason::Unauthenticated => "unauthenticated",
+            DenyReason::DeniedByRule => "denied_by_rule",
+            DenyReason::RegoDenied => "rego_denied",
+            DenyReason::RegoError => "rego_error",
+            DenyReason::RegoTimeout => "rego_timeout",
+            DenyReason::RequiresHttp => "requires_http",
+        }
+    }
+
+    /// A sentence for explain output and 403 bodies.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DenyReason::NoPolicy => "no policy covers this port and the default action is deny",
+            DenyReason::NotAllowed => "no ALLOW rule matched the request",
+            DenyReason::Unauthenticated => "the peer is not authenticated and no rule admits it",
+            DenyReason::DeniedByRule => "a DENY rule matched the request",
+            DenyReason::RegoDenied => "the Rego policy refused the request",
+            DenyReason::RegoError => "the Rego policy failed to evaluate (fail closed)",
+            DenyReason::RegoTimeout => "the Rego policy timed out (fail closed)",
+            DenyReason::RequiresHttp => {
+                "a Rego policy covers this port but the traffic is not HTTP"
+            }
         }
     }
 }
 
-/// A refusal, naming the reason and the policy that refused (if any).
+/// A refusal, naming the reason and the policy (and rule) that refused.
 #[derive(Debug, Clone)]
 pub struct Denial {
     /// Why.
     pub reason: DenyReason,
     /// The policy that refused, when one applied.
     pub policy: Option<Arc<str>>,
+    /// The rule that refused (DENY rules, Rego queries).
+    pub rule: Option<Arc<str>>,
+    /// The response a Rego policy asked for, if any.
+    pub response: Option<Box<DenyResponse>>,
+    /// A failing Rego evaluation's message, for logs (not for clients).
+    pub detail: Option<Arc<str>>,
+    /// AUDIT and dry-run matches to log with this decision.
+    pub notes: Notes,
+}
+
+impl Denial {
+    /// The status to answer an HTTP request with: the Rego policy's
+    /// `http_status`, else 403.
+    pub fn http_status(&self) -> http::StatusCode {
+        match &self.response {
+            Some(r) => r.status,
+            None => http::StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// A one-line, human-readable explanation naming the policy and rule.
+    pub fn explain(&self) -> String {
+        let mut s = String::from(self.reason.describe());
+        if let Some(p) = &self.policy {
+            s.push_str(&format!(" (policy {p:?}"));
+            if let Some(r) = &self.rule {
+                s.push_str(&format!(", rule {r:?}"));
+            }
+            s.push(')');
+        }
+        s
+    }
+
+    pub(crate) fn new(reason: DenyReason, policy: Option<Arc<str>>) -> Self {
+        Denial {
+            reason,
+            policy,
+            rule: None,
+            response: None,
+            detail: None,
+            notes: Notes::default(),
+        }
+    }
+}
+
+/// The response a refusing Rego policy asked for (OPA-Envoy result).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyResponse {
+    /// `http_status`, default 403.
+    pub status: http::StatusCode,
+    /// `body`, default empty.
+    pub body: String,
+    /// `headers`: added to the response sent to the client.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// The outcome of an authorization check.
@@ -79,7 +254,41 @@ pub enum Decision {
     Deny(Denial),
 }
 
-/// What to do on a port that no policy covers.
+impl Decision {
+    /// Whether this is [`Decision::Allow`].
+    pub fn is_allowed(&self) -> bool {
+        match self {
+            Decision::Allow(_) => true,
+            Decision::Deny(_) => false,
+        }
+    }
+
+    /// The policy that decided, if any.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Decision::Allow(p) => Some(p.policy()),
+            Decision::Deny(d) => d.policy.as_deref(),
+        }
+    }
+
+    /// The rule that decided, if any.
+    pub fn rule(&self) -> Option<&str> {
+        match self {
+            Decision::Allow(p) => Some(p.rule()),
+            Decision::Deny(d) => d.rule.as_deref(),
+        }
+    }
+
+    /// A one-line, human-readable explanation naming the policy and rule.
+    pub fn explain(&self) -> String {
+        match self {
+            Decision::Allow(p) => format!("allowed by policy {:?}, rule {:?}", p.policy, p.rule),
+            Decision::Deny(d) => format!("denied: {}", d.explain()),
+        }
+    }
+}
+
+/// What to do on a port that no ALLOW (or Rego) policy covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DefaultAction {
     /// Refuse (the secure default).
@@ -89,109 +298,75 @@ pub enum DefaultAction {
     AllowAnyAuthenticated,
 }
 
-/// A compiled set of connection-level policies.
+/// A compiled set of policies. Cheap to clone (shared); the proxy swaps an
+/// `Arc<Authorizer>` on reload.
 #[derive(Debug, Clone, Default)]
 pub struct Authorizer {
-    ports: HashMap<u16, PortRule>,
-    default: DefaultAction,
-}
-
-#[derive(Debug, Clone)]
-struct PortRule {
-    policy: Arc<str>,
-    peers: HashSet<SpiffeId>,
+    inner: Arc<compile::Compiled>,
 }
 
 impl Authorizer {
-    /// Builds an authorizer from a per-port list of allowed peer SPIFFE IDs.
+    /// Builds an authorizer from a per-port list of allowed peer SPIFFE IDs:
+    /// one ALLOW policy `port-<port>` with one rule `allowed_peers` per port.
     pub fn from_port_allowlist(
         ports: impl IntoIterator<Item = (u16, Vec<SpiffeId>)>,
         default: DefaultAction,
     ) -> Self {
-        let ports = ports
-            .into_iter()
-            .map(|(port, ids)| {
-                let rule = PortRule {
-                    policy: Arc::from(format!("port-{port}")),
-                    peers: ids.into_iter().collect(),
-                };
-                (port, rule)
-            })
-            .collect();
-        Authorizer { ports, default }
+        Authorizer {
+            inner: Arc::new(compile::Compiled::from_port_allowlist(ports, default)),
+        }
     }
 
-    /// Decides whether a connection may proceed.
+    /// Loads, validates and compiles policy files. Any invalid entry rejects
+    /// the whole set; every error found is reported.
+    pub fn load<P: AsRef<std::path::Path>>(
+        paths: &[P],
+        options: &Options,
+    ) -> Result<Authorizer, LoadErrors> {
+        let compiled = load::load(paths, options)?;
+        Ok(Authorizer {
+            inner: Arc::new(compiled),
+        })
+    }
+
+    /// Compiles policies from YAML text (`origin` names it in errors;
+    /// relative module paths resolve against `base_dir`).
+    pub fn from_yaml(
+        origin: &str,
+        yaml: &str,
+        base_dir: &std::path::Path,
+        options: &Options,
+    ) -> Result<Authorizer, LoadErrors> {
+        let compiled =
+            load::load_texts(&[(origin.to_owned(), yaml.to_owned())], base_dir, options)?;
+        Ok(Authorizer {
+            inner: Arc::new(compiled),
+        })
+    }
+
+    /// Decides whether an opaque TCP connection may proceed. HTTP traffic is
+    /// checked per request with [`Authorizer::check_request`] instead: rules
+    /// with HTTP conditions never allow a bare connection, and DENY rules with
+    /// HTTP conditions refuse it (the conservative reading).
     pub fn check_connection(&self, conn: &ConnectionInfo<'_>) -> Decision {
-        match self.ports.get(&conn.dest_port) {
-            Some(rule) => match conn.peer {
-                None => Decision::Deny(Denial {
-                    reason: DenyReason::Unauthenticated,
-                    policy: Some(rule.policy.clone()),
-                }),
-                Some(peer) if rule.peers.contains(peer) => Decision::Allow(Permit {
-                    policy: rule.policy.clone(),
-                    rule: Arc::from("allowed_peers"),
-                }),
-                Some(_) => Decision::Deny(Denial {
-                    reason: DenyReason::NotAllowed,
-                    policy: Some(rule.policy.clone()),
-                }),
-            },
-            None => match (self.default, conn.peer) {
-                (DefaultAction::AllowAnyAuthenticated, Some(_)) => Decision::Allow(Permit {
-                    policy: Arc::from("default"),
-                    rule: Arc::from("allow_any_authenticated"),
-                }),
-                (DefaultAction::AllowAnyAuthenticated, None) => Decision::Deny(Denial {
-                    reason: DenyReason::Unauthenticated,
-                    policy: None,
-                }),
-                (DefaultAction::Deny, _) => Decision::Deny(Denial {
-                    reason: DenyReason::NoPolicy,
-                    policy: None,
-                }),
-            },
-        }
+        decide::decide(&self.inner, conn, None)
+    }
+
+    /// Decides whether an HTTP request may proceed.
+    pub fn check_request(&self, conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Decision {
+        decide::decide(&self.inner, conn, Some(req))
+    }
+
+    /// The loaded policies, with content hashes (for the admin API).
+    pub fn policies(&self) -> &[PolicyInfo] {
+        &self.inner.infos
+    }
+
+    /// The path normalization options these policies were loaded with.
+    pub fn normalize_options(&self) -> &NormalizeOptions {
+        &self.inner.normalize
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn id(s: &str) -> SpiffeId {
-        SpiffeId::parse(s).unwrap()
-    }
-
-    #[test]
-    fn port_allowlist() {
-        let a = Authorizer::from_port_allowlist(
-            [(8080, vec![id("spiffe://example.org/client")])],
-            DefaultAction::Deny,
-        );
-        let client = id("spiffe://example.org/client");
-        let other = id("spiffe://example.org/other");
-        let src = "10.0.0.1".parse().unwrap();
-        let conn = |peer, port| ConnectionInfo {
-            peer,
-            source: src,
-            dest_port: port,
-        };
-        assert!(matches!(
-            a.check_connection(&conn(Some(&client), 8080)),
-            Decision::Allow(_)
-        ));
-        let cases = [
-            (Some(&other), 8080, DenyReason::NotAllowed),
-            (None, 8080, DenyReason::Unauthenticated),
-            (Some(&client), 9090, DenyReason::NoPolicy),
-        ];
-        for (peer, port, want) in cases {
-            match a.check_connection(&conn(peer, port)) {
-                Decision::Deny(d) => assert_eq!(d.reason, want),
-                Decision::Allow(p) => panic!("allowed by {}", p.policy()),
-            }
-        }
-    }
-}
+mod tests;

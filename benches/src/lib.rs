@@ -1,1 +1,1 @@
-//! Shared helpers for Rampart's benchmarks.
+//! Shared helpers for Rampart benchmarks (see src/main.rs for the harness).

@@ -21,11 +21,8 @@ pub fn authorize(
     port: u16,
     authorizer: &rampart_authz::Authorizer,
 ) -> Result<Permitted, Box<(Authenticated, Denial)>> {
-    let info = ConnectionInfo {
-        peer: Some(&conn.peer.id),
-        source: conn.client.0.ip(),
-        dest_port: port,
-    };
+    let info = ConnectionInfo::new(Some(&conn.peer.id), conn.client.0.ip(), port)
+        .with_peer_dns(&conn.peer.dns_names);
     match authorizer.check_connection(&info) {
         Decision::Allow(permit) => {
             crate::metrics::decision("allow", "matched");

@@ -1,0 +1,291 @@
+//! The decision procedure, in the order Istio users expect: dry-run and
+//! AUDIT policies are noted; DENY rules refuse; Rego policies (Istio's
+//! CUSTOM) refuse or pass with header changes; then, when any ALLOW policy
+//! covers the port, a request must match one of its rules; when none does,
+//! an allowing Rego policy allows; otherwise the default action decides.
+
+use std::sync::Arc;
+
+use crate::compile::{CKind, CNative, CPolicy, Compiled};
+use crate::eval::Side;
+use crate::explain::Miss;
+use crate::rego::RegoOutcome;
+use crate::{
+    ConnectionInfo, Decision, DefaultAction, Denial, DenyReason, HttpEffects, Notes, Permit,
+    RequestInfo, RuleRef,
+};
+
+pub(crate) fn decide(
+    c: &Compiled,
+    conn: &ConnectionInfo<'_>,
+    req: Option<&RequestInfo<'_>>,
+) -> Decision {
+    let idx = c.port(conn.dest_port);
+    let mut notes = Notes::default();
+    for &i in &idx.dry_run {
+        if notes.dry_run_denied_by.is_some() {
+            break;
+        }
+        notes.dry_run_denied_by = dry_run(&c.policies[i as usize], conn, req);
+    }
+    for &i in &idx.audit {
+        let p = &c.policies[i as usize];
+        if let Some(rule) = first_match(p, conn, req, Side::Admit) {
+            notes.audit = Some(RuleRef {
+                policy: p.name.clone(),
+                rule,
+            });
+            break;
+        }
+    }
+    for &i in &idx.deny {
+        let p = &c.policies[i as usize];
+        if let Some(rule) = first_match(p, conn, req, Side::Refuse) {
+            let mut d = Denial::new(DenyReason::DeniedByRule, Some(p.name.clone()));
+            d.rule = Some(rule);
+            d.notes = notes;
+            return Decision::Deny(d);
+        }
+    }
+    let mut rego_permit: Option<(Arc<str>, Arc<str>)> = None;
+    let mut effects: Option<Arc<HttpEffects>> = None;
+    for &i in &idx.rego {
+        let p = &c.policies[i as usize];
+        let CKind::Rego(engine) = &p.kind else {
+            // Invariant: Compiled::index puts only Rego policies in `rego`.
+            unreachable!("non-Rego policy in the Rego index")
+        };
+        match engine.check(conn, req) {
+            RegoOutcome::Allowed(e) => {
+                if rego_permit.is_none() {
+                    rego_permit = Some((p.name.clone(), engine.query_name()));
+                }
+                if let Some(e) = e {
+                    merge_effects(&mut effects, e);
+                }
+            }
+            outcome @ (RegoOutcome::Denied(_)
+            | RegoOutcome::Error(_)
+            | RegoOutcome::Timeout
+            | RegoOutcome::NotHttp) => {
+                let mut d = rego_denial(p, engine.query_name(), outcome);
+                d.notes = notes;
+                return Decision::Deny(d);
+            }
+        }
+    }
+    if let Some(&first) = idx.allow.first() {
+        for &i in &idx.allow {
+            let p = &c.policies[i as usize];
+            if let Some(rule) = first_match(p, conn, req, Side::Admit) {
+                return Decision::Allow(Permit {
+                    policy: p.name.clone(),
+                    rule,
+                    effects,
+                    notes,
+                });
+            }
+        }
+        let reason = if conn.is_authenticated() {
+            DenyReason::NotAllowed
+        } else {
+            DenyReason::Unauthenticated
+        };
+        let mut d = Denial::new(reason, Some(c.policies[first as usize].name.clone()));
+        d.notes = notes;
+        return Decision::Deny(d);
+    }
+    if let Some((policy, rule)) = rego_permit {
+        return Decision::Allow(Permit {
+            policy,
+            rule,
+            effects,
+            notes,
+        });
+    }
+    match (c.default, conn.is_authenticated()) {
+        (DefaultAction::AllowAnyAuthenticated, true) => Decision::Allow(Permit {
+            policy: Arc::from("default"),
+            rule: Arc::from("allow_any_authenticated"),
+            effects,
+            notes,
+        }),
+        (DefaultAction::AllowAnyAuthenticated, false) => {
+            let mut d = Denial::new(DenyReason::Unauthenticated, None);
+            d.notes = notes;
+            Decision::Deny(d)
+        }
+        (DefaultAction::Deny, _) => {
+            let mut d = Denial::new(DenyReason::NoPolicy, None);
+            d.notes = notes;
+            Decision::Deny(d)
+        }
+    }
+}
+
+/// The name of the first matching rule of a native policy.
+pub(crate) fn first_match(
+    p: &CPolicy,
+    conn: &ConnectionInfo<'_>,
+    req: Option<&RequestInfo<'_>>,
+    side: Side,
+) -> Option<Arc<str>> {
+    match &p.kind {
+        CKind::Native(n) => first_native(n, conn, req, side),
+        // Invariant: Compiled::index keeps Rego policies out of the native lists.
+        CKind::Rego(_) => unreachable!("Rego policy in a native index"),
+    }
+}
+
+fn first_native(
+    n: &CNative,
+    conn: &ConnectionInfo<'_>,
+    req: Option<&RequestInfo<'_>>,
+    side: Side,
+) -> Option<Arc<str>> {
+    let indexed: &[u32] = match conn.peer {
+        Some(id) => n
+            .by_principal
+            .get(id.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]),
+        None => &[],
+    };
+    // Merge the two ascending candidate lists so the first rule in file order
+    // wins, as if every rule had been tried.
+    let (mut a, mut b) = (indexed.iter().peekable(), n.other.iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(&&x), Some(&&y)) if x < y => a.next(),
+            (Some(_), Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => return None,
+        };
+        if let Some(&i) = next {
+            let rule = &n.rules[i as usize];
+            if rule.check(conn, req, side).is_ok() {
+                return Some(rule.name.clone());
+            }
+        }
+    }
+}
+
+fn dry_run(
+    p: &CPolicy,
+    conn: &ConnectionInfo<'_>,
+    req: Option<&RequestInfo<'_>>,
+) -> Option<RuleRef> {
+    let rule = match &p.kind {
+        CKind::Native(n) => match n.action {
+            crate::model::Action::Deny => first_native(n, conn, req, Side::Refuse)?,
+            crate::model::Action::Allow => match first_native(n, conn, req, Side::Admit) {
+                Some(_) => return None,
+                None => Arc::from("no_rule_matched"),
+            },
+            crate::model::Action::Audit => return None,
+        },
+        CKind::Rego(engine) => match engine.check(conn, req) {
+            RegoOutcome::Allowed(_) => return None,
+            RegoOutcome::Denied(_)
+            | RegoOutcome::Error(_)
+            | RegoOutcome::Timeout
+            | RegoOutcome::NotHttp => engine.query_name(),
+        },
+    };
+    Some(RuleRef {
+        policy: p.name.clone(),
+        rule,
+    })
+}
+
+fn rego_denial(p: &CPolicy, query: Arc<str>, outcome: RegoOutcome) -> Denial {
+    let (reason, response, detail) = match outcome {
+        RegoOutcome::Denied(r) => (DenyReason::RegoDenied, Some(r), None),
+        RegoOutcome::Error(e) => (DenyReason::RegoError, None, Some(Arc::from(e))),
+        RegoOutcome::Timeout => (DenyReason::RegoTimeout, None, None),
+        RegoOutcome::NotHttp => (DenyReason::RequiresHttp, None, None),
+        // Invariant: the caller only passes refusing outcomes.
+        RegoOutcome::Allowed(_) => unreachable!("allowed outcome passed to rego_denial"),
+    };
+    let mut d = Denial::new(reason, Some(p.name.clone()));
+    d.rule = Some(query);
+    d.response = response;
+    d.detail = detail;
+    d
+}
+
+fn merge_effects(into: &mut Option<Arc<HttpEffects>>, e: Arc<HttpEffects>) {
+    match into {
+        None => *into = Some(e),
+        Some(existing) => {
+            let merged = Arc::make_mut(existing);
+            merged.headers.extend(e.headers.iter().cloned());
+            merged
+                .response_headers_to_add
+                .extend(e.response_headers_to_add.iter().cloned());
+            merged
+                .request_headers_to_remove
+                .extend(e.request_headers_to_remove.iter().cloned());
+        }
+    }
+}
+
+/// Why each rule of each policy on the port did or did not match, in
+/// evaluation order (for `explain`).
+pub(crate) fn trace(
+    c: &Compiled,
+    conn: &ConnectionInfo<'_>,
+    req: Option<&RequestInfo<'_>>,
+) -> Vec<crate::explain::Step> {
+    use crate::explain::{Outcome, Step};
+    let idx = c.port(conn.dest_port);
+    let mut steps = Vec::new();
+    let groups = [&idx.dry_run, &idx.audit, &idx.deny, &idx.rego, &idx.allow];
+    for group in groups {
+        for &i in group {
+            let p = &c.policies[i as usize];
+            match &p.kind {
+                CKind::Native(n) => {
+                    let side = match n.action {
+                        crate::model::Action::Deny => Side::Refuse,
+                        crate::model::Action::Allow | crate::model::Action::Audit => Side::Admit,
+                    };
+                    if n.rules.is_empty() {
+                        steps.push(Step {
+                            policy: p.name.clone(),
+                            rule: None,
+                            outcome: Outcome::NoRules,
+                        });
+                    }
+                    for rule in &n.rules {
+                        let outcome = match rule.check(conn, req, side) {
+                            Ok(()) => Outcome::Matched,
+                            Err(m) => Outcome::Missed(m),
+                        };
+                        steps.push(Step {
+                            policy: p.name.clone(),
+                            rule: Some(rule.name.clone()),
+                            outcome,
+                        });
+                    }
+                }
+                CKind::Rego(engine) => {
+                    let outcome = match engine.check(conn, req) {
+                        RegoOutcome::Allowed(_) => Outcome::Matched,
+                        RegoOutcome::Denied(_) => Outcome::RegoDenied,
+                        RegoOutcome::Error(e) => Outcome::RegoError(e),
+                        RegoOutcome::Timeout => Outcome::RegoError("timeout".into()),
+                        RegoOutcome::NotHttp => Outcome::Missed(Miss::NotHttp),
+                    };
+                    steps.push(Step {
+                        policy: p.name.clone(),
+                        rule: Some(engine.query_name()),
+                        outcome,
+                    });
+                }
+            }
+        }
+    }
+    steps
+}

@@ -1,0 +1,359 @@
+//! Native rule evaluation: does one compiled rule match one connection or
+//! request? Allocation-free except for percent-encoded query parameters
+//! named in `when` conditions. A mismatch names the field that failed, which
+//! is what `explain` reports.
+
+use std::borrow::Cow;
+
+use crate::compile::{CRule, DataTable, MethodSet, PathSet, PrincipalSet, method_bit};
+use crate::explain::Miss;
+use crate::model::{
+    ConditionSubject, DataKey, HostPattern, TemplateSegment, ValueMatcher, split_host_port,
+};
+use crate::request::grpc_service;
+use crate::{ConnectionInfo, RequestInfo};
+
+/// Which side of the decision a rule is on: decides how a rule with HTTP
+/// conditions reads a connection that is not HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// ALLOW and AUDIT: HTTP conditions on a bare connection do not match.
+    Admit,
+    /// DENY: HTTP conditions on a bare connection are taken as matched, so a
+    /// DENY rule can never be bypassed by not speaking HTTP.
+    Refuse,
+}
+
+impl CRule {
+    /// `Ok` when the rule matches.
+    pub fn check(
+        &self,
+        conn: &ConnectionInfo<'_>,
+        req: Option<&RequestInfo<'_>>,
+        side: Side,
+    ) -> Result<(), Miss> {
+        if req.is_none() && self.needs_http && side == Side::Admit {
+            return Err(Miss::NotHttp);
+        }
+        self.check_from(conn, req)?;
+        if let Some(ports) = &self.ports
+            && !ports.contains(&conn.dest_port)
+        {
+            return Err(Miss::Port);
+        }
+        if self.not_ports.contains(&conn.dest_port) {
+            return Err(Miss::NotPort);
+        }
+        match req {
+            Some(req) => self.check_http(req),
+            None => Ok(()),
+        }
+    }
+
+    fn check_from(
+        &self,
+        conn: &ConnectionInfo<'_>,
+        req: Option<&RequestInfo<'_>>,
+    ) -> Result<(), Miss> {
+        if conn.is_authenticated() {
+            if let Some(set) = &self.principals
+                && !set.matches(conn)
+            {
+                return Err(Miss::Principal);
+            }
+            if let Some(set) = &self.not_principals
+                && set.matches(conn)
+            {
+                return Err(Miss::NotPrincipal);
+            }
+            if let Some(table) = &self.from_data
+                && !table.matches(conn, req)
+            {
+                return Err(Miss::PrincipalFromData);
+            }
+        } else if !self.unauthenticated {
+            return Err(Miss::Unauthenticated);
+        }
+        if let Some(cidrs) = &self.source_cidrs
+            && !cidrs.iter().any(|n| n.contains(&conn.source))
+        {
+            return Err(Miss::SourceCidr);
+        }
+        if self
+            .not_source_cidrs
+            .iter()
+            .any(|n| n.contains(&conn.source))
+        {
+            return Err(Miss::NotSourceCidr);
+        }
+        Ok(())
+    }
+
+    fn check_http(&self, req: &RequestInfo<'_>) -> Result<(), Miss> {
+        if let Some(hosts) = &self.hosts
+            && !hosts.iter().any(|h| host_matches(h, req.authority))
+        {
+            return Err(Miss::Host);
+        }
+        if self
+            .not_hosts
+            .iter()
+            .any(|h| host_matches(h, req.authority))
+        {
+            return Err(Miss::NotHost);
+        }
+        if let Some(m) = &self.methods
+            && !m.contains(req.method)
+        {
+            return Err(Miss::Method);
+        }
+        if let Some(m) = &self.not_methods
+            && m.contains(req.method)
+        {
+            return Err(Miss::NotMethod);
+        }
+        if let Some(p) = &self.paths
+            && !p.matches(req.path)
+        {
+            return Err(Miss::Path);
+        }
+        if let Some(p) = &self.not_paths
+            && p.matches(req.path)
+        {
+            return Err(Miss::NotPath);
+        }
+        if let Some(services) = &self.grpc_services {
+            match req.grpc_method {
+                Some(m) if services.contains(grpc_service(m)) => {}
+                Some(_) | None => return Err(Miss::GrpcService),
+            }
+        }
+        if let Some(methods) = &self.grpc_methods {
+            match req.grpc_method {
+                Some(m) if methods.contains(m) => {}
+                Some(_) | None => return Err(Miss::GrpcMethod),
+            }
+        }
+        for (i, cond) in self.when.iter().enumerate() {
+            let hit = match &cond.subject {
+                ConditionSubject::Header(name) => {
+                    let values = req.headers.get_all(name).iter().map(|v| v.as_bytes());
+                    value_matches(&cond.matcher, values)
+                }
+                ConditionSubject::Query(name) => {
+                    let values = query_values(req.query.unwrap_or(""), name);
+                    query_matches(&cond.matcher, values)
+                }
+            };
+            if hit == cond.invert {
+                return Err(Miss::When(i));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PrincipalSet {
+    /// Whether the authenticated peer matches (its SPIFFE ID or a DNS SAN).
+    pub fn matches(&self, conn: &ConnectionInfo<'_>) -> bool {
+        if self.any {
+            return true;
+        }
+        if let Some(id) = conn.peer {
+            let s = id.as_str();
+            if self.exact.contains(s)
+                || self.trust_domains.contains(id.trust_domain().as_str())
+                || self.prefixes.iter().any(|p| s.starts_with(&**p))
+            {
+                return true;
+            }
+        }
+        for name in conn.peer_dns {
+            let name = name.strip_suffix('.').unwrap_or(name);
+            if self.dns.contains(name) {
+                return true;
+            }
+            if name.bytes().any(|b| b.is_ascii_uppercase())
+                && self.dns.iter().any(|d| d.eq_ignore_ascii_case(name))
+            {
+                return true;
+            }
+            if self
+                .dns_suffixes
+                .iter()
+                .any(|suf| name.len() > suf.len() && ends_with_ignore_case(name, suf))
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl DataTable {
+    fn matches(&self, conn: &ConnectionInfo<'_>, req: Option<&RequestInfo<'_>>) -> bool {
+        let key = match (self.key, req) {
+            (None, _) => "",
+            (Some(DataKey::GrpcMethod), Some(r)) => match r.grpc_method {
+                Some(m) => m,
+                None => return false,
+            },
+            (Some(DataKey::GrpcService), Some(r)) => match r.grpc_method {
+                Some(m) => grpc_service(m),
+                None => return false,
+            },
+            (Some(DataKey::Path), Some(r)) => r.path,
+            (Some(DataKey::Method), Some(r)) => r.method.as_str(),
+            (Some(_), None) => return false,
+        };
+        match self.table.get(key) {
+            Some(set) => set.matches(conn),
+            None => false,
+        }
+    }
+}
+
+impl MethodSet {
+    fn contains(&self, m: &http::Method) -> bool {
+        match method_bit(m) {
+            Some(bit) => self.bits & bit != 0,
+            None => self.extension.iter().any(|e| e == m),
+        }
+    }
+}
+
+impl PathSet {
+    fn matches(&self, path: &str) -> bool {
+        self.any
+            || self.exact.contains(path)
+            || self.prefixes.iter().any(|p| path.starts_with(&**p))
+            || self
+                .templates
+                .iter()
+                .any(|t| template_matches(t, path.strip_prefix('/')))
+    }
+}
+
+/// Matches template segments against the rest of a path (`None` once every
+/// segment is consumed).
+fn template_matches(pat: &[TemplateSegment], rest: Option<&str>) -> bool {
+    fn next(s: &str) -> (&str, Option<&str>) {
+        match s.split_once('/') {
+            Some((seg, rest)) => (seg, Some(rest)),
+            None => (s, None),
+        }
+    }
+    match (pat.split_first(), rest) {
+        (None, None) => true,
+        (None, Some(_)) => false,
+        (Some((TemplateSegment::Many, tail)), r) => {
+            template_matches(tail, r)
+                || match r {
+                    Some(s) => template_matches(pat, next(s).1),
+                    None => false,
+                }
+        }
+        (Some(_), None) => false,
+        (Some((TemplateSegment::One, tail)), Some(s)) => {
+            let (seg, r) = next(s);
+            !seg.is_empty() && template_matches(tail, r)
+        }
+        (Some((TemplateSegment::Literal(lit), tail)), Some(s)) => {
+            let (seg, r) = next(s);
+            seg == lit && template_matches(tail, r)
+        }
+    }
+}
+
+fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
+    s.len() >= suffix.len()
+        && s.as_bytes()[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+}
+
+/// Host patterns compare case-insensitively, ignoring a trailing dot; a
+/// pattern without a port matches any port, so `host:80` cannot slip past a
+/// DENY on `host`.
+fn host_matches(p: &HostPattern, authority: &str) -> bool {
+    let (host, port) = split_host_port(authority);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if let Some(want) = p.port {
+        match port.and_then(|s| s.parse::<u16>().ok()) {
+            Some(got) if got == want => {}
+            Some(_) | None => return false,
+        }
+    }
+    if p.suffix {
+        p.name.is_empty() || (host.len() > p.name.len() && ends_with_ignore_case(host, &p.name))
+    } else {
+        host.eq_ignore_ascii_case(&p.name)
+    }
+}
+
+fn value_matches<'v>(m: &ValueMatcher, mut values: impl Iterator<Item = &'v [u8]>) -> bool {
+    match m {
+        ValueMatcher::Present => values.next().is_some(),
+        ValueMatcher::Absent => values.next().is_none(),
+        ValueMatcher::Exact(s) => values.any(|v| v == s.as_bytes()),
+        ValueMatcher::Prefix(s) => values.any(|v| v.starts_with(s.as_bytes())),
+        ValueMatcher::Suffix(s) => values.any(|v| v.ends_with(s.as_bytes())),
+        ValueMatcher::Regex(r) => values.any(|v| r.regex.is_match(v)),
+    }
+}
+
+fn query_matches<'v>(m: &ValueMatcher, mut values: impl Iterator<Item = Cow<'v, str>>) -> bool {
+    match m {
+        ValueMatcher::Present => values.next().is_some(),
+        ValueMatcher::Absent => values.next().is_none(),
+        ValueMatcher::Exact(s) => values.any(|v| v == s.as_str()),
+        ValueMatcher::Prefix(s) => values.any(|v| v.starts_with(s.as_str())),
+        ValueMatcher::Suffix(s) => values.any(|v| v.ends_with(s.as_str())),
+        ValueMatcher::Regex(r) => values.any(|v| r.regex.is_match(v.as_bytes())),
+    }
+}
+
+/// The decoded values of every query parameter called `name`.
+fn query_values<'q>(query: &'q str, name: &'q str) -> impl Iterator<Item = Cow<'q, str>> + 'q {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(move |pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode_component(k) == name).then(|| decode_component(v))
+        })
+}
+
+/// `application/x-www-form-urlencoded` decoding of one component: `+` is a
+/// space, `%XX` a byte; invalid UTF-8 is replaced. Borrows when nothing is
+/// encoded.
+pub(crate) fn decode_component(s: &str) -> Cow<'_, str> {
+    if !s.contains(['%', '+']) {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}

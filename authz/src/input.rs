@@ -1,0 +1,182 @@
+//! The Rego input document, shaped like the one OPA's Envoy plugin builds
+//! (`SPECS.md` §6-7: `protojson` of Envoy's v3 `CheckRequest`, lowerCamelCase,
+//! plus the plugin's snake_case `parsed_path`, `parsed_query`, `version`), so
+//! existing OPA-for-Envoy policies run unmodified. Two Rampart extensions
+//! serve SPIRE-style policies: `caller` (the peer principal) and
+//! `full_method` (gRPC only).
+//!
+//! The `x-forwarded-client-cert` header in the input is the one the inbound
+//! sidecar sends upstream (`SANITIZE_SET`, §5): whatever the client sent is
+//! replaced, and it is absent for unauthenticated peers.
+
+use serde_json::{Map, Value, json};
+
+use crate::eval::decode_component;
+use crate::{ConnectionInfo, RequestInfo};
+
+/// The XFCC header name.
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// The XFCC element the inbound sidecar sets for an authenticated peer, in
+/// Envoy's format: `By=<own ID>;Hash=<cert sha256>;URI=<peer ID>` plus one
+/// `DNS=<san>` per DNS SAN. `None` for an unauthenticated peer.
+pub fn xfcc_element(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Option<String> {
+    if !conn.is_authenticated() {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if let Some(by) = req.local_identity {
+        parts.push(format!("By={}", xfcc_value(by.as_str())));
+    }
+    if let Some(hash) = req.peer_cert_sha256 {
+        parts.push(format!("Hash={}", xfcc_value(hash)));
+    }
+    if let Some(uri) = conn.peer {
+        parts.push(format!("URI={}", xfcc_value(uri.as_str())));
+    }
+    for dns in conn.peer_dns {
+        parts.push(format!("DNS={}", xfcc_value(dns)));
+    }
+    Some(parts.join(";"))
+}
+
+/// "Values containing `,` `;` `=` must be double-quoted; `"` inside escaped
+/// as `\"`" (Envoy XFCC).
+fn xfcc_value(v: &str) -> String {
+    if v.contains([',', ';', '=', '"']) {
+        format!("\"{}\"", v.replace('"', "\\\""))
+    } else {
+        v.to_owned()
+    }
+}
+
+/// The peer principal as Envoy reports it: URI SAN, else the first DNS SAN.
+pub fn principal<'a>(conn: &ConnectionInfo<'a>) -> Option<&'a str> {
+    match conn.peer {
+        Some(id) => Some(id.as_str()),
+        None => conn.peer_dns.first().map(String::as_str),
+    }
+}
+
+/// Builds the input document for one request.
+pub fn build(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Value {
+    let mut headers = Map::new();
+    for name in req.headers.keys() {
+        if name.as_str() == XFCC {
+            continue;
+        }
+        // "repeated headers merged" with ',' as Envoy does; non-UTF-8 bytes
+        // are replaced rather than dropped so a policy still sees the header.
+        let joined = req
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(",");
+        headers.insert(name.as_str().to_owned(), Value::String(joined));
+    }
+    if let Some(x) = xfcc_element(conn, req) {
+        headers.insert(XFCC.to_owned(), Value::String(x));
+    }
+    if !req.authority.is_empty() {
+        headers
+            .entry(":authority")
+            .or_insert_with(|| Value::String(req.authority.to_owned()));
+    }
+    headers.insert(
+        ":method".into(),
+        Value::String(req.method.as_str().to_owned()),
+    );
+    headers.insert(":path".into(), Value::String(forwarded_path(req)));
+    let id = req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+
+    let parsed_path: Vec<Value> = req
+        .path
+        .split('/')
+        .skip(1)
+        .map(|s| Value::String(decode_path_segment(s)))
+        .collect();
+    let mut parsed_query = Map::new();
+    for pair in req.query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let entry = parsed_query
+            .entry(decode_component(k).into_owned())
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(a) = entry {
+            a.push(Value::String(decode_component(v).into_owned()));
+        }
+    }
+
+    let mut source = json!({
+        "address": {"socketAddress": {
+            "address": req.source.ip().to_string(),
+            "portValue": req.source.port(),
+        }},
+    });
+    if let Some(p) = principal(conn) {
+        source["principal"] = Value::String(p.to_owned());
+    }
+    let mut destination = json!({
+        "address": {"socketAddress": {
+            "address": req.destination.ip().to_string(),
+            "portValue": req.destination.port(),
+        }},
+    });
+    if let Some(own) = req.local_identity {
+        destination["principal"] = Value::String(own.as_str().to_owned());
+    }
+
+    let mut input = json!({
+        "attributes": {
+            "source": source,
+            "destination": destination,
+            "request": {"http": {
+                "id": id,
+                "method": req.method.as_str(),
+                "headers": headers,
+                "path": forwarded_path(req),
+                "host": req.authority,
+                "scheme": req.scheme,
+                "protocol": req.protocol.as_str(),
+                "size": -1,
+            }},
+        },
+        "parsed_path": parsed_path,
+        "parsed_query": parsed_query,
+        "parsed_body": Value::Null,
+        "truncated_body": false,
+        "version": {"ext_authz": "v3", "encoding": "protojson"},
+    });
+    if let Some(p) = principal(conn) {
+        input["caller"] = Value::String(p.to_owned());
+    }
+    if let Some(m) = req.grpc_method {
+        input["full_method"] = Value::String(m.to_owned());
+    }
+    input
+}
+
+/// Percent-decodes one segment of the normalized path (OPA's `parsed_path`
+/// comes "from the decoded URL path").
+fn decode_path_segment(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_owned();
+    }
+    // A path segment has no '+' convention; protect it from form decoding.
+    decode_component(&s.replace('+', "%2B")).into_owned()
+}
+
+/// The request target as forwarded: the normalized path and the query as
+/// sent. Policies see what the application will see (Envoy with
+/// `normalize_path`), never a raw form that could disagree with it.
+fn forwarded_path(req: &RequestInfo<'_>) -> String {
+    match req.query {
+        Some(q) => format!("{}?{q}", req.path),
+        None => req.path.to_owned(),
+    }
+}

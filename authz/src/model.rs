@@ -1,0 +1,882 @@
+//! The policy file format, as written by operators (YAML, see
+//! `docs/policy.md`). Every leaf value validates itself while it is
+//! deserialized, so an error carries the file's line and the field's path;
+//! cross-field checks run when a policy entry is converted from its raw form,
+//! still inside deserialization. A value of these types is therefore valid.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::normalize::{NormalizeOptions, normalize_path};
+
+/// A policy file: one or more policies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// The policies, in the order they were written.
+    pub policies: Vec<Policy>,
+}
+
+/// What a native policy does when one of its rules matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Action {
+    /// The request is allowed (unless a DENY policy matches). Once any ALLOW
+    /// policy applies to a port, a request on that port must match one.
+    #[serde(rename = "ALLOW")]
+    Allow,
+    /// The request is refused; DENY wins over ALLOW.
+    #[serde(rename = "DENY")]
+    Deny,
+    /// The match is reported with the decision (for logs) and changes nothing.
+    #[serde(rename = "AUDIT")]
+    Audit,
+}
+
+impl Action {
+    /// The spelling used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+        }
+    }
+}
+
+/// Which engine evaluates a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Rules in this file format, compiled to native matchers.
+    #[default]
+    Native,
+    /// Rego modules evaluated in-process, with OPA-Envoy's input and result.
+    Rego,
+}
+
+/// Rego syntax version of a policy's modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegoVersion {
+    /// Rego v1 (OPA 1.0 and later; `if` and `contains` required).
+    #[default]
+    V1,
+    /// Rego v0 (OPA before 1.0; most published OPA-Envoy examples).
+    V0,
+}
+
+/// How a Rego query's value becomes a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultForm {
+    /// OPA-Envoy: a boolean, or an object with a required boolean `allowed`
+    /// plus `headers`, `response_headers_to_add`, `request_headers_to_remove`,
+    /// `http_status` and `body`.
+    #[default]
+    Envoy,
+    /// SPIRE's form: an object of booleans, allowed when any is true.
+    AnyTrue,
+}
+
+/// One policy, validated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawPolicy")]
+pub struct Policy {
+    /// Unique name, reported in decisions, logs and the 403 body.
+    pub name: String,
+    /// The destination ports it applies to; empty means every port.
+    pub ports: Vec<u16>,
+    /// Evaluate and report, but never change a decision.
+    pub dry_run: bool,
+    /// What it is made of.
+    pub body: PolicyBody,
+}
+
+/// The engine-specific part of a policy.
+#[derive(Debug, Clone)]
+pub enum PolicyBody {
+    /// Native rules.
+    Native(NativePolicy),
+    /// Rego modules.
+    Rego(RegoPolicySpec),
+}
+
+/// A native policy: an action and rules (any rule matching is a match).
+#[derive(Debug, Clone)]
+pub struct NativePolicy {
+    /// What a match does.
+    pub action: Action,
+    /// The rules; none means the policy matches nothing.
+    pub rules: Vec<Rule>,
+    /// The data document rules may refer to (`principals_from_data`).
+    pub data: Option<serde_json::Value>,
+}
+
+/// A Rego policy, before its files are read.
+#[derive(Debug, Clone)]
+pub struct RegoPolicySpec {
+    /// Module files, relative to the policy file.
+    pub modules: Vec<String>,
+    /// Inline module source.
+    pub inline: Option<String>,
+    /// JSON data files, relative to the policy file, merged in order.
+    pub data_files: Vec<String>,
+    /// Inline data document.
+    pub data: Option<serde_json::Value>,
+    /// The rule to evaluate, default `data.envoy.authz.allow`.
+    pub query: String,
+    /// Module syntax version.
+    pub rego_version: RegoVersion,
+    /// How the query's value is read.
+    pub result: ResultForm,
+}
+
+/// The default Rego query, OPA-Envoy's default decision path.
+pub const DEFAULT_REGO_QUERY: &str = "data.envoy.authz.allow";
+
+/// One rule: `from`, `to` and every `when` condition must all match.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Name reported when this rule decides; default `rule-<index>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Who is calling.
+    #[serde(default)]
+    pub from: From,
+    /// What is called.
+    #[serde(default)]
+    pub to: To,
+    /// Conditions on request headers and query parameters.
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+/// The source side of a rule. With neither `principals` nor
+/// `unauthenticated`, any authenticated peer matches.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct From {
+    /// The peer must match one of these.
+    #[serde(default)]
+    pub principals: Option<NonEmpty<PrincipalPattern>>,
+    /// The peer must match none of these.
+    #[serde(default)]
+    pub not_principals: Vec<PrincipalPattern>,
+    /// The peer must be in one of the lists this data lookup yields.
+    #[serde(default)]
+    pub principals_from_data: Option<DataRef>,
+    /// Also admit sources without an authenticated peer (plaintext, or TLS
+    /// without a client certificate). Combine with `source_cidrs`.
+    #[serde(default)]
+    pub unauthenticated: bool,
+    /// The source address must be in one of these networks.
+    #[serde(default)]
+    pub source_cidrs: Option<NonEmpty<IpNet>>,
+    /// The source address must be in none of these networks.
+    #[serde(default)]
+    pub not_source_cidrs: Vec<IpNet>,
+}
+
+/// The destination side of a rule.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct To {
+    /// Destination port must be one of these.
+    #[serde(default)]
+    pub ports: Option<NonEmpty<u16>>,
+    /// Destination port must be none of these.
+    #[serde(default)]
+    pub not_ports: Vec<u16>,
+    /// Host (`Host` / `:authority`) must match one of these.
+    #[serde(default)]
+    pub hosts: Option<NonEmpty<HostPattern>>,
+    /// Host must match none of these.
+    #[serde(default)]
+    pub not_hosts: Vec<HostPattern>,
+    /// Method must be one of these.
+    #[serde(default)]
+    pub methods: Option<NonEmpty<MethodName>>,
+    /// Method must be none of these.
+    #[serde(default)]
+    pub not_methods: Vec<MethodName>,
+    /// Normalized path must match one of these.
+    #[serde(default)]
+    pub paths: Option<NonEmpty<PathPattern>>,
+    /// Normalized path must match none of these.
+    #[serde(default)]
+    pub not_paths: Vec<PathPattern>,
+    /// The request must be gRPC, to one of these services.
+    #[serde(default)]
+    pub grpc_services: Option<NonEmpty<GrpcService>>,
+    /// The request must be gRPC, to one of these full methods.
+    #[serde(default)]
+    pub grpc_methods: Option<NonEmpty<GrpcMethod>>,
+}
+
+impl To {
+    /// Whether this needs an HTTP request to be evaluated.
+    pub fn needs_http(&self) -> bool {
+        self.hosts.is_some()
+            || !self.not_hosts.is_empty()
+            || self.methods.is_some()
+            || !self.not_methods.is_empty()
+            || self.paths.is_some()
+            || !self.not_paths.is_empty()
+            || self.grpc_services.is_some()
+            || self.grpc_methods.is_some()
+    }
+}
+
+/// A list that must not be empty: an empty list would match nothing, which
+/// is never what a writer of `methods: []` meant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "Vec<T>")]
+pub struct NonEmpty<T>(pub Vec<T>);
+
+impl<T> TryFrom<Vec<T>> for NonEmpty<T> {
+    type Error = String;
+    fn try_from(v: Vec<T>) -> Result<Self, String> {
+        if v.is_empty() {
+            Err("empty list matches nothing; omit the field instead".into())
+        } else {
+            Ok(NonEmpty(v))
+        }
+    }
+}
+
+/// A peer principal pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum PrincipalPattern {
+    /// `*`: any authenticated peer.
+    Any,
+    /// `spiffe://td/a/b`: exactly this SPIFFE ID.
+    Exact(String),
+    /// `spiffe://td/a/*`: any ID below `spiffe://td/a/` (segment-aware);
+    /// stored with its trailing `/`.
+    Prefix(String),
+    /// `spiffe://td` or `spiffe://td/*`: any ID in the trust domain.
+    TrustDomain(String),
+    /// `dns:name`: a certificate with this DNS SAN (case-insensitive).
+    Dns(String),
+    /// `dns:*.suffix`: a DNS SAN ending in `.suffix`; stored with its dot.
+    DnsSuffix(String),
+}
+
+impl TryFrom<String> for PrincipalPattern {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        use rampart_identity::{SpiffeId, TrustDomain};
+        if s == "*" {
+            return Ok(PrincipalPattern::Any);
+        }
+        if let Some(dns) = s.strip_prefix("dns:") {
+            let (suffix, name) = match dns.strip_prefix("*.") {
+                Some(rest) => (true, rest),
+                None => (false, dns),
+            };
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !valid {
+                return Err(format!(
+                    "{s:?} is not a valid DNS principal (dns:NAME or dns:*.SUFFIX)"
+                ));
+            }
+            let name = name.to_ascii_lowercase();
+            return Ok(if suffix {
+                PrincipalPattern::DnsSuffix(format!(".{name}"))
+            } else {
+                PrincipalPattern::Dns(name)
+            });
+        }
+        if !s.starts_with("spiffe://") {
+            return Err(format!(
+                "{s:?} is not a principal: use a SPIFFE ID, a prefix ending in /*, \"dns:NAME\" or \"*\""
+            ));
+        }
+        if let Some(base) = s.strip_suffix("/*") {
+            let id = SpiffeId::parse(base).map_err(|e| format!("{s:?}: {e}"))?;
+            return Ok(if id.is_trust_domain_id() {
+                PrincipalPattern::TrustDomain(id.trust_domain().as_str().to_owned())
+            } else {
+                PrincipalPattern::Prefix(format!("{}/", id.as_str()))
+            });
+        }
+        if s.contains('*') {
+            return Err(format!(
+                "{s:?}: '*' is only allowed as a whole last segment (/*)"
+            ));
+        }
+        let id = SpiffeId::parse(&s).map_err(|e| format!("{s:?}: {e}"))?;
+        if id.is_trust_domain_id() {
+            // Accept the bare trust domain too; parse validates it the same way.
+            let td = TrustDomain::parse(id.trust_domain().as_str()).map_err(|e| e.to_string())?;
+            return Ok(PrincipalPattern::TrustDomain(td.as_str().to_owned()));
+        }
+        Ok(PrincipalPattern::Exact(id.as_str().to_owned()))
+    }
+}
+
+/// A host pattern, compared case-insensitively with the request's host.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HostPattern {
+    /// Lower-cased name without a trailing dot; empty for `*`.
+    pub name: String,
+    /// `*.example.com`: `name` holds `.example.com`.
+    pub suffix: bool,
+    /// `host:8080`; `None` for `host` and `host:*` (any port, or none).
+    pub port: Option<u16>,
+}
+
+impl TryFrom<String> for HostPattern {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        if lower == "*" {
+            return Ok(HostPattern {
+                name: String::new(),
+                suffix: true,
+                port: None,
+            });
+        }
+        let (host, port) = split_host_port(&lower);
+        let port = match port {
+            None | Some("*") => None,
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .map_err(|_| format!("{s:?}: port must be a number or '*'"))?,
+            ),
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let (suffix, name) = match host.strip_prefix("*.") {
+            Some(rest) => (true, format!(".{rest}")),
+            None => (false, host.to_owned()),
+        };
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+            && !name.contains('*');
+        if !valid {
+            return Err(format!(
+                "{s:?} is not a host pattern (host, host:*, host:PORT, *.suffix, *)"
+            ));
+        }
+        Ok(HostPattern { name, suffix, port })
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`); the port part is returned raw.
+pub(crate) fn split_host_port(authority: &str) -> (&str, Option<&str>) {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => {
+                let rest = &authority[end + 1..];
+                (&authority[..=end], rest.strip_prefix(':'))
+            }
+            None => (authority, None),
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, Some(p)),
+        Some(_) | None => (authority, None),
+    }
+}
+
+/// An HTTP method name (case-sensitive, as HTTP defines it).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct MethodName(pub http::Method);
+
+impl TryFrom<String> for MethodName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty()
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "{s:?} is not a method (upper-case token such as GET)"
+            ));
+        }
+        http::Method::from_bytes(s.as_bytes())
+            .map(MethodName)
+            .map_err(|e| format!("{s:?}: {e}"))
+    }
+}
+
+/// A path pattern, matched against the normalized path (case-sensitive).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum PathPattern {
+    /// `*`: any path.
+    Any,
+    /// `/data`: exactly this path.
+    Exact(String),
+    /// `/api/*`: this prefix, stored with its trailing `/`.
+    Prefix(String),
+    /// `/api/{*}/items`, `/static/{**}`: segments, where `{*}` is one
+    /// segment and `{**}` any number (including none).
+    Template(Vec<TemplateSegment>),
+}
+
+/// One segment of a [`PathPattern::Template`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateSegment {
+    /// Literal text.
+    Literal(String),
+    /// `{*}`: exactly one non-empty segment.
+    One,
+    /// `{**}`: zero or more segments.
+    Many,
+}
+
+impl TryFrom<String> for PathPattern {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "*" {
+            return Ok(PathPattern::Any);
+        }
+        let (base, prefix) = match s.strip_suffix("/*") {
+            Some(b) => (format!("{b}/"), true),
+            None => (s.clone(), false),
+        };
+        if base.contains('*') && !base.contains('{') {
+            return Err(format!(
+                "{s:?}: '*' is only allowed as a whole last segment (/*) or in {{*}} / {{**}}"
+            ));
+        }
+        // Patterns must themselves be normal, or they could never match a
+        // normalized request path (a silent no-op rule).
+        let probe = base.replace("{**}", "x").replace("{*}", "x");
+        let normal = normalize_path(&probe, &NormalizeOptions::default())
+            .map_err(|e| format!("{s:?}: {e}"))?;
+        if normal.query.is_some() || normal.path != probe {
+            return Err(format!(
+                "{s:?} is not a normalized path (it would be requested as {:?})",
+                normal.path
+            ));
+        }
+        if !base.contains('{') {
+            return Ok(if prefix {
+                PathPattern::Prefix(base)
+            } else {
+                PathPattern::Exact(base)
+            });
+        }
+        if prefix {
+            return Err(format!("{s:?}: end a template with /{{**}}, not /*"));
+        }
+        let mut segs = Vec::new();
+        for seg in base[1..].split('/') {
+            segs.push(match seg {
+                "{*}" => TemplateSegment::One,
+                "{**}" => TemplateSegment::Many,
+                lit if lit.contains(['{', '}']) => {
+                    return Err(format!(
+                        "{s:?}: {{*}} and {{**}} must be whole segments, found {lit:?}"
+                    ));
+                }
+                lit => TemplateSegment::Literal(lit.to_owned()),
+            });
+        }
+        // One `{**}` keeps matching linear (no nested backtracking).
+        if segs.iter().filter(|s| **s == TemplateSegment::Many).count() > 1 {
+            return Err(format!("{s:?}: at most one {{**}} per pattern"));
+        }
+        Ok(PathPattern::Template(segs))
+    }
+}
+
+/// A gRPC service name such as `spire.api.server.entry.v1.Entry`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct GrpcService(pub String);
+
+impl TryFrom<String> for GrpcService {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if is_grpc_name(&s) {
+            Ok(GrpcService(s))
+        } else {
+            Err(format!("{s:?} is not a gRPC service name (pkg.Service)"))
+        }
+    }
+}
+
+/// A gRPC full method, stored as `/pkg.Service/Method`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct GrpcMethod(pub String);
+
+impl TryFrom<String> for GrpcMethod {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bare = s.strip_prefix('/').unwrap_or(&s);
+        match bare.split_once('/') {
+            Some((svc, m)) if is_grpc_name(svc) && is_grpc_name(m) && !m.contains('.') => {
+                Ok(GrpcMethod(format!("/{bare}")))
+            }
+            Some(_) | None => Err(format!(
+                "{s:?} is not a gRPC full method (/pkg.Service/Method)"
+            )),
+        }
+    }
+}
+
+fn is_grpc_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && !s.ends_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+/// A request attribute a data lookup can be keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKey {
+    /// `{grpc_method}`: `/pkg.Service/Method` (gRPC requests only).
+    GrpcMethod,
+    /// `{grpc_service}`: `pkg.Service` (gRPC requests only).
+    GrpcService,
+    /// `{path}`: the normalized path.
+    Path,
+    /// `{method}`: the HTTP method.
+    Method,
+}
+
+impl DataKey {
+    /// The placeholder's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataKey::GrpcMethod => "{grpc_method}",
+            DataKey::GrpcService => "{grpc_service}",
+            DataKey::Path => "{path}",
+            DataKey::Method => "{method}",
+        }
+    }
+}
+
+/// A lookup in the policy's data document, such as
+/// `methods.{grpc_method}.callers`: dot-separated object keys, at most one
+/// of which is a placeholder replaced by a request attribute. The value
+/// found must be a list of principal patterns.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct DataRef {
+    /// The text as written.
+    pub text: String,
+    /// Object keys before the placeholder (all of them when there is none).
+    pub before: Vec<String>,
+    /// The placeholder, if any.
+    pub key: Option<DataKey>,
+    /// Object keys after the placeholder.
+    pub after: Vec<String>,
+}
+
+impl TryFrom<String> for DataRef {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        let mut key = None;
+        for seg in s.split('.') {
+            let k = match seg {
+                "{grpc_method}" => Some(DataKey::GrpcMethod),
+                "{grpc_service}" => Some(DataKey::GrpcService),
+                "{path}" => Some(DataKey::Path),
+                "{method}" => Some(DataKey::Method),
+                "" => return Err(format!("{s:?}: empty key")),
+                lit if lit.contains(['{', '}']) => {
+                    return Err(format!(
+                        "{s:?}: unknown placeholder {lit:?} (use {{grpc_method}}, {{grpc_service}}, {{path}} or {{method}})"
+                    ));
+                }
+                _ => None,
+            };
+            match (k, key) {
+                (Some(_), Some(_)) => return Err(format!("{s:?}: at most one placeholder")),
+                (Some(k), None) => key = Some(k),
+                (None, None) => before.push(seg.to_owned()),
+                (None, Some(_)) => after.push(seg.to_owned()),
+            }
+        }
+        Ok(DataRef {
+            text: s,
+            before,
+            key,
+            after,
+        })
+    }
+}
+
+/// A condition on a request header or query parameter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawCondition")]
+pub struct Condition {
+    /// What is inspected.
+    pub subject: ConditionSubject,
+    /// How its value is matched.
+    pub matcher: ValueMatcher,
+    /// Negate the result (`not: true`).
+    pub invert: bool,
+}
+
+/// What a [`Condition`] inspects.
+#[derive(Debug, Clone)]
+pub enum ConditionSubject {
+    /// A request header (name lower-cased).
+    Header(http::HeaderName),
+    /// A query parameter (name as sent, compared after percent-decoding).
+    Query(String),
+}
+
+/// How a value is matched. With several values (repeated header or
+/// parameter), the condition holds when any value matches.
+#[derive(Debug, Clone)]
+pub enum ValueMatcher {
+    /// Equal to.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// Whole value matches the regular expression (anchored).
+    Regex(RegexPattern),
+    /// Present, with any value.
+    Present,
+    /// Not present.
+    Absent,
+}
+
+/// A compiled, anchored regular expression.
+#[derive(Clone)]
+pub struct RegexPattern {
+    /// As written.
+    pub source: String,
+    /// Compiled as `^(?:source)$` over bytes.
+    pub regex: regex::bytes::Regex,
+}
+
+impl fmt::Debug for RegexPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/{}/", self.source)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCondition {
+    #[serde(default)]
+    header: Option<String>,
+    #[serde(default)]
+    query: Option<String>,
+    #[serde(default)]
+    exact: Option<String>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(default)]
+    regex: Option<String>,
+    #[serde(default)]
+    present: Option<bool>,
+    #[serde(default)]
+    absent: Option<bool>,
+    #[serde(default)]
+    not: bool,
+}
+
+impl TryFrom<RawCondition> for Condition {
+    type Error = String;
+    fn try_from(r: RawCondition) -> Result<Self, String> {
+        let subject = match (r.header, r.query) {
+            (Some(h), None) => ConditionSubject::Header(
+                http::HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| format!("{h:?} is not a header name"))?,
+            ),
+            (None, Some(q)) if !q.is_empty() => ConditionSubject::Query(q),
+            (None, Some(_)) => return Err("query parameter name is empty".into()),
+            (Some(_), Some(_)) | (None, None) => {
+                return Err("a condition needs exactly one of `header` or `query`".into());
+            }
+        };
+        let mut matchers = Vec::new();
+        if let Some(v) = r.exact {
+            matchers.push(ValueMatcher::Exact(v));
+        }
+        if let Some(v) = r.prefix {
+            matchers.push(ValueMatcher::Prefix(v));
+        }
+        if let Some(v) = r.suffix {
+            matchers.push(ValueMatcher::Suffix(v));
+        }
+        if let Some(v) = r.regex {
+            let regex = regex::bytes::Regex::new(&format!("^(?:{v})$"))
+                .map_err(|e| format!("invalid regex {v:?}: {e}"))?;
+            matchers.push(ValueMatcher::Regex(RegexPattern { source: v, regex }));
+        }
+        match r.present {
+            Some(true) => matchers.push(ValueMatcher::Present),
+            Some(false) => return Err("`present: false` is ambiguous; use `absent: true`".into()),
+            None => {}
+        }
+        match r.absent {
+            Some(true) => matchers.push(ValueMatcher::Absent),
+            Some(false) => return Err("`absent: false` is ambiguous; use `present: true`".into()),
+            None => {}
+        }
+        if matchers.len() != 1 {
+            return Err(
+                "a condition needs exactly one of exact, prefix, suffix, regex, present, absent"
+                    .into(),
+            );
+        }
+        // Invariant: the length is exactly 1, checked just above.
+        let matcher = matchers.pop().expect("one matcher");
+        Ok(Condition {
+            subject,
+            matcher,
+            invert: r.not,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: String,
+    #[serde(default)]
+    kind: PolicyKind,
+    #[serde(default)]
+    action: Option<Action>,
+    #[serde(default)]
+    ports: Vec<u16>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    rules: Option<Vec<Rule>>,
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+    #[serde(default)]
+    modules: Vec<String>,
+    #[serde(default)]
+    rego: Option<String>,
+    #[serde(default)]
+    data_files: Vec<String>,
+    #[serde(default)]
+    query: Option<String>,
+    #[serde(default)]
+    rego_version: Option<RegoVersion>,
+    #[serde(default)]
+    result: Option<ResultForm>,
+}
+
+impl TryFrom<RawPolicy> for Policy {
+    type Error = String;
+    fn try_from(r: RawPolicy) -> Result<Self, String> {
+        let name_ok = !r.name.is_empty()
+            && r.name.len() <= 128
+            && r.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(format!(
+                "policy name {:?} must be 1-128 letters, digits, '-', '_' or '.'",
+                r.name
+            ));
+        }
+        let body = match r.kind {
+            PolicyKind::Native => {
+                let rego_only = [
+                    (!r.modules.is_empty(), "modules"),
+                    (r.rego.is_some(), "rego"),
+                    (!r.data_files.is_empty(), "data_files"),
+                    (r.query.is_some(), "query"),
+                    (r.rego_version.is_some(), "rego_version"),
+                    (r.result.is_some(), "result"),
+                ];
+                if let Some((_, field)) = rego_only.iter().find(|(set, _)| *set) {
+                    return Err(format!("`{field}` is only valid with `kind: rego`"));
+                }
+                let action = r
+                    .action
+                    .ok_or_else(|| "missing `action` (ALLOW, DENY or AUDIT)".to_owned())?;
+                let rules = r.rules.unwrap_or_default();
+                check_rules(&rules, r.data.as_ref())?;
+                PolicyBody::Native(NativePolicy {
+                    action,
+                    rules,
+                    data: r.data,
+                })
+            }
+            PolicyKind::Rego => {
+                if r.rules.is_some() {
+                    return Err("`rules` is only valid for native policies".into());
+                }
+                if r.action.is_some() {
+                    return Err(
+                        "`action` is not used by Rego policies: the Rego result decides".into(),
+                    );
+                }
+                if r.modules.is_empty() && r.rego.is_none() {
+                    return Err("a Rego policy needs `modules` or inline `rego`".into());
+                }
+                let query = r.query.unwrap_or_else(|| DEFAULT_REGO_QUERY.to_owned());
+                if !query.starts_with("data.") {
+                    return Err(format!("query {query:?} must be a rule path under data."));
+                }
+                PolicyBody::Rego(RegoPolicySpec {
+                    modules: r.modules,
+                    inline: r.rego,
+                    data_files: r.data_files,
+                    data: r.data,
+                    query,
+                    rego_version: r.rego_version.unwrap_or_default(),
+                    result: r.result.unwrap_or_default(),
+                })
+            }
+        };
+        Ok(Policy {
+            name: r.name,
+            ports: r.ports,
+            dry_run: r.dry_run,
+            body,
+        })
+    }
+}
+
+fn check_rules(rules: &[Rule], data: Option<&serde_json::Value>) -> Result<(), String> {
+    let mut names = HashSet::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let name = rule_name(rule, i);
+        if !names.insert(name.clone()) {
+            return Err(format!("rules[{i}]: duplicate rule name {name:?}"));
+        }
+        if let Some(r) = &rule.from.principals_from_data {
+            let data = data.ok_or_else(|| {
+                format!("rules[{i}].from.principals_from_data: the policy has no `data`")
+            })?;
+            crate::compile::DataTable::build(data, r)
+                .map_err(|e| format!("rules[{i}].from.principals_from_data: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The name a rule is reported under.
+pub(crate) fn rule_name(rule: &Rule, index: usize) -> String {
+    match &rule.name {
+        Some(n) => n.clone(),
+        None => format!("rule-{index}"),
+    }
+}

@@ -1,0 +1,169 @@
+//! Authorization micro-benchmarks: native decisions at 10 to 10,000 rules
+//! (a realistic mix: mostly one caller per rule, some prefixes and header
+//! conditions), the same decisions in Rego, and path normalization.
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use rampart_authz::{
+    Authorizer, ConnectionInfo, HttpProtocol, NormalizeOptions, Options, RequestInfo,
+    normalize_path,
+};
+use rampart_identity::SpiffeId;
+
+const SIZES: [usize; 4] = [10, 100, 1_000, 10_000];
+
+fn caller(i: usize) -> String {
+    format!("spiffe://example.org/ns/ns{}/sa/svc{i}", i % 50)
+}
+
+/// N rules: 90% one exact caller + method + path, 5% a namespace prefix with
+/// a path template, 5% a header condition; plus a DENY policy.
+fn native_yaml(n: usize) -> String {
+    let mut y = String::from(
+        "policies:\n  - name: deny-admin\n    action: DENY\n    rules:\n      - from: {unauthenticated: true}\n        to: {paths: [/admin, /admin/*]}\n  - name: api\n    action: ALLOW\n    rules:\n",
+    );
+    for i in 0..n {
+        match i % 20 {
+            0 => writeln!(
+                y,
+                "      - from: {{principals: [\"spiffe://example.org/ns/ns{}/*\"]}}\n        to: {{methods: [GET], paths: [\"/api/{{*}}/items{i}\"]}}",
+                i % 50
+            ),
+            1 => writeln!(
+                y,
+                "      - from: {{principals: [\"{}\"]}}\n        to: {{methods: [POST]}}\n        when: [{{header: x-tenant, exact: t{i}}}]",
+                caller(i)
+            ),
+            _ => writeln!(
+                y,
+                "      - from: {{principals: [\"{}\"]}}\n        to: {{methods: [GET, HEAD], paths: [/data{i}, /v1/{i}/*]}}",
+                caller(i)
+            ),
+        }
+        .unwrap();
+    }
+    y
+}
+
+/// The same exact-caller rules as data, with an OPA-Envoy style policy.
+fn rego_yaml(n: usize) -> String {
+    let mut rules = Vec::new();
+    for i in 0..n {
+        rules.push(serde_json::json!({"principal": caller(i), "method": "GET", "path": format!("/data{i}")}));
+    }
+    let data = serde_json::json!({"rules": rules});
+    format!(
+        r#"policies:
+  - name: api
+    kind: rego
+    data: {data}
+    rego: |
+      package envoy.authz
+      import rego.v1
+      default allow := false
+      allow if {{
+        some r in data.rules
+        r.principal == input.attributes.source.principal
+        r.method == input.attributes.request.http.method
+        r.path == input.attributes.request.http.path
+      }}
+"#
+    )
+}
+
+fn load(yaml: &str) -> Authorizer {
+    Authorizer::from_yaml("bench.yaml", yaml, Path::new("."), &Options::default())
+        .unwrap_or_else(|e| panic!("bench policy invalid:\n{e}"))
+}
+
+struct Fixture {
+    peer: SpiffeId,
+    path: String,
+    headers: http::HeaderMap,
+    local: SpiffeId,
+}
+
+impl Fixture {
+    fn new(n: usize) -> Self {
+        // A caller in the middle of the table, allowed by its own rule.
+        let i = (n / 2) | 2;
+        Fixture {
+            peer: SpiffeId::parse(&caller(i)).unwrap(),
+            path: format!("/data{i}"),
+            headers: http::HeaderMap::new(),
+            local: SpiffeId::parse("spiffe://example.org/api").unwrap(),
+        }
+    }
+
+    fn check(&self, a: &Authorizer) -> bool {
+        let conn = ConnectionInfo::new(Some(&self.peer), "10.0.0.1".parse().unwrap(), 8080);
+        let req = RequestInfo {
+            method: &http::Method::GET,
+            authority: "api.example.org",
+            path: &self.path,
+            raw_path_and_query: &self.path,
+            query: None,
+            headers: &self.headers,
+            protocol: HttpProtocol::Http2,
+            scheme: "https",
+            grpc_method: None,
+            source: "10.0.0.1:40000".parse().unwrap(),
+            destination: "10.0.0.2:8080".parse().unwrap(),
+            local_identity: Some(&self.local),
+            peer_cert_sha256: Some("ab"),
+        };
+        a.check_request(&conn, &req).is_allowed()
+    }
+}
+
+fn native(c: &mut Criterion) {
+    let mut g = c.benchmark_group("authz/native");
+    for n in SIZES {
+        let a = load(&native_yaml(n));
+        let f = Fixture::new(n);
+        assert!(f.check(&a), "fixture must be allowed");
+        g.bench_with_input(BenchmarkId::new("allow", n), &n, |b, _| {
+            b.iter(|| black_box(f.check(black_box(&a))))
+        });
+        let mut miss = Fixture::new(n);
+        miss.peer = SpiffeId::parse("spiffe://example.org/ns/none/sa/nobody").unwrap();
+        assert!(!miss.check(&a));
+        g.bench_with_input(BenchmarkId::new("deny_unknown_caller", n), &n, |b, _| {
+            b.iter(|| black_box(miss.check(black_box(&a))))
+        });
+    }
+    g.finish();
+}
+
+fn rego(c: &mut Criterion) {
+    let mut g = c.benchmark_group("authz/rego");
+    for n in SIZES {
+        let a = load(&rego_yaml(n));
+        let f = Fixture::new(n);
+        assert!(f.check(&a), "fixture must be allowed");
+        g.bench_with_input(BenchmarkId::new("allow", n), &n, |b, _| {
+            b.iter(|| black_box(f.check(black_box(&a))))
+        });
+    }
+    g.finish();
+}
+
+fn normalize(c: &mut Criterion) {
+    let mut g = c.benchmark_group("authz/normalize");
+    let opts = NormalizeOptions::default();
+    for (name, p) in [
+        ("already_normal", "/api/v1/items/42?page=2"),
+        ("rewritten", "/api//v1/./x/../items/%34%32?page=2"),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(normalize_path(black_box(p), &opts).is_ok()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, native, rego, normalize);
+criterion_main!(benches);

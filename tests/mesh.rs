@@ -1,0 +1,290 @@
+//! The transparent mesh end to end, in network namespaces: pods whose
+//! traffic `rampart init` captures, sidecars running as the proxy UID, real
+//! apps, and a look at the wire between pods.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::{Net, PROXY_UID, Pod, Proc, TempDir, apps, looks_like_tls, rampart_bin};
+
+const APP_PORT: u16 = 8080;
+/// UID of the apps: anything but the proxy's.
+const APP_UID: u32 = 1000;
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A PKI made with the real CLI, readable by the proxy UID.
+struct Pki {
+    root: PathBuf,
+    name: &'static str,
+}
+
+impl Pki {
+    fn new(dir: &TempDir, name: &'static str) -> Pki {
+        let ca = dir.path().join(name);
+        run_ok(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+        Pki {
+            root: dir.path().to_owned(),
+            name,
+        }
+    }
+
+    fn issue(&self, id: &str) -> PathBuf {
+        let leaf = id.rsplit('/').next().unwrap();
+        let out = self.root.join(format!("{}-{leaf}", self.name));
+        let ca = self.root.join(self.name);
+        run_ok(&[
+            "ca",
+            "issue",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--spiffe-id",
+            id,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        // The sidecar runs as the proxy UID; the key is 0600, so hand it over.
+        for f in ["", "svid.pem", "svid.key", "bundle.pem"] {
+            std::os::unix::fs::chown(out.join(f), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+        }
+        out
+    }
+}
+
+fn run_ok(args: &[&str]) {
+    let out = std::process::Command::new(rampart_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rampart {args:?}: {out:?}");
+}
+
+/// A pod with `rampart init` rules and a sidecar running as the proxy UID.
+fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
+    pod.exec_ok([rampart_bin(), "init"]);
+    let cfg = format!(
+        "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\ntransparent: {{}}\nlog: {{level: debug}}\n{body}",
+        s = svid.display()
+    );
+    let path = dir.write(&format!("{}.yaml", pod.name()), cfg);
+    let proc = pod.spawn_as(
+        PROXY_UID,
+        [rampart_bin(), "run", "--config", path.to_str().unwrap()],
+    );
+    wait_ready(pod, &proc);
+    proc
+}
+
+fn admin_get(pod: &Pod, path: &'static str) -> Option<String> {
+    pod.in_netns(move || {
+        let mut c = TcpStream::connect("127.0.0.1:15000").ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut s = String::new();
+        c.read_to_string(&mut s).ok()?;
+        Some(s)
+    })
+}
+
+fn wait_ready(pod: &Pod, proc: &Proc) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if admin_get(pod, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("sidecar in {} not ready:\n{}", pod.name(), proc.logs());
+}
+
+fn server_body(allowed: &str) -> String {
+    format!("inbound:\n  ports:\n    - port: {APP_PORT}\n      allowed_peers: [\"{allowed}\"]\n")
+}
+
+fn client_body(external: Ipv4Addr) -> String {
+    format!(
+        "outbound:\n  passthrough_cidrs: [\"{external}/32\"]\n  servers:\n    - cidrs: [\"10.213.0.0/16\"]\n      ports: [{APP_PORT}]\n      identities: [\"spiffe://example.org/server\"]\n"
+    )
+}
+
+/// Sends `payload` from `pod` as the app UID; returns what came back (empty on failure).
+fn send(pod: &Pod, to: SocketAddr, payload: &str) -> String {
+    let out = pod.exec_as(APP_UID, apps::client(to, payload));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct ServerPod {
+    pod: Pod,
+    _app: Proc,
+    sidecar: Proc,
+}
+
+fn server_pod(net: &Net, pki: &Pki, dir: &TempDir) -> ServerPod {
+    let pod = net.pod("server");
+    let app = pod.spawn_as(APP_UID, apps::echo_server(APP_PORT));
+    pod.wait_tcp_listening(APP_PORT, WAIT);
+    let svid = pki.issue("spiffe://example.org/server");
+    let sidecar = sidecar(
+        &pod,
+        dir,
+        &svid,
+        &server_body("spiffe://example.org/client"),
+    );
+    ServerPod {
+        pod,
+        _app: app,
+        sidecar,
+    }
+}
+
+#[test]
+fn captured_on_both_sides_and_carried_over_mtls() {
+    if !support::require_root() {
+        return;
+    }
+    let net = Net::new("mtls");
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir, "ca");
+    let server = server_pod(&net, &pki, &dir);
+    let client = net.pod("client");
+    let svid = pki.issue("spiffe://example.org/client");
+    let _client_sidecar = sidecar(
+        &client,
+        &dir,
+        &svid,
+        &client_body(Ipv4Addr::new(192, 0, 2, 1)),
+    );
+
+    let capture = server.pod.capture("eth0", APP_PORT);
+    let payload = "hello from the client app";
+    let reply = send(&client, server.pod.addr(APP_PORT), payload);
+    assert_eq!(reply, payload, "server logs:\n{}", server.sidecar.logs());
+
+    let first = capture.first_payloads(WAIT);
+    let to_server = first
+        .to_port
+        .expect("bytes towards the server were captured");
+    assert!(
+        looks_like_tls(&to_server),
+        "first bytes on the wire: {to_server:?}"
+    );
+    let wire: Vec<u8> = capture
+        .payloads()
+        .into_iter()
+        .flat_map(|s| s.bytes)
+        .collect();
+    assert!(
+        !wire.windows(payload.len()).any(|w| w == payload.as_bytes()),
+        "plaintext payload seen on the wire"
+    );
+    // The server sidecar saw the client's SPIFFE ID.
+    let logs = server.sidecar.logs();
+    assert!(
+        logs.contains("peer.id=spiffe://example.org/client"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn pod_without_sidecar_is_refused_by_strict_inbound() {
+    if !support::require_root() {
+        return;
+    }
+    let net = Net::new("strict");
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir, "ca");
+    let server = server_pod(&net, &pki, &dir);
+    let plain = net.pod("plain");
+    let reply = send(&plain, server.pod.addr(APP_PORT), "let me in");
+    // At most a TLS alert comes back (0x15), never the app's echo.
+    assert!(!reply.contains("let me in"), "{reply:?}");
+    assert!(reply.is_empty() || reply.as_bytes()[0] == 0x15, "{reply:?}");
+    let deadline = Instant::now() + WAIT;
+    while !server.sidecar.logs().contains("handshake failed") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        server.sidecar.logs().contains("handshake failed"),
+        "{}",
+        server.sidecar.logs()
+    );
+}
+
+#[test]
+fn sidecar_with_an_id_not_allowed_is_refused() {
+    if !support::require_root() {
+        return;
+    }
+    let net = Net::new("notallowed");
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir, "ca");
+    let server = server_pod(&net, &pki, &dir);
+    let intruder = net.pod("intruder");
+    let svid = pki.issue("spiffe://example.org/intruder");
+    let _s = sidecar(
+        &intruder,
+        &dir,
+        &svid,
+        &client_body(Ipv4Addr::new(192, 0, 2, 1)),
+    );
+    let reply = send(&intruder, server.pod.addr(APP_PORT), "hello");
+    assert_eq!(reply, "");
+    let logs = server.sidecar.logs();
+    assert!(logs.contains("connection denied"), "{logs}");
+    assert!(logs.contains("spiffe://example.org/intruder"), "{logs}");
+    let metrics = admin_get(&server.pod, "/metrics").unwrap();
+    assert!(
+        metrics.contains("rampart_authz_decisions_total{action=\"deny\",reason=\"not_allowed\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn sidecar_with_an_svid_from_another_ca_is_refused() {
+    if !support::require_root() {
+        return;
+    }
+    let net = Net::new("otherca");
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir, "ca");
+    let rogue = Pki::new(&dir, "rogue");
+    let server = server_pod(&net, &pki, &dir);
+    let client = net.pod("client");
+    let svid = rogue.issue("spiffe://example.org/client");
+    let _s = sidecar(
+        &client,
+        &dir,
+        &svid,
+        &client_body(Ipv4Addr::new(192, 0, 2, 1)),
+    );
+    let reply = send(&client, server.pod.addr(APP_PORT), "hello");
+    assert_eq!(reply, "");
+}
+
+#[test]
+fn destination_outside_the_mesh_passes_through_in_plaintext() {
+    if !support::require_root() {
+        return;
+    }
+    let net = Net::new("passthru");
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir, "ca");
+    let external = net.pod("external");
+    let _app = external.spawn_as(APP_UID, apps::echo_server(APP_PORT));
+    external.wait_tcp_listening(APP_PORT, WAIT);
+    let client = net.pod("client");
+    let svid = pki.issue("spiffe://example.org/client");
+    let _s = sidecar(&client, &dir, &svid, &client_body(external.ip()));
+    let capture = external.capture("eth0", APP_PORT);
+    let reply = send(&client, external.addr(APP_PORT), "plain hello");
+    assert_eq!(reply, "plain hello");
+    let first = capture.first_payloads(WAIT);
+    assert_eq!(first.to_port.as_deref(), Some(&b"plain hello"[..]));
+}
