@@ -1,13 +1,17 @@
-//! A small DSL for the Workload API tests: a pod (a temp dir with a
-//! development CA), the agent, an echo app, a pair of sidecars and a client.
+//! A small DSL for the Workload API tests, on loopback (no namespaces, no
+//! root): a pod (a temp dir with a development CA and registrations), the
+//! agent, an echo app, a pair of sidecars and a client. Processes run under
+//! the shared `support::Proc` guard, which prints their logs on failure.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::support::{Proc, TempDir};
 
 /// The SPIFFE ID of the client-side sidecar (the caller's default identity).
 pub const CLIENT_ID: &str = "spiffe://example.org/client";
@@ -57,25 +61,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A temp dir with a development CA and a registration file granting this
 /// test process's UID both SPIFFE IDs (client first: the default).
 pub struct Pod {
-    dir: tempfile::TempDir,
+    dir: TempDir,
 }
 
 impl Pod {
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = TempDir::new();
         let ok = rampart()
             .args(["ca", "init", "--trust-domain", "example.org", "--dir"])
             .arg(dir.path().join("ca"))
@@ -113,24 +107,16 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with SVID lifetime `ttl` and waits until it accepts.
     pub fn start(pod: &Pod, ttl: &str) -> Self {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(pod.dir().join("agent.log"))
-            .unwrap();
-        let child = rampart()
-            .arg("agent")
+        let mut cmd = rampart();
+        cmd.arg("agent")
             .arg("--socket")
             .arg(pod.socket())
             .arg("--ca-dir")
             .arg(pod.dir().join("ca"))
             .arg("--registrations")
             .arg(pod.dir().join("registrations.yaml"))
-            .args(["--ttl", ttl, "--log-level", "debug,h2=info,tonic=info"])
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let proc = Proc(child);
+            .args(["--ttl", ttl, "--log-level", "debug,h2=info,tonic=info"]);
+        let proc = Proc::spawn(cmd, "agent", pod.dir());
         let socket = pod.socket();
         wait_for("the agent socket", Duration::from_secs(10), || {
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
@@ -233,16 +219,10 @@ impl Sidecar {
         );
         let path = pod.dir().join(format!("{name}.yaml"));
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(pod.dir().join(format!("{name}.log"))).unwrap();
-        let child = rampart()
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut cmd = rampart();
+        cmd.arg("run").arg("--config").arg(&path);
         Sidecar {
-            _proc: Proc(child),
+            _proc: Proc::spawn(cmd, name, pod.dir()),
             admin,
             outbound,
         }
