@@ -189,3 +189,49 @@ impl BundleSet {
         self.bundles.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("example.org").unwrap()
+    }
+
+    proptest::proptest! {
+        // The bundle parser reads operator files and Workload API data: it
+        // may refuse anything, but never panics.
+        #[test]
+        fn parser_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = TrustBundle::parse(td(), &data);
+        }
+
+        #[test]
+        fn jwks_parser_never_panics(
+            uses in proptest::collection::vec("(x509-svid|jwt-svid|[a-z]{0,5})", 0..4),
+            x5c in "[A-Za-z0-9+/=]{0,64}",
+        ) {
+            let keys: Vec<String> = uses
+                .iter()
+                .map(|u| format!(r#"{{"kty":"EC","use":"{u}","x5c":["{x5c}"]}}"#))
+                .collect();
+            let doc = format!(r#"{{"keys":[{}]}}"#, keys.join(","));
+            let _ = TrustBundle::parse(td(), doc.as_bytes());
+        }
+    }
+
+    #[test]
+    fn only_x509_svid_keys_count_and_only_their_first_x5c() {
+        let doc = br#"{"keys":[{"kty":"EC","use":"jwt-svid","x5c":["AAAA"]}]}"#;
+        // No X.509 authority left: not a usable bundle.
+        assert!(matches!(
+            TrustBundle::parse(td(), doc),
+            Err(BundleError::Empty(_))
+        ));
+        let doc = br#"{"keys":[{"kty":"EC","use":"x509-svid","x5c":["not base64!"]}]}"#;
+        assert!(matches!(
+            TrustBundle::parse(td(), doc),
+            Err(BundleError::BadJwks { .. })
+        ));
+    }
+}
