@@ -3,7 +3,10 @@
 mod ca_cmd;
 mod config;
 mod init;
+mod inject;
+mod inject_cmd;
 mod run;
+mod webhook;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +27,10 @@ enum Command {
     /// Development CA: create one, issue SVIDs.
     #[command(subcommand)]
     Ca(ca_cmd::CaCommand),
+    /// Add the sidecar to the pod templates of Kubernetes YAML (or remove it).
+    Inject(inject_cmd::InjectArgs),
+    /// Serve the mutating admission webhook that injects pods.
+    Webhook(webhook::WebhookArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +39,8 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(args),
         Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Inject(args) => inject_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Webhook(args) => webhook::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
