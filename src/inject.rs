@@ -170,9 +170,87 @@ pub fn mutate_documents(
         if !out.is_empty() {
             out.push_str("---\n");
         }
-        out.push_str(&serde_yaml::to_string(&value)?);
+        out.push_str(&quote_yaml11_scalars(&serde_yaml::to_string(&value)?));
     }
     Ok(out)
+}
+
+/// Quotes the plain scalars that YAML 1.2 (serde_yaml) reads as strings but
+/// YAML 1.1 readers (kubectl's go-yaml, PyYAML) read as something else:
+/// `off` or `yes` would become booleans, `1_000` a number. serde_yaml only
+/// writes them unquoted when they are strings, so quoting them keeps the
+/// value. The text is serde_yaml's own output: block scalars (`|`) are
+/// copied as they are; keys and values are otherwise `key: value`,
+/// `- value` or `- key: value` on one line.
+pub fn quote_yaml11_scalars(yaml: &str) -> String {
+    let mut out = String::with_capacity(yaml.len());
+    // Inside a block scalar, the column its content must be indented past.
+    let mut block_parent: Option<usize> = None;
+    for line in yaml.split_inclusive('\n') {
+        let body = line.trim_end_matches('\n');
+        let indent = body.len() - body.trim_start().len();
+        if let Some(parent) = block_parent {
+            if body.trim().is_empty() || indent > parent {
+                out.push_str(line);
+                continue;
+            }
+            block_parent = None;
+        }
+        let mut col = indent;
+        while body[col..].starts_with("- ") {
+            col += 2;
+        }
+        let rest = &body[col..];
+        let (key, value) = match rest.find(": ") {
+            Some(at) if !rest.starts_with(['\'', '"']) => (Some(&rest[..at]), &rest[at + 2..]),
+            _ => match rest.strip_suffix(':') {
+                Some(key) if !rest.starts_with(['\'', '"']) => (Some(key), ""),
+                _ => (None, rest),
+            },
+        };
+        let value_is_block = value.starts_with(['|', '>'])
+            && value[1..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'-' || b == b'+');
+        if value_is_block {
+            // The content of `- |` is indented past the dash; of `key: |`, past the key.
+            block_parent = Some(if key.is_some() {
+                col
+            } else {
+                col.saturating_sub(2)
+            });
+        }
+        out.push_str(&body[..col]);
+        if let Some(key) = key {
+            out.push_str(&quote_if_ambiguous(key));
+            out.push(':');
+            if !value.is_empty() {
+                out.push(' ');
+            }
+        }
+        out.push_str(&quote_if_ambiguous(value));
+        out.push_str(&line[body.len()..]);
+    }
+    out
+}
+
+fn quote_if_ambiguous(scalar: &str) -> std::borrow::Cow<'_, str> {
+    // `true` and `false` are not here: serde_yaml quotes those strings itself.
+    const BOOLEANS_1_1: [&str; 16] = [
+        "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+        "OFF",
+    ];
+    // YAML 1.1 integers and floats may hold `_`, and base-60 ones `:`.
+    let number_1_1 = scalar.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+')
+        && scalar.contains(['_', ':'])
+        && scalar
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"_:.+-".contains(&b));
+    if BOOLEANS_1_1.contains(&scalar) || scalar == "=" || number_1_1 {
+        std::borrow::Cow::Owned(format!("'{scalar}'"))
+    } else {
+        std::borrow::Cow::Borrowed(scalar)
+    }
 }
 
 /// Mutates one Kubernetes object: a Pod, a workload with a pod template, or
@@ -821,6 +899,16 @@ mod tests {
             "  name: web\n  annotations:\n    rampart.io/inject: disabled\n",
         );
         assert_eq!(inject(&yaml).unwrap(), yaml);
+    }
+
+    #[test]
+    fn strings_that_yaml_1_1_reads_otherwise_are_quoted() {
+        let input = "a: 'off'\nb: 'yes'\n'on': 'N'\nc: ['y', 'x', '1_000', '=', '1:20']\nd: |\n  off\n  - on\ne:\n- \"no\\noff\"\n- 'no'\nf: 'true'\ng: true\nh: 2\n";
+        let out = inject(input).unwrap();
+        let expected = "a: 'off'\nb: 'yes'\n'on': 'N'\nc:\n- 'y'\n- x\n- '1_000'\n- '='\n- '1:20'\nd: |\n  off\n  - on\ne:\n- |-\n  no\n  off\n- 'no'\nf: 'true'\ng: true\nh: 2\n";
+        assert_eq!(out, expected);
+        let back: Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(back, serde_yaml::from_str::<Value>(input).unwrap());
     }
 
     #[test]
