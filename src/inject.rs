@@ -303,7 +303,8 @@ pub fn mutate_object(
 
 /// Adds Rampart to a pod or pod template (a mapping with `metadata` and
 /// `spec`), after removing an earlier injection. A pod annotated
-/// `rampart.io/inject: disabled` is only uninjected.
+/// `rampart.io/inject: disabled`, or on the host's network, is only
+/// uninjected.
 pub fn inject_pod(
     pod: &mut Mapping,
     opts: &InjectOptions,
@@ -311,7 +312,13 @@ pub fn inject_pod(
 ) -> Result<(), InjectError> {
     uninject_pod(pod, object)?;
     let settings = Settings::from_pod(pod, opts, object)?;
-    if !settings.enabled {
+    // A hostNetwork pod shares the node's network namespace: the init
+    // container's rules would capture the whole node's traffic.
+    let host_network = pod
+        .get("spec")
+        .and_then(|s| s.get("hostNetwork"))
+        .and_then(Value::as_bool);
+    if !settings.enabled || host_network == Some(true) {
         return Ok(());
     }
     let mut status = Status::default();
@@ -586,6 +593,8 @@ impl Settings {
                     ("runAsGroup", Value::from(0)),
                     ("runAsNonRoot", Value::from(false)),
                     ("allowPrivilegeEscalation", Value::from(false)),
+                    // Checked by tests/container.rs: iptables-restore needs no writable root.
+                    ("readOnlyRootFilesystem", Value::from(true)),
                     (
                         "capabilities",
                         map([
@@ -893,12 +902,14 @@ mod tests {
     }
 
     #[test]
-    fn disabled_pods_are_left_alone() {
-        let yaml = POD.replace(
+    fn disabled_and_host_network_pods_are_left_alone() {
+        let disabled = POD.replace(
             "  name: web\n",
             "  name: web\n  annotations:\n    rampart.io/inject: disabled\n",
         );
-        assert_eq!(inject(&yaml).unwrap(), yaml);
+        assert_eq!(inject(&disabled).unwrap(), disabled);
+        let host_network = POD.replace("spec:\n", "spec:\n  hostNetwork: true\n");
+        assert_eq!(inject(&host_network).unwrap(), host_network);
     }
 
     #[test]

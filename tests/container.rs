@@ -102,7 +102,8 @@ fn init_and_sidecar_carry_an_apps_traffic_in_podman_pods() {
     let client = run.pod("client", CLIENT_IP);
     let outsider = run.pod("outsider", OUTSIDER_IP);
     for pod in [&server, &client] {
-        // The init container: root with NET_ADMIN and NET_RAW, as injected.
+        // The init container as injected: root with NET_ADMIN and NET_RAW
+        // only, read-only root.
         sh_ok(podman(&[
             "run",
             "--rm",
@@ -110,6 +111,9 @@ fn init_and_sidecar_carry_an_apps_traffic_in_podman_pods() {
             pod,
             "--user",
             "0",
+            "--read-only",
+            "--cap-drop",
+            "ALL",
             "--cap-add",
             "NET_ADMIN",
             "--cap-add",
