@@ -71,8 +71,8 @@ const TEMPLATE_KINDS: [&str; 6] = [
 /// How the SPIRE agent's Workload API socket reaches the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SocketSource {
-    /// The SPIFFE CSI driver (`csi.spiffe.io`): no hostPath, works under
-    /// restricted Pod Security.
+    /// The SPIFFE CSI driver (`csi.spiffe.io`): no hostPath volume in the
+    /// application's pods.
     Csi,
     /// A hostPath volume of the agent's socket directory.
     HostPath,
@@ -668,6 +668,7 @@ impl Settings {
                         "capabilities",
                         map([("drop", Value::Sequence(vec![s("ALL")]))]),
                     ),
+                    ("seccompProfile", map([("type", s("RuntimeDefault"))])),
                 ]),
             ),
             ("volumeMounts", Value::Sequence(mounts)),

@@ -294,6 +294,21 @@ mod tests {
     }
 
     #[test]
+    fn an_injected_pod_gets_no_patch() {
+        let mut pod = json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p" },
+                              "spec": { "containers": [ { "name": "app", "image": "x" } ] } });
+        let options = InjectOptions::default();
+        let first = mutate_pod_json(&pod, &options).unwrap();
+        assert!(!first.is_empty());
+        // What `rampart inject` did to the template, or the first invocation
+        // (reinvocationPolicy: IfNeeded), is not done twice.
+        let mut yaml: serde_yaml::Value = serde_yaml::to_value(&pod).unwrap();
+        inject_pod(yaml.as_mapping_mut().unwrap(), &options, "Pod/p").unwrap();
+        pod = serde_json::to_value(&yaml).unwrap();
+        assert_eq!(mutate_pod_json(&pod, &options).unwrap(), Vec::<Json>::new());
+    }
+
+    #[test]
     fn a_bad_annotation_refuses_the_pod_with_the_reason() {
         let body = json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
