@@ -2,9 +2,11 @@
 
 mod ca_cmd;
 mod config;
+mod demo;
 mod init;
 mod inject;
 mod inject_cmd;
+mod policy_cmd;
 mod run;
 mod webhook;
 
@@ -22,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the sidecar.
     Run(run::RunArgs),
+    /// Run scenario 1 (the ec and news sites) locally and check every decision.
+    Demo(demo::DemoArgs),
     /// Install the iptables rules that capture a pod's traffic (init container).
     Init(init::InitArgs),
     /// Development CA: create one, issue SVIDs.
@@ -31,16 +35,20 @@ enum Command {
     Inject(inject_cmd::InjectArgs),
     /// Serve the mutating admission webhook that injects pods.
     Webhook(webhook::WebhookArgs),
+    /// Check policy files, or explain a decision for one request.
+    Policy(policy_cmd::PolicyArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
         Command::Inject(args) => inject_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Webhook(args) => webhook::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Policy(args) => policy_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

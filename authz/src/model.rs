@@ -489,6 +489,10 @@ impl TryFrom<String> for PathPattern {
                 lit => TemplateSegment::Literal(lit.to_owned()),
             });
         }
+        // One `{**}` keeps matching linear (no nested backtracking).
+        if segs.iter().filter(|s| **s == TemplateSegment::Many).count() > 1 {
+            return Err(format!("{s:?}: at most one {{**}} per pattern"));
+        }
         Ok(PathPattern::Template(segs))
     }
 }
