@@ -201,13 +201,7 @@ pub fn quote_yaml11_scalars(yaml: &str) -> String {
             col += 2;
         }
         let rest = &body[col..];
-        let (key, value) = match rest.find(": ") {
-            Some(at) if !rest.starts_with(['\'', '"']) => (Some(&rest[..at]), &rest[at + 2..]),
-            _ => match rest.strip_suffix(':') {
-                Some(key) if !rest.starts_with(['\'', '"']) => (Some(key), ""),
-                _ => (None, rest),
-            },
-        };
+        let (key, value) = split_key(rest);
         let value_is_block = value.starts_with(['|', '>'])
             && value[1..]
                 .bytes()
@@ -232,6 +226,46 @@ pub fn quote_yaml11_scalars(yaml: &str) -> String {
         out.push_str(&line[body.len()..]);
     }
     out
+}
+
+/// Splits `key: value`, `key:` or `value`, where the key may be quoted
+/// (`'it''s'`, `"a\"b"`); a quoted key is returned with its quotes.
+fn split_key(rest: &str) -> (Option<&str>, &str) {
+    let key_end = match rest.as_bytes().first() {
+        Some(b'\'') => {
+            let mut i = 1;
+            loop {
+                match rest.as_bytes().get(i) {
+                    None => return (None, rest),
+                    Some(b'\'') if rest.as_bytes().get(i + 1) == Some(&b'\'') => i += 2,
+                    Some(b'\'') => break i + 1,
+                    Some(_) => i += 1,
+                }
+            }
+        }
+        Some(b'"') => {
+            let mut i = 1;
+            loop {
+                match rest.as_bytes().get(i) {
+                    None => return (None, rest),
+                    Some(b'\\') => i += 2,
+                    Some(b'"') => break i + 1,
+                    Some(_) => i += 1,
+                }
+            }
+        }
+        // serde_yaml quotes plain scalars that hold ": " or end with ':'.
+        _ => match rest.find(": ") {
+            Some(at) => at,
+            None if rest.ends_with(':') => rest.len() - 1,
+            None => return (None, rest),
+        },
+    };
+    match rest.get(key_end..) {
+        Some(":") => (Some(&rest[..key_end]), ""),
+        Some(after) if after.starts_with(": ") => (Some(&rest[..key_end]), &rest[key_end + 2..]),
+        _ => (None, rest),
+    }
 }
 
 fn quote_if_ambiguous(scalar: &str) -> std::borrow::Cow<'_, str> {
@@ -921,6 +955,28 @@ mod tests {
         assert_eq!(out, expected);
         let back: Value = serde_yaml::from_str(&out).unwrap();
         assert_eq!(back, serde_yaml::from_str::<Value>(input).unwrap());
+    }
+
+    proptest::proptest! {
+        /// Whatever the strings, quoting keeps every value as it was.
+        #[test]
+        fn quoting_never_changes_a_value(
+            pairs in proptest::collection::vec(
+                (r#"(off|on|yes|no|y|N|=|1_0|1:2|\||- a|a: b|true|~|[a-z|:#'"\\ -]{0,6})"#, "(off|Yes|1_000|[a-z|:#'\"\\\\\n -]{0,8})"),
+                0..6,
+            ),
+            nested in proptest::bool::ANY,
+        ) {
+            let mut map = Mapping::new();
+            for (k, v) in &pairs {
+                let value = if nested { Value::Sequence(vec![s(v), s(k)]) } else { s(v) };
+                map.insert(s(k), value);
+            }
+            let value = Value::Mapping(map);
+            let text = quote_yaml11_scalars(&serde_yaml::to_string(&value).unwrap());
+            let back: Value = serde_yaml::from_str(&text).unwrap();
+            proptest::prop_assert_eq!(back, value, "{}", text);
+        }
     }
 
     #[test]
