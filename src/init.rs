@@ -566,14 +566,14 @@ fn parse_port(text: &str) -> Result<u16, String> {
     }
 }
 
-fn parse_ports(text: &str) -> Result<Ports, String> {
+pub(crate) fn parse_ports(text: &str) -> Result<Ports, String> {
     split_list(text)
         .map(parse_port)
         .collect::<Result<_, _>>()
         .map(Ports)
 }
 
-fn parse_cidrs(text: &str) -> Result<Cidrs, String> {
+pub(crate) fn parse_cidrs(text: &str) -> Result<Cidrs, String> {
     split_list(text)
         .map(|item| {
             item.parse::<IpNet>()

@@ -6,8 +6,11 @@ mod config;
 mod demo;
 mod identity;
 mod init;
+mod inject;
+mod inject_cmd;
 mod policy_cmd;
 mod run;
+mod webhook;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +35,10 @@ enum Command {
     /// Development CA: create one, issue SVIDs.
     #[command(subcommand)]
     Ca(ca_cmd::CaCommand),
+    /// Add the sidecar to the pod templates of Kubernetes YAML (or remove it).
+    Inject(inject_cmd::InjectArgs),
+    /// Serve the mutating admission webhook that injects pods.
+    Webhook(webhook::WebhookArgs),
     /// Check policy files, or explain a decision for one request.
     Policy(policy_cmd::PolicyArgs),
 }
@@ -44,6 +51,8 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Inject(args) => inject_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Webhook(args) => webhook::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Policy(args) => policy_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
