@@ -14,8 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use http::StatusCode;
-use rampart_identity::TrustDomain;
+use std::sync::Arc;
+
+use rampart_identity::agent::{Agent, Registrations};
 use rampart_identity::ca::DevCa;
+use rampart_identity::{SpiffeId, TrustDomain};
 
 use apps::App;
 
@@ -37,7 +40,7 @@ pub struct DemoArgs {
 
 const WORKLOADS: [&str; 4] = ["ec-web", "ec-backend", "news-web", "news-backend"];
 /// SVID lifetime: short, so that rotations happen while the demo runs.
-const SVID_TTL: &str = "4s";
+const SVID_TTL: Duration = Duration::from_secs(4);
 
 fn policy_text(workload: &str, rego: bool) -> (&'static str, Option<(&'static str, &'static str)>) {
     // (policy file, optional (rego module name, rego module text))
@@ -129,10 +132,27 @@ async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let dir = tempfile::Builder::new().prefix("rampart-demo-").tempdir()?;
     let td = TrustDomain::parse("example.org")?;
     let ca = DevCa::generate(&td, Duration::from_secs(3600))?;
-    ca.save(&dir.path().join("ca"))?;
+    // The in-process development Workload API: every sidecar runs as our
+    // UID, and picks its own SPIFFE ID among those registered for it.
+    let mut registrations = Registrations::new();
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    for w in WORKLOADS {
+        registrations.add(uid, SpiffeId::parse(&format!("spiffe://example.org/{w}"))?);
+    }
+    let socket = dir.path().join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    let agent = Agent::new(Arc::new(ca), registrations, SVID_TTL);
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent_task = tokio::spawn(agent.serve(listener, async {
+        let _ = agent_stopped.await;
+    }));
     println!(
-        "[{:>5.1}s] development CA for trust domain {td} created; SVIDs are issued for {SVID_TTL} and rotated at half-life",
-        started.elapsed().as_secs_f64()
+        "[{:>5.1}s] development CA for {td} and Workload API on {} started; SVIDs live {}s and rotate at half-life",
+        started.elapsed().as_secs_f64(),
+        socket.display(),
+        SVID_TTL.as_secs()
     );
 
     // Addresses first: sidecars and apps refer to each other.
@@ -167,7 +187,14 @@ async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let bin = std::env::current_exe()?;
     let mut sidecars = Vec::new();
     for w in WORKLOADS {
-        let cfg = sidecar_config(w, &addrs, dir.path(), args.rego, &args.policy_overrides)?;
+        let cfg = sidecar_config(
+            w,
+            &addrs,
+            dir.path(),
+            &socket,
+            args.rego,
+            &args.policy_overrides,
+        )?;
         let path = dir.path().join(format!("{w}.yaml"));
         std::fs::write(&path, cfg)?;
         let log = dir.path().join(format!("{w}.log"));
@@ -201,6 +228,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         tokio::signal::ctrl_c().await?;
         println!("stopping: draining sidecars");
         drop(sidecars);
+        let _ = stop_agent.send(());
+        let _ = agent_task.await;
         return Ok(std::process::ExitCode::SUCCESS);
     }
 
@@ -267,6 +296,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         std::process::ExitCode::FAILURE
     };
     drop(sidecars);
+    let _ = stop_agent.send(());
+    let _ = agent_task.await;
     Ok(verdict)
 }
 
@@ -426,6 +457,7 @@ fn sidecar_config(
     w: &'static str,
     addrs: &std::collections::HashMap<&str, Addrs>,
     dir: &Path,
+    socket: &Path,
     rego: bool,
     overrides: &[String],
 ) -> anyhow::Result<String> {
@@ -448,8 +480,8 @@ fn sidecar_config(
     };
     let admin = free_addr()?;
     let mut cfg = format!(
-        "identity:\n  dev_ca: {{dir: \"{ca}\", spiffe_id: \"spiffe://example.org/{w}\", ttl: {SVID_TTL}}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: info}}\nlisteners:\n",
-        ca = dir.join("ca").display()
+        "identity:\n  workload_api: {{socket: \"unix://{}\", spiffe_id: \"spiffe://example.org/{w}\"}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: info}}\nlisteners:\n",
+        socket.display()
     );
     cfg.push_str(&format!(
         "  - {{name: inbound, direction: inbound, listen: \"{}\", target: \"{}\"}}\n",
