@@ -33,6 +33,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             return Ok(std::process::ExitCode::from(EXIT_CONFIG));
         }
     };
+    let authorizer = match cfg.authorizer() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("rampart: invalid configuration:\n{e}");
+            return Ok(std::process::ExitCode::from(EXIT_CONFIG));
+        }
+    };
     init_logging(&cfg);
     let rt = if cfg.runtime.workers == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -44,7 +51,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             .enable_all()
             .build()?
     };
-    rt.block_on(serve(cfg))?;
+    rt.block_on(serve(cfg, authorizer))?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -68,7 +75,7 @@ enum Source {
     DevCa { ca: Box<DevCa>, ttl: Duration },
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(cfg: Config, authorizer: rampart_authz::Authorizer) -> anyhow::Result<()> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -112,7 +119,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         anyhow::bail!("no identity source configured");
     };
     let td = svid.id().trust_domain().clone();
-    let plan = cfg.proxy_config(td);
+    let plan = cfg.proxy_config(td, authorizer);
     let store = Arc::new(IdentityStore::new(plan.tls_spec()));
     store
         .publish(&svid, &bundles)

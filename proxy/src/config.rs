@@ -25,6 +25,8 @@ pub struct ProxyConfig {
     pub outbound: OutboundConfig,
     /// Inbound authorization.
     pub authorizer: Arc<Authorizer>,
+    /// Inbound ports: declared protocol and mTLS mode; XFCC handling.
+    pub inbound: InboundConfig,
     /// Timeouts and limits.
     pub limits: Limits,
 }
@@ -131,6 +133,8 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Open connections per listener.
     pub max_connections: usize,
+    /// HTTP timeouts and limits.
+    pub http: HttpLimits,
 }
 
 impl Default for Limits {
@@ -140,6 +144,104 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
             max_connections: 10_000,
+            http: HttpLimits::default(),
+        }
+    }
+}
+
+/// Inbound settings other than authorization.
+#[derive(Debug, Clone, Default)]
+pub struct InboundConfig {
+    /// Ports with declared settings; others get [`InboundPort::default`].
+    pub ports: Vec<InboundPort>,
+    /// What the inbound sidecar does with `x-forwarded-client-cert`.
+    pub xfcc: XfccMode,
+}
+
+/// How one inbound (app) port is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InboundPort {
+    /// The app port.
+    pub port: u16,
+    /// What the port speaks, or whether to detect it.
+    pub protocol: DeclaredProtocol,
+    /// Whether plaintext is accepted beside mTLS.
+    pub mode: TlsMode,
+}
+
+/// A port's declared protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeclaredProtocol {
+    /// Look at the first bytes (with the detect timeout).
+    #[default]
+    Detect,
+    /// Opaque TCP: never wait for client bytes (server-speaks-first protocols).
+    Opaque,
+    /// HTTP/1.1 or HTTP/2 (told apart by the connection preface).
+    Http,
+    /// HTTP/2 only, to the app as well.
+    Http2,
+    /// gRPC (HTTP/2 to the app, gRPC status codes on local errors).
+    Grpc,
+}
+
+/// Whether a port requires mTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// mTLS only.
+    #[default]
+    Strict,
+    /// mTLS and plaintext on the same port, told apart by detection;
+    /// plaintext carries no peer identity. For migrations.
+    PermissiveAllowPlaintext,
+}
+
+/// Handling of `x-forwarded-client-cert` on requests sent to the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XfccMode {
+    /// Remove any client-sent copy, then set ours for an authenticated peer
+    /// (Envoy's `SANITIZE_SET`).
+    #[default]
+    SanitizeSet,
+    /// Keep the client's header and append ours for an authenticated peer
+    /// (Envoy's `APPEND_FORWARD`): the app must trust the caller's chain.
+    AppendForward,
+    /// Remove any client-sent copy and add nothing (Envoy's `SANITIZE`).
+    Sanitize,
+}
+
+/// HTTP timeouts and limits.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Looking at the first bytes of a connection of undeclared protocol.
+    pub detect_timeout: Duration,
+    /// Receiving a complete HTTP/1 request head (cuts off slowloris).
+    pub header_read_timeout: Duration,
+    /// Waiting for the app's response head.
+    pub response_timeout: Duration,
+    /// Largest request head, in bytes; beyond it 431.
+    pub max_header_bytes: usize,
+    /// Most request header fields; beyond them 431.
+    pub max_headers: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Idle pooled connections to the app are closed after this.
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            // Long enough for a slow first segment, short enough that a
+            // server-speaks-first app on an undeclared port only sees a
+            // one-second delay before its greeting.
+            detect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(15),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_concurrent_streams: 256,
+            pool_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -177,6 +279,19 @@ impl ProxyConfig {
             client,
             alpn: Vec::new(),
         }
+    }
+
+    /// How inbound app port `port` is served.
+    pub fn inbound_port(&self, port: u16) -> InboundPort {
+        self.inbound
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .copied()
+            .unwrap_or(InboundPort {
+                port,
+                ..InboundPort::default()
+            })
     }
 
     /// Index of the client configuration of explicit listener `listener_index`.
@@ -240,6 +355,7 @@ mod tests {
                 unknown_server: UnknownServer::Deny,
             },
             authorizer: Arc::new(Authorizer::default()),
+            inbound: InboundConfig::default(),
             limits: Limits::default(),
         }
     }

@@ -1,17 +1,21 @@
 //! Rampart's data plane.
 //!
 //! Every connection flows through the same stages, one module each:
-//! `accept` (listen, accept, original destination) -> `tls` (terminate or
-//! originate mTLS, authenticate the peer) -> `authz` (inbound: obtain a
-//! permit) -> `forward` (splice bytes). `inbound` and `outbound` chain the
+//! `accept` (listen, accept, original destination) -> `detect` (TLS, HTTP
+//! or opaque, from the first bytes) -> `tls` (terminate or originate mTLS,
+//! authenticate the peer) -> `authz` (inbound: obtain a permit, per
+//! connection or, in `http`, per request) -> `forward` (splice bytes) or
+//! `http` (proxy requests). `inbound` and `outbound` chain the
 //! stages; `server` binds and drains; `admin` serves health and metrics.
 
 pub mod accept;
 pub mod admin;
 pub mod authz;
 pub mod config;
+pub mod detect;
 pub mod drain;
 pub mod forward;
+pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod orig_dst;

@@ -21,6 +21,8 @@ use crate::outbound::{self, ServerChoice};
 pub struct Shared {
     /// The plan.
     pub config: ProxyConfig,
+    /// The inbound HTTP server settings and app connection pools.
+    pub http: crate::http::InboundHttp,
     identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
     listening: AtomicBool,
     draining: AtomicBool,
@@ -110,6 +112,7 @@ pub fn bind(
     })?;
     Ok(BoundProxy {
         shared: Arc::new(Shared {
+            http: crate::http::InboundHttp::new(&config.limits),
             config,
             identity,
             listening: AtomicBool::new(false),
