@@ -203,14 +203,11 @@ impl Handler {
 
     /// The authorization stage for one request, then forwarding.
     async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, LocalError> {
+        // Request smuggling (Content-Length with Transfer-Encoding) is
+        // settled by hyper before we see the request, as RFC 9112 §6.3
+        // allows: chunked wins, Content-Length is dropped and the
+        // connection closes after this exchange.
         let headers = req.headers();
-        // RFC 9112 §6.3: a message with both is a smuggling attempt or a
-        // broken client; refuse it rather than pick one reading.
-        if headers.contains_key(header::TRANSFER_ENCODING)
-            && headers.contains_key(header::CONTENT_LENGTH)
-        {
-            return Err(LocalError::AmbiguousLength);
-        }
         let raw = req
             .uri()
             .path_and_query()
@@ -437,9 +434,6 @@ pub enum LocalError {
     /// The path cannot be normalized safely (the client's fault).
     #[error("bad request path: {}", .0.as_str())]
     BadPath(#[from] PathError),
-    /// Both Content-Length and Transfer-Encoding (request smuggling).
-    #[error("both Content-Length and Transfer-Encoding")]
-    AmbiguousLength,
     /// Policy refused.
     #[error("denied: {}", .0.explain())]
     Denied(Box<Denial>),
@@ -457,7 +451,6 @@ impl LocalError {
         match self {
             LocalError::NoPath => "no_path",
             LocalError::BadPath(_) => "bad_path",
-            LocalError::AmbiguousLength => "ambiguous_length",
             LocalError::Denied(_) => "denied",
             LocalError::AppUnreachable(_) => "app_unreachable",
             LocalError::AppTimeout => "app_timeout",
@@ -467,7 +460,7 @@ impl LocalError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            LocalError::NoPath | LocalError::AmbiguousLength => StatusCode::BAD_REQUEST,
+            LocalError::NoPath => StatusCode::BAD_REQUEST,
             LocalError::BadPath(e) => e.http_status(),
             LocalError::Denied(d) => d.http_status(),
             LocalError::AppUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -479,7 +472,7 @@ impl LocalError {
     /// PERMISSION_DENIED for policy refusals).
     pub fn grpc_status(&self) -> u8 {
         match self {
-            LocalError::NoPath | LocalError::BadPath(_) | LocalError::AmbiguousLength => 13,
+            LocalError::NoPath | LocalError::BadPath(_) => 13,
             LocalError::Denied(_) => 7,
             LocalError::AppUnreachable(_) => 14,
             LocalError::AppTimeout => 4,
@@ -527,11 +520,6 @@ impl LocalError {
             );
             r
         };
-        if matches!(self, LocalError::AmbiguousLength) {
-            // The framing of what follows on this connection is unknown.
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
         for (n, v) in extra {
             resp.headers_mut().append(n, v);
         }
@@ -595,7 +583,6 @@ mod tests {
     fn local_errors_map_to_statuses() {
         let cases = [
             (LocalError::NoPath, 400, 13),
-            (LocalError::AmbiguousLength, 400, 13),
             (LocalError::AppTimeout, 504, 4),
         ];
         for (e, http, grpc) in cases {

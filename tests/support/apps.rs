@@ -44,6 +44,15 @@ pub fn tls_client(addr: SocketAddr) -> Vec<String> {
     script(TLS_CLIENT, [addr.ip().to_string(), addr.port().to_string()])
 }
 
+/// An HTTP/1.1 app named `name` (keep-alive): `GET /data` answers
+/// `Hi <name> client!`, `/slow` answers after 3 s, `POST` reads the body in
+/// chunks and answers its length and SHA-256; every answer carries the
+/// path and `x-forwarded-client-cert` it received as `x-app-path` and
+/// `x-app-xfcc`. Prints `<METHOD> <path>` per request.
+pub fn http_app(port: u16, name: &str) -> Vec<String> {
+    script(HTTP_APP, [port.to_string(), name.to_owned()])
+}
+
 /// The python3 the apps run with: the system one when there is one, since
 /// a per-user install (pyenv under /root) is not reachable by other UIDs.
 pub fn python() -> Option<String> {
@@ -136,4 +145,39 @@ try:
             print("handshake ok")
 except (OSError, ssl.SSLError) as e:
     print("handshake failed: %s" % e)
+"#;
+
+const HTTP_APP: &str = r#"
+import hashlib, sys, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+port, name = int(sys.argv[1]), sys.argv[2]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def reply(self, body):
+        print(self.command, self.path, flush=True)
+        b = body.encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(b)))
+        self.send_header("x-app-path", self.path)
+        self.send_header("x-app-xfcc", self.headers.get("x-forwarded-client-cert", "-"))
+        self.end_headers()
+        self.wfile.write(b)
+    def do_GET(self):
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        self.reply(f"Hi {name} client!" if self.path == "/data" else f"{name} {self.path}")
+    def do_POST(self):
+        left, h = int(self.headers.get("content-length", "0")), hashlib.sha256()
+        total = left
+        while left:
+            chunk = self.rfile.read(min(left, 65536))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+        self.reply(f"{total} {h.hexdigest()}")
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 "#;
