@@ -185,6 +185,9 @@ pub struct OutboundConfig {
     /// Destinations outside the mesh, by port.
     #[serde(default)]
     pub passthrough_ports: Vec<u16>,
+    /// Meshed destination ports tunneled as opaque TCP without detection.
+    #[serde(default)]
+    pub opaque_ports: Vec<u16>,
     /// When set, only these destinations are in the mesh.
     #[serde(default)]
     pub mesh_cidrs: Option<Vec<IpNet>>,
@@ -745,6 +748,7 @@ impl Config {
             outbound: pc::OutboundConfig {
                 passthrough_cidrs: self.outbound.passthrough_cidrs.clone(),
                 passthrough_ports: self.outbound.passthrough_ports.clone(),
+                opaque_ports: self.outbound.opaque_ports.clone(),
                 mesh_cidrs: self.outbound.mesh_cidrs.clone(),
                 servers: self
                     .outbound

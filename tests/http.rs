@@ -75,6 +75,17 @@ fn http_app(pki: &Pki, name: &str) -> (LocalProc, SocketAddr) {
 /// A client sidecar for `id` with one outbound listener per target, each
 /// expecting `expect`; returns the listeners' addresses in order.
 fn client(pki: &Pki, id: &str, targets: &[SocketAddr], expect: &str) -> (Sidecar, Vec<SocketAddr>) {
+    client_with(pki, id, targets, expect, "")
+}
+
+/// [`client`] with more configuration after the listeners.
+fn client_with(
+    pki: &Pki,
+    id: &str,
+    targets: &[SocketAddr],
+    expect: &str,
+    extra: &str,
+) -> (Sidecar, Vec<SocketAddr>) {
     let mut body = String::from("listeners:\n");
     let mut outs = Vec::new();
     for (i, t) in targets.iter().enumerate() {
@@ -84,6 +95,7 @@ fn client(pki: &Pki, id: &str, targets: &[SocketAddr], expect: &str) -> (Sidecar
         ));
         outs.push(out);
     }
+    body.push_str(extra);
     (pki.sidecar(id, &body), outs)
 }
 
@@ -422,11 +434,13 @@ fn large_body_streams_with_flat_memory() {
 #[test]
 fn opaque_server_speaks_first_through_two_sidecars() {
     let c = color();
-    let (_client, outs) = client(
+    // The client side declares the first destination opaque too.
+    let (_client, outs) = client_with(
         &c.pki,
         "spiffe://example.org/ec-web",
         &c.listen[3..5],
         "spiffe://example.org/color",
+        &format!("outbound: {{opaque_ports: [{}]}}\n", c.listen[3].port()),
     );
     // Declared opaque: the greeting comes at once. Undeclared: after the
     // detect timeout (1 s), still correct.
@@ -446,4 +460,20 @@ fn opaque_server_speaks_first_through_two_sidecars() {
         s.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"ping");
     }
+}
+
+#[test]
+fn app_connections_share_one_pooled_h2_connection_between_sidecars() {
+    let s = scenario1("ec-backend.native.yaml");
+    for _ in 0..3 {
+        let r = curl(&format!("http://{}/data", s.ec_web.1), &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let m = s.backend.metrics();
+    let handshakes = "rampart_tls_handshakes_total{direction=\"inbound\",result=\"ok\"} 1\n";
+    assert!(m.contains(handshakes), "{m}");
+    assert!(
+        m.contains("rampart_detected_protocol_total{direction=\"inbound\",protocol=\"http2\"} 1\n"),
+        "{m}"
+    );
 }

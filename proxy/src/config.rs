@@ -86,6 +86,9 @@ pub struct OutboundConfig {
     pub passthrough_cidrs: Vec<IpNet>,
     /// Destinations outside the mesh by port: forwarded as plaintext.
     pub passthrough_ports: Vec<u16>,
+    /// Meshed destination ports carried as opaque TCP without waiting to
+    /// detect HTTP (server-speaks-first protocols).
+    pub opaque_ports: Vec<u16>,
     /// When set, only these destinations are in the mesh; others pass through.
     pub mesh_cidrs: Option<Vec<IpNet>>,
     /// Which identity each meshed destination must present; first match wins.
@@ -277,7 +280,9 @@ impl ProxyConfig {
         ConfigSpec {
             server: vec![None],
             client,
-            alpn: Vec::new(),
+            // Every sidecar speaks HTTP/2 to its peers. Tunneled app bytes
+            // are told apart by detection, not by ALPN.
+            alpn: vec![b"h2".to_vec()],
         }
     }
 
@@ -346,6 +351,7 @@ mod tests {
             outbound: OutboundConfig {
                 passthrough_cidrs: vec!["192.168.0.0/16".parse().unwrap()],
                 passthrough_ports: vec![5432],
+                opaque_ports: vec![],
                 mesh_cidrs: Some(vec!["10.0.0.0/8".parse().unwrap()]),
                 servers: vec![ServerRule {
                     cidrs: vec!["10.1.0.0/16".parse().unwrap()],

@@ -300,9 +300,15 @@ impl Handler {
         uri.authority = Some(self.app_authority.clone());
         uri.path_and_query = Some(path);
         parts.uri = Uri::from_parts(uri).map_err(|_| LocalError::NoPath)?;
+        // Requests an outbound sidecar carried over HTTP/2 say what the
+        // calling app spoke.
+        let was_h1 = parts
+            .headers
+            .remove(crate::pool::ORIG_PROTO)
+            .is_some_and(|v| v.as_bytes() == b"HTTP/1.1");
         let h2 = match self.conn.app_version {
             AppVersion::Http2 => true,
-            AppVersion::AsReceived => parts.version == Version::HTTP_2,
+            AppVersion::AsReceived => parts.version == Version::HTTP_2 && !was_h1,
         };
         let client = if h2 {
             parts.version = Version::HTTP_2;

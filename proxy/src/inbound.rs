@@ -221,8 +221,9 @@ impl Inner {
     }
 }
 
-/// Declared protocols skip detection; ALPN `h2` means HTTP/2; otherwise the
-/// first decrypted bytes decide, replayed afterwards.
+/// Declared protocols skip detection; otherwise the first decrypted bytes
+/// decide, replayed afterwards. ALPN `h2` only says the peer is a sidecar
+/// that can speak HTTP/2: it also tunnels other bytes on such connections.
 async fn detect_inner(
     mut authn: Authenticated,
     declared: DeclaredProtocol,
@@ -233,7 +234,6 @@ async fn detect_inner(
         DeclaredProtocol::Http if authn.alpn_h2 => Inner::Http(http::ServeVersion::Http2),
         DeclaredProtocol::Http => Inner::Http(http::ServeVersion::Auto),
         DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(http::ServeVersion::Http2),
-        DeclaredProtocol::Detect if authn.alpn_h2 => Inner::Http(http::ServeVersion::Http2),
         DeclaredProtocol::Detect => {
             let (p, rewound) =
                 detect::detect_stream(authn.stream, limits.http.detect_timeout).await?;

@@ -5,7 +5,8 @@
 //! or opaque, from the first bytes) -> `tls` (terminate or originate mTLS,
 //! authenticate the peer) -> `authz` (inbound: obtain a permit, per
 //! connection or, in `http`, per request) -> `forward` (splice bytes) or
-//! `http` (proxy requests). `inbound` and `outbound` chain the
+//! `http` (proxy requests). Outbound HTTP/1.1 rides pooled HTTP/2
+//! connections between sidecars (`pool`). `inbound` and `outbound` chain the
 //! stages; `server` binds and drains; `admin` serves health and metrics.
 
 pub mod accept;
@@ -20,6 +21,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
+pub mod pool;
 pub mod server;
 pub mod tls;
 

@@ -169,14 +169,24 @@ class H(BaseHTTPRequestHandler):
             time.sleep(3)
         self.reply(f"Hi {name} client!" if self.path == "/data" else f"{name} {self.path}")
     def do_POST(self):
-        left, h = int(self.headers.get("content-length", "0")), hashlib.sha256()
-        total = left
-        while left:
-            chunk = self.rfile.read(min(left, 65536))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
+        h, total = hashlib.sha256(), 0
+        if "chunked" in self.headers.get("transfer-encoding", ""):
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                data = self.rfile.read(size)
+                self.rfile.readline()
+                h.update(data)
+                total += size
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+        else:
+            left = int(self.headers.get("content-length", "0"))
+            while left:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    break
+                h.update(chunk)
+                total += len(chunk)
+                left -= len(chunk)
         self.reply(f"{total} {h.hexdigest()}")
 ThreadingHTTPServer.daemon_threads = True
 ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
