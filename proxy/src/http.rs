@@ -160,6 +160,13 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         ServeVersion::Http2 => &shared.http.server_h2,
         ServeVersion::Auto => &shared.http.server,
     };
+    let stream: BoxedIo = match serve_version {
+        ServeVersion::Http1 => Box::new(crate::smuggling::SmugglingGuard::new(
+            stream,
+            shared.config.limits.http.max_header_bytes,
+        )),
+        ServeVersion::Http2 | ServeVersion::Auto => stream,
+    };
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = tokio::select! {

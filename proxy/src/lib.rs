@@ -23,6 +23,7 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod pool;
 pub mod server;
+pub mod smuggling;
 pub mod tls;
 
 pub use config::ProxyConfig;

@@ -112,10 +112,13 @@ pub async fn serve(
         let authority = authority.clone();
         async move { Ok::<_, Infallible>(send(&s, index, authority, req).await) }
     });
-    let conn = shared
-        .outbound_http
-        .server
-        .serve_connection(TokioIo::new(stream), service);
+    let conn = shared.outbound_http.server.serve_connection(
+        TokioIo::new(crate::smuggling::SmugglingGuard::new(
+            stream,
+            shared.config.limits.http.max_header_bytes,
+        )),
+        service,
+    );
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
