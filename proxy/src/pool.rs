@@ -178,6 +178,11 @@ async fn forward(
     let sent = client.request(Request::from_parts(parts, body));
     let resp = match tokio::time::timeout(timeout, sent).await {
         Err(_) => return Err(StatusCode::GATEWAY_TIMEOUT),
+        Ok(Err(e)) if is_no_identity(&e) => {
+            tracing::info!("request refused: no identity");
+            metrics::http_local_error(Direction::Outbound, "no_identity");
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
+        }
         Ok(Err(e)) => {
             tracing::info!(error = %e, "request to peer sidecar failed");
             metrics::http_local_error(Direction::Outbound, "peer_unreachable");
@@ -189,6 +194,18 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(parts, Either::Left(body)))
+}
+
+/// Whether the pool failed because the sidecar has no identity (503, not 502).
+fn is_no_identity(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(PoolConnectError::NoIdentity) = s.downcast_ref::<PoolConnectError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Dials a peer sidecar and originates mTLS for the pool.
