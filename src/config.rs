@@ -195,6 +195,9 @@ pub struct OutboundConfig {
     /// Destinations outside the mesh, by port.
     #[serde(default)]
     pub passthrough_ports: Vec<u16>,
+    /// Meshed destination ports tunneled as opaque TCP without detection.
+    #[serde(default)]
+    pub opaque_ports: Vec<u16>,
     /// When set, only these destinations are in the mesh.
     #[serde(default)]
     pub mesh_cidrs: Option<Vec<IpNet>>,
@@ -235,26 +238,81 @@ pub struct ServerConfig {
     pub trust_domains: Vec<TrustDomain>,
 }
 
-/// Inbound authorization.
+/// Inbound authorization and serving.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundConfig {
-    /// Per-port allowed peers.
+    /// Per-port settings and allowed peers.
     #[serde(default)]
     pub ports: Vec<PortConfig>,
-    /// Ports without an entry.
+    /// Ports no policy (or allowlist) covers.
     #[serde(default)]
     pub default_action: DefaultPortAction,
+    /// Policy files (native YAML or Rego wrappers); they replace
+    /// `allowed_peers`, which may then not be used.
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    /// `x-forwarded-client-cert` handling.
+    #[serde(default)]
+    pub xfcc: XfccMode,
 }
 
-/// Who may connect to one port.
+/// How one app port is served, and who may connect to it.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
     /// The app port.
     pub port: u16,
-    /// SPIFFE IDs allowed to connect.
-    pub allowed_peers: Vec<SpiffeId>,
+    /// SPIFFE IDs allowed to connect (without `inbound.policies`).
+    #[serde(default)]
+    pub allowed_peers: Option<Vec<SpiffeId>>,
+    /// What the port speaks.
+    #[serde(default)]
+    pub protocol: PortProtocol,
+    /// Whether plaintext is accepted beside mTLS.
+    #[serde(default)]
+    pub mode: PortMode,
+}
+
+/// A port's declared protocol.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortProtocol {
+    /// Look at the first bytes.
+    #[default]
+    Detect,
+    /// Opaque TCP, no detection delay (server-speaks-first protocols).
+    Opaque,
+    /// HTTP/1.1 or HTTP/2.
+    Http,
+    /// HTTP/2, to the app too.
+    Http2,
+    /// gRPC.
+    Grpc,
+}
+
+/// mTLS mode of a port.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PortMode {
+    /// mTLS only.
+    #[default]
+    Strict,
+    /// mTLS or plaintext (no peer identity), for migrations.
+    Permissive,
+}
+
+/// XFCC handling on requests to the app.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XfccMode {
+    /// Replace any client-sent copy with ours.
+    #[default]
+    SanitizeSet,
+    /// Keep the client's and append ours.
+    AppendForward,
+    /// Remove any client-sent copy; add nothing.
+    Sanitize,
 }
 
 /// Default for ports without an entry.
@@ -284,6 +342,49 @@ pub struct LimitsConfig {
     /// Open connections per listener.
     #[serde(default = "d_max_conns")]
     pub max_connections: usize,
+    /// Waiting for the first bytes of a connection of undeclared protocol.
+    #[serde(default = "d_detect", with = "duration")]
+    pub detect_timeout: Duration,
+    /// Receiving a complete HTTP/1 request head.
+    #[serde(default = "d_header_read", with = "duration")]
+    pub http_header_read_timeout: Duration,
+    /// Waiting for the app's response head.
+    #[serde(default = "d_response", with = "duration")]
+    pub http_response_timeout: Duration,
+    /// Largest request head in bytes (431 beyond).
+    #[serde(default = "d_max_header_bytes")]
+    pub http_max_header_bytes: usize,
+    /// Most request header fields (431 beyond).
+    #[serde(default = "d_max_headers")]
+    pub http_max_headers: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    #[serde(default = "d_max_streams")]
+    pub http_max_concurrent_streams: u32,
+    /// Idle connections to the app are closed after this.
+    #[serde(default = "d_pool_idle", with = "duration")]
+    pub http_pool_idle_timeout: Duration,
+}
+
+fn d_detect() -> Duration {
+    pc::HttpLimits::default().detect_timeout
+}
+fn d_header_read() -> Duration {
+    pc::HttpLimits::default().header_read_timeout
+}
+fn d_response() -> Duration {
+    pc::HttpLimits::default().response_timeout
+}
+fn d_max_header_bytes() -> usize {
+    pc::HttpLimits::default().max_header_bytes
+}
+fn d_max_headers() -> usize {
+    pc::HttpLimits::default().max_headers
+}
+fn d_max_streams() -> u32 {
+    pc::HttpLimits::default().max_concurrent_streams
+}
+fn d_pool_idle() -> Duration {
+    pc::HttpLimits::default().pool_idle_timeout
 }
 
 fn d_connect() -> Duration {
@@ -306,6 +407,13 @@ impl Default for LimitsConfig {
             handshake_timeout: d_handshake(),
             drain_timeout: d_drain(),
             max_connections: d_max_conns(),
+            detect_timeout: d_detect(),
+            http_header_read_timeout: d_header_read(),
+            http_response_timeout: d_response(),
+            http_max_header_bytes: d_max_header_bytes(),
+            http_max_headers: d_max_headers(),
+            http_max_concurrent_streams: d_max_streams(),
+            http_pool_idle_timeout: d_pool_idle(),
         }
     }
 }
@@ -487,6 +595,9 @@ impl Config {
         if let Some(d) = &mut self.identity.dev_ca {
             fix(&mut d.dir);
         }
+        for p in &mut self.inbound.policies {
+            fix(p);
+        }
     }
 
     /// Cross-field checks; returns (field path, problem) pairs.
@@ -568,6 +679,28 @@ impl Config {
                 ));
             }
         }
+        if !self.inbound.policies.is_empty() {
+            for (i, port) in self.inbound.ports.iter().enumerate() {
+                if port.allowed_peers.is_some() {
+                    p.push((
+                        format!("inbound.ports[{i}].allowed_peers"),
+                        "with `inbound.policies`, write the allowlist as a policy".into(),
+                    ));
+                }
+            }
+        }
+        if self.limits.http_max_header_bytes < 8192 {
+            p.push((
+                "limits.http_max_header_bytes".into(),
+                "must be at least 8192".into(),
+            ));
+        }
+        if self.limits.http_max_concurrent_streams == 0 {
+            p.push((
+                "limits.http_max_concurrent_streams".into(),
+                "must be at least 1".into(),
+            ));
+        }
         for (i, s) in self.outbound.servers.iter().enumerate() {
             if s.identities.is_empty() && s.trust_domains.is_empty() {
                 p.push((
@@ -588,18 +721,33 @@ impl Config {
         p
     }
 
+    /// Loads the inbound policy files, or compiles the per-port allowlists
+    /// when there are none. Errors name file, line and field, one a line.
+    pub fn authorizer(&self) -> Result<Authorizer, ConfigError> {
+        let default_action = match self.inbound.default_action {
+            DefaultPortAction::Deny => DefaultAction::Deny,
+            DefaultPortAction::AllowAnyAuthenticated => DefaultAction::AllowAnyAuthenticated,
+        };
+        if self.inbound.policies.is_empty() {
+            return Ok(Authorizer::from_port_allowlist(
+                self.inbound
+                    .ports
+                    .iter()
+                    .filter_map(|p| Some((p.port, p.allowed_peers.clone()?))),
+                default_action,
+            ));
+        }
+        let options = rampart_authz::Options {
+            default_action,
+            ..rampart_authz::Options::default()
+        };
+        Authorizer::load(&self.inbound.policies, &options).map_err(|e| ConfigError {
+            problems: e.to_string().lines().map(str::to_owned).collect(),
+        })
+    }
+
     /// Builds the data plane's plan; `td` is the sidecar's trust domain.
-    pub fn proxy_config(&self, td: TrustDomain) -> pc::ProxyConfig {
-        let authorizer = Authorizer::from_port_allowlist(
-            self.inbound
-                .ports
-                .iter()
-                .map(|p| (p.port, p.allowed_peers.clone())),
-            match self.inbound.default_action {
-                DefaultPortAction::Deny => DefaultAction::Deny,
-                DefaultPortAction::AllowAnyAuthenticated => DefaultAction::AllowAnyAuthenticated,
-            },
-        );
+    pub fn proxy_config(&self, td: TrustDomain, authorizer: Authorizer) -> pc::ProxyConfig {
         pc::ProxyConfig {
             trust_domain: td,
             admin: self.admin.address,
@@ -629,6 +777,7 @@ impl Config {
             outbound: pc::OutboundConfig {
                 passthrough_cidrs: self.outbound.passthrough_cidrs.clone(),
                 passthrough_ports: self.outbound.passthrough_ports.clone(),
+                opaque_ports: self.outbound.opaque_ports.clone(),
                 mesh_cidrs: self.outbound.mesh_cidrs.clone(),
                 servers: self
                     .outbound
@@ -647,11 +796,46 @@ impl Config {
                 },
             },
             authorizer: Arc::new(authorizer),
+            inbound: pc::InboundConfig {
+                ports: self
+                    .inbound
+                    .ports
+                    .iter()
+                    .map(|p| pc::InboundPort {
+                        port: p.port,
+                        protocol: match p.protocol {
+                            PortProtocol::Detect => pc::DeclaredProtocol::Detect,
+                            PortProtocol::Opaque => pc::DeclaredProtocol::Opaque,
+                            PortProtocol::Http => pc::DeclaredProtocol::Http,
+                            PortProtocol::Http2 => pc::DeclaredProtocol::Http2,
+                            PortProtocol::Grpc => pc::DeclaredProtocol::Grpc,
+                        },
+                        mode: match p.mode {
+                            PortMode::Strict => pc::TlsMode::Strict,
+                            PortMode::Permissive => pc::TlsMode::PermissiveAllowPlaintext,
+                        },
+                    })
+                    .collect(),
+                xfcc: match self.inbound.xfcc {
+                    XfccMode::SanitizeSet => pc::XfccMode::SanitizeSet,
+                    XfccMode::AppendForward => pc::XfccMode::AppendForward,
+                    XfccMode::Sanitize => pc::XfccMode::Sanitize,
+                },
+            },
             limits: pc::Limits {
                 connect_timeout: self.limits.connect_timeout,
                 handshake_timeout: self.limits.handshake_timeout,
                 drain_timeout: self.limits.drain_timeout,
                 max_connections: self.limits.max_connections,
+                http: pc::HttpLimits {
+                    detect_timeout: self.limits.detect_timeout,
+                    header_read_timeout: self.limits.http_header_read_timeout,
+                    response_timeout: self.limits.http_response_timeout,
+                    max_header_bytes: self.limits.http_max_header_bytes,
+                    max_headers: self.limits.http_max_headers,
+                    max_concurrent_streams: self.limits.http_max_concurrent_streams,
+                    pool_idle_timeout: self.limits.http_pool_idle_timeout,
+                },
             },
         }
     }

@@ -123,7 +123,10 @@ fn check_endpoint(s: &str) -> Result<(), String> {
 /// Starts the configured identity source and its rotation worker; returns the
 /// data plane's plan and the store it reads identities from. Files and the
 /// development CA are loaded once here, so a broken file or CA fails the start.
-pub async fn start(cfg: &Config) -> anyhow::Result<(ProxyConfig, Arc<IdentityStore>)> {
+pub async fn start(
+    cfg: &Config,
+    authorizer: rampart_authz::Authorizer,
+) -> anyhow::Result<(ProxyConfig, Arc<IdentityStore>)> {
     let (tx, mut rx) = mpsc::channel(UPDATE_CHANNEL);
     let (kind, td, first) = if let Some(f) = &cfg.identity.files {
         let paths = FilePaths {
@@ -179,7 +182,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<(ProxyConfig, Arc<IdentitySto
     } else {
         anyhow::bail!("no identity source configured");
     };
-    let plan = cfg.proxy_config(td);
+    let plan = cfg.proxy_config(td, authorizer);
     let store = Arc::new(IdentityStore::new(plan.tls_spec()));
     let worker = Rotation::new(store.clone(), kind, rotation::system_clock());
     tokio::spawn(worker.run_after(first, rx));

@@ -29,6 +29,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             return Ok(std::process::ExitCode::from(EXIT_CONFIG));
         }
     };
+    let authorizer = match cfg.authorizer() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("rampart: invalid configuration:\n{e}");
+            return Ok(std::process::ExitCode::from(EXIT_CONFIG));
+        }
+    };
     init_logging(&cfg);
     let rt = if cfg.runtime.workers == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -40,7 +47,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             .enable_all()
             .build()?
     };
-    rt.block_on(serve(cfg))?;
+    rt.block_on(serve(cfg, authorizer))?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -58,7 +65,7 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(cfg: Config, authorizer: rampart_authz::Authorizer) -> anyhow::Result<()> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -71,7 +78,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     rampart_proxy::metrics::describe();
     rampart_identity::metrics::describe();
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
-    let (plan, store) = crate::identity::start(&cfg).await?;
+    let (plan, store) = crate::identity::start(&cfg, authorizer).await?;
 
     let render: rampart_proxy::admin::MetricsRender = Arc::new(move || handle.render());
     let bound = rampart_proxy::bind(plan, store.subscribe(), render)?;

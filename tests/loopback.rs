@@ -4,117 +4,16 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rampart");
+mod support;
+
+use support::sidecar::{Pki, Sidecar, free_addr, rampart};
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn rampart(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).output().expect("run rampart")
-}
-
-/// A PKI in a temp dir: one CA and SVIDs issued by the real CLI.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca");
-        let out = rampart(&["ca", "init", "--dir", ca.to_str().unwrap()]);
-        assert!(out.status.success(), "{out:?}");
-        Pki { dir }
-    }
-
-    fn issue(&self, id: &str, name: &str) -> PathBuf {
-        let out_dir = self.dir.path().join(name);
-        let ca = self.dir.path().join("ca");
-        let out = rampart(&[
-            "ca",
-            "issue",
-            "--dir",
-            ca.to_str().unwrap(),
-            "--spiffe-id",
-            id,
-            "--out",
-            out_dir.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{out:?}");
-        out_dir
-    }
-}
-
-/// A running sidecar, killed on drop.
-struct Sidecar {
-    child: Child,
-    admin: SocketAddr,
-    log: PathBuf,
-}
-
-impl Sidecar {
-    fn start(dir: &Path, name: &str, svid: &Path, body: &str) -> Sidecar {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let cfg = format!(
-            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: debug}}\n{body}",
-            s = svid.display()
-        );
-        let path = dir.join(format!("{name}.yaml"));
-        std::fs::write(&path, cfg).unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(BIN)
-            .args(["run", "--config", path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let s = Sidecar { child, admin, log };
-        s.wait_ready();
-        s
-    }
-
-    fn get(&self, path: &str) -> Option<u16> {
-        let mut c = TcpStream::connect(self.admin).ok()?;
-        write!(
-            c,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut s = String::new();
-        c.read_to_string(&mut s).ok()?;
-        s.split(' ').nth(1)?.parse().ok()
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.get("/ready") == Some(200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("sidecar not ready:\n{}", self.logs());
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    free_addr().port()
 }
 
 /// An echo app that records whether any connection reached it.
@@ -266,7 +165,7 @@ fn server_refuses_peer_not_in_allowed_set() {
     let logs = m.server.logs();
     assert!(logs.contains("connection denied"), "{logs}");
     assert!(logs.contains("spiffe://example.org/intruder"), "{logs}");
-    let metrics = m.server_metrics();
+    let metrics = m.server.metrics();
     assert!(
         metrics.contains("rampart_authz_decisions_total{action=\"deny\",reason=\"not_allowed\"} 1"),
         "{metrics}"
@@ -330,20 +229,6 @@ fn openssl_without_client_cert_fails_the_handshake() {
         "{err}"
     );
     assert_eq!(m.app.hits(), 0);
-}
-
-impl Mesh {
-    fn server_metrics(&self) -> String {
-        let mut c = TcpStream::connect(self.server.admin).unwrap();
-        write!(
-            c,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s
-    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! (A B A B ...) because the machine is shared and noisy.
 //!
 //! `cargo build --release && cargo run --release -p rampart-bench -- tcp-rtt`
+//! (or `http-rtt`).
 
 mod topology;
 
@@ -14,9 +15,12 @@ use hdrhistogram::Histogram;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: rampart-bench tcp-rtt [--requests N] [--reps N] [--size BYTES]\n\n\
+        "usage: rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\n\
          tcp-rtt: round trips of a small request/response on one TCP connection,\n\
-         direct to an echo app versus through two Rampart sidecars (mTLS)."
+         direct to an echo app versus through two Rampart sidecars (mTLS).\n\
+         http-rtt: small HTTP/1.1 GETs on one keep-alive connection, direct versus\n\
+         through two sidecars with an ALLOW policy checked per request; then\n\
+         requests/s over --conns connections (default 16)."
     );
     std::process::exit(2)
 }
@@ -27,17 +31,20 @@ fn main() {
     let mut requests = 20_000u64;
     let mut reps = 3u32;
     let mut size = 64usize;
+    let mut conns = 16usize;
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
             "--requests" => requests = v.parse().unwrap_or_else(|_| usage()),
             "--reps" => reps = v.parse().unwrap_or_else(|_| usage()),
             "--size" => size = v.parse().unwrap_or_else(|_| usage()),
+            "--conns" => conns = v.parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
     match profile.as_str() {
         "tcp-rtt" => tcp_rtt(requests, reps, size),
+        "http-rtt" => http_rtt(requests, reps, conns),
         _ => usage(),
     }
 }
@@ -59,19 +66,63 @@ fn tcp_rtt(requests: u64, reps: u32, size: usize) {
     eprintln!();
     println!("# TCP round trip, {size}-byte request and response, one keep-alive connection");
     println!("# {requests} round trips x {reps} interleaved repetitions; medians over repetitions");
+    print_latency_table(&results);
+    drop(mesh);
+}
+
+fn http_rtt(requests: u64, reps: u32, conns: usize) {
+    let env = topology::Env::new();
+    let app = topology::HttpApp::start();
+    let mesh = env.rampart_http_pair(app.addr);
+    let targets = [("direct", app.addr), ("rampart", mesh.entry)];
+    let mut results: Vec<(&str, Vec<Histogram<u64>>)> =
+        targets.iter().map(|(n, _)| (*n, Vec::new())).collect();
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for rep in 0..reps {
+        for (i, (name, addr)) in targets.iter().enumerate() {
+            eprint!("\rrep {}/{reps}: {name:<8}", rep + 1);
+            results[i].1.push(http_ping_pong(*addr, requests));
+            rates[i].push(http_saturate(*addr, conns, Duration::from_secs(3)));
+        }
+    }
+    eprintln!();
+    println!("# HTTP/1.1 GET /bench, 2-byte response, one keep-alive connection;");
+    println!("# through Rampart: HTTP/2 between the sidecars, ALLOW policy checked per request");
+    println!("# {requests} requests x {reps} interleaved repetitions; medians over repetitions");
+    print_latency_table(&results);
+    println!();
+    println!("| topology | requests/s ({conns} connections) | / direct |");
+    println!("|---|---|---|");
+    let direct = median(&rates[0]);
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let r = median(&rates[i]);
+        println!("| {name} | {r:.0} | {:.2} |", r / direct);
+    }
+    drop(mesh);
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median over repetitions of a quantile, in microseconds.
+fn med(hs: &[Histogram<u64>], q: f64) -> f64 {
+    let v: Vec<f64> = hs
+        .iter()
+        .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
+        .collect();
+    median(&v)
+}
+
+/// One row per topology; the first is the baseline.
+fn print_latency_table(results: &[(&str, Vec<Histogram<u64>>)]) {
     println!("| topology | p50 µs | p99 µs | p50 / direct | p99 / direct | added p50 µs |");
     println!("|---|---|---|---|---|---|");
-    let med = |hs: &[Histogram<u64>], q: f64| -> f64 {
-        let mut v: Vec<f64> = hs
-            .iter()
-            .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
-            .collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     let d50 = med(&results[0].1, 0.5);
     let d99 = med(&results[0].1, 0.99);
-    for (name, hs) in &results {
+    for (name, hs) in results {
         let p50 = med(hs, 0.5);
         let p99 = med(hs, 0.99);
         println!(
@@ -81,7 +132,6 @@ fn tcp_rtt(requests: u64, reps: u32, size: usize) {
             p50 - d50
         );
     }
-    drop(mesh);
 }
 
 /// Closed-loop ping-pong on one connection; latency in nanoseconds.
@@ -104,4 +154,85 @@ fn ping_pong(addr: SocketAddr, n: u64, size: usize) -> Histogram<u64> {
         let _ = h.record(t.elapsed().as_nanos().max(1_000) as u64);
     }
     h
+}
+
+/// One HTTP/1.1 keep-alive client connection.
+struct HttpConn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl HttpConn {
+    fn open(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_nodelay(true).ok();
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        HttpConn {
+            s,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Sends one GET and reads its whole response (content-length framed).
+    fn get(&mut self) {
+        self.s
+            .write_all(b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n")
+            .expect("write");
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = topology::find_head_end(&self.buf) {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("content-length");
+                if self.buf.len() >= end + len {
+                    self.buf.drain(..end + len);
+                    return;
+                }
+            }
+            let n = self.s.read(&mut chunk).expect("read");
+            assert!(n > 0, "connection closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// Closed-loop GETs on one connection; latency in nanoseconds.
+fn http_ping_pong(addr: SocketAddr, n: u64) -> Histogram<u64> {
+    let mut h = Histogram::<u64>::new_with_bounds(1_000, 10_000_000_000, 3).expect("bounds");
+    let mut c = HttpConn::open(addr);
+    for _ in 0..200 {
+        c.get();
+    }
+    for _ in 0..n {
+        let t = Instant::now();
+        c.get();
+        let _ = h.record(t.elapsed().as_nanos().max(1_000) as u64);
+    }
+    h
+}
+
+/// Requests per second over `conns` closed-loop connections for `dur`.
+fn http_saturate(addr: SocketAddr, conns: usize, dur: Duration) -> f64 {
+    let start = Instant::now();
+    let total: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..conns)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut c = HttpConn::open(addr);
+                    let mut n = 0u64;
+                    while start.elapsed() < dur {
+                        c.get();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("client")).sum()
+    });
+    total as f64 / start.elapsed().as_secs_f64()
 }

@@ -92,8 +92,34 @@ impl Env {
         s
     }
 
-    /// Client sidecar (outbound listener) -> server sidecar (inbound) -> `app`.
+    /// Client sidecar (outbound listener) -> server sidecar (inbound) -> `app`,
+    /// authorized per connection by an allowlist.
     pub fn rampart_pair(&self, app: SocketAddr) -> Pair {
+        self.pair(
+            app,
+            &format!(
+                "inbound:\n  ports:\n    - port: {}\n      allowed_peers: [\"spiffe://example.org/client\"]\n",
+                app.port()
+            ),
+        )
+    }
+
+    /// The same pair in front of an HTTP app, with an ALLOW policy that is
+    /// evaluated on every request (principal, method and path).
+    pub fn rampart_http_pair(&self, app: SocketAddr) -> Pair {
+        let policy = self.dir.path().join("allow.yaml");
+        std::fs::write(
+            &policy,
+            "policies:\n  - name: bench\n    action: ALLOW\n    rules:\n      - name: client-gets\n        from: {principals: [\"spiffe://example.org/client\"]}\n        to: {methods: [GET], paths: [/bench]}\n",
+        )
+        .expect("write policy");
+        self.pair(
+            app,
+            &format!("inbound:\n  policies: [\"{}\"]\n", policy.display()),
+        )
+    }
+
+    fn pair(&self, app: SocketAddr, inbound_cfg: &str) -> Pair {
         let server_svid = self.issue("spiffe://example.org/server", "server");
         let client_svid = self.issue("spiffe://example.org/client", "client");
         let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -102,8 +128,7 @@ impl Env {
             "server",
             &server_svid,
             &format!(
-                "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app}\"}}\ninbound:\n  ports:\n    - port: {}\n      allowed_peers: [\"spiffe://example.org/client\"]\n",
-                app.port()
+                "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app}\"}}\n{inbound_cfg}"
             ),
         );
         let client = self.sidecar(
@@ -186,4 +211,48 @@ impl EchoApp {
         });
         EchoApp { addr }
     }
+}
+
+/// A threaded HTTP/1.1 app: answers every request head with `200 ok`,
+/// keeping the connection alive. Request bodies are not read (GET only).
+pub struct HttpApp {
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl HttpApp {
+    /// Starts it on an ephemeral loopback port.
+    pub fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let _ = s.set_nodelay(true);
+                std::thread::spawn(move || {
+                    let mut buf = Vec::with_capacity(4096);
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some(end) = find_head_end(&buf) {
+                            buf.drain(..end);
+                            let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(resp).is_err() {
+                                return;
+                            }
+                        }
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        HttpApp { addr }
+    }
+}
+
+/// The length of the first complete HTTP head in `buf`, if any.
+pub fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }

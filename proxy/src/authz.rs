@@ -21,8 +21,12 @@ pub fn authorize(
     port: u16,
     authorizer: &rampart_authz::Authorizer,
 ) -> Result<Permitted, Box<(Authenticated, Denial)>> {
-    let info = ConnectionInfo::new(Some(&conn.peer.id), conn.client.0.ip(), port)
-        .with_peer_dns(&conn.peer.dns_names);
+    let info = match &conn.peer {
+        Some(p) => {
+            ConnectionInfo::new(Some(&p.id), conn.client.0.ip(), port).with_peer_dns(&p.dns_names)
+        }
+        None => ConnectionInfo::new(None, conn.client.0.ip(), port),
+    };
     match authorizer.check_connection(&info) {
         Decision::Allow(permit) => {
             crate::metrics::decision("allow", "matched");

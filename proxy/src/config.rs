@@ -25,6 +25,8 @@ pub struct ProxyConfig {
     pub outbound: OutboundConfig,
     /// Inbound authorization.
     pub authorizer: Arc<Authorizer>,
+    /// Inbound ports: declared protocol and mTLS mode; XFCC handling.
+    pub inbound: InboundConfig,
     /// Timeouts and limits.
     pub limits: Limits,
 }
@@ -84,6 +86,9 @@ pub struct OutboundConfig {
     pub passthrough_cidrs: Vec<IpNet>,
     /// Destinations outside the mesh by port: forwarded as plaintext.
     pub passthrough_ports: Vec<u16>,
+    /// Meshed destination ports carried as opaque TCP without waiting to
+    /// detect HTTP (server-speaks-first protocols).
+    pub opaque_ports: Vec<u16>,
     /// When set, only these destinations are in the mesh; others pass through.
     pub mesh_cidrs: Option<Vec<IpNet>>,
     /// Which identity each meshed destination must present; first match wins.
@@ -131,6 +136,8 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Open connections per listener.
     pub max_connections: usize,
+    /// HTTP timeouts and limits.
+    pub http: HttpLimits,
 }
 
 impl Default for Limits {
@@ -140,6 +147,104 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
             max_connections: 10_000,
+            http: HttpLimits::default(),
+        }
+    }
+}
+
+/// Inbound settings other than authorization.
+#[derive(Debug, Clone, Default)]
+pub struct InboundConfig {
+    /// Ports with declared settings; others get [`InboundPort::default`].
+    pub ports: Vec<InboundPort>,
+    /// What the inbound sidecar does with `x-forwarded-client-cert`.
+    pub xfcc: XfccMode,
+}
+
+/// How one inbound (app) port is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InboundPort {
+    /// The app port.
+    pub port: u16,
+    /// What the port speaks, or whether to detect it.
+    pub protocol: DeclaredProtocol,
+    /// Whether plaintext is accepted beside mTLS.
+    pub mode: TlsMode,
+}
+
+/// A port's declared protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeclaredProtocol {
+    /// Look at the first bytes (with the detect timeout).
+    #[default]
+    Detect,
+    /// Opaque TCP: never wait for client bytes (server-speaks-first protocols).
+    Opaque,
+    /// HTTP/1.1 or HTTP/2 (told apart by the connection preface).
+    Http,
+    /// HTTP/2 only, to the app as well.
+    Http2,
+    /// gRPC (HTTP/2 to the app, gRPC status codes on local errors).
+    Grpc,
+}
+
+/// Whether a port requires mTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// mTLS only.
+    #[default]
+    Strict,
+    /// mTLS and plaintext on the same port, told apart by detection;
+    /// plaintext carries no peer identity. For migrations.
+    PermissiveAllowPlaintext,
+}
+
+/// Handling of `x-forwarded-client-cert` on requests sent to the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XfccMode {
+    /// Remove any client-sent copy, then set ours for an authenticated peer
+    /// (Envoy's `SANITIZE_SET`).
+    #[default]
+    SanitizeSet,
+    /// Keep the client's header and append ours for an authenticated peer
+    /// (Envoy's `APPEND_FORWARD`): the app must trust the caller's chain.
+    AppendForward,
+    /// Remove any client-sent copy and add nothing (Envoy's `SANITIZE`).
+    Sanitize,
+}
+
+/// HTTP timeouts and limits.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Looking at the first bytes of a connection of undeclared protocol.
+    pub detect_timeout: Duration,
+    /// Receiving a complete HTTP/1 request head (cuts off slowloris).
+    pub header_read_timeout: Duration,
+    /// Waiting for the app's response head.
+    pub response_timeout: Duration,
+    /// Largest request head, in bytes; beyond it 431.
+    pub max_header_bytes: usize,
+    /// Most request header fields; beyond them 431.
+    pub max_headers: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Idle pooled connections to the app are closed after this.
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            // Long enough for a slow first segment, short enough that a
+            // server-speaks-first app on an undeclared port only sees a
+            // one-second delay before its greeting.
+            detect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(15),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_concurrent_streams: 256,
+            pool_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -175,8 +280,23 @@ impl ProxyConfig {
         ConfigSpec {
             server: vec![None],
             client,
-            alpn: Vec::new(),
+            // Every sidecar speaks HTTP/2 to its peers. Tunneled app bytes
+            // are told apart by detection, not by ALPN.
+            alpn: vec![b"h2".to_vec()],
         }
+    }
+
+    /// How inbound app port `port` is served.
+    pub fn inbound_port(&self, port: u16) -> InboundPort {
+        self.inbound
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .copied()
+            .unwrap_or(InboundPort {
+                port,
+                ..InboundPort::default()
+            })
     }
 
     /// Index of the client configuration of explicit listener `listener_index`.
@@ -231,6 +351,7 @@ mod tests {
             outbound: OutboundConfig {
                 passthrough_cidrs: vec!["192.168.0.0/16".parse().unwrap()],
                 passthrough_ports: vec![5432],
+                opaque_ports: vec![],
                 mesh_cidrs: Some(vec!["10.0.0.0/8".parse().unwrap()]),
                 servers: vec![ServerRule {
                     cidrs: vec!["10.1.0.0/16".parse().unwrap()],
@@ -240,6 +361,7 @@ mod tests {
                 unknown_server: UnknownServer::Deny,
             },
             authorizer: Arc::new(Authorizer::default()),
+            inbound: InboundConfig::default(),
             limits: Limits::default(),
         }
     }

@@ -1,5 +1,7 @@
-//! The inbound pipeline: accept -> orig_dst -> tls (terminate, authenticate)
-//! -> authz -> forward to the app over loopback.
+//! The inbound pipeline: accept -> orig_dst -> detect (PERMISSIVE ports:
+//! TLS or plaintext) -> tls (terminate, authenticate) -> detect (HTTP or
+//! opaque) -> authz per connection and forward (opaque), or `http` (authz
+//! per request).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,10 +9,12 @@ use std::sync::Arc;
 use tracing::{Instrument, field};
 
 use crate::accept::{Accepted, Listener};
-use crate::config::Direction;
+use crate::config::{DeclaredProtocol, Direction, TlsMode};
+use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::server::Shared;
-use crate::{authz, forward, metrics, tls};
+use crate::tls::Authenticated;
+use crate::{authz, forward, http, metrics, tls};
 
 /// Where inbound connections go after authorization.
 #[derive(Debug, Clone, Copy)]
@@ -51,10 +55,7 @@ pub async fn serve(listener: Listener, target: AppTarget, shared: Arc<Shared>, m
             Ok(Ok(a)) => {
                 let shared = shared.clone();
                 let w = watch.clone();
-                tokio::spawn(async move {
-                    handle(a, target, shared).await;
-                    drop(w);
-                });
+                tokio::spawn(handle(a, target, shared, w));
             }
             Ok(Err((e, client))) => {
                 tracing::info!(src.addr = %client.0, error = %e, "inbound connection refused");
@@ -65,7 +66,7 @@ pub async fn serve(listener: Listener, target: AppTarget, shared: Arc<Shared>, m
     }
 }
 
-async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>) {
+async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watch: Watch) {
     let _gauge = metrics::ConnectionGauge::open(Direction::Inbound);
     let span = tracing::info_span!(
         "conn",
@@ -73,39 +74,90 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>) {
         src.addr = %accepted.client.0,
         dst.addr = %accepted.orig_dst.0,
         peer.id = field::Empty,
+        protocol = field::Empty,
     );
     async move {
-        let Some(configs) = shared.identity() else {
-            // No identity yet (or it expired): refuse rather than present nothing.
-            tracing::info!("connection refused: no identity");
-            metrics::handshake(Direction::Inbound, "no_identity");
-            return;
+        let (app, port) = target.resolve(accepted.orig_dst.0);
+        let settings = shared.config.inbound_port(port);
+        let limits = &shared.config.limits;
+        // Stage: detect on the socket, only where plaintext is allowed.
+        let is_tls = match settings.mode {
+            TlsMode::Strict => true,
+            TlsMode::PermissiveAllowPlaintext => {
+                match detect::detect_socket(&accepted.stream, limits.http.detect_timeout).await {
+                    Ok(Protocol::Tls) => true,
+                    Ok(Protocol::Http1 | Protocol::Http2 | Protocol::Opaque) => false,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection failed before detection");
+                        return;
+                    }
+                }
+            }
         };
-        let server_cfg = configs.server[0].clone();
-        drop(configs);
-        let authn = match tls::terminate(
-            accepted,
-            server_cfg,
-            shared.config.limits.handshake_timeout,
-        )
-        .await
-        {
-            Ok(a) => a,
+        let authn = if is_tls {
+            let Some(configs) = shared.identity() else {
+                // No identity yet (or it expired): refuse rather than present nothing.
+                tracing::info!("connection refused: no identity");
+                metrics::handshake(Direction::Inbound, "no_identity");
+                return;
+            };
+            let server_cfg = configs.server[0].clone();
+            drop(configs);
+            match tls::terminate(accepted, server_cfg, limits.handshake_timeout).await {
+                Ok(a) => {
+                    metrics::handshake(Direction::Inbound, "ok");
+                    a
+                }
+                Err(e) => {
+                    tracing::info!(reason = e.label(), error = %e, "handshake failed");
+                    metrics::handshake(Direction::Inbound, e.label());
+                    return;
+                }
+            }
+        } else {
+            tls::allow_plaintext(accepted)
+        };
+        if let Some(p) = &authn.peer {
+            tracing::Span::current().record("peer.id", field::display(&p.id));
+        }
+        // Stage: detect inside TLS (or on the plaintext stream).
+        let (protocol, authn) = match detect_inner(authn, settings.protocol, limits).await {
+            Ok(x) => x,
             Err(e) => {
-                tracing::info!(reason = e.label(), error = %e, "handshake failed");
-                metrics::handshake(Direction::Inbound, e.label());
+                tracing::debug!(error = %e, "connection failed before detection");
                 return;
             }
         };
-        metrics::handshake(Direction::Inbound, "ok");
-        tracing::Span::current().record("peer.id", field::display(&authn.peer.id));
-        let (app, port) = target.resolve(authn.orig_dst.0);
+        metrics::detected(Direction::Inbound, protocol.as_str_protocol());
+        tracing::Span::current().record("protocol", protocol.as_str());
+        if let Some(serve) = protocol.serve_version() {
+            let conn = http::InboundConn {
+                source: authn.client.0,
+                destination: authn.orig_dst.0,
+                tls: authn.peer.is_some(),
+                peer: authn.peer,
+                port,
+                app,
+                serve,
+                app_version: match settings.protocol {
+                    DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => http::AppVersion::Http2,
+                    DeclaredProtocol::Detect
+                    | DeclaredProtocol::Opaque
+                    | DeclaredProtocol::Http => http::AppVersion::AsReceived,
+                },
+                grpc_port: settings.protocol == DeclaredProtocol::Grpc,
+            };
+            let slot = authn.slot;
+            http::serve(authn.stream, conn, shared.clone(), watch).await;
+            drop(slot);
+            return;
+        }
         let permitted = match authz::authorize(authn, port, &shared.config.authorizer) {
             Ok(p) => p,
             Err(denied) => {
                 let (conn, denial) = *denied;
                 tracing::info!(
-                    peer.id = %conn.peer.id,
+                    peer.id = conn.peer.as_ref().map(|p| p.id.as_str()).unwrap_or("-"),
                     dst.port = port,
                     reason = denial.reason.as_str(),
                     authz.policy = denial.policy.as_deref().unwrap_or("-"),
@@ -117,7 +169,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>) {
                 return;
             }
         };
-        match forward::forward_inbound(permitted, app, shared.config.limits.connect_timeout).await {
+        match forward::forward_inbound(permitted, app, limits.connect_timeout).await {
             Ok(t) => {
                 metrics::bytes(Direction::Inbound, t.to_target, t.to_client);
                 tracing::debug!(
@@ -137,4 +189,62 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>) {
     }
     .instrument(span)
     .await
+}
+
+/// What the decrypted stream carries, after declarations and detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inner {
+    /// Declared or detected HTTP, served with these versions.
+    Http(http::ServeVersion),
+    /// Opaque TCP.
+    Opaque,
+}
+
+impl Inner {
+    fn serve_version(self) -> Option<http::ServeVersion> {
+        match self {
+            Inner::Http(v) => Some(v),
+            Inner::Opaque => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        self.as_str_protocol().as_str()
+    }
+
+    fn as_str_protocol(self) -> Protocol {
+        match self {
+            Inner::Http(http::ServeVersion::Http2) => Protocol::Http2,
+            Inner::Http(http::ServeVersion::Http1 | http::ServeVersion::Auto) => Protocol::Http1,
+            Inner::Opaque => Protocol::Opaque,
+        }
+    }
+}
+
+/// Declared protocols skip detection; otherwise the first decrypted bytes
+/// decide, replayed afterwards. ALPN `h2` only says the peer is a sidecar
+/// that can speak HTTP/2: it also tunnels other bytes on such connections.
+async fn detect_inner(
+    mut authn: Authenticated,
+    declared: DeclaredProtocol,
+    limits: &crate::config::Limits,
+) -> std::io::Result<(Inner, Authenticated)> {
+    let inner = match declared {
+        DeclaredProtocol::Opaque => Inner::Opaque,
+        DeclaredProtocol::Http if authn.alpn_h2 => Inner::Http(http::ServeVersion::Http2),
+        DeclaredProtocol::Http => Inner::Http(http::ServeVersion::Auto),
+        DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(http::ServeVersion::Http2),
+        DeclaredProtocol::Detect => {
+            let (p, rewound) =
+                detect::detect_stream(authn.stream, limits.http.detect_timeout).await?;
+            authn.stream = Box::new(rewound);
+            match p {
+                Protocol::Http1 => Inner::Http(http::ServeVersion::Http1),
+                Protocol::Http2 => Inner::Http(http::ServeVersion::Http2),
+                // TLS inside TLS is the app's own: opaque to us.
+                Protocol::Tls | Protocol::Opaque => Inner::Opaque,
+            }
+        }
+    };
+    Ok((inner, authn))
 }

@@ -1,7 +1,11 @@
 //! The proxy's metrics: names, units and descriptions in one place, label
 //! values from closed enums only (no peer-chosen strings).
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 
 use crate::config::Direction;
 
@@ -20,6 +24,15 @@ pub const AUTHZ_DECISIONS: &str = "rampart_authz_decisions_total";
 /// Connections that failed before or while forwarding.
 pub const FORWARD_ERRORS: &str = "rampart_forward_errors_total";
 
+/// HTTP requests answered, by status class.
+pub const HTTP_REQUESTS: &str = "rampart_http_requests_total";
+/// Time to response head, per request.
+pub const HTTP_DURATION: &str = "rampart_http_request_duration_seconds";
+/// Requests answered by the sidecar itself, by reason.
+pub const HTTP_LOCAL_ERRORS: &str = "rampart_http_local_responses_total";
+/// Connections by detected protocol.
+pub const DETECTED: &str = "rampart_detected_protocol_total";
+
 /// Registers descriptions with the installed recorder.
 pub fn describe() {
     describe_counter!(CONNECTIONS_OPENED, Unit::Count, "TCP connections accepted");
@@ -29,6 +42,18 @@ pub fn describe() {
     describe_counter!(TLS_HANDSHAKES, Unit::Count, "TLS handshakes by result");
     describe_counter!(AUTHZ_DECISIONS, Unit::Count, "Authorization decisions");
     describe_counter!(FORWARD_ERRORS, Unit::Count, "Failures to reach a target");
+    describe_counter!(HTTP_REQUESTS, Unit::Count, "HTTP requests answered");
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "Time from request head to response head"
+    );
+    describe_counter!(
+        HTTP_LOCAL_ERRORS,
+        Unit::Count,
+        "HTTP requests answered by the sidecar (refusals, app failures)"
+    );
+    describe_counter!(DETECTED, Unit::Count, "Connections by detected protocol");
 }
 
 /// Counts a connection for as long as it lives.
@@ -73,4 +98,29 @@ pub fn decision(action: &'static str, reason: &'static str) {
 /// Counts a forwarding failure.
 pub fn forward_error(direction: Direction, reason: &'static str) {
     counter!(FORWARD_ERRORS, "direction" => direction.as_str(), "reason" => reason).increment(1);
+}
+
+/// Counts an answered HTTP request and its latency.
+pub fn http_request(direction: Direction, status: http::StatusCode, elapsed: Duration) {
+    let class = match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    let d = direction.as_str();
+    counter!(HTTP_REQUESTS, "direction" => d, "status_class" => class).increment(1);
+    histogram!(HTTP_DURATION, "direction" => d).record(elapsed.as_secs_f64());
+}
+
+/// Counts a request the sidecar answered itself.
+pub fn http_local_error(direction: Direction, reason: &'static str) {
+    counter!(HTTP_LOCAL_ERRORS, "direction" => direction.as_str(), "reason" => reason).increment(1);
+}
+
+/// Counts a connection's detected protocol.
+pub fn detected(direction: Direction, protocol: crate::detect::Protocol) {
+    counter!(DETECTED, "direction" => direction.as_str(), "protocol" => protocol.as_str())
+        .increment(1);
 }

@@ -1,6 +1,6 @@
 //! The outbound pipeline: accept -> orig_dst -> route (mesh or passthrough)
-//! -> tls (originate, verify the server's SPIFFE ID during the handshake)
-//! -> forward.
+//! -> detect (HTTP/1.1 goes to `pool`) -> tls (originate, verify the
+//! server's SPIFFE ID during the handshake) -> forward.
 
 use std::sync::Arc;
 
@@ -8,9 +8,10 @@ use tracing::{Instrument, field};
 
 use crate::accept::{Accepted, Listener};
 use crate::config::{Direction, OutboundRoute};
+use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::server::Shared;
-use crate::{forward, metrics, tls};
+use crate::{forward, metrics, pool, tls};
 
 /// How an outbound listener picks the server identity to expect.
 #[derive(Debug, Clone, Copy)]
@@ -37,10 +38,7 @@ pub async fn serve(
             Ok(Ok(a)) => {
                 let shared = shared.clone();
                 let w = watch.clone();
-                tokio::spawn(async move {
-                    handle(a, choice, shared).await;
-                    drop(w);
-                });
+                tokio::spawn(handle(a, choice, shared, w));
             }
             Ok(Err((e, client))) => {
                 tracing::info!(src.addr = %client.0, error = %e, "outbound connection refused");
@@ -51,7 +49,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>) {
+async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, watch: Watch) {
     let _gauge = metrics::ConnectionGauge::open(Direction::Outbound);
     let dst = accepted.orig_dst.0;
     let span = tracing::info_span!(
@@ -99,6 +97,26 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>) {
         };
         let client_cfg = configs.client[index].clone();
         drop(configs);
+        // Stage: detect. HTTP/1.1 from the app rides the pooled HTTP/2
+        // connection to the peer sidecar; everything else is tunneled.
+        if !shared.config.outbound.opaque_ports.contains(&dst.port()) {
+            match detect::detect_socket(&accepted.stream, limits.http.detect_timeout).await {
+                Ok(Protocol::Http1) => {
+                    metrics::detected(Direction::Outbound, Protocol::Http1);
+                    let Accepted { stream, _slot, .. } = accepted;
+                    pool::serve(stream, dst, index, shared.clone(), watch).await;
+                    drop(_slot);
+                    return;
+                }
+                Ok(p @ (Protocol::Http2 | Protocol::Tls | Protocol::Opaque)) => {
+                    metrics::detected(Direction::Outbound, p);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed before detection");
+                    return;
+                }
+            }
+        }
         let upstream = match forward::connect(dst, limits.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {

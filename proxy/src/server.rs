@@ -21,6 +21,10 @@ use crate::outbound::{self, ServerChoice};
 pub struct Shared {
     /// The plan.
     pub config: ProxyConfig,
+    /// The inbound HTTP server settings and app connection pools.
+    pub http: crate::http::InboundHttp,
+    /// The outbound HTTP server settings and sidecar-to-sidecar HTTP/2 pools.
+    pub outbound_http: crate::pool::OutboundHttp,
     identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
     listening: AtomicBool,
     draining: AtomicBool,
@@ -110,6 +114,12 @@ pub fn bind(
     })?;
     Ok(BoundProxy {
         shared: Arc::new(Shared {
+            http: crate::http::InboundHttp::new(&config.limits),
+            outbound_http: crate::pool::OutboundHttp::new(
+                &config.limits,
+                config.tls_spec().client.len(),
+                identity.clone(),
+            ),
             config,
             identity,
             listening: AtomicBool::new(false),

@@ -10,6 +10,7 @@ use rampart_identity::PeerIdentity;
 use rampart_identity::verify::{PeerNotAllowed, UnknownTrustDomain, peer_identity};
 use rustls::{CertificateError, ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -89,19 +90,58 @@ impl HandshakeError {
     }
 }
 
-/// An inbound connection whose peer has been authenticated.
-#[derive(Debug)]
+/// A byte stream of any kind (TLS, plaintext, replayed); the pipeline
+/// boxes streams at the `tls` stage boundary so later stages are not generic.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A boxed stream.
+pub type BoxedIo = Box<dyn Io>;
+
+/// An inbound connection past the TLS stage: mTLS with a verified peer, or
+/// plaintext on a PERMISSIVE port with no peer.
 pub struct Authenticated {
     /// What was known at accept.
     pub client: crate::accept::ClientAddr,
     /// The destination.
     pub orig_dst: crate::accept::OrigDstAddr,
-    /// The verified peer.
-    pub peer: PeerIdentity,
-    /// The decrypted stream.
-    pub stream: ServerTls,
+    /// The verified peer; `None` for plaintext.
+    pub peer: Option<PeerIdentity>,
+    /// The decrypted (or plaintext) stream.
+    pub stream: BoxedIo,
+    /// Whether the peer negotiated `h2` by ALPN.
+    pub alpn_h2: bool,
     /// The listener slot.
     pub slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Authenticated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticated")
+            .field("client", &self.client)
+            .field("orig_dst", &self.orig_dst)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accepts a plaintext connection on a PERMISSIVE port: no TLS, no peer.
+/// The name says what it weakens.
+pub fn allow_plaintext(accepted: Accepted) -> Authenticated {
+    let Accepted {
+        client,
+        orig_dst,
+        stream,
+        _slot: slot,
+    } = accepted;
+    Authenticated {
+        client,
+        orig_dst,
+        peer: None,
+        stream: Box::new(stream),
+        alpn_h2: false,
+        slot,
+    }
 }
 
 /// Terminates mTLS on an accepted connection.
@@ -122,11 +162,13 @@ pub async fn terminate(
         .map_err(HandshakeError::classify)?;
     let peer =
         peer_identity(tls.get_ref().1.peer_certificates()).ok_or(HandshakeError::NoPeerId)?;
+    let alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     Ok(Authenticated {
         client,
         orig_dst,
-        peer,
-        stream: tls,
+        peer: Some(peer),
+        stream: Box::new(tls),
+        alpn_h2,
         slot,
     })
 }

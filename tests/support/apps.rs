@@ -44,6 +44,16 @@ pub fn tls_client(addr: SocketAddr) -> Vec<String> {
     script(TLS_CLIENT, [addr.ip().to_string(), addr.port().to_string()])
 }
 
+/// An HTTP/1.1 app named `name` (keep-alive): `GET /data` answers
+/// `Hi <name> client!`, `/slow` answers after 3 s and `/pause` after 0.5 s,
+/// `POST` reads the body (Content-Length or chunked) and answers its length
+/// and SHA-256; every answer carries the path and `x-forwarded-client-cert`
+/// it received as `x-app-path` and `x-app-xfcc`. Prints `<METHOD> <path>`
+/// per request.
+pub fn http_app(port: u16, name: &str) -> Vec<String> {
+    script(HTTP_APP, [port.to_string(), name.to_owned()])
+}
+
 /// The python3 the apps run with: the system one when there is one, since
 /// a per-user install (pyenv under /root) is not reachable by other UIDs.
 pub fn python() -> Option<String> {
@@ -136,4 +146,98 @@ try:
             print("handshake ok")
 except (OSError, ssl.SSLError) as e:
     print("handshake failed: %s" % e)
+"#;
+
+const HTTP_APP: &str = r#"
+import hashlib, sys, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+port, name = int(sys.argv[1]), sys.argv[2]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def reply(self, body):
+        print(self.command, self.path, flush=True)
+        b = body.encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(b)))
+        self.send_header("x-app-path", self.path)
+        self.send_header("x-app-xfcc", self.headers.get("x-forwarded-client-cert", "-"))
+        self.end_headers()
+        self.wfile.write(b)
+    def do_GET(self):
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        if self.path.startswith("/pause"):
+            time.sleep(0.5)
+        self.reply(f"Hi {name} client!" if self.path == "/data" else f"{name} {self.path}")
+    def do_POST(self):
+        h, total = hashlib.sha256(), 0
+        if "chunked" in self.headers.get("transfer-encoding", ""):
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                data = self.rfile.read(size)
+                self.rfile.readline()
+                h.update(data)
+                total += size
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+        else:
+            left = int(self.headers.get("content-length", "0"))
+            while left:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    break
+                h.update(chunk)
+                total += len(chunk)
+                left -= len(chunk)
+        self.reply(f"{total} {h.hexdigest()}")
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+/// Whether the python3 the apps run with has grpcio.
+pub fn has_grpcio() -> bool {
+    python().is_some_and(|py| {
+        std::process::Command::new(py)
+            .args(["-c", "import grpc"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// A gRPC server (grpcio, generic handlers, raw bytes): `/demo.Greeter/Hello`
+/// and `/demo.Greeter/Secret` answer `hello <request>`.
+pub fn grpc_server(port: u16) -> Vec<String> {
+    script(GRPC_SERVER, [port.to_string()])
+}
+
+/// A gRPC client: calls `method` (e.g. `/demo.Greeter/Hello`) at `addr`
+/// with `world`; prints `OK <reply>` or `ERR <status code name> <details>`.
+pub fn grpc_client(addr: SocketAddr, method: &str) -> Vec<String> {
+    script(GRPC_CLIENT, [addr.to_string(), method.to_owned()])
+}
+
+const GRPC_SERVER: &str = r#"
+import sys, time
+from concurrent import futures
+import grpc
+def hello(req, ctx):
+    return b"hello " + req
+handlers = {m: grpc.unary_unary_rpc_method_handler(hello) for m in ("Hello", "Secret")}
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Greeter", handlers),))
+server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
+server.start()
+server.wait_for_termination()
+"#;
+
+const GRPC_CLIENT: &str = r#"
+import sys
+import grpc
+with grpc.insecure_channel(sys.argv[1]) as ch:
+    try:
+        reply = ch.unary_unary(sys.argv[2])(b"world", timeout=10)
+        print("OK", reply.decode())
+    except grpc.RpcError as e:
+        print("ERR", e.code().name, e.details())
 "#;

@@ -25,6 +25,7 @@ pub mod apps;
 mod capture;
 mod net;
 mod process;
+pub mod sidecar;
 mod tmp;
 
 pub use capture::{Capture, Direction, FirstPayloads, Segment, looks_like_tls};

@@ -1,0 +1,606 @@
+//! Inbound HTTP: serves a detected HTTP connection (after `tls`) with hyper,
+//! authorizes every request on its normalized path, and forwards permitted
+//! requests to the app over a pool of plaintext connections.
+//!
+//! Bodies and trailers stream through untouched in both directions (hyper's
+//! bounded buffers and HTTP/2 flow control apply); only heads are rewritten:
+//! normalized path, hop-by-hop fields removed (RFC 9110 §7.6.1),
+//! `x-forwarded-client-cert` set (SPECS §5), policy effects applied.
+//! Local answers (400, 403, 502, 504, ...) come from [`LocalError`], which
+//! maps each failure to a status, a gRPC status and a metric label.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rampart_authz::input::XFCC;
+use rampart_authz::{
+    ConnectionInfo, Decision, Denial, HttpProtocol, PathError, Permit, RequestInfo, grpc_method_of,
+    normalize_path,
+};
+use rampart_identity::{PeerIdentity, SpiffeId};
+
+use crate::config::{Direction, Limits, XfccMode};
+use crate::drain::Watch;
+use crate::server::Shared;
+use crate::tls::BoxedIo;
+
+/// Response bodies: the app's, streamed, or a short local one.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Which HTTP versions the server side accepts on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeVersion {
+    /// HTTP/1.x only (detected request line).
+    Http1,
+    /// HTTP/2 only (detected preface, ALPN `h2`, or a declared h2/gRPC port).
+    Http2,
+    /// Either, told apart by hyper (declared `http` ports).
+    Auto,
+}
+
+/// Which HTTP version requests are sent to the app with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppVersion {
+    /// The version the request arrived with.
+    AsReceived,
+    /// Always HTTP/2 (declared `http2` and `grpc` ports).
+    Http2,
+}
+
+/// Built once per sidecar: the server builder and the app connection pools.
+pub struct InboundHttp {
+    server: auto::Builder<TokioExecutor>,
+    server_h1: auto::Builder<TokioExecutor>,
+    server_h2: auto::Builder<TokioExecutor>,
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+}
+
+impl std::fmt::Debug for InboundHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundHttp").finish_non_exhaustive()
+    }
+}
+
+impl InboundHttp {
+    /// Applies the configured limits.
+    pub fn new(limits: &Limits) -> Self {
+        let l = &limits.http;
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(l.header_read_timeout)
+            // hyper answers 431 past either limit. Its buffer minimum is 8 KiB.
+            .max_buf_size(l.max_header_bytes.max(8192))
+            .max_headers(l.max_headers);
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(l.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX));
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(limits.connect_timeout));
+        let client = |h2: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(l.pool_idle_timeout)
+                .http2_only(h2)
+                .build(connector.clone())
+        };
+        InboundHttp {
+            server_h1: server.clone().http1_only(),
+            server_h2: server.clone().http2_only(),
+            server,
+            h1: client(false),
+            h2: client(true),
+        }
+    }
+}
+
+/// What the HTTP stage knows about one inbound connection.
+#[derive(Debug)]
+pub struct InboundConn {
+    /// The verified peer, `None` for plaintext.
+    pub peer: Option<PeerIdentity>,
+    /// Where the connection came from.
+    pub source: SocketAddr,
+    /// Where it was going.
+    pub destination: SocketAddr,
+    /// The port policies see.
+    pub port: u16,
+    /// The app.
+    pub app: SocketAddr,
+    /// Whether the connection was mTLS (the request scheme policies see).
+    pub tls: bool,
+    /// Server-side HTTP versions.
+    pub serve: ServeVersion,
+    /// App-side HTTP version.
+    pub app_version: AppVersion,
+    /// Whether the port is declared gRPC (local errors as gRPC statuses).
+    pub grpc_port: bool,
+}
+
+/// Serves HTTP on `stream` until the peer closes or the drain completes it.
+pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut watch: Watch) {
+    let local_id = shared.identity().map(|c| c.svid.id.clone());
+    let Ok(app_authority) = Authority::try_from(conn.app.to_string()) else {
+        // Invariant: a socket address is a valid authority.
+        tracing::error!(app = %conn.app, "app address is not an authority");
+        return;
+    };
+    let xfcc = xfcc_value(&conn, local_id.as_ref());
+    let handler = Arc::new(Handler {
+        shared: shared.clone(),
+        local_id,
+        xfcc,
+        app_authority,
+        conn,
+    });
+    let serve_version = handler.conn.serve;
+    let service = hyper::service::service_fn(move |req| {
+        let h = handler.clone();
+        async move { Ok::<_, Infallible>(h.handle(req).await) }
+    });
+    let builder = match serve_version {
+        ServeVersion::Http1 => &shared.http.server_h1,
+        ServeVersion::Http2 => &shared.http.server_h2,
+        ServeVersion::Auto => &shared.http.server,
+    };
+    let stream: BoxedIo = match serve_version {
+        ServeVersion::Http1 => Box::new(crate::smuggling::SmugglingGuard::new(
+            stream,
+            shared.config.limits.http.max_header_bytes,
+        )),
+        ServeVersion::Http2 | ServeVersion::Auto => stream,
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = watch.signaled() => {
+            // GOAWAY on HTTP/2; on HTTP/1 keep-alive is disabled, so the
+            // in-flight response carries `connection: close`.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+struct Handler {
+    shared: Arc<Shared>,
+    local_id: Option<SpiffeId>,
+    /// Our XFCC element for this connection, computed once.
+    xfcc: Option<HeaderValue>,
+    app_authority: Authority,
+    conn: InboundConn,
+}
+
+impl Handler {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let grpc = self.conn.grpc_port || is_grpc(req.headers());
+        let resp = match self.route(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(reason = e.label(), error = %e, "request refused");
+                crate::metrics::http_local_error(Direction::Inbound, e.label());
+                e.into_response(grpc, self.local_id.as_ref())
+            }
+        };
+        crate::metrics::http_request(Direction::Inbound, resp.status(), start.elapsed());
+        resp
+    }
+
+    /// The authorization stage for one request, then forwarding.
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, LocalError> {
+        // Request smuggling (Content-Length with Transfer-Encoding) is
+        // settled by hyper before we see the request, as RFC 9112 §6.3
+        // allows: chunked wins, Content-Length is dropped and the
+        // connection closes after this exchange.
+        let headers = req.headers();
+        let raw = req
+            .uri()
+            .path_and_query()
+            .map(PathAndQuery::as_str)
+            .ok_or(LocalError::NoPath)?;
+        let authorizer = &self.shared.config.authorizer;
+        let norm = normalize_path(raw, authorizer.normalize_options())?;
+        let authority = match headers.get(header::HOST) {
+            Some(h) => h.to_str().unwrap_or(""),
+            None => req.uri().authority().map(Authority::as_str).unwrap_or(""),
+        };
+        let protocol = match req.version() {
+            Version::HTTP_10 | Version::HTTP_09 => HttpProtocol::Http10,
+            Version::HTTP_2 | Version::HTTP_3 => HttpProtocol::Http2,
+            _ => HttpProtocol::Http11,
+        };
+        let conn_info = match &self.conn.peer {
+            Some(p) => ConnectionInfo::new(Some(&p.id), self.conn.source.ip(), self.conn.port)
+                .with_peer_dns(&p.dns_names),
+            None => ConnectionInfo::new(None, self.conn.source.ip(), self.conn.port),
+        };
+        let info = RequestInfo {
+            method: req.method(),
+            authority,
+            path: &norm.path,
+            raw_path_and_query: raw,
+            query: norm.query,
+            headers,
+            protocol,
+            scheme: if self.conn.tls { "https" } else { "http" },
+            grpc_method: grpc_method_of(&norm.path, headers),
+            source: self.conn.source,
+            destination: self.conn.destination,
+            local_identity: self.local_id.as_ref(),
+            peer_cert_sha256: self.conn.peer.as_ref().map(|p| p.cert_sha256.as_str()),
+        };
+        let permit = match authorizer.check_request(&conn_info, &info) {
+            Decision::Allow(p) => {
+                crate::metrics::decision("allow", "matched");
+                p
+            }
+            Decision::Deny(d) => {
+                crate::metrics::decision("deny", d.reason.as_str());
+                return Err(LocalError::Denied(Box::new(d)));
+            }
+        };
+        let path = if norm.is_rewritten() {
+            PathAndQuery::try_from(&*norm.path_and_query())
+                .map_err(|_| LocalError::BadPath(PathError::Empty))?
+        } else {
+            // Invariant: `raw` came from this path_and_query.
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .ok_or(LocalError::NoPath)?
+        };
+        self.forward(permit, req, path).await
+    }
+
+    /// Sends a permitted request to the app. Taking the [`Permit`] makes
+    /// forwarding an unauthorized request a type error.
+    async fn forward(
+        &self,
+        permit: Permit,
+        req: Request<Incoming>,
+        path: PathAndQuery,
+    ) -> Result<Response<ProxyBody>, LocalError> {
+        let (mut parts, body) = req.into_parts();
+        let h = &mut parts.headers;
+        strip_hop_by_hop(h);
+        // An HTTP/2 request names its authority in the URI only; HTTP/1
+        // needs it as Host.
+        if !h.contains_key(header::HOST)
+            && let Some(a) = parts.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            h.insert(header::HOST, v);
+        }
+        self.set_xfcc(h);
+        if let Some(effects) = permit.effects() {
+            for name in &effects.request_headers_to_remove {
+                h.remove(name);
+            }
+            for (name, value) in &effects.headers {
+                h.insert(name.clone(), value.clone());
+            }
+        }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(self.app_authority.clone());
+        uri.path_and_query = Some(path);
+        parts.uri = Uri::from_parts(uri).map_err(|_| LocalError::NoPath)?;
+        // Requests an outbound sidecar carried over HTTP/2 say what the
+        // calling app spoke.
+        let was_h1 = parts
+            .headers
+            .remove(crate::pool::ORIG_PROTO)
+            .is_some_and(|v| v.as_bytes() == b"HTTP/1.1");
+        let h2 = match self.conn.app_version {
+            AppVersion::Http2 => true,
+            AppVersion::AsReceived => parts.version == Version::HTTP_2 && !was_h1,
+        };
+        let client = if h2 {
+            parts.version = Version::HTTP_2;
+            // HTTP/2 carries the authority in the URI; a Host beside it
+            // would disagree with it.
+            parts.headers.remove(header::HOST);
+            &self.shared.http.h2
+        } else {
+            parts.version = Version::HTTP_11;
+            &self.shared.http.h1
+        };
+        let timeout = self.shared.config.limits.http.response_timeout;
+        let sent = client.request(Request::from_parts(parts, body));
+        let resp = match tokio::time::timeout(timeout, sent).await {
+            Err(_) => return Err(LocalError::AppTimeout),
+            Ok(Err(e)) => return Err(LocalError::AppUnreachable(e)),
+            Ok(Ok(r)) => r,
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(effects) = permit.effects() {
+            for (name, value) in &effects.response_headers_to_add {
+                parts.headers.append(name.clone(), value.clone());
+            }
+        }
+        tracing::debug!(
+            authz.policy = permit.policy(),
+            authz.rule = permit.rule(),
+            status = parts.status.as_u16(),
+            "request forwarded"
+        );
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    fn set_xfcc(&self, h: &mut HeaderMap) {
+        match self.shared.config.inbound.xfcc {
+            XfccMode::SanitizeSet => {
+                h.remove(XFCC);
+                if let Some(v) = &self.xfcc {
+                    h.insert(XFCC, v.clone());
+                }
+            }
+            XfccMode::AppendForward => {
+                if let Some(v) = &self.xfcc {
+                    h.append(XFCC, v.clone());
+                }
+            }
+            XfccMode::Sanitize => {
+                h.remove(XFCC);
+            }
+        }
+    }
+}
+
+/// Our XFCC element for an authenticated peer, computed once per connection
+/// with authz's own formatter, so the header the app sees is the one Rego
+/// policies see.
+fn xfcc_value(conn: &InboundConn, local_id: Option<&SpiffeId>) -> Option<HeaderValue> {
+    let peer = conn.peer.as_ref()?;
+    let info = ConnectionInfo::new(Some(&peer.id), conn.source.ip(), conn.port)
+        .with_peer_dns(&peer.dns_names);
+    // Only the identity fields of a request matter to the XFCC element.
+    let headers = HeaderMap::new();
+    let req = RequestInfo {
+        method: &http::Method::GET,
+        authority: "",
+        path: "/",
+        raw_path_and_query: "/",
+        query: None,
+        headers: &headers,
+        protocol: HttpProtocol::Http11,
+        scheme: "https",
+        grpc_method: None,
+        source: conn.source,
+        destination: conn.destination,
+        local_identity: local_id,
+        peer_cert_sha256: Some(&peer.cert_sha256),
+    };
+    let element = rampart_authz::input::xfcc_element(&info, &req)?;
+    HeaderValue::try_from(element).ok()
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every
+/// field it names, plus the fields that are hop-by-hop by definition. `TE`
+/// survives only as `trailers`, which gRPC requires.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        // Rare on the hot path (HTTP/2 forbids it): allocation is fine here.
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(header::CONNECTION);
+    }
+    for name in [
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    if h.get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        h.remove(header::TE);
+    }
+}
+
+/// Why a request was answered by the sidecar itself.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The request has no origin-form target (authority-form, `*`).
+    #[error("request has no path")]
+    NoPath,
+    /// The path cannot be normalized safely (the client's fault).
+    #[error("bad request path: {}", .0.as_str())]
+    BadPath(#[from] PathError),
+    /// Policy refused.
+    #[error("denied: {}", .0.explain())]
+    Denied(Box<Denial>),
+    /// The app refused, reset or broke the exchange.
+    #[error("app unreachable: {0}")]
+    AppUnreachable(hyper_util::client::legacy::Error),
+    /// The app did not answer in time.
+    #[error("app did not answer in time")]
+    AppTimeout,
+}
+
+impl LocalError {
+    /// Fixed metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            LocalError::NoPath => "no_path",
+            LocalError::BadPath(_) => "bad_path",
+            LocalError::Denied(_) => "denied",
+            LocalError::AppUnreachable(_) => "app_unreachable",
+            LocalError::AppTimeout => "app_timeout",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            LocalError::NoPath => StatusCode::BAD_REQUEST,
+            LocalError::BadPath(e) => e.http_status(),
+            LocalError::Denied(d) => d.http_status(),
+            LocalError::AppUnreachable(_) => StatusCode::BAD_GATEWAY,
+            LocalError::AppTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The gRPC status code (grpc/doc/http-grpc-status-mapping.md, with
+    /// PERMISSION_DENIED for policy refusals).
+    pub fn grpc_status(&self) -> u8 {
+        match self {
+            LocalError::NoPath | LocalError::BadPath(_) => 13,
+            LocalError::Denied(_) => 7,
+            LocalError::AppUnreachable(_) => 14,
+            LocalError::AppTimeout => 4,
+        }
+    }
+
+    /// The response sent to the client.
+    pub fn into_response(self, grpc: bool, local_id: Option<&SpiffeId>) -> Response<ProxyBody> {
+        let status = self.status();
+        let mut extra: Vec<(HeaderName, HeaderValue)> = Vec::new();
+        let body = match &self {
+            LocalError::Denied(d) => {
+                if let Some(r) = &d.response {
+                    extra.extend(r.headers.iter().cloned());
+                }
+                match d.response.as_deref() {
+                    Some(r) if !r.body.is_empty() => r.body.clone(),
+                    _ => denial_body(d, local_id),
+                }
+            }
+            other => format!("{other}\n"),
+        };
+        let mut resp = if grpc {
+            // Trailers-only: one HEADERS frame with END_STREAM (an empty body).
+            let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert(
+                "grpc-status",
+                HeaderValue::from(u16::from(self.grpc_status())),
+            );
+            if let Ok(v) = HeaderValue::try_from(grpc_message(body.trim_end())) {
+                h.insert("grpc-message", v);
+            }
+            r
+        } else {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+            *r.status_mut() = status;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        };
+        for (n, v) in extra {
+            resp.headers_mut().append(n, v);
+        }
+        resp
+    }
+}
+
+/// `RBAC: access denied by <our ID> policy <name>`: which workload's policy
+/// refused, for the caller's operator (scenario 1, case 4).
+fn denial_body(d: &Denial, local_id: Option<&SpiffeId>) -> String {
+    let who = local_id.map(SpiffeId::as_str).unwrap_or("this workload");
+    match &d.policy {
+        Some(p) => format!("RBAC: access denied by {who} policy {p}\n"),
+        None => format!("RBAC: access denied by {who}: {}\n", d.reason.describe()),
+    }
+}
+
+/// Percent-encodes a grpc-message value (gRPC over HTTP/2 spec).
+fn grpc_message(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["te", "x-kept"]);
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(grpc_message("a b%\u{e9}"), "a b%25%C3%A9");
+    }
+
+    #[test]
+    fn local_errors_map_to_statuses() {
+        let cases = [
+            (LocalError::NoPath, 400, 13),
+            (LocalError::AppTimeout, 504, 4),
+        ];
+        for (e, http, grpc) in cases {
+            assert_eq!(e.status().as_u16(), http, "{e}");
+            assert_eq!(e.grpc_status(), grpc, "{e}");
+        }
+    }
+}

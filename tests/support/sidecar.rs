@@ -1,0 +1,208 @@
+//! Sidecars on loopback with explicit listeners, no namespaces or root:
+//! a PKI made by the real CLI, `rampart run` processes killed on drop, and
+//! local app processes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::rampart_bin;
+
+/// A loopback address with a port nobody listens on (yet), never the same
+/// twice in one test binary: the kernel may hand a released port out again
+/// before its first taker binds it.
+pub fn free_addr() -> SocketAddr {
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut taken = TAKEN.lock().unwrap();
+        if !taken.contains(&addr.port()) {
+            taken.push(addr.port());
+            return addr;
+        }
+    }
+}
+
+/// Runs the CLI to completion.
+pub fn rampart(args: &[&str]) -> std::process::Output {
+    Command::new(rampart_bin())
+        .args(args)
+        .output()
+        .expect("run rampart")
+}
+
+/// A PKI in a temp dir: one CA and SVIDs issued by the real CLI.
+pub struct Pki {
+    /// The directory (CA, SVIDs, configurations, logs).
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// A new CA.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        let out = rampart(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        Pki { dir }
+    }
+
+    /// Issues an SVID for `id` into `<dir>/<name>`.
+    pub fn issue(&self, id: &str, name: &str) -> PathBuf {
+        let out_dir = self.dir.path().join(name);
+        let ca = self.dir.path().join("ca");
+        let out = rampart(&[
+            "ca",
+            "issue",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--spiffe-id",
+            id,
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        out_dir
+    }
+
+    /// Issues an SVID for `id` and starts a sidecar with it; `body` is the
+    /// configuration after `identity`, `admin` and `log`.
+    pub fn sidecar(&self, id: &str, body: &str) -> Sidecar {
+        let name = id.rsplit('/').next().unwrap();
+        let svid = self.issue(id, name);
+        Sidecar::start(self.dir.path(), name, &svid, body)
+    }
+}
+
+/// A running sidecar, killed on drop.
+pub struct Sidecar {
+    child: Child,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Sidecar {
+    /// Writes its configuration and starts it; returns once it is ready.
+    pub fn start(dir: &Path, name: &str, svid: &Path, body: &str) -> Sidecar {
+        let admin = free_addr();
+        let cfg = format!(
+            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: debug}}\n{body}",
+            s = svid.display()
+        );
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, cfg).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(rampart_bin())
+            .args(["run", "--config", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let s = Sidecar { child, admin, log };
+        s.wait_ready();
+        s
+    }
+
+    /// The status of an admin GET, if it answered.
+    pub fn get(&self, path: &str) -> Option<u16> {
+        let mut c = TcpStream::connect(self.admin).ok()?;
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut s = String::new();
+        c.read_to_string(&mut s).ok()?;
+        s.split(' ').nth(1)?.parse().ok()
+    }
+
+    /// The admin `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let mut c = TcpStream::connect(self.admin).unwrap();
+        write!(
+            c,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.get("/ready") == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("sidecar not ready:\n{}", self.logs());
+    }
+
+    /// Its log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A local process (an app), killed on drop; stdout goes to a file.
+pub struct LocalProc {
+    child: Child,
+    stdout: PathBuf,
+}
+
+impl LocalProc {
+    /// Starts `argv` with stdout captured in `dir`.
+    pub fn spawn(argv: &[String], dir: &Path, name: &str) -> LocalProc {
+        let stdout = dir.join(format!("{name}.stdout"));
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        LocalProc { child, stdout }
+    }
+
+    /// What it printed so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+}
+
+impl Drop for LocalProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls until something accepts connections on `addr`.
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listening on {addr}");
+}
