@@ -288,3 +288,71 @@ fn destination_outside_the_mesh_passes_through_in_plaintext() {
     let first = capture.first_payloads(WAIT);
     assert_eq!(first.to_port.as_deref(), Some(&b"plain hello"[..]));
 }
+
+/// Scenario 1 with capture on both sides: the client app's plain HTTP/1.1
+/// is carried over the pooled mTLS HTTP/2 connection, and ec-backend's
+/// sidecar authorizes every request with the native policy.
+#[test]
+fn http_requests_are_authorized_per_request_between_captured_pods() {
+    if !support::require_root() {
+        return;
+    }
+    let net = Net::new("http");
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir, "ca");
+    let policy = dir.write(
+        "ec-backend.native.yaml",
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("authz/tests/fixtures/scenario1/ec-backend.native.yaml"),
+        )
+        .unwrap(),
+    );
+    let server = net.pod("ec-backend");
+    let _app = server.spawn_as(APP_UID, apps::http_app(APP_PORT, "ec-backend"));
+    server.wait_tcp_listening(APP_PORT, WAIT);
+    let server_sidecar = sidecar(
+        &server,
+        &dir,
+        &pki.issue("spiffe://example.org/ec-backend"),
+        &format!("inbound:\n  policies: [\"{}\"]\n", policy.display()),
+    );
+    let client = net.pod("ec-web");
+    let _client_sidecar = sidecar(
+        &client,
+        &dir,
+        &pki.issue("spiffe://example.org/ec-web"),
+        &format!(
+            "outbound:\n  servers:\n    - cidrs: [\"10.213.0.0/16\"]\n      ports: [{APP_PORT}]\n      identities: [\"spiffe://example.org/ec-backend\"]\n"
+        ),
+    );
+    let get = |path: &str| {
+        let url = format!("http://{}{path}", server.addr(APP_PORT));
+        let out = client.exec_as(
+            APP_UID,
+            [
+                "curl",
+                "-s",
+                "--max-time",
+                "10",
+                "-w",
+                " %{http_code}",
+                &url,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        get("/data"),
+        "Hi ec-backend client! 200",
+        "{}",
+        server_sidecar.logs()
+    );
+    let denied = get("/admin");
+    assert!(
+        denied.starts_with(
+            "RBAC: access denied by spiffe://example.org/ec-backend policy ec-backend"
+        ) && denied.ends_with(" 403"),
+        "{denied}"
+    );
+}

@@ -90,6 +90,10 @@ impl InboundHttp {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(l.max_concurrent_streams)
+            // Pings find peers that vanished without a FIN (the pooled
+            // sidecar-to-sidecar connections are long-lived).
+            .keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_timeout(std::time::Duration::from_secs(10))
             .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX));
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
