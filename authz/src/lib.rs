@@ -11,6 +11,7 @@
 //! (request paths), [`rego`] (in-process Rego with OPA-Envoy's input from
 //! [`input`]) and [`explain`] (why a decision was made).
 
+pub mod central;
 pub mod explain;
 pub mod external;
 pub mod input;
@@ -351,6 +352,12 @@ impl Authorizer {
         Ok(Authorizer {
             inner: Arc::new(compiled),
         })
+    }
+
+    pub(crate) fn from_compiled(compiled: compile::Compiled) -> Self {
+        Authorizer {
+            inner: Arc::new(compiled),
+        }
     }
 
     /// Compiles policies from YAML text (`origin` names it in errors;
