@@ -128,10 +128,15 @@ impl ExtAuthzClients {
         let start = Instant::now();
         let mut client = p.client.clone();
         let mut request = tonic::Request::new(check_request(attributes));
+        // Sent as `grpc-timeout`, so the provider can give up too; tonic
+        // then cancels the call locally, which is the same timeout.
         request.set_timeout(p.timeout);
         let outcome = match tokio::time::timeout(p.timeout, client.check(request)).await {
             Err(_) => Err(ProviderFailure::Timeout),
-            Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+            Ok(Err(status))
+                if status.code() == tonic::Code::DeadlineExceeded
+                    || start.elapsed() >= p.timeout =>
+            {
                 Err(ProviderFailure::Timeout)
             }
             Ok(Err(status)) => Err(ProviderFailure::Unavailable(format!(
