@@ -246,3 +246,95 @@ fn broken_bundles_are_refused_whole() {
         other => panic!("over the limit: {other:?}"),
     }
 }
+
+/// RS256 with a key made by `openssl` (ring cannot generate RSA keys), the
+/// JWT assembled by hand as `opa sign` would.
+#[test]
+fn rs256_signatures_made_with_openssl_verify() {
+    use base64::Engine as _;
+    use std::process::Command;
+    let dir = tempfile_dir();
+    let key = dir.join("k.pem");
+    let ok = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&key)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("RAMPART_REQUIRE_E2E").is_none_or(|v| v != "1"),
+            "openssl is required (RAMPART_REQUIRE_E2E=1)"
+        );
+        eprintln!("skipped: openssl is not installed");
+        return;
+    }
+    let pubkey = Command::new("openssl")
+        .arg("pkey")
+        .arg("-in")
+        .arg(&key)
+        .arg("-pubout")
+        .output()
+        .unwrap();
+    let pem = String::from_utf8(pubkey.stdout).unwrap();
+
+    let f = opa_bundle();
+    let listed: Vec<_> = f
+        .iter()
+        .map(|(n, b)| {
+            let hash = rampart_authz::central::signature::file_digest(n, b, "SHA-256").unwrap();
+            serde_json::json!({"name": format!("/{n}"), "hash": hash, "algorithm": "SHA-256"})
+        })
+        .collect();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
+    let payload = b64.encode(serde_json::json!({"files": listed, "keyid": "rsa"}).to_string());
+    let input = format!("{header}.{payload}");
+    let input_file = dir.join("input");
+    std::fs::write(&input_file, &input).unwrap();
+    let sig = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(&key)
+        .arg(&input_file)
+        .output()
+        .unwrap();
+    assert!(sig.status.success());
+    let jwt = format!("{input}.{}", b64.encode(&sig.stdout));
+    let mut signed = f.clone();
+    signed.insert(
+        SIGNATURES_FILE.into(),
+        serde_json::json!({"signatures": [jwt]})
+            .to_string()
+            .into_bytes(),
+    );
+    let alg = rampart_authz::central::signature::SigningAlgorithm::Rs256;
+    let opts = BundleOptions {
+        verification: Some(Verification {
+            keys: vec![VerificationKey::from_public_pem("rsa", alg, &pem).unwrap()],
+            scope: None,
+        }),
+        ..BundleOptions::default()
+    };
+    assert!(bundle::compile(signed.clone(), &opts).unwrap().verified);
+    signed.insert("open/data.json".into(), br#"{"paths": ["admin"]}"#.to_vec());
+    assert!(matches!(
+        bundle::compile(signed, &opts),
+        Err(BundleError::Signature(SignatureError::DigestMismatch(_)))
+    ));
+    // An RSA key is not an ES256 key.
+    let es = rampart_authz::central::signature::SigningAlgorithm::Es256;
+    assert!(VerificationKey::from_public_pem("rsa", es, &pem).is_err());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rampart-bundle-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
