@@ -301,7 +301,12 @@ async fn a_custom_policy_end_to_end_through_the_authorizer() {
                 a.evaluate_request(&conn, &req),
                 Evaluation::Consult(_) | Evaluation::Decided(_)
             ));
-            a.authorize_request(&conn, &req, &c).await
+            let fut = a.authorize_request(&conn, &req, &c);
+            // The proxy awaits this inside spawned connection tasks.
+            fn assert_send<T: Send>(t: T) -> T {
+                t
+            }
+            assert_send(fut).await
         }
     };
     match decide("/deny").await {
