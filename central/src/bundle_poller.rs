@@ -123,6 +123,7 @@ pub fn spawn(
         tx,
         status,
         etag: None,
+        last_digest: None,
     };
     (handle, tokio::spawn(poller.run()))
 }
@@ -134,6 +135,8 @@ struct Poller {
     tx: watch::Sender<Option<Arc<Authorizer>>>,
     status: Arc<Mutex<BundleStatus>>,
     etag: Option<http::HeaderValue>,
+    /// SHA-256 of the last bundle body, for servers without ETags.
+    last_digest: Option<Vec<u8>>,
 }
 
 impl Poller {
@@ -165,6 +168,15 @@ impl Poller {
             return BundleLoad::DownloadError;
         }
         let etag = resp.headers.get(http::header::ETAG).cloned();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &resp.body)
+            .as_ref()
+            .to_vec();
+        if self.last_digest.as_ref() == Some(&digest) {
+            // The same bytes as last time (a server without ETags).
+            self.etag = etag;
+            return BundleLoad::NotModified;
+        }
+        self.last_digest = Some(digest);
         let options = self.options.clone();
         let body: Bytes = resp.body;
         let loaded = tokio::task::spawn_blocking(move || bundle::load(&body, &options)).await;

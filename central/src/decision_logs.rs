@@ -13,6 +13,7 @@ use bytes::Bytes;
 use rampart_authz::central::decision_log::{self, DecisionLogQueue, EntryContext, Pushed};
 use rampart_authz::{ConnectionInfo, Decision, RequestInfo};
 
+use crate::bundle_poller::PolicyHandle;
 use crate::http_fetch::{self, ClientTlsProvider};
 
 /// Where and how decision logs are shipped.
@@ -48,12 +49,20 @@ impl DecisionLogConfig {
 pub struct DecisionLogger {
     queue: Arc<DecisionLogQueue>,
     context: Arc<EntryContext>,
+    policies: Option<PolicyHandle>,
 }
 
 impl DecisionLogger {
+    /// Names the bundle revision in force in every entry from now on.
+    pub fn follow_bundle(mut self, policies: PolicyHandle) -> Self {
+        self.policies = Some(policies);
+        self
+    }
+
     /// Logs one request's decision; never waits for the shipper.
     pub fn log(&self, conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>, decision: &Decision) {
-        let entry = decision_log::entry(&self.context, conn, req, decision);
+        let revision = self.policies.as_ref().and_then(PolicyHandle::revision);
+        let entry = decision_log::entry(&self.context, revision.as_deref(), conn, req, decision);
         if self.queue.try_push(entry) == Pushed::DroppedOldest {
             metrics::counter!(crate::metrics::DECISION_LOGS_DROPPED).increment(1);
         }
@@ -76,6 +85,7 @@ pub fn spawn(
     let logger = DecisionLogger {
         queue: queue.clone(),
         context: Arc::new(context),
+        policies: None,
     };
     (logger, tokio::spawn(ship(config, queue, tls)))
 }

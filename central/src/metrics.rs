@@ -3,8 +3,9 @@
 
 /// `rampart_policy_bundle_loads_total{result}`: bundle poll outcomes.
 pub const BUNDLE_LOADS: &str = "rampart_policy_bundle_loads_total";
-/// `rampart_policy_bundle_revision_info{revision}` is not exported: the
-/// revision is bundle-chosen text, so it is served by the admin API instead.
+// No metric carries the bundle revision: it is text chosen by the bundle's
+// author, not a closed label set, so the admin API serves it instead.
+
 /// `rampart_ext_authz_checks_total{result}`: external authorization calls.
 pub const EXT_AUTHZ_CHECKS: &str = "rampart_ext_authz_checks_total";
 /// `rampart_ext_authz_check_duration_seconds`: their latency.

@@ -110,17 +110,17 @@ impl DecisionLogQueue {
 pub struct EntryContext {
     /// `labels`: identify the sidecar (OPA sets `id` and `version`).
     pub labels: serde_json::Map<String, Value>,
-    /// The bundle revision in force, if any.
-    pub bundle_revision: Option<String>,
     /// JSON pointers into the entry to remove before it is queued, such as
     /// `/input/attributes/request/http/headers/authorization` (OPA's mask
     /// paths). Removed paths are listed in `erased`.
     pub redact: Vec<String>,
 }
 
-/// One decision-log entry for an HTTP request.
+/// One decision-log entry for an HTTP request, decided by the policies of
+/// bundle revision `bundle_revision` (when they came from a bundle).
 pub fn entry(
     ctx: &EntryContext,
+    bundle_revision: Option<&str>,
     conn: &ConnectionInfo<'_>,
     req: &RequestInfo<'_>,
     decision: &Decision,
@@ -148,7 +148,7 @@ pub fn entry(
         "result": result,
         "timestamp": rfc3339(SystemTime::now()),
     });
-    if let Some(rev) = &ctx.bundle_revision {
+    if let Some(rev) = bundle_revision {
         e["bundles"] = json!({"rampart": {"revision": rev}});
     }
     let mut erased = Vec::new();
