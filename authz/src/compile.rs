@@ -38,6 +38,7 @@ pub(crate) struct PortIndex {
     pub rego: Vec<u32>,
     pub allow: Vec<u32>,
     pub audit: Vec<u32>,
+    pub custom: Vec<u32>,
     /// Dry-run policies of any kind.
     pub dry_run: Vec<u32>,
 }
@@ -59,6 +60,8 @@ pub(crate) enum CKind {
 #[derive(Debug)]
 pub(crate) struct CNative {
     pub action: Action,
+    /// The provider of a CUSTOM policy.
+    pub provider: Option<crate::model::ProviderName>,
     pub rules: Vec<CRule>,
     /// Rules that name this exact SPIFFE ID and nothing else in `principals`.
     pub by_principal: HashMap<Box<str>, Vec<u32>>,
@@ -269,6 +272,7 @@ impl CNative {
         }
         Ok(CNative {
             action: p.action,
+            provider: p.provider.clone(),
             rules,
             by_principal,
             other,
@@ -380,6 +384,7 @@ impl Compiled {
                         Action::Allow => &mut t.allow,
                         Action::Deny => &mut t.deny,
                         Action::Audit => &mut t.audit,
+                        Action::Custom => &mut t.custom,
                     },
                 };
                 list.push(i);
@@ -420,6 +425,7 @@ impl Compiled {
                 // An empty allowlist admits no one, as before.
                 rules: if ids.is_empty() { vec![] } else { vec![rule] },
                 data: None,
+                provider: None,
             };
             let kind = match CNative::compile(&native) {
                 Ok(n) => CKind::Native(n),

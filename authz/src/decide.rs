@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::compile::{CKind, CNative, CPolicy, Compiled};
 use crate::eval::Side;
 use crate::explain::Miss;
+use crate::external::{Consult, Evaluation};
 use crate::rego::RegoOutcome;
 use crate::{
     ConnectionInfo, Decision, DefaultAction, Denial, DenyReason, HttpEffects, Notes, Permit,
@@ -83,6 +84,7 @@ pub(crate) fn decide(
                     rule,
                     effects,
                     notes,
+                    consulted: None,
                 });
             }
         }
@@ -101,6 +103,7 @@ pub(crate) fn decide(
             rule,
             effects,
             notes,
+            consulted: None,
         });
     }
     match (c.default, conn.is_authenticated()) {
@@ -109,6 +112,7 @@ pub(crate) fn decide(
             rule: Arc::from("allow_any_authenticated"),
             effects,
             notes,
+            consulted: None,
         }),
         (DefaultAction::AllowAnyAuthenticated, false) => {
             let mut d = Denial::new(DenyReason::Unauthenticated, None);
@@ -121,6 +125,53 @@ pub(crate) fn decide(
             Decision::Deny(d)
         }
     }
+}
+
+/// An in-process decision, turned into a [`Consult`] when it allows and a
+/// CUSTOM policy matches. Without a request (an opaque connection), a CUSTOM
+/// rule reads HTTP conditions as matched, like a DENY rule, and the
+/// connection is refused: ext_authz is only spoken for HTTP.
+pub(crate) fn evaluate(
+    c: &Compiled,
+    conn: &ConnectionInfo<'_>,
+    req: Option<&RequestInfo<'_>>,
+) -> Evaluation {
+    let permit = match decide(c, conn, req) {
+        Decision::Allow(p) => p,
+        d @ Decision::Deny(_) => return Evaluation::Decided(d),
+    };
+    let side = match req {
+        Some(_) => Side::Admit,
+        None => Side::Refuse,
+    };
+    for &i in &c.port(conn.dest_port).custom {
+        let p = &c.policies[i as usize];
+        let Some(rule) = first_match(p, conn, req, side) else {
+            continue;
+        };
+        let provider = match &p.kind {
+            CKind::Native(n) => n.provider.clone(),
+            CKind::Rego(_) => None,
+        };
+        // Invariant: the model requires `provider` on every CUSTOM policy,
+        // and Compiled::index puts only CUSTOM policies in `custom`.
+        let Some(provider) = provider else {
+            unreachable!("CUSTOM policy without a provider")
+        };
+        if req.is_none() {
+            let mut d = Denial::new(DenyReason::RequiresHttp, Some(p.name.clone()));
+            d.rule = Some(rule);
+            d.notes = permit.notes;
+            return Evaluation::Decided(Decision::Deny(d));
+        }
+        return Evaluation::Consult(Consult {
+            provider,
+            policy: p.name.clone(),
+            rule,
+            permit,
+        });
+    }
+    Evaluation::Decided(Decision::Allow(permit))
 }
 
 /// The name of the first matching rule of a native policy.
@@ -183,7 +234,8 @@ fn dry_run(
                 Some(_) => return None,
                 None => Arc::from("no_rule_matched"),
             },
-            crate::model::Action::Audit => return None,
+            // Invariant: the model refuses dry-run CUSTOM policies.
+            crate::model::Action::Audit | crate::model::Action::Custom => return None,
         },
         CKind::Rego(engine) => match engine.check(conn, req) {
             RegoOutcome::Allowed(_) => return None,
@@ -215,7 +267,7 @@ fn rego_denial(p: &CPolicy, query: Arc<str>, outcome: RegoOutcome) -> Denial {
     d
 }
 
-fn merge_effects(into: &mut Option<Arc<HttpEffects>>, e: Arc<HttpEffects>) {
+pub(crate) fn merge_effects(into: &mut Option<Arc<HttpEffects>>, e: Arc<HttpEffects>) {
     match into {
         None => *into = Some(e),
         Some(existing) => {
@@ -227,6 +279,9 @@ fn merge_effects(into: &mut Option<Arc<HttpEffects>>, e: Arc<HttpEffects>) {
             merged
                 .request_headers_to_remove
                 .extend(e.request_headers_to_remove.iter().cloned());
+            merged
+                .request_headers_to_append
+                .extend(e.request_headers_to_append.iter().cloned());
         }
     }
 }
@@ -241,7 +296,14 @@ pub(crate) fn trace(
     use crate::explain::{Outcome, Step};
     let idx = c.port(conn.dest_port);
     let mut steps = Vec::new();
-    let groups = [&idx.dry_run, &idx.audit, &idx.deny, &idx.rego, &idx.allow];
+    let groups = [
+        &idx.dry_run,
+        &idx.audit,
+        &idx.deny,
+        &idx.rego,
+        &idx.allow,
+        &idx.custom,
+    ];
     for group in groups {
         for &i in group {
             let p = &c.policies[i as usize];
@@ -249,7 +311,9 @@ pub(crate) fn trace(
                 CKind::Native(n) => {
                     let side = match n.action {
                         crate::model::Action::Deny => Side::Refuse,
-                        crate::model::Action::Allow | crate::model::Action::Audit => Side::Admit,
+                        crate::model::Action::Allow
+                        | crate::model::Action::Audit
+                        | crate::model::Action::Custom => Side::Admit,
                     };
                     if n.rules.is_empty() {
                         steps.push(Step {

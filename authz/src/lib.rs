@@ -11,7 +11,9 @@
 //! (request paths), [`rego`] (in-process Rego with OPA-Envoy's input from
 //! [`input`]) and [`explain`] (why a decision was made).
 
+pub mod central;
 pub mod explain;
+pub mod external;
 pub mod input;
 pub mod load;
 pub mod model;
@@ -77,6 +79,7 @@ pub struct Permit {
     rule: Arc<str>,
     effects: Option<Arc<HttpEffects>>,
     notes: Notes,
+    consulted: Option<model::ProviderName>,
 }
 
 impl Permit {
@@ -96,9 +99,14 @@ impl Permit {
     pub fn notes(&self) -> &Notes {
         &self.notes
     }
+    /// The external authorizer that agreed, when a CUSTOM policy applied.
+    pub fn consulted(&self) -> Option<&model::ProviderName> {
+        self.consulted.as_ref()
+    }
 }
 
-/// Header changes requested by an allowing Rego policy (OPA-Envoy result).
+/// Header changes requested by an allowing Rego policy (OPA-Envoy result) or
+/// an external authorizer (ext_authz `OkHttpResponse`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HttpEffects {
     /// `headers`: added to (replacing in) the request sent upstream.
@@ -107,6 +115,9 @@ pub struct HttpEffects {
     pub response_headers_to_add: Vec<(http::HeaderName, http::HeaderValue)>,
     /// `request_headers_to_remove`: removed from the request sent upstream.
     pub request_headers_to_remove: Vec<http::HeaderName>,
+    /// ext_authz headers with `append: true`: appended to the request sent
+    /// upstream, keeping values already there.
+    pub request_headers_to_append: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// A policy and rule, named.
@@ -146,8 +157,14 @@ pub enum DenyReason {
     RegoError,
     /// A Rego policy ran out of time: fail closed.
     RegoTimeout,
-    /// A Rego policy covers the port but the traffic is not HTTP.
+    /// A Rego or CUSTOM policy covers the port but the traffic is not HTTP.
     RequiresHttp,
+    /// The external authorizer of a CUSTOM policy refused.
+    ProviderDenied,
+    /// The external authorizer failed, or none was available: fail closed.
+    ProviderFailed,
+    /// The external authorizer did not answer in time: fail closed.
+    ProviderTimeout,
 }
 
 impl DenyReason {
@@ -162,6 +179,9 @@ impl DenyReason {
             DenyReason::RegoError => "rego_error",
             DenyReason::RegoTimeout => "rego_timeout",
             DenyReason::RequiresHttp => "requires_http",
+            DenyReason::ProviderDenied => "provider_denied",
+            DenyReason::ProviderFailed => "provider_failed",
+            DenyReason::ProviderTimeout => "provider_timeout",
         }
     }
 
@@ -176,8 +196,13 @@ impl DenyReason {
             DenyReason::RegoError => "the Rego policy failed to evaluate (fail closed)",
             DenyReason::RegoTimeout => "the Rego policy timed out (fail closed)",
             DenyReason::RequiresHttp => {
-                "a Rego policy covers this port but the traffic is not HTTP"
+                "a Rego or CUSTOM policy covers this port but the traffic is not HTTP"
             }
+            DenyReason::ProviderDenied => "the external authorizer refused the request",
+            DenyReason::ProviderFailed => {
+                "the external authorizer failed or is not available (fail closed)"
+            }
+            DenyReason::ProviderTimeout => "the external authorizer timed out (fail closed)",
         }
     }
 }
@@ -329,6 +354,12 @@ impl Authorizer {
         })
     }
 
+    pub(crate) fn from_compiled(compiled: compile::Compiled) -> Self {
+        Authorizer {
+            inner: Arc::new(compiled),
+        }
+    }
+
     /// Compiles policies from YAML text (`origin` names it in errors;
     /// relative module paths resolve against `base_dir`).
     pub fn from_yaml(
@@ -346,15 +377,56 @@ impl Authorizer {
 
     /// Decides whether an opaque TCP connection may proceed. HTTP traffic is
     /// checked per request with [`Authorizer::check_request`] instead: rules
-    /// with HTTP conditions never allow a bare connection, and DENY rules with
-    /// HTTP conditions refuse it (the conservative reading).
+    /// with HTTP conditions never allow a bare connection, and DENY and
+    /// CUSTOM rules with HTTP conditions refuse it (the conservative reading).
     pub fn check_connection(&self, conn: &ConnectionInfo<'_>) -> Decision {
-        decide::decide(&self.inner, conn, None)
+        match decide::evaluate(&self.inner, conn, None) {
+            external::Evaluation::Decided(d) => d,
+            // Invariant: evaluate never consults without a request.
+            external::Evaluation::Consult(_) => unreachable!("consult without a request"),
+        }
     }
 
-    /// Decides whether an HTTP request may proceed.
+    /// Decides whether an HTTP request may proceed, in-process only. A
+    /// request that a CUSTOM policy sends to an external authorizer is
+    /// refused here (`ProviderFailed`, fail closed): callers that support
+    /// CUSTOM use [`Authorizer::evaluate_request`] or
+    /// [`Authorizer::authorize_request`].
     pub fn check_request(&self, conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Decision {
-        decide::decide(&self.inner, conn, Some(req))
+        match decide::evaluate(&self.inner, conn, Some(req)) {
+            external::Evaluation::Decided(d) => d,
+            external::Evaluation::Consult(c) => c.finish(external::ProviderVerdict::Failed(
+                external::ProviderFailure::UnknownProvider,
+            )),
+        }
+    }
+
+    /// Evaluates an HTTP request in-process: a decision, or a
+    /// [`external::Consult`] naming the external authorizer that must agree.
+    pub fn evaluate_request(
+        &self,
+        conn: &ConnectionInfo<'_>,
+        req: &RequestInfo<'_>,
+    ) -> external::Evaluation {
+        decide::evaluate(&self.inner, conn, Some(req))
+    }
+
+    /// Decides whether an HTTP request may proceed, asking `providers` when
+    /// a CUSTOM policy applies. Completes without waiting when none does.
+    pub async fn authorize_request(
+        &self,
+        conn: &ConnectionInfo<'_>,
+        req: &RequestInfo<'_>,
+        providers: &dyn external::ExternalAuthorizer,
+    ) -> Decision {
+        match self.evaluate_request(conn, req) {
+            external::Evaluation::Decided(d) => d,
+            external::Evaluation::Consult(c) => {
+                let attributes = external::CheckAttributes::new(conn, req);
+                let verdict = providers.check(c.provider(), attributes).await;
+                c.finish(verdict)
+            }
+        }
     }
 
     /// The loaded policies, with content hashes (for the admin API).

@@ -145,7 +145,55 @@ pub(crate) fn load<P: AsRef<Path>>(paths: &[P], options: &Options) -> Result<Com
             }),
         }
     }
-    compile_all(&texts, None, options, errors)
+    compile_all(&texts, None, &Files::Disk, options, errors)
+}
+
+/// Where a policy's Rego modules and data files are read from.
+pub(crate) enum Files<'a> {
+    /// The filesystem, relative to the policy file (or the base directory).
+    Disk,
+    /// An in-memory tree (a policy bundle), keyed by normalized relative
+    /// path (`a/b.rego`); nothing touches the filesystem.
+    Memory(&'a std::collections::BTreeMap<String, Vec<u8>>),
+}
+
+impl Files<'_> {
+    fn read(&self, path: &Path) -> Result<String, String> {
+        match self {
+            Files::Disk => std::fs::read_to_string(path).map_err(|e| e.to_string()),
+            Files::Memory(tree) => {
+                let key = normalize_relative(path).ok_or("path leaves the bundle")?;
+                let bytes = tree.get(&key).ok_or("no such file in the bundle")?;
+                String::from_utf8(bytes.clone()).map_err(|_| "not UTF-8".to_owned())
+            }
+        }
+    }
+}
+
+/// `a/./b/../c.rego` as `a/c.rego`; `None` when it climbs above the root.
+pub(crate) fn normalize_relative(path: &Path) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::Normal(s) => parts.push(s.to_str()?.to_owned()),
+            std::path::Component::CurDir | std::path::Component::RootDir => {}
+            std::path::Component::ParentDir => {
+                parts.pop()?;
+            }
+            std::path::Component::Prefix(_) => return None,
+        }
+    }
+    Some(parts.join("/"))
+}
+
+/// Compiles policy files held in memory; module and data paths resolve
+/// against each policy file's directory within `tree`.
+pub(crate) fn load_memory(
+    texts: &[(PathBuf, String)],
+    tree: &std::collections::BTreeMap<String, Vec<u8>>,
+    options: &Options,
+) -> Result<Compiled, LoadErrors> {
+    compile_all(texts, None, &Files::Memory(tree), options, Vec::new())
 }
 
 pub(crate) fn load_texts(
@@ -157,12 +205,13 @@ pub(crate) fn load_texts(
         .iter()
         .map(|(o, t)| (PathBuf::from(o), t.clone()))
         .collect();
-    compile_all(&texts, Some(base_dir), options, Vec::new())
+    compile_all(&texts, Some(base_dir), &Files::Disk, options, Vec::new())
 }
 
 fn compile_all(
     texts: &[(PathBuf, String)],
     base_dir: Option<&Path>,
+    files: &Files<'_>,
     options: &Options,
     mut errors: Vec<LoadError>,
 ) -> Result<Compiled, LoadErrors> {
@@ -203,7 +252,7 @@ fn compile_all(
                     .unwrap_or("")
                     .as_bytes(),
             );
-            match compile_policy(&policy, &dir, options, &mut hasher) {
+            match compile_policy(&policy, &dir, files, options, &mut hasher) {
                 Ok(kind) => {
                     compiled.infos.push(info(&policy, file, hasher));
                     compiled.policies.push(CPolicy {
@@ -253,6 +302,7 @@ fn info(policy: &Policy, file: &Path, hasher: Sha256) -> PolicyInfo {
 fn compile_policy(
     policy: &Policy,
     dir: &Path,
+    files: &Files<'_>,
     options: &Options,
     hasher: &mut Sha256,
 ) -> Result<CKind, String> {
@@ -262,7 +312,8 @@ fn compile_policy(
             let mut modules = Vec::new();
             for m in &spec.modules {
                 let path = dir.join(m);
-                let src = std::fs::read_to_string(&path)
+                let src = files
+                    .read(&path)
                     .map_err(|e| format!("module {}: {e}", path.display()))?;
                 hasher.update(src.as_bytes());
                 modules.push((m.clone(), src));
@@ -273,7 +324,8 @@ fn compile_policy(
             let mut data = Vec::new();
             for d in &spec.data_files {
                 let path = dir.join(d);
-                let text = std::fs::read_to_string(&path)
+                let text = files
+                    .read(&path)
                     .map_err(|e| format!("data file {}: {e}", path.display()))?;
                 hasher.update(text.as_bytes());
                 let v: serde_json::Value = serde_json::from_str(&text)

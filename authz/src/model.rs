@@ -33,6 +33,11 @@ pub enum Action {
     /// The match is reported with the decision (for logs) and changes nothing.
     #[serde(rename = "AUDIT")]
     Audit,
+    /// A match sends the request to an external authorizer (the policy's
+    /// `provider`), which has the last word unless the in-process policies
+    /// already refuse (Istio's CUSTOM action).
+    #[serde(rename = "CUSTOM")]
+    Custom,
 }
 
 impl Action {
@@ -42,6 +47,7 @@ impl Action {
             Action::Allow => "ALLOW",
             Action::Deny => "DENY",
             Action::Audit => "AUDIT",
+            Action::Custom => "CUSTOM",
         }
     }
 }
@@ -113,6 +119,50 @@ pub struct NativePolicy {
     pub rules: Vec<Rule>,
     /// The data document rules may refer to (`principals_from_data`).
     pub data: Option<serde_json::Value>,
+    /// The external authorizer a CUSTOM policy consults; set exactly when
+    /// the action is CUSTOM.
+    pub provider: Option<ProviderName>,
+}
+
+/// The name of an external authorizer (an ext_authz provider) in the
+/// sidecar's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProviderName(pub std::sync::Arc<str>);
+
+impl ProviderName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProviderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for ProviderName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !ok {
+            return Err(format!(
+                "provider name {s:?} must be 1-128 letters, digits, '-', '_' or '.'"
+            ));
+        }
+        Ok(ProviderName(std::sync::Arc::from(s)))
+    }
+}
+
+impl<'de> Deserialize<'de> for ProviderName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ProviderName::try_from(s).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A Rego policy, before its files are read.
@@ -779,6 +829,8 @@ struct RawPolicy {
     rego_version: Option<RegoVersion>,
     #[serde(default)]
     result: Option<ResultForm>,
+    #[serde(default)]
+    provider: Option<ProviderName>,
 }
 
 impl TryFrom<RawPolicy> for Policy {
@@ -810,13 +862,29 @@ impl TryFrom<RawPolicy> for Policy {
                 }
                 let action = r
                     .action
-                    .ok_or_else(|| "missing `action` (ALLOW, DENY or AUDIT)".to_owned())?;
+                    .ok_or_else(|| "missing `action` (ALLOW, DENY, AUDIT or CUSTOM)".to_owned())?;
+                match (action, &r.provider) {
+                    (Action::Custom, None) => {
+                        return Err("a CUSTOM policy needs `provider`".into());
+                    }
+                    (Action::Custom, Some(_)) if r.dry_run => {
+                        // A dry-run CUSTOM policy would have to call the
+                        // provider only to log; refuse rather than guess.
+                        return Err("`dry_run` is not supported with action CUSTOM".into());
+                    }
+                    (Action::Allow | Action::Deny | Action::Audit, Some(_)) => {
+                        return Err("`provider` is only valid with action CUSTOM".into());
+                    }
+                    (Action::Custom, Some(_))
+                    | (Action::Allow | Action::Deny | Action::Audit, None) => {}
+                }
                 let rules = r.rules.unwrap_or_default();
                 check_rules(&rules, r.data.as_ref())?;
                 PolicyBody::Native(NativePolicy {
                     action,
                     rules,
                     data: r.data,
+                    provider: r.provider,
                 })
             }
             PolicyKind::Rego => {
@@ -827,6 +895,9 @@ impl TryFrom<RawPolicy> for Policy {
                     return Err(
                         "`action` is not used by Rego policies: the Rego result decides".into(),
                     );
+                }
+                if r.provider.is_some() {
+                    return Err("`provider` is only valid with action CUSTOM".into());
                 }
                 if r.modules.is_empty() && r.rego.is_none() {
                     return Err("a Rego policy needs `modules` or inline `rego`".into());

@@ -235,10 +235,9 @@ fn read_envoy(v: &Value) -> Result<RegoOutcome, String> {
             headers,
             response_headers_to_add: headers_of(obj.get("response_headers_to_add"))?,
             request_headers_to_remove: names_of(obj.get("request_headers_to_remove"))?,
+            request_headers_to_append: Vec::new(),
         };
-        let empty = effects.headers.is_empty()
-            && effects.response_headers_to_add.is_empty()
-            && effects.request_headers_to_remove.is_empty();
+        let empty = effects.is_empty();
         return Ok(RegoOutcome::Allowed((!empty).then(|| Arc::new(effects))));
     }
     let status = match obj.get("http_status") {

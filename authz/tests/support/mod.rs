@@ -98,6 +98,25 @@ impl Req {
     /// Normalizes the target and asks the authorizer; `None` when the
     /// target is refused with 400 before any policy runs.
     pub fn check(&self, a: &Authorizer) -> Option<Decision> {
+        self.with_info(a, |conn, req| a.check_request(conn, req))
+    }
+
+    /// Like [`Req::check`], but a CUSTOM policy yields a consult.
+    pub fn evaluate(&self, a: &Authorizer) -> Option<rampart_authz::external::Evaluation> {
+        self.with_info(a, |conn, req| a.evaluate_request(conn, req))
+    }
+
+    /// The request's check attributes, as an ext_authz client sends them.
+    pub fn attributes(&self, a: &Authorizer) -> Option<rampart_authz::external::CheckAttributes> {
+        self.with_info(a, rampart_authz::external::CheckAttributes::new)
+    }
+
+    /// Normalizes the target and hands the borrowed views to `f`.
+    pub fn with_info<T>(
+        &self,
+        a: &Authorizer,
+        f: impl FnOnce(&ConnectionInfo<'_>, &RequestInfo<'_>) -> T,
+    ) -> Option<T> {
         let n = normalize_path(&self.target, a.normalize_options()).ok()?;
         let conn = ConnectionInfo::new(self.peer.as_ref(), self.source.ip(), self.dest.port())
             .with_peer_dns(&self.peer_dns);
@@ -116,7 +135,7 @@ impl Req {
             local_identity: self.local.as_ref(),
             peer_cert_sha256: self.peer.as_ref().map(|_| "a1b2c3"),
         };
-        Some(a.check_request(&conn, &req))
+        Some(f(&conn, &req))
     }
 
     /// Whether the request gets through (normalized, then allowed).
