@@ -91,15 +91,6 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
 }
 
 fn write(path: &std::path::Path, contents: &str, mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents.as_bytes())
+    rampart_identity::ca::write_with_mode(path, contents, mode)
         .with_context(|| format!("writing {}", path.display()))
 }

@@ -124,8 +124,8 @@ impl DevCa {
             path: dir.to_owned(),
             source,
         })?;
-        write(&dir.join(CA_CERT_FILE), &self.cert_pem, 0o644)?;
-        write(&dir.join(CA_KEY_FILE), &self.issuer_key_pem(), 0o600)?;
+        write_with_mode(&dir.join(CA_CERT_FILE), &self.cert_pem, 0o644)?;
+        write_with_mode(&dir.join(CA_KEY_FILE), &self.issuer_key_pem(), 0o600)?;
         Ok(())
     }
 
@@ -253,7 +253,9 @@ fn read(path: &Path) -> Result<String, CaError> {
     })
 }
 
-fn write(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
+/// Writes `contents` to `path` with Unix permissions `mode` (0600 for keys),
+/// so a private key is never readable by others, not even briefly.
+pub fn write_with_mode(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| CaError::Io {
