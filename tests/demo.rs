@@ -240,3 +240,28 @@ fn pid_of_last_demo(out: &Output) -> String {
         .unwrap_or_else(|| panic!("no namespace names in:\n{}", describe(out)))
         .to_owned()
 }
+
+#[test]
+fn demo_transparent_refuses_to_run_without_root() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if root {
+        // Drop to nobody, as a user without sudo would be.
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(rampart_bin());
+        c
+    } else {
+        Command::new(rampart_bin())
+    };
+    let out = cmd
+        .args(["demo", "--transparent"])
+        .output()
+        .expect("run rampart demo --transparent");
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs root"),
+        "{}",
+        describe(&out)
+    );
+}
