@@ -282,7 +282,7 @@ async fn demo(
 
     let bin = std::env::current_exe()?;
     let (mut sidecars, entries, _apps) = match pods {
-        Some(pods) => pod_mesh(pods, &args, dir.path(), &socket, &bin)?,
+        Some(pods) => transparent::pod_mesh(pods, &args, dir.path(), &socket, &bin)?,
         None => {
             // Addresses first: sidecars and apps refer to each other.
             let mut addrs = std::collections::HashMap::new();
@@ -623,102 +623,6 @@ fn print_try_it(entries: &Entries) {
         "  {pre}curl -i {cross_headers}http://{}{}    # 403: news-web may not call ec-backend",
         cross.entry, cross.path
     );
-}
-
-/// A demo app process (transparent mode), killed on drop.
-struct AppProc(Child);
-
-impl Drop for AppProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the four workloads in their pods: `rampart init`, the app as
-/// [`transparent::APP_UID`], the sidecar as [`transparent::PROXY_UID`].
-fn pod_mesh(
-    pods: &transparent::Pods,
-    args: &DemoArgs,
-    dir: &Path,
-    socket: &Path,
-    bin: &Path,
-) -> anyhow::Result<(Vec<Sidecar>, Entries, Vec<AppProc>)> {
-    // A copy the other UIDs may run, whoever built or installed ours.
-    let exe = dir.join("rampart");
-    std::fs::copy(bin, &exe).context("copying the rampart binary for the pods")?;
-    let port = transparent::APP_PORT;
-    let mut apps = Vec::new();
-    let mut sidecars = Vec::new();
-    let mut web = std::collections::HashMap::new();
-    for w in WORKLOADS {
-        let listen = format!("0.0.0.0:{port}");
-        let mut app_args = vec!["demo-app".to_owned(), "--name".into(), w.into()];
-        let backend_of = |web: &str| web.replace("-web", "-backend");
-        if w.ends_with("-web") {
-            web.insert(w, pods.addr(w, port));
-            app_args.extend([
-                "--kind".into(),
-                "web".into(),
-                "--upstream".into(),
-                pods.addr(&backend_of(w), port).to_string(),
-            ]);
-            for b in ["ec-backend", "news-backend"] {
-                app_args.extend(["--peer".into(), format!("{b}={}", pods.addr(b, port))]);
-            }
-        } else {
-            app_args.extend(["--kind".into(), "backend".into()]);
-        }
-        app_args.extend(["--listen".into(), listen]);
-        let app_args: Vec<&str> = app_args.iter().map(String::as_str).collect();
-        pods.init(w, &exe)?;
-        apps.push(AppProc(pods.spawn_as(
-            w,
-            transparent::APP_UID,
-            &exe,
-            &app_args,
-            &dir.join(format!("{w}.app.log")),
-        )?));
-
-        let (policy_path, mode) = policy_file(w, dir, args.rego, &args.policy_overrides)?;
-        let mut cfg = format!(
-            "identity:\n  workload_api: {{socket: \"unix://{}\", spiffe_id: \"spiffe://example.org/{w}\"}}\n# Reachable from the viewer pod; the admin port is never captured.\nadmin: {{address: \"0.0.0.0:{}\"}}\nlog: {{level: info}}\ntransparent: {{}}\ninbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {port}, mode: {mode}}}\n",
-            socket.display(),
-            transparent::ADMIN_PORT,
-            policy_path.display(),
-        );
-        if w.ends_with("-web") {
-            cfg.push_str("outbound:\n  servers:\n");
-            for b in ["ec-backend", "news-backend"] {
-                cfg.push_str(&format!(
-                    "    - {{cidrs: [\"{}/32\"], ports: [{port}], identities: [\"spiffe://example.org/{b}\"]}}\n",
-                    pods.ip(b)
-                ));
-            }
-        }
-        let path = dir.join(format!("{w}.yaml"));
-        std::fs::write(&path, cfg)?;
-        let log = dir.join(format!("{w}.log"));
-        let config = path.to_string_lossy().into_owned();
-        let child = pods.spawn_as(
-            w,
-            transparent::PROXY_UID,
-            &exe,
-            &["run", "--config", &config],
-            &log,
-        )?;
-        sidecars.push(Sidecar {
-            name: w,
-            child,
-            admin: pods.addr(w, transparent::ADMIN_PORT),
-            log,
-        });
-    }
-    let entries = Entries::Pods {
-        web,
-        viewer_netns: pods.netns(VIEWER).to_owned(),
-    };
-    Ok((sidecars, entries, apps))
 }
 
 /// Writes (or picks, when overridden) `w`'s policy; returns its path and

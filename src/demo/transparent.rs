@@ -6,6 +6,8 @@
 //! 10.214.0.0/24 (the tests own 10.213.0.0/16). Every namespace is named
 //! `rampart-demo-<pid>-<name>`; [`Pods`] deletes them on drop, and
 //! [`Pods::new`] first sweeps those of demo processes that are gone.
+//! [`pod_mesh`] starts each workload in its pod; the demo itself (the
+//! Workload API and the checks) runs in the sidecar-less viewer pod.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -13,6 +15,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
+
+use super::{DemoArgs, Entries, Sidecar, VIEWER, WORKLOADS, policy_file};
 
 /// Every namespace of the demo starts with this, then the demo's pid.
 const PREFIX: &str = "rampart-demo-";
@@ -155,6 +159,96 @@ impl Drop for Pods {
         }
         remove_netns(&self.switch);
     }
+}
+
+/// A demo app process (transparent mode), killed on drop.
+pub(super) struct AppProc(Child);
+
+impl Drop for AppProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the four workloads in their pods: `rampart init`, the app as
+/// [`APP_UID`], the sidecar as [`PROXY_UID`].
+pub(super) fn pod_mesh(
+    pods: &Pods,
+    args: &DemoArgs,
+    dir: &Path,
+    socket: &Path,
+    bin: &Path,
+) -> anyhow::Result<(Vec<Sidecar>, Entries, Vec<AppProc>)> {
+    // A copy the other UIDs may run, whoever built or installed ours.
+    let exe = dir.join("rampart");
+    std::fs::copy(bin, &exe).context("copying the rampart binary for the pods")?;
+    let port = APP_PORT;
+    let mut apps = Vec::new();
+    let mut sidecars = Vec::new();
+    let mut web = std::collections::HashMap::new();
+    for w in WORKLOADS {
+        let listen = format!("0.0.0.0:{port}");
+        let mut app_args = vec!["demo-app".to_owned(), "--name".into(), w.into()];
+        let backend_of = |web: &str| web.replace("-web", "-backend");
+        if w.ends_with("-web") {
+            web.insert(w, pods.addr(w, port));
+            app_args.extend([
+                "--kind".into(),
+                "web".into(),
+                "--upstream".into(),
+                pods.addr(&backend_of(w), port).to_string(),
+            ]);
+            for b in ["ec-backend", "news-backend"] {
+                app_args.extend(["--peer".into(), format!("{b}={}", pods.addr(b, port))]);
+            }
+        } else {
+            app_args.extend(["--kind".into(), "backend".into()]);
+        }
+        app_args.extend(["--listen".into(), listen]);
+        let app_args: Vec<&str> = app_args.iter().map(String::as_str).collect();
+        pods.init(w, &exe)?;
+        apps.push(AppProc(pods.spawn_as(
+            w,
+            APP_UID,
+            &exe,
+            &app_args,
+            &dir.join(format!("{w}.app.log")),
+        )?));
+
+        let (policy_path, mode) = policy_file(w, dir, args.rego, &args.policy_overrides)?;
+        let mut cfg = format!(
+            "identity:\n  workload_api: {{socket: \"unix://{}\", spiffe_id: \"spiffe://example.org/{w}\"}}\n# Reachable from the viewer pod; the admin port is never captured.\nadmin: {{address: \"0.0.0.0:{}\"}}\nlog: {{level: info}}\ntransparent: {{}}\ninbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {port}, mode: {mode}}}\n",
+            socket.display(),
+            ADMIN_PORT,
+            policy_path.display(),
+        );
+        if w.ends_with("-web") {
+            cfg.push_str("outbound:\n  servers:\n");
+            for b in ["ec-backend", "news-backend"] {
+                cfg.push_str(&format!(
+                    "    - {{cidrs: [\"{}/32\"], ports: [{port}], identities: [\"spiffe://example.org/{b}\"]}}\n",
+                    pods.ip(b)
+                ));
+            }
+        }
+        let path = dir.join(format!("{w}.yaml"));
+        std::fs::write(&path, cfg)?;
+        let log = dir.join(format!("{w}.log"));
+        let config = path.to_string_lossy().into_owned();
+        let child = pods.spawn_as(w, PROXY_UID, &exe, &["run", "--config", &config], &log)?;
+        sidecars.push(Sidecar {
+            name: w,
+            child,
+            admin: pods.addr(w, ADMIN_PORT),
+            log,
+        });
+    }
+    let entries = Entries::Pods {
+        web,
+        viewer_netns: pods.netns(VIEWER).to_owned(),
+    };
+    Ok((sidecars, entries, apps))
 }
 
 /// Whether we may build namespaces: root only.
