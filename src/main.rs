@@ -28,6 +28,9 @@ enum Command {
     Run(run::RunArgs),
     /// Run scenario 1 (the ec and news sites) locally and check every decision.
     Demo(demo::DemoArgs),
+    /// One of the demo's apps as a process (used by `demo --transparent`).
+    #[command(hide = true)]
+    DemoApp(demo::DemoAppArgs),
     /// Install the iptables rules that capture a pod's traffic (init container).
     Init(init::InitArgs),
     /// Development Workload API server backed by a development CA.
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(args),
         Command::Agent(args) => agent::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args),
+        Command::DemoApp(args) => demo::run_app(args),
         Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
         Command::Inject(args) => inject_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),

@@ -1,6 +1,8 @@
 //! The demo's four small apps, as in scenario 1: two backends answering
 //! "Hi <name> client!", and two web tiers that answer `/noproxy` themselves
 //! and proxy every other path to their backend through their sidecar.
+//! `rampart demo-app` runs one of them as a process of its own (in a pod,
+//! for `rampart demo --transparent`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,18 +23,27 @@ pub enum App {
         /// The backend's name.
         name: &'static str,
     },
-    /// Answers `/noproxy`, proxies the rest to `upstream` (its outbound sidecar).
+    /// Answers `/noproxy`, proxies `/call/<peer>/<rest>` to that peer's
+    /// `/<rest>`, and the rest to `upstream` (its backend, or its outbound
+    /// sidecar listener on loopback).
     Web {
         /// The web tier's name.
         name: &'static str,
-        /// Its outbound sidecar listener.
+        /// Where its backend is.
         upstream: SocketAddr,
+        /// Other services it may be asked to call, by name.
+        peers: Vec<(&'static str, SocketAddr)>,
     },
 }
 
 /// Starts `app` on an ephemeral loopback port; returns its address.
 pub async fn start(app: App) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    start_on(app, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+/// Starts `app` on `addr`; returns the bound address.
+pub async fn start_on(app: App, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -60,15 +71,28 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 async fn handle(app: App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match app {
         App::Backend { name } => text(StatusCode::OK, format!("Hi {name} client!")),
-        App::Web { name, upstream } => {
+        App::Web {
+            name,
+            upstream,
+            peers,
+        } => {
             if req.uri().path() == "/noproxy" {
                 return text(StatusCode::OK, format!("Hello from {name}"));
             }
-            let path = req
+            let mut path = req
                 .uri()
                 .path_and_query()
                 .map(|p| p.as_str().to_owned())
                 .unwrap_or_else(|| "/".into());
+            let mut upstream = upstream;
+            if let Some(rest) = path.strip_prefix("/call/") {
+                let (peer, rest) = rest.split_once('/').unwrap_or((rest, ""));
+                let Some((_, addr)) = peers.iter().find(|(n, _)| *n == peer) else {
+                    return text(StatusCode::NOT_FOUND, format!("{name}: no peer {peer}"));
+                };
+                upstream = *addr;
+                path = format!("/{rest}");
+            }
             match get(upstream, &path, &[]).await {
                 Ok((status, body)) => text(status, body),
                 Err(e) => text(

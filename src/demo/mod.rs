@@ -2,9 +2,11 @@
 //! sites) on loopback, with no root and no files: a development CA issues
 //! short-lived SVIDs, four small apps each sit behind their own Rampart
 //! sidecar, and the scenario's requests are sent and checked. Exits 0 only
-//! if every row is as expected.
+//! if every row is as expected. With `--transparent` (root), the same mesh
+//! runs in network namespaces with captured traffic (see [`transparent`]).
 
 mod apps;
+mod transparent;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use rampart_identity::ca::DevCa;
 use rampart_identity::{SpiffeId, TrustDomain};
 
 use apps::App;
+use tokio::signal::unix::{SignalKind, signal};
 
 /// Arguments of `rampart demo`.
 #[derive(Debug, Args)]
@@ -36,9 +39,67 @@ pub struct DemoArgs {
     /// (for example to see the demo catch a wrong policy).
     #[arg(long = "policy", value_name = "WORKLOAD=FILE")]
     pub policy_overrides: Vec<String>,
+    /// Run every workload in a network namespace of its own, with
+    /// `rampart init` capturing its traffic: apps use real addresses and
+    /// never see their sidecar. Needs root.
+    #[arg(long)]
+    pub transparent: bool,
+}
+
+/// Arguments of the hidden `rampart demo-app`: one of the demo's apps as
+/// a process of its own (used by `rampart demo --transparent`).
+#[derive(Debug, Args)]
+pub struct DemoAppArgs {
+    /// `backend` or `web`.
+    #[arg(long)]
+    pub kind: String,
+    /// The workload's name, as in the greeting.
+    #[arg(long)]
+    pub name: String,
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// The web tier's backend.
+    #[arg(long)]
+    pub upstream: Option<SocketAddr>,
+    /// Other services the web tier may call on `/call/NAME/...`, as `NAME=ADDR`.
+    #[arg(long = "peer", value_name = "NAME=ADDR")]
+    pub peers: Vec<String>,
+}
+
+/// Runs one demo app until killed.
+pub fn run_app(args: DemoAppArgs) -> anyhow::Result<std::process::ExitCode> {
+    // Leaked once per process: the app's names live as long as it does.
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let name = leak(args.name);
+    let app = match args.kind.as_str() {
+        "backend" => App::Backend { name },
+        "web" => {
+            let mut peers = Vec::new();
+            for p in args.peers {
+                let (n, a) = p.split_once('=').context("--peer takes NAME=ADDR")?;
+                peers.push((leak(n.to_owned()), a.parse()?));
+            }
+            App::Web {
+                name,
+                upstream: args.upstream.context("a web app needs --upstream")?,
+                peers,
+            }
+        }
+        other => anyhow::bail!("unknown app kind {other:?} (backend or web)"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        apps::start_on(app, args.listen).await?;
+        std::future::pending::<anyhow::Result<std::process::ExitCode>>().await
+    })
 }
 
 const WORKLOADS: [&str; 4] = ["ec-web", "ec-backend", "news-web", "news-backend"];
+/// The pod the viewer requests come from in transparent mode (no sidecar).
+const VIEWER: &str = "viewer";
 /// SVID lifetime: short, so that rotations happen while the demo runs.
 const SVID_TTL: Duration = Duration::from_secs(4);
 
@@ -112,7 +173,7 @@ struct Row {
     request: String,
     caller: &'static str,
     entry: SocketAddr,
-    path: &'static str,
+    path: String,
     headers: Vec<(&'static str, &'static str)>,
     expect: StatusCode,
     expect_body: Option<&'static str>,
@@ -120,29 +181,93 @@ struct Row {
 
 /// Runs the demo; returns the exit code.
 pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
+    let started = Instant::now();
+    let pods = if args.transparent {
+        if !transparent::is_root() {
+            eprintln!(
+                "rampart demo --transparent needs root: it creates network namespaces and iptables rules (run it with sudo, or drop --transparent for the loopback demo)"
+            );
+            return Ok(std::process::ExitCode::from(2));
+        }
+        let mut names = WORKLOADS.to_vec();
+        names.push(VIEWER);
+        let pods = transparent::Pods::new(&names)?;
+        let listing: Vec<String> = names
+            .iter()
+            .map(|n| format!("{n} {}", pods.ip(n)))
+            .collect();
+        println!(
+            "[{:>5.1}s] pods (namespaces {}*) on 10.214.0.0/24: {}",
+            started.elapsed().as_secs_f64(),
+            pods.netns(VIEWER).trim_end_matches(VIEWER),
+            listing.join(", ")
+        );
+        // The checks (and the agent) run in the viewer pod, outside the
+        // mesh; the runtime's workers, built below, are born there too.
+        pods.enter(VIEWER)?;
+        Some(pods)
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(demo(args))
+    let keep_running = args.keep_running;
+    let result = rt.block_on(async {
+        if keep_running {
+            // The demo waits for Ctrl-C itself.
+            return demo(args, pods.as_ref(), started).await;
+        }
+        // Ctrl-C drops the demo, whose guards stop the sidecars and apps.
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            r = demo(args, pods.as_ref(), started) => r,
+            _ = interrupt.recv() => {
+                println!("interrupted: stopping");
+                Ok(std::process::ExitCode::from(130))
+            }
+        }
+    });
+    drop(rt);
+    // Namespaces last: nothing of ours runs in them any more.
+    drop(pods);
+    result
 }
 
-async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
-    let started = Instant::now();
+async fn demo(
+    args: DemoArgs,
+    pods: Option<&transparent::Pods>,
+    started: Instant,
+) -> anyhow::Result<std::process::ExitCode> {
     let dir = tempfile::Builder::new().prefix("rampart-demo-").tempdir()?;
+    if pods.is_some() {
+        // The sidecars run as the proxy UID and read their files here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    }
     let td = TrustDomain::parse("example.org")?;
     let ca = DevCa::generate(&td, Duration::from_secs(3600))?;
-    // The in-process development Workload API: every sidecar runs as our
-    // UID, and picks its own SPIFFE ID among those registered for it.
+    // The in-process development Workload API: every sidecar runs as one
+    // UID (ours on loopback, the proxy UID in pods), and picks its own
+    // SPIFFE ID among those registered for it.
     let mut registrations = Registrations::new();
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = match pods {
+        Some(_) => transparent::PROXY_UID,
+        // SAFETY: getuid has no preconditions.
+        None => unsafe { libc::getuid() },
+    };
     for w in WORKLOADS {
         registrations.add(uid, SpiffeId::parse(&format!("spiffe://example.org/{w}"))?);
     }
     let socket = dir.path().join("agent.sock");
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("binding {}", socket.display()))?;
+    if pods.is_some() {
+        use std::os::unix::fs::PermissionsExt;
+        // Sidecars as the proxy UID connect; the agent attests them by UID.
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+    }
     let agent = Agent::new(Arc::new(ca), registrations, SVID_TTL);
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent_task = tokio::spawn(agent.serve(listener, async {
@@ -155,64 +280,71 @@ async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         SVID_TTL.as_secs()
     );
 
-    // Addresses first: sidecars and apps refer to each other.
-    let mut addrs = std::collections::HashMap::new();
-    for w in WORKLOADS {
-        let web = w.ends_with("-web");
-        addrs.insert(
-            w,
-            Addrs {
-                app: free_addr()?,
-                inbound: free_addr()?,
-                outbound: if web { Some(free_addr()?) } else { None },
-                cross: if web { Some(free_addr()?) } else { None },
-            },
-        );
-    }
-    // Apps.
-    for w in WORKLOADS {
-        let a = &addrs[w];
-        let app = match w {
-            "ec-web" | "news-web" => App::Web {
-                name: w,
-                upstream: a.outbound.context("web tier has an outbound listener")?,
-            },
-            _ => App::Backend { name: w },
-        };
-        let bound = apps::start(app).await?;
-        // The app binds its own port; record it.
-        addrs.get_mut(w).context("workload")?.app = bound;
-    }
-    // Sidecars.
     let bin = std::env::current_exe()?;
-    let mut sidecars = Vec::new();
-    for w in WORKLOADS {
-        let cfg = sidecar_config(
-            w,
-            &addrs,
-            dir.path(),
-            &socket,
-            args.rego,
-            &args.policy_overrides,
-        )?;
-        let path = dir.path().join(format!("{w}.yaml"));
-        std::fs::write(&path, cfg)?;
-        let log = dir.path().join(format!("{w}.log"));
-        let child = Command::new(&bin)
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting the {w} sidecar"))?;
-        sidecars.push(Sidecar {
-            name: w,
-            child,
-            admin: admin_addr(&path)?,
-            log,
-        });
-    }
+    let (mut sidecars, entries, _apps) = match pods {
+        Some(pods) => transparent::pod_mesh(pods, &args, dir.path(), &socket, &bin)?,
+        None => {
+            // Addresses first: sidecars and apps refer to each other.
+            let mut addrs = std::collections::HashMap::new();
+            for w in WORKLOADS {
+                let web = w.ends_with("-web");
+                addrs.insert(
+                    w,
+                    Addrs {
+                        app: free_addr()?,
+                        inbound: free_addr()?,
+                        outbound: if web { Some(free_addr()?) } else { None },
+                        cross: if web { Some(free_addr()?) } else { None },
+                    },
+                );
+            }
+            // Apps.
+            for w in WORKLOADS {
+                let a = &addrs[w];
+                let app = match w {
+                    "ec-web" | "news-web" => App::Web {
+                        name: w,
+                        upstream: a.outbound.context("web tier has an outbound listener")?,
+                        peers: Vec::new(),
+                    },
+                    _ => App::Backend { name: w },
+                };
+                let bound = apps::start(app).await?;
+                // The app binds its own port; record it.
+                addrs.get_mut(w).context("workload")?.app = bound;
+            }
+            // Sidecars.
+            let mut sidecars = Vec::new();
+            for w in WORKLOADS {
+                let cfg = sidecar_config(
+                    w,
+                    &addrs,
+                    dir.path(),
+                    &socket,
+                    args.rego,
+                    &args.policy_overrides,
+                )?;
+                let path = dir.path().join(format!("{w}.yaml"));
+                std::fs::write(&path, cfg)?;
+                let log = dir.path().join(format!("{w}.log"));
+                let child = Command::new(&bin)
+                    .arg("run")
+                    .arg("--config")
+                    .arg(&path)
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log)?)
+                    .spawn()
+                    .with_context(|| format!("starting the {w} sidecar"))?;
+                sidecars.push(Sidecar {
+                    name: w,
+                    child,
+                    admin: admin_addr(&path)?,
+                    log,
+                });
+            }
+            (sidecars, Entries::Loopback(addrs), Vec::new())
+        }
+    };
     for s in &mut sidecars {
         wait_ready(s).await?;
         println!(
@@ -237,8 +369,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     );
 
     if args.keep_running {
-        print_try_it(&addrs);
-        tokio::signal::ctrl_c().await?;
+        // Handlers first, then the commands: whoever reads them may send
+        // SIGINT at once, and it must stop the demo through its guards.
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        print_try_it(&entries);
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
         println!("stopping: draining sidecars");
         drop(sidecars);
         let _ = stop_agent.send(());
@@ -246,7 +385,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         return Ok(std::process::ExitCode::SUCCESS);
     }
 
-    let rows = rows(&addrs);
+    let rows = rows(&entries);
     println!();
     println!(
         "{:<44} {:<10} {:>6} {:>6} {:>9}  decided by",
@@ -258,7 +397,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         let mut outcome = Err("not sent".to_owned());
         for _ in 0..15 {
             let t = Instant::now();
-            outcome = apps::get(r.entry, r.path, &r.headers).await;
+            outcome = apps::get(r.entry, &r.path, &r.headers).await;
             samples.push(t.elapsed());
         }
         samples.sort();
@@ -323,7 +462,72 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-fn rows(addrs: &std::collections::HashMap<&str, Addrs>) -> Vec<Row> {
+/// Where the viewer's requests enter the mesh, per mode.
+enum Entries {
+    /// Sidecar listeners on loopback.
+    Loopback(std::collections::HashMap<&'static str, Addrs>),
+    /// Pod addresses; the requests leave from the viewer pod.
+    Pods {
+        web: std::collections::HashMap<&'static str, SocketAddr>,
+        viewer_netns: String,
+    },
+}
+
+/// A request the other site's web tier makes to `backend`.
+struct Cross {
+    entry: SocketAddr,
+    path: String,
+    headers: Vec<(&'static str, &'static str)>,
+}
+
+impl Entries {
+    /// Where a viewer reaches the web tier `web`.
+    fn web(&self, web: &str) -> SocketAddr {
+        match self {
+            Entries::Loopback(addrs) => addrs[web].inbound,
+            Entries::Pods { web: addrs, .. } => addrs[web],
+        }
+    }
+
+    /// How to make the web tier `caller` call `backend`'s `/data`.
+    fn cross(&self, caller: &'static str, backend: &str) -> Cross {
+        match self {
+            // The caller's own outbound listener to the other backend.
+            Entries::Loopback(addrs) => Cross {
+                entry: addrs[caller]
+                    .cross
+                    .expect("web tiers have a cross listener"),
+                path: "/data".to_owned(),
+                headers: vec![],
+            },
+            // The caller's app, asked by a viewer to call the backend at
+            // its real address; its sidecar captures that call.
+            Entries::Pods { web, .. } => Cross {
+                entry: web[caller],
+                path: format!("/call/{backend}/data"),
+                headers: vec![("x-opa-secret", secret_of(caller))],
+            },
+        }
+    }
+
+    /// What to put before `curl` to send from where the viewer is.
+    fn curl_prefix(&self) -> String {
+        match self {
+            Entries::Loopback(_) => String::new(),
+            Entries::Pods { viewer_netns, .. } => format!("ip netns exec {viewer_netns} "),
+        }
+    }
+}
+
+fn secret_of(web: &str) -> &'static str {
+    if web == "ec-web" {
+        "ec-web-secret"
+    } else {
+        "news-web-secret"
+    }
+}
+
+fn rows(entries: &Entries) -> Vec<Row> {
     let mut rows = Vec::new();
     for (site, other) in [("ec", "news"), ("news", "ec")] {
         let web = if site == "ec" { "ec-web" } else { "news-web" };
@@ -332,22 +536,18 @@ fn rows(addrs: &std::collections::HashMap<&str, Addrs>) -> Vec<Row> {
         } else {
             "Hi news-backend client!"
         };
-        let secret: &'static str = if site == "ec" {
-            "ec-web-secret"
-        } else {
-            "news-web-secret"
-        };
+        let secret = secret_of(web);
         let noproxy_body: &'static str = if site == "ec" {
             "Hello from ec-web"
         } else {
             "Hello from news-web"
         };
-        let entry = addrs[web].inbound;
+        let entry = entries.web(web);
         rows.push(Row {
             request: format!("GET {web} /noproxy (secret header)"),
             caller: "viewer",
             entry,
-            path: "/noproxy",
+            path: "/noproxy".to_owned(),
             headers: vec![("x-opa-secret", secret)],
             expect: StatusCode::OK,
             expect_body: Some(noproxy_body),
@@ -356,7 +556,7 @@ fn rows(addrs: &std::collections::HashMap<&str, Addrs>) -> Vec<Row> {
             request: format!("GET {web} /noproxy (no header)"),
             caller: "viewer",
             entry,
-            path: "/noproxy",
+            path: "/noproxy".to_owned(),
             headers: vec![],
             expect: StatusCode::FORBIDDEN,
             expect_body: None,
@@ -365,7 +565,7 @@ fn rows(addrs: &std::collections::HashMap<&str, Addrs>) -> Vec<Row> {
             request: format!("GET {web} /data -> {site}-backend"),
             caller: "viewer",
             entry,
-            path: "/data",
+            path: "/data".to_owned(),
             headers: vec![("x-opa-secret", secret)],
             expect: StatusCode::OK,
             expect_body: Some(backend_body),
@@ -374,21 +574,20 @@ fn rows(addrs: &std::collections::HashMap<&str, Addrs>) -> Vec<Row> {
             request: format!("GET {web} /admin -> {site}-backend"),
             caller: "viewer",
             entry,
-            path: "/admin",
+            path: "/admin".to_owned(),
             headers: vec![("x-opa-secret", secret)],
             expect: StatusCode::FORBIDDEN,
             expect_body: None,
         });
         // The other site's web tier calling this site's backend.
         let other_web = if other == "ec" { "ec-web" } else { "news-web" };
+        let cross = entries.cross(other_web, &format!("{site}-backend"));
         rows.push(Row {
             request: format!("GET {site}-backend /data"),
-            caller: if other == "ec" { "ec-web" } else { "news-web" },
-            entry: addrs[other_web]
-                .cross
-                .expect("web tiers have a cross listener"),
-            path: "/data",
-            headers: vec![],
+            caller: other_web,
+            entry: cross.entry,
+            path: cross.path,
+            headers: cross.headers,
             expect: StatusCode::FORBIDDEN,
             expect_body: None,
         });
@@ -396,29 +595,67 @@ fn rows(addrs: &std::collections::HashMap<&str, Addrs>) -> Vec<Row> {
     rows
 }
 
-fn print_try_it(addrs: &std::collections::HashMap<&str, Addrs>) {
-    let ec = addrs["ec-web"].inbound;
-    let news = addrs["news-web"].inbound;
-    let cross = addrs["news-web"].cross.expect("cross listener");
+fn print_try_it(entries: &Entries) {
+    let pre = entries.curl_prefix();
+    let ec = entries.web("ec-web");
+    let news = entries.web("news-web");
+    let cross = entries.cross("news-web", "ec-backend");
+    let cross_headers: String = cross
+        .headers
+        .iter()
+        .map(|(k, v)| format!("-H '{k}: {v}' "))
+        .collect();
     println!("\nThe mesh is up. Try (Ctrl-C stops everything):");
     println!(
-        "  curl -i -H 'X-Opa-Secret: ec-web-secret' http://{ec}/noproxy     # 200 from ec-web"
+        "  {pre}curl -i -H 'X-Opa-Secret: ec-web-secret' http://{ec}/noproxy     # 200 from ec-web"
     );
     println!(
-        "  curl -i -H 'X-Opa-Secret: ec-web-secret' http://{ec}/data        # 200 Hi ec-backend client!"
+        "  {pre}curl -i -H 'X-Opa-Secret: ec-web-secret' http://{ec}/data        # 200 Hi ec-backend client!"
+    );
+    println!("  {pre}curl -i http://{ec}/noproxy          # 403: no secret header");
+    println!(
+        "  {pre}curl -i -H 'X-Opa-Secret: ec-web-secret' http://{ec}/admin       # 403 from ec-backend's sidecar"
     );
     println!(
-        "  curl -i http://{ec}/noproxy                                       # 403: no secret header"
+        "  {pre}curl -i -H 'X-Opa-Secret: news-web-secret' http://{news}/data    # 200 Hi news-backend client!"
     );
     println!(
-        "  curl -i -H 'X-Opa-Secret: ec-web-secret' http://{ec}/admin       # 403 from ec-backend's sidecar"
+        "  {pre}curl -i {cross_headers}http://{}{}    # 403: news-web may not call ec-backend",
+        cross.entry, cross.path
     );
-    println!(
-        "  curl -i -H 'X-Opa-Secret: news-web-secret' http://{news}/data    # 200 Hi news-backend client!"
-    );
-    println!(
-        "  curl -i http://{cross}/data                                       # 403: news-web may not call ec-backend"
-    );
+}
+
+/// Writes (or picks, when overridden) `w`'s policy; returns its path and
+/// the port mode: web tiers face viewers outside the mesh, so their port
+/// accepts plaintext (PERMISSIVE); backends accept only mTLS (STRICT).
+fn policy_file(
+    w: &str,
+    dir: &Path,
+    rego: bool,
+    overrides: &[String],
+) -> anyhow::Result<(PathBuf, &'static str)> {
+    let (policy, module) = policy_text(w, rego);
+    let path = match overrides
+        .iter()
+        .find_map(|o| o.strip_prefix(w).and_then(|r| r.strip_prefix('=')))
+    {
+        Some(file) => std::fs::canonicalize(file)
+            .with_context(|| format!("policy override for {w}: {file}"))?,
+        None => {
+            let p = dir.join(format!("{w}.policy.yaml"));
+            std::fs::write(&p, policy)?;
+            if let Some((name, text)) = module {
+                std::fs::write(dir.join(name), text)?;
+            }
+            p
+        }
+    };
+    let mode = if w.ends_with("-web") {
+        "permissive"
+    } else {
+        "strict"
+    };
+    Ok((path, mode))
 }
 
 async fn wait_ready(s: &mut Sidecar) -> anyhow::Result<()> {
@@ -475,22 +712,7 @@ fn sidecar_config(
     overrides: &[String],
 ) -> anyhow::Result<String> {
     let a = &addrs[w];
-    let (policy, module) = policy_text(w, rego);
-    let policy_path = match overrides
-        .iter()
-        .find_map(|o| o.strip_prefix(w).and_then(|r| r.strip_prefix('=')))
-    {
-        Some(file) => std::fs::canonicalize(file)
-            .with_context(|| format!("policy override for {w}: {file}"))?,
-        None => {
-            let p = dir.join(format!("{w}.policy.yaml"));
-            std::fs::write(&p, policy)?;
-            if let Some((name, text)) = module {
-                std::fs::write(dir.join(name), text)?;
-            }
-            p
-        }
-    };
+    let (policy_path, mode) = policy_file(w, dir, rego, overrides)?;
     let admin = free_addr()?;
     let mut cfg = format!(
         "identity:\n  workload_api: {{socket: \"unix://{}\", spiffe_id: \"spiffe://example.org/{w}\"}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: info}}\nlisteners:\n",
@@ -523,13 +745,6 @@ fn sidecar_config(
             addrs[theirs].inbound
         ));
     }
-    // Web tiers face viewers outside the mesh: their port accepts plaintext
-    // (PERMISSIVE); backends accept only mTLS (STRICT).
-    let mode = if w.ends_with("-web") {
-        "permissive"
-    } else {
-        "strict"
-    };
     cfg.push_str(&format!(
         "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {}, mode: {mode}}}\n",
         policy_path.display(),
