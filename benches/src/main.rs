@@ -2,9 +2,14 @@
 //! processes and measures what the sidecars add, interleaving repetitions
 //! (A B A B ...) because the machine is shared and noisy.
 //!
-//! `cargo build --release && cargo run --release -p rampart-bench -- tcp-rtt`
-//! (or `http-rtt`).
+//! `cargo build --release -p rampart -p rampart-bench &&
+//! target/release/rampart-bench mesh --out bench-results` (the default
+//! profile; see benches/RESULTS.md), or `tcp-rtt` / `http-rtt`.
 
+mod load;
+mod mesh;
+mod procstat;
+mod report;
 mod topology;
 
 use std::io::{Read, Write};
@@ -13,9 +18,18 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use load::HttpConn;
+
 fn usage() -> ! {
     eprintln!(
-        "usage: rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\n\
+        "usage: rampart-bench [mesh] [--rates R1,R2] [--conns N] [--duration SECS] [--reps N] [--out DIR] [--require-all]\n\
+         \x20      rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\n\
+         mesh (the default): direct versus Rampart, nginx and HAProxy pairs doing the same\n\
+         mTLS hop; open-loop load at each rate (default 1000,5000 req/s) and closed-loop\n\
+         saturation over --conns (16) keep-alive connections, --duration (5) s per run,\n\
+         --reps (3) interleaved; writes results.json, results.md and PNG plots to --out\n\
+         (bench-results). nginx/HAProxy are skipped when not installed, unless\n\
+         --require-all or RAMPART_REQUIRE_E2E=1.\n\
          tcp-rtt: round trips of a small request/response on one TCP connection,\n\
          direct to an echo app versus through two Rampart sidecars (mTLS).\n\
          http-rtt: small HTTP/1.1 GETs on one keep-alive connection, direct versus\n\
@@ -26,8 +40,15 @@ fn usage() -> ! {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let Some(profile) = args.next() else { usage() };
+    let mut args = std::env::args().skip(1).peekable();
+    let profile = match args.peek() {
+        Some(p) if !p.starts_with("--") => args.next().unwrap_or_default(),
+        _ => "mesh".to_string(),
+    };
+    if profile == "mesh" {
+        mesh::run(mesh_options(args));
+        return;
+    }
     let mut requests = 20_000u64;
     let mut reps = 3u32;
     let mut size = 64usize;
@@ -47,6 +68,40 @@ fn main() {
         "http-rtt" => http_rtt(requests, reps, conns),
         _ => usage(),
     }
+}
+
+fn mesh_options(mut args: impl Iterator<Item = String>) -> mesh::Options {
+    let mut o = mesh::Options {
+        require_all: std::env::var("RAMPART_REQUIRE_E2E").is_ok_and(|v| v == "1"),
+        ..Default::default()
+    };
+    while let Some(a) = args.next() {
+        if a == "--require-all" {
+            o.require_all = true;
+            continue;
+        }
+        let v = args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--rates" => {
+                o.rates = v
+                    .split(',')
+                    .map(|r| r.trim().parse().unwrap_or_else(|_| usage()))
+                    .collect()
+            }
+            "--conns" => o.conns = v.parse().unwrap_or_else(|_| usage()),
+            "--duration" => {
+                o.duration =
+                    std::time::Duration::from_secs_f64(v.parse().unwrap_or_else(|_| usage()))
+            }
+            "--reps" => o.reps = v.parse().unwrap_or_else(|_| usage()),
+            "--out" => o.out = v.into(),
+            _ => usage(),
+        }
+    }
+    if o.reps == 0 || o.conns == 0 {
+        usage()
+    }
+    o
 }
 
 fn tcp_rtt(requests: u64, reps: u32, size: usize) {
@@ -156,60 +211,16 @@ fn ping_pong(addr: SocketAddr, n: u64, size: usize) -> Histogram<u64> {
     h
 }
 
-/// One HTTP/1.1 keep-alive client connection.
-struct HttpConn {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl HttpConn {
-    fn open(addr: SocketAddr) -> Self {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_nodelay(true).ok();
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        HttpConn {
-            s,
-            buf: Vec::with_capacity(4096),
-        }
-    }
-
-    /// Sends one GET and reads its whole response (content-length framed).
-    fn get(&mut self) {
-        self.s
-            .write_all(b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n")
-            .expect("write");
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(end) = topology::find_head_end(&self.buf) {
-                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
-                assert!(head.starts_with("http/1.1 200"), "{head}");
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .expect("content-length");
-                if self.buf.len() >= end + len {
-                    self.buf.drain(..end + len);
-                    return;
-                }
-            }
-            let n = self.s.read(&mut chunk).expect("read");
-            assert!(n > 0, "connection closed");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
 /// Closed-loop GETs on one connection; latency in nanoseconds.
 fn http_ping_pong(addr: SocketAddr, n: u64) -> Histogram<u64> {
     let mut h = Histogram::<u64>::new_with_bounds(1_000, 10_000_000_000, 3).expect("bounds");
     let mut c = HttpConn::open(addr);
     for _ in 0..200 {
-        c.get();
+        c.get().expect("GET");
     }
     for _ in 0..n {
         let t = Instant::now();
-        c.get();
+        c.get().expect("GET");
         let _ = h.record(t.elapsed().as_nanos().max(1_000) as u64);
     }
     h
@@ -225,7 +236,7 @@ fn http_saturate(addr: SocketAddr, conns: usize, dur: Duration) -> f64 {
                     let mut c = HttpConn::open(addr);
                     let mut n = 0u64;
                     while start.elapsed() < dur {
-                        c.get();
+                        c.get().expect("GET");
                         n += 1;
                     }
                     n
