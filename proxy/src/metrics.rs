@@ -32,6 +32,8 @@ pub const HTTP_DURATION: &str = "rampart_http_request_duration_seconds";
 pub const HTTP_LOCAL_ERRORS: &str = "rampart_http_local_responses_total";
 /// Connections by detected protocol.
 pub const DETECTED: &str = "rampart_detected_protocol_total";
+/// Policy reloads by result.
+pub const POLICY_RELOADS: &str = "rampart_policy_reloads_total";
 
 /// Registers descriptions with the installed recorder.
 pub fn describe() {
@@ -54,6 +56,11 @@ pub fn describe() {
         "HTTP requests answered by the sidecar (refusals, app failures)"
     );
     describe_counter!(DETECTED, Unit::Count, "Connections by detected protocol");
+    describe_counter!(
+        POLICY_RELOADS,
+        Unit::Count,
+        "Policy file reloads by result (error: the last good version stayed)"
+    );
 }
 
 /// Counts a connection for as long as it lives.
@@ -123,4 +130,22 @@ pub fn http_local_error(direction: Direction, reason: &'static str) {
 pub fn detected(direction: Direction, protocol: crate::detect::Protocol) {
     counter!(DETECTED, "direction" => direction.as_str(), "protocol" => protocol.as_str())
         .increment(1);
+}
+
+/// Outcome of a policy reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// The new version is in force.
+    Ok,
+    /// The new version was refused; the last good one stays.
+    Error,
+}
+
+/// Counts a policy reload.
+pub fn policy_reload(result: ReloadResult) {
+    let r = match result {
+        ReloadResult::Ok => "ok",
+        ReloadResult::Error => "error",
+    };
+    counter!(POLICY_RELOADS, "result" => r).increment(1);
 }

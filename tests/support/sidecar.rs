@@ -121,6 +121,30 @@ impl Sidecar {
         s.split(' ').nth(1)?.parse().ok()
     }
 
+    /// An admin request: its status and the whole response (head and body).
+    pub fn admin(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut c = TcpStream::connect(self.admin).unwrap();
+        write!(
+            c,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        let status = s
+            .split(' ')
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0);
+        (status, s)
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
     /// The admin `/metrics` text.
     pub fn metrics(&self) -> String {
         let mut c = TcpStream::connect(self.admin).unwrap();

@@ -1,0 +1,255 @@
+//! End-to-end observability and operations on loopback sidecars: policy hot
+//! reload, the admin API, access logs, metrics (parsed by the Python
+//! `prometheus_client`), and tracing headers.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::apps;
+use support::sidecar::{LocalProc, Pki, Sidecar, free_addr, wait_listening};
+
+const BACKEND: &str = "spiffe://example.org/ec-backend";
+const WEB: &str = "spiffe://example.org/ec-web";
+
+/// ec-web's sidecar -> ec-backend's sidecar (with a policy file) -> an app.
+struct Pair {
+    pki: Pki,
+    _app: LocalProc,
+    backend: Sidecar,
+    web: Sidecar,
+    /// ec-web's outbound listener.
+    out: SocketAddr,
+    /// ec-backend's inbound listener.
+    inbound: SocketAddr,
+    policy: std::path::PathBuf,
+}
+
+/// An ALLOW policy letting ec-web GET exactly `path`.
+fn allow_get(path: &str) -> String {
+    format!(
+        "policies:\n  - name: backend\n    action: ALLOW\n    rules:\n      - name: web-gets\n        from: {{principals: [\"{WEB}\"]}}\n        to: {{methods: [GET], paths: [\"{path}\"]}}\n"
+    )
+}
+
+fn pair(policy: &str, backend_extra: &str, web_extra: &str) -> Pair {
+    let pki = Pki::new();
+    let app_addr = free_addr();
+    let app = LocalProc::spawn(
+        &apps::http_app(app_addr.port(), "ec-backend"),
+        pki.dir.path(),
+        "app",
+    );
+    wait_listening(app_addr);
+    let policy_file = pki.dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, policy).unwrap();
+    let inbound = free_addr();
+    let backend = pki.sidecar(
+        BACKEND,
+        &format!(
+            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n{backend_extra}",
+            policy_file.display()
+        ),
+    );
+    let out = free_addr();
+    let web = pki.sidecar(
+        WEB,
+        &format!(
+            "listeners:\n  - {{name: out, direction: outbound, listen: \"{out}\", target: \"{inbound}\", server_identities: [\"{BACKEND}\"]}}\n{web_extra}"
+        ),
+    );
+    Pair {
+        pki,
+        _app: app,
+        backend,
+        web,
+        out,
+        inbound,
+        policy: policy_file,
+    }
+}
+
+/// The status of a GET through ec-web's sidecar (0 when it failed).
+fn get(out: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-i", "--max-time", "10"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let o = cmd
+        .arg(format!("http://{out}{path}"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Polls `cond` every 50 ms until it holds or `within` passes.
+fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// The value of a sample in Prometheus text, 0 when absent. `series` is
+/// the name with its labels exactly as rendered, e.g. `x_total{result="ok"}`.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn policy_file_changes_apply_and_broken_files_keep_the_last_good_version() {
+    let p = pair(&allow_get("/data"), "", "");
+    assert_eq!(get(p.out, "/data", &[]).0, 200, "{}", p.backend.logs());
+    assert_eq!(get(p.out, "/other", &[]).0, 403);
+
+    write_atomically(&p.policy, &allow_get("/other"));
+    assert!(
+        eventually(Duration::from_secs(5), || get(p.out, "/other", &[]).0
+            == 200),
+        "new policy not in force:\n{}",
+        p.backend.logs()
+    );
+    assert_eq!(get(p.out, "/data", &[]).0, 403);
+    let m = p.backend.metrics();
+    assert_eq!(
+        sample(&m, "rampart_policy_reloads_total{result=\"ok\"}"),
+        1.0,
+        "{m}"
+    );
+
+    // A broken file (an unknown field) changes nothing but the error count.
+    write_atomically(&p.policy, &allow_get("/data").replace("action:", "acton:"));
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            sample(
+                &p.backend.metrics(),
+                "rampart_policy_reloads_total{result=\"error\"}",
+            ) == 1.0
+        }),
+        "broken policy not counted:\n{}",
+        p.backend.logs()
+    );
+    assert_eq!(get(p.out, "/other", &[]).0, 200);
+    assert_eq!(get(p.out, "/data", &[]).0, 403);
+    assert!(p.backend.logs().contains("policy reload failed"));
+    let _ = (&p.pki, &p.web, p.inbound);
+}
+
+/// The base64 lines of a PEM file (its key material).
+fn pem_body_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn admin_api_shows_config_identity_and_policies_without_key_material() {
+    let p = pair(&allow_get("/data"), "", "");
+    let b = &p.backend;
+    let (status, config) = b.admin("GET", "/config", "");
+    assert_eq!(status, 200, "{config}");
+    assert!(config.contains("svid.key"), "{config}");
+    let (status, identity) = b.admin("GET", "/identity", "");
+    assert_eq!(status, 200, "{identity}");
+    assert!(
+        identity.contains(&format!("\"spiffe_id\": \"{BACKEND}\"")),
+        "{identity}"
+    );
+    assert!(identity.contains("\"serial\""), "{identity}");
+    assert!(identity.contains("\"not_after_unix\""), "{identity}");
+    assert!(identity.contains("\"example.org\""), "{identity}");
+    let key_lines = pem_body_lines(&p.pki.dir.path().join("ec-backend/svid.key"));
+    assert!(!key_lines.is_empty());
+    for body in [&config, &identity] {
+        assert!(!body.contains("PRIVATE KEY"), "{body}");
+        for l in &key_lines {
+            assert!(!body.contains(l.as_str()), "key material in {body}");
+        }
+    }
+    let (status, policy) = b.admin("GET", "/policy", "");
+    assert_eq!(status, 200, "{policy}");
+    assert!(policy.contains("\"name\": \"backend\""), "{policy}");
+    assert!(policy.contains("\"content_hash\""), "{policy}");
+    assert!(policy.contains("\"loaded_at_unix\""), "{policy}");
+
+    assert_eq!(b.admin("GET", "/nope", "").0, 404);
+    let (status, resp) = b.admin("DELETE", "/config", "");
+    assert_eq!(status, 405);
+    assert!(
+        resp.to_ascii_lowercase().contains("allow: get, head"),
+        "{resp}"
+    );
+    let (status, resp) = b.admin("GET", "/drain", "");
+    assert_eq!(status, 405);
+    assert!(resp.to_ascii_lowercase().contains("allow: post"), "{resp}");
+    let _ = &p.web;
+}
+
+#[test]
+fn log_filter_changes_at_runtime() {
+    let p = pair(&allow_get("/data"), "", "");
+    let b = &p.backend;
+    let forwarded = || b.logs().matches("request forwarded").count();
+    let (status, _) = b.admin("PUT", "/logging", "info");
+    assert_eq!(status, 200);
+    assert!(b.admin("GET", "/logging", "").1.ends_with("info\n"));
+    let before = forwarded();
+    assert_eq!(get(p.out, "/data", &[]).0, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(forwarded(), before, "debug line at info:\n{}", b.logs());
+
+    assert_eq!(
+        b.admin("PUT", "/logging", "info,rampart_proxy=debug").0,
+        200
+    );
+    assert_eq!(get(p.out, "/data", &[]).0, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || forwarded() > before),
+        "no debug line after the change:\n{}",
+        b.logs()
+    );
+    assert_eq!(b.admin("PUT", "/logging", "not a [filter").0, 400);
+}
+
+#[test]
+fn admin_drain_turns_the_sidecar_not_ready_and_exits() {
+    let p = pair(&allow_get("/data"), "", "");
+    assert_eq!(p.backend.admin("POST", "/drain", "").0, 202);
+    assert!(
+        eventually(Duration::from_secs(10), || p.backend.get("/ready")
+            != Some(200)),
+        "still ready after /drain"
+    );
+}
