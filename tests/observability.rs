@@ -161,6 +161,10 @@ fn policy_file_changes_apply_and_broken_files_keep_the_last_good_version() {
     assert_eq!(get(p.out, "/other", &[]).0, 200);
     assert_eq!(get(p.out, "/data", &[]).0, 403);
     assert!(p.backend.logs().contains("policy reload failed"));
+    // Access logs are off here, but denials are still written.
+    let out = p.backend.stdout();
+    assert!(out.contains("\"authz.decision\":\"deny\""), "{out}");
+    assert!(!out.contains("\"authz.decision\":\"allow\""), "{out}");
     let _ = (&p.pki, &p.web, p.inbound);
 }
 
@@ -252,4 +256,53 @@ fn admin_drain_turns_the_sidecar_not_ready_and_exits() {
             != Some(200)),
         "still ready after /drain"
     );
+}
+
+/// The JSON access events a sidecar wrote.
+fn access_events(s: &Sidecar) -> Vec<serde_json::Value> {
+    s.stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn access_events_name_peer_decision_and_path_but_no_header_values() {
+    let p = pair(
+        &allow_get("/data"),
+        "log: {level: debug, access: true}\n",
+        "",
+    );
+    let secret = "Bearer s3cr3t-t0ken";
+    assert_eq!(
+        get(
+            p.out,
+            "/data?q=hidden",
+            &[&format!("authorization: {secret}")]
+        )
+        .0,
+        200
+    );
+    assert_eq!(get(p.out, "/other", &[]).0, 403);
+    let mut events = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        events = access_events(&p.backend);
+        events.len() >= 2
+    }));
+    let ok = &events[0];
+    assert_eq!(ok["event"], "http");
+    assert_eq!(ok["direction"], "inbound");
+    assert_eq!(ok["peer.id"], WEB);
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["path"], "/data");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["authz.decision"], "allow");
+    assert_eq!(ok["authz.policy"], "backend");
+    assert_eq!(ok["authz.rule"], "web-gets");
+    assert!(ok["duration_ms"].as_f64().unwrap() > 0.0);
+    let denied = &events[1];
+    assert_eq!(denied["authz.decision"], "deny");
+    assert_eq!(denied["status"], 403);
+    let all = p.backend.stdout();
+    assert!(!all.contains("s3cr3t") && !all.contains("hidden"), "{all}");
 }
