@@ -353,7 +353,7 @@ impl Handler {
         };
         let permit = match authorizer.check_request(&conn_info, &info) {
             Decision::Allow(p) => {
-                crate::metrics::decision("allow", "matched");
+                crate::metrics::decision("allow", "matched", p.policy(), p.rule());
                 if logged {
                     outcome.decided = Some(Decided::Allow {
                         policy: p.policy().into(),
@@ -363,7 +363,12 @@ impl Handler {
                 p
             }
             Decision::Deny(d) => {
-                crate::metrics::decision("deny", d.reason.as_str());
+                crate::metrics::decision(
+                    "deny",
+                    d.reason.as_str(),
+                    d.policy.as_deref().unwrap_or("-"),
+                    d.rule.as_deref().unwrap_or("-"),
+                );
                 outcome.path.get_or_insert_with(|| norm.path.to_string());
                 outcome.decided = Some(Decided::Deny {
                     reason: d.reason.as_str(),

@@ -97,9 +97,18 @@ pub fn handshake(direction: Direction, result: &'static str) {
     counter!(TLS_HANDSHAKES, "direction" => direction.as_str(), "result" => result).increment(1);
 }
 
-/// Counts an authorization decision.
-pub fn decision(action: &'static str, reason: &'static str) {
-    counter!(AUTHZ_DECISIONS, "action" => action, "reason" => reason).increment(1);
+/// Counts an authorization decision. `policy` and `rule` name what decided
+/// (`-` when nothing did); they come from the operator's policy files, never
+/// from a peer, so the series are bounded by the configuration.
+pub fn decision(action: &'static str, reason: &'static str, policy: &str, rule: &str) {
+    counter!(
+        AUTHZ_DECISIONS,
+        "action" => action,
+        "reason" => reason,
+        "policy" => policy.to_owned(),
+        "rule" => rule.to_owned()
+    )
+    .increment(1);
 }
 
 /// Counts a forwarding failure.
