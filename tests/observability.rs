@@ -440,3 +440,33 @@ fn metrics_move_exactly_and_random_traffic_adds_no_series() {
     assert_eq!(now, series, "series changed under random traffic");
     let _ = &p.web;
 }
+
+#[test]
+fn a_broken_policy_at_start_exits_64_and_is_never_ready() {
+    let pki = Pki::new();
+    let svid = pki.issue(BACKEND, "ec-backend");
+    let policy = pki.dir.path().join("policy.yaml");
+    std::fs::write(&policy, allow_get("/data").replace("action:", "acton:")).unwrap();
+    let cfg = pki.dir.path().join("broken.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{a}\"}}\nlisteners:\n  - {{name: in, direction: inbound, listen: \"{l}\", target: \"{t}\"}}\ninbound:\n  policies: [\"{p}\"]\n",
+            s = svid.display(),
+            a = free_addr(),
+            l = free_addr(),
+            t = free_addr(),
+            p = policy.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(support::rampart_bin())
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("policy.yaml"),
+        "{out:?}"
+    );
+}
