@@ -428,6 +428,24 @@ pub struct LogConfig {
     /// `text` or `json`.
     #[serde(default)]
     pub format: LogFormat,
+    /// One JSON access event per request or connection on stdout.
+    #[serde(default)]
+    pub access: bool,
+    /// With `access` off, denials are still logged, at most this many a second.
+    #[serde(default = "d_denials_per_second")]
+    pub denials_per_second: u32,
+    /// Header set to a fresh ID on inbound requests that lack it; `""` turns
+    /// it off.
+    #[serde(default = "d_request_id_header")]
+    pub request_id_header: String,
+}
+
+fn d_denials_per_second() -> u32 {
+    10
+}
+
+fn d_request_id_header() -> String {
+    "x-request-id".into()
 }
 
 fn d_level() -> String {
@@ -439,6 +457,9 @@ impl Default for LogConfig {
         LogConfig {
             level: d_level(),
             format: LogFormat::Text,
+            access: false,
+            denials_per_second: d_denials_per_second(),
+            request_id_header: d_request_id_header(),
         }
     }
 }
@@ -712,6 +733,14 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(("log.level".into(), format!("invalid filter: {e}")));
         }
+        if !self.log.request_id_header.is_empty()
+            && http::HeaderName::from_bytes(self.log.request_id_header.as_bytes()).is_err()
+        {
+            p.push((
+                "log.request_id_header".into(),
+                "not a valid header name".into(),
+            ));
+        }
         if self.runtime.workers == 0 {
             p.push(("runtime.workers".into(), "must be at least 1".into()));
         }
@@ -795,7 +824,7 @@ impl Config {
                     UnknownServer::AnyInTrustDomain => pc::UnknownServer::AnyInTrustDomain,
                 },
             },
-            authorizer: Arc::new(authorizer),
+            authorizer: Arc::new(rampart_proxy::policy::PolicyCell::new(authorizer)),
             inbound: pc::InboundConfig {
                 ports: self
                     .inbound
@@ -836,6 +865,15 @@ impl Config {
                     max_concurrent_streams: self.limits.http_max_concurrent_streams,
                     pool_idle_timeout: self.limits.http_pool_idle_timeout,
                 },
+            },
+            observe: pc::ObserveConfig {
+                access_log: self.log.access,
+                denials_per_second: self.log.denials_per_second,
+                // Validated above; lowercase, as header names are.
+                request_id_header: http::HeaderName::from_bytes(
+                    self.log.request_id_header.to_ascii_lowercase().as_bytes(),
+                )
+                .ok(),
             },
         }
     }

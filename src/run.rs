@@ -36,7 +36,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             return Ok(std::process::ExitCode::from(EXIT_CONFIG));
         }
     };
-    init_logging(&cfg);
+    let logging = init_logging(&cfg);
     let rt = if cfg.runtime.workers == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -47,25 +47,61 @@ pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             .enable_all()
             .build()?
     };
-    rt.block_on(serve(cfg, authorizer))?;
+    rt.block_on(serve(cfg, authorizer, logging))?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn init_logging(cfg: &Config) {
+fn init_logging(cfg: &Config) -> Arc<ReloadableLog> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     // The filter was validated with the rest of the configuration.
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter);
     match cfg.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+    }
+    Arc::new(ReloadableLog {
+        handle,
+        current: std::sync::Mutex::new(cfg.log.level.clone()),
+    })
+}
+
+/// The log filter, changeable at runtime through the admin API.
+struct ReloadableLog {
+    handle: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    current: std::sync::Mutex<String>,
+}
+
+impl rampart_proxy::admin::LogControl for ReloadableLog {
+    fn current(&self) -> String {
+        // Poisoning needs a panic while holding the lock, which only clones.
+        self.current.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn set(&self, filter: &str) -> Result<(), String> {
+        let f = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+        self.handle.reload(f).map_err(|e| e.to_string())?;
+        if let Ok(mut c) = self.current.lock() {
+            *c = filter.to_owned();
+        }
+        Ok(())
     }
 }
 
-async fn serve(cfg: Config, authorizer: rampart_authz::Authorizer) -> anyhow::Result<()> {
+async fn serve(
+    cfg: Config,
+    authorizer: rampart_authz::Authorizer,
+    logging: Arc<ReloadableLog>,
+) -> anyhow::Result<()> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -77,11 +113,31 @@ async fn serve(cfg: Config, authorizer: rampart_authz::Authorizer) -> anyhow::Re
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
     rampart_proxy::metrics::describe();
     rampart_identity::metrics::describe();
-    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
+    // The configuration names key files but never holds key material.
+    let config_json = serde_json::to_string(&cfg).unwrap_or_default();
+    tracing::info!(config = %config_json, "effective configuration");
     let (plan, store) = crate::identity::start(&cfg, authorizer).await?;
+    if !cfg.inbound.policies.is_empty() {
+        let files = cfg.inbound.policies.clone();
+        let for_loader = cfg.clone();
+        let loader: rampart_proxy::policy::PolicyLoader =
+            Box::new(move || for_loader.authorizer().map_err(|e| e.to_string()));
+        tokio::spawn(rampart_proxy::policy::watch(
+            files,
+            rampart_proxy::policy::DEFAULT_POLL_INTERVAL,
+            loader,
+            plan.authorizer.clone(),
+        ));
+    }
 
-    let render: rampart_proxy::admin::MetricsRender = Arc::new(move || handle.render());
-    let bound = rampart_proxy::bind(plan, store.subscribe(), render)?;
+    let hooks = rampart_proxy::admin::AdminHooks {
+        render: Arc::new(move || handle.render()),
+        config_json: serde_json::to_string_pretty(&cfg)
+            .unwrap_or(config_json)
+            .into(),
+        logging,
+    };
+    let bound = rampart_proxy::bind(plan, store.subscribe(), hooks)?;
     bound.run(shutdown_signal()).await;
     drop(store);
     Ok(())

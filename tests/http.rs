@@ -137,6 +137,9 @@ fn scenario1(policy: &str) -> Scenario1 {
     }
 }
 
+const TRACEPARENT: &str = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const B3: &str = "b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90";
+
 const FORGED_XFCC: &str = "x-forwarded-client-cert: By=spiffe://example.org/ec-backend;Hash=00;URI=spiffe://example.org/ec-web";
 
 #[test]
@@ -147,9 +150,25 @@ fn scenario1_through_two_sidecars_with_native_and_rego_policies() {
         let news = format!("http://{}", s.news_web.1);
 
         // 3: ec-web may GET /data; a forged XFCC from the client is replaced.
-        let r = curl(&format!("{ec}/data"), &["-H", FORGED_XFCC]);
+        // Trace context passes untouched; a request ID is added when absent.
+        let r = curl(
+            &format!("{ec}/data"),
+            &["-H", FORGED_XFCC, "-H", TRACEPARENT, "-H", B3],
+        );
         assert_eq!(r.status, 200, "{policy}: {r:?}\n{}", s.backend.logs());
         assert_eq!(r.body, "Hi ec-backend client!", "{policy}");
+        assert_eq!(
+            r.header("x-app-traceparent"),
+            TRACEPARENT.split_once(": ").map(|x| x.1)
+        );
+        assert_eq!(r.header("x-app-b3"), B3.split_once(": ").map(|x| x.1));
+        let id = r.header("x-app-x-request-id").unwrap();
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+        let r = curl(&format!("{ec}/data"), &["-H", "x-request-id: mine-1"]);
+        assert_eq!(r.header("x-app-x-request-id"), Some("mine-1"));
         let xfcc = r.header("x-app-xfcc").unwrap();
         let hash = xfcc
             .strip_prefix("By=spiffe://example.org/ec-backend;Hash=")

@@ -166,10 +166,12 @@ fn server_refuses_peer_not_in_allowed_set() {
     assert!(logs.contains("connection denied"), "{logs}");
     assert!(logs.contains("spiffe://example.org/intruder"), "{logs}");
     let metrics = m.server.metrics();
-    assert!(
-        metrics.contains("rampart_authz_decisions_total{action=\"deny\",reason=\"not_allowed\"} 1"),
-        "{metrics}"
+    // The allowlist compiles to policy `port-<port>`; no rule decided.
+    let series = format!(
+        "rampart_authz_decisions_total{{action=\"deny\",reason=\"not_allowed\",policy=\"port-{}\",rule=\"-\"}} 1",
+        m.app.addr.port()
     );
+    assert!(metrics.contains(&series), "{metrics}");
 }
 
 #[test]

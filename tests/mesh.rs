@@ -240,10 +240,11 @@ fn sidecar_with_an_id_not_allowed_is_refused() {
     assert!(logs.contains("connection denied"), "{logs}");
     assert!(logs.contains("spiffe://example.org/intruder"), "{logs}");
     let metrics = admin_get(&server.pod, "/metrics").unwrap();
-    assert!(
-        metrics.contains("rampart_authz_decisions_total{action=\"deny\",reason=\"not_allowed\"} 1"),
-        "{metrics}"
+    // The allowlist compiles to policy `port-<port>`; no rule decided.
+    let series = format!(
+        "rampart_authz_decisions_total{{action=\"deny\",reason=\"not_allowed\",policy=\"port-{APP_PORT}\",rule=\"-\"}} 1"
     );
+    assert!(metrics.contains(&series), "{metrics}");
 }
 
 #[test]

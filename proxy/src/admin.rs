@@ -1,12 +1,18 @@
-//! The admin server: liveness, readiness and metrics over plain HTTP/1.1,
-//! loopback by default.
+//! The admin server, loopback by default: liveness, readiness, metrics, the
+//! effective configuration, the current identity and policies, the log
+//! filter (readable and changeable at runtime) and a drain trigger.
+//!
+//! Nothing here prints key material: `/identity` shows certificate facts
+//! (ID, serial, validity) only, and `/config` is the configuration file's
+//! view, which holds key *paths*, never keys.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -18,11 +24,35 @@ use crate::server::Shared;
 /// Renders the Prometheus text exposition of the process's metrics.
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Reads and changes the process's log filter (a `tracing` filter such as
+/// `info,rampart_proxy=debug`); implemented by the binary, which owns the
+/// subscriber.
+pub trait LogControl: Send + Sync {
+    /// The filter in force.
+    fn current(&self) -> String;
+    /// Puts `filter` in force; an invalid filter changes nothing.
+    fn set(&self, filter: &str) -> Result<(), String>;
+}
+
+/// What the admin API serves besides the proxy's own state.
+#[derive(Clone)]
+pub struct AdminHooks {
+    /// `/metrics`.
+    pub render: MetricsRender,
+    /// `/config`: the effective configuration as JSON, secrets redacted.
+    pub config_json: Arc<str>,
+    /// `/logging`.
+    pub logging: Arc<dyn LogControl>,
+}
+
+/// The longest `/logging` body accepted.
+const MAX_BODY: usize = 4096;
+
 /// Serves the admin API until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    render: MetricsRender,
+    hooks: AdminHooks,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -38,11 +68,12 @@ pub async fn serve(
             },
         };
         let shared = shared.clone();
-        let render = render.clone();
+        let hooks = hooks.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let r = handle(&req, &shared, &render);
-                async move { Ok::<_, Infallible>(r) }
+                let shared = shared.clone();
+                let hooks = hooks.clone();
+                async move { Ok::<_, Infallible>(handle(req, &shared, &hooks).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -52,50 +83,142 @@ pub async fn serve(
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    with_type(status, body, "text/plain; charset=utf-8")
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_string_pretty(value).unwrap_or_default();
+    body.push('\n');
+    with_type(StatusCode::OK, body, "application/json")
+}
+
+fn with_type(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        http::HeaderValue::from_static(content_type),
     );
     r
 }
 
-fn handle(
-    req: &Request<Incoming>,
-    shared: &Shared,
-    render: &MetricsRender,
-) -> Response<Full<Bytes>> {
-    let path = req.uri().path();
-    let known = matches!(path, "/live" | "/ready" | "/metrics");
-    if !known {
-        return text(StatusCode::NOT_FOUND, "not found\n");
+/// The methods each path answers, or `None` for an unknown path.
+fn allowed(path: &str) -> Option<&'static str> {
+    match path {
+        "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/policy" => Some("GET, HEAD"),
+        "/logging" => Some("GET, HEAD, PUT, POST"),
+        "/drain" => Some("POST"),
+        _ => None,
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: &Shared,
+    hooks: &AdminHooks,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let Some(allow) = allowed(&path) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let method = req.method().clone();
+    if !allow.split(", ").any(|m| m == method.as_str()) {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-        r.headers_mut().insert(
-            http::header::ALLOW,
-            http::HeaderValue::from_static("GET, HEAD"),
-        );
+        r.headers_mut()
+            .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
         return r;
     }
-    match path {
-        "/live" => text(StatusCode::OK, "live\n"),
-        "/ready" => {
+    match (path.as_str(), method) {
+        ("/live", _) => text(StatusCode::OK, "live\n"),
+        ("/ready", _) => {
             if shared.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        "/metrics" => {
-            let mut r = text(StatusCode::OK, render());
-            r.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
+        ("/metrics", _) => with_type(
+            StatusCode::OK,
+            (hooks.render)(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        ("/config", _) => with_type(
+            StatusCode::OK,
+            format!("{}\n", hooks.config_json),
+            "application/json",
+        ),
+        ("/identity", _) => json(&identity_json(shared)),
+        ("/policy", _) => json(&policy_json(shared)),
+        ("/logging", Method::PUT | Method::POST) => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+            };
+            let filter = String::from_utf8_lossy(&body).trim().to_owned();
+            match hooks.logging.set(&filter) {
+                Ok(()) => {
+                    tracing::info!(filter = %filter, "log filter changed");
+                    text(StatusCode::OK, format!("{filter}\n"))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid filter: {e}\n")),
+            }
+        }
+        ("/logging", _) => text(StatusCode::OK, format!("{}\n", hooks.logging.current())),
+        ("/drain", _) => {
+            tracing::info!("drain requested through the admin API");
+            shared.request_drain();
+            text(StatusCode::ACCEPTED, "draining\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn identity_json(shared: &Shared) -> serde_json::Value {
+    match shared.identity() {
+        None => serde_json::json!({ "state": "none" }),
+        Some(c) => serde_json::json!({
+            "state": "ready",
+            "spiffe_id": c.svid.id.as_str(),
+            "dns_names": c.svid.dns_names,
+            "serial": c.svid.serial,
+            "not_before_unix": unix(c.svid.not_before),
+            "not_after_unix": unix(c.svid.not_after),
+            "trust_domains": c.trust_domains.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+fn policy_json(shared: &Shared) -> serde_json::Value {
+    let current = shared.config.authorizer.current();
+    let policies: Vec<_> = current
+        .authorizer
+        .policies()
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "file": p.file.display().to_string(),
+                "kind": format!("{:?}", p.kind),
+                "action": p.action.map(|a| format!("{a:?}")),
+                "ports": p.ports,
+                "dry_run": p.dry_run,
+                "rules": p.rules,
+                "content_hash": p.content_hash,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "loaded_at_unix": unix(current.loaded_at),
+        "policies": policies,
+    })
 }

@@ -29,11 +29,16 @@ pub fn authorize(
     };
     match authorizer.check_connection(&info) {
         Decision::Allow(permit) => {
-            crate::metrics::decision("allow", "matched");
+            crate::metrics::decision("allow", "matched", permit.policy(), permit.rule());
             Ok(Permitted { conn, permit })
         }
         Decision::Deny(d) => {
-            crate::metrics::decision("deny", d.reason.as_str());
+            crate::metrics::decision(
+                "deny",
+                d.reason.as_str(),
+                d.policy.as_deref().unwrap_or("-"),
+                d.rule.as_deref().unwrap_or("-"),
+            );
             Err(Box::new((conn, d)))
         }
     }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use rampart_authz::Authorizer;
 use rampart_identity::store::ConfigSpec;
 use rampart_identity::{IdMatcher, TrustDomain};
 
@@ -23,12 +22,35 @@ pub struct ProxyConfig {
     pub listeners: Vec<ListenerConfig>,
     /// Outbound routing and server verification.
     pub outbound: OutboundConfig,
-    /// Inbound authorization.
-    pub authorizer: Arc<Authorizer>,
+    /// Inbound authorization: the policies in force, swapped on reload.
+    pub authorizer: Arc<crate::policy::PolicyCell>,
     /// Inbound ports: declared protocol and mTLS mode; XFCC handling.
     pub inbound: InboundConfig,
     /// Timeouts and limits.
     pub limits: Limits,
+    /// Access logs and request IDs.
+    pub observe: ObserveConfig,
+}
+
+/// Access logs and request IDs.
+#[derive(Debug, Clone)]
+pub struct ObserveConfig {
+    /// One access event per request or connection on stdout.
+    pub access_log: bool,
+    /// With access logs off, at most this many denials are logged a second.
+    pub denials_per_second: u32,
+    /// Set on requests to the app that do not carry it (`None`: never).
+    pub request_id_header: Option<http::HeaderName>,
+}
+
+impl Default for ObserveConfig {
+    fn default() -> Self {
+        ObserveConfig {
+            access_log: false,
+            denials_per_second: 10,
+            request_id_header: Some(http::HeaderName::from_static("x-request-id")),
+        }
+    }
 }
 
 /// The two capture listeners of a pod.
@@ -360,9 +382,10 @@ mod tests {
                 }],
                 unknown_server: UnknownServer::Deny,
             },
-            authorizer: Arc::new(Authorizer::default()),
+            authorizer: Arc::new(crate::policy::PolicyCell::default()),
             inbound: InboundConfig::default(),
             limits: Limits::default(),
+            observe: ObserveConfig::default(),
         }
     }
 

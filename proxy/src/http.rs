@@ -187,6 +187,58 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
     }
 }
 
+/// What a request's access event needs from the authorization stage.
+#[derive(Default)]
+struct Outcome {
+    /// The normalized path (set when access logs are on, or on denial).
+    path: Option<String>,
+    decided: Option<Decided>,
+}
+
+enum Decided {
+    Allow {
+        policy: Arc<str>,
+        rule: Arc<str>,
+    },
+    Deny {
+        reason: &'static str,
+        policy: Option<Arc<str>>,
+        rule: Option<Arc<str>>,
+    },
+}
+
+impl Outcome {
+    fn is_denied(&self) -> bool {
+        matches!(self.decided, Some(Decided::Deny { .. }))
+    }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// A fresh request ID: 128 bits as 32 hex digits. Unique per process run
+/// (a random key hashes a counter); a correlation handle, not a secret.
+fn request_id() -> HeaderValue {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static KEYS: OnceLock<(
+        std::collections::hash_map::RandomState,
+        std::collections::hash_map::RandomState,
+    )> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let (a, b) = KEYS.get_or_init(|| (Default::default(), Default::default()));
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut ha = a.build_hasher();
+    ha.write_u64(n);
+    let mut hb = b.build_hasher();
+    hb.write_u64(n);
+    let s = format!("{:016x}{:016x}", ha.finish(), hb.finish());
+    // Invariant: hex digits are valid header bytes.
+    HeaderValue::from_str(&s).expect("hex is a valid header value")
+}
+
 struct Handler {
     shared: Arc<Shared>,
     local_id: Option<SpiffeId>,
@@ -200,7 +252,10 @@ impl Handler {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = self.conn.grpc_port || is_grpc(req.headers());
-        let resp = match self.route(req).await {
+        let method = req.method().clone();
+        let bytes_in = content_length(req.headers());
+        let mut outcome = Outcome::default();
+        let resp = match self.route(req, &mut outcome).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(reason = e.label(), error = %e, "request refused");
@@ -208,12 +263,47 @@ impl Handler {
                 e.into_response(grpc, self.local_id.as_ref())
             }
         };
-        crate::metrics::http_request(Direction::Inbound, resp.status(), start.elapsed());
+        let elapsed = start.elapsed();
+        crate::metrics::http_request(Direction::Inbound, resp.status(), elapsed);
+        if self.shared.access.is_enabled() || outcome.is_denied() {
+            let verdict = match &outcome.decided {
+                Some(Decided::Allow { policy, rule }) => {
+                    crate::access::Verdict::Allow { policy, rule }
+                }
+                Some(Decided::Deny {
+                    reason,
+                    policy,
+                    rule,
+                }) => crate::access::Verdict::Deny {
+                    reason,
+                    policy: policy.as_deref(),
+                    rule: rule.as_deref(),
+                },
+                None => crate::access::Verdict::NotApplicable,
+            };
+            self.shared.access.record(&crate::access::Event {
+                direction: Direction::Inbound,
+                peer: self.conn.peer.as_ref().map(|p| p.id.as_str()),
+                source: self.conn.source,
+                destination: self.conn.destination,
+                method: Some(method.as_str()),
+                path: outcome.path.as_deref(),
+                status: Some(resp.status().as_u16()),
+                verdict,
+                duration: elapsed,
+                bytes_in,
+                bytes_out: content_length(resp.headers()),
+            });
+        }
         resp
     }
 
     /// The authorization stage for one request, then forwarding.
-    async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, LocalError> {
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        outcome: &mut Outcome,
+    ) -> Result<Response<ProxyBody>, LocalError> {
         // Request smuggling (Content-Length with Transfer-Encoding) is
         // settled by hyper before we see the request, as RFC 9112 §6.3
         // allows: chunked wins, Content-Length is dropped and the
@@ -224,8 +314,14 @@ impl Handler {
             .path_and_query()
             .map(PathAndQuery::as_str)
             .ok_or(LocalError::NoPath)?;
-        let authorizer = &self.shared.config.authorizer;
+        // One atomic load: a reload mid-request does not change this one.
+        let policies = self.shared.config.authorizer.current();
+        let authorizer = &policies.authorizer;
         let norm = normalize_path(raw, authorizer.normalize_options())?;
+        let logged = self.shared.access.is_enabled();
+        if logged {
+            outcome.path = Some(norm.path.to_string());
+        }
         let authority = match headers.get(header::HOST) {
             Some(h) => h.to_str().unwrap_or(""),
             None => req.uri().authority().map(Authority::as_str).unwrap_or(""),
@@ -257,11 +353,28 @@ impl Handler {
         };
         let permit = match authorizer.check_request(&conn_info, &info) {
             Decision::Allow(p) => {
-                crate::metrics::decision("allow", "matched");
+                crate::metrics::decision("allow", "matched", p.policy(), p.rule());
+                if logged {
+                    outcome.decided = Some(Decided::Allow {
+                        policy: p.policy().into(),
+                        rule: p.rule().into(),
+                    });
+                }
                 p
             }
             Decision::Deny(d) => {
-                crate::metrics::decision("deny", d.reason.as_str());
+                crate::metrics::decision(
+                    "deny",
+                    d.reason.as_str(),
+                    d.policy.as_deref().unwrap_or("-"),
+                    d.rule.as_deref().unwrap_or("-"),
+                );
+                outcome.path.get_or_insert_with(|| norm.path.to_string());
+                outcome.decided = Some(Decided::Deny {
+                    reason: d.reason.as_str(),
+                    policy: d.policy.clone(),
+                    rule: d.rule.clone(),
+                });
                 return Err(LocalError::Denied(Box::new(d)));
             }
         };
@@ -298,6 +411,11 @@ impl Handler {
             h.insert(header::HOST, v);
         }
         self.set_xfcc(h);
+        if let Some(name) = &self.shared.config.observe.request_id_header
+            && !h.contains_key(name)
+        {
+            h.insert(name.clone(), request_id());
+        }
         if let Some(effects) = permit.effects() {
             for name in &effects.request_headers_to_remove {
                 h.remove(name);

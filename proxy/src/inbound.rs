@@ -14,7 +14,7 @@ use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::server::Shared;
 use crate::tls::Authenticated;
-use crate::{authz, forward, http, metrics, tls};
+use crate::{access, authz, forward, http, metrics, tls};
 
 /// Where inbound connections go after authorization.
 #[derive(Debug, Clone, Copy)]
@@ -152,10 +152,30 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             drop(slot);
             return;
         }
-        let permitted = match authz::authorize(authn, port, &shared.config.authorizer) {
+        let started = std::time::Instant::now();
+        let (source, destination) = (authn.client.0, authn.orig_dst.0);
+        let policies = shared.config.authorizer.current();
+        let permitted = match authz::authorize(authn, port, &policies.authorizer) {
             Ok(p) => p,
             Err(denied) => {
                 let (conn, denial) = *denied;
+                shared.access.record(&access::Event {
+                    direction: Direction::Inbound,
+                    peer: conn.peer.as_ref().map(|p| p.id.as_str()),
+                    source,
+                    destination,
+                    method: None,
+                    path: None,
+                    status: None,
+                    verdict: access::Verdict::Deny {
+                        reason: denial.reason.as_str(),
+                        policy: denial.policy.as_deref(),
+                        rule: denial.rule.as_deref(),
+                    },
+                    duration: started.elapsed(),
+                    bytes_in: None,
+                    bytes_out: None,
+                });
                 tracing::info!(
                     peer.id = conn.peer.as_ref().map(|p| p.id.as_str()).unwrap_or("-"),
                     dst.port = port,
@@ -169,9 +189,33 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 return;
             }
         };
+        drop(policies);
+        let logged = shared.access.is_enabled().then(|| {
+            let p = &permitted;
+            (
+                p.conn.peer.as_ref().map(|x| x.id.as_str().to_owned()),
+                p.permit.policy().to_owned(),
+                p.permit.rule().to_owned(),
+            )
+        });
         match forward::forward_inbound(permitted, app, limits.connect_timeout).await {
             Ok(t) => {
                 metrics::bytes(Direction::Inbound, t.to_target, t.to_client);
+                if let Some((peer, policy, rule)) = &logged {
+                    shared.access.record(&access::Event {
+                        direction: Direction::Inbound,
+                        peer: peer.as_deref(),
+                        source,
+                        destination,
+                        method: None,
+                        path: None,
+                        status: None,
+                        verdict: access::Verdict::Allow { policy, rule },
+                        duration: started.elapsed(),
+                        bytes_in: Some(t.to_target),
+                        bytes_out: Some(t.to_client),
+                    });
+                }
                 tracing::debug!(
                     bytes.to_app = t.to_target,
                     bytes.to_peer = t.to_client,

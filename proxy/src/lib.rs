@@ -10,6 +10,7 @@
 //! stages; `server` binds and drains; `admin` serves health and metrics.
 
 pub mod accept;
+pub mod access;
 pub mod admin;
 pub mod authz;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
+pub mod policy;
 pub mod pool;
 pub mod server;
 pub mod smuggling;

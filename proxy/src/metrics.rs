@@ -32,6 +32,8 @@ pub const HTTP_DURATION: &str = "rampart_http_request_duration_seconds";
 pub const HTTP_LOCAL_ERRORS: &str = "rampart_http_local_responses_total";
 /// Connections by detected protocol.
 pub const DETECTED: &str = "rampart_detected_protocol_total";
+/// Policy reloads by result.
+pub const POLICY_RELOADS: &str = "rampart_policy_reloads_total";
 
 /// Registers descriptions with the installed recorder.
 pub fn describe() {
@@ -54,6 +56,11 @@ pub fn describe() {
         "HTTP requests answered by the sidecar (refusals, app failures)"
     );
     describe_counter!(DETECTED, Unit::Count, "Connections by detected protocol");
+    describe_counter!(
+        POLICY_RELOADS,
+        Unit::Count,
+        "Policy file reloads by result (error: the last good version stayed)"
+    );
 }
 
 /// Counts a connection for as long as it lives.
@@ -90,9 +97,18 @@ pub fn handshake(direction: Direction, result: &'static str) {
     counter!(TLS_HANDSHAKES, "direction" => direction.as_str(), "result" => result).increment(1);
 }
 
-/// Counts an authorization decision.
-pub fn decision(action: &'static str, reason: &'static str) {
-    counter!(AUTHZ_DECISIONS, "action" => action, "reason" => reason).increment(1);
+/// Counts an authorization decision. `policy` and `rule` name what decided
+/// (`-` when nothing did); they come from the operator's policy files, never
+/// from a peer, so the series are bounded by the configuration.
+pub fn decision(action: &'static str, reason: &'static str, policy: &str, rule: &str) {
+    counter!(
+        AUTHZ_DECISIONS,
+        "action" => action,
+        "reason" => reason,
+        "policy" => policy.to_owned(),
+        "rule" => rule.to_owned()
+    )
+    .increment(1);
 }
 
 /// Counts a forwarding failure.
@@ -123,4 +139,22 @@ pub fn http_local_error(direction: Direction, reason: &'static str) {
 pub fn detected(direction: Direction, protocol: crate::detect::Protocol) {
     counter!(DETECTED, "direction" => direction.as_str(), "protocol" => protocol.as_str())
         .increment(1);
+}
+
+/// Outcome of a policy reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// The new version is in force.
+    Ok,
+    /// The new version was refused; the last good one stays.
+    Error,
+}
+
+/// Counts a policy reload.
+pub fn policy_reload(result: ReloadResult) {
+    let r = match result {
+        ReloadResult::Ok => "ok",
+        ReloadResult::Error => "error",
+    };
+    counter!(POLICY_RELOADS, "result" => r).increment(1);
 }

@@ -10,7 +10,7 @@ use rampart_identity::store::TlsConfigs;
 use tokio::sync::watch;
 
 use crate::accept::{self, DstSource, Listener};
-use crate::admin::{self, MetricsRender};
+use crate::admin::{self, AdminHooks};
 use crate::config::{Direction, ProxyConfig};
 use crate::drain::Drain;
 use crate::inbound::{self, AppTarget};
@@ -25,15 +25,24 @@ pub struct Shared {
     pub http: crate::http::InboundHttp,
     /// The outbound HTTP server settings and sidecar-to-sidecar HTTP/2 pools.
     pub outbound_http: crate::pool::OutboundHttp,
+    /// Access events.
+    pub access: crate::access::AccessLog,
     identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
     listening: AtomicBool,
     draining: AtomicBool,
+    drain_requested: tokio::sync::Notify,
 }
 
 impl Shared {
     /// The current TLS configurations, if the sidecar has an identity.
     pub fn identity(&self) -> Option<Arc<TlsConfigs>> {
         self.identity.borrow().clone()
+    }
+
+    /// Starts a graceful drain, as SIGTERM does (the admin API's `/drain`).
+    pub fn request_drain(&self) {
+        // notify_one stores a permit, so a request before `run` waits is kept.
+        self.drain_requested.notify_one();
     }
 
     /// Ready: has an identity, its listeners are up, and it is not draining.
@@ -54,7 +63,7 @@ pub struct BoundProxy {
     shared: Arc<Shared>,
     listeners: Vec<(Listener, Role)>,
     admin: tokio::net::TcpListener,
-    render: MetricsRender,
+    hooks: AdminHooks,
 }
 
 /// A listener could not be bound.
@@ -70,7 +79,7 @@ pub struct BindError {
 pub fn bind(
     config: ProxyConfig,
     identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
-    render: MetricsRender,
+    hooks: AdminHooks,
 ) -> Result<BoundProxy, BindError> {
     let max = config.limits.max_connections;
     let mk = |what: &str, addr: SocketAddr, dst: DstSource| -> Result<Listener, BindError> {
@@ -120,14 +129,19 @@ pub fn bind(
                 config.tls_spec().client.len(),
                 identity.clone(),
             ),
+            access: crate::access::AccessLog::new(
+                config.observe.access_log,
+                config.observe.denials_per_second,
+            ),
             config,
             identity,
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            drain_requested: tokio::sync::Notify::new(),
         }),
         listeners,
         admin,
-        render,
+        hooks,
     })
 }
 
@@ -137,7 +151,7 @@ impl BoundProxy {
         self.listeners.iter().map(|(l, _)| l.local_addr()).collect()
     }
 
-    /// Serves until `shutdown` resolves, then drains: stops accepting, turns
+    /// Serves until `shutdown` resolves or the admin API asks, then drains: stops accepting, turns
     /// not-ready, and waits for open connections up to the drain timeout.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let drain = Drain::new();
@@ -145,7 +159,7 @@ impl BoundProxy {
         let admin_task = tokio::spawn(admin::serve(
             self.admin,
             self.shared.clone(),
-            self.render,
+            self.hooks,
             admin_stop,
         ));
         for (listener, role) in self.listeners {
@@ -158,7 +172,10 @@ impl BoundProxy {
             };
         }
         self.shared.listening.store(true, Ordering::Release);
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = self.shared.drain_requested.notified() => {}
+        }
         tracing::info!("draining");
         self.shared.draining.store(true, Ordering::Release);
         let deadline = self.shared.config.limits.drain_timeout;

@@ -71,7 +71,8 @@ impl Pki {
     }
 
     /// Issues an SVID for `id` and starts a sidecar with it; `body` is the
-    /// configuration after `identity`, `admin` and `log`.
+    /// configuration after `identity`, `admin` and `log` (unless `body` has
+    /// its own `log:` line).
     pub fn sidecar(&self, id: &str, body: &str) -> Sidecar {
         let name = id.rsplit('/').next().unwrap();
         let svid = self.issue(id, name);
@@ -84,6 +85,7 @@ pub struct Sidecar {
     child: Child,
     admin: SocketAddr,
     log: PathBuf,
+    stdout: PathBuf,
 }
 
 impl Sidecar {
@@ -91,19 +93,31 @@ impl Sidecar {
     pub fn start(dir: &Path, name: &str, svid: &Path, body: &str) -> Sidecar {
         let admin = free_addr();
         let cfg = format!(
-            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: debug}}\n{body}",
-            s = svid.display()
+            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{admin}\"}}\n{log}{body}",
+            s = svid.display(),
+            // A body with its own `log` section replaces the default one.
+            log = if body.lines().any(|l| l.starts_with("log:")) {
+                ""
+            } else {
+                "log: {level: debug}\n"
+            },
         );
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(&path, cfg).unwrap();
         let log = dir.join(format!("{name}.log"));
+        let stdout = dir.join(format!("{name}.sidecar.stdout"));
         let child = Command::new(rampart_bin())
             .args(["run", "--config", path.to_str().unwrap()])
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let s = Sidecar { child, admin, log };
+        let s = Sidecar {
+            child,
+            admin,
+            log,
+            stdout,
+        };
         s.wait_ready();
         s
     }
@@ -119,6 +133,30 @@ impl Sidecar {
         let mut s = String::new();
         c.read_to_string(&mut s).ok()?;
         s.split(' ').nth(1)?.parse().ok()
+    }
+
+    /// An admin request: its status and the whole response (head and body).
+    pub fn admin(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut c = TcpStream::connect(self.admin).unwrap();
+        write!(
+            c,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        let status = s
+            .split(' ')
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0);
+        (status, s)
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
     }
 
     /// The admin `/metrics` text.
@@ -148,6 +186,11 @@ impl Sidecar {
     /// Its log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What it wrote on stdout so far (access events).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
     /// Its process id.

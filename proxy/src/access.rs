@@ -1,0 +1,243 @@
+//! Access events: one JSON line on stdout per HTTP request or TCP
+//! connection, when it completes (`log.access: true`). Denials are written
+//! even when access logs are off, at most `denials_per_second` a second,
+//! with one line counting those suppressed.
+//!
+//! An event holds addresses, the peer's SPIFFE ID (verified), method,
+//! normalized path, status, decision, timing and sizes: never bodies,
+//! query strings or header values.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::Direction;
+
+/// The authorization outcome of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    /// Allowed by `policy`'s `rule`.
+    Allow {
+        /// The policy.
+        policy: &'a str,
+        /// The rule.
+        rule: &'a str,
+    },
+    /// Denied, for `reason`, by `policy` and `rule` when one decided.
+    Deny {
+        /// Why (a closed set of labels).
+        reason: &'static str,
+        /// The deciding policy, if any.
+        policy: Option<&'a str>,
+        /// The deciding rule, if any.
+        rule: Option<&'a str>,
+    },
+    /// Not authorized here (outbound traffic, or refused before authz).
+    NotApplicable,
+}
+
+/// One completed request or connection.
+#[derive(Debug, Clone)]
+pub struct Event<'a> {
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// The verified peer, if any.
+    pub peer: Option<&'a str>,
+    /// Source address.
+    pub source: SocketAddr,
+    /// Destination address (original destination).
+    pub destination: SocketAddr,
+    /// HTTP method (`None` for TCP).
+    pub method: Option<&'a str>,
+    /// Normalized path without the query (`None` for TCP).
+    pub path: Option<&'a str>,
+    /// HTTP status (`None` for TCP).
+    pub status: Option<u16>,
+    /// The decision.
+    pub verdict: Verdict<'a>,
+    /// Time to completion (HTTP: to the response head).
+    pub duration: Duration,
+    /// Bytes from the client (HTTP: declared `content-length`, if any).
+    pub bytes_in: Option<u64>,
+    /// Bytes to the client (HTTP: declared `content-length`, if any).
+    pub bytes_out: Option<u64>,
+}
+
+/// Writes access events.
+#[derive(Debug)]
+pub struct AccessLog {
+    enabled: bool,
+    denials_per_second: u32,
+    window: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    written: u32,
+    suppressed: u64,
+}
+
+impl AccessLog {
+    /// Every event when `enabled`; otherwise denials only, rate-limited.
+    pub fn new(enabled: bool, denials_per_second: u32) -> Self {
+        AccessLog {
+            enabled,
+            denials_per_second,
+            window: Mutex::new(Window {
+                start: Instant::now(),
+                written: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Whether every event is written (callers may skip building events).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Writes `event` if the settings say so.
+    pub fn record(&self, event: &Event<'_>) {
+        if self.enabled {
+            write_line(&render(event));
+            return;
+        }
+        match event.verdict {
+            Verdict::Deny { .. } => {}
+            Verdict::Allow { .. } | Verdict::NotApplicable => return,
+        }
+        let mut suppressed_line = None;
+        {
+            // Only denials, while access logs are off, take this lock.
+            let Ok(mut w) = self.window.lock() else {
+                return;
+            };
+            if w.start.elapsed() >= Duration::from_secs(1) {
+                if w.suppressed > 0 {
+                    suppressed_line = Some(w.suppressed);
+                }
+                *w = Window {
+                    start: Instant::now(),
+                    written: 0,
+                    suppressed: 0,
+                };
+            }
+            if w.written >= self.denials_per_second {
+                w.suppressed += 1;
+                return;
+            }
+            w.written += 1;
+        }
+        if let Some(n) = suppressed_line {
+            write_line(&serde_json::json!({
+                "time": now_rfc3339ish(),
+                "event": "denials_suppressed",
+                "count": n,
+            }));
+        }
+        write_line(&render(event));
+    }
+}
+
+fn write_line(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    // stdout gone (closed pipe) is not worth failing a request over.
+    let _ = writeln!(out, "{v}");
+}
+
+/// Seconds since the epoch with milliseconds, e.g. `1732400000.123`.
+fn now_rfc3339ish() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+}
+
+fn render(e: &Event<'_>) -> serde_json::Value {
+    let (decision, policy, rule, reason) = match e.verdict {
+        Verdict::Allow { policy, rule } => ("allow", Some(policy), Some(rule), None),
+        Verdict::Deny {
+            reason,
+            policy,
+            rule,
+        } => ("deny", policy, rule, Some(reason)),
+        Verdict::NotApplicable => ("none", None, None, None),
+    };
+    serde_json::json!({
+        "time": now_rfc3339ish(),
+        "event": if e.method.is_some() { "http" } else { "tcp" },
+        "direction": e.direction.as_str(),
+        "peer.id": e.peer,
+        "src.addr": e.source.to_string(),
+        "dst.addr": e.destination.to_string(),
+        "method": e.method,
+        "path": e.path,
+        "status": e.status,
+        "authz.decision": decision,
+        "authz.policy": policy,
+        "authz.rule": rule,
+        "authz.reason": reason,
+        "duration_ms": e.duration.as_secs_f64() * 1000.0,
+        "bytes.in": e.bytes_in,
+        "bytes.out": e.bytes_out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_carry_no_query() {
+        let e = Event {
+            direction: Direction::Inbound,
+            peer: Some("spiffe://example.org/a"),
+            source: "127.0.0.1:1".parse().unwrap(),
+            destination: "127.0.0.1:2".parse().unwrap(),
+            method: Some("GET"),
+            path: Some("/data"),
+            status: Some(200),
+            verdict: Verdict::Allow {
+                policy: "p",
+                rule: "r",
+            },
+            duration: Duration::from_micros(1500),
+            bytes_in: None,
+            bytes_out: Some(3),
+        };
+        let v = render(&e);
+        assert_eq!(v["authz.policy"], "p");
+        assert_eq!(v["path"], "/data");
+        assert_eq!(v["event"], "http");
+    }
+
+    #[test]
+    fn denials_are_rate_limited_when_access_logs_are_off() {
+        let log = AccessLog::new(false, 2);
+        let deny = Verdict::Deny {
+            reason: "not_allowed",
+            policy: None,
+            rule: None,
+        };
+        let e = Event {
+            direction: Direction::Inbound,
+            peer: None,
+            source: "127.0.0.1:1".parse().unwrap(),
+            destination: "127.0.0.1:2".parse().unwrap(),
+            method: None,
+            path: None,
+            status: None,
+            verdict: deny,
+            duration: Duration::ZERO,
+            bytes_in: None,
+            bytes_out: None,
+        };
+        for _ in 0..5 {
+            log.record(&e);
+        }
+        let w = log.window.lock().unwrap();
+        assert_eq!((w.written, w.suppressed), (2, 3));
+    }
+}
