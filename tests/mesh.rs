@@ -357,3 +357,52 @@ fn http_requests_are_authorized_per_request_between_captured_pods() {
         "{denied}"
     );
 }
+
+/// Scenario 3.1: an ingress outside the mesh reaches app2 over plain HTTP,
+/// allowed by its source address on a PERMISSIVE port; every other
+/// plaintext source is still refused, per request, with 403.
+#[test]
+fn ingress_reaches_a_permissive_port_by_source_address_only() {
+    if !support::require_root() {
+        return;
+    }
+    let net = Net::new("ingress");
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir, "ca");
+    let app2 = net.pod("app2");
+    let ingress = net.pod("ingress");
+    let other = net.pod("other");
+    let _app = app2.spawn_as(APP_UID, apps::http_app(APP_PORT, "app2"));
+    app2.wait_tcp_listening(APP_PORT, WAIT);
+    let policy = dir.write(
+        "app2.policy.yaml",
+        format!(
+            "policies:\n  - name: app2\n    action: ALLOW\n    ports: [{APP_PORT}]\n    rules:\n      - name: ingress-plaintext\n        from: {{unauthenticated: true, source_cidrs: [\"{}/32\"]}}\n",
+            ingress.ip()
+        ),
+    );
+    let svid = pki.issue("spiffe://example.org/app2");
+    let _s = sidecar(
+        &app2,
+        &dir,
+        &svid,
+        &format!(
+            "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {APP_PORT}, mode: permissive}}\n",
+            policy.display()
+        ),
+    );
+    let url = format!("http://{}/data", app2.addr(APP_PORT));
+    let status = |pod: &Pod| {
+        pod.exec_ok([
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            url.as_str(),
+        ])
+    };
+    assert_eq!(status(&ingress), "200");
+    assert_eq!(status(&other), "403");
+}
