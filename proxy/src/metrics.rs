@@ -101,14 +101,53 @@ pub fn handshake(direction: Direction, result: &'static str) {
 /// (`-` when nothing did); they come from the operator's policy files, never
 /// from a peer, so the series are bounded by the configuration.
 pub fn decision(action: &'static str, reason: &'static str, policy: &str, rule: &str) {
-    counter!(
-        AUTHZ_DECISIONS,
-        "action" => action,
-        "reason" => reason,
-        "policy" => policy.to_owned(),
-        "rule" => rule.to_owned()
-    )
-    .increment(1);
+    // Policy and rule names come from the loaded policy files, so the set is
+    // bounded; cache one counter handle per combination so the request path
+    // neither builds label strings nor looks the series up by name.
+    DECISION_COUNTERS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let hit = cache.iter().find(|e| {
+            e.action == action && e.reason == reason && e.policy == policy && e.rule == rule
+        });
+        if let Some(e) = hit {
+            e.counter.increment(1);
+            return;
+        }
+        let counter = counter!(
+            AUTHZ_DECISIONS,
+            "action" => action,
+            "reason" => reason,
+            "policy" => policy.to_owned(),
+            "rule" => rule.to_owned()
+        );
+        counter.increment(1);
+        // Reloads can rename policies; start over rather than grow without bound.
+        if cache.len() >= MAX_CACHED_DECISION_SERIES {
+            cache.clear();
+        }
+        cache.push(DecisionCounter {
+            action,
+            reason,
+            policy: policy.to_owned(),
+            rule: rule.to_owned(),
+            counter,
+        });
+    });
+}
+
+const MAX_CACHED_DECISION_SERIES: usize = 256;
+
+struct DecisionCounter {
+    action: &'static str,
+    reason: &'static str,
+    policy: String,
+    rule: String,
+    counter: metrics::Counter,
+}
+
+thread_local! {
+    static DECISION_COUNTERS: std::cell::RefCell<Vec<DecisionCounter>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Counts a forwarding failure.
