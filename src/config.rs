@@ -116,16 +116,24 @@ pub struct AdminConfig {
     /// Address to bind.
     #[serde(default = "default_admin")]
     pub address: SocketAddr,
+    /// Whether metrics are recorded and served on `/metrics`.
+    #[serde(default = "default_true")]
+    pub metrics: bool,
 }
 
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 15000))
 }
 
+fn default_true() -> bool {
+    true
+}
+
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             address: default_admin(),
+            metrics: true,
         }
     }
 }

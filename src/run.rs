@@ -102,17 +102,24 @@ async fn serve(
     authorizer: rampart_authz::Authorizer,
     logging: Arc<ReloadableLog>,
 ) -> anyhow::Result<()> {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[
-            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            2.5, 5.0, 10.0,
-        ])
-        .context("metrics buckets")?
-        .build_recorder();
-    let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
-    rampart_proxy::metrics::describe();
-    rampart_identity::metrics::describe();
+    let render: Arc<dyn Fn() -> String + Send + Sync> = if cfg.admin.metrics {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
+            ])
+            .context("metrics buckets")?
+            .build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+        rampart_proxy::metrics::describe();
+        rampart_identity::metrics::describe();
+        Arc::new(move || handle.render())
+    } else {
+        // No recorder: every metric call is a no-op (the `metrics` crate's
+        // default), which is what the metrics-off benchmark measures.
+        Arc::new(|| "# metrics are turned off (admin.metrics: false)\n".to_owned())
+    };
     // The configuration names key files but never holds key material.
     let config_json = serde_json::to_string(&cfg).unwrap_or_default();
     tracing::info!(config = %config_json, "effective configuration");
@@ -131,7 +138,7 @@ async fn serve(
     }
 
     let hooks = rampart_proxy::admin::AdminHooks {
-        render: Arc::new(move || handle.render()),
+        render,
         config_json: serde_json::to_string_pretty(&cfg)
             .unwrap_or(config_json)
             .into(),

@@ -273,7 +273,7 @@ fn access_events_name_peer_decision_and_path_but_no_header_values() {
     let p = pair(
         &allow_get("/data"),
         "log: {level: debug, access: true}\n",
-        "",
+        "log: {level: debug, access: true}\n",
     );
     let secret = "Bearer s3cr3t-t0ken";
     assert_eq!(
@@ -307,6 +307,24 @@ fn access_events_name_peer_decision_and_path_but_no_header_values() {
     assert_eq!(denied["status"], 403);
     let all = p.backend.stdout();
     assert!(!all.contains("s3cr3t") && !all.contains("hidden"), "{all}");
+    // ec-web's sidecar logs its side: outbound, no decision of its own.
+    let mut out_events = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        out_events = access_events(&p.web);
+        out_events.len() >= 2
+    }));
+    let sent = &out_events[0];
+    assert_eq!(sent["direction"], "outbound");
+    assert_eq!(sent["dst.addr"], p.inbound.to_string());
+    assert_eq!(sent["path"], "/data");
+    assert_eq!(sent["status"], 200);
+    assert_eq!(sent["authz.decision"], "none");
+    assert_eq!(out_events[1]["status"], 403);
+    let web_out = p.web.stdout();
+    assert!(
+        !web_out.contains("s3cr3t") && !web_out.contains("hidden"),
+        "{web_out}"
+    );
 }
 
 /// A helper script run by the `python3` on PATH (where pip installed
@@ -396,15 +414,18 @@ fn metrics_move_exactly_and_random_traffic_adds_no_series() {
         failed(&after) - failed(&before) >= 1.0
     }));
     assert_eq!(failed(&after) - failed(&before), 1.0);
+    let by_web = |class: &str| {
+        format!(
+            "rampart_http_requests_total{{direction=\"inbound\",peer_id=\"{WEB}\",status_class=\"{class}\"}}"
+        )
+    };
+    let (ok_key, denied_key) = (by_web("2xx"), by_web("4xx"));
+    let duration_key = format!(
+        "rampart_http_request_duration_seconds_count{{direction=\"inbound\",peer_id=\"{WEB}\"}}"
+    );
     let expect = [
-        (
-            "rampart_http_requests_total{direction=\"inbound\",status_class=\"2xx\"}",
-            1.0,
-        ),
-        (
-            "rampart_http_requests_total{direction=\"inbound\",status_class=\"4xx\"}",
-            1.0,
-        ),
+        (ok_key.as_str(), 1.0),
+        (denied_key.as_str(), 1.0),
         (
             "rampart_authz_decisions_total{action=\"allow\",policy=\"backend\",reason=\"matched\",rule=\"web-gets\"}",
             1.0,
@@ -413,10 +434,8 @@ fn metrics_move_exactly_and_random_traffic_adds_no_series() {
             "rampart_authz_decisions_total{action=\"deny\",policy=\"backend\",reason=\"not_allowed\",rule=\"-\"}",
             1.0,
         ),
-        (
-            "rampart_http_request_duration_seconds_count{direction=\"inbound\"}",
-            2.0,
-        ),
+        (duration_key.as_str(), 2.0),
+        // ec-web's sidecar counts its side of the same requests, without a peer.
     ];
     for (key, want) in expect {
         assert_eq!(delta(&before, &after, key), want, "{key}: {after:#?}");
@@ -439,6 +458,51 @@ fn metrics_move_exactly_and_random_traffic_adds_no_series() {
     let now = later.keys().cloned().collect::<Vec<_>>();
     assert_eq!(now, series, "series changed under random traffic");
     let _ = &p.web;
+}
+
+#[test]
+fn outbound_requests_are_counted_and_a_silent_client_is_a_detect_timeout() {
+    if !has_prometheus_client() {
+        return;
+    }
+    let p = pair(&allow_get("/data"), "", "limits: {detect_timeout: 300ms}\n");
+    assert_eq!(get(p.out, "/data", &[]).0, 200);
+    let before = scrape(&p.web);
+    assert_eq!(get(p.out, "/data", &[]).0, 200);
+    assert_eq!(get(p.out, "/nope", &[]).0, 403);
+    // A client of the outbound listener that sends nothing: detection gives
+    // up after 300 ms and tunnels it as opaque TCP.
+    let silent = std::net::TcpStream::connect(p.out).unwrap();
+    let timeouts = "rampart_detect_timeouts_total{direction=\"outbound\"}";
+    let mut after = BTreeMap::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        after = scrape(&p.web);
+        delta(&before, &after, timeouts) >= 1.0
+    }));
+    drop(silent);
+    assert_eq!(delta(&before, &after, timeouts), 1.0);
+    let out = |class: &str| {
+        format!(
+            "rampart_http_requests_total{{direction=\"outbound\",peer_id=\"none\",status_class=\"{class}\"}}"
+        )
+    };
+    assert_eq!(delta(&before, &after, &out("2xx")), 1.0, "{after:#?}");
+    assert_eq!(delta(&before, &after, &out("4xx")), 1.0, "{after:#?}");
+}
+
+#[test]
+fn metrics_can_be_turned_off() {
+    let p = pair(&allow_get("/data"), "admin: {metrics: false}\n", "");
+    assert_eq!(get(p.out, "/data", &[]).0, 200);
+    assert_eq!(get(p.out, "/nope", &[]).0, 403);
+    let (status, resp) = p.backend.admin("GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let body = resp.split_once("\r\n\r\n").unwrap().1;
+    assert!(!body.contains("rampart_"), "{body}");
+    assert!(body.contains("metrics are turned off"), "{body}");
+    // The other sidecar still records.
+    let (_, web) = p.web.admin("GET", "/metrics", "");
+    assert!(web.contains("rampart_http_requests_total"), "{web}");
 }
 
 #[test]

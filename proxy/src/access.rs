@@ -6,10 +6,17 @@
 //! An event holds addresses, the peer's SPIFFE ID (verified), method,
 //! normalized path, status, decision, timing and sizes: never bodies,
 //! query strings or header values.
+//!
+//! Lines are written by one thread of their own, fed through a bounded
+//! queue: a slow or blocked stdout (a full pipe to a log collector) never
+//! stalls a request. When the queue is full the event is dropped and
+//! counted (`rampart_access_log_dropped_total`).
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Direction;
@@ -141,10 +148,64 @@ impl AccessLog {
     }
 }
 
+/// Lines queued for the writer thread at most; past that, events are dropped.
+const QUEUE_LINES: usize = 4096;
+
+/// Lines queued and not yet written (for [`flush`]).
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// The queue to the writer thread, started with the first line.
+fn writer() -> &'static SyncSender<String> {
+    static WRITER: OnceLock<SyncSender<String>> = OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE_LINES);
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(lines));
+        if let Err(e) = spawned {
+            // Without the thread the queue fills and events are counted as
+            // dropped; requests are unaffected.
+            tracing::error!(error = %e, "cannot start the access log writer");
+        }
+        queue
+    })
+}
+
+/// The writer thread: writes each line, flushing whenever the queue is
+/// empty, so lines appear promptly but bursts cost one write per batch.
+fn write_lines(lines: Receiver<String>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    while let Ok(line) = lines.recv() {
+        // stdout gone (closed pipe) is not worth failing anything over.
+        let _ = out.write_all(line.as_bytes());
+        let mut written = 1;
+        while let Ok(line) = lines.try_recv() {
+            let _ = out.write_all(line.as_bytes());
+            written += 1;
+        }
+        let _ = out.flush();
+        PENDING.fetch_sub(written, Ordering::AcqRel);
+    }
+}
+
 fn write_line(v: &serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    // stdout gone (closed pipe) is not worth failing a request over.
-    let _ = writeln!(out, "{v}");
+    PENDING.fetch_add(1, Ordering::AcqRel);
+    match writer().try_send(format!("{v}\n")) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            PENDING.fetch_sub(1, Ordering::AcqRel);
+            crate::metrics::access_log_dropped();
+        }
+    }
+}
+
+/// Waits (blocking, up to `within`) until every queued access line is
+/// written: called once at shutdown so the last events are not lost.
+pub fn flush(within: Duration) {
+    let deadline = Instant::now() + within;
+    while PENDING.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Seconds since the epoch with milliseconds, e.g. `1732400000.123`.

@@ -17,6 +17,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::config::Direction;
+
 /// What a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -122,14 +124,22 @@ fn classify_http1(buf: &[u8]) -> Verdict {
 }
 
 /// Detects the protocol of a raw socket without consuming anything.
-/// Silence or an undecidable prefix until `timeout` means [`Protocol::Opaque`].
-pub async fn detect_socket(stream: &TcpStream, timeout: Duration) -> io::Result<Protocol> {
+/// Silence or an undecidable prefix until `timeout` means [`Protocol::Opaque`]
+/// (counted as a detect timeout of `direction`).
+pub async fn detect_socket(
+    stream: &TcpStream,
+    timeout: Duration,
+    direction: Direction,
+) -> io::Result<Protocol> {
     let mut buf = [0u8; 64];
     let deadline = tokio::time::Instant::now() + timeout;
     let mut backoff = Duration::from_millis(1);
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Err(_) => return Ok(Protocol::Opaque),
+            Err(_) => {
+                crate::metrics::detect_timeout(direction);
+                return Ok(Protocol::Opaque);
+            }
             Ok(r) => r?,
         };
         if n == 0 {
@@ -144,6 +154,7 @@ pub async fn detect_socket(stream: &TcpStream, timeout: Duration) -> io::Result<
             // message in one segment.
             Verdict::NeedMore if n < buf.len() => {
                 if tokio::time::Instant::now() + backoff >= deadline {
+                    crate::metrics::detect_timeout(direction);
                     return Ok(Protocol::Opaque);
                 }
                 tokio::time::sleep(backoff).await;
@@ -157,8 +168,13 @@ pub async fn detect_socket(stream: &TcpStream, timeout: Duration) -> io::Result<
 }
 
 /// Detects the protocol of a stream by reading its first bytes, and returns
-/// a stream that replays them.
-pub async fn detect_stream<S>(mut stream: S, timeout: Duration) -> io::Result<(Protocol, Rewind<S>)>
+/// a stream that replays them. Silence until `timeout` means
+/// [`Protocol::Opaque`] (counted as a detect timeout of `direction`).
+pub async fn detect_stream<S>(
+    mut stream: S,
+    timeout: Duration,
+    direction: Direction,
+) -> io::Result<(Protocol, Rewind<S>)>
 where
     S: AsyncRead + Unpin,
 {
@@ -173,7 +189,10 @@ where
             break Protocol::Opaque;
         }
         match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
-            Err(_) => break Protocol::Opaque,
+            Err(_) => {
+                crate::metrics::detect_timeout(direction);
+                break Protocol::Opaque;
+            }
             Ok(Ok(0)) => break Protocol::Opaque,
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
@@ -297,7 +316,9 @@ mod tests {
         a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        let (p, mut r) = detect_stream(b, Duration::from_secs(1)).await.unwrap();
+        let (p, mut r) = detect_stream(b, Duration::from_secs(1), Direction::Inbound)
+            .await
+            .unwrap();
         assert_eq!(p, Protocol::Http1);
         let mut got = vec![0u8; 27];
         r.read_exact(&mut got).await.unwrap();
@@ -307,7 +328,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silence_is_opaque_after_the_timeout() {
         let (_a, b) = tokio::io::duplex(1024);
-        let (p, _) = detect_stream(b, Duration::from_secs(1)).await.unwrap();
+        let (p, _) = detect_stream(b, Duration::from_secs(1), Direction::Inbound)
+            .await
+            .unwrap();
         assert_eq!(p, Protocol::Opaque);
     }
 
@@ -320,7 +343,9 @@ mod tests {
             a.write_all(b"ng HTTP/1.1\r\n").await.unwrap();
             a
         });
-        let (p, _) = detect_stream(b, Duration::from_secs(1)).await.unwrap();
+        let (p, _) = detect_stream(b, Duration::from_secs(1), Direction::Inbound)
+            .await
+            .unwrap();
         assert_eq!(p, Protocol::Http1);
         drop(t.await);
     }

@@ -147,10 +147,15 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         return;
     };
     let xfcc = xfcc_value(&conn, local_id.as_ref());
+    let metrics = crate::metrics::RequestMetrics::for_peer(
+        Direction::Inbound,
+        conn.peer.as_ref().map(|p| p.id.as_str()),
+    );
     let handler = Arc::new(Handler {
         shared: shared.clone(),
         local_id,
         xfcc,
+        metrics,
         app_authority,
         conn,
     });
@@ -213,7 +218,8 @@ impl Outcome {
     }
 }
 
-fn content_length(h: &HeaderMap) -> Option<u64> {
+/// The declared `content-length`, if any and valid.
+pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
@@ -244,6 +250,8 @@ struct Handler {
     local_id: Option<SpiffeId>,
     /// Our XFCC element for this connection, computed once.
     xfcc: Option<HeaderValue>,
+    /// The request series of this connection's peer.
+    metrics: Arc<crate::metrics::RequestMetrics>,
     app_authority: Authority,
     conn: InboundConn,
 }
@@ -264,7 +272,7 @@ impl Handler {
             }
         };
         let elapsed = start.elapsed();
-        crate::metrics::http_request(Direction::Inbound, resp.status(), elapsed);
+        self.metrics.record(resp.status(), elapsed);
         if self.shared.access.is_enabled() || outcome.is_denied() {
             let verdict = match &outcome.decided {
                 Some(Decided::Allow { policy, rule }) => {

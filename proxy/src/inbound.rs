@@ -84,7 +84,13 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         let is_tls = match settings.mode {
             TlsMode::Strict => true,
             TlsMode::PermissiveAllowPlaintext => {
-                match detect::detect_socket(&accepted.stream, limits.http.detect_timeout).await {
+                match detect::detect_socket(
+                    &accepted.stream,
+                    limits.http.detect_timeout,
+                    Direction::Inbound,
+                )
+                .await
+                {
                     Ok(Protocol::Tls) => true,
                     Ok(Protocol::Http1 | Protocol::Http2 | Protocol::Opaque) => false,
                     Err(e) => {
@@ -280,7 +286,8 @@ async fn detect_inner(
         DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(http::ServeVersion::Http2),
         DeclaredProtocol::Detect => {
             let (p, rewound) =
-                detect::detect_stream(authn.stream, limits.http.detect_timeout).await?;
+                detect::detect_stream(authn.stream, limits.http.detect_timeout, Direction::Inbound)
+                    .await?;
             authn.stream = Box::new(rewound);
             match p {
                 Protocol::Http1 => Inner::Http(http::ServeVersion::Http1),

@@ -1,13 +1,24 @@
 //! The proxy's metrics: names, units and descriptions in one place, label
 //! values from closed enums only (no peer-chosen strings).
+//!
+//! The per-connection and per-request series (connections, bytes, detected
+//! protocols, requests and their latency) are registered once and kept as
+//! handles, so the hot path increments an atomic instead of hashing a key
+//! and looking its series up. Handles are taken from the recorder installed
+//! when they are first used: `rampart run` installs it before anything else,
+//! and without one (metrics turned off) every handle is a no-op.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
 };
 
 use crate::config::Direction;
+use crate::detect::Protocol;
 
 /// Connections accepted.
 pub const CONNECTIONS_OPENED: &str = "rampart_tcp_connections_opened_total";
@@ -34,6 +45,22 @@ pub const HTTP_LOCAL_ERRORS: &str = "rampart_http_local_responses_total";
 pub const DETECTED: &str = "rampart_detected_protocol_total";
 /// Policy reloads by result.
 pub const POLICY_RELOADS: &str = "rampart_policy_reloads_total";
+/// Connections whose first bytes did not arrive within the detect timeout.
+pub const DETECT_TIMEOUTS: &str = "rampart_detect_timeouts_total";
+/// Access events dropped because the writer fell behind.
+pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_total";
+
+/// How many distinct authenticated peers get a `peer_id` label of their own
+/// on request metrics; later ones share `other`. Peers are identities the
+/// mesh CA issued, and the cap keeps a compromised or misconfigured CA from
+/// growing the series without bound.
+pub const MAX_PEER_LABELS: usize = 64;
+/// The `peer_id` of requests without a verified peer (plaintext), and of
+/// outbound requests (the pooled connection's server identity is checked
+/// during its handshake, not per request).
+pub const PEER_NONE: &str = "none";
+/// The `peer_id` of peers past [`MAX_PEER_LABELS`].
+pub const PEER_OTHER: &str = "other";
 
 /// Registers descriptions with the installed recorder.
 pub fn describe() {
@@ -61,6 +88,155 @@ pub fn describe() {
         Unit::Count,
         "Policy file reloads by result (error: the last good version stayed)"
     );
+    describe_counter!(
+        DETECT_TIMEOUTS,
+        Unit::Count,
+        "Connections that sent nothing decisive within the detect timeout (treated as opaque)"
+    );
+    describe_counter!(
+        ACCESS_LOG_DROPPED,
+        Unit::Count,
+        "Access events dropped because stdout could not keep up"
+    );
+}
+
+/// The handles of one direction's per-connection series.
+struct DirectionHandles {
+    opened: Counter,
+    closed: Counter,
+    active: Gauge,
+    to_target: Counter,
+    to_client: Counter,
+    detect_timeouts: Counter,
+    /// Indexed by [`protocol_index`].
+    detected: [Counter; 4],
+}
+
+impl DirectionHandles {
+    fn register(direction: Direction) -> Self {
+        let d = direction.as_str();
+        let detected = |p: Protocol| counter!(DETECTED, "direction" => d, "protocol" => p.as_str());
+        DirectionHandles {
+            opened: counter!(CONNECTIONS_OPENED, "direction" => d),
+            closed: counter!(CONNECTIONS_CLOSED, "direction" => d),
+            active: gauge!(CONNECTIONS_ACTIVE, "direction" => d),
+            to_target: counter!(BYTES, "direction" => d, "flow" => "to_target"),
+            to_client: counter!(BYTES, "direction" => d, "flow" => "to_client"),
+            detect_timeouts: counter!(DETECT_TIMEOUTS, "direction" => d),
+            detected: [
+                detected(Protocol::Tls),
+                detected(Protocol::Http1),
+                detected(Protocol::Http2),
+                detected(Protocol::Opaque),
+            ],
+        }
+    }
+}
+
+fn protocol_index(p: Protocol) -> usize {
+    match p {
+        Protocol::Tls => 0,
+        Protocol::Http1 => 1,
+        Protocol::Http2 => 2,
+        Protocol::Opaque => 3,
+    }
+}
+
+struct Handles {
+    inbound: DirectionHandles,
+    outbound: DirectionHandles,
+    /// Request series by peer label, per direction (inbound first); at most
+    /// [`MAX_PEER_LABELS`] + 2 entries each.
+    requests: Mutex<[HashMap<String, Arc<RequestMetrics>>; 2]>,
+}
+
+fn handles() -> &'static Handles {
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    HANDLES.get_or_init(|| Handles {
+        inbound: DirectionHandles::register(Direction::Inbound),
+        outbound: DirectionHandles::register(Direction::Outbound),
+        requests: Mutex::new([HashMap::new(), HashMap::new()]),
+    })
+}
+
+fn of(direction: Direction) -> &'static DirectionHandles {
+    match direction {
+        Direction::Inbound => &handles().inbound,
+        Direction::Outbound => &handles().outbound,
+    }
+}
+
+/// The request series of one direction and peer: looked up once per
+/// connection, then used for every request on it.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    /// Indexed by status class: 1xx .. 5xx.
+    by_class: [Counter; 5],
+    duration: Histogram,
+}
+
+impl RequestMetrics {
+    /// The series for requests in `direction` from `peer` (a verified
+    /// identity; `None` for plaintext and outbound requests).
+    pub fn for_peer(direction: Direction, peer: Option<&str>) -> Arc<RequestMetrics> {
+        let h = handles();
+        // A poisoned lock only means a panic while inserting; the maps are
+        // still valid caches.
+        let mut maps = h.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let map = match direction {
+            Direction::Inbound => &mut maps[0],
+            Direction::Outbound => &mut maps[1],
+        };
+        let label = match peer {
+            None => PEER_NONE,
+            Some(p) if map.contains_key(p) => p,
+            Some(p) => {
+                let distinct = map
+                    .keys()
+                    .filter(|l| l.as_str() != PEER_NONE && l.as_str() != PEER_OTHER)
+                    .count();
+                if distinct >= MAX_PEER_LABELS {
+                    PEER_OTHER
+                } else {
+                    p
+                }
+            }
+        };
+        if let Some(m) = map.get(label) {
+            return m.clone();
+        }
+        let m = Arc::new(RequestMetrics::register(direction, label));
+        map.insert(label.to_owned(), m.clone());
+        m
+    }
+
+    fn register(direction: Direction, peer: &str) -> Self {
+        let d = direction.as_str();
+        let class = |c: &'static str| counter!(HTTP_REQUESTS, "direction" => d, "status_class" => c, "peer_id" => peer.to_owned());
+        RequestMetrics {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: histogram!(HTTP_DURATION, "direction" => d, "peer_id" => peer.to_owned()),
+        }
+    }
+
+    /// Counts an answered request and its latency.
+    pub fn record(&self, status: http::StatusCode, elapsed: Duration) {
+        let i = match status.as_u16() {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        self.by_class[i].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
 }
 
 /// Counts a connection for as long as it lives.
@@ -71,25 +247,36 @@ pub struct ConnectionGauge {
 impl ConnectionGauge {
     /// Counts a newly accepted connection.
     pub fn open(direction: Direction) -> Self {
-        counter!(CONNECTIONS_OPENED, "direction" => direction.as_str()).increment(1);
-        gauge!(CONNECTIONS_ACTIVE, "direction" => direction.as_str()).increment(1.0);
+        let h = of(direction);
+        h.opened.increment(1);
+        h.active.increment(1.0);
         ConnectionGauge { direction }
     }
 }
 
 impl Drop for ConnectionGauge {
     fn drop(&mut self) {
-        let d = self.direction.as_str();
-        counter!(CONNECTIONS_CLOSED, "direction" => d).increment(1);
-        gauge!(CONNECTIONS_ACTIVE, "direction" => d).decrement(1.0);
+        let h = of(self.direction);
+        h.closed.increment(1);
+        h.active.decrement(1.0);
     }
 }
 
 /// Counts proxied bytes: `from_client` flowed client -> target.
 pub fn bytes(direction: Direction, from_client: u64, to_client: u64) {
-    let d = direction.as_str();
-    counter!(BYTES, "direction" => d, "flow" => "to_target").increment(from_client);
-    counter!(BYTES, "direction" => d, "flow" => "to_client").increment(to_client);
+    let h = of(direction);
+    h.to_target.increment(from_client);
+    h.to_client.increment(to_client);
+}
+
+/// Counts a connection that sent nothing decisive before the detect timeout.
+pub fn detect_timeout(direction: Direction) {
+    of(direction).detect_timeouts.increment(1);
+}
+
+/// Counts an access event dropped because the writer fell behind.
+pub fn access_log_dropped() {
+    counter!(ACCESS_LOG_DROPPED).increment(1);
 }
 
 /// Counts a handshake outcome (`"ok"` or a failure reason label).
@@ -155,29 +342,14 @@ pub fn forward_error(direction: Direction, reason: &'static str) {
     counter!(FORWARD_ERRORS, "direction" => direction.as_str(), "reason" => reason).increment(1);
 }
 
-/// Counts an answered HTTP request and its latency.
-pub fn http_request(direction: Direction, status: http::StatusCode, elapsed: Duration) {
-    let class = match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    let d = direction.as_str();
-    counter!(HTTP_REQUESTS, "direction" => d, "status_class" => class).increment(1);
-    histogram!(HTTP_DURATION, "direction" => d).record(elapsed.as_secs_f64());
-}
-
 /// Counts a request the sidecar answered itself.
 pub fn http_local_error(direction: Direction, reason: &'static str) {
     counter!(HTTP_LOCAL_ERRORS, "direction" => direction.as_str(), "reason" => reason).increment(1);
 }
 
 /// Counts a connection's detected protocol.
-pub fn detected(direction: Direction, protocol: crate::detect::Protocol) {
-    counter!(DETECTED, "direction" => direction.as_str(), "protocol" => protocol.as_str())
-        .increment(1);
+pub fn detected(direction: Direction, protocol: Protocol) {
+    of(direction).detected[protocol_index(protocol)].increment(1);
 }
 
 /// Outcome of a policy reload.
@@ -196,4 +368,29 @@ pub fn policy_reload(result: ReloadResult) {
         ReloadResult::Error => "error",
     };
     counter!(POLICY_RELOADS, "result" => r).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_labels_are_capped() {
+        let label_count = || {
+            let maps = handles().requests.lock().unwrap();
+            maps[0].len()
+        };
+        let a = RequestMetrics::for_peer(Direction::Inbound, Some("spiffe://t/a"));
+        let again = RequestMetrics::for_peer(Direction::Inbound, Some("spiffe://t/a"));
+        assert!(Arc::ptr_eq(&a, &again), "one series per peer");
+        for i in 0..(MAX_PEER_LABELS + 10) {
+            RequestMetrics::for_peer(Direction::Inbound, Some(&format!("spiffe://t/{i}")));
+        }
+        RequestMetrics::for_peer(Direction::Inbound, None);
+        // MAX_PEER_LABELS peers, `other` and `none`.
+        assert_eq!(label_count(), MAX_PEER_LABELS + 2);
+        let maps = handles().requests.lock().unwrap();
+        assert!(maps[0].contains_key(PEER_OTHER) && maps[0].contains_key(PEER_NONE));
+        assert!(maps[1].is_empty(), "outbound untouched");
+    }
 }

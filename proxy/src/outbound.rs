@@ -11,7 +11,7 @@ use crate::config::{Direction, OutboundRoute};
 use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::server::Shared;
-use crate::{forward, metrics, pool, tls};
+use crate::{access, forward, metrics, pool, tls};
 
 /// How an outbound listener picks the server identity to expect.
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +100,13 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
         // Stage: detect. HTTP/1.1 from the app rides the pooled HTTP/2
         // connection to the peer sidecar; everything else is tunneled.
         if !shared.config.outbound.opaque_ports.contains(&dst.port()) {
-            match detect::detect_socket(&accepted.stream, limits.http.detect_timeout).await {
+            match detect::detect_socket(
+                &accepted.stream,
+                limits.http.detect_timeout,
+                Direction::Outbound,
+            )
+            .await
+            {
                 Ok(Protocol::Http1) => {
                     metrics::detected(Direction::Outbound, Protocol::Http1);
                     let Accepted { stream, _slot, .. } = accepted;
@@ -136,9 +142,25 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
             };
         metrics::handshake(Direction::Outbound, "ok");
         tracing::Span::current().record("peer.id", field::display(&peer.id));
+        let (source, started) = (accepted.client.0, std::time::Instant::now());
         match forward::splice(accepted.stream, tls_stream).await {
             Ok(t) => {
                 metrics::bytes(Direction::Outbound, t.to_target, t.to_client);
+                if shared.access.is_enabled() {
+                    shared.access.record(&access::Event {
+                        direction: Direction::Outbound,
+                        peer: Some(peer.id.as_str()),
+                        source,
+                        destination: dst,
+                        method: None,
+                        path: None,
+                        status: None,
+                        verdict: access::Verdict::NotApplicable,
+                        duration: started.elapsed(),
+                        bytes_in: Some(t.to_target),
+                        bytes_out: Some(t.to_client),
+                    });
+                }
                 tracing::debug!(
                     bytes.to_peer = t.to_target,
                     bytes.to_app = t.to_client,

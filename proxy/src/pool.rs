@@ -107,10 +107,16 @@ pub async fn serve(
         return;
     };
     let s = shared.clone();
+    let m = metrics::RequestMetrics::for_peer(Direction::Outbound, None);
+    let ends = Ends {
+        source: stream.peer_addr().unwrap_or(dst),
+        destination: dst,
+    };
     let service = hyper::service::service_fn(move |req| {
         let s = s.clone();
+        let m = m.clone();
         let authority = authority.clone();
-        async move { Ok::<_, Infallible>(send(&s, index, authority, req).await) }
+        async move { Ok::<_, Infallible>(send(&s, &m, ends, index, authority, req).await) }
     });
     let conn = shared.outbound_http.server.serve_connection(
         TokioIo::new(crate::smuggling::SmugglingGuard::new(
@@ -132,13 +138,31 @@ pub async fn serve(
     }
 }
 
+/// The app's address and where it was going, for access events.
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    source: SocketAddr,
+    destination: SocketAddr,
+}
+
 async fn send(
     shared: &Shared,
+    request_metrics: &metrics::RequestMetrics,
+    ends: Ends,
     index: usize,
     authority: Authority,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
+    // Only built when access logs are on: the request path allocates
+    // nothing for them otherwise.
+    let logged = shared.access.is_enabled().then(|| {
+        (
+            req.method().clone(),
+            req.uri().path().to_owned(),
+            crate::http::content_length(req.headers()),
+        )
+    });
     let resp = match forward(shared, index, authority, req).await {
         Ok(r) => r,
         Err(status) => {
@@ -149,7 +173,23 @@ async fn send(
             r
         }
     };
-    metrics::http_request(Direction::Outbound, resp.status(), start.elapsed());
+    let elapsed = start.elapsed();
+    request_metrics.record(resp.status(), elapsed);
+    if let Some((method, path, bytes_in)) = logged {
+        shared.access.record(&crate::access::Event {
+            direction: Direction::Outbound,
+            peer: None,
+            source: ends.source,
+            destination: ends.destination,
+            method: Some(method.as_str()),
+            path: Some(&path),
+            status: Some(resp.status().as_u16()),
+            verdict: crate::access::Verdict::NotApplicable,
+            duration: elapsed,
+            bytes_in,
+            bytes_out: crate::http::content_length(resp.headers()),
+        });
+    }
     resp
 }
 

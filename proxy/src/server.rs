@@ -186,6 +186,8 @@ impl BoundProxy {
         }
         let _ = admin_stop_tx.send(true);
         let _ = admin_task.await;
+        // The last access events of the drained connections.
+        let _ = tokio::task::spawn_blocking(|| crate::access::flush(Duration::from_secs(1))).await;
     }
 }
 

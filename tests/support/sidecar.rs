@@ -92,8 +92,20 @@ impl Sidecar {
     /// Writes its configuration and starts it; returns once it is ready.
     pub fn start(dir: &Path, name: &str, svid: &Path, body: &str) -> Sidecar {
         let admin = free_addr();
+        // A body with its own `admin: {...}` line gets the address added to it.
+        let (admin_line, body) = if body.lines().any(|l| l.starts_with("admin: {")) {
+            (
+                String::new(),
+                body.replace("admin: {", &format!("admin: {{address: \"{admin}\", ")),
+            )
+        } else {
+            (
+                format!("admin: {{address: \"{admin}\"}}\n"),
+                body.to_owned(),
+            )
+        };
         let cfg = format!(
-            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{admin}\"}}\n{log}{body}",
+            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\n{admin_line}{log}{body}",
             s = svid.display(),
             // A body with its own `log` section replaces the default one.
             log = if body.lines().any(|l| l.starts_with("log:")) {
