@@ -38,7 +38,20 @@ fn allow_get(path: &str) -> String {
 }
 
 fn pair(policy: &str, backend_extra: &str, web_extra: &str) -> Pair {
+    pair_with_files(policy, &[], backend_extra, web_extra)
+}
+
+/// As [`pair`], with `files` (name, contents) written beside the policy.
+fn pair_with_files(
+    policy: &str,
+    files: &[(&str, &str)],
+    backend_extra: &str,
+    web_extra: &str,
+) -> Pair {
     let pki = Pki::new();
+    for (name, text) in files {
+        std::fs::write(pki.dir.path().join(name), text).unwrap();
+    }
     let app_addr = free_addr();
     let app = LocalProc::spawn(
         &apps::http_app(app_addr.port(), "ec-backend"),
@@ -168,6 +181,54 @@ fn policy_file_changes_apply_and_broken_files_keep_the_last_good_version() {
     assert!(out.contains("\"authz.decision\":\"deny\""), "{out}");
     assert!(!out.contains("\"authz.decision\":\"allow\""), "{out}");
     let _ = (&p.pki, &p.web, p.inbound);
+}
+
+/// A Rego module allowing GET of exactly `path` (OPA-Envoy's input).
+fn rego_allow_get(path: &str) -> String {
+    format!(
+        "package envoy.authz\n\ndefault allow := false\n\nallow if {{\n  input.attributes.request.http.method == \"GET\"\n  input.parsed_path == [\"{}\"]\n}}\n",
+        path.trim_start_matches('/')
+    )
+}
+
+#[test]
+fn a_changed_rego_module_is_reloaded() {
+    let p = pair_with_files(
+        "policies:\n  - name: backend\n    kind: rego\n    modules: [backend.rego]\n",
+        &[("backend.rego", &rego_allow_get("/data"))],
+        "",
+        "",
+    );
+    assert_eq!(get(p.out, "/data", &[]).0, 200, "{}", p.backend.logs());
+    assert_eq!(get(p.out, "/other", &[]).0, 403);
+    // Only the module changes; the policy file stays as it is.
+    write_atomically(
+        &p.policy.with_file_name("backend.rego"),
+        &rego_allow_get("/other"),
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || get(p.out, "/other", &[]).0
+            == 200),
+        "changed module not in force:\n{}",
+        p.backend.logs()
+    );
+    assert_eq!(get(p.out, "/data", &[]).0, 403);
+    // A module with a syntax error keeps the last good version.
+    write_atomically(
+        &p.policy.with_file_name("backend.rego"),
+        "package envoy.authz\nallow if {",
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            sample(
+                &p.backend.metrics(),
+                "rampart_policy_reloads_total{result=\"error\"}",
+            ) == 1.0
+        }),
+        "broken module not counted:\n{}",
+        p.backend.logs()
+    );
+    assert_eq!(get(p.out, "/other", &[]).0, 200);
 }
 
 /// The base64 lines of a PEM file (its key material).

@@ -57,6 +57,10 @@ pub struct PolicyInfo {
     /// SHA-256 (hex) of the policy entry plus its Rego modules and data
     /// files: changes exactly when what the policy means may have changed.
     pub content_hash: String,
+    /// The other files it was compiled from (Rego modules and data files),
+    /// so that a watcher reloads when one of them changes. Inside a bundle
+    /// these are paths within the bundle.
+    pub inputs: Vec<PathBuf>,
 }
 
 /// A policy file the operator must fix. The configuration is at fault.
@@ -254,7 +258,7 @@ fn compile_all(
             );
             match compile_policy(&policy, &dir, files, options, &mut hasher) {
                 Ok(kind) => {
-                    compiled.infos.push(info(&policy, file, hasher));
+                    compiled.infos.push(info(&policy, file, &dir, hasher));
                     compiled.policies.push(CPolicy {
                         name: Arc::from(policy.name.as_str()),
                         ports: policy.ports.clone(),
@@ -277,10 +281,23 @@ fn compile_all(
     Ok(compiled)
 }
 
-fn info(policy: &Policy, file: &Path, hasher: Sha256) -> PolicyInfo {
-    let (kind, action, rules) = match &policy.body {
-        PolicyBody::Native(n) => (PolicyKind::Native, Some(n.action), n.rules.len()),
-        PolicyBody::Rego(_) => (PolicyKind::Rego, None, 0),
+fn info(policy: &Policy, file: &Path, dir: &Path, hasher: Sha256) -> PolicyInfo {
+    let (kind, action, rules, inputs) = match &policy.body {
+        PolicyBody::Native(n) => (
+            PolicyKind::Native,
+            Some(n.action),
+            n.rules.len(),
+            Vec::new(),
+        ),
+        PolicyBody::Rego(spec) => {
+            let inputs = spec
+                .modules
+                .iter()
+                .chain(&spec.data_files)
+                .map(|f| dir.join(f))
+                .collect();
+            (PolicyKind::Rego, None, 0, inputs)
+        }
     };
     let content_hash = hasher
         .finalize()
@@ -296,6 +313,7 @@ fn info(policy: &Policy, file: &Path, hasher: Sha256) -> PolicyInfo {
         dry_run: policy.dry_run,
         rules,
         content_hash,
+        inputs,
     }
 }
 

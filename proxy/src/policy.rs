@@ -78,13 +78,22 @@ pub async fn watch(
     load: PolicyLoader,
     cell: Arc<PolicyCell>,
 ) {
-    let mut seen = digest(&files);
+    // The policy files and every Rego module and data file the policies in
+    // force were compiled from (a reload may add or drop some).
+    let watched = |cell: &PolicyCell| {
+        let mut all = files.clone();
+        for p in cell.current().authorizer.policies() {
+            all.extend(p.inputs.iter().cloned());
+        }
+        all
+    };
+    let mut seen = digest(&watched(&cell));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let now = digest(&files);
+        let now = digest(&watched(&cell));
         if now == seen {
             continue;
         }
@@ -94,6 +103,8 @@ pub async fn watch(
                 let names: Vec<&str> = a.policies().iter().map(|p| p.name.as_str()).collect();
                 tracing::info!(policies = ?names, "policies reloaded");
                 cell.replace(a);
+                // The new version may read other modules: watch those.
+                seen = digest(&watched(&cell));
                 metrics::policy_reload(metrics::ReloadResult::Ok);
             }
             Err(e) => {
