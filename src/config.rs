@@ -446,7 +446,19 @@ pub struct LogConfig {
     /// it off.
     #[serde(default = "d_request_id_header")]
     pub request_id_header: String,
+    /// Request headers whose values access events carry (none by default).
+    #[serde(default)]
+    pub access_headers: Vec<String>,
 }
+
+/// Headers that carry credentials or identities: never written to logs.
+const SECRET_HEADERS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-forwarded-client-cert",
+];
 
 fn d_denials_per_second() -> u32 {
     10
@@ -468,6 +480,7 @@ impl Default for LogConfig {
             access: false,
             denials_per_second: d_denials_per_second(),
             request_id_header: d_request_id_header(),
+            access_headers: Vec::new(),
         }
     }
 }
@@ -749,6 +762,17 @@ impl Config {
                 "not a valid header name".into(),
             ));
         }
+        for (i, name) in self.log.access_headers.iter().enumerate() {
+            let field = format!("log.access_headers[{i}]");
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                p.push((field, "not a valid header name".into()));
+            } else if SECRET_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                p.push((
+                    field,
+                    format!("`{name}` carries credentials or identities and is never logged"),
+                ));
+            }
+        }
         if self.runtime.workers == 0 {
             p.push(("runtime.workers".into(), "must be at least 1".into()));
         }
@@ -882,6 +906,15 @@ impl Config {
                     self.log.request_id_header.to_ascii_lowercase().as_bytes(),
                 )
                 .ok(),
+                // Validated above.
+                access_headers: self
+                    .log
+                    .access_headers
+                    .iter()
+                    .filter_map(|h| {
+                        http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()
+                    })
+                    .collect(),
             },
         }
     }

@@ -333,7 +333,7 @@ fn access_events(s: &Sidecar) -> Vec<serde_json::Value> {
 fn access_events_name_peer_decision_and_path_but_no_header_values() {
     let p = pair(
         &allow_get("/data"),
-        "log: {level: debug, access: true}\n",
+        "log: {level: debug, access: true, access_headers: [x-tenant]}\n",
         "log: {level: debug, access: true}\n",
     );
     let secret = "Bearer s3cr3t-t0ken";
@@ -341,7 +341,7 @@ fn access_events_name_peer_decision_and_path_but_no_header_values() {
         get(
             p.out,
             "/data?q=hidden",
-            &[&format!("authorization: {secret}")]
+            &[&format!("authorization: {secret}"), "x-tenant: blue"]
         )
         .0,
         200
@@ -363,6 +363,8 @@ fn access_events_name_peer_decision_and_path_but_no_header_values() {
     assert_eq!(ok["authz.policy"], "backend");
     assert_eq!(ok["authz.rule"], "web-gets");
     assert!(ok["duration_ms"].as_f64().unwrap() > 0.0);
+    // Only the header the operator named, and only its value.
+    assert_eq!(ok["headers"], serde_json::json!({"x-tenant": "blue"}));
     let denied = &events[1];
     assert_eq!(denied["authz.decision"], "deny");
     assert_eq!(denied["status"], 403);
@@ -564,6 +566,31 @@ fn metrics_can_be_turned_off() {
     // The other sidecar still records.
     let (_, web) = p.web.admin("GET", "/metrics", "");
     assert!(web.contains("rampart_http_requests_total"), "{web}");
+}
+
+#[test]
+fn credential_headers_cannot_be_access_logged() {
+    let pki = Pki::new();
+    let svid = pki.issue(BACKEND, "ec-backend");
+    let cfg = pki.dir.path().join("cfg.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nlog:\n  access: true\n  access_headers: [x-tenant, Authorization]\n",
+            s = svid.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(support::rampart_bin())
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cfg.yaml") && err.contains("log.access_headers[1]"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -69,6 +69,27 @@ pub struct Event<'a> {
     pub bytes_in: Option<u64>,
     /// Bytes to the client (HTTP: declared `content-length`, if any).
     pub bytes_out: Option<u64>,
+    /// Values of the request headers the operator chose to log
+    /// (`log.access_headers`), as received.
+    pub headers: &'a [(http::HeaderName, String)],
+}
+
+/// The values of `names` in `headers`, for an access event (lossy UTF-8;
+/// absent headers are left out).
+pub fn pick_headers(
+    names: &[http::HeaderName],
+    headers: &http::HeaderMap,
+) -> Vec<(http::HeaderName, String)> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let v = headers.get(n)?;
+            Some((
+                n.clone(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// Writes access events.
@@ -226,7 +247,7 @@ fn render(e: &Event<'_>) -> serde_json::Value {
         } => ("deny", policy, rule, Some(reason)),
         Verdict::NotApplicable => ("none", None, None, None),
     };
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "time": now_rfc3339ish(),
         "event": if e.method.is_some() { "http" } else { "tcp" },
         "direction": e.direction.as_str(),
@@ -243,7 +264,16 @@ fn render(e: &Event<'_>) -> serde_json::Value {
         "duration_ms": e.duration.as_secs_f64() * 1000.0,
         "bytes.in": e.bytes_in,
         "bytes.out": e.bytes_out,
-    })
+    });
+    if !e.headers.is_empty() {
+        let headers: serde_json::Map<String, serde_json::Value> = e
+            .headers
+            .iter()
+            .map(|(n, val)| (n.as_str().to_owned(), val.clone().into()))
+            .collect();
+        v["headers"] = headers.into();
+    }
+    v
 }
 
 #[cfg(test)]
@@ -267,6 +297,7 @@ mod tests {
             duration: Duration::from_micros(1500),
             bytes_in: None,
             bytes_out: Some(3),
+            headers: &[],
         };
         let v = render(&e);
         assert_eq!(v["authz.policy"], "p");
@@ -294,6 +325,7 @@ mod tests {
             duration: Duration::ZERO,
             bytes_in: None,
             bytes_out: None,
+            headers: &[],
         };
         for _ in 0..5 {
             log.record(&e);

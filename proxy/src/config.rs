@@ -41,6 +41,8 @@ pub struct ObserveConfig {
     pub denials_per_second: u32,
     /// Set on requests to the app that do not carry it (`None`: never).
     pub request_id_header: Option<http::HeaderName>,
+    /// Request headers whose values access events carry.
+    pub access_headers: Vec<http::HeaderName>,
 }
 
 impl Default for ObserveConfig {
@@ -49,6 +51,7 @@ impl Default for ObserveConfig {
             access_log: false,
             denials_per_second: 10,
             request_id_header: Some(http::HeaderName::from_static("x-request-id")),
+            access_headers: Vec::new(),
         }
     }
 }

@@ -262,8 +262,24 @@ impl Handler {
         let grpc = self.conn.grpc_port || is_grpc(req.headers());
         let method = req.method().clone();
         let bytes_in = content_length(req.headers());
+        let names = &self.shared.config.observe.access_headers;
+        // Only when access logs are on and headers were asked for.
+        let logged_headers = if self.shared.access.is_enabled() && !names.is_empty() {
+            crate::access::pick_headers(names, req.headers())
+        } else {
+            Vec::new()
+        };
         let mut outcome = Outcome::default();
-        let resp = match self.route(req, &mut outcome).await {
+        // One span per request, inside the connection's span; `debug`, so
+        // at the default level it costs a cached callsite check.
+        let span = tracing::debug_span!(
+            "request",
+            http.method = %method,
+            http.path = req.uri().path(),
+            http.version = ?req.version(),
+        );
+        let resp = match tracing::Instrument::instrument(self.route(req, &mut outcome), span).await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(reason = e.label(), error = %e, "request refused");
@@ -301,6 +317,7 @@ impl Handler {
                 duration: elapsed,
                 bytes_in,
                 bytes_out: content_length(resp.headers()),
+                headers: &logged_headers,
             });
         }
         resp

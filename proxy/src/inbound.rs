@@ -181,6 +181,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                     duration: started.elapsed(),
                     bytes_in: None,
                     bytes_out: None,
+                    headers: &[],
                 });
                 tracing::info!(
                     peer.id = conn.peer.as_ref().map(|p| p.id.as_str()).unwrap_or("-"),
@@ -220,6 +221,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                         duration: started.elapsed(),
                         bytes_in: Some(t.to_target),
                         bytes_out: Some(t.to_client),
+                        headers: &[],
                     });
                 }
                 tracing::debug!(

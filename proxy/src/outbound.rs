@@ -159,6 +159,7 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
                         duration: started.elapsed(),
                         bytes_in: Some(t.to_target),
                         bytes_out: Some(t.to_client),
+                        headers: &[],
                     });
                 }
                 tracing::debug!(

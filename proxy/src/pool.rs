@@ -161,9 +161,17 @@ async fn send(
             req.method().clone(),
             req.uri().path().to_owned(),
             crate::http::content_length(req.headers()),
+            crate::access::pick_headers(&shared.config.observe.access_headers, req.headers()),
         )
     });
-    let resp = match forward(shared, index, authority, req).await {
+    let span = tracing::debug_span!(
+        "request",
+        direction = "outbound",
+        http.method = %req.method(),
+        http.path = req.uri().path(),
+    );
+    let sent = tracing::Instrument::instrument(forward(shared, index, authority, req), span);
+    let resp = match sent.await {
         Ok(r) => r,
         Err(status) => {
             let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
@@ -175,7 +183,7 @@ async fn send(
     };
     let elapsed = start.elapsed();
     request_metrics.record(resp.status(), elapsed);
-    if let Some((method, path, bytes_in)) = logged {
+    if let Some((method, path, bytes_in, headers)) = logged {
         shared.access.record(&crate::access::Event {
             direction: Direction::Outbound,
             peer: None,
@@ -188,6 +196,7 @@ async fn send(
             duration: elapsed,
             bytes_in,
             bytes_out: crate::http::content_length(resp.headers()),
+            headers: &headers,
         });
     }
     resp
