@@ -268,3 +268,49 @@ impl Body for Reply {
         SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tonic, an independent gRPC implementation, gets its message echoed:
+    /// the app's framing, headers and trailers are real gRPC.
+    #[tokio::test]
+    async fn tonic_client_calls_the_grpc_app() {
+        let app = H2App::start();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("ready");
+        // `Vec<u8>` is prost's google.protobuf.BytesValue.
+        let reply = grpc
+            .unary(
+                tonic::Request::new(b"ping".to_vec()),
+                http::uri::PathAndQuery::from_static(GRPC_PATH),
+                tonic_prost::ProstCodec::<Vec<u8>, Vec<u8>>::default(),
+            )
+            .await
+            .expect("the call succeeds");
+        assert_eq!(reply.into_inner(), b"ping");
+        assert_eq!(app.served.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn grpc_message_takes_exactly_one_frame() {
+        let m = grpc_frame(b"abc");
+        assert_eq!(&m[..], b"\0\0\0\0\x03abc");
+        assert_eq!(grpc_message(m.clone()).as_deref(), Some(&b"abc"[..]));
+        assert_eq!(grpc_message(m.slice(..6)), None, "truncated");
+        let mut two = m.to_vec();
+        two.extend_from_slice(&m);
+        assert_eq!(grpc_message(two.into()), None, "two messages");
+        assert_eq!(
+            grpc_message(Bytes::from_static(b"\x01\0\0\0\0")),
+            None,
+            "compressed"
+        );
+    }
+}

@@ -93,10 +93,9 @@ pub fn write(r: &Results) {
         eprintln!("{FONT}: not a usable font: no plots");
         std::process::exit(1);
     }
-    let names = all_topologies(r);
     for p in &r.phases {
         let path = out.join(format!("latency-{}.png", p.slug));
-        latency_plot(&path, p, &names).expect("draw latency plot");
+        latency_plot(&path, p).expect("draw latency plot");
     }
     let (main, more): (Vec<&Phase>, Vec<&Phase>) =
         r.phases.iter().partition(|p| p.workload == Workload::Http1);
@@ -105,13 +104,13 @@ pub fn write(r: &Results) {
         ("added-latency-more.png", "other workloads", more),
     ] {
         if !phases.is_empty() {
-            added_plot(&out.join(file), title, &phases, &names).expect("draw added-latency plot");
+            added_plot(&out.join(file), title, &phases).expect("draw added-latency plot");
         }
     }
     eprintln!("wrote {}", out.display());
 }
 
-/// Every topology name, in order of first appearance (fixes plot colours).
+/// Every topology name, in order of first appearance.
 fn all_topologies(r: &Results) -> Vec<&str> {
     let mut names: Vec<&str> = Vec::new();
     for (n, _) in r.phases.iter().flat_map(|p| &p.series) {
@@ -428,28 +427,26 @@ fn markdown(r: &Results, j: &Value) -> String {
     md
 }
 
-const COLORS: [RGBColor; 8] = [
-    RGBColor(0, 0, 0),
-    RGBColor(200, 30, 30),
-    RGBColor(30, 90, 200),
-    RGBColor(30, 150, 60),
-    RGBColor(240, 130, 20),
-    RGBColor(140, 60, 170),
-    RGBColor(0, 160, 170),
-    RGBColor(150, 150, 150),
-];
-
-/// A topology's colour, the same in every plot.
-fn color(names: &[&str], name: &str) -> RGBColor {
-    let i = names.iter().position(|n| *n == name).unwrap_or(0);
-    COLORS[i % COLORS.len()]
+/// A topology's colour, the same in every plot: one hue per proxy, a
+/// lighter or darker one for its variants, black for baselines.
+fn color(name: &str) -> RGBColor {
+    match name {
+        "rampart" => RGBColor(200, 30, 30),
+        "rampart-nopool" => RGBColor(240, 130, 20),
+        "rampart-transparent" => RGBColor(140, 60, 170),
+        "nginx" => RGBColor(30, 90, 200),
+        "nginx-nopool" => RGBColor(0, 170, 200),
+        "haproxy" => RGBColor(30, 150, 60),
+        "haproxy-nopool" => RGBColor(150, 190, 40),
+        _ => RGBColor(0, 0, 0),
+    }
 }
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Latency by percentile, one line per topology; the percentile axis is
 /// log-scaled in 1 / (1 - q), so p90, p99, p99.9 are evenly spaced.
-fn latency_plot(path: &Path, phase: &Phase, names: &[&str]) -> PlotResult {
+fn latency_plot(path: &Path, phase: &Phase) -> PlotResult {
     let xs: Vec<f64> = (0..=40).map(|k| 10f64.powf(k as f64 / 10.0)).collect();
     let lines: Vec<Vec<(f64, f64)>> = phase
         .series
@@ -483,7 +480,7 @@ fn latency_plot(path: &Path, phase: &Phase, names: &[&str]) -> PlotResult {
         })
         .draw()?;
     for ((name, _), line) in phase.series.iter().zip(lines) {
-        let c = color(names, name);
+        let c = color(name);
         chart
             .draw_series(LineSeries::new(line, c.stroke_width(2)))?
             .label(name.as_str())
@@ -501,18 +498,17 @@ fn latency_plot(path: &Path, phase: &Phase, names: &[&str]) -> PlotResult {
 
 /// Added p50 and p99 over each phase's baseline, one bar per other
 /// topology of the phase, grouped by phase and percentile.
-fn added_plot(path: &Path, title: &str, phases: &[&Phase], names: &[&str]) -> PlotResult {
+fn added_plot(path: &Path, title: &str, phases: &[&Phase]) -> PlotResult {
     // (category label, [(topology, added µs)])
     let mut cats: Vec<(String, Vec<(&str, f64)>)> = Vec::new();
     for p in phases {
-        let short = p.name.split(" (").next().unwrap_or(&p.name);
         for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
             let d = quantile_us(&p.series[0].1.hists, q);
             let vals = p.series[1..]
                 .iter()
                 .map(|(n, s)| (n.as_str(), quantile_us(&s.hists, q) - d))
                 .collect();
-            cats.push((format!("{short} {label}"), vals));
+            cats.push((format!("{} {label}", p.slug), vals));
         }
     }
     // One segment per bar, plus a gap after each category.
@@ -565,7 +561,7 @@ fn added_plot(path: &Path, title: &str, phases: &[&Phase], names: &[&str]) -> Pl
         }
     }
     for name in legend {
-        let c = color(names, name);
+        let c = color(name);
         let bars: Vec<_> = cats
             .iter()
             .zip(&starts)
