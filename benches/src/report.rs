@@ -1,8 +1,7 @@
 //! The `mesh` profile's outputs: `results.json`, `results.md` (also printed)
 //! and PNG plots drawn with plotters' bitmap backend: one latency-by-
 //! percentile plot per phase (`latency-<slug>.png`), and added-latency bars
-//! for keep-alive HTTP/1.1 (`added-latency.png`) and for the other
-//! workloads (`added-latency-more.png`).
+//! per workload (see [`added_plot_file`]).
 
 use std::path::Path;
 
@@ -97,17 +96,24 @@ pub fn write(r: &Results) {
         let path = out.join(format!("latency-{}.png", p.slug));
         latency_plot(&path, p).expect("draw latency plot");
     }
-    let (main, more): (Vec<&Phase>, Vec<&Phase>) =
-        r.phases.iter().partition(|p| p.workload == Workload::Http1);
-    for (file, title, phases) in [
-        ("added-latency.png", "keep-alive HTTP/1.1", main),
-        ("added-latency-more.png", "other workloads", more),
-    ] {
-        if !phases.is_empty() {
-            added_plot(&out.join(file), title, &phases).expect("draw added-latency plot");
+    for w in Workload::ALL {
+        let phases: Vec<&Phase> = r.phases.iter().filter(|p| p.workload == w).collect();
+        if phases.is_empty() {
+            continue;
         }
+        added_plot(&out.join(added_plot_file(w)), w.name(), &phases)
+            .expect("draw added-latency plot");
     }
     eprintln!("wrote {}", out.display());
+}
+
+/// `added-latency.png` for keep-alive HTTP/1.1 (the main comparison),
+/// `added-latency-<workload>.png` for the others.
+pub fn added_plot_file(w: Workload) -> String {
+    match w {
+        Workload::Http1 => "added-latency.png".into(),
+        _ => format!("added-latency-{}.png", w.name()),
+    }
 }
 
 /// Every topology name, in order of first appearance.
@@ -508,7 +514,9 @@ fn added_plot(path: &Path, title: &str, phases: &[&Phase]) -> PlotResult {
                 .iter()
                 .map(|(n, s)| (n.as_str(), quantile_us(&s.hists, q) - d))
                 .collect();
-            cats.push((format!("{} {label}", p.slug), vals));
+            let prefix = format!("{}-", p.workload.name());
+            let short = p.slug.strip_prefix(&prefix).unwrap_or(&p.slug);
+            cats.push((format!("{short} {label}"), vals));
         }
     }
     // One segment per bar, plus a gap after each category.
@@ -522,7 +530,7 @@ fn added_plot(path: &Path, title: &str, phases: &[&Phase]) -> PlotResult {
     let all = cats.iter().flat_map(|c| c.1.iter().map(|v| v.1));
     let ymax = all.clone().fold(1.0, f64::max) * 1.15;
     let ymin = all.fold(0.0, f64::min) * 1.15;
-    let width = (60 * segs as u32).clamp(1000, 2400);
+    let width = (60 * segs as u32).clamp(900, 2000);
     let root = BitMapBackend::new(path, (width, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)

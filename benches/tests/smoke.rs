@@ -190,12 +190,17 @@ fn mesh_profile_writes_results_and_plots() {
     let mut want: Vec<String> = expected
         .iter()
         .map(|(_, slug, _)| format!("latency-{slug}.png"))
-        .chain(["added-latency.png".into(), "added-latency-more.png".into()])
+        .chain(
+            ["", "-newconn", "-concurrency", "-h2", "-grpc"]
+                .iter()
+                .chain(transparent.then_some(&"-transparent"))
+                .map(|w| format!("added-latency{w}.png")),
+        )
         .collect();
     want.sort();
     assert_eq!(
         pngs, want,
-        "a latency plot per phase and two added-latency plots"
+        "a latency plot per phase and an added-latency plot per workload"
     );
     for png in pngs {
         let bytes = std::fs::read(out.path().join(&png)).unwrap();
