@@ -46,7 +46,7 @@ const MAX_IN_FLIGHT: usize = 256;
 const PING: &[u8] = b"\x0a\x04ping";
 
 /// Runs `load` against `addr` over `conns` HTTP/2 connections for `dur`,
-/// after a closed-loop warm-up of 20 calls per connection; with `netns`,
+/// after a closed-loop warm-up of 10 calls per connection; with `netns`,
 /// from inside that network namespace.
 pub fn run(
     addr: SocketAddr,
@@ -102,7 +102,7 @@ async fn run_async(addr: SocketAddr, call: Call, load: Load, conns: usize, dur: 
         match connect(addr).await {
             Ok(mut s) => {
                 let mut warm = true;
-                for _ in 0..20 {
+                for _ in 0..10 {
                     warm &= once(&mut s, call).await;
                 }
                 if warm {

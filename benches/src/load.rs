@@ -51,7 +51,7 @@ pub enum Reuse {
 }
 
 /// Runs `load` against `addr` from `conns` client threads for `dur`, after
-/// a closed-loop warm-up (up to 50 requests per connection, fewer when
+/// a closed-loop warm-up (up to 20 requests per connection, fewer when
 /// there are many connections). With `netns`, every client thread first
 /// joins that network namespace.
 pub fn run(
@@ -64,7 +64,7 @@ pub fn run(
 ) -> Run {
     let barrier = Barrier::new(conns);
     let start: OnceLock<Instant> = OnceLock::new();
-    let warm_up = (1_000 / conns).clamp(1, 50);
+    let warm_up = (400 / conns).clamp(1, 20);
     let per_conn: Vec<(Histogram<u64>, u64, bool, Instant)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..conns)
             .map(|i| {

@@ -32,25 +32,21 @@ fn mesh_profile_writes_results_and_plots() {
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_rampart-bench"));
     ensure_rampart(&bench);
     let out = tempfile::tempdir().unwrap();
+    // Every workload, tiny rates, 0.05 s per run, two interleaved repetitions.
+    let flags = [
+        ("--rates", "200"),
+        ("--conns", "2"),
+        ("--h2-rates", "200"),
+        ("--h2-conns", "2"),
+        ("--newconn-rate", "100"),
+        ("--many-conns", "50"),
+        ("--many-rate", "200"),
+        ("--duration", "0.05"),
+        ("--reps", "2"),
+    ];
     let run = Command::new(&bench)
-        .args([
-            "mesh",
-            "--rates",
-            "100",
-            "--conns",
-            "2",
-            "--h2-rates",
-            "100",
-        ])
-        .args([
-            "--h2-conns",
-            "2",
-            "--newconn-rate",
-            "50",
-            "--many-conns",
-            "50",
-        ])
-        .args(["--many-rate", "100", "--duration", "0.1", "--reps", "2"])
+        .arg("mesh")
+        .args(flags.iter().flat_map(|(f, v)| [f, v]))
         .arg("--out")
         .arg(out.path())
         .output()
@@ -94,11 +90,11 @@ fn mesh_profile_writes_results_and_plots() {
         .map(String::from)
         .collect();
     let mut expected = vec![
-        ("http1", "100rps", plain.clone()),
+        ("http1", "200rps", plain.clone()),
         ("http1", "saturation", plain.clone()),
         (
             "newconn",
-            "newconn-50rps",
+            "newconn-100rps",
             ["direct".to_string()]
                 .into_iter()
                 .chain(
@@ -108,10 +104,10 @@ fn mesh_profile_writes_results_and_plots() {
                 )
                 .collect(),
         ),
-        ("concurrency", "conns50-100rps", plain.clone()),
-        ("h2", "h2-100rps", plain.clone()),
+        ("concurrency", "conns50-200rps", plain.clone()),
+        ("h2", "h2-200rps", plain.clone()),
         ("h2", "h2-saturation", plain.clone()),
-        ("grpc", "grpc-100rps", plain.clone()),
+        ("grpc", "grpc-200rps", plain.clone()),
         ("grpc", "grpc-saturation", plain.clone()),
     ];
     if transparent {
@@ -119,7 +115,7 @@ fn mesh_profile_writes_results_and_plots() {
             "direct-netns".to_string(),
             "rampart-transparent".to_string(),
         ];
-        expected.push(("transparent", "transparent-100rps", t.clone()));
+        expected.push(("transparent", "transparent-200rps", t.clone()));
         expected.push(("transparent", "transparent-saturation", t));
     }
     let got: Vec<(&str, &str, Vec<String>)> = phases
