@@ -540,7 +540,7 @@ fn wait_listening(addr: SocketAddr) {
     panic!("nothing listening on {addr}");
 }
 
-/// A proxy process, killed on drop.
+/// A proxy process, killed on drop with its descendants.
 pub struct Proc {
     child: Child,
 }
@@ -559,7 +559,14 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // nginx's workers outlive a killed master: kill its descendants too.
+        let descendants = crate::procstat::tree(self.child.id());
         let _ = self.child.kill();
+        for pid in descendants.into_iter().skip(1) {
+            // SAFETY: kill has no memory-safety preconditions; these pids are
+            // this child's descendants, read from /proc just before.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
         let _ = self.child.wait();
     }
 }
