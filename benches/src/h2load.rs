@@ -147,10 +147,14 @@ async fn run_async(addr: SocketAddr, call: Call, load: Load, conns: usize, dur: 
                 for _ in 0..SATURATION_STREAMS {
                     let (mut s, tally) = (s.clone(), tally.clone());
                     tasks.push(tokio::spawn(async move {
-                        while Instant::now() < end {
+                        // At least one call each, even when started late.
+                        loop {
                             let t = Instant::now();
                             let ok = once(&mut s, call).await;
                             tally.lock().expect("tally").record(t, ok);
+                            if Instant::now() >= end {
+                                break;
+                            }
                         }
                     }));
                 }

@@ -115,16 +115,18 @@ pub fn run(
                                 if let Some(wait) = t0.checked_duration_since(Instant::now()) {
                                     std::thread::sleep(wait);
                                 }
+                                // At least one request, even if this thread
+                                // was scheduled after the end (tiny runs).
                                 loop {
                                     let t = Instant::now();
-                                    if t >= end {
-                                        break false;
-                                    }
                                     if c.request(reuse).is_err() {
                                         break true;
                                     }
                                     let _ = h.record(t.elapsed().as_nanos().max(1_000) as u64);
                                     n += 1;
+                                    if Instant::now() >= end {
+                                        break false;
+                                    }
                                 }
                             }
                         };
