@@ -344,8 +344,61 @@ fn summary(j: &Value) -> String {
                 h.map_or("-".into(), |h| ratio(r, h)),
             );
         }
+        // Memory per sidecar: the larger side, while the phase ran.
+        if phase["workload"] == "concurrency" {
+            let side = |t: &str| {
+                results.iter().find(|r| r["topology"] == t).and_then(|r| {
+                    let sides = r["max_rss_kib_by_side"].as_array()?;
+                    sides.iter().filter_map(Value::as_u64).max()
+                })
+            };
+            if let Some(r) = side("rampart") {
+                md += &memory_row(
+                    phase["name"].as_str().unwrap_or(""),
+                    "larger side's RSS MiB",
+                    r,
+                    side("nginx"),
+                    side("haproxy"),
+                );
+            }
+        }
+    }
+    let idle = |t: &str| {
+        j["memory"]
+            .as_array()?
+            .iter()
+            .find(|m| m["topology"] == t)
+            .and_then(|m| {
+                m["idle_rss_kib_by_side"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .max()
+            })
+    };
+    if let Some(r) = idle("rampart") {
+        md += &memory_row(
+            "idle, after start",
+            "larger side's RSS MiB",
+            r,
+            idle("nginx"),
+            idle("haproxy"),
+        );
     }
     md
+}
+
+fn memory_row(phase: &str, label: &str, r: u64, n: Option<u64>, h: Option<u64>) -> String {
+    let show = |v: Option<u64>| v.map_or("-".into(), |k| format!("{}", mib(k)));
+    let rat = |v: Option<u64>| v.map_or("-".into(), |k| ratio(r as f64, k as f64));
+    format!(
+        "| {phase} | {label} | {} | {} | {} | {} | {} |\n",
+        mib(r),
+        show(n),
+        show(h),
+        rat(n),
+        rat(h)
+    )
 }
 
 fn markdown(r: &Results, j: &Value) -> String {
