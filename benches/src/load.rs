@@ -1,10 +1,14 @@
-//! Load generation over keep-alive HTTP/1.1: open-loop at a constant rate
-//! (latency counted from each request's intended send time, so a stall
-//! shows up in every request it delays instead of being hidden by the client
-//! waiting: no coordinated omission), or closed-loop saturation.
+//! Load generation over HTTP/1.1: open-loop at a constant rate (latency
+//! counted from each request's intended send time, so a stall shows up in
+//! every request it delays instead of being hidden by the client waiting:
+//! no coordinated omission), or closed-loop saturation; over keep-alive
+//! connections or with a fresh connection per request. One thread per
+//! connection (blocking sockets, nanosecond sleeps). HTTP/2 and gRPC are in
+//! `h2load`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::sync::{Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -25,7 +29,8 @@ pub struct Run {
     pub hist: Histogram<u64>,
     /// Requests answered.
     pub completed: u64,
-    /// Connections that failed (a failed connection stops sending).
+    /// Connections (HTTP/1.1) or calls (HTTP/2) that failed; a failed
+    /// HTTP/1.1 connection stops sending.
     pub errors: u64,
     /// From the first intended send to the last response.
     pub elapsed: Duration,
@@ -36,68 +41,98 @@ pub fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("constant bounds are valid")
 }
 
-/// Runs `load` against `addr` over `conns` keep-alive connections for `dur`,
-/// after a closed-loop warm-up of 50 requests per connection.
-pub fn run(addr: SocketAddr, load: Load, conns: usize, dur: Duration) -> Run {
+/// How the HTTP/1.1 client uses connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reuse {
+    /// Each connection carries every request of its thread.
+    KeepAlive,
+    /// A fresh TCP connection per request, closed after the response.
+    Fresh,
+}
+
+/// Runs `load` against `addr` from `conns` client threads for `dur`, after
+/// a closed-loop warm-up (up to 20 requests per connection, fewer when
+/// there are many connections). With `netns`, every client thread first
+/// joins that network namespace.
+pub fn run(
+    addr: SocketAddr,
+    load: Load,
+    conns: usize,
+    dur: Duration,
+    reuse: Reuse,
+    netns: Option<&Path>,
+) -> Run {
     let barrier = Barrier::new(conns);
     let start: OnceLock<Instant> = OnceLock::new();
+    let warm_up = (400 / conns).clamp(1, 20);
     let per_conn: Vec<(Histogram<u64>, u64, bool, Instant)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..conns)
             .map(|i| {
                 let (barrier, start) = (&barrier, &start);
-                scope.spawn(move || {
-                    let mut h = new_hist();
-                    let mut n = 0u64;
-                    let conn = HttpConn::try_open(addr).and_then(|mut c| {
-                        (0..50).try_for_each(|_| c.get().map(drop))?;
-                        Ok(c)
-                    });
-                    barrier.wait();
-                    let t0 = *start.get_or_init(|| Instant::now() + Duration::from_millis(5));
-                    let Ok(mut c) = conn else {
-                        return (h, 0, true, t0);
-                    };
-                    let end = t0 + dur;
-                    let failed = match load {
-                        Load::Rate(rate) => {
-                            let step = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-                            let mut k = i as u32;
-                            loop {
-                                let intended = t0 + step * k;
-                                if intended >= end {
-                                    break false;
+                std::thread::Builder::new()
+                    // 1,000 connections means 1,000 threads: keep them small.
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(scope, move || {
+                        if let Some(ns) = netns {
+                            crate::netns::enter(ns);
+                        }
+                        let mut h = new_hist();
+                        let mut n = 0u64;
+                        let conn = HttpConn::try_open(addr).and_then(|mut c| {
+                            (0..warm_up).try_for_each(|_| c.get().map(drop))?;
+                            Ok(c)
+                        });
+                        barrier.wait();
+                        let t0 = *start.get_or_init(|| Instant::now() + Duration::from_millis(5));
+                        let Ok(mut c) = conn else {
+                            return (h, 0, true, t0);
+                        };
+                        let end = t0 + dur;
+                        let failed = match load {
+                            Load::Rate(rate) => {
+                                let step = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+                                let mut k = i as u32;
+                                loop {
+                                    let intended = t0 + step * k;
+                                    if intended >= end {
+                                        break false;
+                                    }
+                                    if let Some(wait) =
+                                        intended.checked_duration_since(Instant::now())
+                                    {
+                                        std::thread::sleep(wait);
+                                    }
+                                    if c.request(reuse).is_err() {
+                                        break true;
+                                    }
+                                    let _ =
+                                        h.record(intended.elapsed().as_nanos().max(1_000) as u64);
+                                    n += 1;
+                                    k += conns as u32;
                                 }
-                                if let Some(wait) = intended.checked_duration_since(Instant::now())
-                                {
+                            }
+                            Load::Saturate => {
+                                if let Some(wait) = t0.checked_duration_since(Instant::now()) {
                                     std::thread::sleep(wait);
                                 }
-                                if c.get().is_err() {
-                                    break true;
+                                // At least one request, even if this thread
+                                // was scheduled after the end (tiny runs).
+                                loop {
+                                    let t = Instant::now();
+                                    if c.request(reuse).is_err() {
+                                        break true;
+                                    }
+                                    let _ = h.record(t.elapsed().as_nanos().max(1_000) as u64);
+                                    n += 1;
+                                    if Instant::now() >= end {
+                                        break false;
+                                    }
                                 }
-                                let _ = h.record(intended.elapsed().as_nanos().max(1_000) as u64);
-                                n += 1;
-                                k += conns as u32;
                             }
-                        }
-                        Load::Saturate => {
-                            if let Some(wait) = t0.checked_duration_since(Instant::now()) {
-                                std::thread::sleep(wait);
-                            }
-                            loop {
-                                let t = Instant::now();
-                                if t >= end {
-                                    break false;
-                                }
-                                if c.get().is_err() {
-                                    break true;
-                                }
-                                let _ = h.record(t.elapsed().as_nanos().max(1_000) as u64);
-                                n += 1;
-                            }
-                        }
-                    };
-                    (h, n, failed, Instant::now())
-                })
+                        };
+                        (h, n, failed, Instant::now())
+                    })
+                    .expect("spawn a load thread")
             })
             .collect();
         handles
@@ -128,6 +163,7 @@ pub fn run(addr: SocketAddr, load: Load, conns: usize, dur: Duration) -> Run {
 pub struct HttpConn {
     s: TcpStream,
     buf: Vec<u8>,
+    addr: SocketAddr,
 }
 
 impl HttpConn {
@@ -144,7 +180,17 @@ impl HttpConn {
         Ok(HttpConn {
             s,
             buf: Vec::with_capacity(4096),
+            addr,
         })
+    }
+
+    /// One `GET /bench` on this connection, or on a fresh one to the same
+    /// address that is closed after the response.
+    pub fn request(&mut self, reuse: Reuse) -> std::io::Result<()> {
+        match reuse {
+            Reuse::KeepAlive => self.get(),
+            Reuse::Fresh => Self::try_open(self.addr)?.get(),
+        }
     }
 
     /// Sends one `GET /bench` and reads its whole response (content-length
@@ -163,7 +209,7 @@ impl HttpConn {
             .write_all(b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n")?;
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some(end) = crate::topology::find_head_end(&self.buf) {
+            if let Some(end) = crate::apps::find_head_end(&self.buf) {
                 let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
                 let bad = || Error::new(ErrorKind::InvalidData, head.clone());
                 let status: u16 = head

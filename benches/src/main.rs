@@ -6,8 +6,11 @@
 //! target/release/rampart-bench mesh --out bench-results` (the default
 //! profile; see benches/RESULTS.md), or `tcp-rtt` / `http-rtt`.
 
+mod apps;
+mod h2load;
 mod load;
 mod mesh;
+mod netns;
 mod procstat;
 mod report;
 mod topology;
@@ -21,20 +24,43 @@ use hdrhistogram::Histogram;
 use load::HttpConn;
 
 fn usage() -> ! {
+    let d = mesh::Options::default();
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     eprintln!(
-        "usage: rampart-bench [mesh] [--rates R1,R2] [--conns N] [--duration SECS] [--reps N] [--out DIR] [--require-all]\n\
+        "usage: rampart-bench [mesh] [--only W1,W2] [--rates R1,R2] [--conns N] [--h2-rates R1,R2]\n\
+         \x20        [--h2-conns N] [--newconn-rate R] [--many-conns N] [--many-rate R]\n\
+         \x20        [--duration SECS] [--reps N] [--out DIR] [--require-all]\n\
          \x20      rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\n\
          mesh (the default): direct versus Rampart, nginx and HAProxy pairs doing the same\n\
-         mTLS hop; open-loop load at each rate (default 1000,5000 req/s) and closed-loop\n\
-         saturation over --conns (16) keep-alive connections, --duration (5) s per run,\n\
-         --reps (3) interleaved; writes results.json, results.md and PNG plots to --out\n\
-         (bench-results). nginx/HAProxy are skipped when not installed, unless\n\
+         mTLS hop, --duration ({dur}) s per run, --reps ({reps}) interleaved, in workloads\n\
+         (--only, default all):\n\
+         \x20 http1        keep-alive HTTP/1.1, open loop at --rates ({rates}) req/s and closed-loop\n\
+         \x20              saturation, over --conns ({conns}) connections\n\
+         \x20 newconn      a fresh connection per request at --newconn-rate ({newconn}) req/s, also\n\
+         \x20              against pairs that do not reuse connections on the hop (-nopool)\n\
+         \x20 concurrency  --many-conns ({many}) keep-alive connections at --many-rate ({many_rate}) req/s\n\
+         \x20              in total; the proxies' RSS with them open\n\
+         \x20 h2, grpc     GET and unary gRPC over h2c, at --h2-rates ({h2}) req/s and saturation,\n\
+         \x20              over --h2-conns ({h2c}) connections\n\
+         \x20 transparent  the Rampart pair in transparent mode in network namespaces, at --rates\n\
+         \x20              and saturation (root; skipped otherwise)\n\
+         writes results.json, results.md and PNG plots to --out (bench-results). nginx,\n\
+         HAProxy and the transparent mode are skipped when they cannot run, unless\n\
          --require-all or RAMPART_REQUIRE_E2E=1.\n\
          tcp-rtt: round trips of a small request/response on one TCP connection,\n\
          direct to an echo app versus through two Rampart sidecars (mTLS).\n\
          http-rtt: small HTTP/1.1 GETs on one keep-alive connection, direct versus\n\
          through two sidecars with an ALLOW policy checked per request; then\n\
-         requests/s over --conns connections (default 16)."
+         requests/s over --conns connections (default 16).",
+        dur = d.duration.as_secs_f64(),
+        reps = d.reps,
+        rates = list(&d.rates),
+        conns = d.conns,
+        newconn = d.newconn_rate,
+        many = d.many_conns,
+        many_rate = d.many_rate,
+        h2 = list(&d.h2_rates),
+        h2c = d.h2_conns,
     );
     std::process::exit(2)
 }
@@ -75,6 +101,12 @@ fn mesh_options(mut args: impl Iterator<Item = String>) -> mesh::Options {
         require_all: std::env::var("RAMPART_REQUIRE_E2E").is_ok_and(|v| v == "1"),
         ..Default::default()
     };
+    let rates = |v: &str| -> Vec<u64> {
+        v.split(',')
+            .map(|r| r.trim().parse().unwrap_or_else(|_| usage()))
+            .collect()
+    };
+    let num = |v: &str| -> u64 { v.parse().unwrap_or_else(|_| usage()) };
     while let Some(a) = args.next() {
         if a == "--require-all" {
             o.require_all = true;
@@ -82,23 +114,29 @@ fn mesh_options(mut args: impl Iterator<Item = String>) -> mesh::Options {
         }
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
-            "--rates" => {
-                o.rates = v
+            "--only" => {
+                o.only = v
                     .split(',')
-                    .map(|r| r.trim().parse().unwrap_or_else(|_| usage()))
+                    .map(|w| mesh::Workload::parse(w.trim()).unwrap_or_else(|| usage()))
                     .collect()
             }
-            "--conns" => o.conns = v.parse().unwrap_or_else(|_| usage()),
+            "--rates" => o.rates = rates(&v),
+            "--conns" => o.conns = num(&v) as usize,
+            "--h2-rates" => o.h2_rates = rates(&v),
+            "--h2-conns" => o.h2_conns = num(&v) as usize,
+            "--newconn-rate" => o.newconn_rate = num(&v),
+            "--many-conns" => o.many_conns = num(&v) as usize,
+            "--many-rate" => o.many_rate = num(&v),
             "--duration" => {
                 o.duration =
                     std::time::Duration::from_secs_f64(v.parse().unwrap_or_else(|_| usage()))
             }
-            "--reps" => o.reps = v.parse().unwrap_or_else(|_| usage()),
+            "--reps" => o.reps = num(&v) as u32,
             "--out" => o.out = v.into(),
             _ => usage(),
         }
     }
-    if o.reps == 0 || o.conns == 0 {
+    if o.reps == 0 || o.conns == 0 || o.h2_conns == 0 || o.many_conns == 0 {
         usage()
     }
     o

@@ -1,13 +1,17 @@
-//! Topologies under test, as real processes on loopback: an echo app, an
-//! HTTP app, and pairs of proxies (outbound -> mTLS -> inbound) with SVIDs
+//! Topologies under test, as real processes on loopback: pairs of proxies
+//! (outbound -> mTLS -> inbound) in front of an app from `apps`, with SVIDs
 //! from the development CA: Rampart sidecars, and nginx and HAProxy doing the
-//! same hop with the same certificates (see [`Kind`]).
+//! same hop with the same certificates (see [`Kind`] and [`Flavor`]).
 
+use std::cell::Cell;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::apps::GRPC_PATH;
+pub use crate::apps::{EchoApp, H2App, HttpApp};
 
 /// The `rampart` binary next to this one (same profile).
 pub fn rampart_bin() -> PathBuf {
@@ -27,6 +31,7 @@ pub fn rampart_bin() -> PathBuf {
 pub struct Env {
     dir: tempfile::TempDir,
     bin: PathBuf,
+    seq: Cell<u32>,
 }
 
 /// The DNS SAN put on the server SVIDs (genuine and imposter) so that nginx
@@ -80,6 +85,42 @@ impl Kind {
     }
 }
 
+/// What a pair is set up for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// HTTP/1.1 from the client; each proxy's default connection reuse on
+    /// the hop (Rampart: one pooled HTTP/2 connection; nginx: upstream
+    /// keep-alive; HAProxy: `http-reuse always`).
+    Http1,
+    /// HTTP/1.1 from the client, and a new mTLS connection on the hop for
+    /// each client connection (Rampart: the port declared in
+    /// `outbound.opaque_ports`, so each connection is tunneled over its own
+    /// mTLS connection; nginx: no upstream keep-alive; HAProxy: `http-reuse
+    /// never`). Session resumption stays as each proxy does it by default.
+    Http1NoPool,
+    /// h2c (prior knowledge) from the client, gRPC included.
+    Http2,
+}
+
+impl Flavor {
+    /// The suffix of the topology's name in results.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Flavor::Http1 | Flavor::Http2 => "",
+            Flavor::Http1NoPool => "-nopool",
+        }
+    }
+
+    /// Extra outbound configuration of a Rampart client side.
+    fn rampart_outbound(self) -> &'static str {
+        match self {
+            // HTTP/2 from the app is tunneled on its own connection anyway.
+            Flavor::Http1 | Flavor::Http2 => "",
+            Flavor::Http1NoPool => "outbound:\n  opaque_ports: [{inbound}]\n",
+        }
+    }
+}
+
 /// Which SVID the server side of a pair presents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServerSvid {
@@ -115,7 +156,11 @@ impl Env {
             .expect("rampart ca init")
             .success();
         assert!(ok, "rampart ca init failed");
-        let env = Env { dir, bin };
+        let env = Env {
+            dir,
+            bin,
+            seq: Cell::new(0),
+        };
         env.issue(SERVER_ID, "server", &[SERVER_DNS]);
         env.issue(IMPOSTER_ID, "imposter", &[SERVER_DNS]);
         env.issue(CLIENT_ID, "client", &[]);
@@ -145,13 +190,38 @@ impl Env {
         out
     }
 
+    /// The `rampart` binary.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The scratch directory (SVIDs in `client/`, `server/`, `imposter/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The ALLOW policy every Rampart server side evaluates per request:
+    /// the client may `GET /bench` and call the gRPC method.
+    pub fn policy_text(&self) -> String {
+        format!(
+            "policies:\n  - name: bench\n    action: ALLOW\n    rules:\n      - name: client-gets\n        from: {{principals: [\"{CLIENT_ID}\"]}}\n        to: {{methods: [GET], paths: [/bench]}}\n      - name: client-calls\n        from: {{principals: [\"{CLIENT_ID}\"]}}\n        to: {{methods: [POST], paths: [\"{GRPC_PATH}\"]}}\n"
+        )
+    }
+
+    /// A name for one proxy's files, unique in this run.
+    fn unique(&self, name: &str) -> String {
+        let n = self.seq.get();
+        self.seq.set(n + 1);
+        format!("{name}-{n}")
+    }
+
     fn sidecar(&self, name: &str, svid: &Path, body: &str) -> Proc {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let cfg = format!(
             "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: warn}}\n{body}",
             s = svid.display()
         );
-        let path = self.dir.path().join(format!("{name}.yaml"));
+        let path = self.dir.path().join(format!("{}.yaml", self.unique(name)));
         std::fs::write(&path, cfg).expect("write config");
         let child = Command::new(&self.bin)
             .arg("run")
@@ -168,47 +238,59 @@ impl Env {
     /// Client sidecar (outbound listener) -> server sidecar (inbound) -> `app`,
     /// authorized per connection by an allowlist.
     pub fn rampart_pair(&self, app: SocketAddr) -> Pair {
-        self.pair(
+        self.sidecar_pair(
             ServerSvid::Genuine,
             app,
             &format!(
-                "inbound:\n  ports:\n    - port: {}\n      allowed_peers: [\"spiffe://example.org/client\"]\n",
+                "inbound:\n  ports:\n    - port: {}\n      allowed_peers: [\"{CLIENT_ID}\"]\n",
                 app.port()
             ),
+            "",
         )
     }
 
     /// The same pair in front of an HTTP app, with an ALLOW policy that is
     /// evaluated on every request (principal, method and path).
     pub fn rampart_http_pair(&self, app: SocketAddr) -> Pair {
-        self.rampart_http_pair_with(app, ServerSvid::Genuine)
-    }
-
-    fn rampart_http_pair_with(&self, app: SocketAddr, server_svid: ServerSvid) -> Pair {
-        let policy = self.dir.path().join("allow.yaml");
-        std::fs::write(
-            &policy,
-            "policies:\n  - name: bench\n    action: ALLOW\n    rules:\n      - name: client-gets\n        from: {principals: [\"spiffe://example.org/client\"]}\n        to: {methods: [GET], paths: [/bench]}\n",
-        )
-        .expect("write policy");
-        self.pair(
-            server_svid,
-            app,
-            &format!("inbound:\n  policies: [\"{}\"]\n", policy.display()),
-        )
+        self.pair(Kind::Rampart, Flavor::Http1, app, ServerSvid::Genuine)
     }
 
     /// A pair of `kind` in front of the HTTP app at `app`; the server side
     /// presents `server_svid`.
     pub fn http_pair(&self, kind: Kind, app: SocketAddr, server_svid: ServerSvid) -> Pair {
+        self.pair(kind, Flavor::Http1, app, server_svid)
+    }
+
+    /// A pair of `kind` set up for `flavor` in front of `app` (the HTTP/1.1
+    /// app, or for [`Flavor::Http2`] the HTTP/2 app); the server side
+    /// presents `server_svid`.
+    pub fn pair(
+        &self,
+        kind: Kind,
+        flavor: Flavor,
+        app: SocketAddr,
+        server_svid: ServerSvid,
+    ) -> Pair {
         match kind {
-            Kind::Rampart => self.rampart_http_pair_with(app, server_svid),
-            Kind::Nginx => self.nginx_pair(app, server_svid),
-            Kind::Haproxy => self.haproxy_pair(app, server_svid),
+            Kind::Rampart => {
+                let policy = self.dir.path().join("allow.yaml");
+                std::fs::write(&policy, self.policy_text()).expect("write policy");
+                let inbound = format!("inbound:\n  policies: [\"{}\"]\n", policy.display());
+                self.sidecar_pair(server_svid, app, &inbound, flavor.rampart_outbound())
+            }
+            Kind::Nginx => self.nginx_pair(flavor, app, server_svid),
+            Kind::Haproxy => self.haproxy_pair(flavor, app, server_svid),
         }
     }
 
-    fn pair(&self, server_svid: ServerSvid, app: SocketAddr, inbound_cfg: &str) -> Pair {
+    /// `outbound_cfg` may use `{inbound}`, the server side's address.
+    fn sidecar_pair(
+        &self,
+        server_svid: ServerSvid,
+        app: SocketAddr,
+        inbound_cfg: &str,
+        outbound_cfg: &str,
+    ) -> Pair {
         let server_svid = self.svid(server_svid);
         let client_svid = self.dir.path().join("client");
         let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -224,7 +306,8 @@ impl Env {
             "client",
             &client_svid,
             &format!(
-                "listeners:\n  - {{name: out, direction: outbound, listen: \"{entry}\", target: \"{inbound}\", server_identities: [\"spiffe://example.org/server\"]}}\n"
+                "listeners:\n  - {{name: out, direction: outbound, listen: \"{entry}\", target: \"{inbound}\", server_identities: [\"{SERVER_ID}\"]}}\n{}",
+                outbound_cfg.replace("{inbound}", &inbound.port().to_string())
             ),
         );
         Pair {
@@ -237,38 +320,82 @@ impl Env {
     /// SVID and verifies the server's chain against the bundle and its DNS
     /// SAN against [`SERVER_DNS`] (`proxy_ssl_verify` checks names only);
     /// the server side requires a client certificate from the bundle.
-    fn nginx_pair(&self, app: SocketAddr, server_svid: ServerSvid) -> Pair {
+    /// HTTP/1.1 on the hop (`proxy_pass` speaks nothing else), keep-alive
+    /// except for [`Flavor::Http1NoPool`]; for [`Flavor::Http2`] the client
+    /// side accepts h2c, gRPC goes over h2 with `grpc_pass grpcs://` (same
+    /// checks, `grpc_ssl_*`) and other requests over HTTP/1.1.
+    fn nginx_pair(&self, flavor: Flavor, app: SocketAddr, server_svid: ServerSvid) -> Pair {
         let d = self.dir.path();
         let (srv, cli) = (self.svid(server_svid), d.join("client"));
         let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let entry = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let keepalive = match flavor {
+            Flavor::Http1NoPool => "",
+            Flavor::Http1 | Flavor::Http2 => "keepalive 32; keepalive_requests 1000000;",
+        };
+        let h2 = flavor == Flavor::Http2;
+        let grpc_server = if h2 {
+            format!(
+                "upstream app_grpc {{ server {app}; keepalive 32; keepalive_requests 1000000; }}\n"
+            )
+        } else {
+            String::new()
+        };
+        let grpc_location = if h2 {
+            "location /rampart.bench.Bench/ { grpc_pass grpc://app_grpc; }\n"
+        } else {
+            ""
+        };
         let server = self.nginx(
             "nginx-server",
             &format!(
-                "upstream app {{ server {app}; keepalive 32; keepalive_requests 1000000; }}\n\
+                "upstream app {{ server {app}; keepalive 32; keepalive_requests 1000000; }}\n{grpc_server}\
                  server {{\n\
-                   listen {inbound} ssl;\n\
+                   listen {inbound} ssl{http2};\n\
                    ssl_certificate {s}/svid.pem; ssl_certificate_key {s}/svid.key;\n\
                    ssl_client_certificate {s}/bundle.pem; ssl_verify_client on;\n\
                    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n\
+                   {grpc_location}\
                  }}\n",
-                s = srv.display()
+                s = srv.display(),
+                http2 = if h2 { " http2" } else { "" },
             ),
         );
+        let c = cli.display();
+        let grpc_client = if h2 {
+            format!(
+                "upstream server_side_grpc {{ server {inbound}; keepalive 32; keepalive_requests 1000000; }}\n"
+            )
+        } else {
+            String::new()
+        };
+        let grpc_client_location = if h2 {
+            format!(
+                "location /rampart.bench.Bench/ {{\n\
+                   grpc_pass grpcs://server_side_grpc;\n\
+                   grpc_ssl_certificate {c}/svid.pem; grpc_ssl_certificate_key {c}/svid.key;\n\
+                   grpc_ssl_trusted_certificate {c}/bundle.pem; grpc_ssl_verify on; grpc_ssl_verify_depth 2;\n\
+                   grpc_ssl_name {SERVER_DNS}; grpc_ssl_server_name on; grpc_ssl_session_reuse on;\n\
+                 }}\n"
+            )
+        } else {
+            String::new()
+        };
         let client = self.nginx(
             "nginx-client",
             &format!(
-                "upstream server_side {{ server {inbound}; keepalive 32; keepalive_requests 1000000; }}\n\
+                "upstream server_side {{ server {inbound}; {keepalive} }}\n{grpc_client}\
                  server {{\n\
-                   listen {entry};\n\
+                   listen {entry}{http2};\n\
                    location / {{\n\
                      proxy_pass https://server_side; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
                      proxy_ssl_certificate {c}/svid.pem; proxy_ssl_certificate_key {c}/svid.key;\n\
                      proxy_ssl_trusted_certificate {c}/bundle.pem; proxy_ssl_verify on; proxy_ssl_verify_depth 2;\n\
                      proxy_ssl_name {SERVER_DNS}; proxy_ssl_server_name on; proxy_ssl_session_reuse on;\n\
                    }}\n\
+                   {grpc_client_location}\
                  }}\n",
-                c = cli.display()
+                http2 = if h2 { " http2" } else { "" },
             ),
         );
         wait_listening(inbound);
@@ -280,11 +407,11 @@ impl Env {
     }
 
     fn nginx(&self, name: &str, servers: &str) -> Proc {
-        let d = self.dir.path().join(name);
+        let d = self.dir.path().join(self.unique(name));
         std::fs::create_dir_all(&d).expect("nginx dir");
         let cfg = format!(
-            "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
+            "daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 16384;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 8192; }}\n\
              http {{\n\
                access_log off; keepalive_requests 1000000;\n\
                client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;\n\
@@ -313,16 +440,28 @@ impl Env {
     /// client SVID and `verify required` against the bundle (no
     /// `verifyhost`: the SVID's DNS SAN is the only name it could check);
     /// the server side requires a client certificate from the bundle.
-    fn haproxy_pair(&self, app: SocketAddr, server_svid: ServerSvid) -> Pair {
+    /// HTTP/1.1 on the hop, reused across client connections (`http-reuse
+    /// always`) except for [`Flavor::Http1NoPool`] (`http-reuse never`); for
+    /// [`Flavor::Http2`] h2c from the client, h2 (ALPN) on the hop and h2c
+    /// to the app.
+    fn haproxy_pair(&self, flavor: Flavor, app: SocketAddr, server_svid: ServerSvid) -> Pair {
         let d = self.dir.path();
         let (srv, cli) = (self.svid(server_svid), d.join("client"));
         let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let entry = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let (h2_bind, h2_hop, h2_app) = match flavor {
+            Flavor::Http2 => (" proto h2", " alpn h2", " proto h2"),
+            Flavor::Http1 | Flavor::Http1NoPool => ("", "", ""),
+        };
+        let reuse = match flavor {
+            Flavor::Http1NoPool => "never",
+            Flavor::Http1 | Flavor::Http2 => "always",
+        };
         let server = self.haproxy(
             "haproxy-server",
             &format!(
-                "frontend fe\n  bind {inbound} ssl crt {crt} ca-file {s}/bundle.pem verify required\n  default_backend app\n\
-                 backend app\n  server app {app}\n",
+                "frontend fe\n  bind {inbound} ssl crt {crt} ca-file {s}/bundle.pem verify required{h2_hop}\n  default_backend app\n\
+                 backend app\n  server app {app}{h2_app}\n",
                 crt = combined_pem(&srv).display(),
                 s = srv.display()
             ),
@@ -330,8 +469,8 @@ impl Env {
         let client = self.haproxy(
             "haproxy-client",
             &format!(
-                "frontend fe\n  bind {entry}\n  default_backend server_side\n\
-                 backend server_side\n  server s {inbound} ssl crt {crt} ca-file {c}/bundle.pem verify required\n",
+                "frontend fe\n  bind {entry}{h2_bind}\n  default_backend server_side\n\
+                 backend server_side\n  http-reuse {reuse}\n  server s {inbound} ssl crt {crt} ca-file {c}/bundle.pem verify required{h2_hop}\n",
                 crt = combined_pem(&cli).display(),
                 c = cli.display()
             ),
@@ -345,9 +484,9 @@ impl Env {
     }
 
     fn haproxy(&self, name: &str, body: &str) -> Proc {
-        let path = self.dir.path().join(format!("{name}.cfg"));
+        let path = self.dir.path().join(format!("{}.cfg", self.unique(name)));
         let cfg = format!(
-            "global\n  nbthread 2\n  maxconn 4096\n\
+            "global\n  nbthread 2\n  maxconn 8192\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n\
              {body}"
         );
@@ -373,7 +512,8 @@ fn combined_pem(svid: &Path) -> PathBuf {
     out
 }
 
-fn wait_admin_ready(admin: SocketAddr) {
+/// Polls the sidecar's `/ready` until it answers 200 (panics after 20 s).
+pub fn wait_admin_ready(admin: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Ok(mut c) = TcpStream::connect(admin) {
@@ -400,14 +540,33 @@ fn wait_listening(addr: SocketAddr) {
     panic!("nothing listening on {addr}");
 }
 
-/// A proxy process, killed on drop.
+/// A proxy process, killed on drop with its descendants.
 pub struct Proc {
     child: Child,
 }
 
+impl Proc {
+    /// Takes charge of `child`.
+    pub fn new(child: Child) -> Self {
+        Proc { child }
+    }
+
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
+        // nginx's workers outlive a killed master: kill its descendants too.
+        let descendants = crate::procstat::tree(self.child.id());
         let _ = self.child.kill();
+        for pid in descendants.into_iter().skip(1) {
+            // SAFETY: kill has no memory-safety preconditions; these pids are
+            // this child's descendants, read from /proc just before.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
         let _ = self.child.wait();
     }
 }
@@ -420,92 +579,12 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// The process ids of both sides, each with its descendants (nginx
-    /// workers), for CPU and memory accounting.
-    pub fn pids(&self) -> Vec<u32> {
+    /// The process ids per side (client side first), each with its
+    /// descendants (nginx workers), for CPU and memory accounting.
+    pub fn sides(&self) -> Vec<Vec<u32>> {
         self.procs
             .iter()
-            .flat_map(|p| crate::procstat::tree(p.child.id()))
+            .map(|p| crate::procstat::tree(p.child.id()))
             .collect()
     }
-}
-
-/// A threaded echo app.
-pub struct EchoApp {
-    /// Its address.
-    pub addr: SocketAddr,
-}
-
-impl EchoApp {
-    /// Starts it on an ephemeral loopback port.
-    pub fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let _ = s.set_nodelay(true);
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 16384];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 || s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = s.shutdown(Shutdown::Write);
-                });
-            }
-        });
-        EchoApp { addr }
-    }
-}
-
-/// A threaded HTTP/1.1 app: answers every request head with `200 ok`,
-/// keeping the connection alive. Request bodies are not read (GET only).
-pub struct HttpApp {
-    /// Its address.
-    pub addr: SocketAddr,
-    /// Requests answered so far.
-    pub served: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl HttpApp {
-    /// Starts it on an ephemeral loopback port.
-    pub fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let count = served.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let _ = s.set_nodelay(true);
-                let count = count.clone();
-                std::thread::spawn(move || {
-                    let mut buf = Vec::with_capacity(4096);
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        while let Some(end) = find_head_end(&buf) {
-                            buf.drain(..end);
-                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(resp).is_err() {
-                                return;
-                            }
-                        }
-                        match s.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                });
-            }
-        });
-        HttpApp { addr, served }
-    }
-}
-
-/// The length of the first complete HTTP head in `buf`, if any.
-pub fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }

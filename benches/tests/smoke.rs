@@ -1,6 +1,7 @@
-//! Smoke test of the `mesh` profile: tiny rates for a fraction of a second,
-//! every topology that can run here (nginx and HAProxy are skipped, with the
-//! reason printed, when not installed, unless RAMPART_REQUIRE_E2E=1), and a
+//! Smoke test of the `mesh` profile: every workload at tiny rates for a
+//! fraction of a second, every topology that can run here (nginx and
+//! HAProxy are skipped, with the reason printed, when not installed, and the
+//! transparent mode when not root, unless RAMPART_REQUIRE_E2E=1), and a
 //! check that `results.json` is well formed and the plots are PNG files.
 //! It asserts nothing about speed.
 
@@ -31,18 +32,21 @@ fn mesh_profile_writes_results_and_plots() {
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_rampart-bench"));
     ensure_rampart(&bench);
     let out = tempfile::tempdir().unwrap();
+    // Every workload, tiny rates, 0.05 s per run, two interleaved repetitions.
+    let flags = [
+        ("--rates", "200"),
+        ("--conns", "2"),
+        ("--h2-rates", "200"),
+        ("--h2-conns", "2"),
+        ("--newconn-rate", "100"),
+        ("--many-conns", "50"),
+        ("--many-rate", "200"),
+        ("--duration", "0.05"),
+        ("--reps", "2"),
+    ];
     let run = Command::new(&bench)
-        .args([
-            "mesh",
-            "--rates",
-            "50,100",
-            "--conns",
-            "2",
-            "--duration",
-            "0.3",
-            "--reps",
-            "2",
-        ])
+        .arg("mesh")
+        .args(flags.iter().flat_map(|(f, v)| [f, v]))
         .arg("--out")
         .arg(out.path())
         .output()
@@ -55,19 +59,78 @@ fn mesh_profile_writes_results_and_plots() {
 
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
-    let topologies: Vec<&str> = json["topologies"]
+    let kinds: Vec<&str> = ["rampart", "nginx", "haproxy"]
+        .into_iter()
+        .filter(|k| {
+            !json["skipped"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["topology"] == *k)
+        })
+        .collect();
+    assert_eq!(kinds[0], "rampart");
+    let transparent = !json["skipped"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    assert_eq!(topologies[..2], ["direct", "rampart"]);
+        .any(|s| s["topology"] == "transparent");
     let phases = json["phases"].as_array().unwrap();
-    assert_eq!(phases.len(), 3, "two rates and saturation");
+    let names = |p: &serde_json::Value| -> Vec<String> {
+        p["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["topology"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let plain: Vec<String> = ["direct"]
+        .into_iter()
+        .chain(kinds.clone())
+        .map(String::from)
+        .collect();
+    let mut expected = vec![
+        ("http1", "200rps", plain.clone()),
+        ("http1", "saturation", plain.clone()),
+        (
+            "newconn",
+            "newconn-100rps",
+            ["direct".to_string()]
+                .into_iter()
+                .chain(
+                    kinds
+                        .iter()
+                        .flat_map(|k| [k.to_string(), format!("{k}-nopool")]),
+                )
+                .collect(),
+        ),
+        ("concurrency", "conns50-200rps", plain.clone()),
+        ("h2", "h2-200rps", plain.clone()),
+        ("h2", "h2-saturation", plain.clone()),
+        ("grpc", "grpc-200rps", plain.clone()),
+        ("grpc", "grpc-saturation", plain.clone()),
+    ];
+    if transparent {
+        let t = vec![
+            "direct-netns".to_string(),
+            "rampart-transparent".to_string(),
+        ];
+        expected.push(("transparent", "transparent-200rps", t.clone()));
+        expected.push(("transparent", "transparent-saturation", t));
+    }
+    let got: Vec<(&str, &str, Vec<String>)> = phases
+        .iter()
+        .map(|p| {
+            (
+                p["workload"].as_str().unwrap(),
+                p["slug"].as_str().unwrap(),
+                names(p),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
     for phase in phases {
-        let results = phase["results"].as_array().unwrap();
-        assert_eq!(results.len(), topologies.len());
-        for r in results {
+        for r in phase["results"].as_array().unwrap() {
             for key in [
                 "p50_us",
                 "p99_us",
@@ -83,11 +146,25 @@ fn mesh_profile_writes_results_and_plots() {
                 r["p50_us"].as_f64().unwrap() <= r["max_us"].as_f64().unwrap(),
                 "{r}"
             );
-            assert_eq!(r["reps"].as_array().unwrap().len(), 2);
+            assert_eq!(r["failures"], 0, "{r}");
+            let reps = r["reps"].as_array().unwrap();
+            assert_eq!(reps.len(), 2);
+            assert!(
+                reps.iter().all(|rep| rep["requests"].as_u64().unwrap() > 0),
+                "{r}"
+            );
+            // Both sides of every pair were sampled while the load ran.
+            let rss = r["max_rss_kib_by_side"].as_array().unwrap();
+            if r["topology"].as_str().unwrap().starts_with("direct") {
+                assert!(rss.is_empty(), "{r}");
+            } else {
+                assert_eq!(rss.len(), 2, "{r}");
+                assert!(rss.iter().all(|k| k.as_u64().unwrap() > 0), "{r}");
+            }
         }
     }
     let memory = json["memory"].as_array().unwrap();
-    assert_eq!(memory.len(), topologies.len() - 1);
+    assert_eq!(memory.len(), kinds.len());
     assert!(
         memory
             .iter()
@@ -96,27 +173,36 @@ fn mesh_profile_writes_results_and_plots() {
     // Rampart must refuse a server with the wrong SPIFFE ID; whether nginx
     // and HAProxy do is recorded, not asserted (they cannot check it).
     let verification = json["verification"].as_array().unwrap();
-    assert_eq!(verification.len(), topologies.len() - 1);
+    assert_eq!(verification.len(), kinds.len());
     assert_eq!(verification[0]["topology"], "rampart");
     assert_eq!(verification[0]["refused_before_request"], true, "{json}");
 
-    let pngs: Vec<_> = std::fs::read_dir(out.path())
+    let mut pngs: Vec<String> = std::fs::read_dir(out.path())
         .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|p| p.ends_with(".png"))
         .collect();
+    pngs.sort();
+    let mut want: Vec<String> = expected
+        .iter()
+        .map(|(_, slug, _)| format!("latency-{slug}.png"))
+        .chain(
+            ["", "-newconn", "-concurrency", "-h2", "-grpc"]
+                .iter()
+                .chain(transparent.then_some(&"-transparent"))
+                .map(|w| format!("added-latency{w}.png")),
+        )
+        .collect();
+    want.sort();
     assert_eq!(
-        pngs.len(),
-        4,
-        "three latency plots and the added-latency bars: {pngs:?}"
+        pngs, want,
+        "a latency plot per phase and an added-latency plot per workload"
     );
     for png in pngs {
-        let bytes = std::fs::read(&png).unwrap();
-        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{}", png.display());
+        let bytes = std::fs::read(out.path().join(&png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{png}");
     }
-    assert!(
-        std::fs::read_to_string(out.path().join("results.md"))
-            .unwrap()
-            .contains("| rampart |")
-    );
+    let md = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(md.contains("| rampart |"));
+    assert!(md.contains("RSS while the 50 connections were open"));
 }
