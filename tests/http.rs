@@ -609,3 +609,230 @@ fn drain_lets_in_flight_requests_finish() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A tunnel app behind a sidecar for `spiffe://example.org/tunnel` whose
+/// policy lets ec-web upgrade `GET /ws` and `CONNECT db.internal:5432`
+/// only, and an ec-web client sidecar in front of it.
+struct Tunnels {
+    _pki: Pki,
+    app: LocalProc,
+    server: Sidecar,
+    client: Sidecar,
+    out: SocketAddr,
+}
+
+const TUNNEL_POLICY: &str = "policies:
+  - name: tunnels
+    action: ALLOW
+    rules:
+      - name: websocket
+        from: {principals: [\"spiffe://example.org/ec-web\"]}
+        to: {methods: [GET], paths: [/ws]}
+      - name: connect-db
+        from: {principals: [\"spiffe://example.org/ec-web\"]}
+        to: {methods: [CONNECT], hosts: [\"db.internal:5432\"]}
+";
+
+fn tunnels() -> Tunnels {
+    let pki = Pki::new();
+    let app_addr = free_addr();
+    let app = LocalProc::spawn(&apps::tunnel_app(app_addr.port()), pki.dir.path(), "tunnel");
+    wait_listening(app_addr);
+    let policy = pki.dir.path().join("tunnels.yaml");
+    std::fs::write(&policy, TUNNEL_POLICY).unwrap();
+    let inbound = free_addr();
+    let server = pki.sidecar(
+        "spiffe://example.org/tunnel",
+        &format!(
+            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n",
+            policy.display()
+        ),
+    );
+    let (client, outs) = client(
+        &pki,
+        "spiffe://example.org/ec-web",
+        &[inbound],
+        "spiffe://example.org/tunnel",
+    );
+    Tunnels {
+        _pki: pki,
+        app,
+        server,
+        client,
+        out: outs[0],
+    }
+}
+
+/// Reads a response head (through the blank line) byte by byte, so that
+/// nothing after it is consumed.
+fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The RFC 6455 §1.3 sample key and the accept value it must produce.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+fn ws_handshake(addr: SocketAddr, path: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: chat.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{FORGED_XFCC}\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    (s, head)
+}
+
+/// Sends one masked text frame (clients must mask, RFC 6455 §5.3).
+fn ws_send(s: &mut TcpStream, payload: &[u8]) {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x81];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&f).unwrap();
+}
+
+/// Reads one unmasked server text frame's payload.
+fn ws_recv(s: &mut TcpStream) -> Vec<u8> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x81, "not a final text frame");
+    let mut len = usize::from(head[1] & 0x7f);
+    if len == 126 {
+        let mut ext = [0u8; 2];
+        s.read_exact(&mut ext).unwrap();
+        len = usize::from(u16::from_be_bytes(ext));
+    }
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    payload
+}
+
+#[test]
+fn websocket_round_trip_through_two_sidecars_with_half_close() {
+    let t = tunnels();
+    let (mut s, head) = ws_handshake(t.out, "/ws");
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "{head}\n{}\n{}",
+        t.client.logs(),
+        t.server.logs()
+    );
+    let accept = head
+        .lines()
+        .find_map(|l| l.strip_prefix("sec-websocket-accept: "))
+        .or_else(|| {
+            head.lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Accept: "))
+        });
+    assert_eq!(accept, Some(WS_ACCEPT), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+
+    ws_send(&mut s, b"hello");
+    assert_eq!(ws_recv(&mut s), b"echo:hello");
+    // Past 125 bytes, frames carry a 16-bit length.
+    let longer = vec![b'x'; 300];
+    ws_send(&mut s, &longer);
+    assert_eq!(ws_recv(&mut s), [b"echo:".as_slice(), &longer].concat());
+    // Half-close: the app still gets to answer after the client's FIN,
+    // through both sidecars, then closes.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(ws_recv(&mut s), b"bye");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // The app saw the upgrade with the verified caller's XFCC, not the forged one.
+    let seen = t.app.stdout();
+    let line = seen
+        .lines()
+        .find(|l| l.starts_with("GET /ws HTTP/1.1"))
+        .unwrap_or_else(|| panic!("{seen}"));
+    assert!(
+        line.contains("xfcc=By=spiffe://example.org/tunnel;Hash=")
+            && line.ends_with(";URI=spiffe://example.org/ec-web"),
+        "{line}"
+    );
+
+    // Denied by policy: 403 from the server's sidecar; the app sees nothing.
+    let (_s, head) = ws_handshake(t.out, "/not-ws");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(!t.app.stdout().contains("/not-ws"));
+}
+
+#[test]
+fn connect_is_tunneled_to_the_destination_and_authorized() {
+    let t = tunnels();
+    // curl through the outbound sidecar as its proxy: CONNECT, then an
+    // HTTP request inside the tunnel, answered by the app (the proxy).
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--proxytunnel", "-x"])
+        .arg(format!("http://{}", t.out))
+        .arg("http://db.internal:5432/hello")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "tunneled to db.internal:5432: GET /hello HTTP/1.1",
+        "{}\n{}",
+        t.client.logs(),
+        t.server.logs()
+    );
+    assert!(
+        t.app.stdout().lines().any(|l| l
+            .starts_with("CONNECT db.internal:5432 HTTP/1.1 xfcc=By=spiffe://example.org/tunnel;")),
+        "{}",
+        t.app.stdout()
+    );
+
+    // Raw bytes both ways, with half-close.
+    let mut s = TcpStream::connect(t.out).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("content-length"),
+        "{head}"
+    );
+    s.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "<eof:db.internal:5432>");
+
+    // Another target is refused by the server's sidecar, before the app.
+    let mut s = TcpStream::connect(t.out).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT other.internal:443 HTTP/1.1\r\nHost: other.internal:443\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(!t.app.stdout().contains("other.internal"));
+    // A plain request on the same port is not a tunnel and not allowed.
+    let r = curl(&format!("http://{}/plain", t.out), &[]);
+    assert_eq!(r.status, 403, "{r:?}");
+}

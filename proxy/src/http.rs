@@ -304,6 +304,7 @@ impl Handler {
         let grpc = self.conn.grpc_port || is_grpc(req.headers());
         let method = req.method().clone();
         let bytes_in = content_length(req.headers());
+        let may_switch = crate::tunnel::may_switch(&method, req.version(), req.headers());
         let names = &self.shared.config.observe.access_headers;
         // Only when access logs are on and headers were asked for.
         let logged_headers = if self.shared.access.is_enabled() && !names.is_empty() {
@@ -320,15 +321,18 @@ impl Handler {
             http.path = req.uri().path(),
             http.version = ?req.version(),
         );
-        let resp = match tracing::Instrument::instrument(self.route(req, &mut outcome), span).await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::info!(reason = e.label(), error = %e, "request refused");
-                crate::metrics::http_local_error(Direction::Inbound, e.label());
-                e.into_response(grpc, self.local_id.as_ref())
-            }
-        };
+        let mut resp =
+            match tracing::Instrument::instrument(self.route(req, &mut outcome), span).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::info!(reason = e.label(), error = %e, "request refused");
+                    crate::metrics::http_local_error(Direction::Inbound, e.label());
+                    e.into_response(grpc, self.local_id.as_ref())
+                }
+            };
+        if may_switch {
+            crate::tunnel::close_unless_switched(method == http::Method::CONNECT, &mut resp);
+        }
         let elapsed = start.elapsed();
         self.metrics.record(resp.status(), elapsed);
         if self.shared.access.is_enabled() || outcome.is_denied() {

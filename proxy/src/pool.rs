@@ -186,6 +186,8 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         http.method = %req.method(),
         http.path = req.uri().path(),
     );
+    let may_switch = crate::tunnel::may_switch(req.method(), req.version(), req.headers());
+    let connect = req.method() == http::Method::CONNECT;
     let result = match Tunnel::of(req.method(), req.version(), req.headers()) {
         None => {
             let sent = forward(shared, app.index, app.authority.clone(), req);
@@ -193,7 +195,7 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         }
         Some(t) => tracing::Instrument::instrument(tunnel(app, req, t), span).await,
     };
-    let resp = match result {
+    let mut resp = match result {
         Ok(r) => r,
         Err(status) => {
             let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(match status {
@@ -204,6 +206,9 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
             r
         }
     };
+    if may_switch {
+        crate::tunnel::close_unless_switched(connect, &mut resp);
+    }
     let elapsed = start.elapsed();
     app.metrics.record(resp.status(), elapsed);
     if let Some((method, path, bytes_in, headers)) = logged {

@@ -102,6 +102,31 @@ impl Tunnel {
     }
 }
 
+/// Whether a request head may ask to switch protocols: cheaper and wider
+/// than [`Tunnel::of`] (any `Upgrade` field counts), the same test the
+/// smuggling guard applies. The answer to such a request closes the
+/// connection unless it switched (see [`close_unless_switched`]).
+pub fn may_switch(method: &Method, version: Version, h: &HeaderMap) -> bool {
+    version == Version::HTTP_11 && (method == Method::CONNECT || h.contains_key(header::UPGRADE))
+}
+
+/// Adds `Connection: close` to a response to a request that may have
+/// switched protocols, unless it did: the smuggling guard stops following
+/// request framing after such a head, so no other request may follow it on
+/// the connection.
+pub fn close_unless_switched<B>(connect: bool, resp: &mut Response<B>) {
+    let status = resp.status();
+    let switched = if connect {
+        status.is_success()
+    } else {
+        status == StatusCode::SWITCHING_PROTOCOLS
+    };
+    if !switched {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
 /// A tunnel request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
