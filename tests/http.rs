@@ -965,3 +965,180 @@ fn connect_is_tunneled_to_the_destination_and_authorized() {
     let r = curl(&format!("http://{}/plain", t.out), &[]);
     assert_eq!(r.status, 403, "{r:?}");
 }
+
+/// A sidecar for `spiffe://example.org/color` with an open policy and
+/// `listeners` inbound listeners to the HTTP app, `limits` as given, and
+/// an ec-web client sidecar with one outbound listener to each and
+/// `client_limits`.
+struct Limited {
+    pki: Pki,
+    app: LocalProc,
+    server: Sidecar,
+    client: Sidecar,
+    outs: Vec<SocketAddr>,
+    inbound: Vec<SocketAddr>,
+}
+
+fn limited(listeners: usize, limits: &str, client_limits: &str) -> Limited {
+    let pki = Pki::new();
+    let (app, app_addr) = http_app(&pki, "color");
+    let policy = pki.dir.path().join("open.yaml");
+    std::fs::write(&policy, OPEN_POLICY).unwrap();
+    let mut body = String::from("listeners:\n");
+    let mut inbound = Vec::new();
+    for i in 0..listeners {
+        let l = free_addr();
+        body.push_str(&format!(
+            "  - {{name: in{i}, direction: inbound, listen: \"{l}\", target: \"{app_addr}\", port: 18001}}\n"
+        ));
+        inbound.push(l);
+    }
+    body.push_str(&format!(
+        "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: 18001, mode: permissive}}\nlimits: {{{limits}}}\n",
+        policy.display()
+    ));
+    let server = pki.sidecar("spiffe://example.org/color", &body);
+    let (client, outs) = client_with(
+        &pki,
+        "spiffe://example.org/ec-web",
+        &inbound,
+        "spiffe://example.org/color",
+        &format!("limits: {{{client_limits}}}\n"),
+    );
+    Limited {
+        pki,
+        app,
+        server,
+        client,
+        outs,
+        inbound,
+    }
+}
+
+/// The value of a metric line `name{labels} value`, 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn pooled_connection_cap_waits_then_answers_503() {
+    // One pooled connection at most; a second destination waits up to the
+    // connect timeout (1 s) for it to close (idle after 2 s), so the first
+    // try is 503 and a later one gets the freed slot.
+    let l = limited(
+        2,
+        "",
+        "http_pool_max_connections: 1, http_pool_idle_timeout: 2s, connect_timeout: 1s",
+    );
+    let r = curl(&format!("http://{}/a", l.outs[0]), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = curl(&format!("http://{}/b", l.outs[1]), &[]);
+    assert_eq!(r.status, 503, "{r:?}\n{}", l.client.logs());
+    assert!(
+        l.client.logs().contains("pooled connection limit reached"),
+        "{}",
+        l.client.logs()
+    );
+    let m = l.client.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "rampart_http_local_responses_total{direction=\"outbound\",reason=\"pool_full\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(!l.app.stdout().contains("/b"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = curl(&format!("http://{}/b", l.outs[1]), &[]);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(Instant::now() < deadline, "the slot was never freed");
+    }
+    // The first destination's connection was the one that went away.
+    let m = l.server.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "rampart_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}"
+        ),
+        2.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn idle_http2_connections_are_closed_but_not_while_a_stream_is_open() {
+    let l = limited(1, "http_idle_timeout: 1s", "");
+    let handshakes = |l: &Limited| {
+        metric(
+            &l.server.metrics(),
+            "rampart_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}",
+        )
+    };
+    let open = |l: &Limited| {
+        metric(
+            &l.server.metrics(),
+            "rampart_tcp_connections_active{direction=\"inbound\"}",
+        )
+    };
+    // A 3 s response on the pooled connection outlives the 1 s idle
+    // timeout: the connection has a stream open, so it stays, and the next
+    // request still uses it.
+    let r = curl(&format!("http://{}/slow", l.outs[0]), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = curl(&format!("http://{}/data", l.outs[0]), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(handshakes(&l), 1.0);
+    // Then, with no stream, it is closed (the client's pool would keep it
+    // for 60 s, and pings keep it alive).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open(&l) != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle connection kept open\n{}",
+            l.server.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(l.server.logs().contains("idle connection closed"));
+    // The client notices and opens a new one.
+    let r = curl(&format!("http://{}/data", l.outs[0]), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(handshakes(&l), 2.0);
+}
+
+#[test]
+fn response_timeout_starts_when_the_upload_ends() {
+    // 1 s response timeout on both sidecars; an upload that takes 3 s to a
+    // healthy app is answered, while an app that then stays silent gets 504.
+    let l = limited(1, "http_response_timeout: 1s", "http_response_timeout: 1s");
+    let body = b"0123456789";
+    let mut s = TcpStream::connect(l.outs[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    for b in body {
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(&[*b]).unwrap();
+    }
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.ends_with(" 84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882"),
+        "{reply}"
+    );
+    let r = curl(&format!("http://{}/slow", l.outs[0]), &[]);
+    assert_eq!(r.status, 504, "{r:?}");
+}
