@@ -708,7 +708,93 @@ fn oversized_request_head_is_431() {
 }
 
 #[test]
-fn drain_lets_in_flight_requests_finish() {
+fn curl_h2c_and_h2_over_mtls_reach_an_http2_app() {
+    if !require_grpcio() {
+        return;
+    }
+    // A gRPC app is the HTTP/2 app; curl speaks gRPC framing by hand.
+    let pki = Pki::new();
+    let app_addr = free_addr();
+    let _app = LocalProc::spawn(&apps::grpc_server(app_addr.port()), pki.dir.path(), "grpc");
+    wait_listening(app_addr);
+    let policy = pki.dir.path().join("open.yaml");
+    std::fs::write(&policy, OPEN_POLICY).unwrap();
+    let (permissive, strict) = (free_addr(), free_addr());
+    let _server = pki.sidecar(
+        "spiffe://example.org/greeter",
+        &format!(
+            "listeners:\n  - {{name: p, direction: inbound, listen: \"{permissive}\", target: \"{app_addr}\", port: 18001}}\n  - {{name: s, direction: inbound, listen: \"{strict}\", target: \"{app_addr}\", port: 18002}}\ninbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: 18001, mode: permissive}}\n",
+            policy.display()
+        ),
+    );
+    let (_client, outs) = client(
+        &pki,
+        "spiffe://example.org/ec-web",
+        &[strict],
+        "spiffe://example.org/greeter",
+    );
+    let svid = pki.issue("spiffe://example.org/ec-web", "curl-client");
+    let (cert, key) = (svid.join("svid.pem"), svid.join("svid.key"));
+    let frame = pki.dir.path().join("frame");
+    std::fs::write(&frame, b"\0\0\0\0\x01x").unwrap();
+    let from_ec_web = |xfcc: &str| {
+        xfcc.starts_with("By=spiffe://example.org/greeter;Hash=")
+            && xfcc.ends_with(";URI=spiffe://example.org/ec-web")
+    };
+    let tls_args = [
+        "--http2",
+        "-k",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    let cases: [(&str, String, &[&str], &dyn Fn(&str) -> bool); 3] = [
+        (
+            "h2c to a permissive port: no identity",
+            format!("http://{permissive}"),
+            &["--http2-prior-knowledge"],
+            &|x| x == "-",
+        ),
+        (
+            "h2c through the outbound sidecar",
+            format!("http://{}", outs[0]),
+            &["--http2-prior-knowledge"],
+            &from_ec_web,
+        ),
+        (
+            "h2 over mTLS with curl's own SVID to a strict port",
+            format!("https://{strict}"),
+            &tls_args,
+            &from_ec_web,
+        ),
+    ];
+    for (name, base, args, xfcc_ok) in cases {
+        let head = pki.dir.path().join("head");
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "-o", "-", "-D"])
+            .arg(&head)
+            .args(["-w", "%{stderr}%{http_version}"])
+            .args(args)
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .arg("--data-binary")
+            .arg(format!("@{}", frame.display()))
+            .arg(format!("{base}/demo.Greeter/Whoami"))
+            .output()
+            .unwrap();
+        let head = std::fs::read_to_string(&head).unwrap_or_default();
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "2", "{name}: {head}");
+        assert!(head.starts_with("HTTP/2 200"), "{name}: {head}");
+        // The status arrives in the trailers, after the message.
+        assert!(head.contains("grpc-status: 0"), "{name}: {head}");
+        let body = out.stdout.get(5..).unwrap_or_default();
+        let xfcc = String::from_utf8_lossy(body);
+        assert!(xfcc_ok(&xfcc), "{name}: XFCC {xfcc:?}");
+    }
+}
+
+#[test]
+fn chunked_upload_through_two_sidecars() {
     let c = color();
     let (_client, outs) = client(
         &c.pki,
@@ -716,12 +802,46 @@ fn drain_lets_in_flight_requests_finish() {
         &c.listen[1..2],
         "spiffe://example.org/color",
     );
-    let url = format!("http://{}/pause", outs[0]);
-    let in_flight = std::thread::spawn(move || curl(&url, &[]));
-    // Poll until the app has the request, then ask the sidecar to stop.
+    let file = c.pki.dir.path().join("chunked");
+    let data: Vec<u8> = (0..3_000_017u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let sum = Command::new("sha256sum").arg(&file).output().unwrap();
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    let sum = sum.split(' ').next().unwrap();
+    let r = curl(
+        &format!("http://{}/upload", outs[0]),
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, format!("{} {sum}", data.len()));
+}
+
+#[test]
+fn drain_lets_in_flight_requests_finish() {
+    let mut c = color();
+    let (_client, outs) = client(
+        &c.pki,
+        "spiffe://example.org/ec-web",
+        &c.listen[1..2],
+        "spiffe://example.org/color",
+    );
+    // A stream of requests: several in flight on the pooled HTTP/2
+    // connection when SIGTERM comes; none may fail.
+    let in_flight: Vec<_> = (0..4)
+        .map(|i| {
+            let url = format!("http://{}/pause{i}", outs[0]);
+            std::thread::spawn(move || curl(&url, &[]))
+        })
+        .collect();
+    // Poll until the app has them all, then ask the sidecar to stop.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !c.app.stdout().contains("/pause") {
-        assert!(Instant::now() < deadline, "request never reached the app");
+    while c.app.stdout().matches("/pause").count() < 4 {
+        assert!(Instant::now() < deadline, "requests never reached the app");
         std::thread::sleep(Duration::from_millis(10));
     }
     let killed = Command::new("kill")
@@ -729,14 +849,19 @@ fn drain_lets_in_flight_requests_finish() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let r = in_flight.join().unwrap();
-    assert_eq!(r.status, 200, "{r:?}\n{}", c.sidecar.logs());
-    assert_eq!(r.body, "color /pause");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !c.sidecar.logs().contains("drained") {
-        assert!(Instant::now() < deadline, "{}", c.sidecar.logs());
-        std::thread::sleep(Duration::from_millis(20));
+    for (i, t) in in_flight.into_iter().enumerate() {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200, "{r:?}\n{}", c.sidecar.logs());
+        assert_eq!(r.body, format!("color /pause{i}"));
     }
+    // Then the process exits by itself, with 0.
+    let status = c.sidecar.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        c.sidecar.logs()
+    );
+    assert!(c.sidecar.logs().contains("drained"), "{}", c.sidecar.logs());
 }
 
 /// A tunnel app behind a sidecar for `spiffe://example.org/tunnel` whose

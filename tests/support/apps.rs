@@ -209,7 +209,13 @@ pub fn has_grpcio() -> bool {
 }
 
 /// A gRPC server (grpcio, generic handlers, raw bytes): `/demo.Greeter/Hello`
-/// and `/demo.Greeter/Secret` answer `hello <request>`.
+/// and `/demo.Greeter/Secret` answer `hello <request>`; `Whoami` answers the
+/// `x-forwarded-client-cert` it received (`-` when absent); `Fail` fails
+/// with NOT_FOUND; `Count` and `SecretCount` stream `1..=<request>` with
+/// trailer `x-trailer: counted` and initial metadata `x-meta-seen` (the
+/// caller's `x-meta`); `CountFail` streams two messages, then fails with
+/// RESOURCE_EXHAUSTED; `Chat` and `SecretChat` answer each message with
+/// `re:<message>`, trailer `x-trailer: chatted`.
 pub fn grpc_server(port: u16) -> Vec<String> {
     script(GRPC_SERVER, [port.to_string()])
 }
@@ -242,8 +248,11 @@ def chat(reqs, ctx):
     ctx.set_trailing_metadata((("x-trailer", "chatted"),))
 def fail(req, ctx):
     ctx.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")
+def whoami(req, ctx):
+    return dict(ctx.invocation_metadata()).get("x-forwarded-client-cert", "-").encode()
 handlers = {m: grpc.unary_unary_rpc_method_handler(hello) for m in ("Hello", "Secret")}
 handlers["Fail"] = grpc.unary_unary_rpc_method_handler(fail)
+handlers["Whoami"] = grpc.unary_unary_rpc_method_handler(whoami)
 for m in ("Count", "SecretCount"):
     handlers[m] = grpc.unary_stream_rpc_method_handler(count)
 handlers["CountFail"] = grpc.unary_stream_rpc_method_handler(count_fail)
