@@ -749,7 +749,9 @@ fn curl_h2c_and_h2_over_mtls_reach_an_http2_app() {
         "--key",
         key.to_str().unwrap(),
     ];
-    let cases: [(&str, String, &[&str], &dyn Fn(&str) -> bool); 3] = [
+    /// Name, URL base, curl arguments, and what the app must see as XFCC.
+    type Case<'a> = (&'a str, String, &'a [&'a str], &'a dyn Fn(&str) -> bool);
+    let cases: [Case; 3] = [
         (
             "h2c to a permissive port: no identity",
             format!("http://{permissive}"),
@@ -1096,12 +1098,11 @@ fn connect_is_tunneled_to_the_destination_and_authorized() {
 /// an ec-web client sidecar with one outbound listener to each and
 /// `client_limits`.
 struct Limited {
-    pki: Pki,
+    _pki: Pki,
     app: LocalProc,
     server: Sidecar,
     client: Sidecar,
     outs: Vec<SocketAddr>,
-    inbound: Vec<SocketAddr>,
 }
 
 fn limited(listeners: usize, limits: &str, client_limits: &str) -> Limited {
@@ -1131,12 +1132,11 @@ fn limited(listeners: usize, limits: &str, client_limits: &str) -> Limited {
         &format!("limits: {{{client_limits}}}\n"),
     );
     Limited {
-        pki,
+        _pki: pki,
         app,
         server,
         client,
         outs,
-        inbound,
     }
 }
 
