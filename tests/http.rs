@@ -393,6 +393,40 @@ fn request_smuggling_is_rejected_and_nothing_forwarded() {
     assert!(seen.contains("/benign"), "{seen}");
 }
 
+/// Malformed heads, on a plaintext port and from an app through the
+/// outbound sidecar: 400, nothing forwarded.
+#[test]
+fn malformed_requests_are_400_and_nothing_forwarded() {
+    let c = color();
+    let (_client, outs) = client(
+        &c.pki,
+        "spiffe://example.org/ec-web",
+        &c.listen[1..2],
+        "spiffe://example.org/color",
+    );
+    let heads = [
+        // A space in a field name.
+        "GET /bad1 HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n",
+        // Whitespace between name and colon (RFC 9112 §5.1: MUST reject).
+        "GET /bad2 HTTP/1.1\r\nHost: x\r\nX-Foo : 1\r\n\r\n",
+        // A separator in a field name.
+        "GET /bad3 HTTP/1.1\r\nHost: x\r\nX(y): 1\r\n\r\n",
+        // A line that is not a field.
+        "GET /bad4 HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    ];
+    for entry in [c.listen[0], outs[0]] {
+        for head in heads {
+            let reply = raw_exchange(entry, head.as_bytes());
+            assert!(
+                reply.starts_with("HTTP/1.1 400"),
+                "{entry} {head:?}: {reply}"
+            );
+        }
+    }
+    let seen = c.app.stdout();
+    assert!(!seen.contains("/bad"), "{seen}");
+}
+
 #[test]
 fn slowloris_is_cut_off() {
     let c = color();

@@ -889,6 +889,12 @@ mod tests {
         let cases = [
             (LocalError::NoPath, 400, 13),
             (LocalError::AppTimeout, 504, 4),
+            (LocalError::TunnelToHttp2App, 501, 12),
+            (
+                LocalError::Tunnel(crate::tunnel::TunnelError::Timeout),
+                504,
+                4,
+            ),
         ];
         for (e, http, grpc) in cases {
             assert_eq!(e.status().as_u16(), http, "{e}");

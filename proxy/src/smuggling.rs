@@ -184,7 +184,8 @@ fn framing(head: &mut [u8]) -> State {
         if name.eq_ignore_ascii_case(b"content-length") {
             content_length = Some(std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()));
         } else if name.eq_ignore_ascii_case(b"upgrade") {
-            may_switch = true;
+            // `h2c` is never switched to (`tunnel`): keep watching.
+            may_switch |= !value.eq_ignore_ascii_case(b"h2c");
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             let end = start + line.len() - usize::from(line.ends_with(b"\r"));
             te_values.push(start + colon + 1..end);

@@ -102,12 +102,16 @@ impl Tunnel {
     }
 }
 
-/// Whether a request head may ask to switch protocols: cheaper and wider
-/// than [`Tunnel::of`] (any `Upgrade` field counts), the same test the
-/// smuggling guard applies. The answer to such a request closes the
+/// Whether a request head may ask to switch protocols: wider than
+/// [`Tunnel::of`] (any `Upgrade` field but `h2c` counts), the same test
+/// the smuggling guard applies. The answer to such a request closes the
 /// connection unless it switched (see [`close_unless_switched`]).
 pub fn may_switch(method: &Method, version: Version, h: &HeaderMap) -> bool {
-    version == Version::HTTP_11 && (method == Method::CONNECT || h.contains_key(header::UPGRADE))
+    version == Version::HTTP_11
+        && (method == Method::CONNECT
+            || h.get_all(header::UPGRADE)
+                .iter()
+                .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"h2c")))
 }
 
 /// Adds `Connection: close` to a response to a request that may have
@@ -284,6 +288,26 @@ mod tests {
             let got = Tunnel::of(&m, v, &h);
             assert_eq!(got.as_ref().map(Tunnel::label), want, "{m} {v:?} {h:?}");
         }
+    }
+
+    #[test]
+    fn only_h2c_upgrades_keep_the_connection_watched() {
+        let get = |h: &[(&'static str, &'static str)]| {
+            may_switch(&Method::GET, Version::HTTP_11, &head(h))
+        };
+        assert!(get(&[("upgrade", "websocket")]));
+        assert!(!get(&[("upgrade", "h2c")]));
+        assert!(!get(&[]));
+        assert!(may_switch(
+            &Method::CONNECT,
+            Version::HTTP_11,
+            &HeaderMap::new()
+        ));
+        assert!(!may_switch(
+            &Method::CONNECT,
+            Version::HTTP_2,
+            &HeaderMap::new()
+        ));
     }
 
     #[test]
