@@ -1,8 +1,10 @@
 //! End-to-end HTTP through real sidecars on loopback (explicit listeners,
-//! no root): curl and raw sockets as clients, a Python HTTP app behind.
+//! no root): curl, raw sockets and grpcio as clients, Python apps behind.
 //! Scenario 1 (per-request policies, native and Rego, XFCC), scenario 2
-//! (STRICT and PERMISSIVE ports), request smuggling, slowloris, app
-//! failures, and opaque server-speaks-first TCP.
+//! (STRICT and PERMISSIVE ports, h2c and h2 over mTLS), request smuggling
+//! and malformed heads, slowloris, app failures, timeouts and limits
+//! (pool cap, HTTP/2 idle), drain, WebSocket and CONNECT tunnels, gRPC
+//! streaming, and opaque server-speaks-first TCP.
 
 mod support;
 
