@@ -1034,6 +1034,23 @@ listeners:
     }
 
     #[test]
+    fn pool_cap_and_idle_timeout_must_be_positive() {
+        let text = "
+identity:
+  files: {cert: a, key: b, bundle: c}
+transparent: {}
+limits: {http_pool_max_connections: 0, http_idle_timeout: 0s}
+";
+        let e = Config::parse("x.yaml", text).unwrap_err();
+        let all = e.problems.join("\n");
+        assert!(all.contains("limits.http_pool_max_connections"), "{all}");
+        assert!(all.contains("limits.http_idle_timeout"), "{all}");
+        let c = Config::parse("x.yaml", MINIMAL).unwrap();
+        assert_eq!(c.limits.http_pool_max_connections, 1024);
+        assert_eq!(c.limits.http_idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(
             duration::parse("250ms").unwrap(),
