@@ -342,7 +342,9 @@ fn app_down_is_502_and_app_too_slow_is_504() {
     assert!(start.elapsed() < Duration::from_millis(2900));
     let m = c.sidecar.metrics();
     assert!(
-        m.contains("rampart_http_requests_total{direction=\"inbound\",status_class=\"5xx\"} 2"),
+        m.contains(
+            "rampart_http_requests_total{direction=\"inbound\",status_class=\"5xx\",peer_id=\"none\"} 2"
+        ),
         "{m}"
     );
 }
