@@ -1304,4 +1304,11 @@ fn response_timeout_starts_when_the_upload_ends() {
     );
     let r = curl(&format!("http://{}/slow", l.outs[0]), &[]);
     assert_eq!(r.status, 504, "{r:?}");
+    // An upload that stops moving is still cut off: 408.
+    let mut s = TcpStream::connect(l.outs[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
 }

@@ -1,6 +1,7 @@
-//! Body wrappers of the HTTP stage: request bodies that say when they end
-//! (the response timeout starts then), and response bodies that keep an
-//! HTTP/2 connection's stream count (its idle timeout runs only at zero).
+//! Body wrappers of the HTTP stage: request bodies that report progress and
+//! their end (the response timeout starts at the end; a stalled upload is
+//! cut off), and response bodies that keep an HTTP/2 connection's stream
+//! count (its idle timeout runs only at zero).
 //!
 //! Both delegate every frame untouched; neither buffers.
 
@@ -16,28 +17,50 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// A request body on its way upstream. When it has no end yet (an upload),
-/// it carries a signal that fires once the last frame was read (or the
-/// body was dropped), so that the response timeout can start there, as
-/// Envoy's route timeout does: a slow upload to a healthy app is not a 504.
-/// Bodyless requests (the common case) carry no signal and allocate nothing.
+/// it reports its progress and its end, so that the response timeout can
+/// start at the end, as Envoy's route timeout does (a slow upload to a
+/// healthy app is not a 504), while an upload that stops moving is still
+/// cut off. Bodyless requests (the common case) carry nothing and allocate
+/// nothing.
 #[derive(Debug)]
 pub struct RequestBody {
     inner: Incoming,
-    ended: Option<Arc<Notify>>,
+    progress: Option<Arc<Progress>>,
+}
+
+/// How far a request body got: the time of its last frame, and its end.
+#[derive(Debug)]
+pub struct Progress {
+    ended: Notify,
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last frame read.
+    last_ms: AtomicU64,
+}
+
+impl Progress {
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Acquire))
+    }
 }
 
 impl RequestBody {
-    /// Wraps `inner`; the signal is `Some` when the body is still to come.
-    pub fn new(inner: Incoming) -> (Self, Option<Arc<Notify>>) {
-        let ended = (!inner.is_end_stream()).then(|| Arc::new(Notify::new()));
-        let signal = ended.clone();
-        (RequestBody { inner, ended }, signal)
+    /// Wraps `inner`; the progress is `Some` when the body is still to come.
+    pub fn new(inner: Incoming) -> (Self, Option<Arc<Progress>>) {
+        let progress = (!inner.is_end_stream()).then(|| {
+            Arc::new(Progress {
+                ended: Notify::new(),
+                epoch: Instant::now(),
+                last_ms: AtomicU64::new(0),
+            })
+        });
+        let watch = progress.clone();
+        (RequestBody { inner, progress }, watch)
     }
 
     fn finish(&mut self) {
-        if let Some(n) = self.ended.take() {
+        if let Some(p) = self.progress.take() {
             // notify_one keeps a permit when nobody waits yet.
-            n.notify_one();
+            p.ended.notify_one();
         }
     }
 }
@@ -51,10 +74,17 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = polled {
-            self.finish();
-        } else if self.ended.is_some() && self.inner.is_end_stream() {
-            self.finish();
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => self.finish(),
+            Poll::Ready(Some(Ok(_))) => {
+                if self.inner.is_end_stream() {
+                    self.finish();
+                } else if let Some(p) = &self.progress {
+                    let ms = u64::try_from(p.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    p.last_ms.store(ms, Ordering::Release);
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }
@@ -76,23 +106,47 @@ impl Drop for RequestBody {
     }
 }
 
-/// Waits for the response future `sent`: without a deadline while the
-/// request body is still being sent (`ended` not yet fired), then at most
-/// `timeout`. A response that comes before the body ends (an early 413, a
+/// Why no response came in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Waited {
+    /// The request body moved no byte for the timeout (408).
+    #[error("request body stalled")]
+    UploadStalled,
+    /// No response head within the timeout after the request ended (504).
+    #[error("no response in time")]
+    NoResponse,
+}
+
+/// Waits for the response future `sent`. While the request body is still
+/// being sent, the deadline is `timeout` after its last frame (a stalled
+/// upload is [`Waited::UploadStalled`]); once it has ended, `timeout` after
+/// the end. A response that comes before the body ends (an early 413, a
 /// gRPC stream) is taken at once.
 pub async fn response_within<F: std::future::Future>(
     timeout: Duration,
-    ended: Option<Arc<Notify>>,
+    progress: Option<Arc<Progress>>,
     sent: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
+) -> Result<F::Output, Waited> {
     tokio::pin!(sent);
-    if let Some(ended) = ended {
-        tokio::select! {
-            r = &mut sent => return Ok(r),
-            _ = ended.notified() => {}
+    if let Some(p) = progress {
+        let ended = p.ended.notified();
+        tokio::pin!(ended);
+        loop {
+            let stalled_at = p.last() + timeout;
+            tokio::select! {
+                r = &mut sent => return Ok(r),
+                _ = &mut ended => break,
+                _ = tokio::time::sleep_until(stalled_at) => {
+                    if p.last() + timeout <= Instant::now() {
+                        return Err(Waited::UploadStalled);
+                    }
+                }
+            }
         }
     }
-    tokio::time::timeout(timeout, sent).await
+    tokio::time::timeout(timeout, sent)
+        .await
+        .map_err(|_| Waited::NoResponse)
 }
 
 /// Open streams of one HTTP/2 connection and since when it has none.
@@ -227,20 +281,56 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(3));
     }
 
+    fn progress() -> Arc<Progress> {
+        Arc::new(Progress {
+            ended: Notify::new(),
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_response_timeout_starts_when_the_body_ends() {
-        let ended = Arc::new(Notify::new());
+        // A body that moves every 3 s for 30 s, with a 5 s timeout.
+        let p = progress();
         let start = Instant::now();
-        let e = ended.clone();
+        let body = p.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            e.notify_one();
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let ms = u64::try_from(body.epoch.elapsed().as_millis()).unwrap();
+                body.last_ms.store(ms, Ordering::Release);
+            }
+            body.ended.notify_one();
         });
         let never = std::future::pending::<()>();
-        let r = response_within(Duration::from_secs(5), Some(ended), never).await;
-        assert!(r.is_err());
+        let r = response_within(Duration::from_secs(5), Some(p), never).await;
+        assert_eq!(r, Err(Waited::NoResponse));
         assert_eq!(start.elapsed(), Duration::from_secs(35));
         let r = response_within(Duration::from_secs(5), None, async { 7 }).await;
-        assert_eq!(r.unwrap(), 7);
+        assert_eq!(r, Ok(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_upload_is_cut_off() {
+        let p = progress();
+        let start = Instant::now();
+        let body = p.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let ms = u64::try_from(body.epoch.elapsed().as_millis()).unwrap();
+            body.last_ms.store(ms, Ordering::Release);
+            // Then nothing, never the end.
+        });
+        let never = std::future::pending::<()>();
+        let r = response_within(Duration::from_secs(5), Some(p), never).await;
+        assert_eq!(r, Err(Waited::UploadStalled));
+        assert_eq!(start.elapsed(), Duration::from_secs(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_early_response_is_taken_before_the_body_ends() {
+        let r = response_within(Duration::from_secs(5), Some(progress()), async { 1 }).await;
+        assert_eq!(r, Ok(1));
     }
 }

@@ -31,7 +31,7 @@ use rampart_authz::{
 };
 use rampart_identity::{PeerIdentity, SpiffeId};
 
-use crate::body::{Counted, RequestBody, StreamCount, response_within};
+use crate::body::{Counted, RequestBody, StreamCount, Waited, response_within};
 use crate::config::{Direction, Limits, XfccMode};
 use crate::drain::{Watch, serve_gracefully};
 use crate::server::Shared;
@@ -532,7 +532,8 @@ impl Handler {
         let (body, ended) = RequestBody::new(body);
         let sent = client.request(Request::from_parts(parts, body));
         let resp = match response_within(timeout, ended, sent).await {
-            Err(_) => return Err(LocalError::AppTimeout),
+            Err(Waited::NoResponse) => return Err(LocalError::AppTimeout),
+            Err(Waited::UploadStalled) => return Err(LocalError::UploadStalled),
             Ok(Err(e)) => return Err(LocalError::AppUnreachable(e)),
             Ok(Ok(r)) => r,
         };
@@ -723,6 +724,9 @@ pub enum LocalError {
     /// The app did not answer in time.
     #[error("app did not answer in time")]
     AppTimeout,
+    /// The client's request body stopped moving (the client's fault).
+    #[error("request body stalled")]
+    UploadStalled,
     /// The app could not be reached for a tunnel.
     #[error("app unreachable: {0}")]
     AppConnect(crate::forward::ConnectError),
@@ -746,6 +750,7 @@ impl LocalError {
             LocalError::Denied(_) => "denied",
             LocalError::AppUnreachable(_) => "app_unreachable",
             LocalError::AppTimeout => "app_timeout",
+            LocalError::UploadStalled => "upload_stalled",
             LocalError::AppConnect(_) => "app_unreachable",
             LocalError::Tunnel(crate::tunnel::TunnelError::Exchange(_)) => "app_unreachable",
             LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => "app_timeout",
@@ -762,6 +767,7 @@ impl LocalError {
             LocalError::Denied(d) => d.http_status(),
             LocalError::AppUnreachable(_) => StatusCode::BAD_GATEWAY,
             LocalError::AppTimeout => StatusCode::GATEWAY_TIMEOUT,
+            LocalError::UploadStalled => StatusCode::REQUEST_TIMEOUT,
             LocalError::AppConnect(_) => StatusCode::BAD_GATEWAY,
             LocalError::Tunnel(crate::tunnel::TunnelError::Exchange(_)) => StatusCode::BAD_GATEWAY,
             LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
@@ -778,7 +784,9 @@ impl LocalError {
             LocalError::Denied(_) => 7,
             LocalError::AppUnreachable(_) | LocalError::AppConnect(_) => 14,
             LocalError::Tunnel(crate::tunnel::TunnelError::Exchange(_)) => 14,
-            LocalError::AppTimeout | LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => 4,
+            LocalError::AppTimeout
+            | LocalError::UploadStalled
+            | LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => 4,
             LocalError::TunnelToHttp2App => 12,
             LocalError::NotUpgradable => 13,
         }
@@ -890,6 +898,7 @@ mod tests {
             (LocalError::NoPath, 400, 13),
             (LocalError::AppTimeout, 504, 4),
             (LocalError::TunnelToHttp2App, 501, 12),
+            (LocalError::UploadStalled, 408, 4),
             (
                 LocalError::Tunnel(crate::tunnel::TunnelError::Timeout),
                 504,

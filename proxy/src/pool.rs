@@ -33,7 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::body::{RequestBody, response_within};
+use crate::body::{RequestBody, Waited, response_within};
 use crate::config::{Direction, Limits};
 use crate::drain::{Watch, serve_gracefully};
 use crate::http::{ProxyBody, strip_hop_by_hop};
@@ -200,6 +200,7 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         Err(status) => {
             let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(match status {
                 StatusCode::SERVICE_UNAVAILABLE => b"rampart: no upstream connection available\n",
+                StatusCode::REQUEST_TIMEOUT => b"rampart: request body stalled\n",
                 _ => b"rampart: upstream sidecar unreachable\n",
             }))));
             *r.status_mut() = status;
@@ -255,7 +256,11 @@ async fn forward(
     let (body, ended) = RequestBody::new(body);
     let sent = client.request(Request::from_parts(parts, body));
     let resp = match response_within(timeout, ended, sent).await {
-        Err(_) => return Err(StatusCode::GATEWAY_TIMEOUT),
+        Err(Waited::NoResponse) => return Err(StatusCode::GATEWAY_TIMEOUT),
+        Err(Waited::UploadStalled) => {
+            metrics::http_local_error(Direction::Outbound, "upload_stalled");
+            return Err(StatusCode::REQUEST_TIMEOUT);
+        }
         Ok(Err(e)) => match pool_failure(&e) {
             Some(PoolConnectError::NoIdentity) => {
                 tracing::info!("request refused: no identity");
