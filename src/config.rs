@@ -356,7 +356,7 @@ pub struct LimitsConfig {
     /// Receiving a complete HTTP/1 request head.
     #[serde(default = "d_header_read", with = "duration")]
     pub http_header_read_timeout: Duration,
-    /// Waiting for the app's response head.
+    /// Waiting for the app's response head, from the end of the request body.
     #[serde(default = "d_response", with = "duration")]
     pub http_response_timeout: Duration,
     /// Largest request head in bytes (431 beyond).
@@ -371,6 +371,12 @@ pub struct LimitsConfig {
     /// Idle connections to the app are closed after this.
     #[serde(default = "d_pool_idle", with = "duration")]
     pub http_pool_idle_timeout: Duration,
+    /// Pooled sidecar-to-sidecar connections at most (then wait, then 503).
+    #[serde(default = "d_pool_max")]
+    pub http_pool_max_connections: usize,
+    /// Inbound HTTP/2 connections without a stream are closed after this.
+    #[serde(default = "d_idle", with = "duration")]
+    pub http_idle_timeout: Duration,
 }
 
 fn d_detect() -> Duration {
@@ -393,6 +399,12 @@ fn d_max_streams() -> u32 {
 }
 fn d_pool_idle() -> Duration {
     pc::HttpLimits::default().pool_idle_timeout
+}
+fn d_pool_max() -> usize {
+    pc::HttpLimits::default().pool_max_connections
+}
+fn d_idle() -> Duration {
+    pc::HttpLimits::default().idle_timeout
 }
 
 fn d_connect() -> Duration {
@@ -422,6 +434,8 @@ impl Default for LimitsConfig {
             http_max_headers: d_max_headers(),
             http_max_concurrent_streams: d_max_streams(),
             http_pool_idle_timeout: d_pool_idle(),
+            http_pool_max_connections: d_pool_max(),
+            http_idle_timeout: d_idle(),
         }
     }
 }
@@ -737,6 +751,18 @@ impl Config {
                 "must be at least 8192".into(),
             ));
         }
+        if self.limits.http_pool_max_connections == 0 {
+            p.push((
+                "limits.http_pool_max_connections".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.limits.http_idle_timeout.is_zero() {
+            p.push((
+                "limits.http_idle_timeout".into(),
+                "must be longer than 0s".into(),
+            ));
+        }
         if self.limits.http_max_concurrent_streams == 0 {
             p.push((
                 "limits.http_max_concurrent_streams".into(),
@@ -896,6 +922,8 @@ impl Config {
                     max_headers: self.limits.http_max_headers,
                     max_concurrent_streams: self.limits.http_max_concurrent_streams,
                     pool_idle_timeout: self.limits.http_pool_idle_timeout,
+                    pool_max_connections: self.limits.http_pool_max_connections,
+                    idle_timeout: self.limits.http_idle_timeout,
                 },
             },
             observe: pc::ObserveConfig {
@@ -1003,6 +1031,23 @@ listeners:
         let e = Config::parse("x.yaml", text).unwrap_err();
         assert_eq!(e.problems.len(), 3, "{:?}", e.problems);
         assert!(e.problems[0].contains("x.yaml:2: field `identity`"), "{e}");
+    }
+
+    #[test]
+    fn pool_cap_and_idle_timeout_must_be_positive() {
+        let text = "
+identity:
+  files: {cert: a, key: b, bundle: c}
+transparent: {}
+limits: {http_pool_max_connections: 0, http_idle_timeout: 0s}
+";
+        let e = Config::parse("x.yaml", text).unwrap_err();
+        let all = e.problems.join("\n");
+        assert!(all.contains("limits.http_pool_max_connections"), "{all}");
+        assert!(all.contains("limits.http_idle_timeout"), "{all}");
+        let c = Config::parse("x.yaml", MINIMAL).unwrap();
+        assert_eq!(c.limits.http_pool_max_connections, 1024);
+        assert_eq!(c.limits.http_idle_timeout, Duration::from_secs(300));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! End-to-end HTTP through real sidecars on loopback (explicit listeners,
-//! no root): curl and raw sockets as clients, a Python HTTP app behind.
+//! no root): curl, raw sockets and grpcio as clients, Python apps behind.
 //! Scenario 1 (per-request policies, native and Rego, XFCC), scenario 2
-//! (STRICT and PERMISSIVE ports), request smuggling, slowloris, app
-//! failures, and opaque server-speaks-first TCP.
+//! (STRICT and PERMISSIVE ports, h2c and h2 over mTLS), request smuggling
+//! and malformed heads, slowloris, app failures, timeouts and limits
+//! (pool cap, HTTP/2 idle), drain, WebSocket and CONNECT tunnels, gRPC
+//! streaming, and opaque server-speaks-first TCP.
 
 mod support;
 
@@ -340,7 +342,9 @@ fn app_down_is_502_and_app_too_slow_is_504() {
     assert!(start.elapsed() < Duration::from_millis(2900));
     let m = c.sidecar.metrics();
     assert!(
-        m.contains("rampart_http_requests_total{direction=\"inbound\",status_class=\"5xx\"} 2"),
+        m.contains(
+            "rampart_http_requests_total{direction=\"inbound\",status_class=\"5xx\",peer_id=\"none\"} 2"
+        ),
         "{m}"
     );
 }
@@ -391,6 +395,40 @@ fn request_smuggling_is_rejected_and_nothing_forwarded() {
         "{seen}"
     );
     assert!(seen.contains("/benign"), "{seen}");
+}
+
+/// Malformed heads, on a plaintext port and from an app through the
+/// outbound sidecar: 400, nothing forwarded.
+#[test]
+fn malformed_requests_are_400_and_nothing_forwarded() {
+    let c = color();
+    let (_client, outs) = client(
+        &c.pki,
+        "spiffe://example.org/ec-web",
+        &c.listen[1..2],
+        "spiffe://example.org/color",
+    );
+    let heads = [
+        // A space in a field name.
+        "GET /bad1 HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n",
+        // Whitespace between name and colon (RFC 9112 §5.1: MUST reject).
+        "GET /bad2 HTTP/1.1\r\nHost: x\r\nX-Foo : 1\r\n\r\n",
+        // A separator in a field name.
+        "GET /bad3 HTTP/1.1\r\nHost: x\r\nX(y): 1\r\n\r\n",
+        // A line that is not a field.
+        "GET /bad4 HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    ];
+    for entry in [c.listen[0], outs[0]] {
+        for head in heads {
+            let reply = raw_exchange(entry, head.as_bytes());
+            assert!(
+                reply.starts_with("HTTP/1.1 400"),
+                "{entry} {head:?}: {reply}"
+            );
+        }
+    }
+    let seen = c.app.stdout();
+    assert!(!seen.contains("/bad"), "{seen}");
 }
 
 #[test]
@@ -570,6 +608,135 @@ fn grpc_through_two_sidecars_is_authorized_per_method() {
     );
 }
 
+/// One row of the streaming gRPC table: method, call shape, request
+/// messages, and the lines the client must print (in this order).
+struct GrpcCase {
+    method: &'static str,
+    kind: &'static str,
+    messages: &'static [&'static str],
+    expect: &'static [&'static str],
+}
+
+#[test]
+fn grpc_streaming_calls_through_two_sidecars_keep_status_trailers_and_metadata() {
+    if !require_grpcio() {
+        return;
+    }
+    let pki = Pki::new();
+    let app_addr = free_addr();
+    let app = LocalProc::spawn(&apps::grpc_server(app_addr.port()), pki.dir.path(), "grpc");
+    wait_listening(app_addr);
+    let policy = pki.dir.path().join("grpc.yaml");
+    std::fs::write(
+        &policy,
+        "policies:\n  - name: greeter\n    action: ALLOW\n    rules:\n      - name: public\n        from: {principals: [\"spiffe://example.org/ec-web\"]}\n        to: {paths: [/demo.Greeter/Count, /demo.Greeter/CountFail, /demo.Greeter/Chat, /demo.Greeter/Fail]}\n",
+    )
+    .unwrap();
+    let inbound = free_addr();
+    let server = pki.sidecar(
+        "spiffe://example.org/greeter",
+        &format!(
+            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {}, protocol: grpc}}\n",
+            policy.display(),
+            app_addr.port()
+        ),
+    );
+    let (_client, outs) = client(
+        &pki,
+        "spiffe://example.org/ec-web",
+        &[inbound],
+        "spiffe://example.org/greeter",
+    );
+    const DENIED: &str = "STATUS PERMISSION_DENIED RBAC: access denied by spiffe://example.org/greeter policy greeter";
+    let cases = [
+        // Server-streaming: every message, then OK with the app's trailer;
+        // the caller's metadata reached the app (echoed as initial metadata).
+        GrpcCase {
+            method: "/demo.Greeter/Count",
+            kind: "server",
+            messages: &["3"],
+            expect: &[
+                "MSG 1",
+                "MSG 2",
+                "MSG 3",
+                "STATUS OK ",
+                "INITIAL x-meta-seen from-client",
+                "TRAILER x-trailer counted",
+            ],
+        },
+        // A status after messages travels in the trailers.
+        GrpcCase {
+            method: "/demo.Greeter/CountFail",
+            kind: "server",
+            messages: &["x"],
+            expect: &["MSG 1", "MSG 2", "STATUS RESOURCE_EXHAUSTED quota gone"],
+        },
+        // Bidirectional, ping-pong: each message is sent only after the
+        // previous reply, so neither direction may be held back.
+        GrpcCase {
+            method: "/demo.Greeter/Chat",
+            kind: "bidi",
+            messages: &["a", "b", "c"],
+            expect: &[
+                "MSG re:a",
+                "MSG re:b",
+                "MSG re:c",
+                "STATUS OK ",
+                "TRAILER x-trailer chatted",
+            ],
+        },
+        // An app status in a trailers-only response.
+        GrpcCase {
+            method: "/demo.Greeter/Fail",
+            kind: "unary",
+            messages: &["x"],
+            expect: &["STATUS NOT_FOUND no such greeting"],
+        },
+        // Denied by the server's sidecar, per method, for every shape.
+        GrpcCase {
+            method: "/demo.Greeter/SecretCount",
+            kind: "server",
+            messages: &["3"],
+            expect: &[DENIED],
+        },
+        GrpcCase {
+            method: "/demo.Greeter/SecretChat",
+            kind: "bidi",
+            messages: &["a"],
+            expect: &[DENIED],
+        },
+    ];
+    for case in &cases {
+        let argv = apps::grpc_call(outs[0], case.method, case.kind, case.messages);
+        let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout);
+        // Replies in order; then the status, metadata and trailers named
+        // (grpcio adds metadata of its own, which is not asserted).
+        let msgs = |v: &mut dyn Iterator<Item = &str>| -> Vec<String> {
+            v.filter(|l| l.starts_with("MSG"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(
+            msgs(&mut printed.lines()),
+            msgs(&mut case.expect.iter().copied()),
+            "{}: {printed}\n{}",
+            case.method,
+            server.logs()
+        );
+        for e in case.expect.iter().filter(|l| !l.starts_with("MSG")) {
+            assert!(
+                printed.lines().any(|l| l.starts_with(e)),
+                "{}: missing {e:?} in\n{printed}\n{}",
+                case.method,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let seen = app.stdout();
+    assert!(!seen.contains("Secret"), "{seen}");
+}
+
 #[test]
 fn oversized_request_head_is_431() {
     let c = color();
@@ -579,7 +746,95 @@ fn oversized_request_head_is_431() {
 }
 
 #[test]
-fn drain_lets_in_flight_requests_finish() {
+fn curl_h2c_and_h2_over_mtls_reach_an_http2_app() {
+    if !require_grpcio() {
+        return;
+    }
+    // A gRPC app is the HTTP/2 app; curl speaks gRPC framing by hand.
+    let pki = Pki::new();
+    let app_addr = free_addr();
+    let _app = LocalProc::spawn(&apps::grpc_server(app_addr.port()), pki.dir.path(), "grpc");
+    wait_listening(app_addr);
+    let policy = pki.dir.path().join("open.yaml");
+    std::fs::write(&policy, OPEN_POLICY).unwrap();
+    let (permissive, strict) = (free_addr(), free_addr());
+    let _server = pki.sidecar(
+        "spiffe://example.org/greeter",
+        &format!(
+            "listeners:\n  - {{name: p, direction: inbound, listen: \"{permissive}\", target: \"{app_addr}\", port: 18001}}\n  - {{name: s, direction: inbound, listen: \"{strict}\", target: \"{app_addr}\", port: 18002}}\ninbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: 18001, mode: permissive}}\n",
+            policy.display()
+        ),
+    );
+    let (_client, outs) = client(
+        &pki,
+        "spiffe://example.org/ec-web",
+        &[strict],
+        "spiffe://example.org/greeter",
+    );
+    let svid = pki.issue("spiffe://example.org/ec-web", "curl-client");
+    let (cert, key) = (svid.join("svid.pem"), svid.join("svid.key"));
+    let frame = pki.dir.path().join("frame");
+    std::fs::write(&frame, b"\0\0\0\0\x01x").unwrap();
+    let from_ec_web = |xfcc: &str| {
+        xfcc.starts_with("By=spiffe://example.org/greeter;Hash=")
+            && xfcc.ends_with(";URI=spiffe://example.org/ec-web")
+    };
+    let tls_args = [
+        "--http2",
+        "-k",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    /// Name, URL base, curl arguments, and what the app must see as XFCC.
+    type Case<'a> = (&'a str, String, &'a [&'a str], &'a dyn Fn(&str) -> bool);
+    let cases: [Case; 3] = [
+        (
+            "h2c to a permissive port: no identity",
+            format!("http://{permissive}"),
+            &["--http2-prior-knowledge"],
+            &|x| x == "-",
+        ),
+        (
+            "h2c through the outbound sidecar",
+            format!("http://{}", outs[0]),
+            &["--http2-prior-knowledge"],
+            &from_ec_web,
+        ),
+        (
+            "h2 over mTLS with curl's own SVID to a strict port",
+            format!("https://{strict}"),
+            &tls_args,
+            &from_ec_web,
+        ),
+    ];
+    for (name, base, args, xfcc_ok) in cases {
+        let head = pki.dir.path().join("head");
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "-o", "-", "-D"])
+            .arg(&head)
+            .args(["-w", "%{stderr}%{http_version}"])
+            .args(args)
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .arg("--data-binary")
+            .arg(format!("@{}", frame.display()))
+            .arg(format!("{base}/demo.Greeter/Whoami"))
+            .output()
+            .unwrap();
+        let head = std::fs::read_to_string(&head).unwrap_or_default();
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "2", "{name}: {head}");
+        assert!(head.starts_with("HTTP/2 200"), "{name}: {head}");
+        // The status arrives in the trailers, after the message.
+        assert!(head.contains("grpc-status: 0"), "{name}: {head}");
+        let body = out.stdout.get(5..).unwrap_or_default();
+        let xfcc = String::from_utf8_lossy(body);
+        assert!(xfcc_ok(&xfcc), "{name}: XFCC {xfcc:?}");
+    }
+}
+
+#[test]
+fn chunked_upload_through_two_sidecars() {
     let c = color();
     let (_client, outs) = client(
         &c.pki,
@@ -587,12 +842,46 @@ fn drain_lets_in_flight_requests_finish() {
         &c.listen[1..2],
         "spiffe://example.org/color",
     );
-    let url = format!("http://{}/pause", outs[0]);
-    let in_flight = std::thread::spawn(move || curl(&url, &[]));
-    // Poll until the app has the request, then ask the sidecar to stop.
+    let file = c.pki.dir.path().join("chunked");
+    let data: Vec<u8> = (0..3_000_017u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let sum = Command::new("sha256sum").arg(&file).output().unwrap();
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    let sum = sum.split(' ').next().unwrap();
+    let r = curl(
+        &format!("http://{}/upload", outs[0]),
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, format!("{} {sum}", data.len()));
+}
+
+#[test]
+fn drain_lets_in_flight_requests_finish() {
+    let mut c = color();
+    let (_client, outs) = client(
+        &c.pki,
+        "spiffe://example.org/ec-web",
+        &c.listen[1..2],
+        "spiffe://example.org/color",
+    );
+    // A stream of requests: several in flight on the pooled HTTP/2
+    // connection when SIGTERM comes; none may fail.
+    let in_flight: Vec<_> = (0..4)
+        .map(|i| {
+            let url = format!("http://{}/pause{i}", outs[0]);
+            std::thread::spawn(move || curl(&url, &[]))
+        })
+        .collect();
+    // Poll until the app has them all, then ask the sidecar to stop.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !c.app.stdout().contains("/pause") {
-        assert!(Instant::now() < deadline, "request never reached the app");
+    while c.app.stdout().matches("/pause").count() < 4 {
+        assert!(Instant::now() < deadline, "requests never reached the app");
         std::thread::sleep(Duration::from_millis(10));
     }
     let killed = Command::new("kill")
@@ -600,12 +889,426 @@ fn drain_lets_in_flight_requests_finish() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let r = in_flight.join().unwrap();
-    assert_eq!(r.status, 200, "{r:?}\n{}", c.sidecar.logs());
-    assert_eq!(r.body, "color /pause");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !c.sidecar.logs().contains("drained") {
-        assert!(Instant::now() < deadline, "{}", c.sidecar.logs());
-        std::thread::sleep(Duration::from_millis(20));
+    for (i, t) in in_flight.into_iter().enumerate() {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200, "{r:?}\n{}", c.sidecar.logs());
+        assert_eq!(r.body, format!("color /pause{i}"));
     }
+    // Then the process exits by itself, with 0.
+    let status = c.sidecar.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        c.sidecar.logs()
+    );
+    assert!(c.sidecar.logs().contains("drained"), "{}", c.sidecar.logs());
+}
+
+/// A tunnel app behind a sidecar for `spiffe://example.org/tunnel` whose
+/// policy lets ec-web upgrade `GET /ws` and `CONNECT db.internal:5432`
+/// only, and an ec-web client sidecar in front of it.
+struct Tunnels {
+    _pki: Pki,
+    app: LocalProc,
+    server: Sidecar,
+    client: Sidecar,
+    out: SocketAddr,
+}
+
+const TUNNEL_POLICY: &str = "policies:
+  - name: tunnels
+    action: ALLOW
+    rules:
+      - name: websocket
+        from: {principals: [\"spiffe://example.org/ec-web\"]}
+        to: {methods: [GET], paths: [/ws]}
+      - name: connect-db
+        from: {principals: [\"spiffe://example.org/ec-web\"]}
+        to: {methods: [CONNECT], hosts: [\"db.internal:5432\"]}
+";
+
+fn tunnels() -> Tunnels {
+    let pki = Pki::new();
+    let app_addr = free_addr();
+    let app = LocalProc::spawn(&apps::tunnel_app(app_addr.port()), pki.dir.path(), "tunnel");
+    wait_listening(app_addr);
+    let policy = pki.dir.path().join("tunnels.yaml");
+    std::fs::write(&policy, TUNNEL_POLICY).unwrap();
+    let inbound = free_addr();
+    let server = pki.sidecar(
+        "spiffe://example.org/tunnel",
+        &format!(
+            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n",
+            policy.display()
+        ),
+    );
+    let (client, outs) = client(
+        &pki,
+        "spiffe://example.org/ec-web",
+        &[inbound],
+        "spiffe://example.org/tunnel",
+    );
+    Tunnels {
+        _pki: pki,
+        app,
+        server,
+        client,
+        out: outs[0],
+    }
+}
+
+/// Reads a response head (through the blank line) byte by byte, so that
+/// nothing after it is consumed.
+fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The RFC 6455 §1.3 sample key and the accept value it must produce.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+fn ws_handshake(addr: SocketAddr, path: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: chat.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{FORGED_XFCC}\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    (s, head)
+}
+
+/// Sends one masked text frame (clients must mask, RFC 6455 §5.3).
+fn ws_send(s: &mut TcpStream, payload: &[u8]) {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x81];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&f).unwrap();
+}
+
+/// Reads one unmasked server text frame's payload.
+fn ws_recv(s: &mut TcpStream) -> Vec<u8> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x81, "not a final text frame");
+    let mut len = usize::from(head[1] & 0x7f);
+    if len == 126 {
+        let mut ext = [0u8; 2];
+        s.read_exact(&mut ext).unwrap();
+        len = usize::from(u16::from_be_bytes(ext));
+    }
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    payload
+}
+
+#[test]
+fn websocket_round_trip_through_two_sidecars_with_half_close() {
+    let t = tunnels();
+    let (mut s, head) = ws_handshake(t.out, "/ws");
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "{head}\n{}\n{}",
+        t.client.logs(),
+        t.server.logs()
+    );
+    let accept = head
+        .lines()
+        .find_map(|l| l.strip_prefix("sec-websocket-accept: "))
+        .or_else(|| {
+            head.lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Accept: "))
+        });
+    assert_eq!(accept, Some(WS_ACCEPT), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+
+    ws_send(&mut s, b"hello");
+    assert_eq!(ws_recv(&mut s), b"echo:hello");
+    // Past 125 bytes, frames carry a 16-bit length.
+    let longer = vec![b'x'; 300];
+    ws_send(&mut s, &longer);
+    assert_eq!(ws_recv(&mut s), [b"echo:".as_slice(), &longer].concat());
+    // Half-close: the app still gets to answer after the client's FIN,
+    // through both sidecars, then closes.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(ws_recv(&mut s), b"bye");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // The app saw the upgrade with the verified caller's XFCC, not the forged one.
+    let seen = t.app.stdout();
+    let line = seen
+        .lines()
+        .find(|l| l.starts_with("GET /ws HTTP/1.1"))
+        .unwrap_or_else(|| panic!("{seen}"));
+    assert!(
+        line.contains("xfcc=By=spiffe://example.org/tunnel;Hash=")
+            && line.ends_with(";URI=spiffe://example.org/ec-web"),
+        "{line}"
+    );
+
+    // Denied by policy: 403 from the server's sidecar; the app sees nothing.
+    let (_s, head) = ws_handshake(t.out, "/not-ws");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(!t.app.stdout().contains("/not-ws"));
+}
+
+#[test]
+fn connect_is_tunneled_to_the_destination_and_authorized() {
+    let t = tunnels();
+    // curl through the outbound sidecar as its proxy: CONNECT, then an
+    // HTTP request inside the tunnel, answered by the app (the proxy).
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--proxytunnel", "-x"])
+        .arg(format!("http://{}", t.out))
+        .arg("http://db.internal:5432/hello")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "tunneled to db.internal:5432: GET /hello HTTP/1.1",
+        "{}\n{}",
+        t.client.logs(),
+        t.server.logs()
+    );
+    assert!(
+        t.app.stdout().lines().any(|l| l
+            .starts_with("CONNECT db.internal:5432 HTTP/1.1 xfcc=By=spiffe://example.org/tunnel;")),
+        "{}",
+        t.app.stdout()
+    );
+
+    // Raw bytes both ways, with half-close.
+    let mut s = TcpStream::connect(t.out).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("content-length"),
+        "{head}"
+    );
+    s.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "<eof:db.internal:5432>");
+
+    // Another target is refused by the server's sidecar, before the app.
+    let mut s = TcpStream::connect(t.out).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT other.internal:443 HTTP/1.1\r\nHost: other.internal:443\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(!t.app.stdout().contains("other.internal"));
+    // A plain request on the same port is not a tunnel and not allowed.
+    let r = curl(&format!("http://{}/plain", t.out), &[]);
+    assert_eq!(r.status, 403, "{r:?}");
+}
+
+/// A sidecar for `spiffe://example.org/color` with an open policy and
+/// `listeners` inbound listeners to the HTTP app, `limits` as given, and
+/// an ec-web client sidecar with one outbound listener to each and
+/// `client_limits`.
+struct Limited {
+    _pki: Pki,
+    app: LocalProc,
+    server: Sidecar,
+    client: Sidecar,
+    outs: Vec<SocketAddr>,
+}
+
+fn limited(listeners: usize, limits: &str, client_limits: &str) -> Limited {
+    let pki = Pki::new();
+    let (app, app_addr) = http_app(&pki, "color");
+    let policy = pki.dir.path().join("open.yaml");
+    std::fs::write(&policy, OPEN_POLICY).unwrap();
+    let mut body = String::from("listeners:\n");
+    let mut inbound = Vec::new();
+    for i in 0..listeners {
+        let l = free_addr();
+        body.push_str(&format!(
+            "  - {{name: in{i}, direction: inbound, listen: \"{l}\", target: \"{app_addr}\", port: 18001}}\n"
+        ));
+        inbound.push(l);
+    }
+    body.push_str(&format!(
+        "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: 18001, mode: permissive}}\nlimits: {{{limits}}}\n",
+        policy.display()
+    ));
+    let server = pki.sidecar("spiffe://example.org/color", &body);
+    let (client, outs) = client_with(
+        &pki,
+        "spiffe://example.org/ec-web",
+        &inbound,
+        "spiffe://example.org/color",
+        &format!("limits: {{{client_limits}}}\n"),
+    );
+    Limited {
+        _pki: pki,
+        app,
+        server,
+        client,
+        outs,
+    }
+}
+
+/// The value of a metric line `name{labels} value`, 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn pooled_connection_cap_waits_then_answers_503() {
+    // One pooled connection at most; a second destination waits up to the
+    // connect timeout (1 s) for it to close (idle after 2 s), so the first
+    // try is 503 and a later one gets the freed slot.
+    let l = limited(
+        2,
+        "",
+        "http_pool_max_connections: 1, http_pool_idle_timeout: 2s, connect_timeout: 1s",
+    );
+    let r = curl(&format!("http://{}/a", l.outs[0]), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = curl(&format!("http://{}/b", l.outs[1]), &[]);
+    assert_eq!(r.status, 503, "{r:?}\n{}", l.client.logs());
+    assert!(
+        l.client.logs().contains("pooled connection limit reached"),
+        "{}",
+        l.client.logs()
+    );
+    let m = l.client.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "rampart_http_local_responses_total{direction=\"outbound\",reason=\"pool_full\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(!l.app.stdout().contains("/b"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = curl(&format!("http://{}/b", l.outs[1]), &[]);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(Instant::now() < deadline, "the slot was never freed");
+    }
+    // The first destination's connection was the one that went away.
+    let m = l.server.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "rampart_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}"
+        ),
+        2.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn idle_http2_connections_are_closed_but_not_while_a_stream_is_open() {
+    let l = limited(1, "http_idle_timeout: 1s", "");
+    let handshakes = |l: &Limited| {
+        metric(
+            &l.server.metrics(),
+            "rampart_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}",
+        )
+    };
+    let open = |l: &Limited| {
+        metric(
+            &l.server.metrics(),
+            "rampart_tcp_connections_active{direction=\"inbound\"}",
+        )
+    };
+    // A 3 s response on the pooled connection outlives the 1 s idle
+    // timeout: the connection has a stream open, so it stays, and the next
+    // request still uses it.
+    let r = curl(&format!("http://{}/slow", l.outs[0]), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = curl(&format!("http://{}/data", l.outs[0]), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(handshakes(&l), 1.0);
+    // Then, with no stream, it is closed (the client's pool would keep it
+    // for 60 s, and pings keep it alive).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open(&l) != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle connection kept open\n{}",
+            l.server.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(l.server.logs().contains("idle connection closed"));
+    // The client notices and opens a new one.
+    let r = curl(&format!("http://{}/data", l.outs[0]), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(handshakes(&l), 2.0);
+}
+
+#[test]
+fn response_timeout_starts_when_the_upload_ends() {
+    // 1 s response timeout on both sidecars; an upload that takes 3 s to a
+    // healthy app is answered, while an app that then stays silent gets 504.
+    let l = limited(1, "http_response_timeout: 1s", "http_response_timeout: 1s");
+    let body = b"0123456789";
+    let mut s = TcpStream::connect(l.outs[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    for b in body {
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(&[*b]).unwrap();
+    }
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.ends_with(" 84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882"),
+        "{reply}"
+    );
+    let r = curl(&format!("http://{}/slow", l.outs[0]), &[]);
+    assert_eq!(r.status, 504, "{r:?}");
+    // An upload that stops moving is still cut off: 408.
+    let mut s = TcpStream::connect(l.outs[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
 }

@@ -245,7 +245,7 @@ pub struct HttpLimits {
     pub detect_timeout: Duration,
     /// Receiving a complete HTTP/1 request head (cuts off slowloris).
     pub header_read_timeout: Duration,
-    /// Waiting for the app's response head.
+    /// Waiting for the app's response head, from the end of the request body.
     pub response_timeout: Duration,
     /// Largest request head, in bytes; beyond it 431.
     pub max_header_bytes: usize,
@@ -255,6 +255,13 @@ pub struct HttpLimits {
     pub max_concurrent_streams: u32,
     /// Idle pooled connections to the app are closed after this.
     pub pool_idle_timeout: Duration,
+    /// Pooled outbound (sidecar-to-sidecar) connections at most, over all
+    /// destinations; a request needing another waits up to the connect
+    /// timeout for one to close, then gets 503.
+    pub pool_max_connections: usize,
+    /// Inbound HTTP/2 connections without an open stream for this long are
+    /// closed (GOAWAY).
+    pub idle_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -270,6 +277,12 @@ impl Default for HttpLimits {
             max_headers: 100,
             max_concurrent_streams: 256,
             pool_idle_timeout: Duration::from_secs(60),
+            // Envoy's default circuit-breaker `max_connections`.
+            pool_max_connections: 1024,
+            // Longer than the peers' pool idle timeout (60 s), so that the
+            // client side, not a GOAWAY racing a new request, normally ends
+            // an idle pooled connection.
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }

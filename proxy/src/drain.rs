@@ -71,3 +71,28 @@ impl Watch {
         *self.signal.borrow()
     }
 }
+
+/// Drives a hyper server connection (`$conn`) to its end. When the drain
+/// starts (`$watch`) or `$idle` resolves, it is first asked to finish
+/// gracefully: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1, in-flight
+/// requests completed. Evaluates to the connection's result. A macro
+/// because hyper's connection types share `graceful_shutdown` but no trait.
+macro_rules! serve_gracefully {
+    ($conn:expr, $watch:expr, $idle:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = $watch.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            _ = $idle => {
+                tracing::debug!("idle connection closed");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+pub(crate) use serve_gracefully;

@@ -31,10 +31,12 @@ use rampart_authz::{
 };
 use rampart_identity::{PeerIdentity, SpiffeId};
 
+use crate::body::{Counted, RequestBody, StreamCount, Waited, response_within};
 use crate::config::{Direction, Limits, XfccMode};
-use crate::drain::Watch;
+use crate::drain::{Watch, serve_gracefully};
 use crate::server::Shared;
 use crate::tls::BoxedIo;
+use crate::tunnel::{Tunnel, TunnelTask};
 
 /// Response bodies: the app's, streamed, or a short local one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -62,10 +64,12 @@ pub enum AppVersion {
 /// Built once per sidecar: the server builder and the app connection pools.
 pub struct InboundHttp {
     server: auto::Builder<TokioExecutor>,
-    server_h1: auto::Builder<TokioExecutor>,
+    // hyper's own HTTP/1 builder: auto's upgrade-capable connection would
+    // first read the bytes that tell HTTP/2 apart, a detection already done.
+    server_h1: hyper::server::conn::http1::Builder,
     server_h2: auto::Builder<TokioExecutor>,
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<HttpConnector, RequestBody>,
+    h2: Client<HttpConnector, RequestBody>,
 }
 
 impl std::fmt::Debug for InboundHttp {
@@ -95,6 +99,12 @@ impl InboundHttp {
             .keep_alive_interval(std::time::Duration::from_secs(30))
             .keep_alive_timeout(std::time::Duration::from_secs(10))
             .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX));
+        let mut server_h1 = hyper::server::conn::http1::Builder::new();
+        server_h1
+            .timer(TokioTimer::new())
+            .header_read_timeout(l.header_read_timeout)
+            .max_buf_size(l.max_header_bytes.max(8192))
+            .max_headers(l.max_headers);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(limits.connect_timeout));
@@ -106,7 +116,7 @@ impl InboundHttp {
                 .build(connector.clone())
         };
         InboundHttp {
-            server_h1: server.clone().http1_only(),
+            server_h1,
             server_h2: server.clone().http2_only(),
             server,
             h1: client(false),
@@ -158,38 +168,68 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         metrics,
         app_authority,
         conn,
+        tunnel: TunnelTask::default(),
     });
     let serve_version = handler.conn.serve;
+    // HTTP/2 connections close after `http_idle_timeout` without a stream:
+    // keep-alive pings keep a silent peer's connection open forever, and
+    // hyper has no idle timeout of its own. (HTTP/1 keep-alive connections
+    // are closed by the header read timeout.)
+    let streams = match serve_version {
+        ServeVersion::Http1 => None,
+        ServeVersion::Http2 | ServeVersion::Auto => {
+            Some(StreamCount::new(shared.config.limits.http.idle_timeout))
+        }
+    };
+    let h = handler.clone();
+    let counts = streams.clone();
     let service = hyper::service::service_fn(move |req| {
-        let h = handler.clone();
-        async move { Ok::<_, Infallible>(h.handle(req).await) }
+        let h = h.clone();
+        let stream = counts.as_ref().map(StreamCount::open);
+        async move { Ok::<_, Infallible>(h.handle(req).await.map(|b| Counted::new(b, stream))) }
     });
-    let builder = match serve_version {
-        ServeVersion::Http1 => &shared.http.server_h1,
-        ServeVersion::Http2 => &shared.http.server_h2,
-        ServeVersion::Auto => &shared.http.server,
+    let idle = async {
+        match &streams {
+            Some(s) => s.idle_expired().await,
+            None => std::future::pending().await,
+        }
     };
-    let stream: BoxedIo = match serve_version {
-        ServeVersion::Http1 => Box::new(crate::smuggling::SmugglingGuard::new(
-            stream,
-            shared.config.limits.http.max_header_bytes,
-        )),
-        ServeVersion::Http2 | ServeVersion::Auto => stream,
-    };
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = watch.signaled() => {
-            // GOAWAY on HTTP/2; on HTTP/1 keep-alive is disabled, so the
-            // in-flight response carries `connection: close`.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // On drain: GOAWAY on HTTP/2; on HTTP/1 keep-alive is disabled, so the
+    // in-flight response carries `connection: close`.
+    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match serve_version {
+        ServeVersion::Http1 => {
+            let io = crate::smuggling::SmugglingGuard::new(
+                stream,
+                shared.config.limits.http.max_header_bytes,
+            );
+            let conn = shared
+                .http
+                .server_h1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            serve_gracefully!(conn, watch, idle).map_err(Into::into)
+        }
+        ServeVersion::Http2 => {
+            let conn = shared
+                .http
+                .server_h2
+                .serve_connection(TokioIo::new(stream), service);
+            serve_gracefully!(conn, watch, idle)
+        }
+        ServeVersion::Auto => {
+            let conn = shared
+                .http
+                .server
+                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+            serve_gracefully!(conn, watch, idle)
         }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "http connection ended with an error");
     }
+    // A connection that became a tunnel keeps its slot (and the drain
+    // waiting) until the tunnel closes.
+    handler.tunnel.finished().await;
 }
 
 /// What a request's access event needs from the authorization stage.
@@ -254,6 +294,8 @@ struct Handler {
     metrics: Arc<crate::metrics::RequestMetrics>,
     app_authority: Authority,
     conn: InboundConn,
+    /// The tunnel this connection became, if it did (HTTP/1.1 only).
+    tunnel: TunnelTask,
 }
 
 impl Handler {
@@ -262,6 +304,7 @@ impl Handler {
         let grpc = self.conn.grpc_port || is_grpc(req.headers());
         let method = req.method().clone();
         let bytes_in = content_length(req.headers());
+        let may_switch = crate::tunnel::may_switch(&method, req.version(), req.headers());
         let names = &self.shared.config.observe.access_headers;
         // Only when access logs are on and headers were asked for.
         let logged_headers = if self.shared.access.is_enabled() && !names.is_empty() {
@@ -278,15 +321,18 @@ impl Handler {
             http.path = req.uri().path(),
             http.version = ?req.version(),
         );
-        let resp = match tracing::Instrument::instrument(self.route(req, &mut outcome), span).await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::info!(reason = e.label(), error = %e, "request refused");
-                crate::metrics::http_local_error(Direction::Inbound, e.label());
-                e.into_response(grpc, self.local_id.as_ref())
-            }
-        };
+        let mut resp =
+            match tracing::Instrument::instrument(self.route(req, &mut outcome), span).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::info!(reason = e.label(), error = %e, "request refused");
+                    crate::metrics::http_local_error(Direction::Inbound, e.label());
+                    e.into_response(grpc, self.local_id.as_ref())
+                }
+            };
+        if may_switch {
+            crate::tunnel::close_unless_switched(method == http::Method::CONNECT, &mut resp);
+        }
         let elapsed = start.elapsed();
         self.metrics.record(resp.status(), elapsed);
         if self.shared.access.is_enabled() || outcome.is_denied() {
@@ -334,22 +380,33 @@ impl Handler {
         // allows: chunked wins, Content-Length is dropped and the
         // connection closes after this exchange.
         let headers = req.headers();
-        let raw = req
-            .uri()
-            .path_and_query()
-            .map(PathAndQuery::as_str)
-            .ok_or(LocalError::NoPath)?;
+        // CONNECT names an authority, not a path: policies see its target
+        // as the host and an empty path (as Envoy's ext_authz does), so a
+        // rule with `paths` never matches it.
+        let connect = req.method() == http::Method::CONNECT && req.version() == Version::HTTP_11;
+        let raw = match req.uri().path_and_query() {
+            Some(p) => p.as_str(),
+            None if connect => "",
+            None => return Err(LocalError::NoPath),
+        };
         // One atomic load: a reload mid-request does not change this one.
         let policies = self.shared.config.authorizer.current();
         let authorizer = &policies.authorizer;
-        let norm = normalize_path(raw, authorizer.normalize_options())?;
+        let norm = if connect {
+            rampart_authz::NormalizedPath {
+                path: "".into(),
+                query: None,
+            }
+        } else {
+            normalize_path(raw, authorizer.normalize_options())?
+        };
         let logged = self.shared.access.is_enabled();
         if logged {
             outcome.path = Some(norm.path.to_string());
         }
-        let authority = match headers.get(header::HOST) {
-            Some(h) => h.to_str().unwrap_or(""),
-            None => req.uri().authority().map(Authority::as_str).unwrap_or(""),
+        let authority = match (connect, headers.get(header::HOST)) {
+            (false, Some(h)) => h.to_str().unwrap_or(""),
+            _ => req.uri().authority().map(Authority::as_str).unwrap_or(""),
         };
         let protocol = match req.version() {
             Version::HTTP_10 | Version::HTTP_09 => HttpProtocol::Http10,
@@ -403,6 +460,9 @@ impl Handler {
                 return Err(LocalError::Denied(Box::new(d)));
             }
         };
+        if connect {
+            return self.forward_tunnel(permit, req, Tunnel::Connect).await;
+        }
         let path = if norm.is_rewritten() {
             PathAndQuery::try_from(&*norm.path_and_query())
                 .map_err(|_| LocalError::BadPath(PathError::Empty))?
@@ -424,6 +484,13 @@ impl Handler {
         req: Request<Incoming>,
         path: PathAndQuery,
     ) -> Result<Response<ProxyBody>, LocalError> {
+        if let Some(t) = Tunnel::of(req.method(), req.version(), req.headers()) {
+            let (mut parts, body) = req.into_parts();
+            parts.uri = Uri::from(path);
+            return self
+                .forward_tunnel(permit, Request::from_parts(parts, body), t)
+                .await;
+        }
         let (mut parts, body) = req.into_parts();
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
@@ -435,20 +502,7 @@ impl Handler {
         {
             h.insert(header::HOST, v);
         }
-        self.set_xfcc(h);
-        if let Some(name) = &self.shared.config.observe.request_id_header
-            && !h.contains_key(name)
-        {
-            h.insert(name.clone(), request_id());
-        }
-        if let Some(effects) = permit.effects() {
-            for name in &effects.request_headers_to_remove {
-                h.remove(name);
-            }
-            for (name, value) in &effects.headers {
-                h.insert(name.clone(), value.clone());
-            }
-        }
+        self.app_request_headers(&permit, h);
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(self.app_authority.clone());
@@ -475,9 +529,11 @@ impl Handler {
             &self.shared.http.h1
         };
         let timeout = self.shared.config.limits.http.response_timeout;
+        let (body, ended) = RequestBody::new(body);
         let sent = client.request(Request::from_parts(parts, body));
-        let resp = match tokio::time::timeout(timeout, sent).await {
-            Err(_) => return Err(LocalError::AppTimeout),
+        let resp = match response_within(timeout, ended, sent).await {
+            Err(Waited::NoResponse) => return Err(LocalError::AppTimeout),
+            Err(Waited::UploadStalled) => return Err(LocalError::UploadStalled),
             Ok(Err(e)) => return Err(LocalError::AppUnreachable(e)),
             Ok(Ok(r)) => r,
         };
@@ -495,6 +551,71 @@ impl Handler {
             "request forwarded"
         );
         Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// What every request to the app gets: XFCC, a request ID, the
+    /// permit's header effects.
+    fn app_request_headers(&self, permit: &Permit, h: &mut HeaderMap) {
+        self.set_xfcc(h);
+        if let Some(name) = &self.shared.config.observe.request_id_header
+            && !h.contains_key(name)
+        {
+            h.insert(name.clone(), request_id());
+        }
+        if let Some(effects) = permit.effects() {
+            for name in &effects.request_headers_to_remove {
+                h.remove(name);
+            }
+            for (name, value) in &effects.headers {
+                h.insert(name.clone(), value.clone());
+            }
+        }
+    }
+
+    /// Sends a permitted tunnel request (upgrade or CONNECT; its URI
+    /// already in origin or authority form) to the app on a connection of
+    /// its own, and splices the two once the app switches.
+    async fn forward_tunnel(
+        &self,
+        permit: Permit,
+        req: Request<Incoming>,
+        tunnel: Tunnel,
+    ) -> Result<Response<ProxyBody>, LocalError> {
+        if self.conn.app_version == AppVersion::Http2 {
+            // An HTTP/2 app cannot take an HTTP/1.1 upgrade.
+            return Err(LocalError::TunnelToHttp2App);
+        }
+        let (mut parts, body) = req.into_parts();
+        let downstream = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(LocalError::NotUpgradable)?;
+        tunnel.prepare_request(&mut parts.headers);
+        self.app_request_headers(&permit, &mut parts.headers);
+        let limits = &self.shared.config.limits;
+        let app = crate::forward::connect(self.conn.app, limits.connect_timeout)
+            .await
+            .map_err(LocalError::AppConnect)?;
+        let (resp, task) = crate::tunnel::open(
+            app,
+            Request::from_parts(parts, body),
+            &tunnel,
+            downstream,
+            limits.http.response_timeout,
+            Direction::Inbound,
+        )
+        .await
+        .map_err(LocalError::Tunnel)?;
+        tracing::debug!(
+            tunnel = tunnel.label(),
+            authz.policy = permit.policy(),
+            status = resp.status().as_u16(),
+            "tunnel request forwarded"
+        );
+        if let Some(task) = task {
+            self.tunnel.set(task);
+        }
+        Ok(resp)
     }
 
     fn set_xfcc(&self, h: &mut HeaderMap) {
@@ -603,6 +724,21 @@ pub enum LocalError {
     /// The app did not answer in time.
     #[error("app did not answer in time")]
     AppTimeout,
+    /// The client's request body stopped moving (the client's fault).
+    #[error("request body stalled")]
+    UploadStalled,
+    /// The app could not be reached for a tunnel.
+    #[error("app unreachable: {0}")]
+    AppConnect(crate::forward::ConnectError),
+    /// A tunnel request to the app failed or timed out.
+    #[error("{0}")]
+    Tunnel(crate::tunnel::TunnelError),
+    /// A tunnel request for a port declared `http2` or `grpc`.
+    #[error("upgrade and CONNECT need an HTTP/1.1 app")]
+    TunnelToHttp2App,
+    /// hyper offered no upgrade for a tunnel request (a bug).
+    #[error("connection cannot be upgraded")]
+    NotUpgradable,
 }
 
 impl LocalError {
@@ -614,6 +750,12 @@ impl LocalError {
             LocalError::Denied(_) => "denied",
             LocalError::AppUnreachable(_) => "app_unreachable",
             LocalError::AppTimeout => "app_timeout",
+            LocalError::UploadStalled => "upload_stalled",
+            LocalError::AppConnect(_) => "app_unreachable",
+            LocalError::Tunnel(crate::tunnel::TunnelError::Exchange(_)) => "app_unreachable",
+            LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => "app_timeout",
+            LocalError::TunnelToHttp2App => "tunnel_unsupported",
+            LocalError::NotUpgradable => "not_upgradable",
         }
     }
 
@@ -625,6 +767,12 @@ impl LocalError {
             LocalError::Denied(d) => d.http_status(),
             LocalError::AppUnreachable(_) => StatusCode::BAD_GATEWAY,
             LocalError::AppTimeout => StatusCode::GATEWAY_TIMEOUT,
+            LocalError::UploadStalled => StatusCode::REQUEST_TIMEOUT,
+            LocalError::AppConnect(_) => StatusCode::BAD_GATEWAY,
+            LocalError::Tunnel(crate::tunnel::TunnelError::Exchange(_)) => StatusCode::BAD_GATEWAY,
+            LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            LocalError::TunnelToHttp2App => StatusCode::NOT_IMPLEMENTED,
+            LocalError::NotUpgradable => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -634,8 +782,13 @@ impl LocalError {
         match self {
             LocalError::NoPath | LocalError::BadPath(_) => 13,
             LocalError::Denied(_) => 7,
-            LocalError::AppUnreachable(_) => 14,
-            LocalError::AppTimeout => 4,
+            LocalError::AppUnreachable(_) | LocalError::AppConnect(_) => 14,
+            LocalError::Tunnel(crate::tunnel::TunnelError::Exchange(_)) => 14,
+            LocalError::AppTimeout
+            | LocalError::UploadStalled
+            | LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => 4,
+            LocalError::TunnelToHttp2App => 12,
+            LocalError::NotUpgradable => 13,
         }
     }
 
@@ -744,6 +897,13 @@ mod tests {
         let cases = [
             (LocalError::NoPath, 400, 13),
             (LocalError::AppTimeout, 504, 4),
+            (LocalError::TunnelToHttp2App, 501, 12),
+            (LocalError::UploadStalled, 408, 4),
+            (
+                LocalError::Tunnel(crate::tunnel::TunnelError::Timeout),
+                504,
+                4,
+            ),
         ];
         for (e, http, grpc) in cases {
             assert_eq!(e.status().as_u16(), http, "{e}");

@@ -283,7 +283,21 @@ async fn detect_inner(
 ) -> std::io::Result<(Inner, Authenticated)> {
     let inner = match declared {
         DeclaredProtocol::Opaque => Inner::Opaque,
-        DeclaredProtocol::Http if authn.alpn_h2 => Inner::Http(http::ServeVersion::Http2),
+        // A peer sidecar speaks HTTP/2 on its pooled connections and
+        // HTTP/1.1 on a tunnel's own connection (`tunnel`): the first bytes
+        // tell which.
+        DeclaredProtocol::Http if authn.alpn_h2 => {
+            let (p, rewound) =
+                detect::detect_stream(authn.stream, limits.http.detect_timeout, Direction::Inbound)
+                    .await?;
+            authn.stream = Box::new(rewound);
+            match p {
+                Protocol::Http1 => Inner::Http(http::ServeVersion::Http1),
+                Protocol::Http2 | Protocol::Tls | Protocol::Opaque => {
+                    Inner::Http(http::ServeVersion::Http2)
+                }
+            }
+        }
         DeclaredProtocol::Http => Inner::Http(http::ServeVersion::Auto),
         DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(http::ServeVersion::Http2),
         DeclaredProtocol::Detect => {

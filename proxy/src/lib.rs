@@ -6,13 +6,15 @@
 //! authenticate the peer) -> `authz` (inbound: obtain a permit, per
 //! connection or, in `http`, per request) -> `forward` (splice bytes) or
 //! `http` (proxy requests). Outbound HTTP/1.1 rides pooled HTTP/2
-//! connections between sidecars (`pool`). `inbound` and `outbound` chain the
+//! connections between sidecars (`pool`); `Upgrade` and `CONNECT` become
+//! tunnels on connections of their own (`tunnel`). `inbound` and `outbound` chain the
 //! stages; `server` binds and drains; `admin` serves health and metrics.
 
 pub mod accept;
 pub mod access;
 pub mod admin;
 pub mod authz;
+pub mod body;
 pub mod config;
 pub mod detect;
 pub mod drain;
@@ -27,6 +29,7 @@ pub mod pool;
 pub mod server;
 pub mod smuggling;
 pub mod tls;
+pub mod tunnel;
 
 pub use config::ProxyConfig;
 pub use server::{BoundProxy, bind};

@@ -162,10 +162,16 @@ impl<S> SmugglingGuard<S> {
 
 /// Decides the framing of the body after `head`, blanking the
 /// Transfer-Encoding value when Content-Length is present too.
+///
+/// A request that may switch protocols (`Upgrade`, `CONNECT`) ends the
+/// watch: what follows may be a tunnel's bytes. The sidecar answers such a
+/// request with `Connection: close` unless it switched (`http`, `pool`), so
+/// no request follows on the unwatched stream.
 fn framing(head: &mut [u8]) -> State {
     let mut content_length: Option<Option<u64>> = None;
     let mut te_values = Vec::new();
     let mut chunked = false;
+    let mut may_switch = head.starts_with(b"CONNECT ");
     let mut pos = 0;
     for line in head.split(|b| *b == b'\n') {
         let start = pos;
@@ -177,6 +183,9 @@ fn framing(head: &mut [u8]) -> State {
         let value = line[colon + 1..].trim_ascii();
         if name.eq_ignore_ascii_case(b"content-length") {
             content_length = Some(std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()));
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            // `h2c` is never switched to (`tunnel`): keep watching.
+            may_switch |= !value.eq_ignore_ascii_case(b"h2c");
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             let end = start + line.len() - usize::from(line.ends_with(b"\r"));
             te_values.push(start + colon + 1..end);
@@ -193,6 +202,7 @@ fn framing(head: &mut [u8]) -> State {
             }
             State::PassThrough
         }
+        _ if may_switch => State::PassThrough,
         (None, false) if chunked => State::ChunkSize,
         (None, false) => State::PassThrough,
         (Some(Some(0)), true) | (None, true) => State::Head,
@@ -342,6 +352,27 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn tunnel_bytes_after_an_upgrade_or_connect_head_pass_untouched() {
+        // Frames that never contain a blank line must not be held as a head.
+        let frames = [0x81u8, 0x85, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+        for head in [
+            &b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
+            b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n",
+        ] {
+            let mut input = head.to_vec();
+            input.extend_from_slice(&frames);
+            for step in [1, 3, 4096] {
+                assert_eq!(run(&input, step), input, "step {step}");
+            }
+        }
+        // Conflicting framing is still refused on a tunnel request.
+        let evil = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(
+            String::from_utf8_lossy(&run(evil, 4096)).contains("Transfer-Encoding:        \r\n")
+        );
     }
 
     #[test]

@@ -209,7 +209,13 @@ pub fn has_grpcio() -> bool {
 }
 
 /// A gRPC server (grpcio, generic handlers, raw bytes): `/demo.Greeter/Hello`
-/// and `/demo.Greeter/Secret` answer `hello <request>`.
+/// and `/demo.Greeter/Secret` answer `hello <request>`; `Whoami` answers the
+/// `x-forwarded-client-cert` it received (`-` when absent); `Fail` fails
+/// with NOT_FOUND; `Count` and `SecretCount` stream `1..=<request>` with
+/// trailer `x-trailer: counted` and initial metadata `x-meta-seen` (the
+/// caller's `x-meta`); `CountFail` streams two messages, then fails with
+/// RESOURCE_EXHAUSTED; `Chat` and `SecretChat` answer each message with
+/// `re:<message>`, trailer `x-trailer: chatted`.
 pub fn grpc_server(port: u16) -> Vec<String> {
     script(GRPC_SERVER, [port.to_string()])
 }
@@ -226,8 +232,33 @@ from concurrent import futures
 import grpc
 def hello(req, ctx):
     return b"hello " + req
+def count(req, ctx):
+    seen = dict(ctx.invocation_metadata()).get("x-meta", "-")
+    ctx.send_initial_metadata((("x-meta-seen", seen),))
+    for i in range(1, int(req) + 1):
+        yield str(i).encode()
+    ctx.set_trailing_metadata((("x-trailer", "counted"),))
+def count_fail(req, ctx):
+    yield b"1"
+    yield b"2"
+    ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota gone")
+def chat(reqs, ctx):
+    for r in reqs:
+        yield b"re:" + r
+    ctx.set_trailing_metadata((("x-trailer", "chatted"),))
+def fail(req, ctx):
+    ctx.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")
+def whoami(req, ctx):
+    return dict(ctx.invocation_metadata()).get("x-forwarded-client-cert", "-").encode()
 handlers = {m: grpc.unary_unary_rpc_method_handler(hello) for m in ("Hello", "Secret")}
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+handlers["Fail"] = grpc.unary_unary_rpc_method_handler(fail)
+handlers["Whoami"] = grpc.unary_unary_rpc_method_handler(whoami)
+for m in ("Count", "SecretCount"):
+    handlers[m] = grpc.unary_stream_rpc_method_handler(count)
+handlers["CountFail"] = grpc.unary_stream_rpc_method_handler(count_fail)
+for m in ("Chat", "SecretChat"):
+    handlers[m] = grpc.stream_stream_rpc_method_handler(chat)
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
 server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Greeter", handlers),))
 server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
 server.start()
@@ -243,4 +274,154 @@ with grpc.insecure_channel(sys.argv[1]) as ch:
         print("OK", reply.decode())
     except grpc.RpcError as e:
         print("ERR", e.code().name, e.details())
+"#;
+
+/// A gRPC client for every call shape: `kind` is `unary`, `server`
+/// (server-streaming) or `bidi`; `messages` are the request messages (one
+/// for `unary` and `server`). It sends metadata `x-meta: from-client`; a
+/// bidi call sends each message only after the reply to the previous one
+/// (so nothing may be buffered to the end of a stream). Prints `MSG <reply>`
+/// per reply, then `STATUS <code name> <details>`, `INITIAL <key> <value>`
+/// and `TRAILER <key> <value>` lines.
+pub fn grpc_call(addr: SocketAddr, method: &str, kind: &str, messages: &[&str]) -> Vec<String> {
+    script(
+        GRPC_CALL,
+        [addr.to_string(), method.to_owned(), kind.to_owned()]
+            .into_iter()
+            .chain(messages.iter().map(|m| (*m).to_owned())),
+    )
+}
+
+const GRPC_CALL: &str = r#"
+import queue, sys
+import grpc
+addr, method, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+msgs = [m.encode() for m in sys.argv[4:]]
+md = (("x-meta", "from-client"),)
+replied = queue.Queue()
+def ping_pong():
+    for m in msgs:
+        yield m
+        replied.get(timeout=10)
+with grpc.insecure_channel(addr) as ch:
+    try:
+        if kind == "unary":
+            reply, call = ch.unary_unary(method).with_call(msgs[0], timeout=10, metadata=md)
+            print("MSG", reply.decode())
+        else:
+            if kind == "server":
+                call = ch.unary_stream(method)(msgs[0], timeout=10, metadata=md)
+            else:
+                call = ch.stream_stream(method)(ping_pong(), timeout=10, metadata=md)
+            for r in call:
+                print("MSG", r.decode(), flush=True)
+                replied.put(1)
+        code, details = call.code(), call.details()
+    except grpc.RpcError as e:
+        call, code, details = e, e.code(), e.details()
+    print("STATUS", code.name, details or "")
+    for k, v in call.initial_metadata() or ():
+        print("INITIAL", k, v)
+    for k, v in call.trailing_metadata() or ():
+        print("TRAILER", k, v)
+"#;
+
+/// A raw-socket HTTP/1.1 app for tunnels (one request per connection),
+/// printing `<request line> xfcc=<x-forwarded-client-cert or ->` for each:
+/// - an RFC 6455 WebSocket upgrade gets 101; each masked frame it receives
+///   is answered `echo:<payload>`, and after the client half-closes, one
+///   last frame `bye`, then it closes;
+/// - `CONNECT <target>` gets 200, as a proxy would; then, if the client
+///   sends an HTTP request inside, it answers `tunneled to <target>: <its
+///   request line>`; otherwise it echoes bytes until the client
+///   half-closes, then sends `<eof:<target>>` and closes;
+/// - anything else gets 200 `plain`.
+pub fn tunnel_app(port: u16) -> Vec<String> {
+    script(TUNNEL_APP, [port.to_string()])
+}
+
+const TUNNEL_APP: &str = r#"
+import base64, hashlib, socket, sys, threading
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+class Conn:
+    def __init__(self, sock):
+        self.sock, self.buf = sock, b""
+    def fill(self):
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+    def until(self, sep):
+        while sep not in self.buf:
+            if not self.fill():
+                return None
+        out, self.buf = self.buf.split(sep, 1)
+        return out
+    def take(self, n):
+        while len(self.buf) < n:
+            if not self.fill():
+                return None
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+def frame(payload, opcode=1):
+    n = len(payload)
+    size = bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big")
+    return bytes([0x80 | opcode]) + size + payload
+def websocket(c, headers):
+    key = headers.get("sec-websocket-key", "").encode()
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest()).decode()
+    c.sock.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Accept: %s\r\n\r\n" % accept).encode())
+    while True:
+        head = c.take(2)
+        if head is None:
+            c.sock.sendall(frame(b"bye"))
+            return
+        n = head[1] & 0x7F
+        if n == 126:
+            n = int.from_bytes(c.take(2), "big")
+        mask = c.take(4)
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(c.take(n)))
+        if head[0] & 0x0F == 8:
+            c.sock.sendall(frame(payload, 8))
+            return
+        c.sock.sendall(frame(b"echo:" + payload))
+def connect(c, target):
+    c.sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    while len(c.buf) < 4 and c.fill():
+        pass
+    if c.buf.startswith(b"GET "):
+        line = c.until(b"\r\n\r\n").split(b"\r\n")[0].decode()
+        body = ("tunneled to %s: %s" % (target, line)).encode()
+        c.sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        return
+    while True:
+        if c.buf:
+            c.sock.sendall(c.buf)
+            c.buf = b""
+        if not c.fill():
+            break
+    c.sock.sendall(b"<eof:" + target.encode() + b">")
+def serve(sock):
+    with sock:
+        c = Conn(sock)
+        head = c.until(b"\r\n\r\n")
+        if head is None:
+            return
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for l in lines[1:]:
+            k, _, v = l.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        print(lines[0], "xfcc=" + headers.get("x-forwarded-client-cert", "-"), flush=True)
+        method, target = lines[0].split(" ")[:2]
+        if method == "CONNECT":
+            connect(c, target)
+        elif headers.get("upgrade", "").lower() == "websocket":
+            websocket(c, headers)
+        else:
+            c.sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nplain")
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])), backlog=128)
+while True:
+    sock, _ = srv.accept()
+    threading.Thread(target=serve, args=(sock,), daemon=True).start()
 "#;

@@ -209,6 +209,21 @@ impl Sidecar {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Polls until the process has exited; its status, or `None` if it is
+    /// still running after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Sidecar {
