@@ -272,6 +272,11 @@ pub struct PortConfig {
     /// Whether plaintext is accepted beside mTLS.
     #[serde(default)]
     pub mode: PortMode,
+    /// Also accept mTLS clients whose certificate has no SPIFFE ID but a
+    /// DNS SAN (an ingress), when it chains to the CA of our trust domain.
+    /// Widens the handshake; only `dns:` principal rules admit such a peer.
+    #[serde(default)]
+    pub allow_dns_san_clients: bool,
 }
 
 /// A port's declared protocol.
@@ -700,6 +705,16 @@ impl Config {
                 ));
             }
         }
+        for (i, port) in self.inbound.ports.iter().enumerate() {
+            if port.allow_dns_san_clients && port.allowed_peers.is_some() {
+                p.push((
+                    format!("inbound.ports[{i}].allow_dns_san_clients"),
+                    "`allowed_peers` lists SPIFFE IDs, which a DNS-SAN client never has; \
+                     admit it with a `dns:` principal in `inbound.policies`"
+                        .into(),
+                ));
+            }
+        }
         if !self.inbound.policies.is_empty() {
             for (i, port) in self.inbound.ports.iter().enumerate() {
                 if port.allowed_peers.is_some() {
@@ -843,6 +858,7 @@ impl Config {
                             PortMode::Strict => pc::TlsMode::Strict,
                             PortMode::Permissive => pc::TlsMode::PermissiveAllowPlaintext,
                         },
+                        allow_dns_san_clients: p.allow_dns_san_clients,
                     })
                     .collect(),
                 xfcc: match self.inbound.xfcc {

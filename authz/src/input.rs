@@ -41,12 +41,92 @@ pub fn xfcc_element(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Option<
 }
 
 /// "Values containing `,` `;` `=` must be double-quoted; `"` inside escaped
-/// as `\"`" (Envoy XFCC).
+/// as `\"`" (Envoy XFCC). A backslash inside a quoted value is escaped too,
+/// so that [`parse_xfcc`] reads back exactly what was written. (Verified
+/// SPIFFE IDs, host names and hashes never need quoting.)
 fn xfcc_value(v: &str) -> String {
-    if v.contains([',', ';', '=', '"']) {
-        format!("\"{}\"", v.replace('"', "\\\""))
+    if v.contains([',', ';', '=', '"', '\\']) {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
     } else {
         v.to_owned()
+    }
+}
+
+/// One XFCC element: its `key=value` pairs in order, values unquoted.
+pub type XfccElement = Vec<(String, String)>;
+
+/// Why an XFCC header could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum XfccError {
+    /// A pair has no `=`.
+    #[error("XFCC pair {0:?} has no '='")]
+    NoEquals(String),
+    /// A quoted value is not closed.
+    #[error("XFCC value has an unterminated quote")]
+    UnterminatedQuote,
+    /// Text follows a closing quote before the next `;` or `,`.
+    #[error("XFCC value has text after its closing quote")]
+    TextAfterQuote,
+}
+
+/// Reads an `x-forwarded-client-cert` header in Envoy's format: elements
+/// separated by `,`, pairs by `;`, `key=value` with optionally quoted values
+/// (`\"` and `\\` escaped inside quotes). The inverse of the element the
+/// inbound sidecar sets, for apps and tests that read it.
+pub fn parse_xfcc(header: &str) -> Result<Vec<XfccElement>, XfccError> {
+    let mut elements = Vec::new();
+    let mut element = Vec::new();
+    let mut chars = header.chars().peekable();
+    loop {
+        // One pair: key up to '=', then a plain or quoted value.
+        let mut key = String::new();
+        loop {
+            match chars.peek() {
+                Some('=') => break,
+                Some(',' | ';') | None => return Err(XfccError::NoEquals(key)),
+                Some(&c) => {
+                    key.push(c);
+                    chars.next();
+                }
+            }
+        }
+        chars.next(); // the '='
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err(XfccError::UnterminatedQuote),
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => return Err(XfccError::UnterminatedQuote),
+                    },
+                    Some(c) => value.push(c),
+                }
+            }
+            if !matches!(chars.peek(), Some(',' | ';') | None) {
+                return Err(XfccError::TextAfterQuote);
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' || c == ';' {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        element.push((key.trim().to_owned(), value));
+        match chars.next() {
+            Some(';') => {}
+            Some(',') => elements.push(std::mem::take(&mut element)),
+            // Invariant: the value loops stop only at ',', ';' or the end.
+            Some(_) | None => {
+                elements.push(element);
+                return Ok(elements);
+            }
+        }
     }
 }
 
