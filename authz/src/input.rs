@@ -260,3 +260,85 @@ fn forwarded_path(req: &RequestInfo<'_>) -> String {
         None => req.path.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_identity::SpiffeId;
+
+    fn req<'a>(headers: &'a http::HeaderMap, local: &'a SpiffeId) -> RequestInfo<'a> {
+        RequestInfo {
+            method: &http::Method::GET,
+            authority: "app2",
+            path: "/",
+            raw_path_and_query: "/",
+            query: None,
+            headers,
+            protocol: crate::HttpProtocol::Http11,
+            scheme: "https",
+            grpc_method: None,
+            source: "10.0.0.1:4000".parse().unwrap(),
+            destination: "10.0.0.2:8080".parse().unwrap(),
+            local_identity: Some(local),
+            peer_cert_sha256: Some("ab12"),
+        }
+    }
+
+    #[test]
+    fn xfcc_of_a_dns_only_peer_has_dns_and_no_uri() {
+        let h = http::HeaderMap::new();
+        let local = SpiffeId::parse("spiffe://example.org/app2").unwrap();
+        let dns = vec!["ingress-nginx.ext.cluster.local".to_string()];
+        let conn = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080).with_peer_dns(&dns);
+        let x = xfcc_element(&conn, &req(&h, &local)).unwrap();
+        assert_eq!(
+            x,
+            "By=spiffe://example.org/app2;Hash=ab12;DNS=ingress-nginx.ext.cluster.local"
+        );
+        assert_eq!(principal(&conn), Some("ingress-nginx.ext.cluster.local"));
+        // Unauthenticated: no element at all.
+        let plain = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080);
+        assert_eq!(xfcc_element(&plain, &req(&h, &local)), None);
+    }
+
+    #[test]
+    fn xfcc_values_that_need_quoting_read_back_unchanged() {
+        let h = http::HeaderMap::new();
+        let local = SpiffeId::parse("spiffe://example.org/app2").unwrap();
+        let dns = vec![
+            "a;URI=spiffe://example.org/admin".to_string(),
+            "b,\"c\\".to_string(),
+        ];
+        let conn = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080).with_peer_dns(&dns);
+        let x = xfcc_element(&conn, &req(&h, &local)).unwrap();
+        let parsed = parse_xfcc(&x).unwrap();
+        assert_eq!(parsed.len(), 1, "{x}");
+        let kv: Vec<(&str, &str)> = parsed[0]
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            kv,
+            [
+                ("By", "spiffe://example.org/app2"),
+                ("Hash", "ab12"),
+                ("DNS", "a;URI=spiffe://example.org/admin"),
+                ("DNS", "b,\"c\\"),
+            ]
+        );
+    }
+
+    #[test]
+    fn xfcc_parser_reads_envoy_headers_and_refuses_broken_ones() {
+        let two = parse_xfcc(
+            "By=spiffe://a/x;Hash=01;URI=spiffe://a/y,By=spiffe://a/z;Subject=\"CN=x,O=y\"",
+        )
+        .unwrap();
+        assert_eq!(two.len(), 2);
+        assert_eq!(two[1][1], ("Subject".into(), "CN=x,O=y".into()));
+        assert_eq!(parse_xfcc("By"), Err(XfccError::NoEquals("By".into())));
+        assert_eq!(parse_xfcc("By=\"x"), Err(XfccError::UnterminatedQuote));
+        assert_eq!(parse_xfcc("By=\"x\"y"), Err(XfccError::TextAfterQuote));
+        assert_eq!(parse_xfcc("By=x;"), Err(XfccError::NoEquals(String::new())));
+    }
+}
