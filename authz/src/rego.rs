@@ -132,7 +132,7 @@ impl RegoEngine {
         self.put_back(engine);
         match result {
             Ok(v) => self.read_result(&v),
-            Err(_) if elapsed >= self.timeout => RegoOutcome::Timeout,
+            Err(e) if is_time_limit(e.chain()) || elapsed >= self.timeout => RegoOutcome::Timeout,
             Err(e) => RegoOutcome::Error(e.to_string()),
         }
     }
@@ -180,6 +180,22 @@ impl RegoEngine {
             Err(e) => RegoOutcome::Error(e),
         }
     }
+}
+
+/// Whether regorus stopped the evaluation at its execution timer. The
+/// timer is cooperative: the interpreter checks it every few statements,
+/// loop iterations and comprehension steps, so a runaway loop stops within
+/// about the limit; one builtin call (a huge `numbers.range`, a regex on a
+/// long string) runs to its end before the next check.
+fn is_time_limit<'e>(
+    mut causes: impl Iterator<Item = &'e (dyn std::error::Error + 'static)>,
+) -> bool {
+    causes.any(|c| {
+        matches!(
+            c.downcast_ref::<regorus::LimitError>(),
+            Some(regorus::LimitError::TimeLimitExceeded { .. })
+        )
+    })
 }
 
 fn read_any_true(v: &Value) -> Result<RegoOutcome, String> {
