@@ -981,6 +981,33 @@ listeners:
     }
 
     #[test]
+    fn dns_san_clients_are_a_per_port_opt_in() {
+        let text = "
+identity:
+  files: {cert: a, key: b, bundle: c}
+transparent: {}
+inbound:
+  ports:
+    - {port: 8080, allow_dns_san_clients: true}
+    - {port: 8081}
+";
+        let c = Config::parse("pod.yaml", text).unwrap();
+        assert!(c.inbound.ports[0].allow_dns_san_clients);
+        assert!(!c.inbound.ports[1].allow_dns_san_clients, "off by default");
+        let pinned = "
+identity:
+  files: {cert: a, key: b, bundle: c}
+transparent: {}
+inbound:
+  ports:
+    - {port: 8080, allow_dns_san_clients: true, allowed_peers: [\"spiffe://example.org/x\"]}
+";
+        let e = Config::parse("pod.yaml", pinned).unwrap_err().to_string();
+        assert!(e.contains("inbound.ports[0].allow_dns_san_clients"), "{e}");
+        assert!(e.contains("dns:"), "{e}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(
             duration::parse("250ms").unwrap(),

@@ -113,17 +113,13 @@ impl RegoEngine {
         req: Option<&RequestInfo<'_>>,
     ) -> RegoOutcome {
         match req {
-            Some(req) => self.evaluate(&crate::input::build(conn, req)),
+            Some(req) => self.evaluate(crate::input::build_rego(conn, req)),
             None => RegoOutcome::NotHttp,
         }
     }
 
     /// Evaluates the query against an input document.
-    pub(crate) fn evaluate(&self, input: &Value) -> RegoOutcome {
-        let input = match regorus::Value::deserialize(input) {
-            Ok(v) => v,
-            Err(e) => return RegoOutcome::Error(format!("input: {e}")),
-        };
+    pub(crate) fn evaluate(&self, input: regorus::Value) -> RegoOutcome {
         let mut engine = self.take();
         engine.set_input(input);
         let start = Instant::now();
@@ -164,8 +160,14 @@ impl RegoEngine {
     }
 
     fn read_result(&self, v: &regorus::Value) -> RegoOutcome {
-        if *v == regorus::Value::Undefined {
-            return RegoOutcome::Error("decision is undefined".into());
+        match v {
+            regorus::Value::Undefined => {
+                return RegoOutcome::Error("decision is undefined".into());
+            }
+            // The common answer needs no JSON: a plain boolean means the
+            // same in both result forms.
+            regorus::Value::Bool(b) => return bool_outcome(*b),
+            _ => {}
         }
         let json = match serde_json::to_value(v) {
             Ok(j) => j,
@@ -196,6 +198,18 @@ fn is_time_limit<'e>(
             Some(regorus::LimitError::TimeLimitExceeded { .. })
         )
     })
+}
+
+fn bool_outcome(allowed: bool) -> RegoOutcome {
+    if allowed {
+        RegoOutcome::Allowed(None)
+    } else {
+        RegoOutcome::Denied(Box::new(DenyResponse {
+            status: http::StatusCode::FORBIDDEN,
+            body: String::new(),
+            headers: Vec::new(),
+        }))
+    }
 }
 
 fn read_any_true(v: &Value) -> Result<RegoOutcome, String> {
