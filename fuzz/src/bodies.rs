@@ -20,9 +20,12 @@ use rampart_proxy::detect::{self, MAX_DETECT_BYTES, Protocol, Verdict};
 use rampart_proxy::smuggling::SmugglingGuard;
 use tokio::io::{AsyncRead, ReadBuf};
 
+/// A target's body.
+pub type Body = fn(&[u8]);
+
 /// The targets, by name: the name of the `fuzz/fuzz_targets/` file and of
 /// the `fuzz/seeds/` folder.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("spiffe_id", spiffe_id),
     ("xfcc", xfcc),
     ("normalize_path", normalize),
