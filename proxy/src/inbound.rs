@@ -118,7 +118,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             tls::allow_plaintext(accepted)
         };
         if let Some(p) = &authn.peer {
-            tracing::Span::current().record("peer.id", p.principal());
+            tracing::Span::current().record("peer.id", field::display(p.principal()));
         }
         // Stage: detect inside TLS (or on the plaintext stream).
         let (protocol, authn) = match detect_inner(authn, settings.protocol, limits).await {

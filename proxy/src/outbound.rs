@@ -135,7 +135,7 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
                 }
             };
         metrics::handshake(Direction::Outbound, "ok");
-        tracing::Span::current().record("peer.id", peer.principal());
+        tracing::Span::current().record("peer.id", field::display(peer.principal()));
         match forward::splice(accepted.stream, tls_stream).await {
             Ok(t) => {
                 metrics::bytes(Direction::Outbound, t.to_target, t.to_client);
