@@ -13,7 +13,8 @@ use rampart_identity::{SpiffeId, TrustDomain};
 pub enum CaCommand {
     /// Create a development CA for a trust domain.
     Init(InitArgs),
-    /// Issue an X.509-SVID from a development CA.
+    /// Issue an X.509-SVID from a development CA, or with `--dns` and no
+    /// `--spiffe-id` a DNS-SAN client certificate (an ingress outside the mesh).
     Issue(IssueArgs),
 }
 
@@ -37,16 +38,19 @@ pub struct IssueArgs {
     /// Directory of the CA.
     #[arg(long, default_value = "rampart-ca")]
     pub dir: PathBuf,
-    /// The SPIFFE ID to issue.
-    #[arg(long)]
-    pub spiffe_id: SpiffeId,
-    /// Extra DNS SANs (for example for an ingress certificate).
+    /// The SPIFFE ID to issue. Without it, `--dns` names the only SANs of
+    /// a client certificate that is not an SVID.
+    #[arg(long, required_unless_present = "dns")]
+    pub spiffe_id: Option<SpiffeId>,
+    /// DNS SANs: extra SANs of the SVID, or, without `--spiffe-id`, the
+    /// only SANs of a client certificate (for example an ingress's).
     #[arg(long)]
     pub dns: Vec<String>,
     /// Validity, e.g. `24h`.
     #[arg(long, default_value = "24h", value_parser = crate::config::duration::parse)]
     pub ttl: Duration,
-    /// Directory to write `svid.pem`, `svid.key` and `bundle.pem` into.
+    /// Directory to write `svid.pem`, `svid.key` and `bundle.pem` into
+    /// (`cert.pem`, `cert.key` and `bundle.pem` for a DNS-SAN certificate).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -71,20 +75,28 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
         }
         CaCommand::Issue(a) => {
             let ca = DevCa::load(&a.dir)?;
-            if a.spiffe_id.trust_domain() != ca.trust_domain() {
-                anyhow::bail!(
-                    "{} is not in the CA's trust domain {}",
-                    a.spiffe_id,
-                    ca.trust_domain()
-                );
-            }
-            let issued = ca.issue_with(&a.spiffe_id, a.ttl, &a.dns)?;
             std::fs::create_dir_all(&a.out)
                 .with_context(|| format!("creating {}", a.out.display()))?;
+            let Some(id) = &a.spiffe_id else {
+                let issued = ca.issue_dns_client(&a.dns, a.ttl)?;
+                write(&a.out.join("cert.pem"), &issued.chain_pem, 0o644)?;
+                write(&a.out.join("cert.key"), &issued.key_pem, 0o600)?;
+                write(&a.out.join("bundle.pem"), ca.cert_pem(), 0o644)?;
+                println!(
+                    "issued a DNS-SAN client certificate for {} into {}",
+                    a.dns.join(", "),
+                    a.out.display()
+                );
+                return Ok(());
+            };
+            if id.trust_domain() != ca.trust_domain() {
+                anyhow::bail!("{id} is not in the CA's trust domain {}", ca.trust_domain());
+            }
+            let issued = ca.issue_with(id, a.ttl, &a.dns)?;
             write(&a.out.join("svid.pem"), &issued.chain_pem, 0o644)?;
             write(&a.out.join("svid.key"), &issued.key_pem, 0o600)?;
             write(&a.out.join("bundle.pem"), ca.cert_pem(), 0o644)?;
-            println!("issued {} into {}", a.spiffe_id, a.out.display());
+            println!("issued {id} into {}", a.out.display());
         }
     }
     Ok(())

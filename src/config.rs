@@ -280,6 +280,11 @@ pub struct PortConfig {
     /// Whether plaintext is accepted beside mTLS.
     #[serde(default)]
     pub mode: PortMode,
+    /// Also accept mTLS clients whose certificate has no SPIFFE ID but a
+    /// DNS SAN (an ingress), when it chains to the CA of our trust domain.
+    /// Widens the handshake; only `dns:` principal rules admit such a peer.
+    #[serde(default)]
+    pub allow_dns_san_clients: bool,
 }
 
 /// A port's declared protocol.
@@ -735,6 +740,16 @@ impl Config {
                 ));
             }
         }
+        for (i, port) in self.inbound.ports.iter().enumerate() {
+            if port.allow_dns_san_clients && port.allowed_peers.is_some() {
+                p.push((
+                    format!("inbound.ports[{i}].allow_dns_san_clients"),
+                    "`allowed_peers` lists SPIFFE IDs, which a DNS-SAN client never has; \
+                     admit it with a `dns:` principal in `inbound.policies`"
+                        .into(),
+                ));
+            }
+        }
         if !self.inbound.policies.is_empty() {
             for (i, port) in self.inbound.ports.iter().enumerate() {
                 if port.allowed_peers.is_some() {
@@ -901,6 +916,7 @@ impl Config {
                             PortMode::Strict => pc::TlsMode::Strict,
                             PortMode::Permissive => pc::TlsMode::PermissiveAllowPlaintext,
                         },
+                        allow_dns_san_clients: p.allow_dns_san_clients,
                     })
                     .collect(),
                 xfcc: match self.inbound.xfcc {
@@ -1048,6 +1064,33 @@ limits: {http_pool_max_connections: 0, http_idle_timeout: 0s}
         let c = Config::parse("x.yaml", MINIMAL).unwrap();
         assert_eq!(c.limits.http_pool_max_connections, 1024);
         assert_eq!(c.limits.http_idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn dns_san_clients_are_a_per_port_opt_in() {
+        let text = "
+identity:
+  files: {cert: a, key: b, bundle: c}
+transparent: {}
+inbound:
+  ports:
+    - {port: 8080, allow_dns_san_clients: true}
+    - {port: 8081}
+";
+        let c = Config::parse("pod.yaml", text).unwrap();
+        assert!(c.inbound.ports[0].allow_dns_san_clients);
+        assert!(!c.inbound.ports[1].allow_dns_san_clients, "off by default");
+        let pinned = "
+identity:
+  files: {cert: a, key: b, bundle: c}
+transparent: {}
+inbound:
+  ports:
+    - {port: 8080, allow_dns_san_clients: true, allowed_peers: [\"spiffe://example.org/x\"]}
+";
+        let e = Config::parse("pod.yaml", pinned).unwrap_err().to_string();
+        assert!(e.contains("inbound.ports[0].allow_dns_san_clients"), "{e}");
+        assert!(e.contains("dns:"), "{e}");
     }
 
     #[test]

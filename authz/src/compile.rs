@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use rampart_identity::SpiffeId;
 
 use crate::model::{
-    Action, Condition, DataKey, DataRef, HostPattern, NativePolicy, PathPattern, PrincipalPattern,
-    Rule, TemplateSegment,
+    Action, Condition, DataKey, DataRef, HostPattern, NativePolicy, PathMatcher, PathPattern,
+    PrincipalPattern, Rule, TemplateSegment,
 };
 use crate::normalize::NormalizeOptions;
 use crate::rego::RegoEngine;
@@ -161,26 +161,32 @@ pub(crate) fn method_bit(m: &http::Method) -> Option<u16> {
     STANDARD.iter().position(|s| s == m).map(|i| 1 << i)
 }
 
-/// Path patterns by kind.
+/// Path patterns by kind. Case-insensitive entries are rare, so they are
+/// scanned rather than hashed.
 #[derive(Debug, Default)]
 pub(crate) struct PathSet {
     pub any: bool,
     pub exact: HashSet<Box<str>>,
-    pub prefixes: Vec<Box<str>>,
-    pub templates: Vec<Vec<TemplateSegment>>,
+    pub exact_ignore_case: Vec<Box<str>>,
+    /// Prefix, and whether it ignores case.
+    pub prefixes: Vec<(Box<str>, bool)>,
+    /// Template, and whether it ignores case.
+    pub templates: Vec<(Vec<TemplateSegment>, bool)>,
 }
 
 impl PathSet {
-    pub fn new<'p>(patterns: impl IntoIterator<Item = &'p PathPattern>) -> Self {
+    pub fn new<'p>(matchers: impl IntoIterator<Item = &'p PathMatcher>) -> Self {
         let mut set = PathSet::default();
-        for p in patterns {
-            match p {
+        for m in matchers {
+            let ic = m.ignore_case;
+            match &m.pattern {
                 PathPattern::Any => set.any = true,
+                PathPattern::Exact(s) if ic => set.exact_ignore_case.push(s.as_str().into()),
                 PathPattern::Exact(s) => {
                     set.exact.insert(s.as_str().into());
                 }
-                PathPattern::Prefix(s) => set.prefixes.push(s.as_str().into()),
-                PathPattern::Template(t) => set.templates.push(t.clone()),
+                PathPattern::Prefix(s) => set.prefixes.push((s.as_str().into(), ic)),
+                PathPattern::Template(t) => set.templates.push((t.clone(), ic)),
             }
         }
         set

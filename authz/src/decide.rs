@@ -106,7 +106,8 @@ pub(crate) fn decide(
             consulted: None,
         });
     }
-    match (c.default, conn.is_authenticated()) {
+    // A DNS-only peer is not "any authenticated" workload (see `eval`).
+    match (c.default, conn.peer.is_some()) {
         (DefaultAction::AllowAnyAuthenticated, true) => Decision::Allow(Permit {
             policy: Arc::from("default"),
             rule: Arc::from("allow_any_authenticated"),

@@ -35,7 +35,7 @@ impl CRule {
         if req.is_none() && self.needs_http && side == Side::Admit {
             return Err(Miss::NotHttp);
         }
-        self.check_from(conn, req)?;
+        self.check_from(conn, req, side)?;
         if let Some(ports) = &self.ports
             && !ports.contains(&conn.dest_port)
         {
@@ -54,8 +54,22 @@ impl CRule {
         &self,
         conn: &ConnectionInfo<'_>,
         req: Option<&RequestInfo<'_>>,
+        side: Side,
     ) -> Result<(), Miss> {
         if conn.is_authenticated() {
+            // A peer known only by DNS SANs (an ingress admitted by
+            // `allow_dns_san_clients`) is not a mesh workload: only a rule
+            // that names it (a `dns:` principal) admits it. A rule without
+            // principals means any workload, and widening it silently when
+            // a port opts in would open the port to every DNS certificate
+            // the mesh CA ever issued. DENY rules still apply to it.
+            if conn.peer.is_none()
+                && side == Side::Admit
+                && self.principals.is_none()
+                && self.from_data.is_none()
+            {
+                return Err(Miss::Principal);
+            }
             if let Some(set) = &self.principals
                 && !set.matches(conn)
             {
@@ -156,7 +170,9 @@ impl CRule {
 impl PrincipalSet {
     /// Whether the authenticated peer matches (its SPIFFE ID or a DNS SAN).
     pub fn matches(&self, conn: &ConnectionInfo<'_>) -> bool {
-        if self.any {
+        // `*` is any SPIFFE workload; a DNS-only peer must be named by a
+        // `dns:` pattern.
+        if self.any && conn.peer.is_some() {
             return true;
         }
         if let Some(id) = conn.peer {
@@ -226,17 +242,27 @@ impl PathSet {
     fn matches(&self, path: &str) -> bool {
         self.any
             || self.exact.contains(path)
-            || self.prefixes.iter().any(|p| path.starts_with(&**p))
+            || self
+                .exact_ignore_case
+                .iter()
+                .any(|e| e.eq_ignore_ascii_case(path))
+            || self.prefixes.iter().any(|(p, ic)| {
+                if *ic {
+                    starts_with_ignore_case(path, p)
+                } else {
+                    path.starts_with(&**p)
+                }
+            })
             || self
                 .templates
                 .iter()
-                .any(|t| template_matches(t, path.strip_prefix('/')))
+                .any(|(t, ic)| template_matches(t, path.strip_prefix('/'), *ic))
     }
 }
 
 /// Matches template segments against the rest of a path (`None` once every
 /// segment is consumed).
-fn template_matches(pat: &[TemplateSegment], rest: Option<&str>) -> bool {
+fn template_matches(pat: &[TemplateSegment], rest: Option<&str>, ignore_case: bool) -> bool {
     fn next(s: &str) -> (&str, Option<&str>) {
         match s.split_once('/') {
             Some((seg, rest)) => (seg, Some(rest)),
@@ -247,22 +273,31 @@ fn template_matches(pat: &[TemplateSegment], rest: Option<&str>) -> bool {
         (None, None) => true,
         (None, Some(_)) => false,
         (Some((TemplateSegment::Many, tail)), r) => {
-            template_matches(tail, r)
+            template_matches(tail, r, ignore_case)
                 || match r {
-                    Some(s) => template_matches(pat, next(s).1),
+                    Some(s) => template_matches(pat, next(s).1, ignore_case),
                     None => false,
                 }
         }
         (Some(_), None) => false,
         (Some((TemplateSegment::One, tail)), Some(s)) => {
             let (seg, r) = next(s);
-            !seg.is_empty() && template_matches(tail, r)
+            !seg.is_empty() && template_matches(tail, r, ignore_case)
         }
         (Some((TemplateSegment::Literal(lit), tail)), Some(s)) => {
             let (seg, r) = next(s);
-            seg == lit && template_matches(tail, r)
+            let same = if ignore_case {
+                seg.eq_ignore_ascii_case(lit)
+            } else {
+                seg == lit
+            };
+            same && template_matches(tail, r, ignore_case)
         }
     }
+}
+
+fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
 fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {

@@ -9,7 +9,11 @@
 //! sidecar sends upstream (`SANITIZE_SET`, §5): whatever the client sent is
 //! replaced, and it is absent for unauthenticated peers.
 
-use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use regorus::Value as RValue;
+use serde_json::Value;
 
 use crate::eval::decode_component;
 use crate::{ConnectionInfo, RequestInfo};
@@ -41,12 +45,92 @@ pub fn xfcc_element(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Option<
 }
 
 /// "Values containing `,` `;` `=` must be double-quoted; `"` inside escaped
-/// as `\"`" (Envoy XFCC).
+/// as `\"`" (Envoy XFCC). A backslash inside a quoted value is escaped too,
+/// so that [`parse_xfcc`] reads back exactly what was written. (Verified
+/// SPIFFE IDs, host names and hashes never need quoting.)
 fn xfcc_value(v: &str) -> String {
-    if v.contains([',', ';', '=', '"']) {
-        format!("\"{}\"", v.replace('"', "\\\""))
+    if v.contains([',', ';', '=', '"', '\\']) {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
     } else {
         v.to_owned()
+    }
+}
+
+/// One XFCC element: its `key=value` pairs in order, values unquoted.
+pub type XfccElement = Vec<(String, String)>;
+
+/// Why an XFCC header could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum XfccError {
+    /// A pair has no `=`.
+    #[error("XFCC pair {0:?} has no '='")]
+    NoEquals(String),
+    /// A quoted value is not closed.
+    #[error("XFCC value has an unterminated quote")]
+    UnterminatedQuote,
+    /// Text follows a closing quote before the next `;` or `,`.
+    #[error("XFCC value has text after its closing quote")]
+    TextAfterQuote,
+}
+
+/// Reads an `x-forwarded-client-cert` header in Envoy's format: elements
+/// separated by `,`, pairs by `;`, `key=value` with optionally quoted values
+/// (`\"` and `\\` escaped inside quotes). The inverse of the element the
+/// inbound sidecar sets, for apps and tests that read it.
+pub fn parse_xfcc(header: &str) -> Result<Vec<XfccElement>, XfccError> {
+    let mut elements = Vec::new();
+    let mut element = Vec::new();
+    let mut chars = header.chars().peekable();
+    loop {
+        // One pair: key up to '=', then a plain or quoted value.
+        let mut key = String::new();
+        loop {
+            match chars.peek() {
+                Some('=') => break,
+                Some(',' | ';') | None => return Err(XfccError::NoEquals(key)),
+                Some(&c) => {
+                    key.push(c);
+                    chars.next();
+                }
+            }
+        }
+        chars.next(); // the '='
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err(XfccError::UnterminatedQuote),
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => return Err(XfccError::UnterminatedQuote),
+                    },
+                    Some(c) => value.push(c),
+                }
+            }
+            if !matches!(chars.peek(), Some(',' | ';') | None) {
+                return Err(XfccError::TextAfterQuote);
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' || c == ';' {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        element.push((key.trim().to_owned(), value));
+        match chars.next() {
+            Some(';') => {}
+            Some(',') => elements.push(std::mem::take(&mut element)),
+            // Invariant: the value loops stop only at ',', ';' or the end.
+            Some(_) | None => {
+                elements.push(element);
+                return Ok(elements);
+            }
+        }
     }
 }
 
@@ -58,107 +142,206 @@ pub fn principal<'a>(conn: &ConnectionInfo<'a>) -> Option<&'a str> {
     }
 }
 
-/// Builds the input document for one request.
+/// Builds the input document for one request, as JSON (decision logs,
+/// external authorizers). The same document as [`build_rego`].
 pub fn build(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Value {
-    let mut headers = Map::new();
+    // Serializing a regorus value cannot fail: keys are strings, numbers finite.
+    serde_json::to_value(build_rego(conn, req)).unwrap_or(Value::Null)
+}
+
+/// Builds the input document for one request directly as a regorus value,
+/// with no JSON in between: this is on the path of every Rego decision.
+pub fn build_rego(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> RValue {
+    let k = keys();
+    let mut headers = BTreeMap::new();
     for name in req.headers.keys() {
         if name.as_str() == XFCC {
             continue;
         }
         // "repeated headers merged" with ',' as Envoy does; non-UTF-8 bytes
         // are replaced rather than dropped so a policy still sees the header.
-        let joined = req
-            .headers
-            .get_all(name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect::<Vec<_>>()
-            .join(",");
-        headers.insert(name.as_str().to_owned(), Value::String(joined));
+        let mut values = req.headers.get_all(name).iter();
+        let joined: RValue = match (values.next(), values.next()) {
+            (Some(v), None) => String::from_utf8_lossy(v.as_bytes()).as_ref().into(),
+            _ => {
+                let all: Vec<_> = req
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                    .collect();
+                all.join(",").into()
+            }
+        };
+        headers.insert(RValue::from(name.as_str()), joined);
     }
     if let Some(x) = xfcc_element(conn, req) {
-        headers.insert(XFCC.to_owned(), Value::String(x));
+        headers.insert(k.xfcc.clone(), x.into());
     }
     if !req.authority.is_empty() {
         headers
-            .entry(":authority")
-            .or_insert_with(|| Value::String(req.authority.to_owned()));
+            .entry(k.h_authority.clone())
+            .or_insert_with(|| req.authority.into());
     }
-    headers.insert(
-        ":method".into(),
-        Value::String(req.method.as_str().to_owned()),
-    );
-    headers.insert(":path".into(), Value::String(forwarded_path(req)));
+    let method: RValue = req.method.as_str().into();
+    let path: RValue = forwarded_path(req).into();
+    headers.insert(k.h_method.clone(), method.clone());
+    headers.insert(k.h_path.clone(), path.clone());
     let id = req
         .headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
 
-    let parsed_path: Vec<Value> = req
+    let parsed_path: Vec<RValue> = req
         .path
         .split('/')
         .skip(1)
-        .map(|s| Value::String(decode_path_segment(s)))
+        .map(|s| RValue::from(decode_path_segment(s)))
         .collect();
-    let mut parsed_query = Map::new();
+    let mut parsed_query: BTreeMap<RValue, Vec<RValue>> = BTreeMap::new();
     for pair in req.query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let entry = parsed_query
-            .entry(decode_component(k).into_owned())
-            .or_insert_with(|| Value::Array(Vec::new()));
-        if let Value::Array(a) = entry {
-            a.push(Value::String(decode_component(v).into_owned()));
-        }
+        let (name, v) = pair.split_once('=').unwrap_or((pair, ""));
+        parsed_query
+            .entry(RValue::from(decode_component(name).as_ref()))
+            .or_default()
+            .push(RValue::from(decode_component(v).as_ref()));
     }
+    let parsed_query: BTreeMap<RValue, RValue> = parsed_query
+        .into_iter()
+        .map(|(name, vs)| (name, RValue::from(vs)))
+        .collect();
 
-    let mut source = json!({
-        "address": {"socketAddress": {
-            "address": req.source.ip().to_string(),
-            "portValue": req.source.port(),
-        }},
-    });
-    if let Some(p) = principal(conn) {
-        source["principal"] = Value::String(p.to_owned());
+    let socket = |addr: &std::net::SocketAddr| {
+        object([(
+            &k.socket_address,
+            object([
+                (&k.address, RValue::from(addr.ip().to_string())),
+                (&k.port_value, RValue::from(u64::from(addr.port()))),
+            ]),
+        )])
+    };
+    let principal = principal(conn).map(RValue::from);
+    let mut source = BTreeMap::from([(k.address.clone(), socket(&req.source))]);
+    if let Some(p) = &principal {
+        source.insert(k.principal.clone(), p.clone());
     }
-    let mut destination = json!({
-        "address": {"socketAddress": {
-            "address": req.destination.ip().to_string(),
-            "portValue": req.destination.port(),
-        }},
-    });
+    let mut destination = BTreeMap::from([(k.address.clone(), socket(&req.destination))]);
     if let Some(own) = req.local_identity {
-        destination["principal"] = Value::String(own.as_str().to_owned());
+        destination.insert(k.principal.clone(), own.as_str().into());
     }
-
-    let mut input = json!({
-        "attributes": {
-            "source": source,
-            "destination": destination,
-            "request": {"http": {
-                "id": id,
-                "method": req.method.as_str(),
-                "headers": headers,
-                "path": forwarded_path(req),
-                "host": req.authority,
-                "scheme": req.scheme,
-                "protocol": req.protocol.as_str(),
-                "size": -1,
-            }},
-        },
-        "parsed_path": parsed_path,
-        "parsed_query": parsed_query,
-        "parsed_body": Value::Null,
-        "truncated_body": false,
-        "version": {"ext_authz": "v3", "encoding": "protojson"},
-    });
-    if let Some(p) = principal(conn) {
-        input["caller"] = Value::String(p.to_owned());
+    let http = object([
+        (&k.id, RValue::from(id)),
+        (&k.method, method),
+        (&k.headers, RValue::from(headers)),
+        (&k.path, path),
+        (&k.host, RValue::from(req.authority)),
+        (&k.scheme, RValue::from(req.scheme)),
+        (&k.protocol, RValue::from(req.protocol.as_str())),
+        (&k.size, RValue::from(-1i64)),
+    ]);
+    let attributes = object([
+        (&k.source, RValue::from(source)),
+        (&k.destination, RValue::from(destination)),
+        (&k.request, object([(&k.http, http)])),
+    ]);
+    let mut input = BTreeMap::from([
+        (k.attributes.clone(), attributes),
+        (k.parsed_path.clone(), RValue::from(parsed_path)),
+        (k.parsed_query.clone(), RValue::from(parsed_query)),
+        (k.parsed_body.clone(), RValue::Null),
+        (k.truncated_body.clone(), RValue::from(false)),
+        (k.version.clone(), k.version_value.clone()),
+    ]);
+    if let Some(p) = principal {
+        input.insert(k.caller.clone(), p);
     }
     if let Some(m) = req.grpc_method {
-        input["full_method"] = Value::String(m.to_owned());
+        input.insert(k.full_method.clone(), m.into());
     }
-    input
+    RValue::from(input)
+}
+
+/// An object from fixed keys.
+fn object<const N: usize>(entries: [(&RValue, RValue); N]) -> RValue {
+    RValue::from(
+        entries
+            .into_iter()
+            .map(|(key, v)| (key.clone(), v))
+            .collect::<BTreeMap<_, _>>(),
+    )
+}
+
+/// The input's fixed keys, made once: a key costs a reference count, not
+/// an allocation, per decision.
+struct Keys {
+    attributes: RValue,
+    source: RValue,
+    destination: RValue,
+    address: RValue,
+    socket_address: RValue,
+    port_value: RValue,
+    principal: RValue,
+    request: RValue,
+    http: RValue,
+    id: RValue,
+    method: RValue,
+    headers: RValue,
+    path: RValue,
+    host: RValue,
+    scheme: RValue,
+    protocol: RValue,
+    size: RValue,
+    parsed_path: RValue,
+    parsed_query: RValue,
+    parsed_body: RValue,
+    truncated_body: RValue,
+    version: RValue,
+    version_value: RValue,
+    caller: RValue,
+    full_method: RValue,
+    xfcc: RValue,
+    h_authority: RValue,
+    h_method: RValue,
+    h_path: RValue,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| Keys {
+        attributes: "attributes".into(),
+        source: "source".into(),
+        destination: "destination".into(),
+        address: "address".into(),
+        socket_address: "socketAddress".into(),
+        port_value: "portValue".into(),
+        principal: "principal".into(),
+        request: "request".into(),
+        http: "http".into(),
+        id: "id".into(),
+        method: "method".into(),
+        headers: "headers".into(),
+        path: "path".into(),
+        host: "host".into(),
+        scheme: "scheme".into(),
+        protocol: "protocol".into(),
+        size: "size".into(),
+        parsed_path: "parsed_path".into(),
+        parsed_query: "parsed_query".into(),
+        parsed_body: "parsed_body".into(),
+        truncated_body: "truncated_body".into(),
+        version: "version".into(),
+        version_value: RValue::from(BTreeMap::from([
+            (RValue::from("ext_authz"), RValue::from("v3")),
+            (RValue::from("encoding"), RValue::from("protojson")),
+        ])),
+        caller: "caller".into(),
+        full_method: "full_method".into(),
+        xfcc: XFCC.into(),
+        h_authority: ":authority".into(),
+        h_method: ":method".into(),
+        h_path: ":path".into(),
+    })
 }
 
 /// Percent-decodes one segment of the normalized path (OPA's `parsed_path`
@@ -178,5 +361,141 @@ fn forwarded_path(req: &RequestInfo<'_>) -> String {
     match req.query {
         Some(q) => format!("{}?{q}", req.path),
         None => req.path.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_identity::SpiffeId;
+
+    fn req<'a>(headers: &'a http::HeaderMap, local: &'a SpiffeId) -> RequestInfo<'a> {
+        RequestInfo {
+            method: &http::Method::GET,
+            authority: "app2",
+            path: "/",
+            raw_path_and_query: "/",
+            query: None,
+            headers,
+            protocol: crate::HttpProtocol::Http11,
+            scheme: "https",
+            grpc_method: None,
+            source: "10.0.0.1:4000".parse().unwrap(),
+            destination: "10.0.0.2:8080".parse().unwrap(),
+            local_identity: Some(local),
+            peer_cert_sha256: Some("ab12"),
+        }
+    }
+
+    #[test]
+    fn xfcc_of_a_dns_only_peer_has_dns_and_no_uri() {
+        let h = http::HeaderMap::new();
+        let local = SpiffeId::parse("spiffe://example.org/app2").unwrap();
+        let dns = vec!["ingress-nginx.ext.cluster.local".to_string()];
+        let conn = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080).with_peer_dns(&dns);
+        let x = xfcc_element(&conn, &req(&h, &local)).unwrap();
+        assert_eq!(
+            x,
+            "By=spiffe://example.org/app2;Hash=ab12;DNS=ingress-nginx.ext.cluster.local"
+        );
+        assert_eq!(principal(&conn), Some("ingress-nginx.ext.cluster.local"));
+        // Unauthenticated: no element at all.
+        let plain = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080);
+        assert_eq!(xfcc_element(&plain, &req(&h, &local)), None);
+    }
+
+    #[test]
+    fn input_document_has_opa_envoy_shape() {
+        let mut h = http::HeaderMap::new();
+        h.append("x-a", http::HeaderValue::from_static("1"));
+        h.append("x-a", http::HeaderValue::from_static("2"));
+        h.insert("x-request-id", http::HeaderValue::from_static("rid"));
+        h.insert(XFCC, http::HeaderValue::from_static("forged"));
+        let local = SpiffeId::parse("spiffe://example.org/app2").unwrap();
+        let peer = SpiffeId::parse("spiffe://example.org/app1").unwrap();
+        let conn = ConnectionInfo::new(Some(&peer), "10.0.0.1".parse().unwrap(), 8080);
+        let mut r = req(&h, &local);
+        r.path = "/a/b%20c";
+        r.query = Some("q=1&q=2&x");
+        r.grpc_method = Some("/pkg.S/M");
+        let doc = build(&conn, &r);
+        let want = serde_json::json!({
+            "attributes": {
+                "source": {
+                    "address": {"socketAddress": {"address": "10.0.0.1", "portValue": 4000}},
+                    "principal": "spiffe://example.org/app1",
+                },
+                "destination": {
+                    "address": {"socketAddress": {"address": "10.0.0.2", "portValue": 8080}},
+                    "principal": "spiffe://example.org/app2",
+                },
+                "request": {"http": {
+                    "id": "rid",
+                    "method": "GET",
+                    "headers": {
+                        "x-a": "1,2",
+                        "x-request-id": "rid",
+                        XFCC: "By=spiffe://example.org/app2;Hash=ab12;URI=spiffe://example.org/app1",
+                        ":authority": "app2",
+                        ":method": "GET",
+                        ":path": "/a/b%20c?q=1&q=2&x",
+                    },
+                    "path": "/a/b%20c?q=1&q=2&x",
+                    "host": "app2",
+                    "scheme": "https",
+                    "protocol": "HTTP/1.1",
+                    "size": -1,
+                }},
+            },
+            "parsed_path": ["a", "b c"],
+            "parsed_query": {"q": ["1", "2"], "x": [""]},
+            "parsed_body": null,
+            "truncated_body": false,
+            "version": {"ext_authz": "v3", "encoding": "protojson"},
+            "caller": "spiffe://example.org/app1",
+            "full_method": "/pkg.S/M",
+        });
+        assert_eq!(doc, want);
+    }
+
+    #[test]
+    fn xfcc_values_that_need_quoting_read_back_unchanged() {
+        let h = http::HeaderMap::new();
+        let local = SpiffeId::parse("spiffe://example.org/app2").unwrap();
+        let dns = vec![
+            "a;URI=spiffe://example.org/admin".to_string(),
+            "b,\"c\\".to_string(),
+        ];
+        let conn = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080).with_peer_dns(&dns);
+        let x = xfcc_element(&conn, &req(&h, &local)).unwrap();
+        let parsed = parse_xfcc(&x).unwrap();
+        assert_eq!(parsed.len(), 1, "{x}");
+        let kv: Vec<(&str, &str)> = parsed[0]
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            kv,
+            [
+                ("By", "spiffe://example.org/app2"),
+                ("Hash", "ab12"),
+                ("DNS", "a;URI=spiffe://example.org/admin"),
+                ("DNS", "b,\"c\\"),
+            ]
+        );
+    }
+
+    #[test]
+    fn xfcc_parser_reads_envoy_headers_and_refuses_broken_ones() {
+        let two = parse_xfcc(
+            "By=spiffe://a/x;Hash=01;URI=spiffe://a/y,By=spiffe://a/z;Subject=\"CN=x,O=y\"",
+        )
+        .unwrap();
+        assert_eq!(two.len(), 2);
+        assert_eq!(two[1][1], ("Subject".into(), "CN=x,O=y".into()));
+        assert_eq!(parse_xfcc("By"), Err(XfccError::NoEquals("By".into())));
+        assert_eq!(parse_xfcc("By=\"x"), Err(XfccError::UnterminatedQuote));
+        assert_eq!(parse_xfcc("By=\"x\"y"), Err(XfccError::TextAfterQuote));
+        assert_eq!(parse_xfcc("By=x;"), Err(XfccError::NoEquals(String::new())));
     }
 }

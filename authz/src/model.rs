@@ -255,10 +255,10 @@ pub struct To {
     pub not_methods: Vec<MethodName>,
     /// Normalized path must match one of these.
     #[serde(default)]
-    pub paths: Option<NonEmpty<PathPattern>>,
+    pub paths: Option<NonEmpty<PathMatcher>>,
     /// Normalized path must match none of these.
     #[serde(default)]
-    pub not_paths: Vec<PathPattern>,
+    pub not_paths: Vec<PathMatcher>,
     /// The request must be gRPC, to one of these services.
     #[serde(default)]
     pub grpc_services: Option<NonEmpty<GrpcService>>,
@@ -302,7 +302,7 @@ impl<T> TryFrom<Vec<T>> for NonEmpty<T> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub enum PrincipalPattern {
-    /// `*`: any authenticated peer.
+    /// `*`: any peer with a SPIFFE ID (not a DNS-SAN-only client).
     Any,
     /// `spiffe://td/a/b`: exactly this SPIFFE ID.
     Exact(String),
@@ -464,7 +464,66 @@ impl TryFrom<String> for MethodName {
     }
 }
 
-/// A path pattern, matched against the normalized path (case-sensitive).
+/// One entry of `paths` / `not_paths`: a pattern, and whether it ignores
+/// ASCII case. Written as the pattern alone (case-sensitive, the default)
+/// or as `{path: PATTERN, ignore_case: true}`, like the `ignore_case` of
+/// Envoy's `StringMatcher`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathMatcher {
+    /// The pattern.
+    pub pattern: PathPattern,
+    /// Compare ASCII letters case-insensitively (`/Admin` matches `/admin`).
+    pub ignore_case: bool,
+}
+
+impl<'de> Deserialize<'de> for PathMatcher {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PathMatcher;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a path pattern, or {path: PATTERN, ignore_case: BOOL}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PathMatcher, E> {
+                let pattern = PathPattern::try_from(v.to_owned()).map_err(E::custom)?;
+                Ok(PathMatcher {
+                    pattern,
+                    ignore_case: false,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<PathMatcher, A::Error> {
+                use serde::de::Error;
+                let mut pattern = None;
+                let mut ignore_case = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "path" if pattern.is_none() => pattern = Some(map.next_value()?),
+                        "ignore_case" if ignore_case.is_none() => {
+                            ignore_case = Some(map.next_value()?)
+                        }
+                        "path" | "ignore_case" => {
+                            return Err(A::Error::custom(format!("duplicate field `{key}`")));
+                        }
+                        other => {
+                            return Err(A::Error::unknown_field(other, &["path", "ignore_case"]));
+                        }
+                    }
+                }
+                Ok(PathMatcher {
+                    pattern: pattern.ok_or_else(|| A::Error::missing_field("path"))?,
+                    ignore_case: ignore_case.unwrap_or(false),
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A path pattern, matched against the normalized path (case-sensitive
+/// unless its [`PathMatcher`] says `ignore_case`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub enum PathPattern {

@@ -113,17 +113,13 @@ impl RegoEngine {
         req: Option<&RequestInfo<'_>>,
     ) -> RegoOutcome {
         match req {
-            Some(req) => self.evaluate(&crate::input::build(conn, req)),
+            Some(req) => self.evaluate(crate::input::build_rego(conn, req)),
             None => RegoOutcome::NotHttp,
         }
     }
 
     /// Evaluates the query against an input document.
-    pub(crate) fn evaluate(&self, input: &Value) -> RegoOutcome {
-        let input = match regorus::Value::deserialize(input) {
-            Ok(v) => v,
-            Err(e) => return RegoOutcome::Error(format!("input: {e}")),
-        };
+    pub(crate) fn evaluate(&self, input: regorus::Value) -> RegoOutcome {
         let mut engine = self.take();
         engine.set_input(input);
         let start = Instant::now();
@@ -132,7 +128,7 @@ impl RegoEngine {
         self.put_back(engine);
         match result {
             Ok(v) => self.read_result(&v),
-            Err(_) if elapsed >= self.timeout => RegoOutcome::Timeout,
+            Err(e) if is_time_limit(e.chain()) || elapsed >= self.timeout => RegoOutcome::Timeout,
             Err(e) => RegoOutcome::Error(e.to_string()),
         }
     }
@@ -164,8 +160,14 @@ impl RegoEngine {
     }
 
     fn read_result(&self, v: &regorus::Value) -> RegoOutcome {
-        if *v == regorus::Value::Undefined {
-            return RegoOutcome::Error("decision is undefined".into());
+        match v {
+            regorus::Value::Undefined => {
+                return RegoOutcome::Error("decision is undefined".into());
+            }
+            // The common answer needs no JSON: a plain boolean means the
+            // same in both result forms.
+            regorus::Value::Bool(b) => return bool_outcome(*b),
+            _ => {}
         }
         let json = match serde_json::to_value(v) {
             Ok(j) => j,
@@ -179,6 +181,34 @@ impl RegoEngine {
             Ok(o) => o,
             Err(e) => RegoOutcome::Error(e),
         }
+    }
+}
+
+/// Whether regorus stopped the evaluation at its execution timer. The
+/// timer is cooperative: the interpreter checks it every few statements,
+/// loop iterations and comprehension steps, so a runaway loop stops within
+/// about the limit; one builtin call (a huge `numbers.range`, a regex on a
+/// long string) runs to its end before the next check.
+fn is_time_limit<'e>(
+    mut causes: impl Iterator<Item = &'e (dyn std::error::Error + 'static)>,
+) -> bool {
+    causes.any(|c| {
+        matches!(
+            c.downcast_ref::<regorus::LimitError>(),
+            Some(regorus::LimitError::TimeLimitExceeded { .. })
+        )
+    })
+}
+
+fn bool_outcome(allowed: bool) -> RegoOutcome {
+    if allowed {
+        RegoOutcome::Allowed(None)
+    } else {
+        RegoOutcome::Denied(Box::new(DenyResponse {
+            status: http::StatusCode::FORBIDDEN,
+            body: String::new(),
+            headers: Vec::new(),
+        }))
     }
 }
 

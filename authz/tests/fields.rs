@@ -98,6 +98,42 @@ fn every_field_matched_and_not_matched() {
             true,
         ),
         (
+            "DNS-only peer: any principal does not admit it",
+            r#"from: {principals: ["*"]}"#,
+            get("/").with_dns_san("in.example.org"),
+            false,
+        ),
+        (
+            "DNS-only peer: a rule without principals does not admit it",
+            "to: {methods: [GET]}",
+            get("/").with_dns_san("in.example.org"),
+            false,
+        ),
+        (
+            "DNS-only peer: trust domain does not admit it",
+            r#"from: {principals: ["spiffe://example.org"]}"#,
+            get("/").with_dns_san("in.example.org"),
+            false,
+        ),
+        (
+            "DNS-only peer: spiffe ID equal to the name does not admit it",
+            r#"from: {principals: ["spiffe://in.example.org/x"]}"#,
+            get("/").with_dns_san("in.example.org"),
+            false,
+        ),
+        (
+            "DNS-only peer: unauthenticated rule does not admit it",
+            "from: {unauthenticated: true, source_cidrs: [10.0.0.0/8]}",
+            get("/").with_dns_san("in.example.org"),
+            false,
+        ),
+        (
+            "DNS-only peer: not_principals on SPIFFE IDs alone does not admit it",
+            r#"from: {not_principals: ["spiffe://example.org/ns/prod/*"]}"#,
+            get("/").with_dns_san("in.example.org"),
+            false,
+        ),
+        (
             "dns suffix miss",
             r#"from: {principals: ["dns:*.example.org"]}"#,
             get("/").with_dns_san("example.org"),
@@ -302,6 +338,66 @@ fn every_field_matched_and_not_matched() {
             "to: {paths: [/admin]}",
             get("/Admin").from(WEB),
             false,
+        ),
+        (
+            "path ignore_case exact",
+            "to: {paths: [{path: /admin, ignore_case: true}]}",
+            get("/Admin").from(WEB),
+            true,
+        ),
+        (
+            "path ignore_case exact miss",
+            "to: {paths: [{path: /admin, ignore_case: true}]}",
+            get("/Admin2").from(WEB),
+            false,
+        ),
+        (
+            "path ignore_case false is the default",
+            "to: {paths: [{path: /admin}]}",
+            get("/ADMIN").from(WEB),
+            false,
+        ),
+        (
+            "path ignore_case prefix",
+            "to: {paths: [{path: /admin/*, ignore_case: true}]}",
+            get("/ADMIN/users").from(WEB),
+            true,
+        ),
+        (
+            "path ignore_case prefix miss",
+            "to: {paths: [{path: /admin/*, ignore_case: true}]}",
+            get("/administrator").from(WEB),
+            false,
+        ),
+        (
+            "path ignore_case template",
+            "to: {paths: [{path: '/api/{*}/Items', ignore_case: true}]}",
+            get("/API/7/items").from(WEB),
+            true,
+        ),
+        (
+            "path ignore_case template miss",
+            "to: {paths: [{path: '/api/{*}/items', ignore_case: true}]}",
+            get("/api/7/itemz").from(WEB),
+            false,
+        ),
+        (
+            "path ignore_case after decoding",
+            "to: {paths: [{path: /admin, ignore_case: true}]}",
+            get("/%41dmin").from(WEB),
+            true,
+        ),
+        (
+            "not path ignore_case",
+            "to: {not_paths: [{path: /admin/*, ignore_case: true}]}",
+            get("/Admin/x").from(WEB),
+            false,
+        ),
+        (
+            "not path case-sensitive lets /Admin through",
+            "to: {not_paths: [/admin/*]}",
+            get("/Admin/x").from(WEB),
+            true,
         ),
         (
             "not path",
@@ -523,6 +619,85 @@ fn default_action_and_empty_sets() {
     .unwrap();
     assert!(get("/y").from(WEB).allowed(&deny_only));
     assert!(!get("/x").from(WEB).allowed(&deny_only));
+}
+
+#[test]
+fn dns_only_peers_are_admitted_by_dns_rules_only() {
+    let opts = Options {
+        default_action: DefaultAction::AllowAnyAuthenticated,
+        ..Options::default()
+    };
+    // The default for uncovered ports admits workloads, not DNS peers.
+    let open = Authorizer::from_yaml("t.yaml", "policies: []\n", std::path::Path::new("."), &opts)
+        .unwrap();
+    let ingress = || get("/").with_dns_san("ingress-nginx.ext.cluster.local");
+    match ingress().check(&open) {
+        Some(Decision::Deny(d)) => assert_eq!(d.reason, DenyReason::Unauthenticated),
+        other => panic!("{other:?}"),
+    }
+    // DENY rules without principals still apply to it.
+    let a = from_yaml(
+        "policies:
+  - name: no-admin
+    action: DENY
+    rules: [{to: {paths: [/admin]}}]
+  - name: ingress
+    action: ALLOW
+    rules:
+      - from: {principals: [\"dns:ingress-nginx.ext.cluster.local\"]}
+",
+    );
+    assert!(ingress().allowed(&a));
+    match get("/admin")
+        .with_dns_san("ingress-nginx.ext.cluster.local")
+        .check(&a)
+    {
+        Some(Decision::Deny(d)) => assert_eq!(d.reason, DenyReason::DeniedByRule),
+        other => panic!("{other:?}"),
+    }
+    // A DENY on "not any workload" refuses it too.
+    let a = from_yaml(
+        "policies:
+  - name: workloads-only
+    action: DENY
+    rules: [{from: {not_principals: [\"*\"]}}]
+  - name: ingress
+    action: ALLOW
+    rules:
+      - from: {principals: [\"dns:ingress-nginx.ext.cluster.local\"]}
+",
+    );
+    assert!(!ingress().allowed(&a));
+}
+
+#[test]
+fn path_matcher_entries_are_validated() {
+    for (rule, want) in [
+        ("to: {paths: [{ignore_case: true}]}", "missing field `path`"),
+        (
+            "to: {paths: [{path: /a, ignore: true}]}",
+            "unknown field `ignore`",
+        ),
+        (
+            "to: {paths: [{path: /a/../b, ignore_case: true}]}",
+            "not a normalized path",
+        ),
+        ("to: {paths: [{path: /a, ignore_case: yes}]}", "ignore_case"),
+        ("to: {paths: [7]}", "a path pattern"),
+    ] {
+        let yaml =
+            format!("policies:\n  - name: p\n    action: ALLOW\n    rules:\n      - {rule}\n");
+        let err = Authorizer::from_yaml(
+            "p.yaml",
+            &yaml,
+            std::path::Path::new("."),
+            &Options::default(),
+        )
+        .expect_err(rule)
+        .to_string();
+        assert!(err.contains(want), "{rule}: {err}");
+        assert!(err.contains("p.yaml:"), "{rule}: {err}");
+    }
 }
 
 #[test]

@@ -72,6 +72,23 @@ pub struct IssuedSvid {
     pub key_pem: String,
 }
 
+/// A DNS-SAN client certificate issued by the development CA.
+pub struct IssuedCert {
+    /// The certificate, DER.
+    pub cert_der: CertificateDer<'static>,
+    /// The certificate as PEM.
+    pub chain_pem: String,
+    /// The private key as PKCS#8 PEM.
+    pub key_pem: String,
+}
+
+struct SignedLeaf {
+    cert_der: CertificateDer<'static>,
+    chain_pem: String,
+    key_pem: String,
+    key_der: PrivateKeyDer<'static>,
+}
+
 impl DevCa {
     /// Generates a new root CA for `td`, valid for `ttl`.
     pub fn generate(td: &TrustDomain, ttl: Duration) -> Result<Self, CaError> {
@@ -175,6 +192,61 @@ impl DevCa {
         ttl: Duration,
         dns_names: &[String],
     ) -> Result<IssuedSvid, CaError> {
+        let mut sans = vec![SanType::URI(id.as_str().try_into()?)];
+        for d in dns_names {
+            sans.push(SanType::DnsName(d.as_str().try_into()?));
+        }
+        let eku = [
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf = self.sign_leaf(sans, &eku, now, ttl)?;
+        let svid = Svid::from_der(vec![leaf.cert_der.clone()], leaf.key_der)?;
+        Ok(IssuedSvid {
+            svid,
+            chain_pem: leaf.chain_pem,
+            key_pem: leaf.key_pem,
+        })
+    }
+
+    /// Issues a client certificate whose only SANs are `dns_names` (no
+    /// SPIFFE ID): what an ingress outside the mesh presents to a port with
+    /// `allow_dns_san_clients` (`SCENARIOS.md` §3.2). Client auth only.
+    pub fn issue_dns_client(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        if dns_names.is_empty() {
+            return Err(CaError::Svid(SvidError::NoDnsSan));
+        }
+        let sans = dns_names
+            .iter()
+            .map(|d| Ok(SanType::DnsName(d.as_str().try_into()?)))
+            .collect::<Result<Vec<_>, rcgen::Error>>()?;
+        let leaf = self.sign_leaf(
+            sans,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+            SystemTime::now(),
+            ttl,
+        )?;
+        // Our own check, as for SVIDs: what we issue must be what we accept.
+        crate::svid::validate_dns_client_leaf(&leaf.cert_der)?;
+        Ok(IssuedCert {
+            cert_der: leaf.cert_der,
+            chain_pem: leaf.chain_pem,
+            key_pem: leaf.key_pem,
+        })
+    }
+
+    /// Signs a leaf (ECDSA P-256, CA false, digitalSignature) with `sans`.
+    fn sign_leaf(
+        &self,
+        sans: Vec<SanType>,
+        eku: &[ExtendedKeyUsagePurpose],
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<SignedLeaf, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -194,14 +266,7 @@ impl DevCa {
             KeyUsagePurpose::KeyEncipherment,
             KeyUsagePurpose::KeyAgreement,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let mut sans = vec![SanType::URI(id.as_str().try_into()?)];
-        for d in dns_names {
-            sans.push(SanType::DnsName(d.as_str().try_into()?));
-        }
+        params.extended_key_usages = eku.to_vec();
         params.subject_alt_names = sans;
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::from(now);
@@ -209,14 +274,11 @@ impl DevCa {
         params.not_before = now - time::Duration::seconds(60);
         params.not_after = now + to_time(ttl)?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        let chain_pem = cert.pem();
-        let key_pem = key.serialize_pem();
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let svid = Svid::from_der(vec![cert.der().clone()], key_der)?;
-        Ok(IssuedSvid {
-            svid,
-            chain_pem,
-            key_pem,
+        Ok(SignedLeaf {
+            cert_der: cert.der().clone(),
+            chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            key_der: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         })
     }
 

@@ -11,14 +11,14 @@ use tokio::sync::watch;
 use crate::bundle::BundleSet;
 use crate::id::TrustDomain;
 use crate::svid::{LeafInfo, Svid};
-use crate::tls::{self, TlsConfigError};
+use crate::tls::{self, ServerSpec, TlsConfigError};
 use crate::verify::IdMatcher;
 
 /// What TLS configurations the proxy needs; fixed at start from its config.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigSpec {
-    /// One server configuration per entry: the client IDs it pins, if any.
-    pub server: Vec<Option<IdMatcher>>,
+    /// One server configuration per entry.
+    pub server: Vec<ServerSpec>,
     /// One client configuration per entry: the server IDs it accepts.
     pub client: Vec<IdMatcher>,
     /// ALPN protocols offered on both sides.
@@ -58,7 +58,7 @@ impl IdentityStore {
             .spec
             .server
             .iter()
-            .map(|m| tls::server_config(svid, bundles, m.clone(), &self.spec.alpn))
+            .map(|m| tls::server_config_for(svid, bundles, m, &self.spec.alpn))
             .collect::<Result<Vec<_>, _>>()?;
         let client = self
             .spec

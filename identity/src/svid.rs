@@ -42,6 +42,14 @@ pub enum SvidError {
     /// A PEM file could not be parsed.
     #[error("PEM data could not be parsed")]
     BadPem,
+    /// A DNS-SAN client certificate (no URI SAN) names no DNS SAN.
+    #[error("leaf has neither a URI SAN nor a DNS SAN")]
+    NoDnsSan,
+    /// A DNS SAN of a DNS-SAN client certificate is not a host name
+    /// (letters, digits and '-' in dot-separated labels); such a name could
+    /// not be matched by a policy and could break the XFCC header apart.
+    #[error("leaf DNS SAN {0:?} is not a host name")]
+    BadDnsSan(String),
 }
 
 /// Facts about a validated SVID leaf, extracted once.
@@ -102,6 +110,59 @@ pub fn validate_leaf(der: &[u8]) -> Result<LeafInfo, SvidError> {
         not_before: asn1_to_system(validity.not_before.timestamp()),
         not_after: asn1_to_system(validity.not_after.timestamp()),
     })
+}
+
+/// Validates the leaf of a DNS-SAN client certificate (an ingress that is
+/// not a SPIFFE workload, `SCENARIOS.md` §3.2): no URI SAN at all, at least
+/// one DNS SAN, not a CA, and, when keyUsage is present, digitalSignature
+/// set (TLS 1.3 CertificateVerify signs with it). Returns the DNS SANs.
+/// A certificate with a URI SAN is an SVID and must pass [`validate_leaf`]:
+/// a broken SVID never falls back to being a DNS identity.
+pub fn validate_dns_client_leaf(der: &[u8]) -> Result<Vec<String>, SvidError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| SvidError::Malformed)?;
+    let mut uris = 0;
+    let mut dns_names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(_) => uris += 1,
+                GeneralName::DNSName(d) => dns_names.push((*d).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    if uris != 0 {
+        return Err(SvidError::UriSanCount(uris));
+    }
+    if dns_names.is_empty() {
+        return Err(SvidError::NoDnsSan);
+    }
+    if let Some(bad) = dns_names.iter().find(|d| !is_host_name(d)) {
+        return Err(SvidError::BadDnsSan(bad.clone()));
+    }
+    if cert.is_ca() {
+        return Err(SvidError::LeafIsCa);
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) if !ku.value.digital_signature() => Err(SvidError::NoDigitalSignature),
+        Ok(_) => Ok(dns_names),
+        Err(_) => Err(SvidError::Malformed),
+    }
+}
+
+/// RFC 1123 host name: 1-253 bytes, dot-separated labels of 1-63 letters,
+/// digits and '-', not starting or ending with '-'. A trailing dot is allowed.
+pub fn is_host_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn asn1_to_system(ts: i64) -> SystemTime {

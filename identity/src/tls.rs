@@ -20,6 +20,17 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// What one server configuration accepts from clients.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// Client SPIFFE IDs pinned in the handshake, if any.
+    pub allowed_clients: Option<IdMatcher>,
+    /// Also accept DNS-SAN client certificates (no URI SAN) issued by the
+    /// CA of the sidecar's own trust domain; see
+    /// [`SpiffeClientVerifier::allow_dns_san_clients`].
+    pub allow_dns_san_clients: bool,
+}
+
 /// Server side of mTLS: presents `svid`, requires and verifies a client SVID.
 pub fn server_config(
     svid: &Svid,
@@ -27,8 +38,27 @@ pub fn server_config(
     allowed_clients: Option<IdMatcher>,
     alpn: &[Vec<u8>],
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let spec = ServerSpec {
+        allowed_clients,
+        allow_dns_san_clients: false,
+    };
+    server_config_for(svid, bundles, &spec, alpn)
+}
+
+/// Server side of mTLS as `spec` says. DNS-SAN clients, when allowed, must
+/// chain to the bundle of `svid`'s own trust domain.
+pub fn server_config_for(
+    svid: &Svid,
+    bundles: &BundleSet,
+    spec: &ServerSpec,
+    alpn: &[Vec<u8>],
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
     let provider = provider();
-    let verifier = SpiffeClientVerifier::new(bundles, allowed_clients, provider.clone())?;
+    let mut verifier =
+        SpiffeClientVerifier::new(bundles, spec.allowed_clients.clone(), provider.clone())?;
+    if spec.allow_dns_san_clients {
+        verifier = verifier.allow_dns_san_clients(svid.id().trust_domain().clone());
+    }
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle::BundleSet;
 use crate::id::{SpiffeId, TrustDomain};
-use crate::svid::{SvidError, validate_leaf};
+use crate::svid::{SvidError, is_host_name, validate_dns_client_leaf, validate_leaf};
 
 /// Which peer SPIFFE IDs are acceptable.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -158,10 +158,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// required, it must chain to the bundle of the client's trust domain, and,
 /// when `allowed` is set, the client's ID must match it (the equivalent of
 /// Envoy's `verify_subject_alt_name`).
+///
+/// With [`SpiffeClientVerifier::allow_dns_san_clients`], a certificate with
+/// no URI SAN and a DNS SAN (an ingress outside the mesh) is accepted too,
+/// once its chain verifies against the bundle of one named trust domain.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     per_domain: HashMap<TrustDomain, Arc<dyn ClientCertVerifier>>,
     allowed: Option<IdMatcher>,
+    dns_san_clients: Option<TrustDomain>,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -187,10 +192,44 @@ impl SpiffeClientVerifier {
         Ok(SpiffeClientVerifier {
             per_domain,
             allowed,
+            dns_san_clients: None,
             algs: provider.signature_verification_algorithms,
         })
     }
+
+    /// Also accepts clients whose certificate has no URI SAN but a DNS SAN,
+    /// when the chain verifies against the bundle of `td` (the mesh CA).
+    /// This widens what the handshake accepts, hence the name. Such a
+    /// client has no SPIFFE ID, so an ID pin (`allowed`) refuses it.
+    pub fn allow_dns_san_clients(mut self, td: TrustDomain) -> Self {
+        self.dns_san_clients = Some(td);
+        self
+    }
+
+    fn verify_dns_client(
+        &self,
+        td: &TrustDomain,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let names = validate_dns_client_leaf(end_entity).map_err(leaf_error)?;
+        let v = self
+            .per_domain
+            .get(td)
+            .ok_or_else(|| other(UnknownTrustDomain(td.clone())))?;
+        v.verify_client_cert(end_entity, intermediates, now)?;
+        if self.allowed.is_some() {
+            return Err(other(DnsPeerNotAllowed(names.join(","))));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
 }
+
+/// A DNS-SAN client was verified but the port pins SPIFFE IDs.
+#[derive(Debug, thiserror::Error)]
+#[error("peer with DNS SANs {0} has no SPIFFE ID and this port pins SPIFFE IDs")]
+pub struct DnsPeerNotAllowed(pub String);
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -204,7 +243,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let leaf = validate_leaf(end_entity).map_err(leaf_error)?;
+        let leaf = match (validate_leaf(end_entity), &self.dns_san_clients) {
+            (Ok(leaf), _) => leaf,
+            // No URI SAN at all: not an SVID, maybe an ingress certificate.
+            (Err(SvidError::UriSanCount(0)), Some(td)) => {
+                return self.verify_dns_client(td, end_entity, intermediates, now);
+            }
+            (Err(e), _) => return Err(leaf_error(e)),
+        };
         let td = leaf.id.trust_domain();
         let v = self
             .per_domain
@@ -245,19 +291,45 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// The verified identity of a TLS peer, extracted after the handshake.
 #[derive(Debug, Clone)]
 pub struct PeerIdentity {
-    /// The peer's SPIFFE ID.
-    pub id: SpiffeId,
+    /// The peer's SPIFFE ID; `None` for a DNS-SAN client certificate
+    /// accepted on a port with `allow_dns_san_clients` (the peer is then
+    /// known by its DNS SANs only).
+    pub id: Option<SpiffeId>,
     /// DNS SANs of the peer certificate.
     pub dns_names: Vec<String>,
     /// SHA-256 of the peer's leaf certificate, lower-case hex (XFCC `Hash`).
     pub cert_sha256: String,
 }
 
+impl PeerIdentity {
+    /// The principal as Envoy reports it (and logs show it): the SPIFFE
+    /// ID, else the first DNS SAN.
+    pub fn principal(&self) -> &str {
+        match (&self.id, self.dns_names.first()) {
+            (Some(id), _) => id.as_str(),
+            (None, Some(dns)) => dns,
+            // Unreachable for a verified peer: it has one or the other.
+            (None, None) => "-",
+        }
+    }
+}
+
 /// Extracts the peer identity from the certificates of a completed handshake.
-/// Only call this on a connection whose verifier accepted the chain.
+/// Only call this on a connection whose verifier accepted the chain: a leaf
+/// without a URI SAN is read as a DNS-SAN client, which only a verifier
+/// built with [`SpiffeClientVerifier::allow_dns_san_clients`] accepts.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentity> {
     let leaf = certs?.first()?;
-    let info = validate_leaf(leaf).ok()?;
+    let (id, dns_names) = match validate_leaf(leaf) {
+        // An SVID's extra DNS SANs are not checked by the verifier; keep
+        // only host names, the only ones a `dns:` rule or XFCC can carry.
+        Ok(info) => {
+            let dns = info.dns_names.into_iter().filter(|d| is_host_name(d));
+            (Some(info.id), dns.collect())
+        }
+        Err(SvidError::UriSanCount(0)) => (None, validate_dns_client_leaf(leaf).ok()?),
+        Err(_) => return None,
+    };
     let digest = Sha256::digest(leaf.as_ref());
     let mut hex = String::with_capacity(64);
     for b in digest {
@@ -266,8 +338,8 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentit
         let _ = write!(hex, "{b:02x}");
     }
     Some(PeerIdentity {
-        id: info.id,
-        dns_names: info.dns_names,
+        id,
+        dns_names,
         cert_sha256: hex,
     })
 }

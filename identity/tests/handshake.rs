@@ -62,7 +62,7 @@ async fn handshake(
             .accept(s)
             .await
             .map_err(|e| e.to_string())?;
-        let peer = verify::peer_identity(stream.get_ref().1.peer_certificates()).map(|p| p.id);
+        let peer = verify::peer_identity(stream.get_ref().1.peer_certificates()).and_then(|p| p.id);
         let mut b = [0u8; 1];
         stream.read_exact(&mut b).await.map_err(|e| e.to_string())?;
         stream.write_all(&b).await.map_err(|e| e.to_string())?;

@@ -2,7 +2,7 @@
 //! [`Permitted`] one, or refuses it. Only `rampart_authz` can make the
 //! [`Permit`] that forwarding requires.
 
-use rampart_authz::{ConnectionInfo, Decision, Denial, Permit};
+use rampart_authz::{Decision, Denial, Permit};
 
 use crate::tls::Authenticated;
 
@@ -21,12 +21,7 @@ pub fn authorize(
     port: u16,
     authorizer: &rampart_authz::Authorizer,
 ) -> Result<Permitted, Box<(Authenticated, Denial)>> {
-    let info = match &conn.peer {
-        Some(p) => {
-            ConnectionInfo::new(Some(&p.id), conn.client.0.ip(), port).with_peer_dns(&p.dns_names)
-        }
-        None => ConnectionInfo::new(None, conn.client.0.ip(), port),
-    };
+    let info = crate::tls::connection_info(conn.peer.as_ref(), conn.client.0.ip(), port);
     match authorizer.check_connection(&info) {
         Decision::Allow(permit) => {
             crate::metrics::decision("allow", "matched", permit.policy(), permit.rule());

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use rampart_identity::store::ConfigSpec;
+use rampart_identity::tls::ServerSpec;
 use rampart_identity::{IdMatcher, TrustDomain};
 
 /// Everything the data plane needs to run.
@@ -195,6 +196,11 @@ pub struct InboundPort {
     pub protocol: DeclaredProtocol,
     /// Whether plaintext is accepted beside mTLS.
     pub mode: TlsMode,
+    /// Whether mTLS clients whose certificate has no SPIFFE ID but a DNS SAN,
+    /// issued by the CA of the sidecar's own trust domain, are accepted (an
+    /// ingress outside the mesh). Widens the handshake; only `dns:`
+    /// principal rules can then admit such a peer.
+    pub allow_dns_san_clients: bool,
 }
 
 /// A port's declared protocol.
@@ -315,13 +321,25 @@ impl ProxyConfig {
                 client.push(ids.clone());
             }
         }
+        let spiffe_only = ServerSpec::default();
+        let with_dns = ServerSpec {
+            allow_dns_san_clients: true,
+            ..ServerSpec::default()
+        };
         ConfigSpec {
-            server: vec![None],
+            // Indexed by [`ProxyConfig::server_index`].
+            server: vec![spiffe_only, with_dns],
             client,
             // Every sidecar speaks HTTP/2 to its peers. Tunneled app bytes
             // are told apart by detection, not by ALPN.
             alpn: vec![b"h2".to_vec()],
         }
+    }
+
+    /// Index of the server configuration (in [`ProxyConfig::tls_spec`]) for
+    /// an inbound port.
+    pub fn server_index(port: &InboundPort) -> usize {
+        usize::from(port.allow_dns_san_clients)
     }
 
     /// How inbound app port `port` is served.

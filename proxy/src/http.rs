@@ -26,8 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rampart_authz::input::XFCC;
 use rampart_authz::{
-    ConnectionInfo, Decision, Denial, HttpProtocol, PathError, Permit, RequestInfo, grpc_method_of,
-    normalize_path,
+    Decision, Denial, HttpProtocol, PathError, Permit, RequestInfo, grpc_method_of, normalize_path,
 };
 use rampart_identity::{PeerIdentity, SpiffeId};
 
@@ -159,7 +158,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
     let xfcc = xfcc_value(&conn, local_id.as_ref());
     let metrics = crate::metrics::RequestMetrics::for_peer(
         Direction::Inbound,
-        conn.peer.as_ref().map(|p| p.id.as_str()),
+        conn.peer.as_ref().map(|p| p.principal()),
     );
     let handler = Arc::new(Handler {
         shared: shared.clone(),
@@ -353,7 +352,7 @@ impl Handler {
             };
             self.shared.access.record(&crate::access::Event {
                 direction: Direction::Inbound,
-                peer: self.conn.peer.as_ref().map(|p| p.id.as_str()),
+                peer: self.conn.peer.as_ref().map(|p| p.principal()),
                 source: self.conn.source,
                 destination: self.conn.destination,
                 method: Some(method.as_str()),
@@ -413,11 +412,11 @@ impl Handler {
             Version::HTTP_2 | Version::HTTP_3 => HttpProtocol::Http2,
             _ => HttpProtocol::Http11,
         };
-        let conn_info = match &self.conn.peer {
-            Some(p) => ConnectionInfo::new(Some(&p.id), self.conn.source.ip(), self.conn.port)
-                .with_peer_dns(&p.dns_names),
-            None => ConnectionInfo::new(None, self.conn.source.ip(), self.conn.port),
-        };
+        let conn_info = crate::tls::connection_info(
+            self.conn.peer.as_ref(),
+            self.conn.source.ip(),
+            self.conn.port,
+        );
         let info = RequestInfo {
             method: req.method(),
             authority,
@@ -643,8 +642,7 @@ impl Handler {
 /// policies see.
 fn xfcc_value(conn: &InboundConn, local_id: Option<&SpiffeId>) -> Option<HeaderValue> {
     let peer = conn.peer.as_ref()?;
-    let info = ConnectionInfo::new(Some(&peer.id), conn.source.ip(), conn.port)
-        .with_peer_dns(&peer.dns_names);
+    let info = crate::tls::connection_info(Some(peer), conn.source.ip(), conn.port);
     // Only the identity fields of a request matter to the XFCC element.
     let headers = HeaderMap::new();
     let req = RequestInfo {

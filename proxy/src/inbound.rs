@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tracing::{Instrument, field};
 
 use crate::accept::{Accepted, Listener};
-use crate::config::{DeclaredProtocol, Direction, TlsMode};
+use crate::config::{DeclaredProtocol, Direction, ProxyConfig, TlsMode};
 use crate::detect::{self, Protocol};
 use crate::drain::Watch;
 use crate::server::Shared;
@@ -107,7 +107,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 metrics::handshake(Direction::Inbound, "no_identity");
                 return;
             };
-            let server_cfg = configs.server[0].clone();
+            let server_cfg = configs.server[ProxyConfig::server_index(&settings)].clone();
             drop(configs);
             match tls::terminate(accepted, server_cfg, limits.handshake_timeout).await {
                 Ok(a) => {
@@ -124,7 +124,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             tls::allow_plaintext(accepted)
         };
         if let Some(p) = &authn.peer {
-            tracing::Span::current().record("peer.id", field::display(&p.id));
+            tracing::Span::current().record("peer.id", field::display(p.principal()));
         }
         // Stage: detect inside TLS (or on the plaintext stream).
         let (protocol, authn) = match detect_inner(authn, settings.protocol, limits).await {
@@ -167,7 +167,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 let (conn, denial) = *denied;
                 shared.access.record(&access::Event {
                     direction: Direction::Inbound,
-                    peer: conn.peer.as_ref().map(|p| p.id.as_str()),
+                    peer: conn.peer.as_ref().map(|p| p.principal()),
                     source,
                     destination,
                     method: None,
@@ -184,7 +184,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                     headers: &[],
                 });
                 tracing::info!(
-                    peer.id = conn.peer.as_ref().map(|p| p.id.as_str()).unwrap_or("-"),
+                    peer.id = conn.peer.as_ref().map(|p| p.principal()).unwrap_or("-"),
                     dst.port = port,
                     reason = denial.reason.as_str(),
                     authz.policy = denial.policy.as_deref().unwrap_or("-"),
@@ -200,7 +200,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         let logged = shared.access.is_enabled().then(|| {
             let p = &permitted;
             (
-                p.conn.peer.as_ref().map(|x| x.id.as_str().to_owned()),
+                p.conn.peer.as_ref().map(|x| x.principal().to_owned()),
                 p.permit.policy().to_owned(),
                 p.permit.rule().to_owned(),
             )

@@ -141,7 +141,7 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
                 }
             };
         metrics::handshake(Direction::Outbound, "ok");
-        tracing::Span::current().record("peer.id", field::display(&peer.id));
+        tracing::Span::current().record("peer.id", field::display(peer.principal()));
         let (source, started) = (accepted.client.0, std::time::Instant::now());
         match forward::splice(accepted.stream, tls_stream).await {
             Ok(t) => {
@@ -149,7 +149,7 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
                 if shared.access.is_enabled() {
                     shared.access.record(&access::Event {
                         direction: Direction::Outbound,
-                        peer: Some(peer.id.as_str()),
+                        peer: Some(peer.principal()),
                         source,
                         destination: dst,
                         method: None,

@@ -432,7 +432,7 @@ impl tower_service::Service<Uri> for MeshConnector {
                 .await
                 .inspect_err(|e| metrics::handshake(Direction::Outbound, e.label()))?;
             metrics::handshake(Direction::Outbound, "ok");
-            tracing::debug!(dst.addr = %dst, peer.id = %peer.id, "pooled connection opened");
+            tracing::debug!(dst.addr = %dst, peer.id = %peer.principal(), "pooled connection opened");
             Ok(TokioIo::new(MeshStream { tls, _slot: slot }))
         })
     }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rampart_identity::PeerIdentity;
-use rampart_identity::verify::{PeerNotAllowed, UnknownTrustDomain, peer_identity};
+use rampart_identity::verify::{
+    DnsPeerNotAllowed, PeerNotAllowed, UnknownTrustDomain, peer_identity,
+};
 use rustls::{CertificateError, ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -42,8 +44,9 @@ pub enum HandshakeError {
     /// The handshake did not finish in time.
     #[error("TLS handshake timed out")]
     Timeout,
-    /// The handshake completed but no SPIFFE ID could be read (a bug: the verifier accepted it).
-    #[error("handshake completed without a peer SPIFFE ID")]
+    /// The handshake completed but no peer identity could be read (a bug:
+    /// the verifier accepted it).
+    #[error("handshake completed without a peer identity")]
     NoPeerId,
 }
 
@@ -75,7 +78,10 @@ impl HandshakeError {
                 CertificateError::UnknownIssuer | CertificateError::BadSignature => {
                     HandshakeError::UnknownCa(tls.to_string())
                 }
-                CertificateError::Other(o) if o.0.downcast_ref::<PeerNotAllowed>().is_some() => {
+                CertificateError::Other(o)
+                    if o.0.downcast_ref::<PeerNotAllowed>().is_some()
+                        || o.0.downcast_ref::<DnsPeerNotAllowed>().is_some() =>
+                {
                     HandshakeError::IdNotAllowed(o.0.to_string())
                 }
                 CertificateError::Other(o)
@@ -105,7 +111,8 @@ pub struct Authenticated {
     pub client: crate::accept::ClientAddr,
     /// The destination.
     pub orig_dst: crate::accept::OrigDstAddr,
-    /// The verified peer; `None` for plaintext.
+    /// The verified peer (a SPIFFE ID, or DNS SANs only on a port with
+    /// `allow_dns_san_clients`); `None` for plaintext.
     pub peer: Option<PeerIdentity>,
     /// The decrypted (or plaintext) stream.
     pub stream: BoxedIo,
@@ -188,7 +195,23 @@ pub async fn originate(
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(HandshakeError::classify)?;
-    let peer =
-        peer_identity(tls.get_ref().1.peer_certificates()).ok_or(HandshakeError::NoPeerId)?;
+    // A server is always a SPIFFE workload (the verifier refuses others).
+    let peer = peer_identity(tls.get_ref().1.peer_certificates())
+        .filter(|p| p.id.is_some())
+        .ok_or(HandshakeError::NoPeerId)?;
     Ok((tls, peer))
+}
+
+/// What authz is told about a connection's peer: its SPIFFE ID (absent for
+/// plaintext and for DNS-SAN clients) and its certificate's DNS SANs.
+pub fn connection_info(
+    peer: Option<&PeerIdentity>,
+    source: std::net::IpAddr,
+    port: u16,
+) -> rampart_authz::ConnectionInfo<'_> {
+    match peer {
+        Some(p) => rampart_authz::ConnectionInfo::new(p.id.as_ref(), source, port)
+            .with_peer_dns(&p.dns_names),
+        None => rampart_authz::ConnectionInfo::new(None, source, port),
+    }
 }

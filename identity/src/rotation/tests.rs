@@ -20,7 +20,7 @@ fn harness() -> Harness {
     let td = TrustDomain::parse("example.org").unwrap();
     let ca = DevCa::generate(&td, Duration::from_secs(3600)).unwrap();
     let store = Arc::new(IdentityStore::new(ConfigSpec {
-        server: vec![None],
+        server: vec![crate::tls::ServerSpec::default()],
         client: vec![IdMatcher::trust_domains([td])],
         alpn: vec![],
     }));
