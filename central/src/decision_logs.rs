@@ -74,6 +74,12 @@ impl DecisionLogger {
     }
 }
 
+impl rampart_authz::central::decision_log::DecisionSink for DecisionLogger {
+    fn log(&self, conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>, decision: &Decision) {
+        DecisionLogger::log(self, conn, req, decision);
+    }
+}
+
 /// Starts shipping; returns the logger for the request path. Must run
 /// inside a tokio runtime.
 pub fn spawn(
