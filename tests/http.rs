@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::apps;
-use support::curl::{Reply, curl};
+use support::curl::curl;
 use support::sidecar::{LocalProc, Pki, Sidecar, free_addr, wait_listening};
 
 fn fixture(name: &str) -> PathBuf {

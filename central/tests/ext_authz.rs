@@ -12,7 +12,7 @@ use rampart_central::pb;
 
 #[path = "../../tests/support/ext_authz.rs"]
 mod ext_authz_server;
-use ext_authz_server::{Server, start_server};
+use ext_authz_server::start_server;
 
 fn clients(addr: SocketAddr, fail_open: bool) -> ExtAuthzClients {
     ExtAuthzClients::new(vec![ProviderConfig {
