@@ -105,6 +105,7 @@ async fn ship(
     loop {
         tokio::time::sleep(backoff).await;
         backoff = config.flush_interval;
+        metrics::gauge!(crate::metrics::DECISION_LOGS_QUEUED).set(queue.len() as f64);
         while !queue.is_empty() {
             let batch = queue.take_batch(config.max_batch);
             let n = batch.len();
