@@ -1474,6 +1474,132 @@ limits: {http_pool_max_connections: 0, http_idle_timeout: 0s}
     }
 
     #[test]
+    fn central_management_fields_and_their_problems() {
+        let base = "identity:\n  files: {cert: a, key: b, bundle: c}\ntransparent: {}\n";
+        let ok = format!(
+            "{base}inbound:\n  bundle:\n    url: https://policy.example/b.tar.gz\n    server_identities: [\"spiffe://example.org/policy\"]\next_authz:\n  providers:\n    - {{name: opa, endpoint: \"http://127.0.0.1:9191\"}}\ndecision_logs:\n  url: http://127.0.0.1:9000/logs\n"
+        );
+        let c = Config::parse("c.yaml", &ok).unwrap();
+        let b = c.inbound.bundle.as_ref().unwrap();
+        assert_eq!(b.poll_interval, Duration::from_secs(30));
+        assert_eq!(b.query, "data.envoy.authz.allow");
+        assert_eq!(c.ext_authz.providers[0].timeout, Duration::from_millis(200));
+        assert!(!c.ext_authz.providers[0].failure_mode_allow_i_understand_the_risk);
+        assert_eq!(c.decision_logs.as_ref().unwrap().max_queued, 10_000);
+        assert!(c.initial_policies().unwrap().is_none(), "no fallback");
+        assert_eq!(c.central_tls_clients().len(), 1);
+
+        for (yaml, field, line) in [
+            (
+                "inbound:\n  bundle: {url: ftp://x/b}\n",
+                "inbound.bundle.url",
+                5,
+            ),
+            (
+                "inbound:\n  bundle:\n    url: http://x/b\n    poll_interval: 1ms\n",
+                "inbound.bundle.poll_interval",
+                7,
+            ),
+            (
+                "inbound:\n  bundle:\n    url: http://x/b\n    server_identities: [\"spiffe://e.org/p\"]\n",
+                "inbound.bundle.server_identities",
+                7,
+            ),
+            (
+                "inbound:\n  bundle:\n    url: http://x/b\n    verification: {keys: []}\n",
+                "inbound.bundle.verification.keys",
+                7,
+            ),
+            (
+                "inbound:\n  ports: [{port: 80, allowed_peers: []}]\n  bundle: {url: http://x/b}\n",
+                "inbound.ports[0].allowed_peers",
+                5,
+            ),
+            (
+                "ext_authz:\n  providers:\n    - name: \"a b\"\n      endpoint: \"http://h:1\"\n",
+                "ext_authz.providers[0].name",
+                6,
+            ),
+            (
+                "ext_authz:\n  providers:\n    - name: a\n      endpoint: \"https://h:1\"\n",
+                "ext_authz.providers[0].endpoint",
+                7,
+            ),
+            (
+                "decision_logs:\n  url: http://x/l\n  max_queued: 0\n",
+                "decision_logs.max_queued",
+                6,
+            ),
+            (
+                "decision_logs:\n  url: http://x/l\n  redact: [input]\n",
+                "decision_logs.redact[0]",
+                6,
+            ),
+        ] {
+            let e = Config::parse("c.yaml", &format!("{base}{yaml}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("c.yaml:{line}: field `{field}`")),
+                "{field}: {e}"
+            );
+        }
+        let dup = "ext_authz:\n  providers:\n    - {name: a, endpoint: \"http://h:1\"}\n    - {name: a, endpoint: \"http://h:2\"}\n";
+        let e = Config::parse("c.yaml", &format!("{base}{dup}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("field `ext_authz.providers[1].name`: duplicate provider"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bundle_keys_are_read_at_load_and_a_bad_one_names_its_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==\n-----END PUBLIC KEY-----\n";
+        std::fs::write(dir.path().join("central.pub"), pem).unwrap();
+        std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+        let write = |keys: &str| {
+            let p = dir.path().join("c.yaml");
+            std::fs::write(
+                &p,
+                format!("identity:\n  files: {{cert: a, key: b, bundle: c}}\ntransparent: {{}}\ninbound:\n  bundle:\n    url: http://x/b\n    verification:\n      keys:\n{keys}"),
+            )
+            .unwrap();
+            p
+        };
+        let c = Config::load(&write(
+            "        - {key_id: central, algorithm: ES256, public_key_file: central.pub}\n        - {key_id: next, algorithm: HS256, secret_file: secret}\n",
+        ))
+        .unwrap();
+        let v = c.bundle_verification().unwrap().unwrap();
+        let ids: Vec<&str> = v.keys.iter().map(|k| k.id()).collect();
+        assert_eq!(ids, ["central", "next"]);
+
+        for (keys, field) in [
+            (
+                "        - {key_id: k, algorithm: ES256, public_key_file: missing.pub}\n",
+                "keys[0].public_key_file",
+            ),
+            (
+                "        - {key_id: k, algorithm: RS256, public_key_file: central.pub}\n",
+                "keys[0].public_key_file",
+            ),
+            (
+                "        - {key_id: k, algorithm: HS256, public_key_file: central.pub}\n",
+                "keys[0].secret_file",
+            ),
+        ] {
+            let e = Config::load(&write(keys)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("field `inbound.bundle.verification.{field}`")),
+                "{keys}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(
             duration::parse("250ms").unwrap(),
