@@ -334,27 +334,13 @@ pub struct VerificationKeyConfig {
     /// The key id (the JWT's `kid` or the payload's `keyid`).
     pub key_id: String,
     /// `RS256`, `ES256` or `HS256`.
-    pub algorithm: SigningAlgorithmName,
+    pub algorithm: rampart_authz::central::signature::SigningAlgorithm,
     /// RS256, ES256: PEM `PUBLIC KEY` file.
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
     /// HS256: file holding the shared secret.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
-}
-
-/// A bundle signing algorithm.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-pub enum SigningAlgorithmName {
-    /// RSASSA-PKCS1-v1_5 with SHA-256.
-    #[serde(rename = "RS256")]
-    Rs256,
-    /// ECDSA P-256 with SHA-256.
-    #[serde(rename = "ES256")]
-    Es256,
-    /// HMAC-SHA-256 with a shared secret.
-    #[serde(rename = "HS256")]
-    Hs256,
 }
 
 /// External authorizers.
@@ -856,29 +842,21 @@ impl Config {
                     .map_err(|e| (field(f), format!("cannot read {}: {e}", p.display())))
             };
             let key = match (k.algorithm, &k.public_key_file, &k.secret_file) {
-                (SigningAlgorithmName::Hs256, None, Some(p)) => {
+                (SigningAlgorithm::Hs256, None, Some(p)) => {
                     let secret = read("secret_file", p)?;
                     // A trailing newline from `echo` or an editor is not part of the secret.
                     let secret = secret.trim_ascii_end();
                     VerificationKey::hmac_secret(k.key_id.clone(), secret)
                         .map_err(|e| (field("secret_file"), e.to_string()))?
                 }
-                (SigningAlgorithmName::Hs256, _, _) => {
+                (SigningAlgorithm::Hs256, _, _) => {
                     return Err((
                         field("secret_file"),
                         "HS256 takes `secret_file` only".into(),
                     ));
                 }
-                (
-                    alg @ (SigningAlgorithmName::Rs256 | SigningAlgorithmName::Es256),
-                    Some(p),
-                    None,
-                ) => {
+                (alg @ (SigningAlgorithm::Rs256 | SigningAlgorithm::Es256), Some(p), None) => {
                     let pem = read("public_key_file", p)?;
-                    let alg = match alg {
-                        SigningAlgorithmName::Rs256 => SigningAlgorithm::Rs256,
-                        _ => SigningAlgorithm::Es256,
-                    };
                     VerificationKey::from_public_pem(
                         k.key_id.clone(),
                         alg,
@@ -886,7 +864,7 @@ impl Config {
                     )
                     .map_err(|e| (field("public_key_file"), e.to_string()))?
                 }
-                (SigningAlgorithmName::Rs256 | SigningAlgorithmName::Es256, _, _) => {
+                (SigningAlgorithm::Rs256 | SigningAlgorithm::Es256, _, _) => {
                     return Err((
                         field("public_key_file"),
                         "RS256 and ES256 take `public_key_file` only".into(),

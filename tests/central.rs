@@ -131,16 +131,7 @@ fn http_app(pki: &Pki, name: &str) -> (LocalProc, SocketAddr) {
 /// The client's sidecar: one outbound listener per backend inbound
 /// listener, each expecting the backend's identity.
 fn client_sidecar(pki: &Pki, targets: &[SocketAddr]) -> (Sidecar, Vec<SocketAddr>) {
-    let mut body = String::from("listeners:\n");
-    let mut outs = Vec::new();
-    for (i, t) in targets.iter().enumerate() {
-        let out = free_addr();
-        body.push_str(&format!(
-            "  - {{name: out{i}, direction: outbound, listen: \"{out}\", target: \"{t}\", server_identities: [\"{BACKEND}\"]}}\n"
-        ));
-        outs.push(out);
-    }
-    (pki.sidecar(CLIENT, &body), outs)
+    pki.outbound_sidecar(CLIENT, targets, BACKEND, "")
 }
 
 /// The backend's inbound listener in front of `app`, then `rest`.
@@ -148,6 +139,27 @@ fn backend_config(inbound: SocketAddr, app: SocketAddr, rest: &str) -> String {
     format!(
         "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app}\"}}\n{rest}"
     )
+}
+
+/// The backend's sidecar in front of `app` with the policy file
+/// `policy_yaml` (written as `<name>.policy.yaml`) and `extra` configuration;
+/// returns it and its inbound listener.
+fn backend_with_policies(
+    pki: &Pki,
+    app: SocketAddr,
+    name: &str,
+    policy_yaml: &str,
+    extra: &str,
+) -> (Sidecar, SocketAddr) {
+    let policies = pki.dir.path().join(format!("{name}.policy.yaml"));
+    std::fs::write(&policies, policy_yaml).unwrap();
+    let inbound = free_addr();
+    let rest = format!(
+        "inbound:\n  policies: [\"{}\"]\n{extra}",
+        policies.display()
+    );
+    let backend = pki.sidecar(BACKEND, &backend_config(inbound, app, &rest));
+    (backend, inbound)
 }
 
 /// The admin API's `/policy` document.
@@ -179,6 +191,17 @@ fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// One curl sending `n` keep-alive GETs of `url` on one connection;
+/// prints `write_out` (curl's `-w`) per request, one a line.
+fn curl_many(url: &str, n: usize, write_out: &str) -> String {
+    let mut args = vec!["-s".to_owned(), "-w".into(), format!("{write_out}\\n")];
+    for _ in 0..n {
+        args.extend(["-o".into(), "/dev/null".into(), url.to_owned()]);
+    }
+    let out = Command::new("curl").args(&args).output().expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn status(base: &str, path: &str) -> u16 {
@@ -606,23 +629,10 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 /// The backend with decision logs to `url`, and the client in front.
 fn logged_backend(pki: &Pki, app: SocketAddr, dl: &str) -> (Sidecar, Sidecar, String) {
-    let policies = pki.dir.path().join("logged.policy.yaml");
-    std::fs::write(
-        &policies,
-        format!(
-            "policies:\n  - name: mesh\n    action: ALLOW\n    rules:\n      - name: v1\n        from: {{principals: [\"{CLIENT}\"]}}\n        to: {{paths: [/v1]}}\n"
-        ),
-    )
-    .unwrap();
-    let inbound = free_addr();
-    let backend = pki.sidecar(
-        BACKEND,
-        &backend_config(
-            inbound,
-            app,
-            &format!("inbound:\n  policies: [\"{}\"]\n{dl}", policies.display()),
-        ),
+    let policy = format!(
+        "policies:\n  - name: mesh\n    action: ALLOW\n    rules:\n      - name: v1\n        from: {{principals: [\"{CLIENT}\"]}}\n        to: {{paths: [/v1]}}\n"
     );
+    let (backend, inbound) = backend_with_policies(pki, app, "logged", &policy, dl);
     let (client, outs) = client_sidecar(pki, &[inbound]);
     (backend, client, format!("http://{}", outs[0]))
 }
@@ -717,13 +727,7 @@ fn a_slow_or_absent_collector_leaves_the_queue_bounded() {
             ),
         );
         let requests = 30;
-        // One curl, one keep-alive connection, `requests` requests.
-        let mut args = vec!["-s".to_owned(), "-w".into(), "%{http_code}\\n".into()];
-        for _ in 0..requests {
-            args.extend(["-o".into(), "/dev/null".into(), format!("{base}/v1")]);
-        }
-        let out = Command::new("curl").args(&args).output().unwrap();
-        let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+        let codes = curl_many(&format!("{base}/v1"), requests, "%{http_code}");
         assert_eq!(
             codes.lines().filter(|c| *c == "200").count(),
             requests,
@@ -745,4 +749,56 @@ fn a_slow_or_absent_collector_leaves_the_queue_bounded() {
             0.0
         );
     }
+}
+
+/// Not a test: a measurement, run by hand with
+/// `cargo test --release --test central -- --ignored --nocapture measure`.
+/// The added latency of a CUSTOM decision (ext_authz on loopback) against
+/// an in-process one, through the same two sidecars in the same run: curl
+/// sends keep-alive GETs, interleaving the two paths repetition by
+/// repetition, and prints medians and their ratio.
+#[test]
+#[ignore = "a measurement, not a test"]
+fn measure_custom_against_in_process_through_two_sidecars() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (authz_addr, _server) = rt.block_on(start_server());
+    let pki = Pki::new();
+    let (_app, app) = http_app(&pki, "backend");
+    let policy = format!(
+        "policies:\n  - name: mesh\n    action: ALLOW\n    rules:\n      - from: {{principals: [\"{CLIENT}\"]}}\n  - name: central\n    action: CUSTOM\n    provider: opa\n    rules:\n      - to: {{paths: [/allow]}}\n"
+    );
+    let providers = format!(
+        "ext_authz:\n  providers:\n    - {{name: opa, endpoint: \"http://{authz_addr}\", timeout: 1s}}\nlog: {{level: warn}}\n"
+    );
+    let (_backend, inbound) = backend_with_policies(&pki, app, "measure", &policy, &providers);
+    let (_client, outs) = client_sidecar(&pki, &[inbound]);
+    let base = format!("http://{}", outs[0]);
+    // Per-request times in microseconds from one curl on one connection.
+    let times = |path: &str, n: usize| -> Vec<f64> {
+        curl_many(&format!("{base}{path}"), n, "%{time_total}")
+            .lines()
+            .skip(20) // warm-up: connections, pools
+            .filter_map(|l| l.parse::<f64>().ok())
+            .map(|s| s * 1e6)
+            .collect()
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut native, mut custom) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        native.push(median(times("/plain", 520)));
+        custom.push(median(times("/allow", 520)));
+    }
+    let (n, c) = (median(native), median(custom));
+    println!("| decision | p50 µs (median of 7 reps x 500 GETs) | / in-process |");
+    println!("|---|---|---|");
+    println!("| in-process (native ALLOW) | {n:.0} | 1.00 |");
+    println!("| CUSTOM (ext_authz on loopback) | {c:.0} | {:.2} |", c / n);
+    println!("added by the ext_authz hop: {:.0} µs", c - n);
 }

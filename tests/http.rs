@@ -46,17 +46,7 @@ fn client_with(
     expect: &str,
     extra: &str,
 ) -> (Sidecar, Vec<SocketAddr>) {
-    let mut body = String::from("listeners:\n");
-    let mut outs = Vec::new();
-    for (i, t) in targets.iter().enumerate() {
-        let out = free_addr();
-        body.push_str(&format!(
-            "  - {{name: out{i}, direction: outbound, listen: \"{out}\", target: \"{t}\", server_identities: [\"{expect}\"]}}\n"
-        ));
-        outs.push(out);
-    }
-    body.push_str(extra);
-    (pki.sidecar(id, &body), outs)
+    pki.outbound_sidecar(id, targets, expect, extra)
 }
 
 struct Scenario1 {

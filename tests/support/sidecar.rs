@@ -79,6 +79,29 @@ impl Pki {
         s
     }
 
+    /// A sidecar for `id` with one outbound listener per target, each
+    /// expecting the server identity `expect`, then `extra` configuration;
+    /// returns it and the listeners' addresses, in order.
+    pub fn outbound_sidecar(
+        &self,
+        id: &str,
+        targets: &[SocketAddr],
+        expect: &str,
+        extra: &str,
+    ) -> (Sidecar, Vec<SocketAddr>) {
+        let mut body = String::from("listeners:\n");
+        let mut outs = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let out = free_addr();
+            body.push_str(&format!(
+                "  - {{name: out{i}, direction: outbound, listen: \"{out}\", target: \"{t}\", server_identities: [\"{expect}\"]}}\n"
+            ));
+            outs.push(out);
+        }
+        body.push_str(extra);
+        (self.sidecar(id, &body), outs)
+    }
+
     /// Like [`Pki::sidecar`], but returns as soon as the process runs,
     /// ready or not.
     pub fn sidecar_unready(&self, id: &str, body: &str) -> Sidecar {
