@@ -43,6 +43,12 @@ pub struct Config {
     /// The async runtime.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// External authorizers for CUSTOM policies (Envoy's ext_authz gRPC).
+    #[serde(default)]
+    pub ext_authz: ExtAuthzConfig,
+    /// Decision logs shipped to a central collector; absent means off.
+    #[serde(default)]
+    pub decision_logs: Option<DecisionLogsConfig>,
 }
 
 /// Identity source: exactly one of `files` or `dev_ca`.
@@ -263,6 +269,148 @@ pub struct InboundConfig {
     /// `x-forwarded-client-cert` handling.
     #[serde(default)]
     pub xfcc: XfccMode,
+    /// A policy bundle polled from a central server. `policies` are then
+    /// the local fallback, in force until the first bundle arrives.
+    #[serde(default)]
+    pub bundle: Option<BundleConfig>,
+}
+
+/// Where the policy bundle comes from and how it is checked.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleConfig {
+    /// `http://` or `https://` URL of the `.tar.gz` (https: mTLS with the
+    /// sidecar's SVID).
+    pub url: String,
+    /// Mean time between polls; each interval is jittered by ±20%.
+    #[serde(default = "d_bundle_poll", with = "duration")]
+    pub poll_interval: Duration,
+    /// Time limit of one download.
+    #[serde(default = "d_central_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Largest compressed bundle accepted, in bytes.
+    #[serde(default = "d_bundle_max_bytes")]
+    pub max_download_bytes: usize,
+    /// Rego query of a bundle without Rampart policy files.
+    #[serde(default = "d_bundle_query")]
+    pub query: String,
+    /// Signature verification; absent accepts unsigned bundles.
+    #[serde(default)]
+    pub verification: Option<VerificationConfig>,
+    /// https: SPIFFE IDs the bundle server may present (default: any ID
+    /// of the sidecar's trust domain).
+    #[serde(default)]
+    pub server_identities: Option<Vec<SpiffeId>>,
+}
+
+fn d_bundle_poll() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_central_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_bundle_max_bytes() -> usize {
+    8 << 20
+}
+fn d_bundle_query() -> String {
+    rampart_authz::model::DEFAULT_REGO_QUERY.to_owned()
+}
+
+/// Keys a bundle's `.signatures.json` must verify against.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerificationConfig {
+    /// Accepted keys (several during a rotation).
+    pub keys: Vec<VerificationKeyConfig>,
+    /// When set, the signature's `scope` must equal it.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+/// One bundle verification key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerificationKeyConfig {
+    /// The key id (the JWT's `kid` or the payload's `keyid`).
+    pub key_id: String,
+    /// `RS256`, `ES256` or `HS256`.
+    pub algorithm: rampart_authz::central::signature::SigningAlgorithm,
+    /// RS256, ES256: PEM `PUBLIC KEY` file.
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// HS256: file holding the shared secret.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+/// External authorizers.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzConfig {
+    /// The providers CUSTOM policies name.
+    #[serde(default)]
+    pub providers: Vec<ExtAuthzProviderConfig>,
+}
+
+/// One ext_authz gRPC server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzProviderConfig {
+    /// The name CUSTOM policies use in `provider:`.
+    pub name: String,
+    /// `http://host:port` of the gRPC server (h2c).
+    pub endpoint: String,
+    /// Time limit of one check (Envoy's default: 200ms).
+    #[serde(default = "d_ext_authz_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Allow requests when the provider fails or times out (Envoy's
+    /// `failure_mode_allow`). Weakens security.
+    #[serde(default)]
+    pub failure_mode_allow_i_understand_the_risk: bool,
+}
+
+fn d_ext_authz_timeout() -> Duration {
+    Duration::from_millis(200)
+}
+
+/// Decision logs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionLogsConfig {
+    /// The collector's URL (`POST`, gzipped JSON arrays).
+    pub url: String,
+    /// Entries held at most; past it the oldest are dropped (and counted).
+    #[serde(default = "d_dl_max_queued")]
+    pub max_queued: usize,
+    /// Entries per upload at most.
+    #[serde(default = "d_dl_max_batch")]
+    pub max_batch: usize,
+    /// Time between uploads.
+    #[serde(default = "d_dl_flush", with = "duration")]
+    pub flush_interval: Duration,
+    /// Time limit of one upload.
+    #[serde(default = "d_central_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// `labels` of every entry (besides `id` and `version`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// JSON pointers removed from every entry before it is queued.
+    #[serde(default)]
+    pub redact: Vec<String>,
+    /// https: SPIFFE IDs the collector may present (default: any ID of the
+    /// sidecar's trust domain).
+    #[serde(default)]
+    pub server_identities: Option<Vec<SpiffeId>>,
+}
+
+fn d_dl_max_queued() -> usize {
+    10_000
+}
+fn d_dl_max_batch() -> usize {
+    500
+}
+fn d_dl_flush() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// How one app port is served, and who may connect to it.
@@ -596,6 +744,12 @@ impl Config {
         if let Some(w) = &mut cfg.identity.workload_api {
             w.resolve_endpoint(&path.display().to_string(), &text)?;
         }
+        if let Err((field, msg)) = cfg.bundle_verification() {
+            let line = find_line(&text, &field);
+            return Err(ConfigError {
+                problems: vec![format!("{}:{line}: field `{field}`: {msg}", path.display())],
+            });
+        }
         Ok(cfg)
     }
 
@@ -659,6 +813,75 @@ impl Config {
         for p in &mut self.inbound.policies {
             fix(p);
         }
+        if let Some(v) = self
+            .inbound
+            .bundle
+            .as_mut()
+            .and_then(|b| b.verification.as_mut())
+        {
+            for k in &mut v.keys {
+                k.public_key_file.iter_mut().for_each(fix);
+                k.secret_file.iter_mut().for_each(fix);
+            }
+        }
+    }
+
+    /// Reads the bundle verification keys; a problem names its field.
+    pub fn bundle_verification(
+        &self,
+    ) -> Result<Option<rampart_authz::central::signature::Verification>, (String, String)> {
+        use rampart_authz::central::signature::{SigningAlgorithm, Verification, VerificationKey};
+        let Some(v) = self
+            .inbound
+            .bundle
+            .as_ref()
+            .and_then(|b| b.verification.as_ref())
+        else {
+            return Ok(None);
+        };
+        let mut keys = Vec::new();
+        for (i, k) in v.keys.iter().enumerate() {
+            let field = |f: &str| format!("inbound.bundle.verification.keys[{i}].{f}");
+            let read = |f: &str, p: &Path| {
+                std::fs::read(p)
+                    .map_err(|e| (field(f), format!("cannot read {}: {e}", p.display())))
+            };
+            let key = match (k.algorithm, &k.public_key_file, &k.secret_file) {
+                (SigningAlgorithm::Hs256, None, Some(p)) => {
+                    let secret = read("secret_file", p)?;
+                    // A trailing newline from `echo` or an editor is not part of the secret.
+                    let secret = secret.trim_ascii_end();
+                    VerificationKey::hmac_secret(k.key_id.clone(), secret)
+                        .map_err(|e| (field("secret_file"), e.to_string()))?
+                }
+                (SigningAlgorithm::Hs256, _, _) => {
+                    return Err((
+                        field("secret_file"),
+                        "HS256 takes `secret_file` only".into(),
+                    ));
+                }
+                (alg @ (SigningAlgorithm::Rs256 | SigningAlgorithm::Es256), Some(p), None) => {
+                    let pem = read("public_key_file", p)?;
+                    VerificationKey::from_public_pem(
+                        k.key_id.clone(),
+                        alg,
+                        &String::from_utf8_lossy(&pem),
+                    )
+                    .map_err(|e| (field("public_key_file"), e.to_string()))?
+                }
+                (SigningAlgorithm::Rs256 | SigningAlgorithm::Es256, _, _) => {
+                    return Err((
+                        field("public_key_file"),
+                        "RS256 and ES256 take `public_key_file` only".into(),
+                    ));
+                }
+            };
+            keys.push(key);
+        }
+        Ok(Some(Verification {
+            keys,
+            scope: v.scope.clone().filter(|s| !s.is_empty()),
+        }))
     }
 
     /// Cross-field checks; returns (field path, problem) pairs.
@@ -760,6 +983,7 @@ impl Config {
                 }
             }
         }
+        p.extend(self.validate_central());
         if self.limits.http_max_header_bytes < 8192 {
             p.push((
                 "limits.http_max_header_bytes".into(),
@@ -823,33 +1047,195 @@ impl Config {
         p
     }
 
-    /// Loads the inbound policy files, or compiles the per-port allowlists
-    /// when there are none. Errors name file, line and field, one a line.
-    pub fn authorizer(&self) -> Result<Authorizer, ConfigError> {
+    /// Checks of `inbound.bundle`, `ext_authz` and `decision_logs`.
+    fn validate_central(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if let Some(b) = &self.inbound.bundle {
+            if let Err(e) = central_url(&b.url) {
+                p.push(("inbound.bundle.url".into(), e));
+            }
+            if b.poll_interval < Duration::from_millis(100) {
+                p.push((
+                    "inbound.bundle.poll_interval".into(),
+                    "must be at least 100ms".into(),
+                ));
+            }
+            if b.timeout.is_zero() {
+                p.push(("inbound.bundle.timeout".into(), "must be positive".into()));
+            }
+            if b.max_download_bytes == 0 {
+                p.push((
+                    "inbound.bundle.max_download_bytes".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            if !b.query.starts_with("data.") {
+                p.push((
+                    "inbound.bundle.query".into(),
+                    format!("{:?} must be a rule path under data.", b.query),
+                ));
+            }
+            if let Some(v) = &b.verification
+                && v.keys.is_empty()
+            {
+                p.push((
+                    "inbound.bundle.verification.keys".into(),
+                    "must list at least one key".into(),
+                ));
+            }
+            if b.server_identities.is_some() && !b.url.starts_with("https://") {
+                p.push((
+                    "inbound.bundle.server_identities".into(),
+                    "only an https URL has a server identity".into(),
+                ));
+            }
+            for (i, port) in self.inbound.ports.iter().enumerate() {
+                if port.allowed_peers.is_some() {
+                    p.push((
+                        format!("inbound.ports[{i}].allowed_peers"),
+                        "with `inbound.bundle`, policies come from the bundle (a local fallback goes in `inbound.policies`)".into(),
+                    ));
+                }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, e) in self.ext_authz.providers.iter().enumerate() {
+            let field = |f: &str| format!("ext_authz.providers[{i}].{f}");
+            if let Err(m) = rampart_authz::model::ProviderName::try_from(e.name.clone()) {
+                p.push((field("name"), m));
+            }
+            if !names.insert(e.name.as_str()) {
+                p.push((field("name"), format!("duplicate provider {:?}", e.name)));
+            }
+            match e.endpoint.parse::<http::Uri>() {
+                Ok(u)
+                    if u.scheme_str() == Some("http")
+                        && u.port_u16().is_some()
+                        && u.path() == "/" => {}
+                _ => p.push((
+                    field("endpoint"),
+                    format!(
+                        "{:?}: expected http://host:port (gRPC over h2c)",
+                        e.endpoint
+                    ),
+                )),
+            }
+            if e.timeout.is_zero() {
+                p.push((field("timeout"), "must be positive".into()));
+            }
+        }
+        if let Some(d) = &self.decision_logs {
+            if let Err(e) = central_url(&d.url) {
+                p.push(("decision_logs.url".into(), e));
+            }
+            if d.max_queued == 0 {
+                p.push((
+                    "decision_logs.max_queued".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            if d.max_batch == 0 {
+                p.push((
+                    "decision_logs.max_batch".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            if d.flush_interval < Duration::from_millis(10) {
+                p.push((
+                    "decision_logs.flush_interval".into(),
+                    "must be at least 10ms".into(),
+                ));
+            }
+            if d.timeout.is_zero() {
+                p.push(("decision_logs.timeout".into(), "must be positive".into()));
+            }
+            for (i, r) in d.redact.iter().enumerate() {
+                if !r.starts_with('/') || r.len() < 2 {
+                    p.push((
+                        format!("decision_logs.redact[{i}]"),
+                        format!("{r:?} is not a JSON pointer such as /input/attributes/request/http/headers/authorization"),
+                    ));
+                }
+            }
+            if d.server_identities.is_some() && !d.url.starts_with("https://") {
+                p.push((
+                    "decision_logs.server_identities".into(),
+                    "only an https URL has a server identity".into(),
+                ));
+            }
+        }
+        p
+    }
+
+    /// How policies (files and bundles) are compiled.
+    pub fn policy_options(&self) -> rampart_authz::Options {
         let default_action = match self.inbound.default_action {
             DefaultPortAction::Deny => DefaultAction::Deny,
             DefaultPortAction::AllowAnyAuthenticated => DefaultAction::AllowAnyAuthenticated,
         };
+        rampart_authz::Options {
+            default_action,
+            ..rampart_authz::Options::default()
+        }
+    }
+
+    /// Loads the inbound policy files, or compiles the per-port allowlists
+    /// when there are none. Errors name file, line and field, one a line.
+    pub fn authorizer(&self) -> Result<Authorizer, ConfigError> {
+        let options = self.policy_options();
         if self.inbound.policies.is_empty() {
             return Ok(Authorizer::from_port_allowlist(
                 self.inbound
                     .ports
                     .iter()
                     .filter_map(|p| Some((p.port, p.allowed_peers.clone()?))),
-                default_action,
+                options.default_action,
             ));
         }
-        let options = rampart_authz::Options {
-            default_action,
-            ..rampart_authz::Options::default()
-        };
         Authorizer::load(&self.inbound.policies, &options).map_err(|e| ConfigError {
             problems: e.to_string().lines().map(str::to_owned).collect(),
         })
     }
 
-    /// Builds the data plane's plan; `td` is the sidecar's trust domain.
-    pub fn proxy_config(&self, td: TrustDomain, authorizer: Authorizer) -> pc::ProxyConfig {
+    /// The policies in force at start: the policy files (or allowlists);
+    /// with a bundle, the local fallback if there are policy files, else
+    /// `None` (nothing is in force until the first bundle).
+    pub fn initial_policies(&self) -> Result<Option<Authorizer>, ConfigError> {
+        if self.inbound.bundle.is_some() && self.inbound.policies.is_empty() {
+            return Ok(None);
+        }
+        self.authorizer().map(Some)
+    }
+
+    /// The server identities of the central servers reached over https
+    /// with their own list, in the order of [`pc::CentralConfig::tls_clients`]:
+    /// the bundle server's, then the decision-log collector's.
+    fn central_tls_clients(&self) -> Vec<IdMatcher> {
+        let bundle = self
+            .inbound
+            .bundle
+            .as_ref()
+            .and_then(|b| b.server_identities.as_ref());
+        let logs = self
+            .decision_logs
+            .as_ref()
+            .and_then(|d| d.server_identities.as_ref());
+        [bundle, logs]
+            .into_iter()
+            .flatten()
+            .map(|ids| IdMatcher::ids(ids.iter().cloned()))
+            .collect()
+    }
+
+    /// Builds the data plane's plan; `td` is the sidecar's trust domain and
+    /// `authorizer` the policies in force at start ([`Config::initial_policies`]).
+    pub fn proxy_config(&self, td: TrustDomain, authorizer: Option<Authorizer>) -> pc::ProxyConfig {
+        use rampart_proxy::policy::{PolicyCell, PolicyOrigin};
+        let cell = match (authorizer, self.inbound.bundle.is_some()) {
+            (Some(a), false) => PolicyCell::new(a),
+            (Some(a), true) => PolicyCell::with_origin(a, PolicyOrigin::Fallback),
+            (None, _) => PolicyCell::waiting(),
+        };
         pc::ProxyConfig {
             trust_domain: td,
             admin: self.admin.address,
@@ -897,7 +1283,7 @@ impl Config {
                     UnknownServer::AnyInTrustDomain => pc::UnknownServer::AnyInTrustDomain,
                 },
             },
-            authorizer: Arc::new(rampart_proxy::policy::PolicyCell::new(authorizer)),
+            authorizer: Arc::new(cell),
             inbound: pc::InboundConfig {
                 ports: self
                     .inbound
@@ -960,7 +1346,22 @@ impl Config {
                     })
                     .collect(),
             },
+            central: pc::CentralConfig {
+                tls_clients: self.central_tls_clients(),
+                ..pc::CentralConfig::default()
+            },
         }
+    }
+}
+
+/// An `http://` or `https://` URL with a host, for the central servers.
+pub(crate) fn central_url(s: &str) -> Result<http::Uri, String> {
+    let u: http::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    match (u.scheme_str(), u.host()) {
+        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(u),
+        _ => Err(format!(
+            "{s:?}: expected an http:// or https:// URL with a host"
+        )),
     }
 }
 
@@ -1091,6 +1492,132 @@ inbound:
         let e = Config::parse("pod.yaml", pinned).unwrap_err().to_string();
         assert!(e.contains("inbound.ports[0].allow_dns_san_clients"), "{e}");
         assert!(e.contains("dns:"), "{e}");
+    }
+
+    #[test]
+    fn central_management_fields_and_their_problems() {
+        let base = "identity:\n  files: {cert: a, key: b, bundle: c}\ntransparent: {}\n";
+        let ok = format!(
+            "{base}inbound:\n  bundle:\n    url: https://policy.example/b.tar.gz\n    server_identities: [\"spiffe://example.org/policy\"]\next_authz:\n  providers:\n    - {{name: opa, endpoint: \"http://127.0.0.1:9191\"}}\ndecision_logs:\n  url: http://127.0.0.1:9000/logs\n"
+        );
+        let c = Config::parse("c.yaml", &ok).unwrap();
+        let b = c.inbound.bundle.as_ref().unwrap();
+        assert_eq!(b.poll_interval, Duration::from_secs(30));
+        assert_eq!(b.query, "data.envoy.authz.allow");
+        assert_eq!(c.ext_authz.providers[0].timeout, Duration::from_millis(200));
+        assert!(!c.ext_authz.providers[0].failure_mode_allow_i_understand_the_risk);
+        assert_eq!(c.decision_logs.as_ref().unwrap().max_queued, 10_000);
+        assert!(c.initial_policies().unwrap().is_none(), "no fallback");
+        assert_eq!(c.central_tls_clients().len(), 1);
+
+        for (yaml, field, line) in [
+            (
+                "inbound:\n  bundle: {url: ftp://x/b}\n",
+                "inbound.bundle.url",
+                5,
+            ),
+            (
+                "inbound:\n  bundle:\n    url: http://x/b\n    poll_interval: 1ms\n",
+                "inbound.bundle.poll_interval",
+                7,
+            ),
+            (
+                "inbound:\n  bundle:\n    url: http://x/b\n    server_identities: [\"spiffe://e.org/p\"]\n",
+                "inbound.bundle.server_identities",
+                7,
+            ),
+            (
+                "inbound:\n  bundle:\n    url: http://x/b\n    verification: {keys: []}\n",
+                "inbound.bundle.verification.keys",
+                7,
+            ),
+            (
+                "inbound:\n  ports: [{port: 80, allowed_peers: []}]\n  bundle: {url: http://x/b}\n",
+                "inbound.ports[0].allowed_peers",
+                5,
+            ),
+            (
+                "ext_authz:\n  providers:\n    - name: \"a b\"\n      endpoint: \"http://h:1\"\n",
+                "ext_authz.providers[0].name",
+                6,
+            ),
+            (
+                "ext_authz:\n  providers:\n    - name: a\n      endpoint: \"https://h:1\"\n",
+                "ext_authz.providers[0].endpoint",
+                7,
+            ),
+            (
+                "decision_logs:\n  url: http://x/l\n  max_queued: 0\n",
+                "decision_logs.max_queued",
+                6,
+            ),
+            (
+                "decision_logs:\n  url: http://x/l\n  redact: [input]\n",
+                "decision_logs.redact[0]",
+                6,
+            ),
+        ] {
+            let e = Config::parse("c.yaml", &format!("{base}{yaml}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("c.yaml:{line}: field `{field}`")),
+                "{field}: {e}"
+            );
+        }
+        let dup = "ext_authz:\n  providers:\n    - {name: a, endpoint: \"http://h:1\"}\n    - {name: a, endpoint: \"http://h:2\"}\n";
+        let e = Config::parse("c.yaml", &format!("{base}{dup}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("field `ext_authz.providers[1].name`: duplicate provider"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bundle_keys_are_read_at_load_and_a_bad_one_names_its_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==\n-----END PUBLIC KEY-----\n";
+        std::fs::write(dir.path().join("central.pub"), pem).unwrap();
+        std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+        let write = |keys: &str| {
+            let p = dir.path().join("c.yaml");
+            std::fs::write(
+                &p,
+                format!("identity:\n  files: {{cert: a, key: b, bundle: c}}\ntransparent: {{}}\ninbound:\n  bundle:\n    url: http://x/b\n    verification:\n      keys:\n{keys}"),
+            )
+            .unwrap();
+            p
+        };
+        let c = Config::load(&write(
+            "        - {key_id: central, algorithm: ES256, public_key_file: central.pub}\n        - {key_id: next, algorithm: HS256, secret_file: secret}\n",
+        ))
+        .unwrap();
+        let v = c.bundle_verification().unwrap().unwrap();
+        let ids: Vec<&str> = v.keys.iter().map(|k| k.id()).collect();
+        assert_eq!(ids, ["central", "next"]);
+
+        for (keys, field) in [
+            (
+                "        - {key_id: k, algorithm: ES256, public_key_file: missing.pub}\n",
+                "keys[0].public_key_file",
+            ),
+            (
+                "        - {key_id: k, algorithm: RS256, public_key_file: central.pub}\n",
+                "keys[0].public_key_file",
+            ),
+            (
+                "        - {key_id: k, algorithm: HS256, public_key_file: central.pub}\n",
+                "keys[0].secret_file",
+            ),
+        ] {
+            let e = Config::load(&write(keys)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("field `inbound.bundle.verification.{field}`")),
+                "{keys}: {e}"
+            );
+        }
     }
 
     #[test]

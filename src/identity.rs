@@ -125,7 +125,7 @@ fn check_endpoint(s: &str) -> Result<(), String> {
 /// development CA are loaded once here, so a broken file or CA fails the start.
 pub async fn start(
     cfg: &Config,
-    authorizer: rampart_authz::Authorizer,
+    authorizer: Option<rampart_authz::Authorizer>,
 ) -> anyhow::Result<(ProxyConfig, Arc<IdentityStore>)> {
     let (tx, mut rx) = mpsc::channel(UPDATE_CHANNEL);
     let (kind, td, first) = if let Some(f) = &cfg.identity.files {

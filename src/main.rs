@@ -2,6 +2,7 @@
 
 mod agent;
 mod ca_cmd;
+mod central;
 mod config;
 mod demo;
 mod identity;

@@ -29,7 +29,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             return Ok(std::process::ExitCode::from(EXIT_CONFIG));
         }
     };
-    let authorizer = match cfg.authorizer() {
+    let authorizer = match cfg.initial_policies() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("rampart: invalid configuration:\n{e}");
@@ -99,7 +99,7 @@ impl rampart_proxy::admin::LogControl for ReloadableLog {
 
 async fn serve(
     cfg: Config,
-    authorizer: rampart_authz::Authorizer,
+    authorizer: Option<rampart_authz::Authorizer>,
     logging: Arc<ReloadableLog>,
 ) -> anyhow::Result<()> {
     let render: Arc<dyn Fn() -> String + Send + Sync> = if cfg.admin.metrics {
@@ -123,8 +123,11 @@ async fn serve(
     // The configuration names key files but never holds key material.
     let config_json = serde_json::to_string(&cfg).unwrap_or_default();
     tracing::info!(config = %config_json, "effective configuration");
-    let (plan, store) = crate::identity::start(&cfg, authorizer).await?;
-    if !cfg.inbound.policies.is_empty() {
+    let (mut plan, store) = crate::identity::start(&cfg, authorizer).await?;
+    let central_status = crate::central::start(&cfg, &mut plan, &store)?;
+    // With a bundle, the policy files are the fallback until the first
+    // bundle: a reload must not replace a bundle in force.
+    if !cfg.inbound.policies.is_empty() && cfg.inbound.bundle.is_none() {
         let files = cfg.inbound.policies.clone();
         let for_loader = cfg.clone();
         let loader: rampart_proxy::policy::PolicyLoader =
@@ -143,6 +146,7 @@ async fn serve(
             .unwrap_or(config_json)
             .into(),
         logging,
+        central_status,
     };
     let bound = rampart_proxy::bind(plan, store.subscribe(), hooks)?;
     bound.run(shutdown_signal()).await;

@@ -15,50 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::apps;
+use support::curl::curl;
 use support::sidecar::{LocalProc, Pki, Sidecar, free_addr, wait_listening};
-
-/// A response as curl saw it; status 0 when the exchange failed.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
-fn curl(url: &str, extra: &[&str]) -> Reply {
-    let out = Command::new("curl")
-        .args(["-s", "-i", "--max-time", "10"])
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut rest = text.as_str();
-    // Skip interim responses (100 Continue).
-    while rest.starts_with("HTTP/1.1 1") {
-        rest = rest.split_once("\r\n\r\n").map_or("", |(_, r)| r);
-    }
-    let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Reply {
-        status,
-        head: head.to_owned(),
-        body: body.to_owned(),
-    }
-}
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -88,17 +46,7 @@ fn client_with(
     expect: &str,
     extra: &str,
 ) -> (Sidecar, Vec<SocketAddr>) {
-    let mut body = String::from("listeners:\n");
-    let mut outs = Vec::new();
-    for (i, t) in targets.iter().enumerate() {
-        let out = free_addr();
-        body.push_str(&format!(
-            "  - {{name: out{i}, direction: outbound, listen: \"{out}\", target: \"{t}\", server_identities: [\"{expect}\"]}}\n"
-        ));
-        outs.push(out);
-    }
-    body.push_str(extra);
-    (pki.sidecar(id, &body), outs)
+    pki.outbound_sidecar(id, targets, expect, extra)
 }
 
 struct Scenario1 {

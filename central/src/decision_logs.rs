@@ -74,6 +74,12 @@ impl DecisionLogger {
     }
 }
 
+impl rampart_authz::central::decision_log::DecisionSink for DecisionLogger {
+    fn log(&self, conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>, decision: &Decision) {
+        DecisionLogger::log(self, conn, req, decision);
+    }
+}
+
 /// Starts shipping; returns the logger for the request path. Must run
 /// inside a tokio runtime.
 pub fn spawn(
@@ -99,6 +105,7 @@ async fn ship(
     loop {
         tokio::time::sleep(backoff).await;
         backoff = config.flush_interval;
+        metrics::gauge!(crate::metrics::DECISION_LOGS_QUEUED).set(queue.len() as f64);
         while !queue.is_empty() {
             let batch = queue.take_batch(config.max_batch);
             let n = batch.len();

@@ -15,25 +15,15 @@
 //! Everything here is spawned and wired by the `rampart` binary; nothing
 //! reads the environment or files on its own.
 //!
-//! # Wiring (what the binary does at start)
+//! # Wiring
 //!
-//! ```text
-//! metrics::describe();
-//! // inbound.bundle: {url, poll_interval, timeout, query, verification}
-//! let options = BundleOptions { authz: <Options>, verification: Some(Verification {
-//!         keys: vec![VerificationKey::from_public_pem(key_id, alg, &pem)?], scope }),
-//!     query, ..Default::default() };
-//! let tls: ClientTlsProvider = Arc::new(move || store.current().map(|c| c.client[i].clone()));
-//! let (policies, _task) = bundle_poller::spawn(source, options, Some(tls), fallback);
-//! //   readiness: policies.has_policy(); admin API: policies.status();
-//! //   the proxy reads policies.current() (or subscribe()) per request.
-//! // ext_authz.providers: [{name, endpoint, timeout, failure_mode_allow_i_understand_the_risk}]
-//! let providers = ExtAuthzClients::new(configs)?;   // an ExternalAuthorizer
-//! //   per request: authorizer.authorize_request(&conn, &req, &providers).await
-//! // decision_logs: {url, max_queued, max_batch, flush_interval, labels, redact}
-//! let (logger, _task) = decision_logs::spawn(config, EntryContext { .. }, Some(tls));
-//! //   per request, after deciding: logger.log(&conn, &req, &decision)
-//! ```
+//! `src/central.rs` in the `rampart` binary does it at start, from the
+//! configuration's `inbound.bundle`, `ext_authz` and `decision_logs`:
+//! [`bundle_poller::spawn`] with the identity store's client configuration
+//! for `https` URLs, a task that puts every published `Arc<Authorizer>` into
+//! the proxy's policy cell (with the revision, for the admin API), an
+//! [`ext_authz::ExtAuthzClients`] as the proxy's `ExternalAuthorizer`, and a
+//! [`decision_logs::DecisionLogger`] as its `DecisionSink`.
 
 pub mod bundle_poller;
 pub mod decision_logs;

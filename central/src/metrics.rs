@@ -3,6 +3,9 @@
 
 /// `rampart_policy_bundle_loads_total{result}`: bundle poll outcomes.
 pub const BUNDLE_LOADS: &str = "rampart_policy_bundle_loads_total";
+/// `rampart_policy_bundle_activation_timestamp_seconds`: Unix time the
+/// bundle in force was activated (0 before the first).
+pub const BUNDLE_ACTIVATION: &str = "rampart_policy_bundle_activation_timestamp_seconds";
 // No metric carries the bundle revision: it is text chosen by the bundle's
 // author, not a closed label set, so the admin API serves it instead.
 
@@ -12,6 +15,9 @@ pub const EXT_AUTHZ_CHECKS: &str = "rampart_ext_authz_checks_total";
 pub const EXT_AUTHZ_DURATION: &str = "rampart_ext_authz_check_duration_seconds";
 /// `rampart_decision_logs_dropped_total`: entries dropped under back-pressure.
 pub const DECISION_LOGS_DROPPED: &str = "rampart_decision_logs_dropped_total";
+/// `rampart_decision_logs_queued`: entries waiting, sampled by the shipper
+/// at every flush.
+pub const DECISION_LOGS_QUEUED: &str = "rampart_decision_logs_queued";
 /// `rampart_decision_logs_sent_total`: entries delivered.
 pub const DECISION_LOGS_SENT: &str = "rampart_decision_logs_sent_total";
 /// `rampart_decision_logs_upload_failures_total`: batches that failed.
@@ -20,6 +26,15 @@ pub const DECISION_LOGS_FAILURES: &str = "rampart_decision_logs_upload_failures_
 /// Describes every metric of this crate (call once at start).
 pub fn describe() {
     metrics::describe_counter!(BUNDLE_LOADS, "Policy bundle polls, by result");
+    metrics::describe_gauge!(
+        BUNDLE_ACTIVATION,
+        metrics::Unit::Seconds,
+        "Unix time the policy bundle in force was activated"
+    );
+    metrics::describe_gauge!(
+        DECISION_LOGS_QUEUED,
+        "Decision-log entries waiting for upload (sampled at every flush)"
+    );
     metrics::describe_counter!(EXT_AUTHZ_CHECKS, "External authorization checks, by result");
     metrics::describe_histogram!(
         EXT_AUTHZ_DURATION,
@@ -64,6 +79,12 @@ impl BundleLoad {
 
 pub(crate) fn bundle_load(r: BundleLoad) {
     metrics::counter!(BUNDLE_LOADS, "result" => r.as_str()).increment(1);
+    if r == BundleLoad::Success {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(BUNDLE_ACTIVATION).set(now);
+    }
 }
 
 /// The `result` of one ext_authz check.

@@ -6,9 +6,8 @@
 //! previous decisions in force.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rampart_authz::central::bundle::{self, BundleOptions};
 use rampart_authz::central::signature::{
@@ -17,103 +16,9 @@ use rampart_authz::central::signature::{
 use rampart_authz::{Authorizer, ConnectionInfo, HttpProtocol, RequestInfo};
 use rampart_central::bundle_poller::{self, BundleSource, PolicyHandle};
 
-/// nginx serving `www/` of a temporary directory on 127.0.0.1.
-struct Nginx {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Nginx {
-    /// `None` (with the reason printed) when nginx is not installed and the
-    /// end-to-end tests are not required.
-    fn start() -> Option<Nginx> {
-        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists());
-        let Some(bin) = bin else {
-            if std::env::var_os("RAMPART_REQUIRE_E2E").is_some_and(|v| v == "1") {
-                panic!("nginx is required (RAMPART_REQUIRE_E2E=1): apt-get install nginx");
-            }
-            eprintln!("skipped: nginx is not installed (apt-get install nginx)");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("www")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let d = dir.path().display();
-        let conf = format!(
-            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp;\n\
-               proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n\
-               scgi_temp_path {d}/tmp;\n\
-               server {{ listen 127.0.0.1:{port}; root {d}/www; }}\n}}\n"
-        );
-        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        let child = Command::new(bin)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .spawn()
-            .unwrap();
-        let n = Nginx { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start: {}",
-                n.log("error.log")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(n)
-    }
-
-    fn url(&self, file: &str) -> http::Uri {
-        format!("http://127.0.0.1:{}/{file}", self.port)
-            .parse()
-            .unwrap()
-    }
-
-    /// Replaces a served file atomically, with a later modification time so
-    /// that nginx's ETag (mtime and size) changes even within one second.
-    fn publish(&self, file: &str, bytes: &[u8]) {
-        static STEP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let www = self.dir.path().join("www");
-        let tmp = www.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, bytes).unwrap();
-        let step = STEP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let f = std::fs::File::options().write(true).open(&tmp).unwrap();
-        f.set_modified(SystemTime::now() + Duration::from_secs(10 * step))
-            .unwrap();
-        drop(f);
-        std::fs::rename(&tmp, www.join(file)).unwrap();
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+#[path = "../../tests/support/nginx.rs"]
+mod nginx;
+use nginx::Nginx;
 
 const REGO: &str = "package envoy.authz\n\ndefault allow := false\n\nallow if input.attributes.request.http.path == data.allowed_path\n";
 

@@ -2,7 +2,6 @@
 //! the server can give maps to what Envoy would deliver.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rampart_authz::external::{CheckAttributes, Evaluation, ProviderFailure, ProviderVerdict};
@@ -11,107 +10,9 @@ use rampart_authz::{Decision, DenyReason};
 use rampart_central::ext_authz::{ExtAuthzClients, ProviderConfig};
 use rampart_central::pb;
 
-/// What the test server answers, chosen by the request path.
-#[derive(Default, Clone)]
-struct Server {
-    seen: Arc<Mutex<Vec<pb::CheckRequest>>>,
-}
-
-fn hv(key: &str, value: &str, append: Option<bool>) -> pb::HeaderValueOption {
-    pb::HeaderValueOption {
-        header: Some(pb::HeaderValue {
-            key: key.into(),
-            value: value.into(),
-            raw_value: Vec::new(),
-        }),
-        append: append.map(|value| pb::BoolValue { value }),
-        append_action: 0,
-    }
-}
-
-#[tonic::async_trait]
-impl pb::authorization_server::Authorization for Server {
-    async fn check(
-        &self,
-        request: tonic::Request<pb::CheckRequest>,
-    ) -> Result<tonic::Response<pb::CheckResponse>, tonic::Status> {
-        let req = request.into_inner();
-        let path = req
-            .attributes
-            .as_ref()
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref())
-            .map(|h| h.path.clone())
-            .unwrap_or_default();
-        self.seen.lock().unwrap().push(req);
-        let ok = |http_response| pb::CheckResponse {
-            status: Some(pb::Status {
-                code: 0,
-                message: String::new(),
-            }),
-            http_response,
-        };
-        let resp = match path.as_str() {
-            "/allow" => ok(None),
-            "/headers" => ok(Some(pb::check_response::HttpResponse::OkResponse(
-                pb::OkHttpResponse {
-                    headers: vec![hv("x-user", "alice", None), hv("x-tag", "b", Some(true))],
-                    headers_to_remove: vec!["authorization".into()],
-                    response_headers_to_add: vec![hv("x-checked", "yes", None)],
-                },
-            ))),
-            "/deny" => pb::CheckResponse {
-                status: Some(pb::Status {
-                    code: 7,
-                    message: "no".into(),
-                }),
-                http_response: Some(pb::check_response::HttpResponse::DeniedResponse(
-                    pb::DeniedHttpResponse {
-                        status: Some(pb::HttpStatus { code: 418 }),
-                        headers: vec![hv("x-why", "policy", None)],
-                        body: "no tea for you".into(),
-                    },
-                )),
-            },
-            "/deny-bare" => pb::CheckResponse {
-                status: Some(pb::Status {
-                    code: 7,
-                    message: String::new(),
-                }),
-                http_response: None,
-            },
-            "/hang" => {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                ok(None)
-            }
-            "/error" => return Err(tonic::Status::internal("boom")),
-            _ => ok(Some(pb::check_response::HttpResponse::OkResponse(
-                pb::OkHttpResponse {
-                    headers: vec![hv("bad header", "x", None)],
-                    ..Default::default()
-                },
-            ))),
-        };
-        Ok(tonic::Response::new(resp))
-    }
-}
-
-async fn start_server() -> (SocketAddr, Server) {
-    let server = Server::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let svc = pb::authorization_server::AuthorizationServer::new(server.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .serve_with_incoming(
-                svc,
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-            )
-            .await
-            .unwrap();
-    });
-    (addr, server)
-}
+#[path = "../../tests/support/ext_authz.rs"]
+mod ext_authz_server;
+use ext_authz_server::start_server;
 
 fn clients(addr: SocketAddr, fail_open: bool) -> ExtAuthzClients {
     ExtAuthzClients::new(vec![ProviderConfig {

@@ -43,7 +43,13 @@ pub struct AdminHooks {
     pub config_json: Arc<str>,
     /// `/logging`.
     pub logging: Arc<dyn LogControl>,
+    /// `/policy`'s `central` member: bundle revision and status, decision-log
+    /// queue (central management, when configured).
+    pub central_status: Option<CentralStatus>,
 }
+
+/// Renders the state of central management as JSON for `/policy`.
+pub type CentralStatus = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// The longest `/logging` body accepted.
 const MAX_BODY: usize = 4096;
@@ -152,7 +158,13 @@ async fn handle(
             "application/json",
         ),
         ("/identity", _) => json(&identity_json(shared)),
-        ("/policy", _) => json(&policy_json(shared)),
+        ("/policy", _) => {
+            let mut v = policy_json(shared);
+            if let Some(status) = &hooks.central_status {
+                v["central"] = status();
+            }
+            json(&v)
+        }
         ("/logging", Method::PUT | Method::POST) => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
@@ -217,8 +229,14 @@ fn policy_json(shared: &Shared) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({
+    let mut v = serde_json::json!({
+        "origin": current.origin.as_str(),
         "loaded_at_unix": unix(current.loaded_at),
         "policies": policies,
-    })
+    });
+    if let crate::policy::PolicyOrigin::Bundle { revision, verified } = &current.origin {
+        v["bundle_revision"] = serde_json::Value::String(revision.clone());
+        v["bundle_verified"] = serde_json::Value::Bool(*verified);
+    }
+    v
 }

@@ -31,6 +31,35 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// Access logs and request IDs.
     pub observe: ObserveConfig,
+    /// Central management: external authorizers, decision logs, and the
+    /// TLS client identities of the central servers.
+    pub central: CentralConfig,
+}
+
+/// What the request path uses of central management. Both hooks are
+/// implemented by `rampart-central` and installed by the binary; `None`
+/// costs one branch per request.
+#[derive(Clone, Default)]
+pub struct CentralConfig {
+    /// Answers CUSTOM policies. Without it a CUSTOM match is refused
+    /// (`provider_failed`, fail closed).
+    pub external: Option<Arc<dyn rampart_authz::external::ExternalAuthorizer>>,
+    /// Receives every HTTP decision, without waiting.
+    pub decision_log: Option<Arc<dyn rampart_authz::central::decision_log::DecisionSink>>,
+    /// Server identities of the bundle server and the decision-log
+    /// collector over `https`, one TLS client configuration each (see
+    /// [`ProxyConfig::central_client_index`]).
+    pub tls_clients: Vec<IdMatcher>,
+}
+
+impl std::fmt::Debug for CentralConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CentralConfig")
+            .field("external", &self.external.is_some())
+            .field("decision_log", &self.decision_log.is_some())
+            .field("tls_clients", &self.tls_clients)
+            .finish()
+    }
 }
 
 /// Access logs and request IDs.
@@ -307,7 +336,8 @@ pub enum OutboundRoute {
 impl ProxyConfig {
     /// The TLS configurations the identity store must build for this plan.
     /// Client indices: one per server rule, then the trust-domain fallback,
-    /// then one per explicit outbound listener with its own identities.
+    /// then one per explicit outbound listener with its own identities,
+    /// then one per central TLS client.
     pub fn tls_spec(&self) -> ConfigSpec {
         let mut client: Vec<IdMatcher> = self
             .outbound
@@ -321,6 +351,7 @@ impl ProxyConfig {
                 client.push(ids.clone());
             }
         }
+        client.extend(self.central.tls_clients.iter().cloned());
         let spiffe_only = ServerSpec::default();
         let with_dns = ServerSpec {
             allow_dns_san_clients: true,
@@ -368,6 +399,22 @@ impl ProxyConfig {
             }
         }
         None
+    }
+
+    /// Index of the client configuration that trusts any server of the
+    /// sidecar's own trust domain.
+    pub fn trust_domain_client_index(&self) -> usize {
+        self.outbound.servers.len()
+    }
+
+    /// Index of the client configuration of central TLS client `i`.
+    pub fn central_client_index(&self, i: usize) -> usize {
+        let listeners = self
+            .listeners
+            .iter()
+            .filter(|l| l.server_identities.is_some())
+            .count();
+        self.outbound.servers.len() + 1 + listeners + i
     }
 
     /// Routes an outbound destination.
@@ -420,6 +467,7 @@ mod tests {
             inbound: InboundConfig::default(),
             limits: Limits::default(),
             observe: ObserveConfig::default(),
+            central: CentralConfig::default(),
         }
     }
 

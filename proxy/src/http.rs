@@ -1,5 +1,6 @@
 //! Inbound HTTP: serves a detected HTTP connection (after `tls`) with hyper,
-//! authorizes every request on its normalized path, and forwards permitted
+//! authorizes every request on its normalized path (asking the external
+//! authorizer when a CUSTOM policy matches), and forwards permitted
 //! requests to the app over a pool of plaintext connections.
 //!
 //! Bodies and trailers stream through untouched in both directions (hyper's
@@ -24,9 +25,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use rampart_authz::external::{
+    CheckAttributes, Consult, Evaluation, ProviderFailure, ProviderVerdict,
+};
 use rampart_authz::input::XFCC;
 use rampart_authz::{
-    Decision, Denial, HttpProtocol, PathError, Permit, RequestInfo, grpc_method_of, normalize_path,
+    ConnectionInfo, Decision, Denial, HttpProtocol, PathError, Permit, RequestInfo, grpc_method_of,
+    normalize_path,
 };
 use rampart_identity::{PeerIdentity, SpiffeId};
 
@@ -432,7 +437,16 @@ impl Handler {
             local_identity: self.local_id.as_ref(),
             peer_cert_sha256: self.conn.peer.as_ref().map(|p| p.cert_sha256.as_str()),
         };
-        let permit = match authorizer.check_request(&conn_info, &info) {
+        // Only a request that a CUSTOM rule sends to an external authorizer
+        // pays for more than the in-process decision.
+        let decision = match authorizer.evaluate_request(&conn_info, &info) {
+            Evaluation::Decided(d) => d,
+            Evaluation::Consult(c) => self.consult(c, &conn_info, &info).await,
+        };
+        if let Some(sink) = &self.shared.config.central.decision_log {
+            sink.log(&conn_info, &info, &decision);
+        }
+        let permit = match decision {
             Decision::Allow(p) => {
                 crate::metrics::decision("allow", "matched", p.policy(), p.rule());
                 if logged {
@@ -473,6 +487,24 @@ impl Handler {
                 .ok_or(LocalError::NoPath)?
         };
         self.forward(permit, req, path).await
+    }
+
+    /// Asks the CUSTOM policy's external authorizer; without one configured
+    /// the request is refused (fail closed).
+    async fn consult(
+        &self,
+        consult: Consult,
+        conn: &ConnectionInfo<'_>,
+        req: &RequestInfo<'_>,
+    ) -> Decision {
+        let verdict = match &self.shared.config.central.external {
+            Some(ext) => {
+                ext.check(consult.provider(), CheckAttributes::new(conn, req))
+                    .await
+            }
+            None => ProviderVerdict::Failed(ProviderFailure::UnknownProvider),
+        };
+        consult.finish(verdict)
     }
 
     /// Sends a permitted request to the app. Taking the [`Permit`] makes
@@ -567,6 +599,9 @@ impl Handler {
             }
             for (name, value) in &effects.headers {
                 h.insert(name.clone(), value.clone());
+            }
+            for (name, value) in &effects.request_headers_to_append {
+                h.append(name.clone(), value.clone());
             }
         }
     }

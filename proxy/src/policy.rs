@@ -5,6 +5,12 @@
 //! A broken file never widens or narrows what is allowed: the last good
 //! version stays in force, the failure is logged and counted. (At start a
 //! broken file is a configuration error and the sidecar exits: fail closed.)
+//!
+//! With central management the policies come from a bundle poller instead
+//! (the binary wires its `watch` channel to [`PolicyCell::replace_from`]).
+//! Until the first bundle arrives the cell holds the local fallback, or
+//! nothing: [`PolicyOrigin::Waiting`] denies every request and connection
+//! and keeps the sidecar not ready.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +34,39 @@ pub struct LoadedPolicies {
     pub authorizer: Authorizer,
     /// When this version was loaded.
     pub loaded_at: SystemTime,
+    /// Where they came from.
+    pub origin: PolicyOrigin,
+}
+
+/// Where the policies in force came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyOrigin {
+    /// The configured policy files (or per-port allowlists).
+    Files,
+    /// The local fallback policy files, in force until the first bundle.
+    Fallback,
+    /// A policy bundle from the central server.
+    Bundle {
+        /// The bundle's `.manifest` revision (empty when it has none).
+        revision: String,
+        /// Whether its signature was verified.
+        verified: bool,
+    },
+    /// No policy yet (a bundle is configured, none has arrived, and there
+    /// is no fallback): everything is denied and the sidecar is not ready.
+    Waiting,
+}
+
+impl PolicyOrigin {
+    /// A fixed label for the admin API.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PolicyOrigin::Files => "files",
+            PolicyOrigin::Fallback => "fallback",
+            PolicyOrigin::Bundle { .. } => "bundle",
+            PolicyOrigin::Waiting => "waiting_for_bundle",
+        }
+    }
 }
 
 /// The policies in force. Readers never block: `current` is an atomic load.
@@ -37,14 +76,31 @@ pub struct PolicyCell {
 }
 
 impl PolicyCell {
-    /// A cell holding `authorizer`, loaded now.
+    /// A cell holding `authorizer` from the policy files, loaded now.
     pub fn new(authorizer: Authorizer) -> Self {
+        PolicyCell::with_origin(authorizer, PolicyOrigin::Files)
+    }
+
+    /// A cell holding `authorizer` from `origin`, loaded now.
+    pub fn with_origin(authorizer: Authorizer, origin: PolicyOrigin) -> Self {
         PolicyCell {
             inner: ArcSwap::from_pointee(LoadedPolicies {
                 authorizer,
                 loaded_at: SystemTime::now(),
+                origin,
             }),
         }
+    }
+
+    /// A cell with no policy yet: it denies everything (an empty policy
+    /// set with the deny default) until [`PolicyCell::replace_from`].
+    pub fn waiting() -> Self {
+        PolicyCell::with_origin(Authorizer::default(), PolicyOrigin::Waiting)
+    }
+
+    /// Whether a policy is in force (readiness).
+    pub fn is_in_force(&self) -> bool {
+        self.inner.load().origin != PolicyOrigin::Waiting
     }
 
     /// The policies in force now.
@@ -52,11 +108,18 @@ impl PolicyCell {
         self.inner.load_full()
     }
 
-    /// Puts `authorizer` in force for every later decision.
+    /// Puts `authorizer` (from the policy files) in force for every later
+    /// decision.
     pub fn replace(&self, authorizer: Authorizer) {
+        self.replace_from(authorizer, PolicyOrigin::Files);
+    }
+
+    /// Puts `authorizer` from `origin` in force for every later decision.
+    pub fn replace_from(&self, authorizer: Authorizer, origin: PolicyOrigin) {
         self.inner.store(Arc::new(LoadedPolicies {
             authorizer,
             loaded_at: SystemTime::now(),
+            origin,
         }));
     }
 }

@@ -325,7 +325,7 @@ async fn tunnel(
         .inspect_err(|e| metrics::handshake(Direction::Outbound, e.label()))
         .map_err(|e| peer_failed(&e, "peer_unreachable"))?;
     metrics::handshake(Direction::Outbound, "ok");
-    tracing::debug!(peer.id = %peer.id, tunnel = tunnel.label(), "tunnel connection opened");
+    tracing::debug!(peer.id = %peer.principal(), tunnel = tunnel.label(), "tunnel connection opened");
     let opened = crate::tunnel::open(
         tls,
         Request::from_parts(parts, body),

@@ -45,11 +45,13 @@ impl Shared {
         self.drain_requested.notify_one();
     }
 
-    /// Ready: has an identity, its listeners are up, and it is not draining.
+    /// Ready: has an identity and a policy in force, its listeners are
+    /// up, and it is not draining.
     pub fn is_ready(&self) -> bool {
         self.listening.load(Ordering::Acquire)
             && !self.draining.load(Ordering::Acquire)
             && self.identity.borrow().is_some()
+            && self.config.authorizer.is_in_force()
     }
 }
 

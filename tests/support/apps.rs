@@ -49,7 +49,8 @@ pub fn tls_client(addr: SocketAddr) -> Vec<String> {
 /// `POST` reads the body (Content-Length or chunked) and answers its length
 /// and SHA-256; every answer carries the path and `x-forwarded-client-cert`
 /// it received as `x-app-path` and `x-app-xfcc` (and `traceparent`, `b3`,
-/// `x-request-id` as `x-app-<name>`, `-` when absent). Prints `<METHOD> <path>`
+/// `x-request-id`, `x-user`, `x-tag`, `authorization` as `x-app-<name>`,
+/// repeated fields joined with `,`, `-` when absent). Prints `<METHOD> <path>`
 /// per request.
 pub fn http_app(port: u16, name: &str) -> Vec<String> {
     script(HTTP_APP, [port.to_string(), name.to_owned()])
@@ -155,6 +156,9 @@ from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 port, name = int(sys.argv[1]), sys.argv[2]
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Head and body are two writes: without this, Nagle and the client's
+    # delayed ACK hold the body back ~40 ms on keep-alive connections.
+    disable_nagle_algorithm = True
     def log_message(self, *a):
         pass
     def reply(self, body):
@@ -164,8 +168,8 @@ class H(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(b)))
         self.send_header("x-app-path", self.path)
         self.send_header("x-app-xfcc", self.headers.get("x-forwarded-client-cert", "-"))
-        for h in ("traceparent", "b3", "x-request-id"):
-            self.send_header("x-app-" + h, self.headers.get(h, "-"))
+        for h in ("traceparent", "b3", "x-request-id", "x-user", "x-tag", "authorization"):
+            self.send_header("x-app-" + h, ",".join(self.headers.get_all(h, [])) or "-")
         self.end_headers()
         self.wfile.write(b)
     def do_GET(self):

@@ -23,7 +23,10 @@
 
 pub mod apps;
 mod capture;
+pub mod curl;
+pub mod ext_authz;
 mod net;
+pub mod nginx;
 mod process;
 pub mod sidecar;
 mod tmp;

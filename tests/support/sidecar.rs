@@ -74,9 +74,40 @@ impl Pki {
     /// configuration after `identity`, `admin` and `log` (unless `body` has
     /// its own `log:` line).
     pub fn sidecar(&self, id: &str, body: &str) -> Sidecar {
+        let s = self.sidecar_unready(id, body);
+        s.wait_ready();
+        s
+    }
+
+    /// A sidecar for `id` with one outbound listener per target, each
+    /// expecting the server identity `expect`, then `extra` configuration;
+    /// returns it and the listeners' addresses, in order.
+    pub fn outbound_sidecar(
+        &self,
+        id: &str,
+        targets: &[SocketAddr],
+        expect: &str,
+        extra: &str,
+    ) -> (Sidecar, Vec<SocketAddr>) {
+        let mut body = String::from("listeners:\n");
+        let mut outs = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let out = free_addr();
+            body.push_str(&format!(
+                "  - {{name: out{i}, direction: outbound, listen: \"{out}\", target: \"{t}\", server_identities: [\"{expect}\"]}}\n"
+            ));
+            outs.push(out);
+        }
+        body.push_str(extra);
+        (self.sidecar(id, &body), outs)
+    }
+
+    /// Like [`Pki::sidecar`], but returns as soon as the process runs,
+    /// ready or not.
+    pub fn sidecar_unready(&self, id: &str, body: &str) -> Sidecar {
         let name = id.rsplit('/').next().unwrap();
         let svid = self.issue(id, name);
-        Sidecar::start(self.dir.path(), name, &svid, body)
+        Sidecar::spawn(self.dir.path(), name, &svid, body)
     }
 }
 
@@ -91,6 +122,13 @@ pub struct Sidecar {
 impl Sidecar {
     /// Writes its configuration and starts it; returns once it is ready.
     pub fn start(dir: &Path, name: &str, svid: &Path, body: &str) -> Sidecar {
+        let s = Sidecar::spawn(dir, name, svid, body);
+        s.wait_ready();
+        s
+    }
+
+    /// Writes its configuration and starts it, without waiting.
+    pub fn spawn(dir: &Path, name: &str, svid: &Path, body: &str) -> Sidecar {
         let admin = free_addr();
         // A body with its own `admin: {...}` line gets the address added to it.
         let (admin_line, body) = if body.lines().any(|l| l.starts_with("admin: {")) {
@@ -124,14 +162,12 @@ impl Sidecar {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let s = Sidecar {
+        Sidecar {
             child,
             admin,
             log,
             stdout,
-        };
-        s.wait_ready();
-        s
+        }
     }
 
     /// The status of an admin GET, if it answered.
@@ -184,7 +220,8 @@ impl Sidecar {
         s
     }
 
-    fn wait_ready(&self) {
+    /// Waits (20 s at most) until `/ready` answers 200.
+    pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.get("/ready") == Some(200) {

@@ -105,6 +105,14 @@ impl DecisionLogQueue {
     }
 }
 
+/// Where the request path hands each decision when decision logs are on.
+/// Implemented by the `rampart-central` shipper; the proxy holds one as a
+/// trait object. `log` must never wait (push into a bounded queue).
+pub trait DecisionSink: Send + Sync {
+    /// Records one HTTP request's decision.
+    fn log(&self, conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>, decision: &Decision);
+}
+
 /// What goes into every entry besides the decision.
 #[derive(Debug, Clone, Default)]
 pub struct EntryContext {
