@@ -571,6 +571,11 @@ ext_authz:
         .unwrap_or_default();
     assert!(xfcc.starts_with(&format!("By={BACKEND};Hash=")), "{xfcc}");
     assert!(xfcc.ends_with(&format!(";URI={CLIENT}")), "{xfcc}");
+    // The request ID is set before authorization, so the provider sees the
+    // same one the app will (curl sent none).
+    let id = h.headers.get("x-request-id").cloned().unwrap_or_default();
+    assert_eq!(id.len(), 32, "{:?}", h.headers);
+    assert_eq!(h.id, id);
 
     for (result, n) in [
         ("allowed", 2.0),

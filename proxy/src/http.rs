@@ -376,9 +376,17 @@ impl Handler {
     /// The authorization stage for one request, then forwarding.
     async fn route(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, LocalError> {
+        // The request ID is set before authorization, as Envoy sets it
+        // before its filters: Rego, ext_authz providers and decision logs
+        // see the same ID the app and the access log will.
+        if let Some(name) = &self.shared.config.observe.request_id_header
+            && !req.headers().contains_key(name)
+        {
+            req.headers_mut().insert(name.clone(), request_id());
+        }
         // Request smuggling (Content-Length with Transfer-Encoding) is
         // settled by hyper before we see the request, as RFC 9112 §6.3
         // allows: chunked wins, Content-Length is dropped and the
@@ -584,15 +592,10 @@ impl Handler {
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
 
-    /// What every request to the app gets: XFCC, a request ID, the
-    /// permit's header effects.
+    /// What every request to the app gets: XFCC and the permit's header
+    /// effects (the request ID was set before authorization).
     fn app_request_headers(&self, permit: &Permit, h: &mut HeaderMap) {
         self.set_xfcc(h);
-        if let Some(name) = &self.shared.config.observe.request_id_header
-            && !h.contains_key(name)
-        {
-            h.insert(name.clone(), request_id());
-        }
         if let Some(effects) = permit.effects() {
             for name in &effects.request_headers_to_remove {
                 h.remove(name);
