@@ -48,11 +48,21 @@ fn pair_with_files(
     backend_extra: &str,
     web_extra: &str,
 ) -> Pair {
+    pair_at(free_addr(), policy, files, backend_extra, web_extra)
+}
+
+/// As [`pair_with_files`], with ec-backend's app on `app_addr`.
+fn pair_at(
+    app_addr: SocketAddr,
+    policy: &str,
+    files: &[(&str, &str)],
+    backend_extra: &str,
+    web_extra: &str,
+) -> Pair {
     let pki = Pki::new();
     for (name, text) in files {
         std::fs::write(pki.dir.path().join(name), text).unwrap();
     }
-    let app_addr = free_addr();
     let app = LocalProc::spawn(
         &apps::http_app(app_addr.port(), "ec-backend"),
         pki.dir.path(),
@@ -551,6 +561,45 @@ fn outbound_requests_are_counted_and_a_silent_client_is_a_detect_timeout() {
     };
     assert_eq!(delta(&before, &after, &out("2xx")), 1.0, "{after:#?}");
     assert_eq!(delta(&before, &after, &out("4xx")), 1.0, "{after:#?}");
+}
+
+#[test]
+fn a_silent_plaintext_client_on_a_permissive_port_waits_for_one_detect_timeout() {
+    if !has_prometheus_client() {
+        return;
+    }
+    let app = free_addr();
+    let p = pair_at(
+        app,
+        &allow_get("/data"),
+        &[],
+        &format!(
+            "  ports:\n    - {{port: {}, mode: permissive}}\nlimits: {{detect_timeout: 300ms}}\n",
+            app.port()
+        ),
+        "",
+    );
+    let before = scrape(&p.backend);
+    let denials = |m: &BTreeMap<String, f64>| -> f64 {
+        m.iter()
+            .filter(|(k, _)| {
+                k.starts_with("rampart_authz_decisions_total{") && k.contains("action=\"deny\"")
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    // Sends nothing: after one detect timeout it is opaque plaintext, which
+    // the HTTP-only policy refuses. Before, the stream was sniffed a second
+    // time and the client waited (and was counted) twice.
+    let silent = std::net::TcpStream::connect(p.inbound).unwrap();
+    let mut after = BTreeMap::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        after = scrape(&p.backend);
+        denials(&after) - denials(&before) >= 1.0
+    }));
+    drop(silent);
+    let timeouts = "rampart_detect_timeouts_total{direction=\"inbound\"}";
+    assert_eq!(delta(&before, &after, timeouts), 1.0, "{after:#?}");
 }
 
 #[test]

@@ -123,14 +123,26 @@ fn classify_http1(buf: &[u8]) -> Verdict {
     }
 }
 
+/// What peeking at a raw socket found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    /// The first bytes decided (an HTTP/1 request line longer than the
+    /// peek, or any other prefix, is `Opaque` here and may be decided again
+    /// on the stream).
+    Decided(Protocol),
+    /// Nothing decisive arrived before the timeout: opaque, and waiting
+    /// again on the stream would only double the client's wait.
+    TimedOut,
+}
+
 /// Detects the protocol of a raw socket without consuming anything.
-/// Silence or an undecidable prefix until `timeout` means [`Protocol::Opaque`]
+/// Silence or an undecidable prefix until `timeout` is [`Sniffed::TimedOut`]
 /// (counted as a detect timeout of `direction`).
 pub async fn detect_socket(
     stream: &TcpStream,
     timeout: Duration,
     direction: Direction,
-) -> io::Result<Protocol> {
+) -> io::Result<Sniffed> {
     let mut buf = [0u8; 64];
     let deadline = tokio::time::Instant::now() + timeout;
     let mut backoff = Duration::from_millis(1);
@@ -138,16 +150,16 @@ pub async fn detect_socket(
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Err(_) => {
                 crate::metrics::detect_timeout(direction);
-                return Ok(Protocol::Opaque);
+                return Ok(Sniffed::TimedOut);
             }
             Ok(r) => r?,
         };
         if n == 0 {
             // The client closed without sending anything.
-            return Ok(Protocol::Opaque);
+            return Ok(Sniffed::Decided(Protocol::Opaque));
         }
         match classify(&buf[..n]) {
-            Verdict::Known(p) => return Ok(p),
+            Verdict::Known(p) => return Ok(Sniffed::Decided(p)),
             // `peek` returns at once while any byte is buffered, so a
             // partial first segment is re-examined after a short pause
             // rather than in a busy loop. Rare: clients send their first
@@ -155,14 +167,14 @@ pub async fn detect_socket(
             Verdict::NeedMore if n < buf.len() => {
                 if tokio::time::Instant::now() + backoff >= deadline {
                     crate::metrics::detect_timeout(direction);
-                    return Ok(Protocol::Opaque);
+                    return Ok(Sniffed::TimedOut);
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(50));
             }
             // 64 bytes decide TLS and HTTP/2; an HTTP/1 line this long
             // without its end is decided on the decrypted path only.
-            Verdict::NeedMore => return Ok(Protocol::Opaque),
+            Verdict::NeedMore => return Ok(Sniffed::Decided(Protocol::Opaque)),
         }
     }
 }

@@ -10,7 +10,7 @@ use tracing::{Instrument, field};
 
 use crate::accept::{Accepted, Listener};
 use crate::config::{DeclaredProtocol, Direction, ProxyConfig, TlsMode};
-use crate::detect::{self, Protocol};
+use crate::detect::{self, Protocol, Sniffed};
 use crate::drain::Watch;
 use crate::server::Shared;
 use crate::tls::Authenticated;
@@ -81,8 +81,9 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         let settings = shared.config.inbound_port(port);
         let limits = &shared.config.limits;
         // Stage: detect on the socket, only where plaintext is allowed.
-        let is_tls = match settings.mode {
-            TlsMode::Strict => true,
+        // `known`: what the socket already told about a plaintext stream.
+        let (is_tls, known) = match settings.mode {
+            TlsMode::Strict => (true, None),
             TlsMode::PermissiveAllowPlaintext => {
                 match detect::detect_socket(
                     &accepted.stream,
@@ -91,8 +92,13 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 )
                 .await
                 {
-                    Ok(Protocol::Tls) => true,
-                    Ok(Protocol::Http1 | Protocol::Http2 | Protocol::Opaque) => false,
+                    Ok(Sniffed::Decided(Protocol::Tls)) => (true, None),
+                    Ok(Sniffed::Decided(p @ (Protocol::Http1 | Protocol::Http2))) => {
+                        (false, Some(p))
+                    }
+                    // Content that may still be a long HTTP/1 request line.
+                    Ok(Sniffed::Decided(Protocol::Opaque)) => (false, None),
+                    Ok(Sniffed::TimedOut) => (false, Some(Protocol::Opaque)),
                     Err(e) => {
                         tracing::debug!(error = %e, "connection failed before detection");
                         return;
@@ -127,7 +133,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             tracing::Span::current().record("peer.id", field::display(p.principal()));
         }
         // Stage: detect inside TLS (or on the plaintext stream).
-        let (protocol, authn) = match detect_inner(authn, settings.protocol, limits).await {
+        let (protocol, authn) = match detect_inner(authn, settings.protocol, known, limits).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(error = %e, "connection failed before detection");
@@ -279,6 +285,7 @@ impl Inner {
 async fn detect_inner(
     mut authn: Authenticated,
     declared: DeclaredProtocol,
+    known: Option<Protocol>,
     limits: &crate::config::Limits,
 ) -> std::io::Result<(Inner, Authenticated)> {
     let inner = match declared {
@@ -301,10 +308,19 @@ async fn detect_inner(
         DeclaredProtocol::Http => Inner::Http(http::ServeVersion::Auto),
         DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(http::ServeVersion::Http2),
         DeclaredProtocol::Detect => {
-            let (p, rewound) =
-                detect::detect_stream(authn.stream, limits.http.detect_timeout, Direction::Inbound)
+            let p = match known {
+                Some(p) => p,
+                None => {
+                    let (p, rewound) = detect::detect_stream(
+                        authn.stream,
+                        limits.http.detect_timeout,
+                        Direction::Inbound,
+                    )
                     .await?;
-            authn.stream = Box::new(rewound);
+                    authn.stream = Box::new(rewound);
+                    p
+                }
+            };
             match p {
                 Protocol::Http1 => Inner::Http(http::ServeVersion::Http1),
                 Protocol::Http2 => Inner::Http(http::ServeVersion::Http2),

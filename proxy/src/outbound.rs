@@ -8,7 +8,7 @@ use tracing::{Instrument, field};
 
 use crate::accept::{Accepted, Listener};
 use crate::config::{Direction, OutboundRoute};
-use crate::detect::{self, Protocol};
+use crate::detect::{self, Protocol, Sniffed};
 use crate::drain::Watch;
 use crate::server::Shared;
 use crate::{access, forward, metrics, pool, tls};
@@ -107,16 +107,17 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
             )
             .await
             {
-                Ok(Protocol::Http1) => {
+                Ok(Sniffed::Decided(Protocol::Http1)) => {
                     metrics::detected(Direction::Outbound, Protocol::Http1);
                     let Accepted { stream, _slot, .. } = accepted;
                     pool::serve(stream, dst, index, shared.clone(), watch).await;
                     drop(_slot);
                     return;
                 }
-                Ok(p @ (Protocol::Http2 | Protocol::Tls | Protocol::Opaque)) => {
+                Ok(Sniffed::Decided(p @ (Protocol::Http2 | Protocol::Tls | Protocol::Opaque))) => {
                     metrics::detected(Direction::Outbound, p);
                 }
+                Ok(Sniffed::TimedOut) => metrics::detected(Direction::Outbound, Protocol::Opaque),
                 Err(e) => {
                     tracing::debug!(error = %e, "connection failed before detection");
                     return;
