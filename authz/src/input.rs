@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
+use rampart_identity::SpiffeId;
 use regorus::Value as RValue;
 use serde_json::Value;
 
@@ -23,16 +24,21 @@ pub const XFCC: &str = "x-forwarded-client-cert";
 
 /// The XFCC element the inbound sidecar sets for an authenticated peer, in
 /// Envoy's format: `By=<own ID>;Hash=<cert sha256>;URI=<peer ID>` plus one
-/// `DNS=<san>` per DNS SAN. `None` for an unauthenticated peer.
-pub fn xfcc_element(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Option<String> {
+/// `DNS=<san>` per DNS SAN. `None` for an unauthenticated peer. `local` is
+/// this sidecar's ID, `peer_cert_sha256` the hex digest of the peer's leaf.
+pub fn xfcc_element(
+    conn: &ConnectionInfo<'_>,
+    local: Option<&SpiffeId>,
+    peer_cert_sha256: Option<&str>,
+) -> Option<String> {
     if !conn.is_authenticated() {
         return None;
     }
     let mut parts = Vec::new();
-    if let Some(by) = req.local_identity {
+    if let Some(by) = local {
         parts.push(format!("By={}", xfcc_value(by.as_str())));
     }
-    if let Some(hash) = req.peer_cert_sha256 {
+    if let Some(hash) = peer_cert_sha256 {
         parts.push(format!("Hash={}", xfcc_value(hash)));
     }
     if let Some(uri) = conn.peer {
@@ -175,7 +181,7 @@ pub fn build_rego(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> RValue {
         };
         headers.insert(RValue::from(name.as_str()), joined);
     }
-    if let Some(x) = xfcc_element(conn, req) {
+    if let Some(x) = xfcc_element(conn, req.local_identity, req.peer_cert_sha256) {
         headers.insert(k.xfcc.clone(), x.into());
     }
     if !req.authority.is_empty() {
@@ -389,11 +395,10 @@ mod tests {
 
     #[test]
     fn xfcc_of_a_dns_only_peer_has_dns_and_no_uri() {
-        let h = http::HeaderMap::new();
         let local = SpiffeId::parse("spiffe://example.org/app2").unwrap();
         let dns = vec!["ingress-nginx.ext.cluster.local".to_string()];
         let conn = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080).with_peer_dns(&dns);
-        let x = xfcc_element(&conn, &req(&h, &local)).unwrap();
+        let x = xfcc_element(&conn, Some(&local), Some("ab12")).unwrap();
         assert_eq!(
             x,
             "By=spiffe://example.org/app2;Hash=ab12;DNS=ingress-nginx.ext.cluster.local"
@@ -401,7 +406,7 @@ mod tests {
         assert_eq!(principal(&conn), Some("ingress-nginx.ext.cluster.local"));
         // Unauthenticated: no element at all.
         let plain = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080);
-        assert_eq!(xfcc_element(&plain, &req(&h, &local)), None);
+        assert_eq!(xfcc_element(&plain, Some(&local), Some("ab12")), None);
     }
 
     #[test]
@@ -460,14 +465,13 @@ mod tests {
 
     #[test]
     fn xfcc_values_that_need_quoting_read_back_unchanged() {
-        let h = http::HeaderMap::new();
         let local = SpiffeId::parse("spiffe://example.org/app2").unwrap();
         let dns = vec![
             "a;URI=spiffe://example.org/admin".to_string(),
             "b,\"c\\".to_string(),
         ];
         let conn = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080).with_peer_dns(&dns);
-        let x = xfcc_element(&conn, &req(&h, &local)).unwrap();
+        let x = xfcc_element(&conn, Some(&local), Some("ab12")).unwrap();
         let parsed = parse_xfcc(&x).unwrap();
         assert_eq!(parsed.len(), 1, "{x}");
         let kv: Vec<(&str, &str)> = parsed[0]

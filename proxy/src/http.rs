@@ -681,24 +681,7 @@ impl Handler {
 fn xfcc_value(conn: &InboundConn, local_id: Option<&SpiffeId>) -> Option<HeaderValue> {
     let peer = conn.peer.as_ref()?;
     let info = crate::tls::connection_info(Some(peer), conn.source.ip(), conn.port);
-    // Only the identity fields of a request matter to the XFCC element.
-    let headers = HeaderMap::new();
-    let req = RequestInfo {
-        method: &http::Method::GET,
-        authority: "",
-        path: "/",
-        raw_path_and_query: "/",
-        query: None,
-        headers: &headers,
-        protocol: HttpProtocol::Http11,
-        scheme: "https",
-        grpc_method: None,
-        source: conn.source,
-        destination: conn.destination,
-        local_identity: local_id,
-        peer_cert_sha256: Some(&peer.cert_sha256),
-    };
-    let element = rampart_authz::input::xfcc_element(&info, &req)?;
+    let element = rampart_authz::input::xfcc_element(&info, local_id, Some(&peer.cert_sha256))?;
     HeaderValue::try_from(element).ok()
 }
 
