@@ -6,8 +6,9 @@
 //! policy loader.
 //!
 //! Kinds without a schema offline are skipped, and only these:
-//! `ClusterSPIFFEID` (a CRD of spire-controller-manager) and `List` (a
-//! client-side wrapper; its items are validated one by one).
+//! `ClusterSPIFFEID` (a CRD of spire-controller-manager), `PodMonitor` (a
+//! CRD of the Prometheus Operator) and `List` (a client-side wrapper; its
+//! items are validated one by one).
 //! Without `kubernetes-validate` the test prints why and passes, unless
 //! `RAMPART_REQUIRE_E2E=1`.
 
@@ -18,7 +19,7 @@ use serde::Deserialize as _;
 use serde_yaml::Value;
 
 /// Kinds that `kubernetes-validate` has no schema for; see the module doc.
-const NO_SCHEMA: &[&str] = &["ClusterSPIFFEID"];
+const NO_SCHEMA: &[&str] = &["ClusterSPIFFEID", "PodMonitor"];
 
 #[test]
 fn manifests_and_inject_outputs_validate_against_the_kubernetes_schemas() {

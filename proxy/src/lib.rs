@@ -26,6 +26,7 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
+pub mod probe;
 pub mod server;
 pub mod smuggling;
 pub mod tls;
