@@ -449,6 +449,17 @@ fn scrape(s: &Sidecar) -> BTreeMap<String, f64> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The value of label `label_start` (e.g. `destination_service="`) in the
+/// first sample whose key starts with `prefix`.
+fn find_key(m: &BTreeMap<String, f64>, prefix: &str, label_start: &str) -> String {
+    let key = m
+        .keys()
+        .find(|k| k.starts_with(prefix) && k.contains(label_start))
+        .unwrap_or_else(|| panic!("no {prefix}..{label_start}: {m:#?}"));
+    let value = &key[key.find(label_start).unwrap() + label_start.len()..];
+    value[..value.find('"').unwrap()].to_owned()
+}
+
 fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, key: &str) -> f64 {
     after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
 }
@@ -487,15 +498,21 @@ fn metrics_move_exactly_and_random_traffic_adds_no_series() {
         failed(&after) - failed(&before) >= 1.0
     }));
     assert_eq!(failed(&after) - failed(&before), 1.0);
-    let inbound = p.inbound;
+    // ec-backend's sidecar: from ec-web, to itself, at its app's address
+    // (an explicit listener's target is its destination).
+    let app = find_key(
+        &after,
+        "rampart_http_requests_total{",
+        "destination_service=\"",
+    );
     let by_web = |code: &str, class: &str| {
         format!(
-            "rampart_http_requests_total{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"inbound\",source_id=\"{WEB}\",status_class=\"{class}\",status_code=\"{code}\"}}"
+            "rampart_http_requests_total{{destination_id=\"{BACKEND}\",destination_service=\"{app}\",direction=\"inbound\",source_id=\"{WEB}\",status_class=\"{class}\",status_code=\"{code}\"}}"
         )
     };
     let (ok_key, denied_key) = (by_web("200", "2xx"), by_web("403", "4xx"));
     let duration_key = format!(
-        "rampart_http_request_duration_milliseconds_count{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"inbound\",source_id=\"{WEB}\"}}"
+        "rampart_http_request_duration_milliseconds_count{{destination_id=\"{BACKEND}\",destination_service=\"{app}\",direction=\"inbound\",source_id=\"{WEB}\"}}"
     );
     let expect = [
         (ok_key.as_str(), 1.0),
@@ -574,7 +591,7 @@ fn outbound_requests_are_counted_and_a_silent_client_is_a_detect_timeout() {
         "{after:#?}"
     );
     let latency = format!(
-        "rampart_http_request_duration_milliseconds_bucket{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"outbound\",le=\"60000.0\",source_id=\"{WEB}\"}}"
+        "rampart_http_request_duration_milliseconds_bucket{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"outbound\",le=\"60000\",source_id=\"{WEB}\"}}"
     );
     assert_eq!(delta(&before, &after, &latency), 2.0, "{after:#?}");
 }
