@@ -17,7 +17,6 @@
 //! probes of another host, and `exec` probes are left alone. Uninjection
 //! puts every original handler back from the variable, in place.
 
-use serde_json::Value as Json;
 use serde_yaml::{Mapping, Value};
 
 use crate::inject::InjectError;
@@ -245,6 +244,7 @@ fn map<const N: usize>(pairs: [(&str, Value); N]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value as Json;
 
     fn spec(yaml: &str) -> Mapping {
         serde_yaml::from_str(yaml).unwrap()

@@ -164,6 +164,18 @@ async fn serve(
         ));
     }
 
+    let tracing = match &cfg.tracing {
+        None => None,
+        Some(t) => {
+            // Validated with the configuration.
+            let settings = t.to_proxy().map_err(anyhow::Error::msg)?;
+            let started =
+                rampart_proxy::trace::Tracing::start(&settings, tokio::runtime::Handle::current())?;
+            tracing::info!(endpoint = %settings.otlp_endpoint, "trace export on");
+            Some(Arc::new(started))
+        }
+    };
+    plan.observe.tracing = tracing.clone();
     let hooks = rampart_proxy::admin::AdminHooks {
         render,
         config_json: serde_json::to_string_pretty(&cfg)
@@ -175,6 +187,10 @@ async fn serve(
     };
     let bound = rampart_proxy::bind(plan, store.subscribe(), hooks)?;
     bound.run(shutdown_signal()).await;
+    if let Some(t) = tracing {
+        // The last export runs on this runtime: wait for it off its thread.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     drop(store);
     Ok(())
 }

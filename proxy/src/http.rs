@@ -308,8 +308,18 @@ struct Handler {
 }
 
 impl Handler {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
+        let trace = self.shared.config.observe.tracing.as_ref().map(|t| {
+            let span = t.request(
+                Direction::Inbound,
+                req.headers(),
+                req.method(),
+                req.uri().path(),
+            );
+            span.inject(req.headers_mut());
+            span
+        });
         let grpc = self.conn.grpc_port || is_grpc(req.headers());
         let method = req.method().clone();
         let bytes_in = content_length(req.headers());
@@ -344,6 +354,12 @@ impl Handler {
         }
         let elapsed = start.elapsed();
         self.metrics.record(resp.status(), elapsed);
+        if let Some(span) = trace {
+            span.finish(
+                resp.status(),
+                self.conn.peer.as_ref().map(|p| p.principal()),
+            );
+        }
         if self.shared.access.is_enabled() || outcome.is_denied() {
             let verdict = match &outcome.decided {
                 Some(Decided::Allow { policy, rule }) => {

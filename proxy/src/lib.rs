@@ -30,6 +30,7 @@ pub mod probe;
 pub mod server;
 pub mod smuggling;
 pub mod tls;
+pub mod trace;
 pub mod tunnel;
 
 pub use config::ProxyConfig;

@@ -173,9 +173,19 @@ struct AppConn {
     tunnel: TunnelTask,
 }
 
-async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let shared = &*app.shared;
+    let trace = shared.config.observe.tracing.as_ref().map(|t| {
+        let span = t.request(
+            Direction::Outbound,
+            req.headers(),
+            req.method(),
+            req.uri().path(),
+        );
+        span.inject(req.headers_mut());
+        span
+    });
     // Only built when access logs are on: the request path allocates
     // nothing for them otherwise.
     let logged = shared.access.is_enabled().then(|| {
@@ -217,9 +227,11 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         crate::tunnel::close_unless_switched(connect, &mut resp);
     }
     let elapsed = start.elapsed();
-    app.metrics
-        .get(resp.extensions().get::<metrics::DestinationId>())
-        .record(resp.status(), elapsed);
+    let destination = resp.extensions().get::<metrics::DestinationId>();
+    app.metrics.get(destination).record(resp.status(), elapsed);
+    if let Some(span) = trace {
+        span.finish(resp.status(), destination.map(|d| &*d.0));
+    }
     if let Some((method, path, bytes_in, headers)) = logged {
         shared.access.record(&crate::access::Event {
             direction: Direction::Outbound,
