@@ -33,13 +33,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::body::{RequestBody, Waited, response_within};
 use crate::config::{Direction, Limits};
 use crate::drain::{Watch, serve_gracefully};
+use crate::http::body::{RequestBody, Waited, response_within};
+use crate::http::tunnel::{Tunnel, TunnelTask};
 use crate::http::{ProxyBody, strip_hop_by_hop};
 use crate::server::Shared;
 use crate::tls::ClientTls;
-use crate::tunnel::{Tunnel, TunnelTask};
 use crate::{forward, metrics, tls};
 
 /// Set by the outbound sidecar on requests that were HTTP/1.1 at the app,
@@ -186,7 +186,7 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         http.method = %req.method(),
         http.path = req.uri().path(),
     );
-    let may_switch = crate::tunnel::may_switch(req.method(), req.version(), req.headers());
+    let may_switch = crate::http::tunnel::may_switch(req.method(), req.version(), req.headers());
     let connect = req.method() == http::Method::CONNECT;
     let result = match Tunnel::of(req.method(), req.version(), req.headers()) {
         None => {
@@ -208,7 +208,7 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         }
     };
     if may_switch {
-        crate::tunnel::close_unless_switched(connect, &mut resp);
+        crate::http::tunnel::close_unless_switched(connect, &mut resp);
     }
     let elapsed = start.elapsed();
     app.metrics.record(resp.status(), elapsed);
@@ -326,7 +326,7 @@ async fn tunnel(
         .map_err(|e| peer_failed(&e, "peer_unreachable"))?;
     metrics::handshake(Direction::Outbound, "ok");
     tracing::debug!(peer.id = %peer.principal(), tunnel = tunnel.label(), "tunnel connection opened");
-    let opened = crate::tunnel::open(
+    let opened = crate::http::tunnel::open(
         tls,
         Request::from_parts(parts, body),
         &tunnel,
@@ -342,7 +342,7 @@ async fn tunnel(
             }
             Ok(resp)
         }
-        Err(crate::tunnel::TunnelError::Timeout) => Err(StatusCode::GATEWAY_TIMEOUT),
+        Err(crate::http::tunnel::TunnelError::Timeout) => Err(StatusCode::GATEWAY_TIMEOUT),
         Err(e) => Err(peer_failed(&e, "peer_unreachable")),
     }
 }
