@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
 pub mod policy;
+pub mod probe;
 pub mod server;
 pub mod smuggling;
 pub mod tls;
