@@ -268,7 +268,7 @@ pub async fn peer_tunnel(
         PeerError::Handshake(h) => LocalError::PeerHandshake(h),
     })?;
     tracing::debug!(peer.id = %peer.principal(), tunnel = tunnel.label(), "tunnel connection opened");
-    tunnel::open(
+    let (mut resp, task) = tunnel::open(
         tls,
         req,
         tunnel,
@@ -277,7 +277,11 @@ pub async fn peer_tunnel(
         Direction::Outbound,
     )
     .await
-    .map_err(LocalError::PeerTunnel)
+    .map_err(LocalError::PeerTunnel)?;
+    // The verified peer, for the request metrics.
+    resp.extensions_mut()
+        .insert(metrics::DestinationId(peer.principal().into()));
+    Ok((resp, task))
 }
 
 /// Splices the two upgraded halves of an established tunnel (both ends

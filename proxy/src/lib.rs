@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
 pub mod policy;
+pub mod probe;
 pub mod route;
 pub mod server;
 pub mod smuggling;

@@ -42,9 +42,15 @@ pub async fn serve<S: Io>(
         // Invariant: a socket address is a valid authority.
         return;
     };
+    let local_id = shared.identity().map(|c| c.svid.id.clone());
+    let series = metrics::PerDestination::new(
+        Direction::Outbound,
+        local_id.as_ref().map(|id| id.as_str()),
+        &dst.to_string(),
+    );
     let app = Arc::new(AppConn {
         shared: shared.clone(),
-        metrics: metrics::RequestMetrics::for_peer(Direction::Outbound, None),
+        metrics: series,
         ends: Ends {
             source,
             destination: dst,
@@ -88,7 +94,7 @@ struct Ends {
 /// One app connection to a meshed destination.
 struct AppConn {
     shared: Arc<Shared>,
-    metrics: Arc<metrics::RequestMetrics>,
+    metrics: metrics::PerDestination,
     ends: Ends,
     /// The client configuration (expected server identity).
     index: usize,
@@ -137,7 +143,9 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
     if may_switch {
         super::tunnel::close_unless_switched(connect, &mut resp);
     }
-    app.metrics.record(resp.status(), event.elapsed());
+    app.metrics
+        .get(resp.extensions().get::<metrics::DestinationId>())
+        .record(resp.status(), event.elapsed());
     event.response(resp.status(), resp.headers());
     resp
 }

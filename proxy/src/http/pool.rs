@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::body::RequestBody;
 use crate::config::Limits;
 use crate::forward::{self, PeerError};
+use crate::metrics;
 use crate::tls::ClientTls;
 
 /// The h2 pools, one per client configuration index (expected identity),
@@ -161,7 +162,12 @@ impl tower_service::Service<Uri> for MeshConnector {
             let (tls, peer) =
                 forward::dial_peer(dst, cfg, this.connect_timeout, this.handshake_timeout).await?;
             tracing::debug!(dst.addr = %dst, peer.id = %peer.principal(), "pooled connection opened");
-            Ok(TokioIo::new(MeshStream { tls, _slot: slot }))
+            let peer = metrics::DestinationId(peer.principal().into());
+            Ok(TokioIo::new(MeshStream {
+                tls,
+                peer,
+                _slot: slot,
+            }))
         })
     }
 }
@@ -169,12 +175,14 @@ impl tower_service::Service<Uri> for MeshConnector {
 /// A pooled mTLS stream, holding its slot under the pool cap.
 pub struct MeshStream {
     tls: ClientTls,
+    /// The peer sidecar's verified identity, for the request metrics.
+    peer: metrics::DestinationId,
     _slot: OwnedSemaphorePermit,
 }
 
 impl Connection for MeshStream {
     fn connected(&self) -> Connected {
-        Connected::new().negotiated_h2()
+        Connected::new().negotiated_h2().extra(self.peer.clone())
     }
 }
 

@@ -130,9 +130,14 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         conn.port,
         local_id.as_ref(),
     );
-    let metrics = crate::metrics::RequestMetrics::for_peer(
+    let service = conn.destination.to_string();
+    let metrics = crate::metrics::RequestMetrics::for_request(
         Direction::Inbound,
-        conn.peer.as_ref().map(|p| p.principal()),
+        crate::metrics::RequestLabels {
+            source_id: conn.peer.as_ref().map(|p| p.principal()),
+            destination_id: local_id.as_ref().map(|id| id.as_str()),
+            destination_service: Some(&service),
+        },
     );
     let handler = Arc::new(Handler {
         shared: shared.clone(),
