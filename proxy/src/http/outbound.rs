@@ -135,7 +135,17 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         Ok(r) => r,
         Err(e) => {
             let wire = e.wire();
-            tracing::info!(reason = wire.reason.as_str(), error = %e, "request to peer sidecar failed");
+            match &e {
+                LocalError::PoolFull(limit) => tracing::warn!(
+                    limit,
+                    "request refused: pooled connection limit reached (limits.http_pool_max_connections)"
+                ),
+                _ => tracing::info!(
+                    reason = wire.reason.as_str(),
+                    error = %e,
+                    "request to peer sidecar failed"
+                ),
+            }
             metrics::http_local_error(Direction::Outbound, wire.reason);
             e.into_response(grpc, None)
         }
