@@ -27,11 +27,8 @@ const PROXY_UID: u32 = 2102;
 const NAME_PREFIX: &str = "rampart-ci-";
 
 #[test]
+#[ignore = "needs root, podman, runc and debootstrap (.ci/run installs them; a cold run builds a base image)"]
 fn init_and_sidecar_carry_an_apps_traffic_in_podman_pods() {
-    if std::env::var("RAMPART_CONTAINER_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set RAMPART_CONTAINER_TESTS=1 to build the image and run podman pods");
-        return;
-    }
     let started = Instant::now();
     assert!(
         is_root(),

@@ -21,21 +21,15 @@ use serde_yaml::Value;
 const NO_SCHEMA: &[&str] = &["ClusterSPIFFEID"];
 
 #[test]
+#[ignore = "needs kubernetes-validate (pip install -r tests/requirements.txt)"]
 fn manifests_and_inject_outputs_validate_against_the_kubernetes_schemas() {
-    if Command::new("kubernetes-validate")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var("RAMPART_REQUIRE_E2E").as_deref() != Ok("1"),
-            "kubernetes-validate is not installed (pip install -r tests/requirements.txt)"
-        );
-        eprintln!(
-            "skipped: kubernetes-validate is not installed (pip install -r tests/requirements.txt)"
-        );
-        return;
-    }
+    assert!(
+        Command::new("kubernetes-validate")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "kubernetes-validate is not installed (pip install -r tests/requirements.txt)"
+    );
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = tempfile::tempdir().unwrap();
     let mut written = vec![];

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tracing::{Instrument, field};
 
 use crate::accept::{Accepted, Listener};
-use crate::config::{Direction, OutboundRoute};
+use crate::config::{ClientConfigId, Direction, OutboundRoute};
 use crate::detect::{self, Protocol, Sniffed};
 use crate::drain::Watch;
 use crate::server::Shared;
@@ -19,7 +19,7 @@ pub enum ServerChoice {
     /// By the outbound routing rules, from the destination.
     ByRoute,
     /// A fixed client configuration (explicit listener with its own identities).
-    Fixed(usize),
+    Fixed(ClientConfigId),
 }
 
 /// Serves an outbound listener until the drain starts.
@@ -95,14 +95,14 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
             metrics::handshake(Direction::Outbound, "no_identity");
             return;
         };
-        let client_cfg = configs.client[index].clone();
+        let client_cfg = index.of(&configs).clone();
         drop(configs);
         // Stage: detect. HTTP/1.1 from the app rides the pooled HTTP/2
         // connection to the peer sidecar; everything else is tunneled.
         if !shared.config.outbound.opaque_ports.contains(&dst.port()) {
             match detect::detect_socket(
                 &accepted.stream,
-                limits.http.detect_timeout,
+                limits.detect_timeout,
                 Direction::Outbound,
             )
             .await
@@ -110,7 +110,7 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
                 Ok(Sniffed::Decided(Protocol::Http1)) => {
                     metrics::detected(Direction::Outbound, Protocol::Http1);
                     let Accepted { stream, _slot, .. } = accepted;
-                    pool::serve(stream, dst, index, shared.clone(), watch).await;
+                    pool::serve(stream, dst, index.index(), shared.clone(), watch).await;
                     drop(_slot);
                     return;
                 }

@@ -19,6 +19,9 @@ use http::StatusCode;
 use std::sync::Arc;
 
 use rampart_identity::agent::{Agent, Registrations};
+use rampart_proxy::config::{Direction, ListenerConfig, TlsMode};
+
+use crate::config::{Config, IdentityConfig, PortConfig};
 use rampart_identity::ca::DevCa;
 use rampart_identity::{SpiffeId, TrustDomain};
 
@@ -324,8 +327,9 @@ async fn demo(
                     args.rego,
                     &args.policy_overrides,
                 )?;
+                let admin = cfg.admin.address;
                 let path = dir.path().join(format!("{w}.yaml"));
-                std::fs::write(&path, cfg)?;
+                std::fs::write(&path, cfg.to_yaml())?;
                 let log = dir.path().join(format!("{w}.log"));
                 let child = Command::new(&bin)
                     .arg("run")
@@ -338,7 +342,7 @@ async fn demo(
                 sidecars.push(Sidecar {
                     name: w,
                     child,
-                    admin: admin_addr(&path)?,
+                    admin,
                     log,
                 });
             }
@@ -633,7 +637,7 @@ fn policy_file(
     dir: &Path,
     rego: bool,
     overrides: &[String],
-) -> anyhow::Result<(PathBuf, &'static str)> {
+) -> anyhow::Result<(PathBuf, TlsMode)> {
     let (policy, module) = policy_text(w, rego);
     let path = match overrides
         .iter()
@@ -651,9 +655,9 @@ fn policy_file(
         }
     };
     let mode = if w.ends_with("-web") {
-        "permissive"
+        TlsMode::PermissiveAllowPlaintext
     } else {
-        "strict"
+        TlsMode::Strict
     };
     Ok((path, mode))
 }
@@ -694,15 +698,9 @@ async fn rotations(sidecars: &[Sidecar]) -> u64 {
     total
 }
 
-fn admin_addr(config: &Path) -> anyhow::Result<SocketAddr> {
-    let text = std::fs::read_to_string(config)?;
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("admin: {address: \""))
-        .context("admin address in generated config")?;
-    Ok(line.trim_end_matches("\"}").parse()?)
-}
-
+/// The typed configuration of `w`'s sidecar on loopback: the Workload API
+/// identity, an inbound listener in front of its app, and for a web tier
+/// one outbound listener to each site's backend.
 fn sidecar_config(
     w: &'static str,
     addrs: &std::collections::HashMap<&str, Addrs>,
@@ -710,45 +708,52 @@ fn sidecar_config(
     socket: &Path,
     rego: bool,
     overrides: &[String],
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Config> {
     let a = &addrs[w];
     let (policy_path, mode) = policy_file(w, dir, rego, overrides)?;
-    let admin = free_addr()?;
-    let mut cfg = format!(
-        "identity:\n  workload_api: {{socket: \"unix://{}\", spiffe_id: \"spiffe://example.org/{w}\"}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: info}}\nlisteners:\n",
-        socket.display()
-    );
-    cfg.push_str(&format!(
-        "  - {{name: inbound, direction: inbound, listen: \"{}\", target: \"{}\"}}\n",
-        a.inbound, a.app
+    let mut cfg = Config::new(IdentityConfig::workload_api(
+        format!("unix://{}", socket.display()),
+        workload_id(w)?,
     ));
-    let backend_of = |web: &str| {
-        if web == "ec-web" {
+    cfg.admin.address = free_addr()?;
+    cfg.listeners.push(ListenerConfig {
+        name: "inbound".into(),
+        direction: Direction::Inbound,
+        listen: a.inbound,
+        target: a.app,
+        port: None,
+        server_identities: None,
+    });
+    if let (Some(out), Some(cross)) = (a.outbound, a.cross) {
+        let mine = if w == "ec-web" {
             "ec-backend"
         } else {
             "news-backend"
-        }
-    };
-    if let (Some(out), Some(cross)) = (a.outbound, a.cross) {
-        let mine = backend_of(w);
+        };
         let theirs = if mine == "ec-backend" {
             "news-backend"
         } else {
             "ec-backend"
         };
-        cfg.push_str(&format!(
-            "  - {{name: to-{mine}, direction: outbound, listen: \"{out}\", target: \"{}\", server_identities: [\"spiffe://example.org/{mine}\"]}}\n",
-            addrs[mine].inbound
-        ));
-        cfg.push_str(&format!(
-            "  - {{name: to-{theirs}, direction: outbound, listen: \"{cross}\", target: \"{}\", server_identities: [\"spiffe://example.org/{theirs}\"]}}\n",
-            addrs[theirs].inbound
-        ));
+        for (backend, listen) in [(mine, out), (theirs, cross)] {
+            cfg.listeners.push(ListenerConfig {
+                name: format!("to-{backend}"),
+                direction: Direction::Outbound,
+                listen,
+                target: addrs[backend].inbound,
+                port: None,
+                server_identities: Some(vec![workload_id(backend)?]),
+            });
+        }
     }
-    cfg.push_str(&format!(
-        "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {}, mode: {mode}}}\n",
-        policy_path.display(),
-        a.app.port()
-    ));
-    Ok(cfg)
+    cfg.inbound.policies = vec![policy_path];
+    cfg.inbound.ports = vec![PortConfig {
+        mode,
+        ..PortConfig::new(a.app.port())
+    }];
+    Ok(cfg.check(w)?)
+}
+
+fn workload_id(w: &str) -> anyhow::Result<SpiffeId> {
+    Ok(SpiffeId::parse(&format!("spiffe://example.org/{w}"))?)
 }
