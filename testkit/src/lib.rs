@@ -12,7 +12,7 @@
 //!   real clients and servers the scenarios talk to;
 //! - [`wait`]: polling with a deadline, never sleep-and-hope.
 //!
-//! ```ignore
+//! ```text
 //! #[test]
 //! #[ignore = "needs root and network namespaces (cargo test -- --include-ignored)"]
 //! fn capture() {
