@@ -9,7 +9,8 @@
 //! - [`identity`] and [`central`]: the wiring of the identity source and of
 //!   central management that [`run`] uses;
 //! - [`init`], [`inject`], [`webhook`]: the pod's capture rules, the
-//!   Kubernetes mutation and the admission webhook;
+//!   Kubernetes mutation (with [`probes`] and [`other_mesh`]) and the
+//!   admission webhook (with [`webhook_tls`]);
 //! - [`demo`]: `rampart demo`, scenario 1 on loopback or in namespaces.
 //!
 //! The option structs of the commands derive `clap::Args`, so that one
@@ -21,8 +22,11 @@ pub mod demo;
 pub mod identity;
 pub mod init;
 pub mod inject;
+pub mod other_mesh;
+pub mod probes;
 pub mod run;
 pub mod webhook;
+pub mod webhook_tls;
 
 pub use config::Config;
 pub use run::{EXIT_CONFIG, Sidecar, StartError, Telemetry};

@@ -9,6 +9,8 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
+use rampart_proxy::probe::AppProbes;
+
 use crate::config::{Config, ConfigError, LogFormat};
 
 /// Exit code for configuration errors (EX_USAGE, as sysexits.h).
@@ -34,16 +36,23 @@ pub enum StartError {
     Bind(#[from] rampart_proxy::server::BindError),
 }
 
-/// Runs `rampart run` with the configuration file at `path` until SIGTERM
-/// or SIGINT; returns the process exit code (64 for a configuration error,
-/// printed with the file, line, column and field of every problem).
-pub fn run(path: &Path) -> Result<std::process::ExitCode, StartError> {
+/// Runs `rampart run` with the configuration file at `path` and the app
+/// probes `app_probes` (JSON, as injection writes them; empty for none)
+/// until SIGTERM or SIGINT; returns the process exit code (64 for a
+/// configuration error, printed with the file, line, column and field of
+/// every problem).
+pub fn run(path: &Path, app_probes: &str) -> Result<std::process::ExitCode, StartError> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        eprintln!("rampart: invalid configuration:\n{e}");
+        Ok(std::process::ExitCode::from(EXIT_CONFIG))
+    };
     let sidecar = match Config::load(path).and_then(Sidecar::new) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("rampart: invalid configuration:\n{e}");
-            return Ok(std::process::ExitCode::from(EXIT_CONFIG));
-        }
+        Err(e) => return invalid(&e),
+    };
+    let sidecar = match AppProbes::parse(app_probes) {
+        Ok(p) => sidecar.with_app_probes(p),
+        Err(e) => return invalid(&e),
     };
     let cfg = sidecar.config();
     let logging = init_logging(cfg);
@@ -70,6 +79,7 @@ pub fn run(path: &Path) -> Result<std::process::ExitCode, StartError> {
 pub struct Sidecar {
     cfg: Config,
     authorizer: Option<rampart_authz::Authorizer>,
+    app_probes: Arc<AppProbes>,
 }
 
 /// What the admin API serves beside the data plane's own state: the
@@ -99,7 +109,18 @@ impl Sidecar {
     /// compile is a configuration error, as at `rampart run`).
     pub fn new(cfg: Config) -> Result<Sidecar, ConfigError> {
         let authorizer = cfg.initial_policies()?;
-        Ok(Sidecar { cfg, authorizer })
+        Ok(Sidecar {
+            cfg,
+            authorizer,
+            app_probes: Arc::new(AppProbes::default()),
+        })
+    }
+
+    /// The app's probes the admin server runs for the kubelet (none by
+    /// default).
+    pub fn with_app_probes(mut self, probes: AppProbes) -> Sidecar {
+        self.app_probes = Arc::new(probes);
+        self
     }
 
     /// The configuration it runs.
@@ -115,7 +136,11 @@ impl Sidecar {
         telemetry: Telemetry,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), StartError> {
-        let Sidecar { cfg, authorizer } = self;
+        let Sidecar {
+            cfg,
+            authorizer,
+            app_probes,
+        } = self;
         // The configuration names key files but never holds key material.
         let config_json = serde_json::to_string(&cfg).unwrap_or_default();
         tracing::info!(config = %config_json, "effective configuration");
@@ -142,6 +167,7 @@ impl Sidecar {
                 .into(),
             logging: telemetry.logging,
             central_status,
+            app_probes,
         };
         let bound = rampart_proxy::bind(plan, store.subscribe(), hooks)?;
         bound.run(shutdown).await;
@@ -165,6 +191,13 @@ fn install_metrics(cfg: &Config) -> Result<rampart_proxy::admin::MetricsRender, 
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             2.5, 5.0, 10.0,
         ])
+        .map_err(|e| StartError::Metrics(format!("buckets: {e}")))?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                rampart_proxy::metrics::HTTP_DURATION.to_owned(),
+            ),
+            &rampart_proxy::metrics::HTTP_DURATION_BUCKETS_MS,
+        )
         .map_err(|e| StartError::Metrics(format!("buckets: {e}")))?
         .build_recorder();
     let handle = recorder.handle();

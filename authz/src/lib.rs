@@ -15,6 +15,7 @@ pub mod central;
 pub mod explain;
 pub mod external;
 pub mod input;
+pub mod istio;
 pub mod load;
 pub mod model;
 pub mod normalize;
@@ -47,6 +48,11 @@ pub struct ConnectionInfo<'a> {
     pub source: IpAddr,
     /// The port the client asked for (the original destination port).
     pub dest_port: u16,
+    /// The original destination address, when known (Istio's
+    /// `destination.ip` on a TCP connection; requests carry their own).
+    pub dest_ip: Option<IpAddr>,
+    /// The TLS server name the client asked for (Istio's `connection.sni`).
+    pub sni: Option<&'a str>,
 }
 
 impl<'a> ConnectionInfo<'a> {
@@ -58,7 +64,22 @@ impl<'a> ConnectionInfo<'a> {
             peer_dns: &[],
             source,
             dest_port,
+            dest_ip: None,
+            sni: None,
         }
+    }
+
+    /// The same connection, with its original destination address.
+    pub fn with_dest_ip(self, dest_ip: IpAddr) -> Self {
+        ConnectionInfo {
+            dest_ip: Some(dest_ip),
+            ..self
+        }
+    }
+
+    /// The same connection, with the TLS server name the client sent.
+    pub fn with_sni(self, sni: Option<&'a str>) -> Self {
+        ConnectionInfo { sni, ..self }
     }
 
     /// The same connection, with the peer certificate's DNS SANs.
@@ -328,6 +349,9 @@ pub enum DefaultAction {
 #[derive(Debug, Clone, Default)]
 pub struct Authorizer {
     inner: Arc<compile::Compiled>,
+    /// Istio resources, decided with Istio's semantics before the native
+    /// policies (see [`Authorizer::with_istio`]).
+    istio: Option<Arc<istio::IstioPolicies>>,
 }
 
 impl Authorizer {
@@ -339,6 +363,7 @@ impl Authorizer {
     ) -> Self {
         Authorizer {
             inner: Arc::new(compile::Compiled::from_port_allowlist(ports, default)),
+            istio: None,
         }
     }
 
@@ -351,12 +376,14 @@ impl Authorizer {
         let compiled = load::load(paths, options)?;
         Ok(Authorizer {
             inner: Arc::new(compiled),
+            istio: None,
         })
     }
 
     pub(crate) fn from_compiled(compiled: compile::Compiled) -> Self {
         Authorizer {
             inner: Arc::new(compiled),
+            istio: None,
         }
     }
 
@@ -372,6 +399,7 @@ impl Authorizer {
             load::load_texts(&[(origin.to_owned(), yaml.to_owned())], base_dir, options)?;
         Ok(Authorizer {
             inner: Arc::new(compiled),
+            istio: None,
         })
     }
 
@@ -380,7 +408,7 @@ impl Authorizer {
     /// with HTTP conditions never allow a bare connection, and DENY and
     /// CUSTOM rules with HTTP conditions refuse it (the conservative reading).
     pub fn check_connection(&self, conn: &ConnectionInfo<'_>) -> Decision {
-        match decide::evaluate(&self.inner, conn, None) {
+        match self.evaluate(conn, None) {
             external::Evaluation::Decided(d) => d,
             // Invariant: evaluate never consults without a request.
             external::Evaluation::Consult(_) => unreachable!("consult without a request"),
@@ -393,7 +421,7 @@ impl Authorizer {
     /// CUSTOM use [`Authorizer::evaluate_request`] or
     /// [`Authorizer::authorize_request`].
     pub fn check_request(&self, conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Decision {
-        match decide::evaluate(&self.inner, conn, Some(req)) {
+        match self.evaluate(conn, Some(req)) {
             external::Evaluation::Decided(d) => d,
             external::Evaluation::Consult(c) => c.finish(external::ProviderVerdict::Failed(
                 external::ProviderFailure::UnknownProvider,
@@ -408,7 +436,62 @@ impl Authorizer {
         conn: &ConnectionInfo<'_>,
         req: &RequestInfo<'_>,
     ) -> external::Evaluation {
-        decide::evaluate(&self.inner, conn, Some(req))
+        self.evaluate(conn, Some(req))
+    }
+
+    /// Adds Istio resources ([`istio::IstioPolicies`]), decided with
+    /// Istio's semantics. Without native policies they decide alone (the
+    /// native default action is not used); with native policies a request
+    /// must be allowed by both, so neither widens the other. Refused when
+    /// both sets have CUSTOM policies (one external authorizer per request).
+    pub fn with_istio(self, istio: istio::IstioPolicies) -> Result<Self, String> {
+        let native_custom = self
+            .inner
+            .infos
+            .iter()
+            .any(|i| i.action == Some(model::Action::Custom));
+        if native_custom && !istio.custom_providers().is_empty() {
+            return Err(
+                "native and Istio CUSTOM policies cannot both apply to one sidecar".to_owned(),
+            );
+        }
+        Ok(Authorizer {
+            istio: Some(Arc::new(istio)),
+            ..self
+        })
+    }
+
+    /// The Istio resources in force, if any.
+    pub fn istio(&self) -> Option<&istio::IstioPolicies> {
+        self.istio.as_deref()
+    }
+
+    fn evaluate(
+        &self,
+        conn: &ConnectionInfo<'_>,
+        req: Option<&RequestInfo<'_>>,
+    ) -> external::Evaluation {
+        let Some(istio) = &self.istio else {
+            return decide::evaluate(&self.inner, conn, req);
+        };
+        let first = istio.evaluate(conn, req, None);
+        if self.inner.policies.is_empty() {
+            return first;
+        }
+        match first {
+            d @ external::Evaluation::Decided(Decision::Deny(_)) => d,
+            external::Evaluation::Decided(Decision::Allow(_)) => {
+                decide::evaluate(&self.inner, conn, req)
+            }
+            // Invariant (with_istio): the native set has no CUSTOM policy,
+            // so its evaluation never consults.
+            external::Evaluation::Consult(c) => match decide::evaluate(&self.inner, conn, req) {
+                external::Evaluation::Decided(Decision::Allow(_)) => {
+                    external::Evaluation::Consult(c)
+                }
+                other => other,
+            },
+        }
     }
 
     /// Decides whether an HTTP request may proceed, asking `providers` when

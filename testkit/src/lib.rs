@@ -9,7 +9,8 @@
 //!   ([`Net`], [`Pod`]), processes inside them ([`Proc`]), packet captures
 //!   ([`Capture`]);
 //! - [`apps`], [`curl`], [`nginx`], [`ext_authz`]: the small apps and the
-//!   real clients and servers the scenarios talk to;
+//!   real clients and servers the scenarios talk to; [`kube`]: a real
+//!   Kubernetes control plane (kube-apiserver and etcd, Go-built peers);
 //! - [`wait`]: polling with a deadline, never sleep-and-hope.
 //!
 //! ```text
@@ -45,6 +46,7 @@ pub mod apps;
 mod capture;
 pub mod curl;
 pub mod ext_authz;
+pub mod kube;
 mod net;
 pub mod nginx;
 pub mod pki;

@@ -196,12 +196,19 @@ impl Sidecar {
     /// Writes `cfg` as `<dir>/<name>.yaml` and starts `rampart run` on it,
     /// without waiting.
     pub fn spawn(dir: &Path, name: &str, cfg: &Config) -> Sidecar {
+        Sidecar::spawn_with_env(dir, name, cfg, &[])
+    }
+
+    /// As [`Sidecar::spawn`], with environment variables for the process
+    /// (`RAMPART_APP_PROBES`, as injection sets it).
+    pub fn spawn_with_env(dir: &Path, name: &str, cfg: &Config, env: &[(&str, &str)]) -> Sidecar {
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(&path, cfg.to_yaml()).unwrap();
         let log = dir.join(format!("{name}.log"));
         let stdout = dir.join(format!("{name}.sidecar.stdout"));
         let child = Command::new(rampart_bin())
             .args(["run", "--config", path.to_str().unwrap()])
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
