@@ -228,7 +228,8 @@ pub struct ServerRule {
 }
 
 impl ServerRule {
-    fn matches(&self, dst: SocketAddr) -> bool {
+    /// Whether `dst` is one of the destinations this rule covers.
+    pub fn matches(&self, dst: SocketAddr) -> bool {
         (self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(&dst.ip())))
             && (self.ports.is_empty() || self.ports.contains(&dst.port()))
     }
@@ -394,17 +395,6 @@ pub enum XfccMode {
     Sanitize,
 }
 
-/// Where an outbound connection goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutboundRoute {
-    /// Outside the mesh: plaintext.
-    Passthrough,
-    /// In the mesh: mTLS with this client configuration.
-    Mesh(ClientConfigId),
-    /// In the mesh, but no rule says which identity to expect.
-    NoServerRule,
-}
-
 /// One of the TLS client configurations of [`ProxyConfig::tls_spec`]: each
 /// verifies one set of server identities. Only the plan hands them out, so
 /// a handle always names a configuration the identity store built.
@@ -412,6 +402,12 @@ pub enum OutboundRoute {
 pub struct ClientConfigId(usize);
 
 impl ClientConfigId {
+    /// The configuration of server rule `i` (`i == servers.len()`: the
+    /// trust-domain fallback), for the route stage.
+    pub(crate) fn of_server_rule(i: usize) -> ClientConfigId {
+        ClientConfigId(i)
+    }
+
     /// Its configuration among `configs`, which the identity store built
     /// from this plan's [`ProxyConfig::tls_spec`].
     pub fn of(self, configs: &TlsConfigs) -> &Arc<rustls::ClientConfig> {
@@ -449,7 +445,7 @@ impl ProxyConfig {
     /// Client configurations: one per server rule, then the trust-domain
     /// fallback, then one per explicit outbound listener with its own
     /// identities, then one per central TLS client; the handles of
-    /// [`ProxyConfig::route`], [`ProxyConfig::listener_client`],
+    /// [`crate::route::route`], [`ProxyConfig::listener_client`],
     /// [`ProxyConfig::trust_domain_client`] and
     /// [`ProxyConfig::central_client`] name them.
     pub fn tls_spec(&self) -> ConfigSpec {
@@ -543,82 +539,5 @@ impl ProxyConfig {
             .filter(|l| l.server_identities.is_some())
             .count();
         self.outbound.servers.len() + 1 + listeners
-    }
-
-    /// Routes an outbound destination.
-    pub fn route(&self, dst: SocketAddr) -> OutboundRoute {
-        let o = &self.outbound;
-        if o.passthrough_ports.contains(&dst.port())
-            || o.passthrough_cidrs.iter().any(|c| c.contains(&dst.ip()))
-        {
-            return OutboundRoute::Passthrough;
-        }
-        if let Some(mesh) = &o.mesh_cidrs
-            && !mesh.iter().any(|c| c.contains(&dst.ip()))
-        {
-            return OutboundRoute::Passthrough;
-        }
-        if let Some(i) = o.servers.iter().position(|r| r.matches(dst)) {
-            return OutboundRoute::Mesh(ClientConfigId(i));
-        }
-        match o.unknown_server {
-            UnknownServer::Deny => OutboundRoute::NoServerRule,
-            UnknownServer::AnyInTrustDomain => OutboundRoute::Mesh(self.trust_domain_client()),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg() -> ProxyConfig {
-        ProxyConfig {
-            trust_domain: TrustDomain::parse("example.org").unwrap(),
-            admin: "127.0.0.1:15000".parse().unwrap(),
-            transparent: None,
-            listeners: vec![],
-            outbound: OutboundConfig {
-                passthrough_cidrs: vec!["192.168.0.0/16".parse().unwrap()],
-                passthrough_ports: vec![5432],
-                opaque_ports: vec![],
-                mesh_cidrs: Some(vec!["10.0.0.0/8".parse().unwrap()]),
-                servers: vec![ServerRule {
-                    cidrs: vec!["10.1.0.0/16".parse().unwrap()],
-                    ports: vec![8080],
-                    identities: vec![SpiffeId::parse("spiffe://example.org/s").unwrap()],
-                    trust_domains: vec![],
-                }],
-                unknown_server: UnknownServer::Deny,
-            },
-            authorizer: Arc::new(crate::policy::PolicyCell::default()),
-            inbound: InboundServing::default(),
-            limits: Limits::default(),
-            observe: ObserveConfig::default(),
-            central: CentralConfig::default(),
-        }
-    }
-
-    #[test]
-    fn routes() {
-        let mut c = cfg();
-        let r = |c: &ProxyConfig, s: &str| c.route(s.parse().unwrap());
-        assert_eq!(
-            r(&c, "10.1.2.3:8080"),
-            OutboundRoute::Mesh(ClientConfigId(0))
-        );
-        assert_eq!(r(&c, "10.1.2.3:9090"), OutboundRoute::NoServerRule);
-        assert_eq!(r(&c, "10.2.2.3:8080"), OutboundRoute::NoServerRule);
-        assert_eq!(r(&c, "10.1.2.3:5432"), OutboundRoute::Passthrough);
-        assert_eq!(r(&c, "192.168.1.1:8080"), OutboundRoute::Passthrough);
-        assert_eq!(r(&c, "172.16.0.1:8080"), OutboundRoute::Passthrough);
-        c.outbound.unknown_server = UnknownServer::AnyInTrustDomain;
-        assert_eq!(
-            r(&c, "10.2.2.3:8080"),
-            OutboundRoute::Mesh(ClientConfigId(1))
-        );
-        assert_eq!(c.tls_spec().client.len(), 2);
-        assert_eq!(c.client_config_count(), 2);
-        assert_eq!(c.central_client(0), None);
     }
 }
