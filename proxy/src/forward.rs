@@ -271,7 +271,7 @@ pub async fn peer_tunnel(
         req,
         tunnel,
         downstream,
-        limits.http.response_timeout,
+        limits.http_response_timeout,
         Direction::Outbound,
     )
     .await

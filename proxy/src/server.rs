@@ -134,9 +134,9 @@ pub fn bind(
         let role = match l.direction {
             Direction::Inbound => Role::Inbound(AppTarget::Fixed {
                 target: l.target,
-                port: l.port,
+                port: l.policy_port(),
             }),
-            Direction::Outbound => Role::Outbound(match config.listener_client_index(i) {
+            Direction::Outbound => Role::Outbound(match config.listener_client(i) {
                 Some(idx) => ServerChoice::Fixed(idx),
                 None => ServerChoice::ByRoute,
             }),
@@ -153,7 +153,7 @@ pub fn bind(
             http: crate::http::server::InboundHttp::new(&config.limits),
             outbound_http: crate::http::pool::OutboundHttp::new(
                 &config.limits,
-                config.tls_spec().client.len(),
+                config.client_config_count(),
                 identity.clone(),
             ),
             access: crate::access::AccessLog::new(

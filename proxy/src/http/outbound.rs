@@ -70,7 +70,7 @@ pub async fn serve<S: Io>(
         .serve_connection(
             TokioIo::new(crate::smuggling::SmugglingGuard::new(
                 stream,
-                shared.config.limits.http.max_header_bytes,
+                shared.config.limits.http_max_header_bytes,
             )),
             service,
         )
@@ -180,7 +180,7 @@ async fn to_peer(app: &AppConn, req: Request<Incoming>) -> Result<Response<Proxy
     uri.path_and_query = parts.uri.path_and_query().cloned();
     parts.uri = Uri::from_parts(uri).map_err(|_| LocalError::NoPath)?;
     parts.version = Version::HTTP_2;
-    let timeout = shared.config.limits.http.response_timeout;
+    let timeout = shared.config.limits.http_response_timeout;
     let resp =
         crate::forward::peer_request(client, Request::from_parts(parts, body), timeout).await?;
     let (mut parts, body) = resp.into_parts();

@@ -49,37 +49,37 @@ impl std::fmt::Debug for InboundHttp {
 impl InboundHttp {
     /// Applies the configured limits.
     pub fn new(limits: &Limits) -> Self {
-        let l = &limits.http;
+        let l = limits;
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(l.header_read_timeout)
+            .header_read_timeout(l.http_header_read_timeout)
             // hyper answers 431 past either limit. Its buffer minimum is 8 KiB.
-            .max_buf_size(l.max_header_bytes.max(8192))
-            .max_headers(l.max_headers);
+            .max_buf_size(l.http_max_header_bytes.max(8192))
+            .max_headers(l.http_max_headers);
         server
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(l.max_concurrent_streams)
+            .max_concurrent_streams(l.http_max_concurrent_streams)
             // Pings find peers that vanished without a FIN (the pooled
             // sidecar-to-sidecar connections are long-lived).
             .keep_alive_interval(std::time::Duration::from_secs(30))
             .keep_alive_timeout(std::time::Duration::from_secs(10))
-            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(l.http_max_header_bytes).unwrap_or(u32::MAX));
         let mut server_h1 = hyper::server::conn::http1::Builder::new();
         server_h1
             .timer(TokioTimer::new())
-            .header_read_timeout(l.header_read_timeout)
-            .max_buf_size(l.max_header_bytes.max(8192))
-            .max_headers(l.max_headers);
+            .header_read_timeout(l.http_header_read_timeout)
+            .max_buf_size(l.http_max_header_bytes.max(8192))
+            .max_headers(l.http_max_headers);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(limits.connect_timeout));
         let client = |h2: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(l.pool_idle_timeout)
+                .pool_idle_timeout(l.http_pool_idle_timeout)
                 .http2_only(h2)
                 .build(connector.clone())
         };
@@ -156,7 +156,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
     let streams = match serve_version {
         ServeVersion::Http1 => None,
         ServeVersion::Http2 | ServeVersion::Auto => {
-            Some(StreamCount::new(shared.config.limits.http.idle_timeout))
+            Some(StreamCount::new(shared.config.limits.http_idle_timeout))
         }
     };
     let h = handler.clone();
@@ -178,7 +178,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         ServeVersion::Http1 => {
             let io = crate::smuggling::SmugglingGuard::new(
                 stream,
-                shared.config.limits.http.max_header_bytes,
+                shared.config.limits.http_max_header_bytes,
             );
             let conn = shared
                 .http
