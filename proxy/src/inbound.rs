@@ -186,7 +186,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             }
         };
         event.peer_copied(permitted.peer().map(|p| p.principal()));
-        match forward::connection(permitted, app, limits.connect_timeout, cell).await {
+        match forward::connection(permitted, app, limits.connect_timeout).await {
             Ok(t) => {
                 metrics::bytes(Direction::Inbound, t.to_target, t.to_client);
                 event.bytes(t.to_target, t.to_client);

@@ -55,6 +55,31 @@ impl Shared {
     }
 }
 
+#[cfg(test)]
+impl Shared {
+    /// The state of a sidecar built from `config` without binding anything,
+    /// for stage tests.
+    pub(crate) fn for_tests(
+        config: ProxyConfig,
+        identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            http: crate::http::server::InboundHttp::new(&config.limits),
+            outbound_http: crate::http::pool::OutboundHttp::new(
+                &config.limits,
+                config.tls_spec().client.len(),
+                identity.clone(),
+            ),
+            access: crate::access::AccessLog::new(false, 10),
+            config,
+            identity,
+            listening: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            drain_requested: tokio::sync::Notify::new(),
+        })
+    }
+}
+
 enum Role {
     Inbound(AppTarget),
     Outbound(ServerChoice),

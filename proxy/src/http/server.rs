@@ -281,3 +281,75 @@ impl Handler {
         self.forward(permitted, path).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{self, Pki, id};
+    use http_body_util::Empty;
+    use rampart_authz::{Authorizer, DefaultAction};
+
+    async fn serve_one(
+        pki: &Pki,
+        shared: &Arc<Shared>,
+        port: u16,
+        app: SocketAddr,
+        req: Request<Empty<bytes::Bytes>>,
+    ) -> (http::response::Parts, bytes::Bytes) {
+        let dst: SocketAddr = format!("10.0.0.2:{port}").parse().unwrap();
+        let (authn, peer_tls) = testing::authenticated(pki, "server", "client", dst).await;
+        let conn = InboundConn {
+            source: authn.client.0,
+            destination: dst,
+            tls: true,
+            peer: authn.peer,
+            port,
+            app,
+            serve: ServeVersion::Http1,
+            app_version: AppVersion::AsReceived,
+            grpc_port: false,
+        };
+        let drain = crate::drain::Drain::new();
+        tokio::spawn(serve(authn.stream, conn, shared.clone(), drain.watch()));
+        testing::http1_exchange(peer_tls, req).await
+    }
+
+    #[tokio::test]
+    async fn requests_are_authorized_then_forwarded_or_refused_in_the_callers_form() {
+        let pki = Pki::new();
+        let app = testing::http_app().await;
+        let policies =
+            Authorizer::from_port_allowlist([(8080, vec![id("client")])], DefaultAction::Deny);
+        let (_tx, identity) = tokio::sync::watch::channel(None);
+        let shared = Shared::for_tests(testing::config(policies), identity);
+        let get = |path: &str| {
+            Request::get(path)
+                .header("host", "backend")
+                .body(Empty::new())
+                .unwrap()
+        };
+
+        // Permitted (port 8080 admits `client`): the app answers.
+        let (head, body) = serve_one(&pki, &shared, 8080, app, get("/data")).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(&body[..], b"ok");
+
+        // No policy covers port 9090: 403 naming the refusal.
+        let (head, body) = serve_one(&pki, &shared, 9090, app, get("/data")).await;
+        assert_eq!(head.status, 403);
+        assert!(
+            String::from_utf8_lossy(&body).starts_with("RBAC: access denied by this workload"),
+            "{body:?}"
+        );
+
+        // A gRPC caller gets PERMISSION_DENIED as a gRPC status.
+        let mut grpc = get("/pkg.Svc/Method");
+        grpc.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let (head, _) = serve_one(&pki, &shared, 9090, app, grpc).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(head.headers["grpc-status"], "7");
+    }
+}
