@@ -1,6 +1,6 @@
 //! Unit tests of the Istio loader: attachment, validation, PeerAuthentication
 //! composition. Decision semantics are covered by the table in
-//! `tests/istio_table.rs`, built from Istio's own examples.
+//! `tests/policies/istio_table.rs`, built from Istio's own examples.
 
 use super::*;
 

@@ -9,7 +9,7 @@
 //! Counts per source file are printed; any case that decides differently
 //! fails the test.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -5,7 +5,7 @@
 //! `rampart run` is the sidecar, a Python app is app2, curl is the ingress,
 //! and `openssl s_client` reads the alert a client without a certificate gets.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
