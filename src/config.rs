@@ -273,6 +273,83 @@ pub struct InboundConfig {
     /// the local fallback, in force until the first bundle arrives.
     #[serde(default)]
     pub bundle: Option<BundleConfig>,
+    /// Istio security resources, read as they are and decided with Istio's
+    /// semantics (docs/policy.md#istio-resources).
+    #[serde(default)]
+    pub istio: Option<IstioConfig>,
+}
+
+/// Istio resources for this workload: where they are and who it is.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioConfig {
+    /// YAML files of AuthorizationPolicy, PeerAuthentication and
+    /// RequestAuthentication resources (multi-document, or `kind: List`).
+    pub files: Vec<PathBuf>,
+    /// The workload's namespace.
+    pub namespace: String,
+    /// The workload's labels, matched by `selector.matchLabels`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Istio's root namespace (mesh-wide policies).
+    #[serde(default = "d_istio_root")]
+    pub root_namespace: String,
+    /// The mesh's trust domain (mesh config `trustDomain`).
+    #[serde(default = "d_istio_td")]
+    pub trust_domain: String,
+    /// Mesh config `trustDomainAliases`.
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<String>,
+}
+
+impl IstioConfig {
+    /// Who this sidecar is, for attaching the resources.
+    pub fn workload(&self, cfg: &Config) -> rampart_authz::istio::Workload {
+        rampart_authz::istio::Workload {
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            root_namespace: self.root_namespace.clone(),
+            trust_domain: self.trust_domain.clone(),
+            trust_domain_aliases: self.trust_domain_aliases.clone(),
+            tcp_ports: cfg.istio_tcp_ports(),
+        }
+    }
+
+    fn validate(&self, cfg: &Config) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.files.is_empty() {
+            p.push((
+                "inbound.istio.files".into(),
+                "list at least one file".into(),
+            ));
+        }
+        if self.namespace.is_empty() {
+            p.push(("inbound.istio.namespace".into(), "required".into()));
+        }
+        if cfg.inbound.bundle.is_some() {
+            p.push((
+                "inbound.istio".into(),
+                "Istio resources and `inbound.bundle` do not combine".into(),
+            ));
+        }
+        for (i, port) in cfg.inbound.ports.iter().enumerate() {
+            if port.allowed_peers.is_some() {
+                p.push((
+                    format!("inbound.ports[{i}].allowed_peers"),
+                    "with `inbound.istio`, say who may connect in an AuthorizationPolicy".into(),
+                ));
+            }
+        }
+        p
+    }
+}
+
+fn d_istio_root() -> String {
+    "istio-system".into()
+}
+
+fn d_istio_td() -> String {
+    "cluster.local".into()
 }
 
 /// Where the policy bundle comes from and how it is checked.
@@ -813,6 +890,14 @@ impl Config {
         for p in &mut self.inbound.policies {
             fix(p);
         }
+        for p in self
+            .inbound
+            .istio
+            .iter_mut()
+            .flat_map(|i| i.files.iter_mut())
+        {
+            fix(p);
+        }
         if let Some(v) = self
             .inbound
             .bundle
@@ -972,6 +1057,9 @@ impl Config {
                         .into(),
                 ));
             }
+        }
+        if let Some(istio) = &self.inbound.istio {
+            p.extend(istio.validate(self));
         }
         if !self.inbound.policies.is_empty() {
             for (i, port) in self.inbound.ports.iter().enumerate() {
@@ -1167,6 +1255,30 @@ impl Config {
         p
     }
 
+    /// Inbound ports that may carry opaque TCP (declared `detect` or
+    /// `opaque`); `None` when any port may (transparent capture).
+    fn istio_tcp_ports(&self) -> Option<Vec<u16>> {
+        if self.transparent.is_some() {
+            return None;
+        }
+        let declared = |port: u16| self.inbound.ports.iter().find(|p| p.port == port);
+        let mut ports: Vec<u16> = self
+            .listeners
+            .iter()
+            .filter(|l| matches!(l.direction, Direction::Inbound))
+            .map(|l| l.port.unwrap_or(l.target.port()))
+            .filter(|&port| {
+                matches!(
+                    declared(port).map(|p| p.protocol),
+                    None | Some(PortProtocol::Detect | PortProtocol::Opaque)
+                )
+            })
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        Some(ports)
+    }
+
     /// How policies (files and bundles) are compiled.
     pub fn policy_options(&self) -> rampart_authz::Options {
         let default_action = match self.inbound.default_action {
@@ -1184,7 +1296,7 @@ impl Config {
     pub fn authorizer(&self) -> Result<Authorizer, ConfigError> {
         let options = self.policy_options();
         if self.inbound.policies.is_empty() {
-            return Ok(Authorizer::from_port_allowlist(
+            return self.with_istio(Authorizer::from_port_allowlist(
                 self.inbound
                     .ports
                     .iter()
@@ -1192,9 +1304,38 @@ impl Config {
                 options.default_action,
             ));
         }
-        Authorizer::load(&self.inbound.policies, &options).map_err(|e| ConfigError {
-            problems: e.to_string().lines().map(str::to_owned).collect(),
-        })
+        let native =
+            Authorizer::load(&self.inbound.policies, &options).map_err(|e| ConfigError {
+                problems: e.to_string().lines().map(str::to_owned).collect(),
+            })?;
+        self.with_istio(native)
+    }
+
+    /// Adds the Istio resources of `inbound.istio`, if any.
+    fn with_istio(&self, native: Authorizer) -> Result<Authorizer, ConfigError> {
+        let Some(istio) = &self.inbound.istio else {
+            return Ok(native);
+        };
+        let problem = |m: String| ConfigError {
+            problems: m.lines().map(str::to_owned).collect(),
+        };
+        let set = rampart_authz::istio::IstioPolicies::load(&istio.files, &istio.workload(self))
+            .map_err(|e| problem(e.to_string()))?;
+        for name in set.custom_providers() {
+            if !self
+                .ext_authz
+                .providers
+                .iter()
+                .any(|p| p.name == name.as_str())
+            {
+                return Err(problem(format!(
+                    "inbound.istio: a CUSTOM policy names provider {name:?}, which is not in ext_authz.providers"
+                )));
+            }
+        }
+        native
+            .with_istio(set)
+            .map_err(|m| problem(format!("inbound.istio: {m}")))
     }
 
     /// The policies in force at start: the policy files (or allowlists);
@@ -1231,6 +1372,11 @@ impl Config {
     /// `authorizer` the policies in force at start ([`Config::initial_policies`]).
     pub fn proxy_config(&self, td: TrustDomain, authorizer: Option<Authorizer>) -> pc::ProxyConfig {
         use rampart_proxy::policy::{PolicyCell, PolicyOrigin};
+        // PeerAuthentication decides the ports' mTLS modes (read at start).
+        let peer = authorizer
+            .as_ref()
+            .and_then(|a| a.istio())
+            .map(|i| i.peer_modes().clone());
         let cell = match (authorizer, self.inbound.bundle.is_some()) {
             (Some(a), false) => PolicyCell::new(a),
             (Some(a), true) => PolicyCell::with_origin(a, PolicyOrigin::Fallback),
@@ -1298,13 +1444,20 @@ impl Config {
                             PortProtocol::Http2 => pc::DeclaredProtocol::Http2,
                             PortProtocol::Grpc => pc::DeclaredProtocol::Grpc,
                         },
-                        mode: match p.mode {
-                            PortMode::Strict => pc::TlsMode::Strict,
-                            PortMode::Permissive => pc::TlsMode::PermissiveAllowPlaintext,
+                        mode: match (peer.as_ref().and_then(|m| m.mode(p.port)), p.mode) {
+                            (Some(m), _) if m.allows_plaintext() => {
+                                pc::TlsMode::PermissiveAllowPlaintext
+                            }
+                            (Some(_), _) | (None, PortMode::Strict) => pc::TlsMode::Strict,
+                            (None, PortMode::Permissive) => pc::TlsMode::PermissiveAllowPlaintext,
                         },
                         allow_dns_san_clients: p.allow_dns_san_clients,
                     })
                     .collect(),
+                default_mode: match peer.as_ref().and_then(|m| m.workload) {
+                    Some(m) if m.allows_plaintext() => pc::TlsMode::PermissiveAllowPlaintext,
+                    Some(_) | None => pc::TlsMode::Strict,
+                },
                 xfcc: match self.inbound.xfcc {
                     XfccMode::SanitizeSet => pc::XfccMode::SanitizeSet,
                     XfccMode::AppendForward => pc::XfccMode::AppendForward,

@@ -61,6 +61,9 @@ pub enum ServeVersion {
 pub enum AppVersion {
     /// The version the request arrived with.
     AsReceived,
+    /// Always HTTP/1.1 (declared `http` ports: the app speaks HTTP/1.1,
+    /// whatever an ingress negotiated with the sidecar).
+    Http1,
     /// Always HTTP/2 (declared `http2` and `grpc` ports).
     Http2,
 }
@@ -555,6 +558,7 @@ impl Handler {
             .is_some_and(|v| v.as_bytes() == b"HTTP/1.1");
         let h2 = match self.conn.app_version {
             AppVersion::Http2 => true,
+            AppVersion::Http1 => false,
             AppVersion::AsReceived => parts.version == Version::HTTP_2 && !was_h1,
         };
         let client = if h2 {

@@ -153,9 +153,10 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 serve,
                 app_version: match settings.protocol {
                     DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => http::AppVersion::Http2,
-                    DeclaredProtocol::Detect
-                    | DeclaredProtocol::Opaque
-                    | DeclaredProtocol::Http => http::AppVersion::AsReceived,
+                    DeclaredProtocol::Http => http::AppVersion::Http1,
+                    DeclaredProtocol::Detect | DeclaredProtocol::Opaque => {
+                        http::AppVersion::AsReceived
+                    }
                 },
                 grpc_port: settings.protocol == DeclaredProtocol::Grpc,
             };
@@ -290,6 +291,12 @@ async fn detect_inner(
 ) -> std::io::Result<(Inner, Authenticated)> {
     let inner = match declared {
         DeclaredProtocol::Opaque => Inner::Opaque,
+        // ALPN said HTTP/1.1 (an ingress that offered only it): serve it.
+        DeclaredProtocol::Http | DeclaredProtocol::Http2 | DeclaredProtocol::Grpc
+            if authn.alpn_http1 =>
+        {
+            Inner::Http(http::ServeVersion::Http1)
+        }
         // A peer sidecar speaks HTTP/2 on its pooled connections and
         // HTTP/1.1 on a tunnel's own connection (`tunnel`): the first bytes
         // tell which.
