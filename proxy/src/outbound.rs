@@ -10,8 +10,9 @@ use crate::accept::{Accepted, Listener};
 use crate::config::{Direction, OutboundRoute};
 use crate::detect::{self, Protocol, Sniffed};
 use crate::drain::Watch;
+use crate::http::outbound as pool;
 use crate::server::Shared;
-use crate::{access, forward, metrics, pool, tls};
+use crate::{access, forward, metrics, tls};
 
 /// How an outbound listener picks the server identity to expect.
 #[derive(Debug, Clone, Copy)]

@@ -24,7 +24,7 @@ pub struct Shared {
     /// The inbound HTTP server settings and app connection pools.
     pub http: crate::http::InboundHttp,
     /// The outbound HTTP server settings and sidecar-to-sidecar HTTP/2 pools.
-    pub outbound_http: crate::pool::OutboundHttp,
+    pub outbound_http: crate::http::outbound::OutboundHttp,
     /// Access events.
     pub access: crate::access::AccessLog,
     identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
@@ -126,7 +126,7 @@ pub fn bind(
     Ok(BoundProxy {
         shared: Arc::new(Shared {
             http: crate::http::InboundHttp::new(&config.limits),
-            outbound_http: crate::pool::OutboundHttp::new(
+            outbound_http: crate::http::outbound::OutboundHttp::new(
                 &config.limits,
                 config.tls_spec().client.len(),
                 identity.clone(),

@@ -33,13 +33,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::body::{RequestBody, Waited, response_within};
 use crate::config::{Direction, Limits};
 use crate::drain::{Watch, serve_gracefully};
+use crate::http::body::{RequestBody, Waited, response_within};
+use crate::http::tunnel::{Tunnel, TunnelTask};
 use crate::http::{ProxyBody, strip_hop_by_hop};
 use crate::server::Shared;
 use crate::tls::ClientTls;
-use crate::tunnel::{Tunnel, TunnelTask};
 use crate::{forward, metrics, tls};
 
 /// Set by the outbound sidecar on requests that were HTTP/1.1 at the app,
@@ -113,9 +113,15 @@ pub async fn serve(
         // Invariant: a socket address is a valid authority.
         return;
     };
+    let local_id = shared.identity().map(|c| c.svid.id.clone());
+    let series = metrics::PerDestination::new(
+        Direction::Outbound,
+        local_id.as_ref().map(|id| id.as_str()),
+        &dst.to_string(),
+    );
     let app = Arc::new(AppConn {
         shared: shared.clone(),
-        metrics: metrics::RequestMetrics::for_peer(Direction::Outbound, None),
+        metrics: series,
         ends: Ends {
             source: stream.peer_addr().unwrap_or(dst),
             destination: dst,
@@ -159,7 +165,7 @@ struct Ends {
 /// One app connection to a meshed destination.
 struct AppConn {
     shared: Arc<Shared>,
-    metrics: Arc<metrics::RequestMetrics>,
+    metrics: metrics::PerDestination,
     ends: Ends,
     /// The client configuration (expected server identity).
     index: usize,
@@ -186,7 +192,7 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         http.method = %req.method(),
         http.path = req.uri().path(),
     );
-    let may_switch = crate::tunnel::may_switch(req.method(), req.version(), req.headers());
+    let may_switch = crate::http::tunnel::may_switch(req.method(), req.version(), req.headers());
     let connect = req.method() == http::Method::CONNECT;
     let result = match Tunnel::of(req.method(), req.version(), req.headers()) {
         None => {
@@ -208,10 +214,12 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         }
     };
     if may_switch {
-        crate::tunnel::close_unless_switched(connect, &mut resp);
+        crate::http::tunnel::close_unless_switched(connect, &mut resp);
     }
     let elapsed = start.elapsed();
-    app.metrics.record(resp.status(), elapsed);
+    app.metrics
+        .get(resp.extensions().get::<metrics::DestinationId>())
+        .record(resp.status(), elapsed);
     if let Some((method, path, bytes_in, headers)) = logged {
         shared.access.record(&crate::access::Event {
             direction: Direction::Outbound,
@@ -326,7 +334,7 @@ async fn tunnel(
         .map_err(|e| peer_failed(&e, "peer_unreachable"))?;
     metrics::handshake(Direction::Outbound, "ok");
     tracing::debug!(peer.id = %peer.principal(), tunnel = tunnel.label(), "tunnel connection opened");
-    let opened = crate::tunnel::open(
+    let opened = crate::http::tunnel::open(
         tls,
         Request::from_parts(parts, body),
         &tunnel,
@@ -336,13 +344,15 @@ async fn tunnel(
     )
     .await;
     match opened {
-        Ok((resp, task)) => {
+        Ok((mut resp, task)) => {
+            let peer = metrics::DestinationId(peer.principal().into());
+            resp.extensions_mut().insert(peer);
             if let Some(task) = task {
                 app.tunnel.set(task);
             }
             Ok(resp)
         }
-        Err(crate::tunnel::TunnelError::Timeout) => Err(StatusCode::GATEWAY_TIMEOUT),
+        Err(crate::http::tunnel::TunnelError::Timeout) => Err(StatusCode::GATEWAY_TIMEOUT),
         Err(e) => Err(peer_failed(&e, "peer_unreachable")),
     }
 }
@@ -433,7 +443,12 @@ impl tower_service::Service<Uri> for MeshConnector {
                 .inspect_err(|e| metrics::handshake(Direction::Outbound, e.label()))?;
             metrics::handshake(Direction::Outbound, "ok");
             tracing::debug!(dst.addr = %dst, peer.id = %peer.principal(), "pooled connection opened");
-            Ok(TokioIo::new(MeshStream { tls, _slot: slot }))
+            let peer = metrics::DestinationId(peer.principal().into());
+            Ok(TokioIo::new(MeshStream {
+                tls,
+                peer,
+                _slot: slot,
+            }))
         })
     }
 }
@@ -441,12 +456,14 @@ impl tower_service::Service<Uri> for MeshConnector {
 /// A pooled mTLS stream, holding its slot under the pool cap.
 pub struct MeshStream {
     tls: ClientTls,
+    /// The peer sidecar's verified identity, for the request metrics.
+    peer: metrics::DestinationId,
     _slot: OwnedSemaphorePermit,
 }
 
 impl Connection for MeshStream {
     fn connected(&self) -> Connected {
-        Connected::new().negotiated_h2()
+        Connected::new().negotiated_h2().extra(self.peer.clone())
     }
 }
 

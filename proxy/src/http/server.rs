@@ -35,12 +35,12 @@ use rampart_authz::{
 };
 use rampart_identity::{PeerIdentity, SpiffeId};
 
-use crate::body::{Counted, RequestBody, StreamCount, Waited, response_within};
 use crate::config::{Direction, Limits, XfccMode};
 use crate::drain::{Watch, serve_gracefully};
+use crate::http::body::{Counted, RequestBody, StreamCount, Waited, response_within};
+use crate::http::tunnel::{Tunnel, TunnelTask};
 use crate::server::Shared;
 use crate::tls::BoxedIo;
-use crate::tunnel::{Tunnel, TunnelTask};
 
 /// Response bodies: the app's, streamed, or a short local one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -164,9 +164,14 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         return;
     };
     let xfcc = xfcc_value(&conn, local_id.as_ref());
-    let metrics = crate::metrics::RequestMetrics::for_peer(
+    let service = conn.destination.to_string();
+    let metrics = crate::metrics::RequestMetrics::for_request(
         Direction::Inbound,
-        conn.peer.as_ref().map(|p| p.principal()),
+        crate::metrics::RequestLabels {
+            source_id: conn.peer.as_ref().map(|p| p.principal()),
+            destination_id: local_id.as_ref().map(|id| id.as_str()),
+            destination_service: Some(&service),
+        },
     );
     let handler = Arc::new(Handler {
         shared: shared.clone(),
@@ -311,7 +316,7 @@ impl Handler {
         let grpc = self.conn.grpc_port || is_grpc(req.headers());
         let method = req.method().clone();
         let bytes_in = content_length(req.headers());
-        let may_switch = crate::tunnel::may_switch(&method, req.version(), req.headers());
+        let may_switch = crate::http::tunnel::may_switch(&method, req.version(), req.headers());
         let names = &self.shared.config.observe.access_headers;
         // Only when access logs are on and headers were asked for.
         let logged_headers = if self.shared.access.is_enabled() && !names.is_empty() {
@@ -338,7 +343,7 @@ impl Handler {
                 }
             };
         if may_switch {
-            crate::tunnel::close_unless_switched(method == http::Method::CONNECT, &mut resp);
+            crate::http::tunnel::close_unless_switched(method == http::Method::CONNECT, &mut resp);
         }
         let elapsed = start.elapsed();
         self.metrics.record(resp.status(), elapsed);
@@ -554,7 +559,7 @@ impl Handler {
         // calling app spoke.
         let was_h1 = parts
             .headers
-            .remove(crate::pool::ORIG_PROTO)
+            .remove(crate::http::outbound::ORIG_PROTO)
             .is_some_and(|v| v.as_bytes() == b"HTTP/1.1");
         let h2 = match self.conn.app_version {
             AppVersion::Http2 => true,
@@ -637,7 +642,7 @@ impl Handler {
         let app = crate::forward::connect(self.conn.app, limits.connect_timeout)
             .await
             .map_err(LocalError::AppConnect)?;
-        let (resp, task) = crate::tunnel::open(
+        let (resp, task) = crate::http::tunnel::open(
             app,
             Request::from_parts(parts, body),
             &tunnel,
@@ -755,7 +760,7 @@ pub enum LocalError {
     AppConnect(crate::forward::ConnectError),
     /// A tunnel request to the app failed or timed out.
     #[error("{0}")]
-    Tunnel(crate::tunnel::TunnelError),
+    Tunnel(crate::http::tunnel::TunnelError),
     /// A tunnel request for a port declared `http2` or `grpc`.
     #[error("upgrade and CONNECT need an HTTP/1.1 app")]
     TunnelToHttp2App,
@@ -775,8 +780,8 @@ impl LocalError {
             LocalError::AppTimeout => "app_timeout",
             LocalError::UploadStalled => "upload_stalled",
             LocalError::AppConnect(_) => "app_unreachable",
-            LocalError::Tunnel(crate::tunnel::TunnelError::Exchange(_)) => "app_unreachable",
-            LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => "app_timeout",
+            LocalError::Tunnel(crate::http::tunnel::TunnelError::Exchange(_)) => "app_unreachable",
+            LocalError::Tunnel(crate::http::tunnel::TunnelError::Timeout) => "app_timeout",
             LocalError::TunnelToHttp2App => "tunnel_unsupported",
             LocalError::NotUpgradable => "not_upgradable",
         }
@@ -792,8 +797,12 @@ impl LocalError {
             LocalError::AppTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalError::UploadStalled => StatusCode::REQUEST_TIMEOUT,
             LocalError::AppConnect(_) => StatusCode::BAD_GATEWAY,
-            LocalError::Tunnel(crate::tunnel::TunnelError::Exchange(_)) => StatusCode::BAD_GATEWAY,
-            LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            LocalError::Tunnel(crate::http::tunnel::TunnelError::Exchange(_)) => {
+                StatusCode::BAD_GATEWAY
+            }
+            LocalError::Tunnel(crate::http::tunnel::TunnelError::Timeout) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             LocalError::TunnelToHttp2App => StatusCode::NOT_IMPLEMENTED,
             LocalError::NotUpgradable => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -806,10 +815,10 @@ impl LocalError {
             LocalError::NoPath | LocalError::BadPath(_) => 13,
             LocalError::Denied(_) => 7,
             LocalError::AppUnreachable(_) | LocalError::AppConnect(_) => 14,
-            LocalError::Tunnel(crate::tunnel::TunnelError::Exchange(_)) => 14,
+            LocalError::Tunnel(crate::http::tunnel::TunnelError::Exchange(_)) => 14,
             LocalError::AppTimeout
             | LocalError::UploadStalled
-            | LocalError::Tunnel(crate::tunnel::TunnelError::Timeout) => 4,
+            | LocalError::Tunnel(crate::http::tunnel::TunnelError::Timeout) => 4,
             LocalError::TunnelToHttp2App => 12,
             LocalError::NotUpgradable => 13,
         }
@@ -923,7 +932,7 @@ mod tests {
             (LocalError::TunnelToHttp2App, 501, 12),
             (LocalError::UploadStalled, 408, 4),
             (
-                LocalError::Tunnel(crate::tunnel::TunnelError::Timeout),
+                LocalError::Tunnel(crate::http::tunnel::TunnelError::Timeout),
                 504,
                 4,
             ),
