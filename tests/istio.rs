@@ -149,7 +149,9 @@ fn istio_resources_decide_with_istio_semantics_through_a_real_sidecar() {
         .pki
         .issue("spiffe://example.org/ns/foo/sa/banned", "banned");
     let https = |addr: SocketAddr, path: &str| format!("https://{addr}{path}");
-    let cases: &[(&str, String, Option<&Path>, &[&str], u16)] = &[
+    // (what, URL, client SVID, extra curl arguments, expected status)
+    type Case<'a> = (&'a str, String, Option<&'a Path>, &'a [&'a str], u16);
+    let cases: &[Case<'_>] = &[
         (
             "mTLS GET /data",
             https(s.strict, "/data"),
