@@ -300,6 +300,9 @@ pub struct IstioConfig {
     /// Mesh config `trustDomainAliases`.
     #[serde(default)]
     pub trust_domain_aliases: Vec<String>,
+    /// JWKS fetched for RequestAuthentication, shared by every (re)load.
+    #[serde(skip)]
+    pub jwks_cache: Arc<rampart_authz::jwt::JwksCache>,
 }
 
 impl IstioConfig {
@@ -312,6 +315,7 @@ impl IstioConfig {
             trust_domain: self.trust_domain.clone(),
             trust_domain_aliases: self.trust_domain_aliases.clone(),
             tcp_ports: cfg.istio_tcp_ports(),
+            jwks_cache: self.jwks_cache.clone(),
         }
     }
 

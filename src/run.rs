@@ -149,6 +149,17 @@ async fn serve(
     tracing::info!(config = %config_json, "effective configuration");
     let (mut plan, store) = crate::identity::start(&cfg, authorizer).await?;
     let central_status = crate::central::start(&cfg, &mut plan, &store)?;
+    // RequestAuthentication keys at http:// URIs: fetched off the request
+    // path into the cache every (re)load shares.
+    if let Some(istio) = plan.authorizer.current().authorizer.istio()
+        && !istio.jwks_uris().is_empty()
+    {
+        rampart_central::jwks::spawn(
+            istio.jwks_uris().to_vec(),
+            istio.jwks_cache().clone(),
+            rampart_central::jwks::DEFAULT_REFRESH,
+        );
+    }
     // With a bundle, the policy files are the fallback until the first
     // bundle: a reload must not replace a bundle in force.
     let istio_files = cfg

@@ -433,11 +433,17 @@ impl Handler {
             Version::HTTP_2 | Version::HTTP_3 => HttpProtocol::Http2,
             _ => HttpProtocol::Http11,
         };
+        // RequestAuthentication: a token present must verify (else 401);
+        // its claims are what `request.auth.*` reads.
+        let jwt = authorizer
+            .authenticate_request(headers, norm.query)
+            .map_err(LocalError::Unauthenticated)?;
         let conn_info = crate::tls::connection_info(
             self.conn.peer.as_ref(),
             self.conn.source.ip(),
             self.conn.port,
-        );
+        )
+        .with_jwt(jwt.as_ref().map(|j| &j.claims));
         let info = RequestInfo {
             method: req.method(),
             authority,
@@ -490,6 +496,9 @@ impl Handler {
             }
         };
         if connect {
+            if let Some(j) = &jwt {
+                j.rewrite.apply(req.headers_mut());
+            }
             return self.forward_tunnel(permit, req, Tunnel::Connect).await;
         }
         let path = if norm.is_rewritten() {
@@ -502,6 +511,9 @@ impl Handler {
                 .cloned()
                 .ok_or(LocalError::NoPath)?
         };
+        if let Some(j) = &jwt {
+            j.rewrite.apply(req.headers_mut());
+        }
         self.forward(permit, req, path).await
     }
 
@@ -746,6 +758,9 @@ pub enum LocalError {
     /// Policy refused.
     #[error("denied: {}", .0.explain())]
     Denied(Box<Denial>),
+    /// The request's JWT does not verify (RequestAuthentication).
+    #[error("Jwt verification fails: {0}")]
+    Unauthenticated(rampart_authz::jwt::JwtError),
     /// The app refused, reset or broke the exchange.
     #[error("app unreachable: {0}")]
     AppUnreachable(hyper_util::client::legacy::Error),
@@ -776,6 +791,7 @@ impl LocalError {
             LocalError::NoPath => "no_path",
             LocalError::BadPath(_) => "bad_path",
             LocalError::Denied(_) => "denied",
+            LocalError::Unauthenticated(e) => e.as_str(),
             LocalError::AppUnreachable(_) => "app_unreachable",
             LocalError::AppTimeout => "app_timeout",
             LocalError::UploadStalled => "upload_stalled",
@@ -793,6 +809,7 @@ impl LocalError {
             LocalError::NoPath => StatusCode::BAD_REQUEST,
             LocalError::BadPath(e) => e.http_status(),
             LocalError::Denied(d) => d.http_status(),
+            LocalError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             LocalError::AppUnreachable(_) => StatusCode::BAD_GATEWAY,
             LocalError::AppTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalError::UploadStalled => StatusCode::REQUEST_TIMEOUT,
@@ -814,6 +831,7 @@ impl LocalError {
         match self {
             LocalError::NoPath | LocalError::BadPath(_) => 13,
             LocalError::Denied(_) => 7,
+            LocalError::Unauthenticated(_) => 16,
             LocalError::AppUnreachable(_) | LocalError::AppConnect(_) => 14,
             LocalError::Tunnel(crate::http::tunnel::TunnelError::Exchange(_)) => 14,
             LocalError::AppTimeout
