@@ -261,3 +261,298 @@ spec:
         "{logs}"
     );
 }
+
+/// RS256 tokens signed by `openssl dgst` with a key made by `openssl
+/// genrsa`, and the matching JWKS (modulus from `openssl rsa -modulus`).
+struct Issuer {
+    key: std::path::PathBuf,
+}
+
+impl Issuer {
+    fn new(dir: &Path) -> Issuer {
+        let key = dir.join("issuer.key");
+        let o = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048")
+            .output()
+            .expect("openssl");
+        assert!(o.status.success(), "{o:?}");
+        Issuer { key }
+    }
+
+    fn jwks(&self) -> String {
+        use base64::Engine as _;
+        let o = Command::new("openssl")
+            .args(["rsa", "-noout", "-modulus", "-in"])
+            .arg(&self.key)
+            .output()
+            .expect("openssl");
+        let text = String::from_utf8_lossy(&o.stdout);
+        let hex = text.trim().trim_start_matches("Modulus=");
+        let n: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            r#"{{"keys":[{{"kty":"RSA","kid":"test","alg":"RS256","n":"{}","e":"AQAB"}}]}}"#,
+            b64.encode(n)
+        )
+    }
+
+    fn token(&self, claims: &str) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let msg = format!(
+            "{}.{}",
+            b64.encode(r#"{"alg":"RS256","kid":"test","typ":"JWT"}"#),
+            b64.encode(claims)
+        );
+        let mut child = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&self.key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(msg.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        format!("{msg}.{}", b64.encode(out.stdout))
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn jwt_request_authentication_through_a_sidecar_pair() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let issuer = Issuer::new(dir);
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    std::fs::write(keys_dir.join("jwks.json"), issuer.jwks()).unwrap();
+    // The JWKS server: Python's http.server, fetched by the sidecar.
+    let keys_addr = free_addr();
+    let python = apps::python().expect("python3");
+    let _keys = LocalProc::spawn(
+        &[
+            python,
+            "-m".into(),
+            "http.server".into(),
+            keys_addr.port().to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--directory".into(),
+            keys_dir.display().to_string(),
+        ],
+        dir,
+        "jwks-server",
+    );
+    wait_listening(keys_addr);
+    let app_addr = free_addr();
+    let app = LocalProc::spawn(&apps::http_app(app_addr.port(), "httpbin"), dir, "httpbin");
+    wait_listening(app_addr);
+    let file = dir.join("istio.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: jwt-example
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  jwtRules:
+  - issuer: "https://issuer.test"
+    audiences: ["httpbin"]
+    jwksUri: "http://{keys_addr}/jwks.json"
+    outputPayloadToHeader: x-user
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: require-jwt
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        requestPrincipals: ["https://issuer.test/*"]
+    to:
+    - operation:
+        paths: ["/data"]
+  - to:
+    - operation:
+        paths: ["/public/*"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-banned-group
+  namespace: foo
+spec:
+  action: DENY
+  rules:
+  - when:
+    - key: request.auth.claims[groups]
+      values: ["banned"]
+"#
+        ),
+    )
+    .unwrap();
+    let inbound = free_addr();
+    let server = pki.sidecar(
+        "spiffe://example.org/ns/foo/sa/httpbin",
+        &format!(
+            "listeners:
+  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\", port: {STRICT}}}
+inbound:
+  ports:
+    - {{port: {STRICT}, protocol: http}}
+  istio:
+    files: [\"{}\"]
+    namespace: foo
+    labels: {{app: httpbin}}
+    trust_domain: example.org
+",
+            file.display()
+        ),
+    );
+    let (_client, outs) = pki.outbound_sidecar(
+        "spiffe://example.org/ns/foo/sa/curl",
+        &[inbound],
+        "spiffe://example.org/ns/foo/sa/httpbin",
+        "",
+    );
+    let out = outs[0];
+    let get = |path: &str, token: Option<&str>| -> support::curl::Reply {
+        let auth = token.map(|t| format!("authorization: Bearer {t}"));
+        let mut extra = Vec::new();
+        if let Some(a) = &auth {
+            extra.extend(["-H", a.as_str()]);
+        }
+        support::curl::curl(&format!("http://{out}{path}"), &extra)
+    };
+    let claims = |iss: &str, aud: &str, exp: u64, group: &str| {
+        format!(r#"{{"iss":"{iss}","sub":"alice","aud":"{aud}","exp":{exp},"groups":["{group}"]}}"#)
+    };
+    let valid = issuer.token(&claims(
+        "https://issuer.test",
+        "httpbin",
+        now() + 600,
+        "dev",
+    ));
+    // The sidecar fetches the keys off the request path: poll until in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ok = loop {
+        let r = get("/data", Some(&valid));
+        if r.status == 200 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(ok.status, 200, "{}\n{}", ok.head, server.logs());
+    assert_eq!(ok.body, "Hi httpbin client!");
+    // forwardOriginalToken is false: the app does not see the token, but
+    // gets the verified payload in x-user.
+    assert_eq!(ok.header("x-app-authorization"), Some("-"));
+    let payload = ok.header("x-app-x-user").unwrap_or("-").to_owned();
+    assert_eq!(payload, valid.split('.').nth(1).unwrap());
+    let forged = {
+        let mut parts: Vec<&str> = valid.split('.').collect();
+        let other = issuer.token(&claims(
+            "https://issuer.test",
+            "httpbin",
+            now() + 600,
+            "admin",
+        ));
+        let body = other.split('.').nth(1).unwrap().to_owned();
+        parts[1] = Box::leak(body.into_boxed_str());
+        parts.join(".")
+    };
+    let cases: &[(&str, &str, Option<String>, u16)] = &[
+        (
+            "expired",
+            "/data",
+            Some(issuer.token(&claims(
+                "https://issuer.test",
+                "httpbin",
+                now() - 3600,
+                "dev",
+            ))),
+            401,
+        ),
+        (
+            "wrong issuer",
+            "/data",
+            Some(issuer.token(&claims("https://other.test", "httpbin", now() + 600, "dev"))),
+            401,
+        ),
+        (
+            "wrong audience",
+            "/data",
+            Some(issuer.token(&claims("https://issuer.test", "other", now() + 600, "dev"))),
+            401,
+        ),
+        (
+            "payload swapped (bad signature)",
+            "/data",
+            Some(forged),
+            401,
+        ),
+        (
+            "missing token where a principal is required",
+            "/data",
+            None,
+            403,
+        ),
+        ("missing token on a public path", "/public/x", None, 200),
+        (
+            "invalid token on a public path",
+            "/public/x",
+            Some("not-a-jwt".into()),
+            401,
+        ),
+        (
+            "banned group claim",
+            "/data",
+            Some(issuer.token(&claims(
+                "https://issuer.test",
+                "httpbin",
+                now() + 600,
+                "banned",
+            ))),
+            403,
+        ),
+    ];
+    let seen = app.stdout().lines().count();
+    for (name, path, token, want) in cases {
+        let r = get(path, token.as_deref());
+        assert_eq!(r.status, *want, "{name}: {}\n{}", r.head, server.logs());
+    }
+    assert_eq!(
+        app.stdout().lines().count(),
+        seen + 1,
+        "only the public request reached the app"
+    );
+}
