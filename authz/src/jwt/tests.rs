@@ -154,3 +154,32 @@ fn jwks_without_usable_keys_is_refused() {
     assert!(Jwks::parse(r#"{"keys":[{"kty":"oct","k":"AAAA"}]}"#).is_err());
     assert!(Jwks::parse("[]").is_err());
 }
+
+#[test]
+fn verified_claims_reach_the_rego_input_as_envoy_jwt_authn_metadata() {
+    let claims =
+        serde_json::json!({"iss": "https://issuer.example", "sub": "alice", "groups": ["g1"]});
+    let headers = http::HeaderMap::new();
+    let req = crate::RequestInfo {
+        method: &http::Method::GET,
+        authority: "api",
+        path: "/",
+        raw_path_and_query: "/",
+        query: None,
+        headers: &headers,
+        protocol: crate::HttpProtocol::Http11,
+        scheme: "http",
+        grpc_method: None,
+        source: "10.0.0.1:1".parse().unwrap(),
+        destination: "10.0.0.2:80".parse().unwrap(),
+        local_identity: None,
+        peer_cert_sha256: None,
+    };
+    let conn = crate::ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 80);
+    let without = crate::input::build(&conn, &req);
+    assert!(without["attributes"].get("metadataContext").is_none());
+    let input = crate::input::build(&conn.with_jwt(Some(&claims)), &req);
+    let md =
+        &input["attributes"]["metadataContext"]["filterMetadata"]["envoy.filters.http.jwt_authn"];
+    assert_eq!(md["https://issuer.example"], claims);
+}
