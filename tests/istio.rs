@@ -62,6 +62,9 @@ spec:
   - when:
     - key: request.headers[x-block]
       values: ["*"]
+  - when:
+    - key: connection.sni
+      values: ["blocked.example"]
 "#;
 
 struct Setup {
@@ -225,6 +228,17 @@ fn istio_resources_decide_with_istio_semantics_through_a_real_sidecar() {
             *want,
             "{name}\n{}",
             s.sidecar.logs()
+        );
+    }
+    // connection.sni is the server name curl sends for a host name.
+    let port = s.strict.port();
+    for (host, want) in [("blocked.example", 403), ("httpbin.foo.svc", 200)] {
+        let resolve = format!("{host}:{port}:127.0.0.1");
+        let url = format!("https://{host}:{port}/data");
+        assert_eq!(
+            status(&url, Some(&curl_id), &["--resolve", &resolve]),
+            want,
+            "SNI {host}"
         );
     }
 }

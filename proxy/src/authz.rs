@@ -21,7 +21,9 @@ pub fn authorize(
     port: u16,
     authorizer: &rampart_authz::Authorizer,
 ) -> Result<Permitted, Box<(Authenticated, Denial)>> {
-    let info = crate::tls::connection_info(conn.peer.as_ref(), conn.client.0.ip(), port);
+    let info = crate::tls::connection_info(conn.peer.as_ref(), conn.client.0.ip(), port)
+        .with_dest_ip(conn.orig_dst.0.ip())
+        .with_sni(conn.sni.as_deref());
     match authorizer.check_connection(&info) {
         Decision::Allow(permit) => {
             crate::metrics::decision("allow", "matched", permit.policy(), permit.rule());

@@ -159,6 +159,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                     }
                 },
                 grpc_port: settings.protocol == DeclaredProtocol::Grpc,
+                sni: authn.sni.clone(),
             };
             let slot = authn.slot;
             http::serve(authn.stream, conn, shared.clone(), watch).await;

@@ -121,6 +121,8 @@ pub struct Authenticated {
     /// Whether the peer negotiated `http/1.1` by ALPN (an ingress that
     /// speaks HTTP/1.1 only): the connection is served as HTTP/1.1.
     pub alpn_http1: bool,
+    /// The TLS server name the client sent (SNI), if any.
+    pub sni: Option<Arc<str>>,
     /// The listener slot.
     pub slot: tokio::sync::OwnedSemaphorePermit,
 }
@@ -151,6 +153,7 @@ pub fn allow_plaintext(accepted: Accepted) -> Authenticated {
         stream: Box::new(stream),
         alpn_h2: false,
         alpn_http1: false,
+        sni: None,
         slot,
     }
 }
@@ -175,6 +178,7 @@ pub async fn terminate(
         peer_identity(tls.get_ref().1.peer_certificates()).ok_or(HandshakeError::NoPeerId)?;
     let alpn = tls.get_ref().1.alpn_protocol();
     let (alpn_h2, alpn_http1) = (alpn == Some(b"h2"), alpn == Some(b"http/1.1"));
+    let sni = tls.get_ref().1.server_name().map(Arc::from);
     Ok(Authenticated {
         client,
         orig_dst,
@@ -182,6 +186,7 @@ pub async fn terminate(
         stream: Box::new(tls),
         alpn_h2,
         alpn_http1,
+        sni,
         slot,
     })
 }

@@ -153,6 +153,8 @@ pub struct InboundConn {
     pub app_version: AppVersion,
     /// Whether the port is declared gRPC (local errors as gRPC statuses).
     pub grpc_port: bool,
+    /// The TLS server name the client sent (Istio's `connection.sni`).
+    pub sni: Option<Arc<str>>,
 }
 
 /// Serves HTTP on `stream` until the peer closes or the drain completes it.
@@ -443,7 +445,8 @@ impl Handler {
             self.conn.source.ip(),
             self.conn.port,
         )
-        .with_jwt(jwt.as_ref().map(|j| &j.claims));
+        .with_jwt(jwt.as_ref().map(|j| &j.claims))
+        .with_sni(self.conn.sni.as_deref());
         let info = RequestInfo {
             method: req.method(),
             authority,
