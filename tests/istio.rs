@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::apps;
-use support::sidecar::{LocalProc, Pki, Sidecar, free_addr, wait_listening};
+use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, wait_listening};
 
 /// Two app ports: STRICT and (per port) PERMISSIVE by PeerAuthentication.
 const STRICT: u16 = 8080;
@@ -68,7 +68,7 @@ spec:
 "#;
 
 struct Setup {
-    pki: Pki,
+    pki: Loopback,
     _app: LocalProc,
     sidecar: Sidecar,
     strict: SocketAddr,
@@ -76,7 +76,7 @@ struct Setup {
 }
 
 fn setup(resources: &str) -> Setup {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let app_addr = free_addr();
     let app = LocalProc::spawn(
         &apps::http_app(app_addr.port(), "httpbin"),
@@ -245,7 +245,7 @@ fn istio_resources_decide_with_istio_semantics_through_a_real_sidecar() {
 
 #[test]
 fn an_istio_field_rampart_cannot_honour_stops_the_sidecar_naming_it() {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let file = pki.dir.path().join("istio.yaml");
     std::fs::write(
         &file,
@@ -352,7 +352,7 @@ fn now() -> u64 {
 
 #[test]
 fn jwt_request_authentication_through_a_sidecar_pair() {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let dir = pki.dir.path();
     let issuer = Issuer::new(dir);
     let keys_dir = dir.join("keys");

@@ -11,6 +11,8 @@
 //! (request paths), [`rego`] (in-process Rego with OPA-Envoy's input from
 //! [`input`]) and [`explain`] (why a decision was made).
 
+#![forbid(unsafe_code)]
+
 pub mod central;
 pub mod explain;
 pub mod external;
@@ -104,7 +106,11 @@ impl<'a> ConnectionInfo<'a> {
 }
 
 /// Proof that a connection or request was allowed, naming what allowed it.
-#[derive(Debug, Clone)]
+///
+/// Only this crate makes one (from a decision), and it is neither `Clone`
+/// nor constructible elsewhere: one decision yields one permit, which the
+/// proxy binds to the connection or request it was issued for.
+#[derive(Debug)]
 pub struct Permit {
     policy: Arc<str>,
     rule: Arc<str>,
@@ -301,8 +307,9 @@ pub struct DenyResponse {
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
-/// The outcome of an authorization check.
-#[derive(Debug, Clone)]
+/// The outcome of an authorization check (not `Clone`: it may hold a
+/// [`Permit`]).
+#[derive(Debug)]
 pub enum Decision {
     /// Go ahead, with proof.
     Allow(Permit),
@@ -366,15 +373,44 @@ pub struct Authorizer {
 
 impl Authorizer {
     /// Builds an authorizer from a per-port list of allowed peer SPIFFE IDs:
-    /// one ALLOW policy `port-<port>` with one rule `allowed_peers` per port.
+    /// one ALLOW policy `port-<port>` with one rule `allowed_peers` per port
+    /// (an empty list admits no one), compiled like any other policy
+    /// ([`Authorizer::from_policies`]) and listed by [`Authorizer::policies`].
     pub fn from_port_allowlist(
         ports: impl IntoIterator<Item = (u16, Vec<SpiffeId>)>,
         default: DefaultAction,
     ) -> Self {
-        Authorizer {
-            inner: Arc::new(compile::Compiled::from_port_allowlist(ports, default)),
-            istio: None,
+        let policies: Vec<model::Policy> = ports
+            .into_iter()
+            .map(|(port, ids)| model::Policy::port_allowlist(port, &ids))
+            .collect();
+        let options = Options {
+            default_action: default,
+            ..Options::default()
+        };
+        match Authorizer::from_policies(
+            &policies,
+            std::path::Path::new("<port allowlist>"),
+            &options,
+        ) {
+            Ok(a) => a,
+            // Invariant: native ALLOW policies of exact principals, one per
+            // distinct port, always compile.
+            Err(e) => unreachable!("port allowlist failed to compile: {e}"),
         }
+    }
+
+    /// Compiles policies built in code, with the validation and compilation
+    /// of loaded ones; `origin` names them where a file name would go.
+    pub fn from_policies(
+        policies: &[model::Policy],
+        origin: &std::path::Path,
+        options: &Options,
+    ) -> Result<Authorizer, LoadErrors> {
+        Ok(Authorizer {
+            inner: Arc::new(load::compile_built(policies, origin, options)?),
+            istio: None,
+        })
     }
 
     /// Loads, validates and compiles policy files. Any invalid entry rejects

@@ -55,6 +55,8 @@ pub const DETECTED: &str = "rampart_detected_protocol_total";
 pub const POLICY_RELOADS: &str = "rampart_policy_reloads_total";
 /// Connections whose first bytes did not arrive within the detect timeout.
 pub const DETECT_TIMEOUTS: &str = "rampart_detect_timeouts_total";
+/// Live opaque connections closed because a reloaded policy refuses them.
+pub const CONNECTIONS_REVOKED: &str = "rampart_authz_connections_revoked_total";
 /// Access events dropped because the writer fell behind.
 pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_total";
 
@@ -105,6 +107,11 @@ pub fn describe() {
         DETECT_TIMEOUTS,
         Unit::Count,
         "Connections that sent nothing decisive within the detect timeout (treated as opaque)"
+    );
+    describe_counter!(
+        CONNECTIONS_REVOKED,
+        Unit::Count,
+        "Live opaque connections closed because a reloaded policy no longer allows them"
     );
     describe_counter!(
         ACCESS_LOG_DROPPED,
@@ -371,10 +378,10 @@ impl PerDestination {
         };
         // Poisoning needs a panic while cloning an Arc.
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((id, m)) = last.as_ref() {
-            if Arc::ptr_eq(id, dst) || **id == **dst {
-                return m.clone();
-            }
+        if let Some((id, m)) = last.as_ref()
+            && (Arc::ptr_eq(id, dst) || **id == **dst)
+        {
+            return m.clone();
         }
         let m = RequestMetrics::for_request(self.direction, self.labels(Some(dst)));
         *last = Some((dst.clone(), m.clone()));
@@ -450,15 +457,78 @@ pub fn access_log_dropped() {
     counter!(ACCESS_LOG_DROPPED).increment(1);
 }
 
-/// Counts a handshake outcome (`"ok"` or a failure reason label).
-pub fn handshake(direction: Direction, result: &'static str) {
-    counter!(TLS_HANDSHAKES, "direction" => direction.as_str(), "result" => result).increment(1);
+/// A TLS handshake's outcome: the `result` label of
+/// `rampart_tls_handshakes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    /// Completed, peer verified.
+    Ok,
+    /// Refused before starting: the sidecar has no identity.
+    NoIdentity,
+    /// Failed, for this reason.
+    Failed(HandshakeFailure),
+}
+
+/// Why a handshake failed (see `tls::HandshakeError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The client sent no certificate.
+    NoClientCert,
+    /// The peer's chain does not lead to a trusted root of its trust domain.
+    UnknownCa,
+    /// The peer's identity is not accepted here.
+    IdNotAllowed,
+    /// The peer's certificate is expired or not yet valid.
+    Expired,
+    /// The peer's leaf breaks an X.509-SVID rule.
+    InvalidSvid,
+    /// Anything else the peer got wrong.
+    ProtocolError,
+    /// The handshake did not finish in time.
+    Timeout,
+    /// No peer identity after a completed handshake (a bug).
+    NoPeerId,
+}
+
+impl HandshakeResult {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeResult::Ok => "ok",
+            HandshakeResult::NoIdentity => "no_identity",
+            HandshakeResult::Failed(f) => match f {
+                HandshakeFailure::NoClientCert => "no_client_cert",
+                HandshakeFailure::UnknownCa => "unknown_ca",
+                HandshakeFailure::IdNotAllowed => "id_not_allowed",
+                HandshakeFailure::Expired => "expired",
+                HandshakeFailure::InvalidSvid => "invalid_svid",
+                HandshakeFailure::ProtocolError => "protocol_error",
+                HandshakeFailure::Timeout => "timeout",
+                HandshakeFailure::NoPeerId => "no_peer_id",
+            },
+        }
+    }
+}
+
+/// Counts a handshake outcome.
+pub fn handshake(direction: Direction, result: HandshakeResult) {
+    counter!(TLS_HANDSHAKES, "direction" => direction.as_str(), "result" => result.as_str())
+        .increment(1);
 }
 
 /// Counts an authorization decision. `policy` and `rule` name what decided
 /// (`-` when nothing did); they come from the operator's policy files, never
 /// from a peer, so the series are bounded by the configuration.
-pub fn decision(action: &'static str, reason: &'static str, policy: &str, rule: &str) {
+pub fn decision(decision: &rampart_authz::Decision) {
+    let (action, reason, policy, rule) = match decision {
+        rampart_authz::Decision::Allow(p) => ("allow", "matched", p.policy(), p.rule()),
+        rampart_authz::Decision::Deny(d) => (
+            "deny",
+            d.reason.as_str(),
+            d.policy.as_deref().unwrap_or("-"),
+            d.rule.as_deref().unwrap_or("-"),
+        ),
+    };
     // Policy and rule names come from the loaded policy files, so the set is
     // bounded; cache one counter handle per combination so the request path
     // neither builds label strings nor looks the series up by name.
@@ -508,14 +578,114 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Why a connection failed before or while forwarding: the `reason` label
+/// of `rampart_forward_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardFailure {
+    /// A captured connection without an original destination.
+    NoOriginalDst,
+    /// A captured connection whose original destination is the listener
+    /// itself (forwarding would loop).
+    OriginalDstLoop,
+    /// An outbound destination in the mesh that no server rule covers.
+    NoServerRule,
+    /// The target refused or reset the connection.
+    ConnectRefused,
+    /// The target did not answer in time.
+    ConnectTimeout,
+}
+
+impl ForwardFailure {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardFailure::NoOriginalDst => "no_original_dst",
+            ForwardFailure::OriginalDstLoop => "original_dst_loop",
+            ForwardFailure::NoServerRule => "no_server_rule",
+            ForwardFailure::ConnectRefused => "connect_refused",
+            ForwardFailure::ConnectTimeout => "connect_timeout",
+        }
+    }
+}
+
 /// Counts a forwarding failure.
-pub fn forward_error(direction: Direction, reason: &'static str) {
-    counter!(FORWARD_ERRORS, "direction" => direction.as_str(), "reason" => reason).increment(1);
+pub fn forward_error(direction: Direction, reason: ForwardFailure) {
+    counter!(FORWARD_ERRORS, "direction" => direction.as_str(), "reason" => reason.as_str())
+        .increment(1);
+}
+
+/// Why the sidecar answered an HTTP request itself: the `reason` label of
+/// `rampart_http_local_responses_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalReason {
+    /// No origin-form target.
+    NoPath,
+    /// A path that cannot be normalized safely.
+    BadPath,
+    /// Refused by policy.
+    Denied,
+    /// A JWT that does not verify (RequestAuthentication): 401.
+    JwtInvalid,
+    /// The app refused, reset or broke the exchange.
+    AppUnreachable,
+    /// The app did not answer in time.
+    AppTimeout,
+    /// The client's request body stopped moving.
+    UploadStalled,
+    /// A tunnel to an app declared `http2` or `grpc`.
+    TunnelUnsupported,
+    /// No upgrade handle on a tunnel request (a bug).
+    NotUpgradable,
+    /// Outbound: the sidecar has no identity.
+    NoIdentity,
+    /// Outbound: the peer sidecar could not be reached or broke the exchange.
+    PeerUnreachable,
+    /// Outbound: the peer sidecar's identity is not the expected one.
+    PeerNotAllowed,
+    /// Outbound: the handshake with the peer sidecar failed otherwise.
+    PeerHandshakeFailed,
+    /// Outbound: the peer sidecar did not answer in time.
+    PeerTimeout,
+    /// Outbound: the pooled connection limit was reached.
+    PoolFull,
+    /// Outbound: a request the sidecar cannot address to the peer (a bug).
+    Internal,
+}
+
+impl LocalReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalReason::NoPath => "no_path",
+            LocalReason::BadPath => "bad_path",
+            LocalReason::Denied => "denied",
+            LocalReason::JwtInvalid => "jwt_invalid",
+            LocalReason::AppUnreachable => "app_unreachable",
+            LocalReason::AppTimeout => "app_timeout",
+            LocalReason::UploadStalled => "upload_stalled",
+            LocalReason::TunnelUnsupported => "tunnel_unsupported",
+            LocalReason::NotUpgradable => "not_upgradable",
+            LocalReason::NoIdentity => "no_identity",
+            LocalReason::PeerUnreachable => "peer_unreachable",
+            LocalReason::PeerNotAllowed => "peer_not_allowed",
+            LocalReason::PeerHandshakeFailed => "peer_handshake_failed",
+            LocalReason::PeerTimeout => "peer_timeout",
+            LocalReason::PoolFull => "pool_full",
+            LocalReason::Internal => "internal",
+        }
+    }
 }
 
 /// Counts a request the sidecar answered itself.
-pub fn http_local_error(direction: Direction, reason: &'static str) {
-    counter!(HTTP_LOCAL_ERRORS, "direction" => direction.as_str(), "reason" => reason).increment(1);
+pub fn http_local_error(direction: Direction, reason: LocalReason) {
+    counter!(HTTP_LOCAL_ERRORS, "direction" => direction.as_str(), "reason" => reason.as_str())
+        .increment(1);
+}
+
+/// Counts an opaque connection closed because a reloaded policy no longer
+/// allows it.
+pub fn connection_revoked() {
+    counter!(CONNECTIONS_REVOKED).increment(1);
 }
 
 /// Counts a connection's detected protocol.

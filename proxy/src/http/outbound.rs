@@ -1,109 +1,38 @@
 //! Outbound HTTP: serves an app's HTTP/1.1 connection (after `detect`) and
-//! carries its requests over HTTP/2 to the peer sidecar, on one pooled mTLS
-//! connection per (destination, expected server identity) shared by every
-//! app connection. The peer sidecar turns them back into HTTP/1.1 for its
-//! app (`ORIG_PROTO`).
-//!
-//! The pool is hyper-util's client: HTTP/2 only, keep-alive pings, idle
-//! connections closed after `limits.http_pool_idle_timeout`, at most
-//! `limits.http_pool_max_connections` of them over all destinations. Its
-//! connector dials and originates mTLS with the identity store's current
-//! configuration; nothing is built per connection. `Upgrade` and `CONNECT`
+//! carries each request over HTTP/2 to the peer sidecar, on the pooled mTLS
+//! connection of `http::pool`. The peer sidecar turns them back into
+//! HTTP/1.1 for its app (`headers::ORIG_PROTO`). `Upgrade` and `CONNECT`
 //! requests do not use the pool: each gets its own HTTP/1.1 connection over
-//! mTLS (see `tunnel` for why).
+//! mTLS (see `tunnel` for why). Every answer the sidecar gives itself comes
+//! from `http::errors`, as a gRPC status for gRPC callers.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
+use http::{Request, Response, Uri, Version};
+use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use hyper_util::rt::TokioIo;
 
-use crate::config::{Direction, Limits};
+use super::ProxyBody;
+use super::errors::LocalError;
+use super::headers::{ORIG_PROTO, strip_hop_by_hop};
+use super::tunnel::{Tunnel, TunnelTask};
+use crate::access::Pending;
+use crate::config::Direction;
 use crate::drain::{Watch, serve_gracefully};
-use crate::http::body::{RequestBody, Waited, response_within};
-use crate::http::tunnel::{Tunnel, TunnelTask};
-use crate::http::{ProxyBody, strip_hop_by_hop};
+use crate::metrics;
 use crate::server::Shared;
-use crate::tls::ClientTls;
-use crate::{forward, metrics, tls};
+use crate::tls::Io;
 
-/// Set by the outbound sidecar on requests that were HTTP/1.1 at the app,
-/// so the inbound sidecar sends them to its app as HTTP/1.1 again.
-pub const ORIG_PROTO: HeaderName = HeaderName::from_static("rampart-orig-proto");
-
-/// The h2 pools, one per client configuration index (expected identity),
-/// keyed inside by destination.
-pub struct OutboundHttp {
-    server: hyper::server::conn::http1::Builder,
-    clients: Vec<Client<MeshConnector, RequestBody>>,
-}
-
-impl std::fmt::Debug for OutboundHttp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutboundHttp").finish_non_exhaustive()
-    }
-}
-
-impl OutboundHttp {
-    /// Pools for `client_configs` client configurations; the connectors
-    /// read the identity from `identity`.
-    pub fn new(
-        limits: &Limits,
-        client_configs: usize,
-        identity: tokio::sync::watch::Receiver<Option<Arc<rampart_identity::store::TlsConfigs>>>,
-    ) -> Self {
-        let l = &limits.http;
-        let mut server = hyper::server::conn::http1::Builder::new();
-        server
-            .timer(TokioTimer::new())
-            .header_read_timeout(l.header_read_timeout)
-            .max_buf_size(l.max_header_bytes.max(8192))
-            .max_headers(l.max_headers);
-        // One cap over every pool: a connection holds a permit until it closes.
-        let slots = Arc::new(Semaphore::new(l.pool_max_connections));
-        let clients = (0..client_configs)
-            .map(|index| {
-                Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(l.pool_idle_timeout)
-                    .http2_only(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .http2_keep_alive_timeout(Duration::from_secs(10))
-                    .http2_max_concurrent_reset_streams(l.max_concurrent_streams as usize)
-                    .build(MeshConnector {
-                        index,
-                        identity: identity.clone(),
-                        connect_timeout: limits.connect_timeout,
-                        handshake_timeout: limits.handshake_timeout,
-                        slots: slots.clone(),
-                        max_pooled: l.pool_max_connections,
-                    })
-            })
-            .collect();
-        OutboundHttp { server, clients }
-    }
-}
-
-/// Serves an app's HTTP/1.1 connection to `dst`, whose server must match
-/// client configuration `index`.
-pub async fn serve(
-    stream: tokio::net::TcpStream,
+/// Serves an app's HTTP/1.1 connection from `source` to `dst`, whose
+/// server must match client configuration `index`.
+pub async fn serve<S: Io>(
+    stream: S,
+    source: SocketAddr,
     dst: SocketAddr,
     index: usize,
     shared: Arc<Shared>,
@@ -123,7 +52,7 @@ pub async fn serve(
         shared: shared.clone(),
         metrics: series,
         ends: Ends {
-            source: stream.peer_addr().unwrap_or(dst),
+            source,
             destination: dst,
         },
         index,
@@ -141,7 +70,7 @@ pub async fn serve(
         .serve_connection(
             TokioIo::new(crate::smuggling::SmugglingGuard::new(
                 stream,
-                shared.config.limits.http.max_header_bytes,
+                shared.config.limits.http_max_header_bytes,
             )),
             service,
         )
@@ -174,80 +103,71 @@ struct AppConn {
 }
 
 async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
-    let start = Instant::now();
     let shared = &*app.shared;
-    // Only built when access logs are on: the request path allocates
-    // nothing for them otherwise.
-    let logged = shared.access.is_enabled().then(|| {
-        (
-            req.method().clone(),
-            req.uri().path().to_owned(),
-            crate::http::content_length(req.headers()),
-            crate::access::pick_headers(&shared.config.observe.access_headers, req.headers()),
-        )
-    });
+    let grpc = super::is_grpc(req.headers());
+    let mut event = Pending::open(
+        &shared.access,
+        Direction::Outbound,
+        app.ends.source,
+        app.ends.destination,
+    );
+    if event.log_enabled() {
+        event.request(
+            req.method(),
+            req.headers(),
+            &shared.config.observe.access_headers,
+        );
+        event.path(req.uri().path());
+    }
     let span = tracing::debug_span!(
         "request",
         direction = "outbound",
         http.method = %req.method(),
         http.path = req.uri().path(),
     );
-    let may_switch = crate::http::tunnel::may_switch(req.method(), req.version(), req.headers());
+    let may_switch = super::tunnel::may_switch(req.method(), req.version(), req.headers());
     let connect = req.method() == http::Method::CONNECT;
     let result = match Tunnel::of(req.method(), req.version(), req.headers()) {
-        None => {
-            let sent = forward(shared, app.index, app.authority.clone(), req);
-            tracing::Instrument::instrument(sent, span).await
-        }
+        None => tracing::Instrument::instrument(to_peer(app, req), span).await,
         Some(t) => tracing::Instrument::instrument(tunnel(app, req, t), span).await,
     };
     let mut resp = match result {
         Ok(r) => r,
-        Err(status) => {
-            let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(match status {
-                StatusCode::SERVICE_UNAVAILABLE => b"rampart: no upstream connection available\n",
-                StatusCode::REQUEST_TIMEOUT => b"rampart: request body stalled\n",
-                _ => b"rampart: upstream sidecar unreachable\n",
-            }))));
-            *r.status_mut() = status;
-            r
+        Err(e) => {
+            let wire = e.wire();
+            match &e {
+                LocalError::PoolFull(limit) => tracing::warn!(
+                    limit,
+                    "request refused: pooled connection limit reached (limits.http_pool_max_connections)"
+                ),
+                _ => tracing::info!(
+                    reason = wire.reason.as_str(),
+                    error = %e,
+                    "request to peer sidecar failed"
+                ),
+            }
+            metrics::http_local_error(Direction::Outbound, wire.reason);
+            e.into_response(grpc, None)
         }
     };
     if may_switch {
-        crate::http::tunnel::close_unless_switched(connect, &mut resp);
+        super::tunnel::close_unless_switched(connect, &mut resp);
     }
-    let elapsed = start.elapsed();
     app.metrics
         .get(resp.extensions().get::<metrics::DestinationId>())
-        .record(resp.status(), elapsed);
-    if let Some((method, path, bytes_in, headers)) = logged {
-        shared.access.record(&crate::access::Event {
-            direction: Direction::Outbound,
-            peer: None,
-            source: app.ends.source,
-            destination: app.ends.destination,
-            method: Some(method.as_str()),
-            path: Some(&path),
-            status: Some(resp.status().as_u16()),
-            verdict: crate::access::Verdict::NotApplicable,
-            duration: elapsed,
-            bytes_in,
-            bytes_out: crate::http::content_length(resp.headers()),
-            headers: &headers,
-        });
-    }
+        .record(resp.status(), event.elapsed());
+    event.response(resp.status(), resp.headers());
     resp
 }
 
-async fn forward(
-    shared: &Shared,
-    index: usize,
-    authority: Authority,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, StatusCode> {
-    let Some(client) = shared.outbound_http.clients.get(index) else {
-        tracing::error!(index, "no pool for this client configuration");
-        return Err(StatusCode::INTERNAL_SERVER_ERROR);
+/// Rewrites an app's request for the peer sidecar (HTTP/2, absolute URI,
+/// hop-by-hop fields removed, the original protocol marked) and sends it
+/// on the pool through the forward stage.
+async fn to_peer(app: &AppConn, req: Request<Incoming>) -> Result<Response<ProxyBody>, LocalError> {
+    let shared = &*app.shared;
+    let Some(client) = shared.outbound_http.clients.get(app.index) else {
+        tracing::error!(index = app.index, "no pool for this client configuration");
+        return Err(LocalError::Unroutable);
     };
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -256,41 +176,13 @@ async fn forward(
         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(authority);
+    uri.authority = Some(app.authority.clone());
     uri.path_and_query = parts.uri.path_and_query().cloned();
-    parts.uri = Uri::from_parts(uri).map_err(|_| StatusCode::BAD_REQUEST)?;
+    parts.uri = Uri::from_parts(uri).map_err(|_| LocalError::NoPath)?;
     parts.version = Version::HTTP_2;
-    let timeout = shared.config.limits.http.response_timeout;
-    let (body, ended) = RequestBody::new(body);
-    let sent = client.request(Request::from_parts(parts, body));
-    let resp = match response_within(timeout, ended, sent).await {
-        Err(Waited::NoResponse) => return Err(StatusCode::GATEWAY_TIMEOUT),
-        Err(Waited::UploadStalled) => {
-            metrics::http_local_error(Direction::Outbound, "upload_stalled");
-            return Err(StatusCode::REQUEST_TIMEOUT);
-        }
-        Ok(Err(e)) => match pool_failure(&e) {
-            Some(PoolConnectError::NoIdentity) => {
-                tracing::info!("request refused: no identity");
-                metrics::http_local_error(Direction::Outbound, "no_identity");
-                return Err(StatusCode::SERVICE_UNAVAILABLE);
-            }
-            Some(PoolConnectError::PoolFull(max)) => {
-                tracing::warn!(
-                    limit = max,
-                    "request refused: pooled connection limit reached (limits.http_pool_max_connections)"
-                );
-                metrics::http_local_error(Direction::Outbound, "pool_full");
-                return Err(StatusCode::SERVICE_UNAVAILABLE);
-            }
-            _ => {
-                tracing::info!(error = %e, "request to peer sidecar failed");
-                metrics::http_local_error(Direction::Outbound, "peer_unreachable");
-                return Err(StatusCode::BAD_GATEWAY);
-            }
-        },
-        Ok(Ok(r)) => r,
-    };
+    let timeout = shared.config.limits.http_response_timeout;
+    let resp =
+        crate::forward::peer_request(client, Request::from_parts(parts, body), timeout).await?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
@@ -303,206 +195,84 @@ async fn tunnel(
     app: &AppConn,
     req: Request<Incoming>,
     tunnel: Tunnel,
-) -> Result<Response<ProxyBody>, StatusCode> {
+) -> Result<Response<ProxyBody>, LocalError> {
     let shared = &*app.shared;
-    let limits = &shared.config.limits;
     let Some(cfg) = shared
         .identity()
         .and_then(|c| c.client.get(app.index).cloned())
     else {
-        tracing::info!("tunnel refused: no identity");
-        metrics::http_local_error(Direction::Outbound, "no_identity");
-        return Err(StatusCode::SERVICE_UNAVAILABLE);
+        return Err(LocalError::NoIdentity);
     };
     let (mut parts, body) = req.into_parts();
     let Some(downstream) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
         tracing::error!("no upgrade handle on a tunnel request");
-        return Err(StatusCode::INTERNAL_SERVER_ERROR);
+        return Err(LocalError::NotUpgradable);
     };
     tunnel.prepare_request(&mut parts.headers);
-    let peer_failed = |e: &dyn std::fmt::Display, label| {
-        tracing::info!(error = %e, tunnel = tunnel.label(), "tunnel to peer sidecar failed");
-        metrics::http_local_error(Direction::Outbound, label);
-        StatusCode::BAD_GATEWAY
-    };
-    let tcp = forward::connect(app.ends.destination, limits.connect_timeout)
-        .await
-        .map_err(|e| peer_failed(&e, "peer_unreachable"))?;
-    let (tls, peer) = tls::originate(tcp, app.ends.destination, cfg, limits.handshake_timeout)
-        .await
-        .inspect_err(|e| metrics::handshake(Direction::Outbound, e.label()))
-        .map_err(|e| peer_failed(&e, "peer_unreachable"))?;
-    metrics::handshake(Direction::Outbound, "ok");
-    tracing::debug!(peer.id = %peer.principal(), tunnel = tunnel.label(), "tunnel connection opened");
-    let opened = crate::http::tunnel::open(
-        tls,
+    let (resp, task) = crate::forward::peer_tunnel(
         Request::from_parts(parts, body),
+        app.ends.destination,
+        cfg,
         &tunnel,
         downstream,
-        limits.http.response_timeout,
-        Direction::Outbound,
+        &shared.config.limits,
     )
-    .await;
-    match opened {
-        Ok((mut resp, task)) => {
-            let peer = metrics::DestinationId(peer.principal().into());
-            resp.extensions_mut().insert(peer);
-            if let Some(task) = task {
-                app.tunnel.set(task);
+    .await?;
+    if let Some(task) = task {
+        app.tunnel.set(task);
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+    use http_body_util::Empty;
+    use rampart_authz::Authorizer;
+
+    #[tokio::test]
+    async fn without_an_identity_callers_get_503_or_grpc_unavailable() {
+        let (_tx, identity) = tokio::sync::watch::channel(None);
+        let shared = Shared::for_tests(testing::config(Authorizer::default()), identity);
+        let dst: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let exchange = |grpc: bool| {
+            let shared = shared.clone();
+            async move {
+                let (near, far) = tokio::io::duplex(64 * 1024);
+                let drain = crate::drain::Drain::new();
+                tokio::spawn(serve(
+                    near,
+                    testing::client_addr(),
+                    dst,
+                    0,
+                    shared,
+                    drain.watch(),
+                ));
+                let mut req = Request::get("/data")
+                    .header("host", "backend")
+                    .body(Empty::new())
+                    .unwrap();
+                if grpc {
+                    req.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/grpc"),
+                    );
+                }
+                testing::http1_exchange(far, req).await
             }
-            Ok(resp)
-        }
-        Err(crate::http::tunnel::TunnelError::Timeout) => Err(StatusCode::GATEWAY_TIMEOUT),
-        Err(e) => Err(peer_failed(&e, "peer_unreachable")),
-    }
-}
-
-/// The connector's error behind a pool failure, if it was one (no
-/// identity or pool full: 503, not 502).
-fn pool_failure(e: &hyper_util::client::legacy::Error) -> Option<&PoolConnectError> {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(p) = s.downcast_ref::<PoolConnectError>() {
-            return Some(p);
-        }
-        source = s.source();
-    }
-    None
-}
-
-/// Dials a peer sidecar and originates mTLS for the pool.
-#[derive(Clone)]
-pub struct MeshConnector {
-    index: usize,
-    identity: tokio::sync::watch::Receiver<Option<Arc<rampart_identity::store::TlsConfigs>>>,
-    connect_timeout: Duration,
-    handshake_timeout: Duration,
-    /// `limits.http_pool_max_connections` permits, shared by every pool.
-    slots: Arc<Semaphore>,
-    max_pooled: usize,
-}
-
-/// Why the pool could not open a connection.
-#[derive(Debug, thiserror::Error)]
-pub enum PoolConnectError {
-    /// The sidecar has no identity (yet, or any more).
-    #[error("no identity")]
-    NoIdentity,
-    /// Every one of the pools' connections is in use, and none closed
-    /// within the connect timeout.
-    #[error("pooled connection limit ({0}) reached")]
-    PoolFull(usize),
-    /// The pool key was not a socket address (a bug).
-    #[error("pool destination {0} is not an address")]
-    BadDestination(String),
-    /// The peer could not be reached.
-    #[error(transparent)]
-    Connect(#[from] forward::ConnectError),
-    /// The handshake failed (the peer's identity is not the expected one, ...).
-    #[error(transparent)]
-    Handshake(#[from] tls::HandshakeError),
-}
-
-impl tower_service::Service<Uri> for MeshConnector {
-    type Response = TokioIo<MeshStream>;
-    type Error = PoolConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let authority = uri.authority().map(Authority::as_str).unwrap_or("");
-            let dst: SocketAddr = authority
-                .parse()
-                .map_err(|_| PoolConnectError::BadDestination(authority.to_owned()))?;
-            let cfg = {
-                let current = this.identity.borrow();
-                let configs = current.as_ref().ok_or(PoolConnectError::NoIdentity)?;
-                configs
-                    .client
-                    .get(this.index)
-                    .cloned()
-                    .ok_or(PoolConnectError::NoIdentity)?
-            };
-            // Wait (bounded) for a pooled connection to close rather than
-            // fail at once: idle ones expire, busy ones end.
-            let max = this.max_pooled;
-            let slot =
-                tokio::time::timeout(this.connect_timeout, this.slots.clone().acquire_owned())
-                    .await
-                    .map_err(|_| PoolConnectError::PoolFull(max))?
-                    // Invariant: the semaphore is never closed.
-                    .map_err(|_| PoolConnectError::PoolFull(max))?;
-            let tcp = forward::connect(dst, this.connect_timeout).await?;
-            let (tls, peer) = tls::originate(tcp, dst, cfg, this.handshake_timeout)
-                .await
-                .inspect_err(|e| metrics::handshake(Direction::Outbound, e.label()))?;
-            metrics::handshake(Direction::Outbound, "ok");
-            tracing::debug!(dst.addr = %dst, peer.id = %peer.principal(), "pooled connection opened");
-            let peer = metrics::DestinationId(peer.principal().into());
-            Ok(TokioIo::new(MeshStream {
-                tls,
-                peer,
-                _slot: slot,
-            }))
-        })
-    }
-}
-
-/// A pooled mTLS stream, holding its slot under the pool cap.
-pub struct MeshStream {
-    tls: ClientTls,
-    /// The peer sidecar's verified identity, for the request metrics.
-    peer: metrics::DestinationId,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl Connection for MeshStream {
-    fn connected(&self) -> Connected {
-        Connected::new().negotiated_h2().extra(self.peer.clone())
-    }
-}
-
-impl AsyncRead for MeshStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for MeshStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
+        };
+        let (head, body) = exchange(false).await;
+        assert_eq!(head.status, 503);
+        assert!(
+            String::from_utf8_lossy(&body).contains("no identity"),
+            "{body:?}"
+        );
+        // gRPC callers of the outbound sidecar get a gRPC status, not text.
+        let (head, body) = exchange(true).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(head.headers["grpc-status"], "14");
+        assert_eq!(head.headers["content-type"], "application/grpc");
+        assert!(body.is_empty());
     }
 }
