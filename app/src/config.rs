@@ -67,6 +67,57 @@ pub struct Config {
     /// Decision logs shipped to a central collector; absent means off.
     #[serde(default)]
     pub decision_logs: Option<DecisionLogsConfig>,
+    /// Trace spans exported over OTLP; absent means off.
+    #[serde(default)]
+    pub tracing: Option<TracingSection>,
+}
+
+/// `tracing`: one span per proxied HTTP request, exported over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSection {
+    /// The OTLP/HTTP traces endpoint (`http://HOST:4318/v1/traces`).
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans (default `rampart`).
+    #[serde(default = "d_tracing_service")]
+    pub service_name: String,
+    /// The ratio of new traces recorded, 0 to 1 (a caller's decision wins).
+    #[serde(default = "d_tracing_sampling")]
+    pub sampling: f64,
+    /// How often batched spans are sent.
+    #[serde(default = "d_tracing_flush", with = "duration")]
+    pub flush_interval: Duration,
+}
+
+fn d_tracing_service() -> String {
+    "rampart".into()
+}
+
+fn d_tracing_sampling() -> f64 {
+    1.0
+}
+
+fn d_tracing_flush() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl TracingSection {
+    /// The proxy's tracing settings; `None` with the reason when invalid.
+    pub fn to_proxy(&self) -> Result<rampart_proxy::trace::TracingConfig, String> {
+        let uri: http::Uri = self
+            .otlp_endpoint
+            .parse()
+            .map_err(|e| format!("not a URL: {e}"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err("must be an http:// URL with a host".into());
+        }
+        Ok(rampart_proxy::trace::TracingConfig {
+            otlp_endpoint: uri,
+            service_name: self.service_name.clone(),
+            sampling: self.sampling,
+            flush_interval: self.flush_interval,
+        })
+    }
 }
 
 /// Identity source: exactly one of `files` or `dev_ca`.
@@ -601,6 +652,7 @@ impl Config {
             runtime: RuntimeConfig::default(),
             ext_authz: ExtAuthzConfig::default(),
             decision_logs: None,
+            tracing: None,
         }
     }
 
@@ -987,6 +1039,17 @@ impl Config {
             }
             if e.timeout.is_zero() {
                 p.push((field("timeout"), "must be positive".into()));
+            }
+        }
+        if let Some(t) = &self.tracing {
+            if let Err(e) = t.to_proxy() {
+                p.push(("tracing.otlp_endpoint".into(), e));
+            }
+            if !(0.0..=1.0).contains(&t.sampling) {
+                p.push(("tracing.sampling".into(), "must be between 0 and 1".into()));
+            }
+            if t.flush_interval.is_zero() {
+                p.push(("tracing.flush_interval".into(), "must be positive".into()));
             }
         }
         if let Some(d) = &self.decision_logs {

@@ -34,6 +34,9 @@ pub enum StartError {
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] rampart_proxy::server::BindError),
+    /// The trace exporter could not start.
+    #[error("tracing: {0}")]
+    Tracing(String),
 }
 
 /// Runs `rampart run` with the configuration file at `path` and the app
@@ -174,6 +177,21 @@ impl Sidecar {
                 plan.authorizer.clone(),
             ));
         }
+        let tracing = match &cfg.tracing {
+            None => None,
+            Some(t) => {
+                // Validated with the configuration.
+                let settings = t.to_proxy().map_err(StartError::Tracing)?;
+                let started = rampart_proxy::trace::Tracing::start(
+                    &settings,
+                    tokio::runtime::Handle::current(),
+                )
+                .map_err(|e| StartError::Tracing(e.to_string()))?;
+                tracing::info!(endpoint = %settings.otlp_endpoint, "trace export on");
+                Some(Arc::new(started))
+            }
+        };
+        plan.observe.tracing = tracing.clone();
         let hooks = rampart_proxy::admin::AdminHooks {
             render: telemetry.render,
             config_json: serde_json::to_string_pretty(&cfg)
@@ -185,6 +203,10 @@ impl Sidecar {
         };
         let bound = rampart_proxy::bind(plan, store.subscribe(), hooks)?;
         bound.run(shutdown).await;
+        if let Some(t) = tracing {
+            // The last export runs on this runtime: wait for it off its thread.
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
         drop(store);
         Ok(())
     }

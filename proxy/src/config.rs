@@ -83,6 +83,8 @@ pub struct ObserveConfig {
     pub request_id_header: Option<http::HeaderName>,
     /// Request headers whose values access events carry.
     pub access_headers: Vec<http::HeaderName>,
+    /// Trace spans (`None`: tracing off, which costs one check per request).
+    pub tracing: Option<Arc<crate::trace::Tracing>>,
 }
 
 impl Default for ObserveConfig {
@@ -92,6 +94,7 @@ impl Default for ObserveConfig {
             denials_per_second: 10,
             request_id_header: Some(http::HeaderName::from_static("x-request-id")),
             access_headers: Vec::new(),
+            tracing: None,
         }
     }
 }

@@ -95,6 +95,8 @@ impl Config {
                         http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()
                     })
                     .collect(),
+                // Started by `run` inside its runtime.
+                tracing: None,
             },
             central: pc::CentralConfig {
                 tls_clients: self.central_tls_clients(),

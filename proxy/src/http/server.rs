@@ -227,7 +227,17 @@ pub(super) struct Handler {
 }
 
 impl Handler {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let trace = self.shared.config.observe.tracing.as_ref().map(|t| {
+            let span = t.request(
+                Direction::Inbound,
+                req.headers(),
+                req.method(),
+                req.uri().path(),
+            );
+            span.inject(req.headers_mut());
+            span
+        });
         let grpc = self.conn.grpc_port || super::is_grpc(req.headers());
         let method = req.method().clone();
         let may_switch = super::tunnel::may_switch(&method, req.version(), req.headers());
@@ -268,6 +278,12 @@ impl Handler {
             super::tunnel::close_unless_switched(method == http::Method::CONNECT, &mut resp);
         }
         self.metrics.record(resp.status(), event.elapsed());
+        if let Some(span) = trace {
+            span.finish(
+                resp.status(),
+                self.conn.peer.as_ref().map(|p| p.principal()),
+            );
+        }
         event.response(resp.status(), resp.headers());
         resp
     }
