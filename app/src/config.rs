@@ -234,6 +234,87 @@ pub struct InboundConfig {
     /// the local fallback, in force until the first bundle arrives.
     #[serde(default)]
     pub bundle: Option<BundleConfig>,
+    /// Istio security resources, read as they are and decided with Istio's
+    /// semantics (docs/policy.md#istio-resources).
+    #[serde(default)]
+    pub istio: Option<IstioConfig>,
+}
+
+/// Istio resources for this workload: where they are and who it is.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioConfig {
+    /// YAML files of AuthorizationPolicy, PeerAuthentication and
+    /// RequestAuthentication resources (multi-document, or `kind: List`).
+    pub files: Vec<PathBuf>,
+    /// The workload's namespace.
+    pub namespace: String,
+    /// The workload's labels, matched by `selector.matchLabels`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Istio's root namespace (mesh-wide policies).
+    #[serde(default = "d_istio_root")]
+    pub root_namespace: String,
+    /// The mesh's trust domain (mesh config `trustDomain`).
+    #[serde(default = "d_istio_td")]
+    pub trust_domain: String,
+    /// Mesh config `trustDomainAliases`.
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<String>,
+    /// JWKS fetched for RequestAuthentication, shared by every (re)load.
+    #[serde(skip)]
+    pub jwks_cache: std::sync::Arc<rampart_authz::jwt::JwksCache>,
+}
+
+impl IstioConfig {
+    /// Who this sidecar is, for attaching the resources.
+    pub fn workload(&self, cfg: &Config) -> rampart_authz::istio::Workload {
+        rampart_authz::istio::Workload {
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            root_namespace: self.root_namespace.clone(),
+            trust_domain: self.trust_domain.clone(),
+            trust_domain_aliases: self.trust_domain_aliases.clone(),
+            tcp_ports: cfg.istio_tcp_ports(),
+            jwks_cache: self.jwks_cache.clone(),
+        }
+    }
+
+    fn validate(&self, cfg: &Config) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.files.is_empty() {
+            p.push((
+                "inbound.istio.files".into(),
+                "list at least one file".into(),
+            ));
+        }
+        if self.namespace.is_empty() {
+            p.push(("inbound.istio.namespace".into(), "required".into()));
+        }
+        if cfg.inbound.bundle.is_some() {
+            p.push((
+                "inbound.istio".into(),
+                "Istio resources and `inbound.bundle` do not combine".into(),
+            ));
+        }
+        for (i, port) in cfg.inbound.ports.iter().enumerate() {
+            if port.allowed_peers.is_some() {
+                p.push((
+                    format!("inbound.ports[{i}].allowed_peers"),
+                    "with `inbound.istio`, say who may connect in an AuthorizationPolicy".into(),
+                ));
+            }
+        }
+        p
+    }
+}
+
+fn d_istio_root() -> String {
+    "istio-system".into()
+}
+
+fn d_istio_td() -> String {
+    "cluster.local".into()
 }
 
 /// Where the policy bundle comes from and how it is checked.
@@ -696,6 +777,14 @@ impl Config {
         for p in &mut self.inbound.policies {
             fix(p);
         }
+        for p in self
+            .inbound
+            .istio
+            .iter_mut()
+            .flat_map(|i| i.files.iter_mut())
+        {
+            fix(p);
+        }
         if let Some(v) = self
             .inbound
             .bundle
@@ -797,6 +886,9 @@ impl Config {
                         .into(),
                 ));
             }
+        }
+        if let Some(istio) = &self.inbound.istio {
+            p.extend(istio.validate(self));
         }
         if !self.inbound.policies.is_empty() {
             for (i, port) in self.inbound.ports.iter().enumerate() {

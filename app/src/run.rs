@@ -149,10 +149,24 @@ impl Sidecar {
         tracing::info!(config = %config_json, "effective configuration");
         let (mut plan, store) = crate::identity::start(&cfg, authorizer).await?;
         let central_status = crate::central::start(&cfg, &mut plan, &store)?;
+        // RequestAuthentication keys at http:// URIs: fetched off the
+        // request path into the cache every (re)load shares.
+        if let Some(istio) = plan.authorizer.current().authorizer.istio()
+            && !istio.jwks_uris().is_empty()
+        {
+            rampart_central::jwks::spawn(
+                istio.jwks_uris().to_vec(),
+                istio.jwks_cache().clone(),
+                rampart_central::jwks::DEFAULT_REFRESH,
+            );
+        }
         // With a bundle, the policy files are the fallback until the first
         // bundle: a reload must not replace a bundle in force.
-        if !cfg.inbound.policies.is_empty() && cfg.inbound.bundle.is_none() {
-            let files = cfg.inbound.policies.clone();
+        let istio_files = cfg.inbound.istio.iter().flat_map(|i| i.files.iter().cloned());
+        if (!cfg.inbound.policies.is_empty() || cfg.inbound.istio.is_some())
+            && cfg.inbound.bundle.is_none()
+        {
+            let files = cfg.inbound.policies.iter().cloned().chain(istio_files).collect();
             let for_loader = cfg.clone();
             let loader: rampart_proxy::policy::PolicyLoader =
                 Box::new(move || for_loader.authorizer().map_err(|e| e.to_string()));

@@ -636,6 +636,8 @@ pub enum LocalReason {
     BadPath,
     /// Refused by policy.
     Denied,
+    /// A JWT that does not verify (RequestAuthentication): 401.
+    JwtInvalid,
     /// The app refused, reset or broke the exchange.
     AppUnreachable,
     /// The app did not answer in time.
@@ -669,6 +671,7 @@ impl LocalReason {
             LocalReason::NoPath => "no_path",
             LocalReason::BadPath => "bad_path",
             LocalReason::Denied => "denied",
+            LocalReason::JwtInvalid => "jwt_invalid",
             LocalReason::AppUnreachable => "app_unreachable",
             LocalReason::AppTimeout => "app_timeout",
             LocalReason::UploadStalled => "upload_stalled",

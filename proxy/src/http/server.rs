@@ -114,6 +114,8 @@ pub struct InboundConn {
     pub app_version: AppVersion,
     /// Whether the port is declared gRPC (local errors as gRPC statuses).
     pub grpc_port: bool,
+    /// The TLS server name the client sent (Istio's `connection.sni`).
+    pub sni: Option<Arc<str>>,
 }
 
 /// Serves HTTP on `stream` until the peer closes or the drain completes it.
@@ -324,6 +326,7 @@ mod tests {
             serve: ServeVersion::Http1,
             app_version: AppVersion::AsReceived,
             grpc_port: false,
+            sni: None,
         };
         let drain = crate::drain::Drain::new();
         tokio::spawn(serve(authn.stream, conn, shared.clone(), drain.watch()));

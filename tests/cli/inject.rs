@@ -4,7 +4,7 @@
 //!
 //! Golden files live in tests/golden/inject/: `<case>.yaml` is the input,
 //! `<case>.injected.yaml` the expected output. After an intended change,
-//! regenerate them with `RAMPART_UPDATE_GOLDEN=1 cargo test --test inject`
+//! regenerate them with `RAMPART_UPDATE_GOLDEN=1 cargo test --test cli`
 //! and review the diff.
 
 use std::io::Write as _;

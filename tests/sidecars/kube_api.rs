@@ -8,7 +8,7 @@
 //! And the probes injection rewrites, run by a real sidecar against real
 //! HTTP and gRPC apps.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

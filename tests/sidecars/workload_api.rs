@@ -4,8 +4,7 @@
 //!
 //! Every process is the real binary. Traffic stays on 127.0.0.1.
 
-mod support;
-mod wl_support;
+use crate::wl_support;
 
 use std::time::{Duration, Instant};
 

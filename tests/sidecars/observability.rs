@@ -2,7 +2,7 @@
 //! reload, the admin API, access logs, metrics (parsed by the Python
 //! `prometheus_client`), and tracing headers.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

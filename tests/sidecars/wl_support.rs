@@ -11,7 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Proc, TempDir};
+use rampart_app::config::{Config, IdentityConfig, PortConfig};
+use rampart_proxy::config::{Direction, ListenerConfig};
+
+use crate::support::pki::parse_id;
+use crate::support::sidecar::free_addr;
+use crate::support::{Pki, Proc, TempDir};
 
 /// The SPIFFE ID of the client-side sidecar (the caller's default identity).
 pub const CLIENT_ID: &str = "spiffe://example.org/client";
@@ -46,14 +51,6 @@ fn rampart() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rampart"))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A temp dir with a development CA and a registration file granting this
 /// test process's UID both SPIFFE IDs (client first: the default).
 pub struct Pod {
@@ -63,13 +60,8 @@ pub struct Pod {
 impl Pod {
     pub fn new() -> Self {
         let dir = TempDir::new();
-        let ok = rampart()
-            .args(["ca", "init", "--trust-domain", "example.org", "--dir"])
-            .arg(dir.path().join("ca"))
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "rampart ca init failed");
+        // The agent reads the CA from disk, as `rampart ca init` writes it.
+        Pki::new("example.org").save_ca(&dir.path().join("ca"));
         // SAFETY: getuid has no preconditions and cannot fail.
         let uid = unsafe { libc::getuid() };
         std::fs::write(
@@ -176,42 +168,59 @@ impl Sidecar {
     /// server side (inbound listener, SVID `SERVER_ID`) in front of `app`,
     /// which only admits `CLIENT_ID`.
     pub fn pair(pod: &Pod, app: &EchoApp) -> (Sidecar, Sidecar) {
-        let inbound = free_port();
-        let server = Self::start(
-            pod,
-            "server",
-            SERVER_ID,
-            &format!(
-                "listeners:\n  - name: in\n    direction: inbound\n    listen: 127.0.0.1:{inbound}\n    target: {app}\ninbound:\n  ports:\n    - port: {port}\n      allowed_peers: [{CLIENT_ID}]\n",
-                app = app.addr,
-                port = app.addr.port()
-            ),
-            None,
-        );
-        let outbound = free_port();
-        let client = Self::start(
-            pod,
-            "client",
-            CLIENT_ID,
-            &format!(
-                "listeners:\n  - name: out\n    direction: outbound\n    listen: 127.0.0.1:{outbound}\n    target: 127.0.0.1:{inbound}\n    server_identities: [{SERVER_ID}]\n"
-            ),
-            Some(outbound),
-        );
+        let inbound = free_addr();
+        let mut server = Self::config(pod, SERVER_ID);
+        server.listeners.push(ListenerConfig {
+            name: "in".into(),
+            direction: Direction::Inbound,
+            listen: inbound,
+            target: app.addr,
+            port: None,
+            server_identities: None,
+        });
+        server.inbound.ports.push(PortConfig {
+            allowed_peers: Some(vec![parse_id(CLIENT_ID)]),
+            ..PortConfig::new(app.addr.port())
+        });
+        let server = Self::start(pod, "server", &server, None);
+        let outbound = free_addr();
+        let mut client = Self::config(pod, CLIENT_ID);
+        client.listeners.push(ListenerConfig {
+            name: "out".into(),
+            direction: Direction::Outbound,
+            listen: outbound,
+            target: inbound,
+            port: None,
+            server_identities: Some(vec![parse_id(SERVER_ID)]),
+        });
+        let client = Self::start(pod, "client", &client, Some(outbound.port()));
         wait_for("sidecars' admin", Duration::from_secs(10), || {
             client.ready_status().is_some() && server.ready_status().is_some()
         });
         (client, server)
     }
 
-    fn start(pod: &Pod, name: &str, id: &str, listeners: &str, outbound: Option<u16>) -> Self {
-        let admin = free_port();
-        let config = format!(
-            "identity:\n  workload_api:\n    socket: unix://{socket}\n    spiffe_id: {id}\n    backoff_initial: 100ms\n    backoff_max: 1s\nadmin:\n  address: 127.0.0.1:{admin}\nlog:\n  level: info\n{listeners}",
-            socket = pod.socket().display(),
+    /// A sidecar for `id` fed by the pod's agent (fast reconnects), with
+    /// a free admin address and no listeners yet.
+    fn config(pod: &Pod, id: &str) -> Config {
+        let mut identity = IdentityConfig::workload_api(
+            format!("unix://{}", pod.socket().display()),
+            parse_id(id),
         );
+        if let Some(w) = identity.workload_api.as_mut() {
+            w.backoff_initial = Duration::from_millis(100);
+            w.backoff_max = Duration::from_secs(1);
+        }
+        let mut cfg = Config::new(identity);
+        cfg.admin.address = free_addr();
+        cfg.log.level = "info".into();
+        cfg
+    }
+
+    fn start(pod: &Pod, name: &str, cfg: &Config, outbound: Option<u16>) -> Self {
+        let admin = cfg.admin.address.port();
         let path = pod.dir().join(format!("{name}.yaml"));
-        std::fs::write(&path, config).unwrap();
+        std::fs::write(&path, cfg.to_yaml()).unwrap();
         let mut cmd = rampart();
         cmd.arg("run").arg("--config").arg(&path);
         Sidecar {

@@ -1,7 +1,7 @@
 //! The acceptance scenarios of SCENARIOS.md, at the library level: native
 //! and Rego policies must give the same decisions.
 
-mod support;
+use crate::support;
 
 use rampart_authz::{Decision, DenyReason};
 use support::{Req, get, load};

@@ -6,7 +6,7 @@
 //! (pool cap, HTTP/2 idle), drain, WebSocket and CONNECT tunnels, gRPC
 //! streaming, and opaque server-speaks-first TCP.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -9,7 +9,7 @@
 //! Counts per source file are printed; any case that decides differently
 //! fails the test.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -107,6 +107,7 @@ fn workload(w: &Option<WorkloadSpec>) -> Workload {
             .map(|w| w.trust_domain_aliases.clone())
             .unwrap_or_default(),
         tcp_ports: w.and_then(|w| w.tcp_ports.clone()),
+        jwks_cache: Default::default(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! `rampart init` for real: the rules it installs in a pod's namespace,
 //! idempotence, `--clean`, `--dry-run`, and what the rules do to traffic.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

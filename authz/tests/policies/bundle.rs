@@ -1,7 +1,7 @@
 //! Policy bundles: unpacking, signatures and compilation, each refusal
 //! leaving nothing half-loaded.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! CUSTOM policies (external authorization): which requests pay for the
 //! hop, and how a provider's verdict becomes the final decision.
 
-mod support;
+use crate::support;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -19,7 +19,7 @@
 //! The worked example of docs/policy.md ("Central management") is the
 //! configuration and bundle of the first test.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -755,7 +755,7 @@ fn a_slow_or_absent_collector_leaves_the_queue_bounded() {
 }
 
 /// Not a test: a measurement, run by hand with
-/// `cargo test --release --test central -- --ignored --nocapture measure`.
+/// `cargo test --release --test sidecars -- --ignored --nocapture measure`.
 /// The added latency of a CUSTOM decision (ext_authz on loopback) against
 /// an in-process one, through the same two sidecars in the same run: curl
 /// sends keep-alive GETs, interleaving the two paths repetition by

@@ -2,7 +2,7 @@
 //! so (exit 0), must catch a wrong policy (exit non-zero, a row marked
 //! `NOT AS EXPECTED`), and must leave nothing behind when stopped.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! traffic `rampart init` captures, sidecars running as the proxy UID, real
 //! apps, and a look at the wire between pods.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

@@ -2,7 +2,7 @@
 //! stopped by regorus's execution timer, the request is denied with
 //! `rego_timeout` (fail closed), and the engine serves the next request.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

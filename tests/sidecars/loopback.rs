@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod support;
+use crate::support;
 
 use rampart_app::config::PortConfig;
 use rampart_proxy::config::{Direction, ListenerConfig};

@@ -1,7 +1,7 @@
 //! The test DSL checks itself: pods reach each other, apps answer, and a
 //! capture sees the bytes on the wire.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Table-driven tests: every field matched and not matched, empty policies,
 //! DENY over ALLOW, AUDIT, dry run, default action, load errors.
 
-mod support;
+use crate::support;
 
 use rampart_authz::{Authorizer, Decision, DefaultAction, DenyReason, Options};
 use support::{Req, from_yaml, get};

@@ -3,7 +3,7 @@
 //! shaped like each target's input. libFuzzer runs them for real
 //! (`fuzz/README.md`); this keeps them compiling and their invariants true.
 
-#[path = "../fuzz/src/bodies.rs"]
+#[path = "../../fuzz/src/bodies.rs"]
 #[allow(dead_code)]
 mod bodies;
 
