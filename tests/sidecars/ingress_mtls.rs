@@ -316,3 +316,49 @@ fn a_client_without_a_certificate_gets_the_certificate_required_alert() {
         "result=\"no_client_cert\""
     ));
 }
+
+/// curl as the ingress, letting curl offer ALPN (`--http1.1`: only
+/// `http/1.1`; `--http2`: `h2,http/1.1`). Returns the status line and body.
+fn curl_alpn(cert_dir: &Path, addr: SocketAddr, version: &str, path: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "-i",
+            "-k",
+            "--max-time",
+            "10",
+            "--tlsv1.3",
+            version,
+        ])
+        .arg("--cert")
+        .arg(cert_dir.join("cert.pem"))
+        .arg("--key")
+        .arg(cert_dir.join("cert.key"))
+        .arg(format!("https://{addr}{path}"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status_line = head.lines().next().unwrap_or("").trim().to_owned();
+    (
+        format!("{status_line}{}", String::from_utf8_lossy(&out.stderr)),
+        body.to_owned(),
+    )
+}
+
+#[test]
+fn an_ingress_negotiating_http11_or_h2_by_alpn_reaches_an_http11_app() {
+    let s = setup();
+    // ALPN `http/1.1` only: the handshake succeeds and HTTP/1.1 is served.
+    let (status, body) = curl_alpn(&s.ingress, s.opted_in, "--http1.1", "/data");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{}", s.sidecar.logs());
+    assert_eq!(body, "Hi app2 client!");
+    // ALPN `h2,http/1.1`: h2 to the sidecar, HTTP/1.1 to the app (a Python
+    // http.server, which speaks nothing else: HTTP/2 to it would be a 502).
+    let (status, body) = curl_alpn(&s.ingress, s.opted_in, "--http2", "/data");
+    assert_eq!(status, "HTTP/2 200", "{}", s.sidecar.logs());
+    assert_eq!(body, "Hi app2 client!");
+    let (status, _) = curl_alpn(&s.ingress, s.opted_in, "--http2", "/admin");
+    assert_eq!(status, "HTTP/2 403", "the policy still decides over h2");
+}

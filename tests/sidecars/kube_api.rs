@@ -253,12 +253,21 @@ fn check_injected(pod: &Json) {
         .iter()
         .find(|e| e["name"] == "RAMPART_APP_PROBES")
         .unwrap();
-    let probes: Json = serde_json::from_str(probes["value"].as_str().unwrap()).unwrap();
+    let mut probes: Json = serde_json::from_str(probes["value"].as_str().unwrap()).unwrap();
+    // The API server defaults `scheme` before admission: the webhook sees
+    // (and carries) it; `rampart inject` sees the template as written.
+    let http = probes["/app-health/app/readyz"]["httpGet"]
+        .as_object_mut()
+        .unwrap();
+    if let Some(scheme) = http.remove("scheme") {
+        assert_eq!(scheme, "HTTP");
+    }
     assert_eq!(
         probes,
         json!({
             "/app-health/app/readyz": {"httpGet": {"path": "/healthz", "port": 8080,
-                "httpHeaders": [{"name": "X-Probe", "value": "kubelet"}]}, "timeoutSeconds": 1},
+                "httpHeaders": [{"name": "X-Probe", "value": "kubelet"}]}, "timeoutSeconds": 1,
+                "portName": "http"},
             "/app-health/app/livez": {"grpc": {"port": 9090, "service": "web"}, "timeoutSeconds": 3},
             "/app-health/app/startupz": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1}
         })

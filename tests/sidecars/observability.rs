@@ -445,6 +445,17 @@ fn scrape(s: &Sidecar) -> BTreeMap<String, f64> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The value of label `label_start` (e.g. `destination_service="`) in the
+/// first sample whose key starts with `prefix`.
+fn find_key(m: &BTreeMap<String, f64>, prefix: &str, label_start: &str) -> String {
+    let key = m
+        .keys()
+        .find(|k| k.starts_with(prefix) && k.contains(label_start))
+        .unwrap_or_else(|| panic!("no {prefix}..{label_start}: {m:#?}"));
+    let value = &key[key.find(label_start).unwrap() + label_start.len()..];
+    value[..value.find('"').unwrap()].to_owned()
+}
+
 fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, key: &str) -> f64 {
     after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
 }
@@ -482,15 +493,21 @@ fn metrics_move_exactly_and_random_traffic_adds_no_series() {
         failed(&after) - failed(&before) >= 1.0
     }));
     assert_eq!(failed(&after) - failed(&before), 1.0);
-    let inbound = p.inbound;
+    // ec-backend's sidecar: from ec-web, to itself, at its app's address
+    // (an explicit listener's target is its destination).
+    let app = find_key(
+        &after,
+        "rampart_http_requests_total{",
+        "destination_service=\"",
+    );
     let by_web = |code: &str, class: &str| {
         format!(
-            "rampart_http_requests_total{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"inbound\",source_id=\"{WEB}\",status_class=\"{class}\",status_code=\"{code}\"}}"
+            "rampart_http_requests_total{{destination_id=\"{BACKEND}\",destination_service=\"{app}\",direction=\"inbound\",source_id=\"{WEB}\",status_class=\"{class}\",status_code=\"{code}\"}}"
         )
     };
     let (ok_key, denied_key) = (by_web("200", "2xx"), by_web("403", "4xx"));
     let duration_key = format!(
-        "rampart_http_request_duration_milliseconds_count{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"inbound\",source_id=\"{WEB}\"}}"
+        "rampart_http_request_duration_milliseconds_count{{destination_id=\"{BACKEND}\",destination_service=\"{app}\",direction=\"inbound\",source_id=\"{WEB}\"}}"
     );
     let expect = [
         (ok_key.as_str(), 1.0),
@@ -568,7 +585,7 @@ fn outbound_requests_are_counted_and_a_silent_client_is_a_detect_timeout() {
         "{after:#?}"
     );
     let latency = format!(
-        "rampart_http_request_duration_milliseconds_bucket{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"outbound\",le=\"60000.0\",source_id=\"{WEB}\"}}"
+        "rampart_http_request_duration_milliseconds_bucket{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"outbound\",le=\"60000\",source_id=\"{WEB}\"}}"
     );
     assert_eq!(delta(&before, &after, &latency), 2.0, "{after:#?}");
 }
@@ -794,4 +811,126 @@ fn promql_names(query: &str) -> (Vec<String>, Vec<String>) {
         i += 1;
     }
     (metrics, labels)
+}
+
+/// Trace spans reach an independent OTLP/HTTP receiver (Python, decoding
+/// with the `opentelemetry-proto` package): a request that arrives with a
+/// W3C `traceparent` gives ec-web's client span (the caller's span as its
+/// parent) and ec-backend's server span (ec-web's as its parent), and the
+/// app receives a `traceparent` naming ec-backend's span; a B3 caller's
+/// trace is continued the same way, and its `b3` header handed on.
+#[test]
+fn spans_reach_an_otlp_receiver_and_continue_the_callers_trace() {
+    let has_proto = Command::new("python3")
+        .args([
+            "-c",
+            "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_proto {
+        assert!(
+            std::env::var_os("RAMPART_REQUIRE_E2E").is_none(),
+            "opentelemetry-proto missing (pip install -r tests/requirements.txt)"
+        );
+        eprintln!("skipped: python3 opentelemetry-proto missing");
+        return;
+    }
+    let receiver_addr = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/otlp_receiver.py");
+    let receiver = LocalProc::spawn(
+        &[
+            "python3".into(),
+            script.display().to_string(),
+            receiver_addr.port().to_string(),
+        ],
+        dir.path(),
+        "otlp",
+    );
+    wait_listening(receiver_addr);
+    let tracing = |service: &str| {
+        format!(
+            "tracing: {{otlp_endpoint: \"http://{receiver_addr}/v1/traces\", service_name: {service}, flush_interval: 200ms}}\n"
+        )
+    };
+    let p = pair(
+        &allow_get("/data"),
+        &tracing("ec-backend"),
+        &tracing("ec-web"),
+    );
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (status, text) = get(
+        p.out,
+        "/data",
+        &[&format!("traceparent: 00-{trace}-00f067aa0ba902b7-01")],
+    );
+    assert_eq!(status, 200, "{text}");
+    let spans = wait_spans(&receiver, trace, 2);
+    let web = spans.iter().find(|s| s["service"] == "ec-web").unwrap();
+    let backend = spans.iter().find(|s| s["service"] == "ec-backend").unwrap();
+    // SpanKind: 2 is SERVER, 3 is CLIENT.
+    assert_eq!(
+        (web["kind"].as_i64(), backend["kind"].as_i64()),
+        (Some(3), Some(2)),
+        "{spans:?}"
+    );
+    assert_eq!(web["parent_span_id"], "00f067aa0ba902b7");
+    assert_eq!(backend["parent_span_id"], web["span_id"]);
+    assert_eq!(web["attributes"]["peer.spiffe_id"], BACKEND);
+    assert_eq!(backend["attributes"]["peer.spiffe_id"], WEB);
+    assert_eq!(backend["attributes"]["http.response.status_code"], 200);
+    assert_eq!(backend["attributes"]["url.path"], "/data");
+    let seen = header_of(&text, "x-app-traceparent");
+    assert_eq!(
+        seen,
+        format!("00-{trace}-{}-01", backend["span_id"].as_str().unwrap())
+    );
+
+    // B3 (single header, 64-bit trace ID) in: the same chain, B3 handed on.
+    let b3_trace = "a3ce929d0e0e4736";
+    let (status, text) = get(
+        p.out,
+        "/data",
+        &[&format!("b3: {b3_trace}-e457b5a2e4d86bd1-1")],
+    );
+    assert_eq!(status, 200, "{text}");
+    let long = format!("{b3_trace:0>32}");
+    let spans = wait_spans(&receiver, &long, 2);
+    let web = spans.iter().find(|s| s["service"] == "ec-web").unwrap();
+    let backend = spans.iter().find(|s| s["service"] == "ec-backend").unwrap();
+    assert_eq!(web["parent_span_id"], "e457b5a2e4d86bd1");
+    assert_eq!(backend["parent_span_id"], web["span_id"]);
+    let b3 = header_of(&text, "x-app-b3");
+    assert_eq!(
+        b3,
+        format!("{long}-{}-1", backend["span_id"].as_str().unwrap())
+    );
+}
+
+/// Waits for `count` spans of trace `trace` in the receiver's output.
+fn wait_spans(receiver: &LocalProc, trace: &str, count: usize) -> Vec<serde_json::Value> {
+    let mut spans = vec![];
+    let found = eventually(Duration::from_secs(10), || {
+        spans = receiver
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|s| s["trace_id"] == trace)
+            .collect();
+        spans.len() >= count
+    });
+    assert!(found, "spans of {trace}: {spans:?}\n{}", receiver.stdout());
+    spans
+}
+
+fn header_of(response: &str, name: &str) -> String {
+    response
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {name} in {response}"))
 }

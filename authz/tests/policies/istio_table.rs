@@ -107,6 +107,7 @@ fn workload(w: &Option<WorkloadSpec>) -> Workload {
             .map(|w| w.trust_domain_aliases.clone())
             .unwrap_or_default(),
         tcp_ports: w.and_then(|w| w.tcp_ports.clone()),
+        jwks_cache: Default::default(),
     }
 }
 

@@ -72,6 +72,7 @@ impl Handler {
             .is_some_and(|v| v.as_bytes() == b"HTTP/1.1");
         let h2 = match self.conn.app_version {
             AppVersion::Http2 => true,
+            AppVersion::Http1 => false,
             AppVersion::AsReceived => parts.version == Version::HTTP_2 && !was_h1,
         };
         let client = if h2 {
