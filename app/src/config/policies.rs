@@ -41,7 +41,6 @@ impl Config {
         self.with_istio(native)
     }
 
-
     /// Adds the Istio resources of `inbound.istio`, if any.
     fn with_istio(&self, native: Authorizer) -> Result<Authorizer, ConfigError> {
         let Some(istio) = &self.inbound.istio else {
