@@ -8,6 +8,7 @@ use rampart_testkit as support;
 mod central;
 mod http;
 mod ingress_mtls;
+mod istio;
 mod kube_api;
 mod loopback;
 mod observability;

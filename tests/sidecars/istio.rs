@@ -3,7 +3,7 @@
 //! PeerAuthentication written as Istio publishes them, curl as the client
 //! (with an SVID, or plaintext), a Python HTTP/1.1 app behind.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;
