@@ -494,6 +494,12 @@ impl Handler {
                 .cloned()
                 .ok_or(LocalError::NoPath)?
         };
+        // A Rego result's `query_parameters_to_remove` / `_to_set`.
+        let path = match permit.effects().filter(|e| e.rewrites_query()) {
+            Some(e) => PathAndQuery::try_from(e.rewrite_path_and_query(path.as_str()))
+                .map_err(|_| LocalError::BadPath(PathError::Empty))?,
+            None => path,
+        };
         self.forward(permit, req, path).await
     }
 
