@@ -293,7 +293,7 @@ pub fn build_rego(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Result<RV
 /// (`query: true`, where `+` is a space): every `%` must start two hex
 /// digits. The error carries the bad escape.
 fn go_unescape(s: &str, query: bool) -> Result<String, String> {
-    if !s.contains('%') && !(query && s.contains('+')) {
+    if !(s.contains('%') || query && s.contains('+')) {
         return Ok(s.to_owned());
     }
     let b = s.as_bytes();

@@ -51,7 +51,7 @@ pub(crate) const EXTENSIONS: &[(&str, u8)] = &[
 pub(crate) fn register(engine: &mut regorus::Engine) -> Result<(), String> {
     for &(name, nargs) in EXTENSIONS {
         let f = move |args: Vec<Value>| -> anyhow::Result<Value> {
-            if args.iter().any(|a| *a == Value::Undefined) {
+            if args.contains(&Value::Undefined) {
                 return Ok(Value::Undefined);
             }
             Ok(call(name, &args).unwrap_or(Value::Undefined))
@@ -438,7 +438,7 @@ fn spki_key(der: &[u8]) -> Option<(KeyType, Vec<u8>)> {
 
 fn jwk_key(jwk: &serde_json::Value) -> Option<Key> {
     let field = |name: &str| jwk.get(name).and_then(|v| v.as_str());
-    let b64 = |name: &str| field(name).and_then(|s| b64url_nopad(s));
+    let b64 = |name: &str| field(name).and_then(b64url_nopad);
     let (kind, bytes) = match field("kty")? {
         "RSA" => (KeyType::Rsa, rsa_public_key_der(&b64("n")?, &b64("e")?)),
         "EC" => {
