@@ -18,6 +18,7 @@ pub mod input;
 pub mod load;
 pub mod model;
 pub mod normalize;
+pub mod offline;
 pub mod rego;
 
 mod compile;
