@@ -22,7 +22,7 @@ enum PolicyCommand {
     /// Validate policy files and list the policies they define.
     Check(CheckArgs),
     /// Decide one request and explain every rule on its port.
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -130,7 +130,7 @@ struct ExplainArgs {
 pub fn run(args: PolicyArgs) -> anyhow::Result<()> {
     match args.command {
         PolicyCommand::Check(a) => check(a),
-        PolicyCommand::Explain(a) => explain(a),
+        PolicyCommand::Explain(a) => explain(*a),
     }
 }
 
