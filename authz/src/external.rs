@@ -264,3 +264,28 @@ fn form_encode(s: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_removed_then_set() {
+        let e = HttpEffects {
+            query_parameters_to_remove: vec!["debug".into(), "a b".into()],
+            query_parameters_to_set: vec![("user".into(), vec!["alice&bob".into(), "x".into()])],
+            ..HttpEffects::default()
+        };
+        assert!(e.rewrites_query());
+        assert_eq!(
+            e.rewrite_path_and_query("/p?debug=1&keep=%2F&a+b=2&user=eve"),
+            "/p?keep=%2F&user=alice%26bob&user=x"
+        );
+        let only_remove = HttpEffects {
+            query_parameters_to_remove: vec!["debug".into()],
+            ..HttpEffects::default()
+        };
+        assert_eq!(only_remove.rewrite_path_and_query("/p?debug"), "/p");
+        assert!(!HttpEffects::default().rewrites_query());
+    }
+}
