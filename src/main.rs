@@ -1,20 +1,14 @@
-//! The `rampart` binary: command line, configuration and wiring.
+//! The `rampart` binary: the command line. Every command is carried out by
+//! a library: `rampart_app` (run, demo, init, inject, webhook),
+//! `rampart_identity` (agent, ca) and `rampart_authz` (policy).
 
 mod agent;
 mod ca_cmd;
-mod central;
-mod config;
-mod demo;
-mod identity;
-mod init;
-mod inject;
 mod inject_cmd;
-mod other_mesh;
 mod policy_cmd;
-mod probes;
 mod run;
-mod webhook;
-mod webhook_tls;
+
+use rampart_app::{demo, init, webhook};
 
 use clap::{Parser, Subcommand};
 
@@ -57,7 +51,9 @@ fn main() -> std::process::ExitCode {
         Command::Agent(args) => agent::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args),
         Command::DemoApp(args) => demo::run_app(args),
-        Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Init(args) => init::run(args)
+            .map(|()| std::process::ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
         Command::Inject(args) => inject_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Webhook(args) => webhook::run(args).map(|()| std::process::ExitCode::SUCCESS),

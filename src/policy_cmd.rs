@@ -169,11 +169,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
         Some(file) => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("--input {}", file.display()))?;
-            let doc: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("--input {}", file.display()))?;
-            // A decision-log entry carries the document under `input`.
-            let doc = doc.get("input").cloned().unwrap_or(doc);
-            OfflineRequest::from_input(&doc)
+            OfflineRequest::from_input_text(&text)
                 .with_context(|| format!("--input {}", file.display()))?
         }
         None => request_of_args(&args)?,

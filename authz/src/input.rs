@@ -267,11 +267,15 @@ pub fn build_rego(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Result<RV
         (&k.protocol, RValue::from(req.protocol.as_str())),
         (&k.size, RValue::from(-1i64)),
     ]);
-    let attributes = object([
-        (&k.source, RValue::from(source)),
-        (&k.destination, RValue::from(destination)),
-        (&k.request, object([(&k.http, http)])),
+    let mut attributes = BTreeMap::from([
+        (k.source.clone(), RValue::from(source)),
+        (k.destination.clone(), RValue::from(destination)),
+        (k.request.clone(), object([(&k.http, http)])),
     ]);
+    if let Some(md) = jwt_metadata(conn) {
+        attributes.insert("metadataContext".into(), md);
+    }
+    let attributes = RValue::from(attributes);
     let mut input = BTreeMap::from([
         (k.attributes.clone(), attributes),
         (k.parsed_path.clone(), RValue::from(parsed_path)),
@@ -357,6 +361,25 @@ fn go_parse_query(q: &str) -> Result<BTreeMap<String, Vec<String>>, InputError> 
         Some(e) => Err(e),
         None => Ok(out),
     }
+}
+
+/// A verified JWT (RequestAuthentication) as Envoy's jwt_authn filter
+/// leaves it for ext_authz and OPA: `metadataContext.filterMetadata
+/// ["envoy.filters.http.jwt_authn"][<issuer>]` holds the claims (Istio sets
+/// `payload_in_metadata` to the issuer).
+fn jwt_metadata(conn: &ConnectionInfo<'_>) -> Option<RValue> {
+    let claims = conn.jwt?;
+    let iss = claims.get("iss")?.as_str()?;
+    let value = RValue::from_json_str(&claims.to_string()).ok()?;
+    let by_issuer = BTreeMap::from([(RValue::from(iss), value)]);
+    let filters = BTreeMap::from([(
+        RValue::from("envoy.filters.http.jwt_authn"),
+        RValue::from(by_issuer),
+    )]);
+    Some(RValue::from(BTreeMap::from([(
+        RValue::from("filterMetadata"),
+        RValue::from(filters),
+    )])))
 }
 
 /// An object from fixed keys.

@@ -18,6 +18,7 @@ pub mod explain;
 pub mod external;
 pub mod input;
 pub mod istio;
+pub mod jwt;
 pub mod load;
 pub mod model;
 pub mod normalize;
@@ -56,6 +57,9 @@ pub struct ConnectionInfo<'a> {
     pub dest_ip: Option<IpAddr>,
     /// The TLS server name the client asked for (Istio's `connection.sni`).
     pub sni: Option<&'a str>,
+    /// The claims of the request's verified JWT (set per request, after
+    /// [`Authorizer::authenticate_request`]).
+    pub jwt: Option<&'a serde_json::Value>,
 }
 
 impl<'a> ConnectionInfo<'a> {
@@ -69,7 +73,13 @@ impl<'a> ConnectionInfo<'a> {
             dest_port,
             dest_ip: None,
             sni: None,
+            jwt: None,
         }
+    }
+
+    /// The same request, with the claims of its verified JWT.
+    pub fn with_jwt(self, jwt: Option<&'a serde_json::Value>) -> Self {
+        ConnectionInfo { jwt, ..self }
     }
 
     /// The same connection, with its original destination address.
@@ -519,6 +529,26 @@ impl Authorizer {
         })
     }
 
+    /// Authenticates a request's JWT by the RequestAuthentication rules in
+    /// force: `Ok(None)` without a token (or without rules), `Err` (answer
+    /// 401) for a token that does not verify.
+    pub fn authenticate_request(
+        &self,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Option<jwt::VerifiedJwt>, jwt::JwtError> {
+        match self
+            .istio
+            .as_deref()
+            .map(istio::IstioPolicies::request_authn)
+        {
+            Some(a) if !a.rules.is_empty() => {
+                a.authenticate(headers, query, std::time::SystemTime::now())
+            }
+            Some(_) | None => Ok(None),
+        }
+    }
+
     /// The Istio resources in force, if any.
     pub fn istio(&self) -> Option<&istio::IstioPolicies> {
         self.istio.as_deref()
@@ -532,7 +562,7 @@ impl Authorizer {
         let Some(istio) = &self.istio else {
             return decide::evaluate(&self.inner, conn, req);
         };
-        let first = istio.evaluate(conn, req, None);
+        let first = istio.evaluate(conn, req, conn.jwt);
         if self.inner.policies.is_empty() {
             return first;
         }

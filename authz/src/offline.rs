@@ -76,6 +76,17 @@ pub struct OfflineRequest {
 pub struct InputDocumentError(String);
 
 impl OfflineRequest {
+    /// Parses an OPA-Envoy input document, or a decision-log entry (whose
+    /// `input` it reads), and reads the request back from it.
+    pub fn from_input_text(text: &str) -> Result<OfflineRequest, InputDocumentError> {
+        let doc: Value =
+            serde_json::from_str(text).map_err(|e| InputDocumentError(format!("not JSON: {e}")))?;
+        match doc.get("input") {
+            Some(input) => OfflineRequest::from_input(input),
+            None => OfflineRequest::from_input(&doc),
+        }
+    }
+
     /// Reads an OPA-Envoy input document back: method, path, host, headers,
     /// addresses, the source principal (peer), the destination principal
     /// (this sidecar) and the XFCC `Hash`.

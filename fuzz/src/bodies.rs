@@ -3,7 +3,7 @@
 //! parser's own invariants (an assertion failure is a finding).
 //!
 //! The libFuzzer targets in `fuzz/fuzz_targets/` call these, and so does a
-//! normal `cargo test` (`tests/fuzz_seeds.rs` in the root crate, over the
+//! normal `cargo test` (`tests/cli/fuzz_seeds.rs` in the root crate, over the
 //! committed seeds in `fuzz/seeds/` plus proptest inputs), so the targets
 //! cannot rot on the stable toolchain.
 

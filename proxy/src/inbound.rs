@@ -90,7 +90,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             TlsMode::PermissiveAllowPlaintext => {
                 match detect::detect_socket(
                     &accepted.stream,
-                    limits.http.detect_timeout,
+                    limits.detect_timeout,
                     Direction::Inbound,
                 )
                 .await
@@ -116,7 +116,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 metrics::handshake(Direction::Inbound, HandshakeResult::NoIdentity);
                 return;
             };
-            let server_cfg = configs.server[ProxyConfig::server_index(&settings)].clone();
+            let server_cfg = ProxyConfig::server_config(&settings).of(&configs).clone();
             drop(configs);
             match tls::terminate(accepted, server_cfg, limits.handshake_timeout).await {
                 Ok(a) => {
@@ -156,11 +156,11 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 serve,
                 app_version: match settings.protocol {
                     DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => AppVersion::Http2,
-                    DeclaredProtocol::Detect
-                    | DeclaredProtocol::Opaque
-                    | DeclaredProtocol::Http => AppVersion::AsReceived,
+                    DeclaredProtocol::Http => AppVersion::Http1,
+                    DeclaredProtocol::Detect | DeclaredProtocol::Opaque => AppVersion::AsReceived,
                 },
                 grpc_port: settings.protocol == DeclaredProtocol::Grpc,
+                sni: authn.sni.clone(),
             };
             let slot = authn.slot;
             http::server::serve(authn.stream, conn, shared.clone(), watch).await;
@@ -186,7 +186,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             }
         };
         event.peer_copied(permitted.peer().map(|p| p.principal()));
-        match forward::connection(permitted, app, limits.connect_timeout, cell).await {
+        match forward::connection(permitted, app, limits.connect_timeout).await {
             Ok(t) => {
                 metrics::bytes(Direction::Inbound, t.to_target, t.to_client);
                 event.bytes(t.to_target, t.to_client);
@@ -252,12 +252,18 @@ async fn detect_inner(
 ) -> std::io::Result<(Inner, Authenticated)> {
     let inner = match declared {
         DeclaredProtocol::Opaque => Inner::Opaque,
+        // ALPN said HTTP/1.1 (an ingress that offered only it): serve it.
+        DeclaredProtocol::Http | DeclaredProtocol::Http2 | DeclaredProtocol::Grpc
+            if authn.alpn_http1 =>
+        {
+            Inner::Http(http::ServeVersion::Http1)
+        }
         // A peer sidecar speaks HTTP/2 on its pooled connections and
         // HTTP/1.1 on a tunnel's own connection (`tunnel`): the first bytes
         // tell which.
         DeclaredProtocol::Http if authn.alpn_h2 => {
             let (p, rewound) =
-                detect::detect_stream(authn.stream, limits.http.detect_timeout, Direction::Inbound)
+                detect::detect_stream(authn.stream, limits.detect_timeout, Direction::Inbound)
                     .await?;
             authn.stream = Box::new(rewound);
             match p {
@@ -275,7 +281,7 @@ async fn detect_inner(
                 None => {
                     let (p, rewound) = detect::detect_stream(
                         authn.stream,
-                        limits.http.detect_timeout,
+                        limits.detect_timeout,
                         Direction::Inbound,
                     )
                     .await?;

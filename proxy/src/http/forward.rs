@@ -78,6 +78,7 @@ impl Handler {
             .is_some_and(|v| v.as_bytes() == b"HTTP/1.1");
         let h2 = match self.conn.app_version {
             AppVersion::Http2 => true,
+            AppVersion::Http1 => false,
             AppVersion::AsReceived => parts.version == Version::HTTP_2 && !was_h1,
         };
         let client = if h2 {
@@ -90,7 +91,7 @@ impl Handler {
             parts.version = Version::HTTP_11;
             &self.shared.http.h1
         };
-        let timeout = self.shared.config.limits.http.response_timeout;
+        let timeout = self.shared.config.limits.http_response_timeout;
         let (resp, permit) = crate::forward::request(client, permitted, timeout).await?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -140,7 +141,7 @@ impl Handler {
             &tunnel,
             downstream,
             limits.connect_timeout,
-            limits.http.response_timeout,
+            limits.http_response_timeout,
         )
         .await?;
         tracing::debug!(

@@ -1,0 +1,104 @@
+//! The inbound policies a configuration puts in force: the policy files
+//! (native YAML or Rego wrappers), or the per-port allowlists when there
+//! are none, compiled with the options of `inbound.default_action`.
+
+use rampart_authz::{Authorizer, DefaultAction};
+
+use rampart_proxy::config::{DeclaredProtocol, Direction};
+
+use super::{Config, ConfigError, DefaultPortAction};
+
+impl Config {
+    /// How policies (files and bundles) are compiled.
+    pub fn policy_options(&self) -> rampart_authz::Options {
+        let default_action = match self.inbound.default_action {
+            DefaultPortAction::Deny => DefaultAction::Deny,
+            DefaultPortAction::AllowAnyAuthenticated => DefaultAction::AllowAnyAuthenticated,
+        };
+        rampart_authz::Options {
+            default_action,
+            ..rampart_authz::Options::default()
+        }
+    }
+
+    /// Loads the inbound policy files, or compiles the per-port allowlists
+    /// when there are none. Errors name file, line and field, one a line.
+    pub fn authorizer(&self) -> Result<Authorizer, ConfigError> {
+        let options = self.policy_options();
+        if self.inbound.policies.is_empty() {
+            return self.with_istio(Authorizer::from_port_allowlist(
+                self.inbound
+                    .ports
+                    .iter()
+                    .filter_map(|p| Some((p.port, p.allowed_peers.clone()?))),
+                options.default_action,
+            ));
+        }
+        let native =
+            Authorizer::load(&self.inbound.policies, &options).map_err(|e| ConfigError {
+                problems: e.to_string().lines().map(str::to_owned).collect(),
+            })?;
+        self.with_istio(native)
+    }
+
+    /// Adds the Istio resources of `inbound.istio`, if any.
+    fn with_istio(&self, native: Authorizer) -> Result<Authorizer, ConfigError> {
+        let Some(istio) = &self.inbound.istio else {
+            return Ok(native);
+        };
+        let problem = |m: String| ConfigError {
+            problems: m.lines().map(str::to_owned).collect(),
+        };
+        let set = rampart_authz::istio::IstioPolicies::load(&istio.files, &istio.workload(self))
+            .map_err(|e| problem(e.to_string()))?;
+        for name in set.custom_providers() {
+            if !self
+                .ext_authz
+                .providers
+                .iter()
+                .any(|p| p.name == name.as_str())
+            {
+                return Err(problem(format!(
+                    "inbound.istio: a CUSTOM policy names provider {name:?}, which is not in ext_authz.providers"
+                )));
+            }
+        }
+        native
+            .with_istio(set)
+            .map_err(|m| problem(format!("inbound.istio: {m}")))
+    }
+
+    /// Inbound ports that may carry opaque TCP (declared `detect` or
+    /// `opaque`); `None` when any port may (transparent capture).
+    pub(super) fn istio_tcp_ports(&self) -> Option<Vec<u16>> {
+        if self.transparent.is_some() {
+            return None;
+        }
+        let declared = |port: u16| self.inbound.ports.iter().find(|p| p.port == port);
+        let mut ports: Vec<u16> = self
+            .listeners
+            .iter()
+            .filter(|l| matches!(l.direction, Direction::Inbound))
+            .map(|l| l.policy_port())
+            .filter(|&port| {
+                matches!(
+                    declared(port).map(|p| p.protocol),
+                    None | Some(DeclaredProtocol::Detect | DeclaredProtocol::Opaque)
+                )
+            })
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        Some(ports)
+    }
+
+    /// The policies in force at start: the policy files (or allowlists);
+    /// with a bundle, the local fallback if there are policy files, else
+    /// `None` (nothing is in force until the first bundle).
+    pub fn initial_policies(&self) -> Result<Option<Authorizer>, ConfigError> {
+        if self.inbound.bundle.is_some() && self.inbound.policies.is_empty() {
+            return Ok(None);
+        }
+        self.authorizer().map(Some)
+    }
+}
