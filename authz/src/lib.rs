@@ -22,6 +22,7 @@ pub mod jwt;
 pub mod load;
 pub mod model;
 pub mod normalize;
+pub mod offline;
 pub mod rego;
 
 mod compile;
@@ -155,6 +156,14 @@ pub struct HttpEffects {
     /// ext_authz headers with `append: true`: appended to the request sent
     /// upstream, keeping values already there.
     pub request_headers_to_append: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `query_parameters_to_remove`: query parameters (by decoded name)
+    /// removed from the request sent upstream.
+    pub query_parameters_to_remove: Vec<String>,
+    /// `query_parameters_to_set`: query parameters set (replacing any of
+    /// the same name) on the request sent upstream, in order.
+    pub query_parameters_to_set: Vec<(String, Vec<String>)>,
+    /// `dynamic_metadata`: recorded in the access and decision logs.
+    pub dynamic_metadata: Option<serde_json::Value>,
 }
 
 /// A policy and rule, named.
@@ -305,6 +314,8 @@ pub struct DenyResponse {
     pub body: String,
     /// `headers`: added to the response sent to the client.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `dynamic_metadata`: recorded in the access and decision logs.
+    pub dynamic_metadata: Option<serde_json::Value>,
 }
 
 /// The outcome of an authorization check (not `Clone`: it may hold a
@@ -339,6 +350,17 @@ impl Decision {
         match self {
             Decision::Allow(p) => Some(p.rule()),
             Decision::Deny(d) => d.rule.as_deref(),
+        }
+    }
+
+    /// The `dynamic_metadata` a Rego result asked for, for the logs.
+    pub fn dynamic_metadata(&self) -> Option<&serde_json::Value> {
+        match self {
+            Decision::Allow(p) => p.effects().and_then(|e| e.dynamic_metadata.as_ref()),
+            Decision::Deny(d) => d
+                .response
+                .as_ref()
+                .and_then(|r| r.dynamic_metadata.as_ref()),
         }
     }
 

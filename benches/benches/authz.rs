@@ -151,6 +151,46 @@ fn rego(c: &mut Criterion) {
     g.finish();
 }
 
+/// Scenario 1's ec-backend, native and in Rego (the seed's OPA-Envoy
+/// policy, unmodified: XFCC split, `http_request` import), on the request
+/// it allows (ec-web `GET /data`) and one it refuses (`GET /admin`). The
+/// ratio of the two `allow` lines is the cost of Rego over native.
+fn scenario(c: &mut Criterion) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../app/src/demo/policies");
+    let load_file = |f: &str| {
+        Authorizer::load(&[dir.join(f)], &Options::default())
+            .unwrap_or_else(|e| panic!("{f}:\n{e}"))
+    };
+    let native = load_file("ec-backend.native.yaml");
+    let rego = load_file("ec-backend.rego.yaml");
+    let allow = Fixture {
+        peer: SpiffeId::parse("spiffe://example.org/ec-web").unwrap(),
+        path: "/data".into(),
+        headers: http::HeaderMap::new(),
+        local: SpiffeId::parse("spiffe://example.org/ec-backend").unwrap(),
+    };
+    let deny = Fixture {
+        peer: allow.peer.clone(),
+        path: "/admin".into(),
+        headers: http::HeaderMap::new(),
+        local: allow.local.clone(),
+    };
+    for (name, a) in [("native", &native), ("rego", &rego)] {
+        assert!(allow.check(a), "{name}: ec-web GET /data must be allowed");
+        assert!(!deny.check(a), "{name}: GET /admin must be refused");
+    }
+    let mut g = c.benchmark_group("authz/scenario1");
+    for (name, a) in [("native", &native), ("rego", &rego)] {
+        g.bench_function(format!("{name}/allow"), |b| {
+            b.iter(|| black_box(allow.check(black_box(a))))
+        });
+        g.bench_function(format!("{name}/deny_admin"), |b| {
+            b.iter(|| black_box(deny.check(black_box(a))))
+        });
+    }
+    g.finish();
+}
+
 fn normalize(c: &mut Criterion) {
     let mut g = c.benchmark_group("authz/normalize");
     let opts = NormalizeOptions::default();
@@ -264,5 +304,5 @@ fn jwt(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, native, rego, normalize, jwt);
+criterion_group!(benches, native, rego, scenario, normalize, jwt);
 criterion_main!(benches);

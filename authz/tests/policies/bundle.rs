@@ -332,3 +332,73 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// OPA reads `data.yaml` beside `data.json`, enforces the manifest's
+/// `roots` on packages and data, and honours per-file Rego versions.
+#[test]
+fn bundles_are_read_as_opa_reads_them() {
+    let compile = |list: &[(&str, &str)]| bundle::compile(files(list), &BundleOptions::default());
+    // data.yaml is a data document like data.json.
+    let b = compile(&[
+        ("authz/policy.rego", REGO),
+        ("open/data.yaml", "paths: [data]\n"),
+    ])
+    .unwrap();
+    assert!(get("/data/x").allowed(&b.authorizer));
+    // Roots: the package and the data must lie under one.
+    let roots = r#"{"roots": ["envoy/authz", "open"]}"#;
+    let ok = compile(&[
+        ("authz/policy.rego", REGO),
+        ("open/data.json", r#"{"paths": ["data"]}"#),
+        (".manifest", roots),
+    ]);
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    let outside_data = compile(&[
+        ("authz/policy.rego", REGO),
+        ("open/data.json", r#"{"paths": ["data"]}"#),
+        ("other/data.json", r#"{"x": 1}"#),
+        (".manifest", roots),
+    ])
+    .expect_err("data outside the roots");
+    assert!(outside_data.to_string().contains("other"), "{outside_data}");
+    let outside_package = compile(&[
+        ("authz/policy.rego", REGO),
+        ("x.rego", "package elsewhere\nx := 1\n"),
+        ("open/data.json", r#"{"paths": ["data"]}"#),
+        (".manifest", roots),
+    ])
+    .expect_err("a package outside the roots");
+    assert!(
+        outside_package.to_string().contains("package elsewhere"),
+        "{outside_package}"
+    );
+    // A root-level data.json may hold documents under the roots only.
+    let top = compile(&[
+        ("authz/policy.rego", REGO),
+        ("data.json", r#"{"open": {"paths": ["data"]}, "stray": 1}"#),
+        (".manifest", roots),
+    ])
+    .expect_err("a root-level document outside the roots");
+    assert!(top.to_string().contains("stray"), "{top}");
+    // Per-file versions: a v0 module in a v1 bundle.
+    let v0 =
+        "package envoy.authz\ndefault allow = false\nallow { input.parsed_path[0] == \"old\" }\n";
+    let b = compile(&[
+        ("authz/policy.rego", v0),
+        (
+            ".manifest",
+            r#"{"rego_version": 1, "file_rego_versions": {"/authz/policy.rego": 0}}"#,
+        ),
+    ])
+    .unwrap();
+    assert!(get("/old").allowed(&b.authorizer));
+    let glob = compile(&[
+        ("authz/policy.rego", v0),
+        (
+            ".manifest",
+            r#"{"file_rego_versions": {"/authz/*.rego": 0}}"#,
+        ),
+    ])
+    .expect_err("globs are refused");
+    assert!(glob.to_string().contains("glob"), "{glob}");
+}

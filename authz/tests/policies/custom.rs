@@ -140,6 +140,7 @@ fn the_providers_verdict_becomes_the_decision() {
         request_headers_to_append: vec![header("x-tag", "b")],
         response_headers_to_add: vec![header("x-checked", "yes")],
         request_headers_to_remove: vec![http::HeaderName::from_static("authorization")],
+        ..HttpEffects::default()
     };
     match consult().finish(ProviderVerdict::Allowed(effects.clone())) {
         Decision::Allow(p) => {
@@ -153,6 +154,7 @@ fn the_providers_verdict_becomes_the_decision() {
         status: http::StatusCode::IM_A_TEAPOT,
         body: "no tea for you".into(),
         headers: vec![header("x-why", "policy")],
+        dynamic_metadata: None,
     };
     match consult().finish(ProviderVerdict::Denied(refusal.clone())) {
         Decision::Deny(d) => {

@@ -821,12 +821,18 @@ fn rego_results_and_failures() {
         ))
     };
     let obj = rego(
-        "allow := {\"allowed\": false, \"http_status\": 418, \"body\": \"no\", \"headers\": {\"x-why\": \"teapot\"}}",
+        "allow := {\"allowed\": false, \"http_status\": 429, \"body\": \"no\", \"headers\": {\"x-why\": \"teapot\"}}",
     );
+    // 418 is not in Envoy's `StatusCode` enum: OPA-Envoy fails the check.
+    let teapot = rego("allow := {\"allowed\": false, \"http_status\": 418}");
+    match get("/").check(&teapot) {
+        Some(Decision::Deny(d)) => assert_eq!(d.reason, DenyReason::RegoError),
+        other => panic!("{other:?}"),
+    }
     match get("/").check(&obj) {
         Some(Decision::Deny(d)) => {
             assert_eq!(d.reason, DenyReason::RegoDenied);
-            assert_eq!(d.http_status().as_u16(), 418);
+            assert_eq!(d.http_status().as_u16(), 429);
             let r = d.response.expect("response");
             assert_eq!(r.body, "no");
             assert_eq!(r.headers[0].0, "x-why");

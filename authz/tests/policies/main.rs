@@ -9,5 +9,6 @@ mod bundle;
 mod custom;
 mod fields;
 mod istio_table;
+mod opa_differential;
 mod rego_limits;
 mod scenarios;

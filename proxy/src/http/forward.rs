@@ -47,6 +47,12 @@ impl Handler {
         }
         let path = path.ok_or(LocalError::NoPath)?;
         let (parts, permit) = permitted.head_mut();
+        // A Rego result's `query_parameters_to_remove` / `_to_set`.
+        let path = match permit.effects().filter(|e| e.rewrites_query()) {
+            Some(e) => PathAndQuery::try_from(e.rewrite_path_and_query(path.as_str()))
+                .map_err(|_| LocalError::BadPath(rampart_authz::PathError::Empty))?,
+            None => path,
+        };
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         // An HTTP/2 request names its authority in the URI only; HTTP/1
