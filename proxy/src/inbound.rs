@@ -211,7 +211,20 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 p.permit.rule().to_owned(),
             )
         });
-        match forward::forward_inbound(permitted, app, limits.connect_timeout).await {
+        let tls = permitted.conn.peer.is_some();
+        let forwarded = forward::forward_inbound(permitted, app, limits.connect_timeout);
+        let forwarded = if tls {
+            tokio::select! {
+                r = forwarded => r,
+                () = shared.identity_withdrawn() => {
+                    tracing::info!("identity withdrawn: mTLS connection closed");
+                    return;
+                }
+            }
+        } else {
+            forwarded.await
+        };
+        match forwarded {
             Ok(t) => {
                 metrics::bytes(Direction::Inbound, t.to_target, t.to_client);
                 if let Some((peer, policy, rule)) = &logged {

@@ -144,7 +144,14 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
         metrics::handshake(Direction::Outbound, "ok");
         tracing::Span::current().record("peer.id", field::display(peer.principal()));
         let (source, started) = (accepted.client.0, std::time::Instant::now());
-        match forward::splice(accepted.stream, tls_stream).await {
+        let spliced = tokio::select! {
+            r = forward::splice(accepted.stream, tls_stream) => r,
+            () = shared.identity_withdrawn() => {
+                tracing::info!("identity withdrawn: mTLS connection closed");
+                return;
+            }
+        };
+        match spliced {
             Ok(t) => {
                 metrics::bytes(Direction::Outbound, t.to_target, t.to_client);
                 if shared.access.is_enabled() {

@@ -241,6 +241,13 @@ async fn forward(
         tracing::error!(index, "no pool for this client configuration");
         return Err(StatusCode::INTERNAL_SERVER_ERROR);
     };
+    // A pooled connection outlives the identity it was made with: without
+    // one now, send nothing on it (fail closed).
+    if shared.identity().is_none() {
+        tracing::info!("request refused: no identity");
+        metrics::http_local_error(Direction::Outbound, "no_identity");
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts
