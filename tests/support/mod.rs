@@ -27,8 +27,10 @@ pub mod curl;
 pub mod ext_authz;
 mod net;
 pub mod nginx;
+pub mod peers;
 mod process;
 pub mod sidecar;
+pub mod spire;
 mod tmp;
 
 pub use capture::{Capture, Direction, FirstPayloads, Segment, looks_like_tls};

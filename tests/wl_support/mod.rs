@@ -211,7 +211,9 @@ impl Sidecar {
         (client, server)
     }
 
-    fn start(pod: &Pod, name: &str, id: &str, listeners: &str, outbound: Option<u16>) -> Self {
+    /// A sidecar named `name` with SVID `id` from the pod's agent and the
+    /// `listeners` (YAML) given; `outbound` is its outbound listener's port.
+    pub fn start(pod: &Pod, name: &str, id: &str, listeners: &str, outbound: Option<u16>) -> Self {
         let admin = free_port();
         let config = format!(
             "identity:\n  workload_api:\n    socket: unix://{socket}\n    spiffe_id: {id}\n    backoff_initial: 100ms\n    backoff_max: 1s\nadmin:\n  address: 127.0.0.1:{admin}\nlog:\n  level: info\n{listeners}",
