@@ -56,6 +56,14 @@ pub const POLICY_DIR: &str = "/etc/rampart/policy";
 /// Where the SPIRE agent's socket directory is mounted.
 pub const SOCKET_DIR: &str = "/run/spire/sockets";
 
+/// Added to injected pods unless present: the annotations Prometheus's
+/// `kubernetes_sd_configs` examples (and most charts) scrape by.
+const SCRAPE_ANNOTATIONS: [(&str, &str); 3] = [
+    ("prometheus.io/scrape", "true"),
+    ("prometheus.io/port", "15000"),
+    ("prometheus.io/path", "/metrics"),
+];
+
 // The sidecar's ports, as `rampart init` and docs/config.md default them.
 const OUTBOUND_PORT: u16 = 15001;
 const INBOUND_PORT: u16 = 15006;
@@ -165,6 +173,17 @@ pub enum InjectError {
         annotation: &'static str,
         /// What is wrong.
         reason: String,
+    },
+    /// The pod already has (or asks for) another mesh's sidecar.
+    #[error(
+        "{object}: already meshed by {} ({}); a pod runs one mesh's sidecar: remove {}'s, or annotate the pod `rampart.io/inject: disabled`",
+        found.mesh, found.evidence, found.mesh
+    )]
+    OtherMesh {
+        /// `Kind/name` of the object.
+        object: String,
+        /// What shows the other mesh.
+        found: crate::other_mesh::OtherMesh,
     },
     /// A field has the wrong type (e.g. `containers` is not a list).
     #[error("{object}: field `{field}` is not {expected}")]
@@ -305,11 +324,27 @@ fn quote_if_ambiguous(scalar: &str) -> std::borrow::Cow<'_, str> {
         && scalar
             .bytes()
             .all(|b| b.is_ascii_digit() || b"_:.+-".contains(&b));
-    if BOOLEANS_1_1.contains(&scalar) || scalar == "=" || number_1_1 {
+    if BOOLEANS_1_1.contains(&scalar) || scalar == "=" || number_1_1 || timestamp_1_1(scalar) {
         std::borrow::Cow::Owned(format!("'{scalar}'"))
     } else {
         std::borrow::Cow::Borrowed(scalar)
     }
+}
+
+/// Whether a YAML 1.1 reader (go-yaml, which kubectl uses) would read the
+/// plain scalar as a timestamp (yaml.org/type/timestamp: `2001-12-14`,
+/// `2001-12-14t21:59:43.10-05:00`, ...); `2024-01-01` would come back as
+/// `2024-01-01T00:00:00Z`. Anything that starts like one is quoted: quoting
+/// a string never changes it.
+fn timestamp_1_1(scalar: &str) -> bool {
+    let b = scalar.as_bytes();
+    b.len() >= 8
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[5].is_ascii_digit()
+        && b[5..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || b"-:.tTzZ +".contains(c))
 }
 
 /// Mutates one Kubernetes object: a Pod, a workload with a pod template, or
@@ -380,6 +415,12 @@ pub fn inject_pod(
     if !settings.enabled || host_network == Some(true) {
         return Ok(());
     }
+    if let Some(found) = crate::other_mesh::find(pod) {
+        return Err(InjectError::OtherMesh {
+            object: object.to_string(),
+            found,
+        });
+    }
     let mut status = Status::default();
 
     let metadata = child_mapping(pod, "metadata", object, &mut status.created)?;
@@ -390,14 +431,24 @@ pub fn inject_pod(
     if settings.config_map.is_none() {
         annotations.insert(s(ANN_SIDECAR_CONFIG), s(&settings.default_config(opts)));
     }
+    // Prometheus's usual pod annotations, pointing at the sidecar's
+    // metrics; an app's own (for its metrics) are left as they are.
+    for (key, value) in SCRAPE_ANNOTATIONS {
+        if !annotations.contains_key(key) {
+            annotations.insert(s(key), s(value));
+            status.annotations.push(key.to_string());
+        }
+    }
 
     let spec = child_mapping(pod, "spec", object, &mut status.created)?;
+    let app_probes =
+        crate::probes::rewrite(spec, ADMIN_PORT, &settings.exclude_inbound_ports, object)?;
     let init = child_sequence(spec, "initContainers", object, &mut status.created)?;
     // Our init container runs first, so that every later container's traffic
     // is captured, and the sidecar (a native sidecar: an init container with
     // `restartPolicy: Always`) starts before later init containers and the
     // app, and stops after them, which lets its drain finish.
-    init.insert(0, settings.proxy_container(opts));
+    init.insert(0, settings.proxy_container(opts, app_probes));
     init.insert(0, settings.init_container(opts));
     let volumes = child_sequence(spec, "volumes", object, &mut status.created)?;
     volumes.extend(settings.volumes(opts));
@@ -449,6 +500,9 @@ pub fn uninject_pod(pod: &mut Mapping, object: &str) -> Result<(), InjectError> 
     let created = |key: &str| status.created.iter().any(|c| c == key);
 
     if let Some(Value::Mapping(spec)) = pod.get_mut("spec") {
+        if let Some(probes) = app_probes_of(spec) {
+            crate::probes::restore(spec, &probes, object)?;
+        }
         for list in ["initContainers", "containers"] {
             if let Some(Value::Sequence(containers)) = spec.get_mut(list) {
                 containers
@@ -474,6 +528,9 @@ pub fn uninject_pod(pod: &mut Mapping, object: &str) -> Result<(), InjectError> 
         if let Some(Value::Mapping(annotations)) = metadata.get_mut("annotations") {
             annotations.shift_remove(ANN_STATUS);
             annotations.shift_remove(ANN_SIDECAR_CONFIG);
+            for key in &status.annotations {
+                annotations.shift_remove(key.as_str());
+            }
             if created("annotations") && annotations.is_empty() {
                 metadata.shift_remove("annotations");
             }
@@ -488,6 +545,18 @@ pub fn uninject_pod(pod: &mut Mapping, object: &str) -> Result<(), InjectError> 
     Ok(())
 }
 
+/// The `RAMPART_APP_PROBES` value of an injected sidecar, if any.
+fn app_probes_of(spec: &Mapping) -> Option<String> {
+    let init = spec.get("initContainers").and_then(Value::as_sequence)?;
+    let proxy = init.iter().find(|c| name_of(c) == Some(PROXY_CONTAINER))?;
+    let env = proxy.get("env").and_then(Value::as_sequence)?;
+    env.iter()
+        .find(|e| name_of(e) == Some(crate::probes::ENV_APP_PROBES))
+        .and_then(|e| e.get("value"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
 /// What an injection changed in the user's fields; the `rampart.io/status`
 /// annotation, as JSON.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -499,6 +568,9 @@ struct Status {
     /// The grace period before injection raised it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     termination_grace_period_seconds: Option<u64>,
+    /// Annotations injection added.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    annotations: Vec<String>,
 }
 
 /// Where the policy comes from.
@@ -707,7 +779,7 @@ impl Settings {
         ])
     }
 
-    fn proxy_container(&self, opts: &InjectOptions) -> Value {
+    fn proxy_container(&self, opts: &InjectOptions, app_probes: Option<String>) -> Value {
         let probe = |path: &str, period: u64, failures: u64| {
             map([
                 (
@@ -733,7 +805,7 @@ impl Settings {
         if self.policy.is_some() {
             mounts.push(mount("rampart-policy", POLICY_DIR));
         }
-        map([
+        let mut container = map([
             ("name", s(PROXY_CONTAINER)),
             ("image", s(&opts.image)),
             ("imagePullPolicy", s("IfNotPresent")),
@@ -772,7 +844,16 @@ impl Settings {
                 ]),
             ),
             ("volumeMounts", Value::Sequence(mounts)),
-        ])
+        ]);
+        if let (Some(probes), Value::Mapping(c)) = (app_probes, &mut container) {
+            // The app's original probes, which the admin server runs.
+            let env = map([
+                ("name", s(crate::probes::ENV_APP_PROBES)),
+                ("value", s(&probes)),
+            ]);
+            c.insert(s("env"), Value::Sequence(vec![env]));
+        }
+        container
     }
 
     fn volumes(&self, opts: &InjectOptions) -> Vec<Value> {
@@ -1103,9 +1184,9 @@ mod tests {
 
     #[test]
     fn strings_that_yaml_1_1_reads_otherwise_are_quoted() {
-        let input = "a: 'off'\nb: 'yes'\n'on': 'N'\nc: ['y', 'x', '1_000', '=', '1:20']\nd: |\n  off\n  - on\ne:\n- \"no\\noff\"\n- 'no'\nf: 'true'\ng: true\nh: 2\n";
+        let input = "a: 'off'\nb: 'yes'\n'on': 'N'\nc: ['y', 'x', '1_000', '=', '1:20']\nd: |\n  off\n  - on\ne:\n- \"no\\noff\"\n- 'no'\nf: 'true'\ng: true\nh: 2\ni: \"2024-01-01\"\nj: ['2001-12-14t21:59:43.10-05:00', 2024-1-1x]\n";
         let out = inject(input).unwrap();
-        let expected = "a: 'off'\nb: 'yes'\n'on': 'N'\nc:\n- 'y'\n- x\n- '1_000'\n- '='\n- '1:20'\nd: |\n  off\n  - on\ne:\n- |-\n  no\n  off\n- 'no'\nf: 'true'\ng: true\nh: 2\n";
+        let expected = "a: 'off'\nb: 'yes'\n'on': 'N'\nc:\n- 'y'\n- x\n- '1_000'\n- '='\n- '1:20'\nd: |\n  off\n  - on\ne:\n- |-\n  no\n  off\n- 'no'\nf: 'true'\ng: true\nh: 2\ni: '2024-01-01'\nj:\n- '2001-12-14t21:59:43.10-05:00'\n- 2024-1-1x\n";
         assert_eq!(out, expected);
         let back: Value = serde_yaml::from_str(&out).unwrap();
         assert_eq!(back, serde_yaml::from_str::<Value>(input).unwrap());

@@ -9,9 +9,12 @@ mod identity;
 mod init;
 mod inject;
 mod inject_cmd;
+mod other_mesh;
 mod policy_cmd;
+mod probes;
 mod run;
 mod webhook;
+mod webhook_tls;
 
 use clap::{Parser, Subcommand};
 

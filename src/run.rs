@@ -15,6 +15,15 @@ pub struct RunArgs {
     /// Configuration file (YAML).
     #[arg(long, short, env = "RAMPART_CONFIG")]
     pub config: PathBuf,
+    /// The app's probes that the admin server runs for the kubelet, as
+    /// injection writes them (JSON; see docs/kubernetes.md, "Probes").
+    #[arg(
+        long,
+        env = "RAMPART_APP_PROBES",
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub app_probes: String,
 }
 
 /// Exit code for configuration errors (EX_USAGE, as sysexits.h).
@@ -36,6 +45,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             return Ok(std::process::ExitCode::from(EXIT_CONFIG));
         }
     };
+    let app_probes = match rampart_proxy::probe::AppProbes::parse(&args.app_probes) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("rampart: invalid configuration:\n{e}");
+            return Ok(std::process::ExitCode::from(EXIT_CONFIG));
+        }
+    };
     let logging = init_logging(&cfg);
     let rt = if cfg.runtime.workers == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -47,7 +63,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             .enable_all()
             .build()?
     };
-    rt.block_on(serve(cfg, authorizer, logging))?;
+    rt.block_on(serve(cfg, authorizer, logging, app_probes))?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -101,6 +117,7 @@ async fn serve(
     cfg: Config,
     authorizer: Option<rampart_authz::Authorizer>,
     logging: Arc<ReloadableLog>,
+    app_probes: Arc<rampart_proxy::probe::AppProbes>,
 ) -> anyhow::Result<()> {
     let render: Arc<dyn Fn() -> String + Send + Sync> = if cfg.admin.metrics {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -108,6 +125,13 @@ async fn serve(
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 1.0, 2.5, 5.0, 10.0,
             ])
+            .context("metrics buckets")?
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    rampart_proxy::metrics::HTTP_DURATION.to_owned(),
+                ),
+                &rampart_proxy::metrics::HTTP_DURATION_BUCKETS_MS,
+            )
             .context("metrics buckets")?
             .build_recorder();
         let handle = recorder.handle();
@@ -147,6 +171,7 @@ async fn serve(
             .into(),
         logging,
         central_status,
+        app_probes,
     };
     let bound = rampart_proxy::bind(plan, store.subscribe(), hooks)?;
     bound.run(shutdown_signal()).await;

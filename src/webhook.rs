@@ -4,7 +4,8 @@
 //! pod created in a namespace the MutatingWebhookConfiguration selects; the
 //! answer carries the same mutation as `rampart inject` ([`crate::inject`])
 //! as an RFC 6902 JSON patch, base64-encoded. The server speaks HTTP/1.1
-//! over TLS (rustls) with a certificate and key read from files at start;
+//! over TLS (rustls) with a certificate and key read from files and
+//! reloaded when they change ([`crate::webhook_tls`]);
 //! `deploy/webhook/` and `docs/kubernetes.md` show the certificate setup.
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value as Json, json};
 
 use crate::inject::{InjectOptions, inject_pod};
+use crate::webhook_tls::{CertFiles, ReloadingCert};
 
 /// Largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -36,16 +38,31 @@ pub struct WebhookArgs {
     /// PEM private key of the certificate.
     #[arg(long)]
     pub tls_key: PathBuf,
+    /// How often the certificate files are checked for a new certificate.
+    #[arg(long, default_value = "10s", value_parser = parse_seconds)]
+    pub tls_reload_interval: std::time::Duration,
+    /// Log lines as `text` or `json` (one object per line); text has colour
+    /// only on a terminal.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(flatten)]
     pub options: InjectOptions,
 }
 
 /// Runs the webhook server until SIGTERM or SIGINT.
 pub fn run(args: WebhookArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .init();
-    let tls = Arc::new(server_config(&args)?);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match args.log_format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().init(),
+    }
+    let cert = Arc::new(ReloadingCert::load(CertFiles {
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    })?);
+    let tls = Arc::new(server_config(cert.clone())?);
     let options = Arc::new(args.options);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -55,6 +72,7 @@ pub fn run(args: WebhookArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(listen.addr = %listener.local_addr()?, "webhook listening");
+        tokio::spawn(cert.watch(args.tls_reload_interval));
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
@@ -212,7 +230,10 @@ async fn handle(
                         .pointer("/response/uid")
                         .and_then(Json::as_str)
                         .unwrap_or("");
-                    tracing::info!(request.uid = uid, allowed, "admission reviewed");
+                    let reason = answer
+                        .pointer("/response/status/message")
+                        .and_then(Json::as_str);
+                    tracing::info!(request.uid = uid, allowed, reason, "admission reviewed");
                     let body = serde_json::to_vec(&answer).expect("a JSON value serializes");
                     reply(StatusCode::OK, body, "application/json")
                 }
@@ -227,30 +248,33 @@ async fn handle(
     }
 }
 
-fn server_config(args: &WebhookArgs) -> anyhow::Result<rustls::ServerConfig> {
-    let cert_pem = std::fs::read(&args.tls_cert)
-        .with_context(|| format!("cannot read {}", args.tls_cert.display()))?;
-    let key_pem = std::fs::read(&args.tls_key)
-        .with_context(|| format!("cannot read {}", args.tls_key.display()))?;
-    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{}: not a PEM certificate chain", args.tls_cert.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{}: no certificate",
-        args.tls_cert.display()
-    );
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .with_context(|| format!("{}: not a PEM private key", args.tls_key.display()))?
-        .with_context(|| format!("{}: no private key", args.tls_key.display()))?;
+fn server_config(cert: Arc<ReloadingCert>) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the certificate and the key do not match")?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// The webhook's log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let secs = text.strip_suffix('s').unwrap_or(text);
+    match secs.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(std::time::Duration::from_secs(n)),
+        _ => Err(format!(
+            "'{text}' is not a whole number of seconds (e.g. 10s)"
+        )),
+    }
 }
 
 async fn shutdown_signal() {

@@ -245,8 +245,7 @@ fn dns_san_certificates_are_refused_in_the_handshake_from_another_ca_or_without_
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = s.sidecar.metrics();
-        if metric_with(&m, "result=\"unknown_ca\"") && metric_with(&m, "result=\"protocol_error\"")
-        {
+        if metric_with(&m, "result=\"unknown_ca\"") && metric_with(&m, "result=\"invalid_svid\"") {
             break;
         }
         assert!(

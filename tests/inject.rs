@@ -28,6 +28,7 @@ const CASES: &[(&str, &[&str])] = &[
     ("job", &[]),
     ("cronjob", &[]),
     ("list", &[]),
+    ("probes", &[]),
 ];
 
 #[test]

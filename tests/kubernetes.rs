@@ -8,8 +8,8 @@
 //! Kinds without a schema offline are skipped here, and only these: the
 //! SPIRE custom resources (`ClusterSPIFFEID`, ..., validated against their
 //! vendored CRDs by tests/deploy.rs), the Gateway API kinds of scenario 3's
-//! Gateway variants, and `List` (a client-side wrapper; its items are
-//! validated one by one).
+//! Gateway variants, `PodMonitor` (a CRD of the Prometheus Operator) and
+//! `List` (a client-side wrapper; its items are validated one by one).
 //! Without `kubernetes-validate` the test prints why and passes, unless
 //! `RAMPART_REQUIRE_E2E=1`.
 
@@ -27,6 +27,7 @@ const NO_SCHEMA: &[&str] = &[
     "Gateway",
     "HTTPRoute",
     "BackendTLSPolicy",
+    "PodMonitor",
 ];
 
 #[test]

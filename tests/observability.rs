@@ -487,14 +487,15 @@ fn metrics_move_exactly_and_random_traffic_adds_no_series() {
         failed(&after) - failed(&before) >= 1.0
     }));
     assert_eq!(failed(&after) - failed(&before), 1.0);
-    let by_web = |class: &str| {
+    let inbound = p.inbound;
+    let by_web = |code: &str, class: &str| {
         format!(
-            "rampart_http_requests_total{{direction=\"inbound\",peer_id=\"{WEB}\",status_class=\"{class}\"}}"
+            "rampart_http_requests_total{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"inbound\",source_id=\"{WEB}\",status_class=\"{class}\",status_code=\"{code}\"}}"
         )
     };
-    let (ok_key, denied_key) = (by_web("2xx"), by_web("4xx"));
+    let (ok_key, denied_key) = (by_web("200", "2xx"), by_web("403", "4xx"));
     let duration_key = format!(
-        "rampart_http_request_duration_seconds_count{{direction=\"inbound\",peer_id=\"{WEB}\"}}"
+        "rampart_http_request_duration_milliseconds_count{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"inbound\",source_id=\"{WEB}\"}}"
     );
     let expect = [
         (ok_key.as_str(), 1.0),
@@ -554,13 +555,28 @@ fn outbound_requests_are_counted_and_a_silent_client_is_a_detect_timeout() {
     }));
     drop(silent);
     assert_eq!(delta(&before, &after, timeouts), 1.0);
-    let out = |class: &str| {
+    // The destination is the peer sidecar's verified identity, the service
+    // the address the app dialed (the outbound listener's target here).
+    let inbound = p.inbound;
+    let out = |code: &str, class: &str| {
         format!(
-            "rampart_http_requests_total{{direction=\"outbound\",peer_id=\"none\",status_class=\"{class}\"}}"
+            "rampart_http_requests_total{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"outbound\",source_id=\"{WEB}\",status_class=\"{class}\",status_code=\"{code}\"}}"
         )
     };
-    assert_eq!(delta(&before, &after, &out("2xx")), 1.0, "{after:#?}");
-    assert_eq!(delta(&before, &after, &out("4xx")), 1.0, "{after:#?}");
+    assert_eq!(
+        delta(&before, &after, &out("200", "2xx")),
+        1.0,
+        "{after:#?}"
+    );
+    assert_eq!(
+        delta(&before, &after, &out("403", "4xx")),
+        1.0,
+        "{after:#?}"
+    );
+    let latency = format!(
+        "rampart_http_request_duration_milliseconds_bucket{{destination_id=\"{BACKEND}\",destination_service=\"{inbound}\",direction=\"outbound\",le=\"60000.0\",source_id=\"{WEB}\"}}"
+    );
+    assert_eq!(delta(&before, &after, &latency), 2.0, "{after:#?}");
 }
 
 #[test]
@@ -670,4 +686,120 @@ fn a_broken_policy_at_start_exits_64_and_is_never_ready() {
         String::from_utf8_lossy(&out.stderr).contains("policy.yaml"),
         "{out:?}"
     );
+}
+
+/// Every query of the shipped Grafana dashboard (panels and template
+/// variables) names only series that a running pair of sidecars exports,
+/// with label names those series carry.
+#[test]
+fn the_grafana_dashboard_queries_only_exported_series() {
+    if !has_prometheus_client() {
+        return;
+    }
+    let p = pair(&allow_get("/data"), "", "");
+    assert_eq!(get(p.out, "/data", &[]).0, 200);
+    assert_eq!(get(p.out, "/nope", &[]).0, 403);
+    let mut exported: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for sidecar in [&p.web, &p.backend] {
+        for key in scrape(sidecar).keys() {
+            let (name, labels) = key.split_once('{').unwrap();
+            let names = exported.entry(name.to_owned()).or_default();
+            for pair in labels.trim_end_matches('}').split("\",") {
+                if let Some((label, _)) = pair.split_once('=') {
+                    if !names.iter().any(|n| n == label) {
+                        names.push(label.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/observability/grafana-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut queries = vec![];
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            queries.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = variable["definition"].as_str() {
+            queries.push(q.to_owned());
+        }
+    }
+    assert!(queries.len() >= 12, "{queries:?}");
+    for query in &queries {
+        let (metrics, labels) = promql_names(query);
+        assert!(!metrics.is_empty(), "no metric in {query}");
+        for metric in &metrics {
+            assert!(
+                exported.contains_key(metric),
+                "{query}: {metric} is not exported; exported: {:?}",
+                exported.keys()
+            );
+        }
+        for label in &labels {
+            assert!(
+                metrics.iter().any(|m| exported[m].contains(label)),
+                "{query}: no series of {metrics:?} has label {label}"
+            );
+        }
+    }
+}
+
+/// The metric names (`rampart_*`) and the label names (in selectors, in
+/// `by (...)` and in `label_values(_, label)`) of a PromQL query.
+fn promql_names(query: &str) -> (Vec<String>, Vec<String>) {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let (mut metrics, mut labels) = (vec![], vec![]);
+    let bytes: Vec<char> = query.chars().collect();
+    let mut i = 0;
+    let mut in_selector = false;
+    let mut in_by = false;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c == '"' {
+            // Skip a string (label values, never names).
+            i += 1;
+            while i < bytes.len() && bytes[i] != '"' {
+                i += if bytes[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+            continue;
+        }
+        if ident(c) && (i == 0 || !ident(bytes[i - 1])) {
+            let start = i;
+            while i < bytes.len() && ident(bytes[i]) {
+                i += 1;
+            }
+            let word: String = bytes[start..i].iter().collect();
+            let rest: String = bytes[i..].iter().collect();
+            let rest = rest.trim_start();
+            if in_selector || in_by {
+                if !word.chars().all(|c| c.is_ascii_digit()) {
+                    labels.push(word);
+                }
+            } else if word.starts_with("rampart_") {
+                metrics.push(word);
+            } else if (word == "by" || word == "without") && rest.starts_with('(') {
+                in_by = true;
+            } else if word == "label_values" {
+                // label_values(metric, label)
+                let inner = rest.trim_start_matches('(');
+                if let Some((_, label)) = inner.split_once(',') {
+                    labels.push(label.trim().trim_end_matches(')').trim().to_owned());
+                }
+            }
+            continue;
+        }
+        match c {
+            '{' => in_selector = true,
+            '}' => in_selector = false,
+            ')' => in_by = false,
+            _ => {}
+        }
+        i += 1;
+    }
+    (metrics, labels)
 }

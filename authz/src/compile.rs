@@ -8,7 +8,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use rampart_identity::SpiffeId;
 
 use crate::model::{
     Action, Condition, DataKey, DataRef, HostPattern, NativePolicy, PathMatcher, PathPattern,
@@ -403,49 +402,5 @@ impl Compiled {
     /// The policies that apply to a port.
     pub fn port(&self, port: u16) -> &PortIndex {
         self.by_port.get(&port).unwrap_or(&self.any_port)
-    }
-
-    pub fn from_port_allowlist(
-        ports: impl IntoIterator<Item = (u16, Vec<SpiffeId>)>,
-        default: DefaultAction,
-    ) -> Compiled {
-        let mut c = Compiled {
-            default,
-            ..Compiled::default()
-        };
-        for (port, ids) in ports {
-            let patterns: Vec<PrincipalPattern> = ids
-                .iter()
-                .map(|id| PrincipalPattern::Exact(id.as_str().to_owned()))
-                .collect();
-            let rule = Rule {
-                name: Some("allowed_peers".into()),
-                from: crate::model::From {
-                    principals: (!patterns.is_empty()).then_some(crate::model::NonEmpty(patterns)),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let native = NativePolicy {
-                action: Action::Allow,
-                // An empty allowlist admits no one, as before.
-                rules: if ids.is_empty() { vec![] } else { vec![rule] },
-                data: None,
-                provider: None,
-            };
-            let kind = match CNative::compile(&native) {
-                Ok(n) => CKind::Native(n),
-                // Invariant: exact principals and no data cannot fail to compile.
-                Err(e) => unreachable!("port allowlist failed to compile: {e}"),
-            };
-            c.policies.push(CPolicy {
-                name: Arc::from(format!("port-{port}")),
-                ports: vec![port],
-                dry_run: false,
-                kind,
-            });
-        }
-        c.index();
-        c
     }
 }

@@ -102,8 +102,9 @@ pub struct Step {
     pub outcome: Outcome,
 }
 
-/// A decision and the trace that led to it.
-#[derive(Debug, Clone)]
+/// A decision and the trace that led to it (not `Clone`: the decision may
+/// hold a permit).
+#[derive(Debug)]
 pub struct Explanation {
     /// The decision, exactly as `check_request`/`check_connection` returns it.
     pub decision: Decision,

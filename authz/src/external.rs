@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// The result of evaluating a request in-process.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Evaluation {
     /// The in-process policies decided alone.
     Decided(Decision),
@@ -34,7 +34,7 @@ pub enum Evaluation {
 
 /// A request that the in-process policies allow, pending an external
 /// authorizer's verdict. Holds the [`Permit`] it will become.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Consult {
     pub(crate) provider: ProviderName,
     pub(crate) policy: Arc<str>,

@@ -11,10 +11,13 @@
 //! (request paths), [`rego`] (in-process Rego with OPA-Envoy's input from
 //! [`input`]) and [`explain`] (why a decision was made).
 
+#![forbid(unsafe_code)]
+
 pub mod central;
 pub mod explain;
 pub mod external;
 pub mod input;
+pub mod istio;
 pub mod load;
 pub mod model;
 pub mod normalize;
@@ -47,6 +50,11 @@ pub struct ConnectionInfo<'a> {
     pub source: IpAddr,
     /// The port the client asked for (the original destination port).
     pub dest_port: u16,
+    /// The original destination address, when known (Istio's
+    /// `destination.ip` on a TCP connection; requests carry their own).
+    pub dest_ip: Option<IpAddr>,
+    /// The TLS server name the client asked for (Istio's `connection.sni`).
+    pub sni: Option<&'a str>,
 }
 
 impl<'a> ConnectionInfo<'a> {
@@ -58,7 +66,22 @@ impl<'a> ConnectionInfo<'a> {
             peer_dns: &[],
             source,
             dest_port,
+            dest_ip: None,
+            sni: None,
         }
+    }
+
+    /// The same connection, with its original destination address.
+    pub fn with_dest_ip(self, dest_ip: IpAddr) -> Self {
+        ConnectionInfo {
+            dest_ip: Some(dest_ip),
+            ..self
+        }
+    }
+
+    /// The same connection, with the TLS server name the client sent.
+    pub fn with_sni(self, sni: Option<&'a str>) -> Self {
+        ConnectionInfo { sni, ..self }
     }
 
     /// The same connection, with the peer certificate's DNS SANs.
@@ -73,7 +96,11 @@ impl<'a> ConnectionInfo<'a> {
 }
 
 /// Proof that a connection or request was allowed, naming what allowed it.
-#[derive(Debug, Clone)]
+///
+/// Only this crate makes one (from a decision), and it is neither `Clone`
+/// nor constructible elsewhere: one decision yields one permit, which the
+/// proxy binds to the connection or request it was issued for.
+#[derive(Debug)]
 pub struct Permit {
     policy: Arc<str>,
     rule: Arc<str>,
@@ -270,8 +297,9 @@ pub struct DenyResponse {
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
-/// The outcome of an authorization check.
-#[derive(Debug, Clone)]
+/// The outcome of an authorization check (not `Clone`: it may hold a
+/// [`Permit`]).
+#[derive(Debug)]
 pub enum Decision {
     /// Go ahead, with proof.
     Allow(Permit),
@@ -328,18 +356,51 @@ pub enum DefaultAction {
 #[derive(Debug, Clone, Default)]
 pub struct Authorizer {
     inner: Arc<compile::Compiled>,
+    /// Istio resources, decided with Istio's semantics before the native
+    /// policies (see [`Authorizer::with_istio`]).
+    istio: Option<Arc<istio::IstioPolicies>>,
 }
 
 impl Authorizer {
     /// Builds an authorizer from a per-port list of allowed peer SPIFFE IDs:
-    /// one ALLOW policy `port-<port>` with one rule `allowed_peers` per port.
+    /// one ALLOW policy `port-<port>` with one rule `allowed_peers` per port
+    /// (an empty list admits no one), compiled like any other policy
+    /// ([`Authorizer::from_policies`]) and listed by [`Authorizer::policies`].
     pub fn from_port_allowlist(
         ports: impl IntoIterator<Item = (u16, Vec<SpiffeId>)>,
         default: DefaultAction,
     ) -> Self {
-        Authorizer {
-            inner: Arc::new(compile::Compiled::from_port_allowlist(ports, default)),
+        let policies: Vec<model::Policy> = ports
+            .into_iter()
+            .map(|(port, ids)| model::Policy::port_allowlist(port, &ids))
+            .collect();
+        let options = Options {
+            default_action: default,
+            ..Options::default()
+        };
+        match Authorizer::from_policies(
+            &policies,
+            std::path::Path::new("<port allowlist>"),
+            &options,
+        ) {
+            Ok(a) => a,
+            // Invariant: native ALLOW policies of exact principals, one per
+            // distinct port, always compile.
+            Err(e) => unreachable!("port allowlist failed to compile: {e}"),
         }
+    }
+
+    /// Compiles policies built in code, with the validation and compilation
+    /// of loaded ones; `origin` names them where a file name would go.
+    pub fn from_policies(
+        policies: &[model::Policy],
+        origin: &std::path::Path,
+        options: &Options,
+    ) -> Result<Authorizer, LoadErrors> {
+        Ok(Authorizer {
+            inner: Arc::new(load::compile_built(policies, origin, options)?),
+            istio: None,
+        })
     }
 
     /// Loads, validates and compiles policy files. Any invalid entry rejects
@@ -351,12 +412,14 @@ impl Authorizer {
         let compiled = load::load(paths, options)?;
         Ok(Authorizer {
             inner: Arc::new(compiled),
+            istio: None,
         })
     }
 
     pub(crate) fn from_compiled(compiled: compile::Compiled) -> Self {
         Authorizer {
             inner: Arc::new(compiled),
+            istio: None,
         }
     }
 
@@ -372,6 +435,7 @@ impl Authorizer {
             load::load_texts(&[(origin.to_owned(), yaml.to_owned())], base_dir, options)?;
         Ok(Authorizer {
             inner: Arc::new(compiled),
+            istio: None,
         })
     }
 
@@ -380,7 +444,7 @@ impl Authorizer {
     /// with HTTP conditions never allow a bare connection, and DENY and
     /// CUSTOM rules with HTTP conditions refuse it (the conservative reading).
     pub fn check_connection(&self, conn: &ConnectionInfo<'_>) -> Decision {
-        match decide::evaluate(&self.inner, conn, None) {
+        match self.evaluate(conn, None) {
             external::Evaluation::Decided(d) => d,
             // Invariant: evaluate never consults without a request.
             external::Evaluation::Consult(_) => unreachable!("consult without a request"),
@@ -393,7 +457,7 @@ impl Authorizer {
     /// CUSTOM use [`Authorizer::evaluate_request`] or
     /// [`Authorizer::authorize_request`].
     pub fn check_request(&self, conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Decision {
-        match decide::evaluate(&self.inner, conn, Some(req)) {
+        match self.evaluate(conn, Some(req)) {
             external::Evaluation::Decided(d) => d,
             external::Evaluation::Consult(c) => c.finish(external::ProviderVerdict::Failed(
                 external::ProviderFailure::UnknownProvider,
@@ -408,7 +472,62 @@ impl Authorizer {
         conn: &ConnectionInfo<'_>,
         req: &RequestInfo<'_>,
     ) -> external::Evaluation {
-        decide::evaluate(&self.inner, conn, Some(req))
+        self.evaluate(conn, Some(req))
+    }
+
+    /// Adds Istio resources ([`istio::IstioPolicies`]), decided with
+    /// Istio's semantics. Without native policies they decide alone (the
+    /// native default action is not used); with native policies a request
+    /// must be allowed by both, so neither widens the other. Refused when
+    /// both sets have CUSTOM policies (one external authorizer per request).
+    pub fn with_istio(self, istio: istio::IstioPolicies) -> Result<Self, String> {
+        let native_custom = self
+            .inner
+            .infos
+            .iter()
+            .any(|i| i.action == Some(model::Action::Custom));
+        if native_custom && !istio.custom_providers().is_empty() {
+            return Err(
+                "native and Istio CUSTOM policies cannot both apply to one sidecar".to_owned(),
+            );
+        }
+        Ok(Authorizer {
+            istio: Some(Arc::new(istio)),
+            ..self
+        })
+    }
+
+    /// The Istio resources in force, if any.
+    pub fn istio(&self) -> Option<&istio::IstioPolicies> {
+        self.istio.as_deref()
+    }
+
+    fn evaluate(
+        &self,
+        conn: &ConnectionInfo<'_>,
+        req: Option<&RequestInfo<'_>>,
+    ) -> external::Evaluation {
+        let Some(istio) = &self.istio else {
+            return decide::evaluate(&self.inner, conn, req);
+        };
+        let first = istio.evaluate(conn, req, None);
+        if self.inner.policies.is_empty() {
+            return first;
+        }
+        match first {
+            d @ external::Evaluation::Decided(Decision::Deny(_)) => d,
+            external::Evaluation::Decided(Decision::Allow(_)) => {
+                decide::evaluate(&self.inner, conn, req)
+            }
+            // Invariant (with_istio): the native set has no CUSTOM policy,
+            // so its evaluation never consults.
+            external::Evaluation::Consult(c) => match decide::evaluate(&self.inner, conn, req) {
+                external::Evaluation::Decided(Decision::Allow(_)) => {
+                    external::Evaluation::Consult(c)
+                }
+                other => other,
+            },
+        }
     }
 
     /// Decides whether an HTTP request may proceed, asking `providers` when

@@ -281,6 +281,58 @@ fn compile_all(
     Ok(compiled)
 }
 
+/// Compiles policies built in code rather than read from a file (the
+/// per-port allowlists of the configuration): the same validation,
+/// compilation and admin-API description as loaded ones. `origin` stands
+/// in for the file name; the content hash covers the policy's value.
+pub(crate) fn compile_built(
+    policies: &[Policy],
+    origin: &Path,
+    options: &Options,
+) -> Result<Compiled, LoadErrors> {
+    let mut compiled = Compiled {
+        default: options.default_action,
+        normalize: options.normalize,
+        ..Compiled::default()
+    };
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let dir = PathBuf::new();
+    for policy in policies {
+        if !seen.insert(policy.name.as_str()) {
+            errors.push(LoadError::DuplicatePolicy {
+                name: policy.name.clone(),
+                first: origin.to_path_buf(),
+                file: origin.to_path_buf(),
+            });
+            continue;
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(format!("{policy:?}").as_bytes());
+        match compile_policy(policy, &dir, &Files::Disk, options, &mut hasher) {
+            Ok(kind) => {
+                compiled.infos.push(info(policy, origin, &dir, hasher));
+                compiled.policies.push(CPolicy {
+                    name: Arc::from(policy.name.as_str()),
+                    ports: policy.ports.clone(),
+                    dry_run: policy.dry_run,
+                    kind,
+                });
+            }
+            Err(message) => errors.push(LoadError::Rego {
+                file: origin.to_path_buf(),
+                policy: policy.name.clone(),
+                message,
+            }),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(LoadErrors(errors));
+    }
+    compiled.index();
+    Ok(compiled)
+}
+
 fn info(policy: &Policy, file: &Path, dir: &Path, hasher: Sha256) -> PolicyInfo {
     let (kind, action, rules, inputs) = match &policy.body {
         PolicyBody::Native(n) => (

@@ -101,6 +101,40 @@ pub struct Policy {
     pub body: PolicyBody,
 }
 
+impl Policy {
+    /// An ALLOW policy `port-<port>` admitting exactly `ids` on `port`, with
+    /// one rule `allowed_peers` (no rule at all when `ids` is empty, so that
+    /// it admits no one).
+    pub fn port_allowlist(port: u16, ids: &[rampart_identity::SpiffeId]) -> Policy {
+        let patterns: Vec<PrincipalPattern> = ids
+            .iter()
+            .map(|id| PrincipalPattern::Exact(id.as_str().to_owned()))
+            .collect();
+        let rules = match NonEmpty::try_from(patterns) {
+            Ok(principals) => vec![Rule {
+                name: Some("allowed_peers".into()),
+                from: From {
+                    principals: Some(principals),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            Err(_) => Vec::new(),
+        };
+        Policy {
+            name: format!("port-{port}"),
+            ports: vec![port],
+            dry_run: false,
+            body: PolicyBody::Native(NativePolicy {
+                action: Action::Allow,
+                rules,
+                data: None,
+                provider: None,
+            }),
+        }
+    }
+}
+
 /// The engine-specific part of a policy.
 #[derive(Debug, Clone)]
 pub enum PolicyBody {

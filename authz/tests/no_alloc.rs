@@ -1,6 +1,11 @@
 //! A native decision does no heap allocation: counted with a global
 //! allocator, in its own test binary so it does not slow other tests.
 
+#![allow(
+    unsafe_code,
+    reason = "a counting global allocator wraps the system one (GlobalAlloc is unsafe)"
+)]
+
 mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};

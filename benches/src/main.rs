@@ -6,6 +6,11 @@
 //! target/release/rampart-bench mesh --out bench-results` (the default
 //! profile; see benches/RESULTS.md), or `tcp-rtt` / `http-rtt`.
 
+#![allow(
+    unsafe_code,
+    reason = "the network-namespace harness calls libc directly: setns, geteuid, kill"
+)]
+
 mod apps;
 mod h2load;
 mod load;

@@ -25,6 +25,8 @@
 //! [`ext_authz::ExtAuthzClients`] as the proxy's `ExternalAuthorizer`, and a
 //! [`decision_logs::DecisionLogger`] as its `DecisionSink`.
 
+#![forbid(unsafe_code)]
+
 pub mod bundle_poller;
 pub mod decision_logs;
 pub mod ext_authz;

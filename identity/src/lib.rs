@@ -11,6 +11,8 @@
 //! worker publishes them into the store and withdraws an expired SVID.
 //! [`agent`] is the development Workload API server behind `rampart agent`.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod bundle;
 pub mod ca;

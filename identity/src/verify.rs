@@ -71,6 +71,67 @@ pub struct PeerNotAllowed(pub SpiffeId);
 #[error("no trust bundle for the peer's trust domain {0}")]
 pub struct UnknownTrustDomain(pub TrustDomain);
 
+/// Why a peer's certificate was refused, by what the peer got wrong: the
+/// decoding of the errors the verifiers of this module return to rustls
+/// (encoded just below, by `other` and `leaf_error`), so that callers
+/// classify handshake failures without downcasting through
+/// `rustls::OtherError` themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRejection {
+    /// The peer sent no certificate.
+    NoCertificate,
+    /// The chain does not lead to a trusted root (unknown issuer, bad
+    /// signature).
+    UnknownCa,
+    /// The peer's trust domain has no bundle here.
+    UnknownTrustDomain,
+    /// The certificate is valid, but its identity is not accepted here.
+    NotAllowed,
+    /// The certificate is expired or not yet valid.
+    Expired,
+    /// The leaf breaks a rule of the X.509-SVID specification (URI SANs,
+    /// basic constraints, key usage, encoding).
+    InvalidSvid,
+}
+
+impl PeerRejection {
+    /// Decodes a handshake error raised while verifying the peer's
+    /// certificate; `None` for every other TLS error (protocol faults,
+    /// alerts, I/O).
+    pub fn of(e: &Error) -> Option<PeerRejection> {
+        let ce = match e {
+            Error::NoCertificatesPresented => return Some(PeerRejection::NoCertificate),
+            Error::InvalidCertificate(ce) => ce,
+            _ => return None,
+        };
+        Some(match ce {
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. } => PeerRejection::Expired,
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                PeerRejection::UnknownCa
+            }
+            CertificateError::BadEncoding => PeerRejection::InvalidSvid,
+            CertificateError::Other(o) => {
+                let inner = &*o.0;
+                if inner.downcast_ref::<PeerNotAllowed>().is_some()
+                    || inner.downcast_ref::<DnsPeerNotAllowed>().is_some()
+                {
+                    PeerRejection::NotAllowed
+                } else if inner.downcast_ref::<UnknownTrustDomain>().is_some() {
+                    PeerRejection::UnknownTrustDomain
+                } else if inner.downcast_ref::<SvidError>().is_some() {
+                    PeerRejection::InvalidSvid
+                } else {
+                    return None;
+                }
+            }
+            _ => return None,
+        })
+    }
+}
+
 fn other(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
 }

@@ -1,15 +1,16 @@
-//! Listening and accepting: binds listener sockets and turns each accepted
-//! socket into an [`Accepted`] value carrying its client and original
-//! destination. Transparent and explicit listeners differ only here, in how
-//! the destination is found.
+//! The accept stage: turns each socket accepted from a [`Listener`] (the
+//! `listen` stage) into an [`Accepted`] value carrying its client and
+//! original destination (the `orig_dst` stage for captured listeners).
+//! Transparent and explicit listeners differ only here, in how the
+//! destination is found.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
+pub use crate::listen::{DstSource, Listener};
+use crate::metrics::ForwardFailure;
 use crate::orig_dst::{NoOriginalDst, original_dst};
 
 /// Address of the connecting client.
@@ -21,26 +22,18 @@ pub struct ClientAddr(pub SocketAddr);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrigDstAddr(pub SocketAddr);
 
-/// How a listener learns a connection's destination.
-#[derive(Debug, Clone, Copy)]
-pub enum DstSource {
-    /// From `SO_ORIGINAL_DST` (iptables REDIRECT).
-    OriginalDst,
-    /// A fixed, configured target.
-    Fixed(SocketAddr),
-}
-
-/// An accepted connection and what is known about it.
+/// An accepted connection and what is known about it. Generic over its
+/// stream so that later stages are tested over `tokio::io::duplex`.
 #[derive(Debug)]
-pub struct Accepted {
+pub struct Accepted<S = TcpStream> {
     /// The client.
     pub client: ClientAddr,
     /// The destination.
     pub orig_dst: OrigDstAddr,
     /// The socket.
-    pub stream: TcpStream,
+    pub stream: S,
     /// Holds the listener's connection slot until the connection ends.
-    pub _slot: OwnedSemaphorePermit,
+    pub slot: OwnedSemaphorePermit,
 }
 
 /// Why an accepted connection could not be classified.
@@ -54,51 +47,17 @@ pub enum AcceptError {
     Loop(SocketAddr),
 }
 
-/// Binds a TCP listener with the options a proxy wants.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    sock.listen(1024)?;
-    TcpListener::from_std(sock.into())
-}
-
-/// A bound listener with its destination rule and connection limit.
-#[derive(Debug)]
-pub struct Listener {
-    listener: TcpListener,
-    dst: DstSource,
-    slots: Arc<Semaphore>,
-    local: SocketAddr,
+impl AcceptError {
+    /// The metric label.
+    pub fn reason(&self) -> ForwardFailure {
+        match self {
+            AcceptError::NoOriginalDst(_) => ForwardFailure::NoOriginalDst,
+            AcceptError::Loop(_) => ForwardFailure::OriginalDstLoop,
+        }
+    }
 }
 
 impl Listener {
-    /// Wraps a bound listener.
-    pub fn new(
-        listener: TcpListener,
-        dst: DstSource,
-        max_connections: usize,
-    ) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        Ok(Listener {
-            listener,
-            dst,
-            slots: Arc::new(Semaphore::new(max_connections)),
-            local,
-        })
-    }
-
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
-    }
-
     /// Waits for a connection slot and a connection. Accept errors (for
     /// example running out of file descriptors) are returned to the caller,
     /// which backs off; classification errors come with the socket so the
@@ -133,7 +92,48 @@ impl Listener {
             client,
             orig_dst: OrigDstAddr(dst),
             stream,
-            _slot: slot,
+            slot,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listen::{self, DstSource};
+
+    #[tokio::test]
+    async fn an_explicit_listener_gives_its_configured_destination() {
+        let target: SocketAddr = "10.0.0.9:8080".parse().unwrap();
+        let l = Listener::new(
+            listen::bind("127.0.0.1:0".parse().unwrap()).unwrap(),
+            DstSource::Fixed(target),
+            1,
+        )
+        .unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr())
+            .await
+            .unwrap();
+        let a = l.accept().await.unwrap().expect("classified");
+        assert_eq!(a.orig_dst.0, target);
+        assert_eq!(a.client.0, client.local_addr().unwrap());
+        // The one slot is held by `a`: a second connection waits.
+        let _c2 = tokio::net::TcpStream::connect(l.local_addr())
+            .await
+            .unwrap();
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(100), l.accept()).await;
+        assert!(waited.is_err(), "the connection limit holds");
+        drop(a);
+        let b = tokio::time::timeout(std::time::Duration::from_secs(5), l.accept()).await;
+        assert!(matches!(b, Ok(Ok(Ok(_)))), "a freed slot admits the next");
+    }
+
+    #[test]
+    fn a_loop_is_not_counted_as_a_missing_original_destination() {
+        let e = AcceptError::Loop("127.0.0.1:15001".parse().unwrap());
+        assert_eq!(e.reason(), ForwardFailure::OriginalDstLoop);
+        assert_eq!(e.reason().as_str(), "original_dst_loop");
+        let e = AcceptError::NoOriginalDst(NoOriginalDst(std::io::Error::other("x")));
+        assert_eq!(e.reason().as_str(), "no_original_dst");
     }
 }

@@ -169,6 +169,188 @@ impl AccessLog {
     }
 }
 
+/// An access event in the making: opened when a connection reaches the
+/// authz stage or a request arrives, filled in by the stages it passes,
+/// and recorded exactly once, when it is dropped (the connection or the
+/// request ended, whichever way). Nothing is copied for it unless the
+/// event will be written (access logs on, or a denial).
+#[derive(Debug)]
+pub struct Pending<'a> {
+    log: &'a AccessLog,
+    started: Instant,
+    direction: Direction,
+    source: SocketAddr,
+    destination: SocketAddr,
+    peer: Option<std::borrow::Cow<'a, str>>,
+    method: Option<http::Method>,
+    path: Option<String>,
+    status: Option<u16>,
+    verdict: OwnedVerdict,
+    bytes_in: Option<u64>,
+    bytes_out: Option<u64>,
+    headers: Vec<(http::HeaderName, String)>,
+}
+
+/// [`Verdict`] with owned names.
+#[derive(Debug)]
+enum OwnedVerdict {
+    NotApplicable,
+    Allow {
+        policy: std::sync::Arc<str>,
+        rule: std::sync::Arc<str>,
+    },
+    Deny {
+        reason: &'static str,
+        policy: Option<std::sync::Arc<str>>,
+        rule: Option<std::sync::Arc<str>>,
+    },
+}
+
+impl<'a> Pending<'a> {
+    /// Opens the event of a connection or request from `source` to
+    /// `destination`, starting its clock now.
+    pub fn open(
+        log: &'a AccessLog,
+        direction: Direction,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> Self {
+        Pending {
+            log,
+            started: Instant::now(),
+            direction,
+            source,
+            destination,
+            peer: None,
+            method: None,
+            path: None,
+            status: None,
+            verdict: OwnedVerdict::NotApplicable,
+            bytes_in: None,
+            bytes_out: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Whether this event will be written: access logs are on, or it is a
+    /// denial. Callers copy request details only when it is.
+    pub fn is_recorded(&self) -> bool {
+        self.log.enabled || matches!(self.verdict, OwnedVerdict::Deny { .. })
+    }
+
+    /// Whether every event is written (details worth copying up front).
+    pub fn log_enabled(&self) -> bool {
+        self.log.enabled
+    }
+
+    /// The verified peer, borrowed from the connection.
+    pub fn peer(&mut self, peer: Option<&'a str>) {
+        self.peer = peer.map(std::borrow::Cow::Borrowed);
+    }
+
+    /// The verified peer, copied (the connection moves on); only when the
+    /// event will be written.
+    pub fn peer_copied(&mut self, peer: Option<&str>) {
+        if self.is_recorded() {
+            self.peer = peer.map(|p| std::borrow::Cow::Owned(p.to_owned()));
+        }
+    }
+
+    /// The request's method and the operator-chosen headers
+    /// (`log.access_headers`).
+    pub fn request(
+        &mut self,
+        method: &http::Method,
+        headers: &http::HeaderMap,
+        names: &[http::HeaderName],
+    ) {
+        self.method = Some(method.clone());
+        self.bytes_in = crate::http::content_length(headers);
+        if self.log.enabled && !names.is_empty() {
+            self.headers = pick_headers(names, headers);
+        }
+    }
+
+    /// The normalized path (copied: callers call this only when the event
+    /// will be written, that is with access logs on or for a denial).
+    pub fn path(&mut self, path: &str) {
+        self.path = Some(path.to_owned());
+    }
+
+    /// The authorization decision (copied only when the event will be
+    /// written; a denial always is).
+    pub fn decided(&mut self, decision: &rampart_authz::Decision) {
+        match decision {
+            rampart_authz::Decision::Allow(p) if self.log.enabled => {
+                self.verdict = OwnedVerdict::Allow {
+                    policy: p.policy().into(),
+                    rule: p.rule().into(),
+                };
+            }
+            rampart_authz::Decision::Allow(_) => {}
+            rampart_authz::Decision::Deny(d) => {
+                self.verdict = OwnedVerdict::Deny {
+                    reason: d.reason.as_str(),
+                    policy: d.policy.clone(),
+                    rule: d.rule.clone(),
+                };
+            }
+        }
+    }
+
+    /// The response head sent to the client.
+    pub fn response(&mut self, status: http::StatusCode, headers: &http::HeaderMap) {
+        self.status = Some(status.as_u16());
+        self.bytes_out = crate::http::content_length(headers);
+    }
+
+    /// Time since the event was opened.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Bytes moved by a spliced connection.
+    pub fn bytes(&mut self, from_client: u64, to_client: u64) {
+        self.bytes_in = Some(from_client);
+        self.bytes_out = Some(to_client);
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.is_recorded() {
+            return;
+        }
+        let verdict = match &self.verdict {
+            OwnedVerdict::NotApplicable => Verdict::NotApplicable,
+            OwnedVerdict::Allow { policy, rule } => Verdict::Allow { policy, rule },
+            OwnedVerdict::Deny {
+                reason,
+                policy,
+                rule,
+            } => Verdict::Deny {
+                reason,
+                policy: policy.as_deref(),
+                rule: rule.as_deref(),
+            },
+        };
+        self.log.record(&Event {
+            direction: self.direction,
+            peer: self.peer.as_deref(),
+            source: self.source,
+            destination: self.destination,
+            method: self.method.as_ref().map(http::Method::as_str),
+            path: self.path.as_deref(),
+            status: self.status,
+            verdict,
+            duration: self.started.elapsed(),
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            headers: &self.headers,
+        });
+    }
+}
+
 /// Lines queued for the writer thread at most; past that, events are dropped.
 const QUEUE_LINES: usize = 4096;
 

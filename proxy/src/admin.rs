@@ -46,6 +46,8 @@ pub struct AdminHooks {
     /// `/policy`'s `central` member: bundle revision and status, decision-log
     /// queue (central management, when configured).
     pub central_status: Option<CentralStatus>,
+    /// `/app-health/...`: the app's probes, run for the kubelet.
+    pub app_probes: Arc<crate::probe::AppProbes>,
 }
 
 /// Renders the state of central management as JSON for `/policy`.
@@ -128,6 +130,12 @@ async fn handle(
     hooks: &AdminHooks,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
+    if let Some(probe) = hooks.app_probes.get(&path) {
+        if !matches!(*req.method(), Method::GET | Method::HEAD) {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        return probe.run(req.headers()).await;
+    }
     let Some(allow) = allowed(&path) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };

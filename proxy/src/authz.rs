@@ -1,40 +1,348 @@
-//! The authorization stage: turns an [`Authenticated`] connection into a
-//! [`Permitted`] one, or refuses it. Only `rampart_authz` can make the
-//! [`Permit`] that forwarding requires.
+//! The authz stage, for every protocol: the one place where a decision of
+//! `rampart_authz` becomes a permit, a metric and a log line, per
+//! connection ([`connection`], opaque TCP) and per request ([`request`],
+//! HTTP, after `http::authorize` has built the request's input).
+//!
+//! A permit is bound to what it was issued for: [`Permitted`] holds the
+//! connection and [`PermittedRequest`] the request, with private fields,
+//! and only `forward` can open them (it alone can make the
+//! [`crate::forward::ForwardKey`] that `into_parts` asks for). So forwarding
+//! a connection or request that skipped this stage does not compile:
+//!
+//! ```compile_fail,E0451
+//! // A `Permitted` cannot be built outside `authz`...
+//! fn forge(
+//!     conn: rampart_proxy::tls::Authenticated,
+//!     permit: rampart_authz::Permit,
+//! ) -> rampart_proxy::authz::Permitted {
+//!     rampart_proxy::authz::Permitted { conn, permit, port: 80 }
+//! }
+//! ```
+//!
+//! ```compile_fail,E0423
+//! // ...nor opened outside `forward`: only it can make the key...
+//! fn open() -> rampart_proxy::forward::ForwardKey {
+//!     rampart_proxy::forward::ForwardKey(())
+//! }
+//! ```
+//!
+//! ```compile_fail,E0308
+//! // ...and `forward` takes nothing less than a `Permitted`.
+//! async fn skip(
+//!     conn: rampart_proxy::tls::Authenticated,
+//!     cell: std::sync::Arc<rampart_proxy::policy::PolicyCell>,
+//! ) {
+//!     let _ = rampart_proxy::forward::connection(
+//!         conn,
+//!         "127.0.0.1:80".parse().unwrap(),
+//!         std::time::Duration::from_secs(1),
+//!         &cell,
+//!     )
+//!     .await;
+//! }
+//! ```
+//!
+//! The same call with a `Permitted` compiles (so the three refusals above
+//! are about the permit, not about paths or arguments):
+//!
+//! ```no_run
+//! async fn forward(
+//!     permitted: rampart_proxy::authz::Permitted,
+//!     cell: std::sync::Arc<rampart_proxy::policy::PolicyCell>,
+//!     _permit: &rampart_authz::Permit,
+//!     _conn: &rampart_proxy::tls::Authenticated,
+//! ) {
+//!     let _ = rampart_proxy::forward::connection(
+//!         permitted,
+//!         "127.0.0.1:80".parse().unwrap(),
+//!         std::time::Duration::from_secs(1),
+//!         &cell,
+//!     )
+//!     .await;
+//! }
+//! ```
+//!
+//! A live opaque connection stays bound to the policies: when they are
+//! reloaded, [`Standing::revoked`] decides it again and the connection is
+//! closed if the new policies refuse it (counted in
+//! `rampart_authz_connections_revoked_total`, logged).
 
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
 use rampart_authz::{Decision, Denial, Permit};
+use rampart_identity::PeerIdentity;
 
-use crate::tls::Authenticated;
+use crate::access::Pending;
+use crate::policy::PolicyCell;
+use crate::tls::{Authenticated, BoxedIo};
 
-/// An inbound connection that may proceed.
+/// An inbound connection that may proceed: the connection and the permit
+/// issued for it, inseparable until `forward` opens them.
 #[derive(Debug)]
 pub struct Permitted {
-    /// The authenticated connection.
-    pub conn: Authenticated,
-    /// The proof.
-    pub permit: Permit,
+    conn: Authenticated,
+    permit: Permit,
+    port: u16,
 }
 
-/// Decides whether an authenticated connection may reach the app on `port`.
-pub fn authorize(
+impl Permitted {
+    /// The permit.
+    pub fn permit(&self) -> &Permit {
+        &self.permit
+    }
+
+    /// The connection's verified peer.
+    pub fn peer(&self) -> Option<&PeerIdentity> {
+        self.conn.peer.as_ref()
+    }
+
+    /// Opens the value; only `forward` can make the key.
+    pub(crate) fn into_parts(
+        self,
+        _key: crate::forward::ForwardKey,
+        cell: &Arc<PolicyCell>,
+    ) -> (BoxedIo, Standing, Permit) {
+        let Permitted { conn, permit, port } = self;
+        let Authenticated {
+            client,
+            peer,
+            stream,
+            slot,
+            ..
+        } = conn;
+        let standing = Standing {
+            peer,
+            source: client.0.ip(),
+            port,
+            changes: cell.subscribe(),
+            cell: cell.clone(),
+            _slot: slot,
+        };
+        (stream, standing, permit)
+    }
+}
+
+/// A refused connection, handed back so the caller can close it politely.
+#[derive(Debug)]
+pub struct Refused {
+    /// The connection.
+    pub conn: Authenticated,
+    /// Why.
+    pub denial: Denial,
+}
+
+/// Decides whether an authenticated opaque connection may reach the app on
+/// `port`, with the policies in force now: counts the decision, logs a
+/// refusal and records it in the connection's access event.
+pub fn connection(
     conn: Authenticated,
     port: u16,
-    authorizer: &rampart_authz::Authorizer,
-) -> Result<Permitted, Box<(Authenticated, Denial)>> {
-    let info = crate::tls::connection_info(conn.peer.as_ref(), conn.client.0.ip(), port);
-    match authorizer.check_connection(&info) {
+    cell: &PolicyCell,
+    event: &mut Pending<'_>,
+) -> Result<Permitted, Box<Refused>> {
+    let policies = cell.current();
+    let info = connection_info(conn.peer.as_ref(), conn.client.0.ip(), port);
+    let decision = policies.authorizer.check_connection(&info);
+    crate::metrics::decision(&decision);
+    event.decided(&decision);
+    match decision {
         Decision::Allow(permit) => {
-            crate::metrics::decision("allow", "matched", permit.policy(), permit.rule());
-            Ok(Permitted { conn, permit })
-        }
-        Decision::Deny(d) => {
-            crate::metrics::decision(
-                "deny",
-                d.reason.as_str(),
-                d.policy.as_deref().unwrap_or("-"),
-                d.rule.as_deref().unwrap_or("-"),
+            tracing::debug!(
+                authz.policy = permit.policy(),
+                authz.rule = permit.rule(),
+                "connection permitted"
             );
-            Err(Box::new((conn, d)))
+            Ok(Permitted { conn, permit, port })
         }
+        Decision::Deny(denial) => {
+            tracing::info!(
+                peer.id = conn.peer.as_ref().map(|p| p.principal()).unwrap_or("-"),
+                dst.port = port,
+                reason = denial.reason.as_str(),
+                authz.policy = denial.policy.as_deref().unwrap_or("-"),
+                "connection denied"
+            );
+            Err(Box::new(Refused { conn, denial }))
+        }
+    }
+}
+
+/// An HTTP request that may proceed: the request and the permit issued for
+/// it, inseparable until `forward` opens them. Its head may still be
+/// rewritten (hop-by-hop fields, XFCC, the permit's header effects), not
+/// replaced.
+#[derive(Debug)]
+pub struct PermittedRequest {
+    parts: http::request::Parts,
+    body: Incoming,
+    permit: Permit,
+}
+
+impl PermittedRequest {
+    /// The permit.
+    pub fn permit(&self) -> &Permit {
+        &self.permit
+    }
+
+    /// The request head.
+    pub fn head(&self) -> &http::request::Parts {
+        &self.parts
+    }
+
+    /// The request head, to rewrite before forwarding, and the permit whose
+    /// header effects apply to it.
+    pub fn head_mut(&mut self) -> (&mut http::request::Parts, &Permit) {
+        (&mut self.parts, &self.permit)
+    }
+
+    /// Opens the value; only `forward` can make the key.
+    pub(crate) fn into_parts(
+        self,
+        _key: crate::forward::ForwardKey,
+    ) -> (http::request::Parts, Incoming, Permit) {
+        (self.parts, self.body, self.permit)
+    }
+}
+
+/// Turns a request's decision into a permit (or a refusal), with its metric,
+/// its log line and its access-event verdict: the per-request half of this
+/// stage. `http::authorize` built the decision's input.
+pub fn request(
+    req: http::Request<Incoming>,
+    decision: Decision,
+    event: &mut Pending<'_>,
+) -> Result<PermittedRequest, Box<Denial>> {
+    crate::metrics::decision(&decision);
+    event.decided(&decision);
+    match decision {
+        Decision::Allow(permit) => {
+            let (parts, body) = req.into_parts();
+            Ok(PermittedRequest {
+                parts,
+                body,
+                permit,
+            })
+        }
+        Decision::Deny(denial) => {
+            tracing::info!(
+                reason = denial.reason.as_str(),
+                authz.policy = denial.policy.as_deref().unwrap_or("-"),
+                error = %denial.explain(),
+                "request denied"
+            );
+            Err(Box::new(denial))
+        }
+    }
+}
+
+/// A forwarded opaque connection's standing with the policies: what it was
+/// authorized as, to decide it again when the policies change.
+#[derive(Debug)]
+pub struct Standing {
+    peer: Option<PeerIdentity>,
+    source: IpAddr,
+    port: u16,
+    cell: Arc<PolicyCell>,
+    changes: tokio::sync::watch::Receiver<u64>,
+    /// The listener slot, held while the connection lives.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Standing {
+    /// Resolves when a policy reload refuses this connection (counted and
+    /// logged here); pending for as long as the policies in force allow it.
+    pub async fn revoked(&mut self) {
+        loop {
+            if self.changes.changed().await.is_err() {
+                // The cell is gone (shutdown): nothing will change any more.
+                return std::future::pending().await;
+            }
+            let policies = self.cell.current();
+            let info = connection_info(self.peer.as_ref(), self.source, self.port);
+            match policies.authorizer.check_connection(&info) {
+                Decision::Allow(_) => continue,
+                Decision::Deny(denial) => {
+                    tracing::info!(
+                        peer.id = self.peer.as_ref().map(|p| p.principal()).unwrap_or("-"),
+                        dst.port = self.port,
+                        reason = denial.reason.as_str(),
+                        authz.policy = denial.policy.as_deref().unwrap_or("-"),
+                        "connection revoked by a policy reload"
+                    );
+                    crate::metrics::connection_revoked();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What authz is told about a connection's peer: its SPIFFE ID (absent for
+/// plaintext and for DNS-SAN clients) and its certificate's DNS SANs.
+pub fn connection_info(
+    peer: Option<&PeerIdentity>,
+    source: IpAddr,
+    port: u16,
+) -> rampart_authz::ConnectionInfo<'_> {
+    match peer {
+        Some(p) => rampart_authz::ConnectionInfo::new(p.id.as_ref(), source, port)
+            .with_peer_dns(&p.dns_names),
+        None => rampart_authz::ConnectionInfo::new(None, source, port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::AccessLog;
+    use crate::config::Direction;
+    use crate::testing::{self, Pki, id};
+    use rampart_authz::{Authorizer, DefaultAction, DenyReason};
+
+    const DST: &str = "10.0.0.2:8080";
+
+    fn allow(peers: &[&str]) -> Authorizer {
+        Authorizer::from_port_allowlist(
+            [(8080, peers.iter().map(|p| id(p)).collect())],
+            DefaultAction::Deny,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_permitted_or_refused_by_the_policies_in_force() {
+        let pki = Pki::new();
+        let log = AccessLog::new(false, 10);
+        let cell = PolicyCell::new(allow(&["client"]));
+        let (authn, _peer) =
+            testing::authenticated(&pki, "server", "client", DST.parse().unwrap()).await;
+        let mut event = Pending::open(&log, Direction::Inbound, authn.client.0, authn.orig_dst.0);
+        let permitted = connection(authn, 8080, &cell, &mut event).expect("permitted");
+        assert_eq!(permitted.permit().policy(), "port-8080");
+        assert_eq!(permitted.permit().rule(), "allowed_peers");
+        assert_eq!(permitted.peer().unwrap().id, Some(id("client")));
+        assert!(
+            !event.is_recorded(),
+            "an allowed event waits for access logs"
+        );
+
+        let (authn, _peer) =
+            testing::authenticated(&pki, "server", "other", DST.parse().unwrap()).await;
+        let mut event = Pending::open(&log, Direction::Inbound, authn.client.0, authn.orig_dst.0);
+        let refused = connection(authn, 8080, &cell, &mut event).expect_err("refused");
+        assert_eq!(refused.denial.reason, DenyReason::NotAllowed);
+        assert!(event.is_recorded(), "a denial is always recorded");
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_connection_has_no_peer_to_admit() {
+        let log = AccessLog::new(false, 10);
+        let cell = PolicyCell::new(allow(&["client"]));
+        let (accepted, _far) = testing::accepted(DST.parse().unwrap());
+        let authn = crate::tls::allow_plaintext(accepted);
+        let mut event = Pending::open(&log, Direction::Inbound, authn.client.0, authn.orig_dst.0);
+        let refused = connection(authn, 8080, &cell, &mut event).expect_err("refused");
+        assert_eq!(refused.denial.reason, DenyReason::Unauthenticated);
     }
 }

@@ -9,12 +9,15 @@ use std::sync::Arc;
 use tracing::{Instrument, field};
 
 use crate::accept::{Accepted, Listener};
+use crate::access::Pending;
 use crate::config::{DeclaredProtocol, Direction, ProxyConfig, TlsMode};
 use crate::detect::{self, Protocol, Sniffed};
 use crate::drain::Watch;
+use crate::http::{self, AppVersion, ServeVersion};
+use crate::metrics::HandshakeResult;
 use crate::server::Shared;
 use crate::tls::Authenticated;
-use crate::{access, authz, forward, http, metrics, tls};
+use crate::{authz, forward, metrics, tls};
 
 /// Where inbound connections go after authorization.
 #[derive(Debug, Clone, Copy)]
@@ -59,7 +62,7 @@ pub async fn serve(listener: Listener, target: AppTarget, shared: Arc<Shared>, m
             }
             Ok(Err((e, client))) => {
                 tracing::info!(src.addr = %client.0, error = %e, "inbound connection refused");
-                metrics::forward_error(Direction::Inbound, "no_original_dst");
+                metrics::forward_error(Direction::Inbound, e.reason());
             }
             Err(e) => crate::server::accept_backoff(Direction::Inbound, e).await,
         }
@@ -110,19 +113,19 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             let Some(configs) = shared.identity() else {
                 // No identity yet (or it expired): refuse rather than present nothing.
                 tracing::info!("connection refused: no identity");
-                metrics::handshake(Direction::Inbound, "no_identity");
+                metrics::handshake(Direction::Inbound, HandshakeResult::NoIdentity);
                 return;
             };
             let server_cfg = configs.server[ProxyConfig::server_index(&settings)].clone();
             drop(configs);
             match tls::terminate(accepted, server_cfg, limits.handshake_timeout).await {
                 Ok(a) => {
-                    metrics::handshake(Direction::Inbound, "ok");
+                    metrics::handshake(Direction::Inbound, HandshakeResult::Ok);
                     a
                 }
                 Err(e) => {
-                    tracing::info!(reason = e.label(), error = %e, "handshake failed");
-                    metrics::handshake(Direction::Inbound, e.label());
+                    tracing::info!(reason = e.result().as_str(), error = %e, "handshake failed");
+                    metrics::handshake(Direction::Inbound, e.result());
                     return;
                 }
             }
@@ -143,7 +146,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         metrics::detected(Direction::Inbound, protocol.as_str_protocol());
         tracing::Span::current().record("protocol", protocol.as_str());
         if let Some(serve) = protocol.serve_version() {
-            let conn = http::InboundConn {
+            let conn = http::server::InboundConn {
                 source: authn.client.0,
                 destination: authn.orig_dst.0,
                 tls: authn.peer.is_some(),
@@ -152,67 +155,39 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 app,
                 serve,
                 app_version: match settings.protocol {
-                    DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => http::AppVersion::Http2,
+                    DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => AppVersion::Http2,
                     DeclaredProtocol::Detect
                     | DeclaredProtocol::Opaque
-                    | DeclaredProtocol::Http => http::AppVersion::AsReceived,
+                    | DeclaredProtocol::Http => AppVersion::AsReceived,
                 },
                 grpc_port: settings.protocol == DeclaredProtocol::Grpc,
             };
             let slot = authn.slot;
-            http::serve(authn.stream, conn, shared.clone(), watch).await;
+            http::server::serve(authn.stream, conn, shared.clone(), watch).await;
             drop(slot);
             return;
         }
-        let started = std::time::Instant::now();
-        let (source, destination) = (authn.client.0, authn.orig_dst.0);
-        let policies = shared.config.authorizer.current();
-        let permitted = match authz::authorize(authn, port, &policies.authorizer) {
+        // Stage: authz, once for the connection, then forward.
+        let mut event = Pending::open(
+            &shared.access,
+            Direction::Inbound,
+            authn.client.0,
+            authn.orig_dst.0,
+        );
+        let cell = &shared.config.authorizer;
+        let permitted = match authz::connection(authn, port, cell, &mut event) {
             Ok(p) => p,
-            Err(denied) => {
-                let (conn, denial) = *denied;
-                shared.access.record(&access::Event {
-                    direction: Direction::Inbound,
-                    peer: conn.peer.as_ref().map(|p| p.principal()),
-                    source,
-                    destination,
-                    method: None,
-                    path: None,
-                    status: None,
-                    verdict: access::Verdict::Deny {
-                        reason: denial.reason.as_str(),
-                        policy: denial.policy.as_deref(),
-                        rule: denial.rule.as_deref(),
-                    },
-                    duration: started.elapsed(),
-                    bytes_in: None,
-                    bytes_out: None,
-                    headers: &[],
-                });
-                tracing::info!(
-                    peer.id = conn.peer.as_ref().map(|p| p.principal()).unwrap_or("-"),
-                    dst.port = port,
-                    reason = denial.reason.as_str(),
-                    authz.policy = denial.policy.as_deref().unwrap_or("-"),
-                    "connection denied"
-                );
-                let mut stream = conn.stream;
+            Err(refused) => {
+                event.peer_copied(refused.conn.peer.as_ref().map(|p| p.principal()));
+                let mut stream = refused.conn.stream;
                 // Best effort: tell the peer we are closing (close_notify).
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
                 return;
             }
         };
-        drop(policies);
-        let logged = shared.access.is_enabled().then(|| {
-            let p = &permitted;
-            (
-                p.conn.peer.as_ref().map(|x| x.principal().to_owned()),
-                p.permit.policy().to_owned(),
-                p.permit.rule().to_owned(),
-            )
-        });
-        let tls = permitted.conn.peer.is_some();
-        let forwarded = forward::forward_inbound(permitted, app, limits.connect_timeout);
+        event.peer_copied(permitted.peer().map(|p| p.principal()));
+        let tls = permitted.peer().is_some();
+        let forwarded = forward::connection(permitted, app, limits.connect_timeout, cell);
         let forwarded = if tls {
             tokio::select! {
                 r = forwarded => r,
@@ -227,22 +202,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         match forwarded {
             Ok(t) => {
                 metrics::bytes(Direction::Inbound, t.to_target, t.to_client);
-                if let Some((peer, policy, rule)) = &logged {
-                    shared.access.record(&access::Event {
-                        direction: Direction::Inbound,
-                        peer: peer.as_deref(),
-                        source,
-                        destination,
-                        method: None,
-                        path: None,
-                        status: None,
-                        verdict: access::Verdict::Allow { policy, rule },
-                        duration: started.elapsed(),
-                        bytes_in: Some(t.to_target),
-                        bytes_out: Some(t.to_client),
-                        headers: &[],
-                    });
-                }
+                event.bytes(t.to_target, t.to_client);
                 tracing::debug!(
                     bytes.to_app = t.to_target,
                     bytes.to_peer = t.to_client,
@@ -251,11 +211,13 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             }
             Err(forward::ForwardError::Connect(e)) => {
                 tracing::info!(error = %e, "app unreachable");
-                metrics::forward_error(Direction::Inbound, e.label());
+                metrics::forward_error(Direction::Inbound, e.reason());
             }
             Err(forward::ForwardError::Io(e)) => {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            // Logged and counted by the authz stage.
+            Err(forward::ForwardError::Revoked) => {}
         }
     }
     .instrument(span)
@@ -266,13 +228,13 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Inner {
     /// Declared or detected HTTP, served with these versions.
-    Http(http::ServeVersion),
+    Http(ServeVersion),
     /// Opaque TCP.
     Opaque,
 }
 
 impl Inner {
-    fn serve_version(self) -> Option<http::ServeVersion> {
+    fn serve_version(self) -> Option<ServeVersion> {
         match self {
             Inner::Http(v) => Some(v),
             Inner::Opaque => None,
@@ -285,8 +247,8 @@ impl Inner {
 
     fn as_str_protocol(self) -> Protocol {
         match self {
-            Inner::Http(http::ServeVersion::Http2) => Protocol::Http2,
-            Inner::Http(http::ServeVersion::Http1 | http::ServeVersion::Auto) => Protocol::Http1,
+            Inner::Http(ServeVersion::Http2) => Protocol::Http2,
+            Inner::Http(ServeVersion::Http1 | ServeVersion::Auto) => Protocol::Http1,
             Inner::Opaque => Protocol::Opaque,
         }
     }
@@ -312,14 +274,14 @@ async fn detect_inner(
                     .await?;
             authn.stream = Box::new(rewound);
             match p {
-                Protocol::Http1 => Inner::Http(http::ServeVersion::Http1),
+                Protocol::Http1 => Inner::Http(ServeVersion::Http1),
                 Protocol::Http2 | Protocol::Tls | Protocol::Opaque => {
-                    Inner::Http(http::ServeVersion::Http2)
+                    Inner::Http(ServeVersion::Http2)
                 }
             }
         }
-        DeclaredProtocol::Http => Inner::Http(http::ServeVersion::Auto),
-        DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(http::ServeVersion::Http2),
+        DeclaredProtocol::Http => Inner::Http(ServeVersion::Auto),
+        DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(ServeVersion::Http2),
         DeclaredProtocol::Detect => {
             let p = match known {
                 Some(p) => p,
@@ -335,8 +297,8 @@ async fn detect_inner(
                 }
             };
             match p {
-                Protocol::Http1 => Inner::Http(http::ServeVersion::Http1),
-                Protocol::Http2 => Inner::Http(http::ServeVersion::Http2),
+                Protocol::Http1 => Inner::Http(ServeVersion::Http1),
+                Protocol::Http2 => Inner::Http(ServeVersion::Http2),
                 // TLS inside TLS is the app's own: opaque to us.
                 Protocol::Tls | Protocol::Opaque => Inner::Opaque,
             }

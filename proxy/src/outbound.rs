@@ -1,17 +1,22 @@
 //! The outbound pipeline: accept -> orig_dst -> route (mesh or passthrough)
-//! -> detect (HTTP/1.1 goes to `pool`) -> tls (originate, verify the
-//! server's SPIFFE ID during the handshake) -> forward.
+//! -> detect (HTTP/1.1 goes to `http::outbound`) -> tls (originate in
+//! `forward::dial_peer`, verifying the server's SPIFFE ID during the
+//! handshake) -> forward.
 
 use std::sync::Arc;
 
 use tracing::{Instrument, field};
 
 use crate::accept::{Accepted, Listener};
-use crate::config::{Direction, OutboundRoute};
+use crate::access::Pending;
+use crate::config::Direction;
 use crate::detect::{self, Protocol, Sniffed};
 use crate::drain::Watch;
+use crate::forward::PeerError;
+use crate::metrics::{ForwardFailure, HandshakeResult};
+use crate::route::{self, OutboundRoute};
 use crate::server::Shared;
-use crate::{access, forward, metrics, pool, tls};
+use crate::{forward, metrics};
 
 /// How an outbound listener picks the server identity to expect.
 #[derive(Debug, Clone, Copy)]
@@ -42,7 +47,7 @@ pub async fn serve(
             }
             Ok(Err((e, client))) => {
                 tracing::info!(src.addr = %client.0, error = %e, "outbound connection refused");
-                metrics::forward_error(Direction::Outbound, "no_original_dst");
+                metrics::forward_error(Direction::Outbound, e.reason());
             }
             Err(e) => crate::server::accept_backoff(Direction::Outbound, e).await,
         }
@@ -63,21 +68,18 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
         let limits = &shared.config.limits;
         let route = match choice {
             ServerChoice::Fixed(i) => OutboundRoute::Mesh(i),
-            ServerChoice::ByRoute => shared.config.route(dst),
+            ServerChoice::ByRoute => route::route(&shared.config.outbound, dst),
         };
         let index = match route {
             OutboundRoute::Passthrough => {
-                let upstream = match forward::connect(dst, limits.connect_timeout).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::info!(error = %e, "destination unreachable");
-                        metrics::forward_error(Direction::Outbound, e.label());
-                        return;
-                    }
-                };
                 tracing::debug!("passthrough (outside the mesh)");
-                if let Ok(t) = forward::splice(accepted.stream, upstream).await {
-                    metrics::bytes(Direction::Outbound, t.to_target, t.to_client);
+                match forward::passthrough(accepted.stream, dst, limits.connect_timeout).await {
+                    Ok(t) => metrics::bytes(Direction::Outbound, t.to_target, t.to_client),
+                    Err(forward::ForwardError::Connect(e)) => {
+                        tracing::info!(error = %e, "destination unreachable");
+                        metrics::forward_error(Direction::Outbound, e.reason());
+                    }
+                    Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
                 }
                 return;
             }
@@ -85,14 +87,14 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
                 tracing::warn!(
                     "connection refused: no server identity configured for this destination"
                 );
-                metrics::forward_error(Direction::Outbound, "no_server_rule");
+                metrics::forward_error(Direction::Outbound, ForwardFailure::NoServerRule);
                 return;
             }
             OutboundRoute::Mesh(i) => i,
         };
         let Some(configs) = shared.identity() else {
             tracing::info!("connection refused: no identity");
-            metrics::handshake(Direction::Outbound, "no_identity");
+            metrics::handshake(Direction::Outbound, HandshakeResult::NoIdentity);
             return;
         };
         let client_cfg = configs.client[index].clone();
@@ -109,9 +111,22 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
             {
                 Ok(Sniffed::Decided(Protocol::Http1)) => {
                     metrics::detected(Direction::Outbound, Protocol::Http1);
-                    let Accepted { stream, _slot, .. } = accepted;
-                    pool::serve(stream, dst, index, shared.clone(), watch).await;
-                    drop(_slot);
+                    let Accepted {
+                        stream,
+                        slot,
+                        client,
+                        ..
+                    } = accepted;
+                    crate::http::outbound::serve(
+                        stream,
+                        client.0,
+                        dst,
+                        index,
+                        shared.clone(),
+                        watch,
+                    )
+                    .await;
+                    drop(slot);
                     return;
                 }
                 Ok(Sniffed::Decided(p @ (Protocol::Http2 | Protocol::Tls | Protocol::Opaque))) => {
@@ -124,28 +139,30 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
                 }
             }
         }
-        let upstream = match forward::connect(dst, limits.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
+        let dialed = forward::dial_peer(
+            dst,
+            client_cfg,
+            limits.connect_timeout,
+            limits.handshake_timeout,
+        )
+        .await;
+        let (tls_stream, peer) = match dialed {
+            Ok(x) => x,
+            Err(PeerError::Connect(e)) => {
                 tracing::info!(error = %e, "destination unreachable");
-                metrics::forward_error(Direction::Outbound, e.label());
+                metrics::forward_error(Direction::Outbound, e.reason());
+                return;
+            }
+            Err(PeerError::Handshake(e)) => {
+                tracing::info!(reason = e.result().as_str(), error = %e, "handshake failed");
                 return;
             }
         };
-        let (tls_stream, peer) =
-            match tls::originate(upstream, dst, client_cfg, limits.handshake_timeout).await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::info!(reason = e.label(), error = %e, "handshake failed");
-                    metrics::handshake(Direction::Outbound, e.label());
-                    return;
-                }
-            };
-        metrics::handshake(Direction::Outbound, "ok");
         tracing::Span::current().record("peer.id", field::display(peer.principal()));
-        let (source, started) = (accepted.client.0, std::time::Instant::now());
+        let mut event = Pending::open(&shared.access, Direction::Outbound, accepted.client.0, dst);
+        event.peer_copied(Some(peer.principal()));
         let spliced = tokio::select! {
-            r = forward::splice(accepted.stream, tls_stream) => r,
+            r = forward::to_peer(accepted.stream, tls_stream) => r,
             () = shared.identity_withdrawn() => {
                 tracing::info!("identity withdrawn: mTLS connection closed");
                 return;
@@ -154,22 +171,7 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
         match spliced {
             Ok(t) => {
                 metrics::bytes(Direction::Outbound, t.to_target, t.to_client);
-                if shared.access.is_enabled() {
-                    shared.access.record(&access::Event {
-                        direction: Direction::Outbound,
-                        peer: Some(peer.principal()),
-                        source,
-                        destination: dst,
-                        method: None,
-                        path: None,
-                        status: None,
-                        verdict: access::Verdict::NotApplicable,
-                        duration: started.elapsed(),
-                        bytes_in: Some(t.to_target),
-                        bytes_out: Some(t.to_client),
-                        headers: &[],
-                    });
-                }
+                event.bytes(t.to_target, t.to_client);
                 tracing::debug!(
                     bytes.to_peer = t.to_target,
                     bytes.to_app = t.to_client,

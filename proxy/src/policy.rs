@@ -70,9 +70,13 @@ impl PolicyOrigin {
 }
 
 /// The policies in force. Readers never block: `current` is an atomic load.
+/// Live opaque connections [`subscribe`](PolicyCell::subscribe) to hear of
+/// each replacement, and are decided again then (`authz::Standing`).
 #[derive(Debug)]
 pub struct PolicyCell {
     inner: ArcSwap<LoadedPolicies>,
+    /// Counts replacements.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl PolicyCell {
@@ -89,6 +93,7 @@ impl PolicyCell {
                 loaded_at: SystemTime::now(),
                 origin,
             }),
+            generation: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -121,6 +126,12 @@ impl PolicyCell {
             loaded_at: SystemTime::now(),
             origin,
         }));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// A receiver that sees every later replacement.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 }
 

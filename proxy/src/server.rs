@@ -9,11 +9,11 @@ use std::time::Duration;
 use rampart_identity::store::TlsConfigs;
 use tokio::sync::watch;
 
-use crate::accept::{self, DstSource, Listener};
 use crate::admin::{self, AdminHooks};
 use crate::config::{Direction, ProxyConfig};
 use crate::drain::Drain;
 use crate::inbound::{self, AppTarget};
+use crate::listen::{self, DstSource, Listener};
 use crate::outbound::{self, ServerChoice};
 
 /// State shared by every connection.
@@ -22,9 +22,9 @@ pub struct Shared {
     /// The plan.
     pub config: ProxyConfig,
     /// The inbound HTTP server settings and app connection pools.
-    pub http: crate::http::InboundHttp,
+    pub http: crate::http::server::InboundHttp,
     /// The outbound HTTP server settings and sidecar-to-sidecar HTTP/2 pools.
-    pub outbound_http: crate::pool::OutboundHttp,
+    pub outbound_http: crate::http::pool::OutboundHttp,
     /// Access events.
     pub access: crate::access::AccessLog,
     identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
@@ -100,7 +100,7 @@ pub fn bind(
             addr,
             source,
         };
-        let l = accept::bind(addr).map_err(err)?;
+        let l = listen::bind(addr).map_err(err)?;
         Listener::new(l, dst, max).map_err(err)
     };
     let mut listeners = Vec::new();
@@ -128,15 +128,15 @@ pub fn bind(
         };
         listeners.push((bound, role));
     }
-    let admin = accept::bind(config.admin).map_err(|source| BindError {
+    let admin = listen::bind(config.admin).map_err(|source| BindError {
         what: "admin".into(),
         addr: config.admin,
         source,
     })?;
     Ok(BoundProxy {
         shared: Arc::new(Shared {
-            http: crate::http::InboundHttp::new(&config.limits),
-            outbound_http: crate::pool::OutboundHttp::new(
+            http: crate::http::server::InboundHttp::new(&config.limits),
+            outbound_http: crate::http::pool::OutboundHttp::new(
                 &config.limits,
                 config.tls_spec().client.len(),
                 identity.clone(),

@@ -7,24 +7,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rampart_identity::PeerIdentity;
-use rampart_identity::verify::{
-    DnsPeerNotAllowed, PeerNotAllowed, UnknownTrustDomain, peer_identity,
-};
-use rustls::{CertificateError, ClientConfig, ServerConfig};
+use rampart_identity::verify::{PeerRejection, peer_identity};
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::accept::Accepted;
+use crate::metrics::{HandshakeFailure, HandshakeResult};
 
 /// Server-side TLS stream.
 pub type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 /// Client-side TLS stream.
 pub type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
 
-/// Why a handshake failed, by who is at fault; [`HandshakeError::label`] is the metric label.
-#[derive(Debug, thiserror::Error)]
+/// Why a handshake failed, by who is at fault; [`HandshakeError::result`]
+/// is its metric label.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HandshakeError {
     /// The client sent no certificate (not a mesh peer).
     #[error("peer presented no certificate")]
@@ -38,6 +38,9 @@ pub enum HandshakeError {
     /// The peer's certificate is expired or not yet valid.
     #[error("peer certificate is expired or not yet valid")]
     Expired,
+    /// The peer's leaf breaks an X.509-SVID rule.
+    #[error("peer certificate is not a valid X.509-SVID: {0}")]
+    InvalidSvid(String),
     /// Anything else the peer got wrong (not TLS, bad messages, alerts).
     #[error("TLS protocol error: {0}")]
     Protocol(String),
@@ -51,47 +54,35 @@ pub enum HandshakeError {
 }
 
 impl HandshakeError {
-    /// Fixed metric label.
-    pub fn label(&self) -> &'static str {
-        match self {
-            HandshakeError::NoClientCert => "no_client_cert",
-            HandshakeError::UnknownCa(_) => "unknown_ca",
-            HandshakeError::IdNotAllowed(_) => "id_not_allowed",
-            HandshakeError::Expired => "expired",
-            HandshakeError::Protocol(_) => "protocol_error",
-            HandshakeError::Timeout => "timeout",
-            HandshakeError::NoPeerId => "no_peer_id",
-        }
+    /// The `result` label of `rampart_tls_handshakes_total`.
+    pub fn result(&self) -> HandshakeResult {
+        HandshakeResult::Failed(match self {
+            HandshakeError::NoClientCert => HandshakeFailure::NoClientCert,
+            HandshakeError::UnknownCa(_) => HandshakeFailure::UnknownCa,
+            HandshakeError::IdNotAllowed(_) => HandshakeFailure::IdNotAllowed,
+            HandshakeError::Expired => HandshakeFailure::Expired,
+            HandshakeError::InvalidSvid(_) => HandshakeFailure::InvalidSvid,
+            HandshakeError::Protocol(_) => HandshakeFailure::ProtocolError,
+            HandshakeError::Timeout => HandshakeFailure::Timeout,
+            HandshakeError::NoPeerId => HandshakeFailure::NoPeerId,
+        })
     }
 
     fn classify(e: std::io::Error) -> Self {
         let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
             return HandshakeError::Protocol(e.to_string());
         };
-        match tls {
-            rustls::Error::NoCertificatesPresented => HandshakeError::NoClientCert,
-            rustls::Error::InvalidCertificate(ce) => match ce {
-                CertificateError::Expired
-                | CertificateError::ExpiredContext { .. }
-                | CertificateError::NotValidYet
-                | CertificateError::NotValidYetContext { .. } => HandshakeError::Expired,
-                CertificateError::UnknownIssuer | CertificateError::BadSignature => {
-                    HandshakeError::UnknownCa(tls.to_string())
-                }
-                CertificateError::Other(o)
-                    if o.0.downcast_ref::<PeerNotAllowed>().is_some()
-                        || o.0.downcast_ref::<DnsPeerNotAllowed>().is_some() =>
-                {
-                    HandshakeError::IdNotAllowed(o.0.to_string())
-                }
-                CertificateError::Other(o)
-                    if o.0.downcast_ref::<UnknownTrustDomain>().is_some() =>
-                {
-                    HandshakeError::UnknownCa(o.0.to_string())
-                }
-                other => HandshakeError::Protocol(format!("invalid peer certificate: {other:?}")),
-            },
-            other => HandshakeError::Protocol(other.to_string()),
+        // The taxonomy of certificate refusals is decoded in `identity`,
+        // beside the verifiers that encode it.
+        match PeerRejection::of(tls) {
+            Some(PeerRejection::NoCertificate) => HandshakeError::NoClientCert,
+            Some(PeerRejection::UnknownCa | PeerRejection::UnknownTrustDomain) => {
+                HandshakeError::UnknownCa(tls.to_string())
+            }
+            Some(PeerRejection::NotAllowed) => HandshakeError::IdNotAllowed(tls.to_string()),
+            Some(PeerRejection::Expired) => HandshakeError::Expired,
+            Some(PeerRejection::InvalidSvid) => HandshakeError::InvalidSvid(tls.to_string()),
+            None => HandshakeError::Protocol(tls.to_string()),
         }
     }
 }
@@ -134,12 +125,12 @@ impl std::fmt::Debug for Authenticated {
 
 /// Accepts a plaintext connection on a PERMISSIVE port: no TLS, no peer.
 /// The name says what it weakens.
-pub fn allow_plaintext(accepted: Accepted) -> Authenticated {
+pub fn allow_plaintext<S: Io>(accepted: Accepted<S>) -> Authenticated {
     let Accepted {
         client,
         orig_dst,
         stream,
-        _slot: slot,
+        slot,
     } = accepted;
     Authenticated {
         client,
@@ -152,8 +143,8 @@ pub fn allow_plaintext(accepted: Accepted) -> Authenticated {
 }
 
 /// Terminates mTLS on an accepted connection.
-pub async fn terminate(
-    accepted: Accepted,
+pub async fn terminate<S: Io>(
+    accepted: Accepted<S>,
     config: Arc<ServerConfig>,
     timeout: Duration,
 ) -> Result<Authenticated, HandshakeError> {
@@ -161,7 +152,7 @@ pub async fn terminate(
         client,
         orig_dst,
         stream,
-        _slot: slot,
+        slot,
     } = accepted;
     let tls = tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(stream))
         .await
@@ -182,12 +173,12 @@ pub async fn terminate(
 
 /// Originates mTLS over a connected socket; the server's identity is checked
 /// by the verifier inside `config`, during the handshake.
-pub async fn originate(
-    stream: TcpStream,
+pub async fn originate<S: Io>(
+    stream: S,
     dst: SocketAddr,
     config: Arc<ClientConfig>,
     timeout: Duration,
-) -> Result<(ClientTls, PeerIdentity), HandshakeError> {
+) -> Result<(tokio_rustls::client::TlsStream<S>, PeerIdentity), HandshakeError> {
     // An IP server name: rustls sends no SNI for it, and hostname checks are
     // replaced by the SPIFFE verifier.
     let name = ServerName::IpAddress(dst.ip().into());
@@ -202,16 +193,94 @@ pub async fn originate(
     Ok((tls, peer))
 }
 
-/// What authz is told about a connection's peer: its SPIFFE ID (absent for
-/// plaintext and for DNS-SAN clients) and its certificate's DNS SANs.
-pub fn connection_info(
-    peer: Option<&PeerIdentity>,
-    source: std::net::IpAddr,
-    port: u16,
-) -> rampart_authz::ConnectionInfo<'_> {
-    match peer {
-        Some(p) => rampart_authz::ConnectionInfo::new(p.id.as_ref(), source, port)
-            .with_peer_dns(&p.dns_names),
-        None => rampart_authz::ConnectionInfo::new(None, source, port),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{self, Pki, id};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const DST: &str = "10.0.0.2:8080";
+
+    #[tokio::test]
+    async fn terminate_and_originate_authenticate_both_ends_over_a_duplex() {
+        let pki = Pki::new();
+        let (mut authn, mut peer) =
+            testing::authenticated(&pki, "server", "client", DST.parse().unwrap()).await;
+        assert_eq!(authn.peer.as_ref().unwrap().id, Some(id("client")));
+        assert!(authn.alpn_h2, "ALPN h2 negotiated");
+        assert_eq!(authn.orig_dst.0, DST.parse().unwrap());
+        peer.write_all(b"ping").await.unwrap();
+        peer.flush().await.unwrap();
+        let mut buf = [0; 4];
+        authn.stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_server_with_another_identity_is_refused_during_the_handshake() {
+        let pki = Pki::new();
+        let dst: SocketAddr = DST.parse().unwrap();
+        let (accepted, far) = testing::accepted(dst);
+        // The client expects `billing`; the server is `server`.
+        let (server, client) = tokio::join!(
+            terminate(accepted, pki.server("server"), Duration::from_secs(5)),
+            originate(
+                far,
+                dst,
+                pki.client("client", "billing"),
+                Duration::from_secs(5)
+            ),
+        );
+        let e = client.err().expect("refused");
+        assert!(matches!(e, HandshakeError::IdNotAllowed(_)), "{e}");
+        assert_eq!(e.result().as_str(), "id_not_allowed");
+        assert!(server.is_err(), "the server saw the handshake fail too");
+    }
+
+    #[tokio::test]
+    async fn a_client_leaf_that_breaks_an_svid_rule_is_counted_as_invalid_svid() {
+        let pki = Pki::new();
+        let dst: SocketAddr = DST.parse().unwrap();
+        let (accepted, far) = testing::accepted(dst);
+        // A DNS-SAN client certificate (no URI SAN) on a SPIFFE-only port.
+        let cert = pki
+            .ca
+            .issue_dns_client(&["ingress.example.org".into()], Duration::from_secs(600))
+            .unwrap();
+        let provider = rampart_identity::tls::provider();
+        let verifier = rampart_identity::verify::SpiffeServerVerifier::new(
+            pki.bundles.clone(),
+            rampart_identity::IdMatcher::ids([id("server")]),
+            &provider,
+        );
+        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(vec![CertificateDer::from(cert.cert_der.to_vec())], key)
+            .unwrap();
+        let (server, _client) = tokio::join!(
+            terminate(accepted, pki.server("server"), Duration::from_secs(5)),
+            originate(far, dst, Arc::new(client), Duration::from_secs(5)),
+        );
+        let e = server.err().expect("refused");
+        assert!(matches!(e, HandshakeError::InvalidSvid(_)), "{e}");
+        assert_eq!(e.result().as_str(), "invalid_svid");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_times_out() {
+        let pki = Pki::new();
+        let (accepted, _far) = testing::accepted(DST.parse().unwrap());
+        let e = terminate(accepted, pki.server("server"), Duration::from_secs(5))
+            .await
+            .err()
+            .expect("timed out");
+        assert!(matches!(e, HandshakeError::Timeout));
+        assert_eq!(e.result().as_str(), "timeout");
     }
 }

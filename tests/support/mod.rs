@@ -25,6 +25,7 @@ pub mod apps;
 mod capture;
 pub mod curl;
 pub mod ext_authz;
+pub mod kube;
 mod net;
 pub mod nginx;
 pub mod peers;

@@ -129,6 +129,18 @@ impl Sidecar {
 
     /// Writes its configuration and starts it, without waiting.
     pub fn spawn(dir: &Path, name: &str, svid: &Path, body: &str) -> Sidecar {
+        Sidecar::spawn_with_env(dir, name, svid, body, &[])
+    }
+
+    /// As [`Sidecar::spawn`], with environment variables for the process
+    /// (`RAMPART_APP_PROBES`, as injection sets it).
+    pub fn spawn_with_env(
+        dir: &Path,
+        name: &str,
+        svid: &Path,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> Sidecar {
         let admin = free_addr();
         // A body with its own `admin: {...}` line gets the address added to it.
         let (admin_line, body) = if body.lines().any(|l| l.starts_with("admin: {")) {
@@ -158,6 +170,7 @@ impl Sidecar {
         let stdout = dir.join(format!("{name}.sidecar.stdout"));
         let child = Command::new(rampart_bin())
             .args(["run", "--config", path.to_str().unwrap()])
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

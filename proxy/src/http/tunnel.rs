@@ -38,8 +38,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
+use super::ProxyBody;
+use super::headers::strip_hop_by_hop;
 use crate::config::Direction;
-use crate::http::{ProxyBody, strip_hop_by_hop};
 
 /// The tunnel an HTTP/1.1 request asks for.
 #[derive(Debug, Clone)]
@@ -198,18 +199,7 @@ where
                 return;
             }
         };
-        match crate::forward::splice(TokioIo::new(down), TokioIo::new(up)).await {
-            Ok(t) => {
-                crate::metrics::bytes(direction, t.to_target, t.to_client);
-                tracing::debug!(
-                    tunnel = label,
-                    bytes.to_target = t.to_target,
-                    bytes.to_client = t.to_client,
-                    "tunnel closed"
-                );
-            }
-            Err(e) => tracing::debug!(tunnel = label, error = %e, "tunnel ended with an error"),
-        }
+        crate::forward::tunnel_bytes(TokioIo::new(down), TokioIo::new(up), direction, label).await;
     });
     let resp = Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
     Ok((resp, Some(splice)))

@@ -1,0 +1,137 @@
+//! Inbound HTTP, the authorization input: builds what `rampart_authz` is
+//! told about one request (normalized path, authority, protocol, scheme,
+//! gRPC method, the connection's peer), asks the external authorizer when a
+//! CUSTOM policy matches, feeds the decision log, and hands the decision to
+//! the `authz` stage, which turns it into a permit bound to the request.
+
+use http::header;
+use http::uri::{Authority, PathAndQuery};
+use http::{Request, Version};
+use hyper::body::Incoming;
+use rampart_authz::external::{
+    CheckAttributes, Consult, Evaluation, ProviderFailure, ProviderVerdict,
+};
+use rampart_authz::{
+    ConnectionInfo, Decision, HttpProtocol, PathError, RequestInfo, grpc_method_of, normalize_path,
+};
+
+use super::errors::LocalError;
+use super::server::Handler;
+use crate::access::Pending;
+use crate::authz::PermittedRequest;
+
+impl Handler {
+    /// The authorization stage for one request: the permitted request and
+    /// the path to send to the app (the normalized one when normalization
+    /// rewrote it), or the local error that answers it.
+    pub(super) async fn authorize(
+        &self,
+        mut req: Request<Incoming>,
+        event: &mut Pending<'_>,
+    ) -> Result<(PermittedRequest, Option<PathAndQuery>), LocalError> {
+        // The request ID is set before authorization, as Envoy sets it
+        // before its filters: Rego, ext_authz providers and decision logs
+        // see the same ID the app and the access log will.
+        if let Some(name) = &self.shared.config.observe.request_id_header
+            && !req.headers().contains_key(name)
+        {
+            req.headers_mut()
+                .insert(name.clone(), super::headers::request_id());
+        }
+        // Request smuggling (Content-Length with Transfer-Encoding) is
+        // settled by hyper before we see the request, as RFC 9112 §6.3
+        // allows: chunked wins, Content-Length is dropped and the
+        // connection closes after this exchange.
+        let headers = req.headers();
+        // CONNECT names an authority, not a path: policies see its target
+        // as the host and an empty path (as Envoy's ext_authz does), so a
+        // rule with `paths` never matches it.
+        let connect = req.method() == http::Method::CONNECT && req.version() == Version::HTTP_11;
+        let raw = match req.uri().path_and_query() {
+            Some(p) => p.as_str(),
+            None if connect => "",
+            None => return Err(LocalError::NoPath),
+        };
+        // One atomic load: a reload mid-request does not change this one.
+        let policies = self.shared.config.authorizer.current();
+        let authorizer = &policies.authorizer;
+        let norm = if connect {
+            rampart_authz::NormalizedPath {
+                path: "".into(),
+                query: None,
+            }
+        } else {
+            normalize_path(raw, authorizer.normalize_options())?
+        };
+        let authority = match (connect, headers.get(header::HOST)) {
+            (false, Some(h)) => h.to_str().unwrap_or(""),
+            _ => req.uri().authority().map(Authority::as_str).unwrap_or(""),
+        };
+        let protocol = match req.version() {
+            Version::HTTP_10 | Version::HTTP_09 => HttpProtocol::Http10,
+            Version::HTTP_2 | Version::HTTP_3 => HttpProtocol::Http2,
+            _ => HttpProtocol::Http11,
+        };
+        let conn_info = crate::authz::connection_info(
+            self.conn.peer.as_ref(),
+            self.conn.source.ip(),
+            self.conn.port,
+        );
+        let info = RequestInfo {
+            method: req.method(),
+            authority,
+            path: &norm.path,
+            raw_path_and_query: raw,
+            query: norm.query,
+            headers,
+            protocol,
+            scheme: if self.conn.tls { "https" } else { "http" },
+            grpc_method: grpc_method_of(&norm.path, headers),
+            source: self.conn.source,
+            destination: self.conn.destination,
+            local_identity: self.local_id.as_ref(),
+            peer_cert_sha256: self.conn.peer.as_ref().map(|p| p.cert_sha256.as_str()),
+        };
+        // Only a request that a CUSTOM rule sends to an external authorizer
+        // pays for more than the in-process decision.
+        let decision = match authorizer.evaluate_request(&conn_info, &info) {
+            Evaluation::Decided(d) => d,
+            Evaluation::Consult(c) => self.consult(c, &conn_info, &info).await,
+        };
+        if let Some(sink) = &self.shared.config.central.decision_log {
+            sink.log(&conn_info, &info, &decision);
+        }
+        if event.log_enabled() || !decision.is_allowed() {
+            event.path(&norm.path);
+        }
+        // The path the app gets: decided now, while `norm` borrows the
+        // request; used only once the request is permitted.
+        let rewritten = (!connect && norm.is_rewritten())
+            .then(|| PathAndQuery::try_from(&*norm.path_and_query()));
+        let permitted = crate::authz::request(req, decision, event).map_err(LocalError::Denied)?;
+        let path = match rewritten {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => return Err(LocalError::BadPath(PathError::Empty)),
+        };
+        Ok((permitted, path))
+    }
+
+    /// Asks the CUSTOM policy's external authorizer; without one configured
+    /// the request is refused (fail closed).
+    async fn consult(
+        &self,
+        consult: Consult,
+        conn: &ConnectionInfo<'_>,
+        req: &RequestInfo<'_>,
+    ) -> Decision {
+        let verdict = match &self.shared.config.central.external {
+            Some(ext) => {
+                ext.check(consult.provider(), CheckAttributes::new(conn, req))
+                    .await
+            }
+            None => ProviderVerdict::Failed(ProviderFailure::UnknownProvider),
+        };
+        consult.finish(verdict)
+    }
+}

@@ -1,0 +1,227 @@
+//! The outbound HTTP pool: one pooled HTTP/2 mTLS connection per
+//! (destination, expected server identity), shared by every app
+//! connection. It is hyper-util's client: HTTP/2 only, keep-alive pings,
+//! idle connections closed after `limits.http_pool_idle_timeout`, at most
+//! `limits.http_pool_max_connections` of them over all destinations. Its
+//! connector dials with `forward::dial_peer`, with the identity store's
+//! current configuration; nothing is built per connection.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use http::uri::Authority;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::body::RequestBody;
+use crate::config::Limits;
+use crate::forward::{self, PeerError};
+use crate::metrics;
+use crate::tls::ClientTls;
+
+/// The h2 pools, one per client configuration index (expected identity),
+/// keyed inside by destination.
+pub struct OutboundHttp {
+    pub(super) server: hyper::server::conn::http1::Builder,
+    pub(super) clients: Vec<Client<MeshConnector, RequestBody>>,
+}
+
+impl std::fmt::Debug for OutboundHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundHttp").finish_non_exhaustive()
+    }
+}
+
+impl OutboundHttp {
+    /// Pools for `client_configs` client configurations; the connectors
+    /// read the identity from `identity`.
+    pub fn new(
+        limits: &Limits,
+        client_configs: usize,
+        identity: tokio::sync::watch::Receiver<Option<Arc<rampart_identity::store::TlsConfigs>>>,
+    ) -> Self {
+        let l = &limits.http;
+        let mut server = hyper::server::conn::http1::Builder::new();
+        server
+            .timer(TokioTimer::new())
+            .header_read_timeout(l.header_read_timeout)
+            .max_buf_size(l.max_header_bytes.max(8192))
+            .max_headers(l.max_headers);
+        // One cap over every pool: a connection holds a permit until it closes.
+        let slots = Arc::new(Semaphore::new(l.pool_max_connections));
+        let clients = (0..client_configs)
+            .map(|index| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(l.pool_idle_timeout)
+                    .http2_only(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .http2_keep_alive_timeout(Duration::from_secs(10))
+                    .http2_max_concurrent_reset_streams(l.max_concurrent_streams as usize)
+                    .build(MeshConnector {
+                        index,
+                        identity: identity.clone(),
+                        connect_timeout: limits.connect_timeout,
+                        handshake_timeout: limits.handshake_timeout,
+                        slots: slots.clone(),
+                        max_pooled: l.pool_max_connections,
+                    })
+            })
+            .collect();
+        OutboundHttp { server, clients }
+    }
+}
+
+/// The connector's error behind a pool failure, if it was one (no
+/// identity or pool full: 503, not 502).
+pub(crate) fn pool_failure(e: &hyper_util::client::legacy::Error) -> Option<&PoolConnectError> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(p) = s.downcast_ref::<PoolConnectError>() {
+            return Some(p);
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// Dials a peer sidecar and originates mTLS for the pool.
+#[derive(Clone)]
+pub struct MeshConnector {
+    index: usize,
+    identity: tokio::sync::watch::Receiver<Option<Arc<rampart_identity::store::TlsConfigs>>>,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+    /// `limits.http_pool_max_connections` permits, shared by every pool.
+    slots: Arc<Semaphore>,
+    max_pooled: usize,
+}
+
+/// Why the pool could not open a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolConnectError {
+    /// The sidecar has no identity (yet, or any more).
+    #[error("no identity")]
+    NoIdentity,
+    /// Every one of the pools' connections is in use, and none closed
+    /// within the connect timeout.
+    #[error("pooled connection limit ({0}) reached")]
+    PoolFull(usize),
+    /// The pool key was not a socket address (a bug).
+    #[error("pool destination {0} is not an address")]
+    BadDestination(String),
+    /// The peer could not be reached, or its handshake failed.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+}
+
+impl tower_service::Service<Uri> for MeshConnector {
+    type Response = TokioIo<MeshStream>;
+    type Error = PoolConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let authority = uri.authority().map(Authority::as_str).unwrap_or("");
+            let dst: SocketAddr = authority
+                .parse()
+                .map_err(|_| PoolConnectError::BadDestination(authority.to_owned()))?;
+            let cfg = {
+                let current = this.identity.borrow();
+                let configs = current.as_ref().ok_or(PoolConnectError::NoIdentity)?;
+                configs
+                    .client
+                    .get(this.index)
+                    .cloned()
+                    .ok_or(PoolConnectError::NoIdentity)?
+            };
+            // Wait (bounded) for a pooled connection to close rather than
+            // fail at once: idle ones expire, busy ones end.
+            let max = this.max_pooled;
+            let slot =
+                tokio::time::timeout(this.connect_timeout, this.slots.clone().acquire_owned())
+                    .await
+                    .map_err(|_| PoolConnectError::PoolFull(max))?
+                    // Invariant: the semaphore is never closed.
+                    .map_err(|_| PoolConnectError::PoolFull(max))?;
+            let (tls, peer) =
+                forward::dial_peer(dst, cfg, this.connect_timeout, this.handshake_timeout).await?;
+            tracing::debug!(dst.addr = %dst, peer.id = %peer.principal(), "pooled connection opened");
+            let peer = metrics::DestinationId(peer.principal().into());
+            Ok(TokioIo::new(MeshStream {
+                tls,
+                peer,
+                _slot: slot,
+            }))
+        })
+    }
+}
+
+/// A pooled mTLS stream, holding its slot under the pool cap.
+pub struct MeshStream {
+    tls: ClientTls,
+    /// The peer sidecar's verified identity, for the request metrics.
+    peer: metrics::DestinationId,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connection for MeshStream {
+    fn connected(&self) -> Connected {
+        Connected::new().negotiated_h2().extra(self.peer.clone())
+    }
+}
+
+impl AsyncRead for MeshStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}

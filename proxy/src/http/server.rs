@@ -1,0 +1,298 @@
+//! Inbound HTTP, the server half: serves a detected HTTP connection (after
+//! `tls`) with hyper and passes each request through `http::authorize`
+//! (which hands the decision to the `authz` stage) and `http::forward`
+//! (which hands the permitted request to the `forward` stage). Each
+//! request's access event is opened here and recorded when it is
+//! answered; local answers come from `http::errors`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rampart_identity::{PeerIdentity, SpiffeId};
+
+use super::body::{Counted, RequestBody, StreamCount};
+use super::errors::LocalError;
+use super::tunnel::TunnelTask;
+use super::{AppVersion, ProxyBody, ServeVersion};
+use crate::access::Pending;
+use crate::config::{Direction, Limits};
+use crate::drain::{Watch, serve_gracefully};
+use crate::server::Shared;
+use crate::tls::BoxedIo;
+
+/// Built once per sidecar: the server builder and the app connection pools.
+pub struct InboundHttp {
+    server: auto::Builder<TokioExecutor>,
+    // hyper's own HTTP/1 builder: auto's upgrade-capable connection would
+    // first read the bytes that tell HTTP/2 apart, a detection already done.
+    server_h1: hyper::server::conn::http1::Builder,
+    server_h2: auto::Builder<TokioExecutor>,
+    pub(super) h1: Client<HttpConnector, RequestBody>,
+    pub(super) h2: Client<HttpConnector, RequestBody>,
+}
+
+impl std::fmt::Debug for InboundHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundHttp").finish_non_exhaustive()
+    }
+}
+
+impl InboundHttp {
+    /// Applies the configured limits.
+    pub fn new(limits: &Limits) -> Self {
+        let l = &limits.http;
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(l.header_read_timeout)
+            // hyper answers 431 past either limit. Its buffer minimum is 8 KiB.
+            .max_buf_size(l.max_header_bytes.max(8192))
+            .max_headers(l.max_headers);
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(l.max_concurrent_streams)
+            // Pings find peers that vanished without a FIN (the pooled
+            // sidecar-to-sidecar connections are long-lived).
+            .keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_timeout(std::time::Duration::from_secs(10))
+            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX));
+        let mut server_h1 = hyper::server::conn::http1::Builder::new();
+        server_h1
+            .timer(TokioTimer::new())
+            .header_read_timeout(l.header_read_timeout)
+            .max_buf_size(l.max_header_bytes.max(8192))
+            .max_headers(l.max_headers);
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(limits.connect_timeout));
+        let client = |h2: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(l.pool_idle_timeout)
+                .http2_only(h2)
+                .build(connector.clone())
+        };
+        InboundHttp {
+            server_h1,
+            server_h2: server.clone().http2_only(),
+            server,
+            h1: client(false),
+            h2: client(true),
+        }
+    }
+}
+
+/// What the HTTP stage knows about one inbound connection.
+#[derive(Debug)]
+pub struct InboundConn {
+    /// The verified peer, `None` for plaintext.
+    pub peer: Option<PeerIdentity>,
+    /// Where the connection came from.
+    pub source: SocketAddr,
+    /// Where it was going.
+    pub destination: SocketAddr,
+    /// The port policies see.
+    pub port: u16,
+    /// The app.
+    pub app: SocketAddr,
+    /// Whether the connection was mTLS (the request scheme policies see).
+    pub tls: bool,
+    /// Server-side HTTP versions.
+    pub serve: ServeVersion,
+    /// App-side HTTP version.
+    pub app_version: AppVersion,
+    /// Whether the port is declared gRPC (local errors as gRPC statuses).
+    pub grpc_port: bool,
+}
+
+/// Serves HTTP on `stream` until the peer closes or the drain completes it.
+pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut watch: Watch) {
+    let local_id = shared.identity().map(|c| c.svid.id.clone());
+    let Ok(app_authority) = Authority::try_from(conn.app.to_string()) else {
+        // Invariant: a socket address is a valid authority.
+        tracing::error!(app = %conn.app, "app address is not an authority");
+        return;
+    };
+    let xfcc = super::headers::xfcc_value(
+        conn.peer.as_ref(),
+        conn.source.ip(),
+        conn.port,
+        local_id.as_ref(),
+    );
+    let service = conn.destination.to_string();
+    let metrics = crate::metrics::RequestMetrics::for_request(
+        Direction::Inbound,
+        crate::metrics::RequestLabels {
+            source_id: conn.peer.as_ref().map(|p| p.principal()),
+            destination_id: local_id.as_ref().map(|id| id.as_str()),
+            destination_service: Some(&service),
+        },
+    );
+    let handler = Arc::new(Handler {
+        shared: shared.clone(),
+        local_id,
+        xfcc,
+        metrics,
+        app_authority,
+        conn,
+        tunnel: TunnelTask::default(),
+    });
+    let serve_version = handler.conn.serve;
+    // HTTP/2 connections close after `http_idle_timeout` without a stream:
+    // keep-alive pings keep a silent peer's connection open forever, and
+    // hyper has no idle timeout of its own. (HTTP/1 keep-alive connections
+    // are closed by the header read timeout.)
+    let streams = match serve_version {
+        ServeVersion::Http1 => None,
+        ServeVersion::Http2 | ServeVersion::Auto => {
+            Some(StreamCount::new(shared.config.limits.http.idle_timeout))
+        }
+    };
+    let h = handler.clone();
+    let counts = streams.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let h = h.clone();
+        let stream = counts.as_ref().map(StreamCount::open);
+        async move { Ok::<_, Infallible>(h.handle(req).await.map(|b| Counted::new(b, stream))) }
+    });
+    let tls = handler.conn.tls;
+    let idle = async {
+        let expired = async {
+            match &streams {
+                Some(s) => s.idle_expired().await,
+                None => std::future::pending().await,
+            }
+        };
+        // An mTLS connection also ends (gracefully) when our identity is
+        // withdrawn: its peer then reconnects, and is refused.
+        if tls {
+            tokio::select! {
+                () = expired => {}
+                () = shared.identity_withdrawn() => {
+                    tracing::info!("identity withdrawn: closing the mTLS connection");
+                }
+            }
+        } else {
+            expired.await;
+        }
+    };
+    // On drain: GOAWAY on HTTP/2; on HTTP/1 keep-alive is disabled, so the
+    // in-flight response carries `connection: close`.
+    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match serve_version {
+        ServeVersion::Http1 => {
+            let io = crate::smuggling::SmugglingGuard::new(
+                stream,
+                shared.config.limits.http.max_header_bytes,
+            );
+            let conn = shared
+                .http
+                .server_h1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            serve_gracefully!(conn, watch, idle).map_err(Into::into)
+        }
+        ServeVersion::Http2 => {
+            let conn = shared
+                .http
+                .server_h2
+                .serve_connection(TokioIo::new(stream), service);
+            serve_gracefully!(conn, watch, idle)
+        }
+        ServeVersion::Auto => {
+            let conn = shared
+                .http
+                .server
+                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+            serve_gracefully!(conn, watch, idle)
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+    // A connection that became a tunnel keeps its slot (and the drain
+    // waiting) until the tunnel closes.
+    handler.tunnel.finished().await;
+}
+
+/// One inbound HTTP connection's state, shared by its requests.
+pub(super) struct Handler {
+    pub(super) shared: Arc<Shared>,
+    pub(super) local_id: Option<SpiffeId>,
+    /// Our XFCC element for this connection, computed once.
+    pub(super) xfcc: Option<HeaderValue>,
+    /// The request series of this connection's peer.
+    pub(super) metrics: Arc<crate::metrics::RequestMetrics>,
+    pub(super) app_authority: Authority,
+    pub(super) conn: InboundConn,
+    /// The tunnel this connection became, if it did (HTTP/1.1 only).
+    pub(super) tunnel: TunnelTask,
+}
+
+impl Handler {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let grpc = self.conn.grpc_port || super::is_grpc(req.headers());
+        let method = req.method().clone();
+        let may_switch = super::tunnel::may_switch(&method, req.version(), req.headers());
+        let mut event = Pending::open(
+            &self.shared.access,
+            Direction::Inbound,
+            self.conn.source,
+            self.conn.destination,
+        );
+        event.peer(self.conn.peer.as_ref().map(|p| p.principal()));
+        event.request(
+            &method,
+            req.headers(),
+            &self.shared.config.observe.access_headers,
+        );
+        // One span per request, inside the connection's span; `debug`, so
+        // at the default level it costs a cached callsite check.
+        let span = tracing::debug_span!(
+            "request",
+            http.method = %method,
+            http.path = req.uri().path(),
+            http.version = ?req.version(),
+        );
+        let answered = tracing::Instrument::instrument(self.route(req, &mut event), span).await;
+        let mut resp = match answered {
+            Ok(r) => r,
+            Err(e) => {
+                let wire = e.wire();
+                // The authz stage logged its denials.
+                if !matches!(e, LocalError::Denied(_)) {
+                    tracing::info!(reason = wire.reason.as_str(), error = %e, "request refused");
+                }
+                crate::metrics::http_local_error(Direction::Inbound, wire.reason);
+                e.into_response(grpc, self.local_id.as_ref())
+            }
+        };
+        if may_switch {
+            super::tunnel::close_unless_switched(method == http::Method::CONNECT, &mut resp);
+        }
+        self.metrics.record(resp.status(), event.elapsed());
+        event.response(resp.status(), resp.headers());
+        resp
+    }
+
+    /// A request through the authz stage (`http::authorize`), then the
+    /// forward stage (`http::forward`).
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        event: &mut Pending<'_>,
+    ) -> Result<Response<ProxyBody>, LocalError> {
+        let (permitted, path) = self.authorize(req, event).await?;
+        self.forward(permitted, path).await
+    }
+}
