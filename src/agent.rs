@@ -27,7 +27,7 @@ pub struct AgentArgs {
     #[arg(long)]
     pub registrations: PathBuf,
     /// Lifetime of each SVID; open streams get a new one at half-life.
-    #[arg(long, default_value = "30s", value_parser = crate::config::duration::parse)]
+    #[arg(long, default_value = "30s", value_parser = rampart_app::config::duration::parse)]
     pub ttl: Duration,
     /// Log filter, e.g. `info` or `rampart_identity=debug`.
     #[arg(long, default_value = "info")]
@@ -101,7 +101,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             "agent listening"
         );
         let agent = Agent::new(Arc::new(ca), regs, args.ttl);
-        agent.serve(listener, crate::run::shutdown_signal()).await?;
+        agent
+            .serve(listener, rampart_app::run::shutdown_signal())
+            .await?;
         let _ = std::fs::remove_file(&args.socket);
         Ok(())
     })

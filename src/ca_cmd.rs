@@ -28,7 +28,7 @@ pub struct InitArgs {
     #[arg(long, default_value = "example.org")]
     pub trust_domain: TrustDomain,
     /// Validity of the CA certificate, e.g. `8760h`.
-    #[arg(long, default_value = "8760h", value_parser = crate::config::duration::parse)]
+    #[arg(long, default_value = "8760h", value_parser = rampart_app::config::duration::parse)]
     pub ttl: Duration,
 }
 
@@ -47,7 +47,7 @@ pub struct IssueArgs {
     #[arg(long)]
     pub dns: Vec<String>,
     /// Validity, e.g. `24h`.
-    #[arg(long, default_value = "24h", value_parser = crate::config::duration::parse)]
+    #[arg(long, default_value = "24h", value_parser = rampart_app::config::duration::parse)]
     pub ttl: Duration,
     /// Directory to write `svid.pem`, `svid.key` and `bundle.pem` into
     /// (`cert.pem`, `cert.key` and `bundle.pem` for a DNS-SAN certificate).

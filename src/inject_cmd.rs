@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::inject::{InjectOptions, Mode, mutate_documents};
+use rampart_app::inject::{InjectOptions, Mode, mutate_documents};
 
 /// Arguments of `rampart inject`.
 #[derive(Debug, Args)]

@@ -1,20 +1,14 @@
-//! The `rampart` binary: command line, configuration and wiring.
+//! The `rampart` binary: the command line. Every command is carried out by
+//! a library: `rampart_app` (run, demo, init, inject, webhook),
+//! `rampart_identity` (agent, ca) and `rampart_authz` (policy).
 
 mod agent;
 mod ca_cmd;
-mod central;
-mod config;
-mod demo;
-mod identity;
-mod init;
-mod inject;
 mod inject_cmd;
-mod other_mesh;
 mod policy_cmd;
-mod probes;
 mod run;
-mod webhook;
-mod webhook_tls;
+
+use rampart_app::{demo, init, webhook};
 
 use clap::{Parser, Subcommand};
 

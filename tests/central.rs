@@ -34,7 +34,7 @@ use support::apps;
 use support::curl::curl;
 use support::ext_authz::start_server;
 use support::nginx::Nginx;
-use support::sidecar::{LocalProc, Pki, Sidecar, free_addr, wait_listening};
+use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, wait_listening};
 
 const CLIENT: &str = "spiffe://example.org/client";
 const BACKEND: &str = "spiffe://example.org/backend";
@@ -121,7 +121,7 @@ impl SigningKeys {
     }
 }
 
-fn http_app(pki: &Pki, name: &str) -> (LocalProc, SocketAddr) {
+fn http_app(pki: &Loopback, name: &str) -> (LocalProc, SocketAddr) {
     let addr = free_addr();
     let app = LocalProc::spawn(&apps::http_app(addr.port(), name), pki.dir.path(), name);
     wait_listening(addr);
@@ -130,7 +130,7 @@ fn http_app(pki: &Pki, name: &str) -> (LocalProc, SocketAddr) {
 
 /// The client's sidecar: one outbound listener per backend inbound
 /// listener, each expecting the backend's identity.
-fn client_sidecar(pki: &Pki, targets: &[SocketAddr]) -> (Sidecar, Vec<SocketAddr>) {
+fn client_sidecar(pki: &Loopback, targets: &[SocketAddr]) -> (Sidecar, Vec<SocketAddr>) {
     pki.outbound_sidecar(CLIENT, targets, BACKEND, "")
 }
 
@@ -145,7 +145,7 @@ fn backend_config(inbound: SocketAddr, app: SocketAddr, rest: &str) -> String {
 /// `policy_yaml` (written as `<name>.policy.yaml`) and `extra` configuration;
 /// returns it and its inbound listener.
 fn backend_with_policies(
-    pki: &Pki,
+    pki: &Loopback,
     app: SocketAddr,
     name: &str,
     policy_yaml: &str,
@@ -221,11 +221,10 @@ fn last_error(s: &Sidecar) -> String {
 }
 
 #[test]
+#[ignore = "needs nginx (apt-get install nginx)"]
 fn bundles_from_nginx_drive_a_running_sidecars_decisions() {
-    let Some(mut nginx) = Nginx::start() else {
-        return;
-    };
-    let pki = Pki::new();
+    let mut nginx = Nginx::start();
+    let pki = Loopback::new();
     let keys = SigningKeys::new(pki.dir.path(), "central");
     nginx.publish(
         "backend.tar.gz",
@@ -333,11 +332,10 @@ fn bundles_from_nginx_drive_a_running_sidecars_decisions() {
 }
 
 #[test]
+#[ignore = "needs nginx (apt-get install nginx)"]
 fn without_a_bundle_a_sidecar_is_not_ready_and_refuses_unless_it_has_a_fallback() {
-    let Some(nginx) = Nginx::start() else {
-        return;
-    };
-    let pki = Pki::new();
+    let nginx = Nginx::start();
+    let pki = Loopback::new();
     let (_app, app) = http_app(&pki, "backend");
 
     // No bundle yet (nginx answers 404) and no fallback: not ready, and
@@ -387,7 +385,7 @@ fn without_a_bundle_a_sidecar_is_not_ready_and_refuses_unless_it_has_a_fallback(
     )
     .unwrap();
     // (A second CA, so the second pair's files stay apart from the first's.)
-    let pki2 = Pki::new();
+    let pki2 = Loopback::new();
     let inbound2 = free_addr();
     let backend2 = pki2.sidecar(
         BACKEND,
@@ -425,7 +423,7 @@ fn custom_policies_reach_the_client_as_envoy_delivers_them() {
         .build()
         .unwrap();
     let (authz_addr, server) = rt.block_on(start_server());
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let (_app, app) = http_app(&pki, "backend");
     let echo = free_addr();
     let _echo = LocalProc::spawn(&apps::echo_server(echo.port()), pki.dir.path(), "echo");
@@ -633,7 +631,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 "#;
 
 /// The backend with decision logs to `url`, and the client in front.
-fn logged_backend(pki: &Pki, app: SocketAddr, dl: &str) -> (Sidecar, Sidecar, String) {
+fn logged_backend(pki: &Loopback, app: SocketAddr, dl: &str) -> (Sidecar, Sidecar, String) {
     let policy = format!(
         "policies:\n  - name: mesh\n    action: ALLOW\n    rules:\n      - name: v1\n        from: {{principals: [\"{CLIENT}\"]}}\n        to: {{paths: [/v1]}}\n"
     );
@@ -644,7 +642,7 @@ fn logged_backend(pki: &Pki, app: SocketAddr, dl: &str) -> (Sidecar, Sidecar, St
 
 #[test]
 fn decision_logs_reach_a_collector_with_redactions() {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let (_app, app) = http_app(&pki, "backend");
     let collector = free_addr();
     let python = apps::python().expect("python3");
@@ -714,7 +712,7 @@ fn decision_logs_reach_a_collector_with_redactions() {
 
 #[test]
 fn a_slow_or_absent_collector_leaves_the_queue_bounded() {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let (_app, app) = http_app(&pki, "backend");
     // Accepts connections (the kernel completes the handshake) but never
     // answers: every upload waits for its timeout.
@@ -771,7 +769,7 @@ fn measure_custom_against_in_process_through_two_sidecars() {
         .build()
         .unwrap();
     let (authz_addr, _server) = rt.block_on(start_server());
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let (_app, app) = http_app(&pki, "backend");
     let policy = format!(
         "policies:\n  - name: mesh\n    action: ALLOW\n    rules:\n      - from: {{principals: [\"{CLIENT}\"]}}\n  - name: central\n    action: CUSTOM\n    provider: opa\n    rules:\n      - to: {{paths: [/allow]}}\n"

@@ -217,10 +217,9 @@ fn demo_keep_running_prints_curl_commands_and_stops_cleanly_on_sigint() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn demo_transparent_runs_in_namespaces_and_cleans_up() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let out = demo(&["--transparent"]);
     assert_all_as_expected(&out, "native");
     let prefix = format!("rampart-demo-{}-", pid_of_last_demo(&out));

@@ -10,10 +10,9 @@ use support::{Net, apps, looks_like_tls};
 const WAIT: Duration = Duration::from_secs(10);
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn pods_talk_and_captures_see_first_bytes() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("dsl");
     let client = net.pod("client");
     let server = net.pod("server");
@@ -37,10 +36,9 @@ fn pods_talk_and_captures_see_first_bytes() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn captures_recognise_a_real_tls_client_hello() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("tls");
     let client = net.pod("client");
     let server = net.pod("server");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use support::apps;
 use support::curl::curl;
-use support::sidecar::{LocalProc, Pki, Sidecar, free_addr, wait_listening};
+use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, wait_listening};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -25,7 +25,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// An HTTP app on loopback.
-fn http_app(pki: &Pki, name: &str) -> (LocalProc, SocketAddr) {
+fn http_app(pki: &Loopback, name: &str) -> (LocalProc, SocketAddr) {
     let addr = free_addr();
     let app = LocalProc::spawn(&apps::http_app(addr.port(), name), pki.dir.path(), name);
     wait_listening(addr);
@@ -34,13 +34,18 @@ fn http_app(pki: &Pki, name: &str) -> (LocalProc, SocketAddr) {
 
 /// A client sidecar for `id` with one outbound listener per target, each
 /// expecting `expect`; returns the listeners' addresses in order.
-fn client(pki: &Pki, id: &str, targets: &[SocketAddr], expect: &str) -> (Sidecar, Vec<SocketAddr>) {
+fn client(
+    pki: &Loopback,
+    id: &str,
+    targets: &[SocketAddr],
+    expect: &str,
+) -> (Sidecar, Vec<SocketAddr>) {
     client_with(pki, id, targets, expect, "")
 }
 
 /// [`client`] with more configuration after the listeners.
 fn client_with(
-    pki: &Pki,
+    pki: &Loopback,
     id: &str,
     targets: &[SocketAddr],
     expect: &str,
@@ -50,7 +55,7 @@ fn client_with(
 }
 
 struct Scenario1 {
-    pki: Pki,
+    pki: Loopback,
     app: LocalProc,
     backend: Sidecar,
     ec_web: (Sidecar, SocketAddr),
@@ -60,7 +65,7 @@ struct Scenario1 {
 /// ec-backend behind its sidecar with `policy`, and the ec-web and
 /// news-web sidecars in front of it.
 fn scenario1(policy: &str) -> Scenario1 {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let (app, app_addr) = http_app(&pki, "ec-backend");
     let inbound = free_addr();
     let backend = pki.sidecar(
@@ -190,7 +195,7 @@ fn keep_alive_requests_share_one_connection() {
 /// 2 permissive [18003] -> nothing listening,
 /// 3 strict opaque [18004] -> banner server, 4 strict [18005] -> banner server.
 struct Color {
-    pki: Pki,
+    pki: Loopback,
     app: LocalProc,
     _banner: LocalProc,
     sidecar: Sidecar,
@@ -208,7 +213,7 @@ const OPEN_POLICY: &str = "policies:
 ";
 
 fn color() -> Color {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let (app, app_addr) = http_app(&pki, "color");
     let banner_addr = free_addr();
     let banner = LocalProc::spawn(
@@ -497,24 +502,19 @@ fn app_connections_share_one_pooled_h2_connection_between_sidecars() {
     );
 }
 
-/// Skips (printing why) when grpcio is missing, unless RAMPART_REQUIRE_E2E=1.
-fn require_grpcio() -> bool {
-    if apps::has_grpcio() {
-        return true;
-    }
-    if std::env::var_os("RAMPART_REQUIRE_E2E").is_some_and(|v| v == "1") {
-        panic!("python3 has no grpcio (tests/requirements.txt) and RAMPART_REQUIRE_E2E=1");
-    }
-    eprintln!("skipping gRPC test: python3 has no grpcio (pip install -r tests/requirements.txt)");
-    false
+/// Panics when python3 has no grpcio (the gRPC tests are `#[ignore]`d for it).
+fn require_grpcio() {
+    assert!(
+        apps::has_grpcio(),
+        "python3 has no grpcio (pip install -r tests/requirements.txt)"
+    );
 }
 
 #[test]
+#[ignore = "needs python3 with grpcio (pip install -r tests/requirements.txt)"]
 fn grpc_through_two_sidecars_is_authorized_per_method() {
-    if !require_grpcio() {
-        return;
-    }
-    let pki = Pki::new();
+    require_grpcio();
+    let pki = Loopback::new();
     let app_addr = free_addr();
     let _app = LocalProc::spawn(&apps::grpc_server(app_addr.port()), pki.dir.path(), "grpc");
     wait_listening(app_addr);
@@ -566,11 +566,10 @@ struct GrpcCase {
 }
 
 #[test]
+#[ignore = "needs python3 with grpcio (pip install -r tests/requirements.txt)"]
 fn grpc_streaming_calls_through_two_sidecars_keep_status_trailers_and_metadata() {
-    if !require_grpcio() {
-        return;
-    }
-    let pki = Pki::new();
+    require_grpcio();
+    let pki = Loopback::new();
     let app_addr = free_addr();
     let app = LocalProc::spawn(&apps::grpc_server(app_addr.port()), pki.dir.path(), "grpc");
     wait_listening(app_addr);
@@ -694,12 +693,11 @@ fn oversized_request_head_is_431() {
 }
 
 #[test]
+#[ignore = "needs python3 with grpcio (pip install -r tests/requirements.txt)"]
 fn curl_h2c_and_h2_over_mtls_reach_an_http2_app() {
-    if !require_grpcio() {
-        return;
-    }
+    require_grpcio();
     // A gRPC app is the HTTP/2 app; curl speaks gRPC framing by hand.
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let app_addr = free_addr();
     let _app = LocalProc::spawn(&apps::grpc_server(app_addr.port()), pki.dir.path(), "grpc");
     wait_listening(app_addr);
@@ -856,7 +854,7 @@ fn drain_lets_in_flight_requests_finish() {
 /// policy lets ec-web upgrade `GET /ws` and `CONNECT db.internal:5432`
 /// only, and an ec-web client sidecar in front of it.
 struct Tunnels {
-    _pki: Pki,
+    _pki: Loopback,
     app: LocalProc,
     server: Sidecar,
     client: Sidecar,
@@ -876,7 +874,7 @@ const TUNNEL_POLICY: &str = "policies:
 ";
 
 fn tunnels() -> Tunnels {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let app_addr = free_addr();
     let app = LocalProc::spawn(&apps::tunnel_app(app_addr.port()), pki.dir.path(), "tunnel");
     wait_listening(app_addr);
@@ -1084,7 +1082,7 @@ fn connect_is_tunneled_to_the_destination_and_authorized() {
 /// an ec-web client sidecar with one outbound listener to each and
 /// `client_limits`.
 struct Limited {
-    _pki: Pki,
+    _pki: Loopback,
     app: LocalProc,
     server: Sidecar,
     client: Sidecar,
@@ -1092,7 +1090,7 @@ struct Limited {
 }
 
 fn limited(listeners: usize, limits: &str, client_limits: &str) -> Limited {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let (app, app_addr) = http_app(&pki, "color");
     let policy = pki.dir.path().join("open.yaml");
     std::fs::write(&policy, OPEN_POLICY).unwrap();

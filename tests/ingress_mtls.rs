@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::apps;
-use support::sidecar::{LocalProc, Pki, Sidecar, free_addr, rampart, wait_listening};
+use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, rampart, wait_listening};
 
 const INGRESS: &str = "ingress-nginx.ext.cluster.local";
 /// The port that accepts DNS-SAN clients, and one that does not.
@@ -37,7 +37,7 @@ fn issue_dns(ca: &Path, name: &str, out: &Path) {
 }
 
 struct Setup {
-    pki: Pki,
+    pki: Loopback,
     app: LocalProc,
     sidecar: Sidecar,
     /// Inbound listeners: the opted-in port and the strict one.
@@ -49,7 +49,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let pki = Pki::new();
+    let pki = Loopback::new();
     let app_addr = free_addr();
     let app = LocalProc::spawn(
         &apps::http_app(app_addr.port(), "app2"),

@@ -56,10 +56,9 @@ fn dry_run_prints_the_rules_and_needs_no_privileges() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn dry_run_changes_nothing() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("dryrun");
     let pod = net.pod("app");
     let before = nat_rules(&pod);
@@ -69,10 +68,9 @@ fn dry_run_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn installs_rules_idempotently() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("idem");
     let pod = net.pod("app");
     init(&pod, &["--exclude-inbound-ports=22"]);
@@ -93,10 +91,9 @@ fn installs_rules_idempotently() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn clean_removes_only_its_own_chains_and_jumps() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("clean");
     let pod = net.pod("app");
     pod.exec_ok(["iptables", "-t", "nat", "-N", "USER_CHAIN"]);
@@ -147,10 +144,9 @@ struct Case<'a> {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn captures_outbound_except_proxy_uid_and_excluded_ports() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("outbound");
     let app = net.pod("app");
     let server = net.pod("server");
@@ -197,10 +193,9 @@ fn captures_outbound_except_proxy_uid_and_excluded_ports() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn captures_inbound_except_excluded_ports() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("inbound");
     let app = net.pod("app");
     let client = net.pod("client");
@@ -220,10 +215,9 @@ fn captures_inbound_except_excluded_ports() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn app_to_own_pod_ip_is_not_captured() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("self");
     let app = net.pod("app");
     init(&app, &[]);
@@ -238,10 +232,9 @@ fn app_to_own_pod_ip_is_not_captured() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn include_list_limits_capture_to_its_networks() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("include");
     let app = net.pod("app");
     let mesh = net.pod("mesh");
@@ -264,10 +257,9 @@ fn include_list_limits_capture_to_its_networks() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn refuses_clearly_when_it_cannot_work() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("refuse");
     let pod = net.pod("app");
     let not_root = pod.exec_as(1000, [rampart_bin(), "init"]);

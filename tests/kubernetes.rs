@@ -10,8 +10,8 @@
 //! vendored CRDs by tests/deploy.rs), the Gateway API kinds of scenario 3's
 //! Gateway variants, `PodMonitor` (a CRD of the Prometheus Operator) and
 //! `List` (a client-side wrapper; its items are validated one by one).
-//! Without `kubernetes-validate` the test prints why and passes, unless
-//! `RAMPART_REQUIRE_E2E=1`.
+//! The test is `#[ignore]`d for `kubernetes-validate` (PyPI), and fails
+//! without it when run (`cargo test -- --include-ignored`, as CI does).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,21 +31,15 @@ const NO_SCHEMA: &[&str] = &[
 ];
 
 #[test]
+#[ignore = "needs kubernetes-validate (pip install -r tests/requirements.txt)"]
 fn manifests_and_inject_outputs_validate_against_the_kubernetes_schemas() {
-    if Command::new("kubernetes-validate")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var("RAMPART_REQUIRE_E2E").as_deref() != Ok("1"),
-            "kubernetes-validate is not installed (pip install -r tests/requirements.txt)"
-        );
-        eprintln!(
-            "skipped: kubernetes-validate is not installed (pip install -r tests/requirements.txt)"
-        );
-        return;
-    }
+    assert!(
+        Command::new("kubernetes-validate")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "kubernetes-validate is not installed (pip install -r tests/requirements.txt)"
+    );
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = tempfile::tempdir().unwrap();
     let mut written = vec![];

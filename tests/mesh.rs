@@ -9,67 +9,35 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::{Net, PROXY_UID, Pod, Proc, TempDir, apps, looks_like_tls, rampart_bin};
+use rampart_app::config::{Config, IdentityConfig};
+use rampart_proxy::config::TransparentConfig;
+use support::sidecar::with_sections;
+use support::{Net, PROXY_UID, Pki, Pod, Proc, TempDir, apps, looks_like_tls, rampart_bin};
 
 const APP_PORT: u16 = 8080;
 /// UID of the apps: anything but the proxy's.
 const APP_UID: u32 = 1000;
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A PKI made with the real CLI, readable by the proxy UID.
-struct Pki {
-    root: PathBuf,
-    name: &'static str,
-}
-
-impl Pki {
-    fn new(dir: &TempDir, name: &'static str) -> Pki {
-        let ca = dir.path().join(name);
-        run_ok(&["ca", "init", "--dir", ca.to_str().unwrap()]);
-        Pki {
-            root: dir.path().to_owned(),
-            name,
-        }
+/// Issues an SVID for `id` from `pki` into `<dir>/<label>-<leaf>`, owned
+/// by the proxy UID (the key is 0600, and the sidecar runs as that UID).
+fn issue(pki: &Pki, dir: &TempDir, label: &str, id: &str) -> PathBuf {
+    let leaf = id.rsplit('/').next().unwrap();
+    let out = pki.issue_into(id, &dir.path().join(format!("{label}-{leaf}")));
+    for f in ["", "svid.pem", "svid.key", "bundle.pem"] {
+        std::os::unix::fs::chown(out.join(f), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
     }
-
-    fn issue(&self, id: &str) -> PathBuf {
-        let leaf = id.rsplit('/').next().unwrap();
-        let out = self.root.join(format!("{}-{leaf}", self.name));
-        let ca = self.root.join(self.name);
-        run_ok(&[
-            "ca",
-            "issue",
-            "--dir",
-            ca.to_str().unwrap(),
-            "--spiffe-id",
-            id,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        // The sidecar runs as the proxy UID; the key is 0600, so hand it over.
-        for f in ["", "svid.pem", "svid.key", "bundle.pem"] {
-            std::os::unix::fs::chown(out.join(f), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-        }
-        out
-    }
-}
-
-fn run_ok(args: &[&str]) {
-    let out = std::process::Command::new(rampart_bin())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "rampart {args:?}: {out:?}");
+    out
 }
 
 /// A pod with `rampart init` rules and a sidecar running as the proxy UID.
 fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
     pod.exec_ok([rampart_bin(), "init"]);
-    let cfg = format!(
-        "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\ntransparent: {{}}\nlog: {{level: debug}}\n{body}",
-        s = svid.display()
-    );
-    let path = dir.write(&format!("{}.yaml", pod.name()), cfg);
+    let mut cfg = Config::new(IdentityConfig::files_in(svid));
+    cfg.transparent = Some(TransparentConfig::default());
+    cfg.log.level = "debug".into();
+    let cfg = with_sections(cfg, body);
+    let path = dir.write(&format!("{}.yaml", pod.name()), cfg.to_yaml());
     let proc = pod.spawn_as(
         PROXY_UID,
         [rampart_bin(), "run", "--config", path.to_str().unwrap()],
@@ -130,7 +98,7 @@ fn server_pod(net: &Net, pki: &Pki, dir: &TempDir) -> ServerPod {
     let pod = net.pod("server");
     let app = pod.spawn_as(APP_UID, apps::echo_server(APP_PORT));
     pod.wait_tcp_listening(APP_PORT, WAIT);
-    let svid = pki.issue("spiffe://example.org/server");
+    let svid = issue(pki, dir, "ca", "spiffe://example.org/server");
     let sidecar = sidecar(
         &pod,
         dir,
@@ -145,16 +113,15 @@ fn server_pod(net: &Net, pki: &Pki, dir: &TempDir) -> ServerPod {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn captured_on_both_sides_and_carried_over_mtls() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("mtls");
     let dir = TempDir::new();
-    let pki = Pki::new(&dir, "ca");
+    let pki = Pki::new("example.org");
     let server = server_pod(&net, &pki, &dir);
     let client = net.pod("client");
-    let svid = pki.issue("spiffe://example.org/client");
+    let svid = issue(&pki, &dir, "ca", "spiffe://example.org/client");
     let _client_sidecar = sidecar(
         &client,
         &dir,
@@ -193,13 +160,12 @@ fn captured_on_both_sides_and_carried_over_mtls() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn pod_without_sidecar_is_refused_by_strict_inbound() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("strict");
     let dir = TempDir::new();
-    let pki = Pki::new(&dir, "ca");
+    let pki = Pki::new("example.org");
     let server = server_pod(&net, &pki, &dir);
     let plain = net.pod("plain");
     let reply = send(&plain, server.pod.addr(APP_PORT), "let me in");
@@ -218,16 +184,15 @@ fn pod_without_sidecar_is_refused_by_strict_inbound() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn sidecar_with_an_id_not_allowed_is_refused() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("notallowed");
     let dir = TempDir::new();
-    let pki = Pki::new(&dir, "ca");
+    let pki = Pki::new("example.org");
     let server = server_pod(&net, &pki, &dir);
     let intruder = net.pod("intruder");
-    let svid = pki.issue("spiffe://example.org/intruder");
+    let svid = issue(&pki, &dir, "ca", "spiffe://example.org/intruder");
     let _s = sidecar(
         &intruder,
         &dir,
@@ -248,17 +213,16 @@ fn sidecar_with_an_id_not_allowed_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn sidecar_with_an_svid_from_another_ca_is_refused() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("otherca");
     let dir = TempDir::new();
-    let pki = Pki::new(&dir, "ca");
-    let rogue = Pki::new(&dir, "rogue");
+    let pki = Pki::new("example.org");
+    let rogue = Pki::new("example.org");
     let server = server_pod(&net, &pki, &dir);
     let client = net.pod("client");
-    let svid = rogue.issue("spiffe://example.org/client");
+    let svid = issue(&rogue, &dir, "rogue", "spiffe://example.org/client");
     let _s = sidecar(
         &client,
         &dir,
@@ -270,18 +234,17 @@ fn sidecar_with_an_svid_from_another_ca_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn destination_outside_the_mesh_passes_through_in_plaintext() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("passthru");
     let dir = TempDir::new();
-    let pki = Pki::new(&dir, "ca");
+    let pki = Pki::new("example.org");
     let external = net.pod("external");
     let _app = external.spawn_as(APP_UID, apps::echo_server(APP_PORT));
     external.wait_tcp_listening(APP_PORT, WAIT);
     let client = net.pod("client");
-    let svid = pki.issue("spiffe://example.org/client");
+    let svid = issue(&pki, &dir, "ca", "spiffe://example.org/client");
     let _s = sidecar(&client, &dir, &svid, &client_body(external.ip()));
     let capture = external.capture("eth0", APP_PORT);
     let reply = send(&client, external.addr(APP_PORT), "plain hello");
@@ -294,13 +257,12 @@ fn destination_outside_the_mesh_passes_through_in_plaintext() {
 /// is carried over the pooled mTLS HTTP/2 connection, and ec-backend's
 /// sidecar authorizes every request with the native policy.
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn http_requests_are_authorized_per_request_between_captured_pods() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("http");
     let dir = TempDir::new();
-    let pki = Pki::new(&dir, "ca");
+    let pki = Pki::new("example.org");
     let policy = dir.write(
         "ec-backend.native.yaml",
         std::fs::read(
@@ -315,14 +277,14 @@ fn http_requests_are_authorized_per_request_between_captured_pods() {
     let server_sidecar = sidecar(
         &server,
         &dir,
-        &pki.issue("spiffe://example.org/ec-backend"),
+        &issue(&pki, &dir, "ca", "spiffe://example.org/ec-backend"),
         &format!("inbound:\n  policies: [\"{}\"]\n", policy.display()),
     );
     let client = net.pod("ec-web");
     let _client_sidecar = sidecar(
         &client,
         &dir,
-        &pki.issue("spiffe://example.org/ec-web"),
+        &issue(&pki, &dir, "ca", "spiffe://example.org/ec-web"),
         &format!(
             "outbound:\n  servers:\n    - cidrs: [\"10.213.0.0/16\"]\n      ports: [{APP_PORT}]\n      identities: [\"spiffe://example.org/ec-backend\"]\n"
         ),
@@ -362,13 +324,12 @@ fn http_requests_are_authorized_per_request_between_captured_pods() {
 /// allowed by its source address on a PERMISSIVE port; every other
 /// plaintext source is still refused, per request, with 403.
 #[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
 fn ingress_reaches_a_permissive_port_by_source_address_only() {
-    if !support::require_root() {
-        return;
-    }
+    support::require_root();
     let net = Net::new("ingress");
     let dir = TempDir::new();
-    let pki = Pki::new(&dir, "ca");
+    let pki = Pki::new("example.org");
     let app2 = net.pod("app2");
     let ingress = net.pod("ingress");
     let other = net.pod("other");
@@ -381,7 +342,7 @@ fn ingress_reaches_a_permissive_port_by_source_address_only() {
             ingress.ip()
         ),
     );
-    let svid = pki.issue("spiffe://example.org/app2");
+    let svid = issue(&pki, &dir, "ca", "spiffe://example.org/app2");
     let _s = sidecar(
         &app2,
         &dir,

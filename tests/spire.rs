@@ -312,13 +312,10 @@ fn outbound_to(ids: &[&str]) -> String {
 /// with the secret header only; ec-web reads ec-backend's `/data` and is
 /// refused `/admin` by ec-backend's policy; news-web is refused by it too.
 #[test]
+#[ignore = "needs root, network namespaces and SPIRE (tests/peers/peer-spire.sh; as root: cargo test -- --include-ignored)"]
 fn scenario_1_requests_with_svids_from_spire() {
-    if !support::require_root() {
-        return;
-    }
-    let Some(bins) = spire::Bins::find() else {
-        return;
-    };
+    support::require_root();
+    let bins = spire::Bins::require();
     let net = Net::new("spire-s1");
     let dir = TempDir::new();
     let spire = Spire::start(net.pod("spire"), &bins, "example.org");
@@ -402,13 +399,10 @@ fn scenario_1_requests_with_svids_from_spire() {
 /// through both sidecars sees no failed request across at least five
 /// rotations of each.
 #[test]
+#[ignore = "needs root, network namespaces and SPIRE (tests/peers/peer-spire.sh; as root: cargo test -- --include-ignored)"]
 fn spire_rotations_under_steady_load_fail_no_request() {
-    if !support::require_root() {
-        return;
-    }
-    let Some(bins) = spire::Bins::find() else {
-        return;
-    };
+    support::require_root();
+    let bins = spire::Bins::require();
     let net = Net::new("spire-rot");
     let dir = TempDir::new();
     let spire = Spire::start(net.pod("spire"), &bins, "example.org");
@@ -454,13 +448,10 @@ fn spire_rotations_under_steady_load_fail_no_request() {
 /// identity (not ready, no new mTLS), and recover by themselves once the
 /// server is back.
 #[test]
+#[ignore = "needs root, network namespaces and SPIRE (tests/peers/peer-spire.sh; as root: cargo test -- --include-ignored)"]
 fn spire_outages_keep_traffic_while_valid_then_fail_closed_and_recover() {
-    if !support::require_root() {
-        return;
-    }
-    let Some(bins) = spire::Bins::find() else {
-        return;
-    };
+    support::require_root();
+    let bins = spire::Bins::require();
     // 20 s SVIDs: SPIRE rotates them after about 5 s (half of the lifetime,
     // which includes its 10 s backdating).
     const TTL: u32 = 20;
@@ -584,13 +575,10 @@ fn spire_outages_keep_traffic_while_valid_then_fail_closed_and_recover() {
 /// closed long before the SVID would have expired, and recovers when the
 /// entry is created again.
 #[test]
+#[ignore = "needs root, network namespaces and SPIRE (tests/peers/peer-spire.sh; as root: cargo test -- --include-ignored)"]
 fn a_deleted_entry_withdraws_the_identity_at_once() {
-    if !support::require_root() {
-        return;
-    }
-    let Some(bins) = spire::Bins::find() else {
-        return;
-    };
+    support::require_root();
+    let bins = spire::Bins::require();
     const TTL: u32 = 300;
     let net = Net::new("spire-del");
     let dir = TempDir::new();
@@ -639,13 +627,10 @@ fn a_deleted_entry_withdraws_the_identity_at_once() {
 /// Workload API. A policy naming the caller's foreign SPIFFE ID allows; one
 /// naming another ID of that domain refuses.
 #[test]
+#[ignore = "needs root, network namespaces and SPIRE (tests/peers/peer-spire.sh; as root: cargo test -- --include-ignored)"]
 fn federated_trust_domains_through_bundle_endpoints() {
-    if !support::require_root() {
-        return;
-    }
-    let Some(bins) = spire::Bins::find() else {
-        return;
-    };
+    support::require_root();
+    let bins = spire::Bins::require();
     const CLIENT: &str = "spiffe://example.org/client";
     const SERVER: &str = "spiffe://other.org/server";
     let net = Net::new("spire-fed");
@@ -769,13 +754,10 @@ fn default_config_of_bare_pod(sa: &str, endpoint: &str) -> String {
 /// controller manager would). Two such pods talk over mTLS with no policy
 /// of their own; a caller outside the mesh is refused.
 #[test]
+#[ignore = "needs root, network namespaces and SPIRE (tests/peers/peer-spire.sh; as root: cargo test -- --include-ignored)"]
 fn a_bare_pod_gets_its_service_account_identity_and_a_default_config() {
-    if !support::require_root() {
-        return;
-    }
-    let Some(bins) = spire::Bins::find() else {
-        return;
-    };
+    support::require_root();
+    let bins = spire::Bins::require();
     const CART: &str = "spiffe://example.org/ns/shop/sa/cart";
     const WEB: &str = "spiffe://example.org/ns/shop/sa/web";
     let net = Net::new("spire-bare");

@@ -250,6 +250,7 @@ fn broken_bundles_are_refused_whole() {
 /// RS256 with a key made by `openssl` (ring cannot generate RSA keys), the
 /// JWT assembled by hand as `opa sign` would.
 #[test]
+#[ignore = "needs openssl"]
 fn rs256_signatures_made_with_openssl_verify() {
     use base64::Engine as _;
     use std::process::Command;
@@ -267,14 +268,7 @@ fn rs256_signatures_made_with_openssl_verify() {
         .arg(&key)
         .output()
         .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("RAMPART_REQUIRE_E2E").is_none_or(|v| v != "1"),
-            "openssl is required (RAMPART_REQUIRE_E2E=1)"
-        );
-        eprintln!("skipped: openssl is not installed");
-        return;
-    }
+    assert!(ok, "openssl is required to make the RSA key");
     let pubkey = Command::new("openssl")
         .arg("pkey")
         .arg("-in")

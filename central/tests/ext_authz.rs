@@ -10,9 +10,7 @@ use rampart_authz::{Decision, DenyReason};
 use rampart_central::ext_authz::{ExtAuthzClients, ProviderConfig};
 use rampart_central::pb;
 
-#[path = "../../tests/support/ext_authz.rs"]
-mod ext_authz_server;
-use ext_authz_server::start_server;
+use rampart_testkit::ext_authz::start_server;
 
 fn clients(addr: SocketAddr, fail_open: bool) -> ExtAuthzClients {
     ExtAuthzClients::new(vec![ProviderConfig {

@@ -3,11 +3,10 @@
 //! opts in, only when issued by the CA of the server's own trust domain, and
 //! then known by DNS name with no SPIFFE ID.
 
+use rampart_testkit::Pki;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rampart_identity::bundle::BundleSet;
-use rampart_identity::ca::DevCa;
 use rampart_identity::svid::{SvidError, validate_dns_client_leaf};
 use rampart_identity::tls::{self, ServerSpec};
 use rampart_identity::verify::{PeerIdentity, SpiffeServerVerifier};
@@ -22,24 +21,12 @@ fn td(s: &str) -> TrustDomain {
     TrustDomain::parse(s).unwrap()
 }
 
-struct Pki {
-    ca: DevCa,
-    bundles: BundleSet,
-}
-
-fn pki(name: &str) -> Pki {
-    let ca = DevCa::generate(&td(name), Duration::from_secs(3600)).unwrap();
-    let mut bundles = BundleSet::new();
-    bundles.insert(ca.bundle().unwrap());
-    Pki { ca, bundles }
-}
-
 /// A client presenting a DNS-SAN certificate of `issuer`, verifying the
 /// server as a workload of `server_pki`'s trust domain.
 fn ingress_client(issuer: &Pki, server_pki: &Pki, names: &[&str]) -> Arc<ClientConfig> {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let cert = issuer
-        .ca
+        .ca()
         .issue_dns_client(&names, Duration::from_secs(600))
         .unwrap();
     let key = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes())
@@ -55,7 +42,7 @@ fn client_with(
 ) -> Arc<ClientConfig> {
     let provider = tls::provider();
     let verifier = SpiffeServerVerifier::new(
-        server_pki.bundles.clone(),
+        server_pki.bundles().clone(),
         IdMatcher::trust_domains([td("example.org")]),
         &provider,
     );
@@ -76,14 +63,15 @@ async fn serve_one(
     p: &Pki,
     spec: ServerSpec,
 ) -> Result<PeerIdentity, String> {
-    let server =
-        p.ca.issue(
+    let server = p
+        .ca()
+        .issue(
             &SpiffeId::parse("spiffe://example.org/app2").unwrap(),
             Duration::from_secs(600),
         )
         .unwrap()
         .svid;
-    let scfg = tls::server_config_for(&server, &p.bundles, &spec, &[]).unwrap();
+    let scfg = tls::server_config_for(&server, &p.bundles(), &spec, &[]).unwrap();
     let (c, s) = tokio::io::duplex(64 * 1024);
     let client = async move {
         let name = ServerName::try_from("10.0.0.1").unwrap();
@@ -122,7 +110,7 @@ fn opt_in() -> ServerSpec {
 
 #[tokio::test]
 async fn dns_san_client_of_the_mesh_ca_is_accepted_with_the_opt_in() {
-    let p = pki("example.org");
+    let p = Pki::new("example.org");
     let peer = serve_one(ingress_client(&p, &p, &[INGRESS]), &p, opt_in())
         .await
         .unwrap();
@@ -134,7 +122,7 @@ async fn dns_san_client_of_the_mesh_ca_is_accepted_with_the_opt_in() {
 
 #[tokio::test]
 async fn dns_san_client_is_refused_without_the_opt_in() {
-    let p = pki("example.org");
+    let p = Pki::new("example.org");
     let err = serve_one(
         ingress_client(&p, &p, &[INGRESS]),
         &p,
@@ -147,9 +135,9 @@ async fn dns_san_client_is_refused_without_the_opt_in() {
 
 #[tokio::test]
 async fn dns_san_client_of_another_ca_is_refused() {
-    let p = pki("example.org");
+    let p = Pki::new("example.org");
     // Same trust domain name, another CA: the chain must not verify.
-    let rogue = pki("example.org");
+    let rogue = Pki::new("example.org");
     let err = serve_one(ingress_client(&rogue, &p, &[INGRESS]), &p, opt_in())
         .await
         .unwrap_err();
@@ -161,7 +149,7 @@ async fn dns_san_client_of_another_ca_is_refused() {
 
 #[tokio::test]
 async fn dns_san_client_is_refused_where_spiffe_ids_are_pinned() {
-    let p = pki("example.org");
+    let p = Pki::new("example.org");
     let spec = ServerSpec {
         allowed_clients: Some(IdMatcher::trust_domains([td("example.org")])),
         allow_dns_san_clients: true,
@@ -174,9 +162,10 @@ async fn dns_san_client_is_refused_where_spiffe_ids_are_pinned() {
 
 #[tokio::test]
 async fn svids_still_work_on_an_opted_in_port() {
-    let p = pki("example.org");
-    let c =
-        p.ca.issue(
+    let p = Pki::new("example.org");
+    let c = p
+        .ca()
+        .issue(
             &SpiffeId::parse("spiffe://example.org/app1").unwrap(),
             Duration::from_secs(600),
         )
@@ -190,9 +179,10 @@ async fn svids_still_work_on_an_opted_in_port() {
 
 #[test]
 fn dns_client_leaf_rules() {
-    let p = pki("example.org");
-    let good =
-        p.ca.issue_dns_client(
+    let p = Pki::new("example.org");
+    let good = p
+        .ca()
+        .issue_dns_client(
             &[INGRESS.into(), "b.example".into()],
             Duration::from_secs(60),
         )
@@ -202,8 +192,9 @@ fn dns_client_leaf_rules() {
         vec![INGRESS.to_string(), "b.example".to_string()]
     );
     // An SVID is not a DNS-SAN client certificate, even with DNS SANs.
-    let svid =
-        p.ca.issue_with(
+    let svid = p
+        .ca()
+        .issue_with(
             &SpiffeId::parse("spiffe://example.org/x").unwrap(),
             Duration::from_secs(60),
             &[INGRESS.into()],
@@ -214,14 +205,19 @@ fn dns_client_leaf_rules() {
         Err(SvidError::UriSanCount(1))
     );
     // No names at all: nothing to issue.
-    assert!(p.ca.issue_dns_client(&[], Duration::from_secs(60)).is_err());
+    assert!(
+        p.ca()
+            .issue_dns_client(&[], Duration::from_secs(60))
+            .is_err()
+    );
     // A name that would break XFCC apart or never match a policy.
     assert!(
-        p.ca.issue_dns_client(
-            &["a;URI=spiffe://example.org/admin".into()],
-            Duration::from_secs(60)
-        )
-        .is_err()
+        p.ca()
+            .issue_dns_client(
+                &["a;URI=spiffe://example.org/admin".into()],
+                Duration::from_secs(60)
+            )
+            .is_err()
     );
     assert_eq!(
         validate_dns_client_leaf(b"not der"),

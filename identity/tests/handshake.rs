@@ -1,6 +1,7 @@
 //! mTLS handshakes between SPIFFE peers over in-memory pipes: who is
 //! accepted and who is refused, by the client and by the server.
 
+use rampart_testkit::Pki;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,20 +19,8 @@ fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).unwrap()
 }
 
-struct Pki {
-    ca: DevCa,
-    bundles: BundleSet,
-}
-
-fn pki(name: &str) -> Pki {
-    let ca = DevCa::generate(&td(name), Duration::from_secs(3600)).unwrap();
-    let mut bundles = BundleSet::new();
-    bundles.insert(ca.bundle().unwrap());
-    Pki { ca, bundles }
-}
-
 fn svid(p: &Pki, s: &str) -> Svid {
-    p.ca.issue(&id(s), Duration::from_secs(600)).unwrap().svid
+    p.ca().issue(&id(s), Duration::from_secs(600)).unwrap().svid
 }
 
 /// Runs a handshake and one byte of data; returns (client result, server result).
@@ -74,15 +63,15 @@ async fn handshake(
 
 #[tokio::test]
 async fn mesh_peers_authenticate_each_other() {
-    let p = pki("example.org");
+    let p = Pki::new("example.org");
     let c = svid(&p, "spiffe://example.org/ec-web");
     let s = svid(&p, "spiffe://example.org/ec-backend");
     let (cr, sr) = handshake(
         &c,
-        &p.bundles,
+        &p.bundles(),
         IdMatcher::ids([id("spiffe://example.org/ec-backend")]),
         &s,
-        &p.bundles,
+        &p.bundles(),
         Some(IdMatcher::ids([id("spiffe://example.org/ec-web")])),
     )
     .await;
@@ -92,15 +81,15 @@ async fn mesh_peers_authenticate_each_other() {
 
 #[tokio::test]
 async fn client_refuses_server_with_wrong_id() {
-    let p = pki("example.org");
+    let p = Pki::new("example.org");
     let c = svid(&p, "spiffe://example.org/ec-web");
     let s = svid(&p, "spiffe://example.org/impostor");
     let (cr, _) = handshake(
         &c,
-        &p.bundles,
+        &p.bundles(),
         IdMatcher::ids([id("spiffe://example.org/ec-backend")]),
         &s,
-        &p.bundles,
+        &p.bundles(),
         None,
     )
     .await;
@@ -110,15 +99,15 @@ async fn client_refuses_server_with_wrong_id() {
 
 #[tokio::test]
 async fn server_refuses_client_not_pinned() {
-    let p = pki("example.org");
+    let p = Pki::new("example.org");
     let c = svid(&p, "spiffe://example.org/news-web");
     let s = svid(&p, "spiffe://example.org/ec-backend");
     let (_, sr) = handshake(
         &c,
-        &p.bundles,
+        &p.bundles(),
         IdMatcher::trust_domains([td("example.org")]),
         &s,
-        &p.bundles,
+        &p.bundles(),
         Some(IdMatcher::ids([id("spiffe://example.org/ec-web")])),
     )
     .await;
@@ -128,34 +117,42 @@ async fn server_refuses_client_not_pinned() {
 
 #[tokio::test]
 async fn peers_from_another_ca_are_refused_both_ways() {
-    let p = pki("example.org");
+    let p = Pki::new("example.org");
     // Same trust domain name, different CA: the chain does not verify.
-    let rogue = pki("example.org");
+    let rogue = Pki::new("example.org");
     let good = svid(&p, "spiffe://example.org/a");
     let bad = svid(&rogue, "spiffe://example.org/b");
     let any = IdMatcher::trust_domains([td("example.org")]);
-    let (_, sr) = handshake(&bad, &rogue.bundles, any.clone(), &good, &p.bundles, None).await;
+    let (_, sr) = handshake(
+        &bad,
+        &rogue.bundles(),
+        any.clone(),
+        &good,
+        &p.bundles(),
+        None,
+    )
+    .await;
     assert!(sr.is_err(), "server accepted a client from another CA");
-    let (cr, _) = handshake(&good, &p.bundles, any, &bad, &rogue.bundles, None).await;
+    let (cr, _) = handshake(&good, &p.bundles(), any, &bad, &rogue.bundles(), None).await;
     assert!(cr.is_err(), "client accepted a server from another CA");
 }
 
 #[tokio::test]
 async fn foreign_trust_domain_needs_its_own_bundle() {
-    let p = pki("example.org");
-    let other = pki("other.org");
+    let p = Pki::new("example.org");
+    let other = Pki::new("other.org");
     let c = svid(&other, "spiffe://other.org/client");
     let s = svid(&p, "spiffe://example.org/server");
     let any = IdMatcher::trust_domains([td("example.org"), td("other.org")]);
-    let mut client_fed = other.bundles.clone();
-    client_fed.insert(p.ca.bundle().unwrap());
+    let mut client_fed = other.bundles().clone();
+    client_fed.insert(p.ca().bundle().unwrap());
     // The server trusts only example.org: refused.
-    let (_, sr) = handshake(&c, &client_fed, any.clone(), &s, &p.bundles, None).await;
+    let (_, sr) = handshake(&c, &client_fed, any.clone(), &s, &p.bundles(), None).await;
     let err = sr.unwrap_err();
     assert!(err.contains("UnknownTrustDomain"), "{err}");
     // Federated: the server holds other.org's bundle too: accepted.
-    let mut fed = p.bundles.clone();
-    fed.insert(other.ca.bundle().unwrap());
+    let mut fed = p.bundles().clone();
+    fed.insert(other.ca().bundle().unwrap());
     let (cr, sr) = handshake(&c, &client_fed, any, &s, &fed, None).await;
     cr.unwrap();
     assert_eq!(sr.unwrap(), Some(id("spiffe://other.org/client")));
@@ -163,20 +160,21 @@ async fn foreign_trust_domain_needs_its_own_bundle() {
 
 #[tokio::test]
 async fn expired_svid_is_refused() {
-    let p = pki("example.org");
+    let p = Pki::new("example.org");
     let s = svid(&p, "spiffe://example.org/server");
     // An SVID whose validity ended: issue with a zero TTL and wait past it.
-    let c =
-        p.ca.issue(&id("spiffe://example.org/client"), Duration::from_secs(0))
-            .unwrap()
-            .svid;
+    let c = p
+        .ca()
+        .issue(&id("spiffe://example.org/client"), Duration::from_secs(0))
+        .unwrap()
+        .svid;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (_, sr) = handshake(
         &c,
-        &p.bundles,
+        &p.bundles(),
         IdMatcher::trust_domains([td("example.org")]),
         &s,
-        &p.bundles,
+        &p.bundles(),
         None,
     )
     .await;
@@ -187,8 +185,8 @@ async fn expired_svid_is_refused() {
 #[test]
 fn dev_ca_round_trips_through_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let p = pki("example.org");
-    p.ca.save(dir.path()).unwrap();
+    let p = Pki::new("example.org");
+    p.ca().save(dir.path()).unwrap();
     let loaded = DevCa::load(dir.path()).unwrap();
     assert_eq!(loaded.trust_domain().as_str(), "example.org");
     let issued = loaded

@@ -28,15 +28,11 @@
 //!
 //! ```compile_fail,E0308
 //! // ...and `forward` takes nothing less than a `Permitted`.
-//! async fn skip(
-//!     conn: rampart_proxy::tls::Authenticated,
-//!     cell: std::sync::Arc<rampart_proxy::policy::PolicyCell>,
-//! ) {
+//! async fn skip(conn: rampart_proxy::tls::Authenticated) {
 //!     let _ = rampart_proxy::forward::connection(
 //!         conn,
 //!         "127.0.0.1:80".parse().unwrap(),
 //!         std::time::Duration::from_secs(1),
-//!         &cell,
 //!     )
 //!     .await;
 //! }
@@ -48,7 +44,6 @@
 //! ```no_run
 //! async fn forward(
 //!     permitted: rampart_proxy::authz::Permitted,
-//!     cell: std::sync::Arc<rampart_proxy::policy::PolicyCell>,
 //!     _permit: &rampart_authz::Permit,
 //!     _conn: &rampart_proxy::tls::Authenticated,
 //! ) {
@@ -56,7 +51,6 @@
 //!         permitted,
 //!         "127.0.0.1:80".parse().unwrap(),
 //!         std::time::Duration::from_secs(1),
-//!         &cell,
 //!     )
 //!     .await;
 //! }
@@ -85,6 +79,9 @@ pub struct Permitted {
     conn: Authenticated,
     permit: Permit,
     port: u16,
+    /// The policies it was decided with, and their replacements since.
+    cell: Arc<PolicyCell>,
+    changes: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Permitted {
@@ -102,9 +99,14 @@ impl Permitted {
     pub(crate) fn into_parts(
         self,
         _key: crate::forward::ForwardKey,
-        cell: &Arc<PolicyCell>,
     ) -> (BoxedIo, Standing, Permit) {
-        let Permitted { conn, permit, port } = self;
+        let Permitted {
+            conn,
+            permit,
+            port,
+            cell,
+            changes,
+        } = self;
         let Authenticated {
             client,
             peer,
@@ -116,8 +118,8 @@ impl Permitted {
             peer,
             source: client.0.ip(),
             port,
-            changes: cell.subscribe(),
-            cell: cell.clone(),
+            changes,
+            cell,
             _slot: slot,
         };
         (stream, standing, permit)
@@ -139,9 +141,12 @@ pub struct Refused {
 pub fn connection(
     conn: Authenticated,
     port: u16,
-    cell: &PolicyCell,
+    cell: &Arc<PolicyCell>,
     event: &mut Pending<'_>,
 ) -> Result<Permitted, Box<Refused>> {
+    // Subscribed before the policies are read: a reload from now on is
+    // seen by the connection's `Standing`.
+    let changes = cell.subscribe();
     let policies = cell.current();
     let info = connection_info(conn.peer.as_ref(), conn.client.0.ip(), port);
     let decision = policies.authorizer.check_connection(&info);
@@ -154,7 +159,13 @@ pub fn connection(
                 authz.rule = permit.rule(),
                 "connection permitted"
             );
-            Ok(Permitted { conn, permit, port })
+            Ok(Permitted {
+                conn,
+                permit,
+                port,
+                cell: cell.clone(),
+                changes,
+            })
         }
         Decision::Deny(denial) => {
             tracing::info!(
@@ -314,7 +325,7 @@ mod tests {
     async fn a_connection_is_permitted_or_refused_by_the_policies_in_force() {
         let pki = Pki::new();
         let log = AccessLog::new(false, 10);
-        let cell = PolicyCell::new(allow(&["client"]));
+        let cell = Arc::new(PolicyCell::new(allow(&["client"])));
         let (authn, _peer) =
             testing::authenticated(&pki, "server", "client", DST.parse().unwrap()).await;
         let mut event = Pending::open(&log, Direction::Inbound, authn.client.0, authn.orig_dst.0);
@@ -338,7 +349,7 @@ mod tests {
     #[tokio::test]
     async fn a_plaintext_connection_has_no_peer_to_admit() {
         let log = AccessLog::new(false, 10);
-        let cell = PolicyCell::new(allow(&["client"]));
+        let cell = Arc::new(PolicyCell::new(allow(&["client"])));
         let (accepted, _far) = testing::accepted(DST.parse().unwrap());
         let authn = crate::tls::allow_plaintext(accepted);
         let mut event = Pending::open(&log, Direction::Inbound, authn.client.0, authn.orig_dst.0);

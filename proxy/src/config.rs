@@ -1,14 +1,24 @@
-//! The proxy's runtime plan: typed, validated settings handed over by the
-//! binary after it has loaded and checked the YAML configuration.
+//! The proxy's runtime plan: typed settings handed over by the application
+//! (`rampart-app`) after it has loaded and validated the YAML configuration.
+//!
+//! The sections of the configuration file that the data plane consumes as
+//! they are (`transparent`, `listeners`, `outbound`, `limits`, and the
+//! enums of `inbound.ports` and `inbound.xfcc`) are defined once, here: they
+//! derive serde's traits with their defaults, and `rampart-app` embeds them
+//! in its `Config`. The application checks them as a whole; this module
+//! only assumes that they were checked.
+
+pub mod duration;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use rampart_identity::store::ConfigSpec;
+use rampart_identity::store::{ConfigSpec, TlsConfigs};
 use rampart_identity::tls::ServerSpec;
-use rampart_identity::{IdMatcher, TrustDomain};
+use rampart_identity::{IdMatcher, SpiffeId, TrustDomain};
+use serde::{Deserialize, Serialize};
 
 /// Everything the data plane needs to run.
 #[derive(Debug, Clone)]
@@ -26,7 +36,7 @@ pub struct ProxyConfig {
     /// Inbound authorization: the policies in force, swapped on reload.
     pub authorizer: Arc<crate::policy::PolicyCell>,
     /// Inbound ports: declared protocol and mTLS mode; XFCC handling.
-    pub inbound: InboundConfig,
+    pub inbound: InboundServing,
     /// Timeouts and limits.
     pub limits: Limits,
     /// Access logs and request IDs.
@@ -48,7 +58,7 @@ pub struct CentralConfig {
     pub decision_log: Option<Arc<dyn rampart_authz::central::decision_log::DecisionSink>>,
     /// Server identities of the bundle server and the decision-log
     /// collector over `https`, one TLS client configuration each (see
-    /// [`ProxyConfig::central_client_index`]).
+    /// [`ProxyConfig::central_client`]).
     pub tls_clients: Vec<IdMatcher>,
 }
 
@@ -86,19 +96,45 @@ impl Default for ObserveConfig {
     }
 }
 
-/// The two capture listeners of a pod.
-#[derive(Debug, Clone)]
+/// The two capture listeners of a pod (`transparent:`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TransparentConfig {
     /// Where redirected outbound connections arrive.
+    #[serde(default = "default_outbound")]
     pub outbound: SocketAddr,
     /// Where redirected inbound connections arrive.
+    #[serde(default = "default_inbound")]
     pub inbound: SocketAddr,
     /// Address the app listens on; inbound traffic goes to `app_host:<original port>`.
+    #[serde(default = "default_app_host")]
     pub app_host: IpAddr,
 }
 
+impl Default for TransparentConfig {
+    fn default() -> Self {
+        TransparentConfig {
+            outbound: default_outbound(),
+            inbound: default_inbound(),
+            app_host: default_app_host(),
+        }
+    }
+}
+
+// The ports `rampart init` redirects to by default.
+fn default_outbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15001))
+}
+fn default_inbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+fn default_app_host() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+
 /// Direction of an explicit listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// Accepts plaintext from the local app, originates mTLS to a peer sidecar.
     Outbound,
@@ -116,8 +152,10 @@ impl Direction {
     }
 }
 
-/// A listener bound to a configured address that forwards to a configured target.
-#[derive(Debug, Clone)]
+/// A listener bound to a configured address that forwards to a configured
+/// target (an entry of `listeners:`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Name for logs.
     pub name: String,
@@ -127,40 +165,66 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// Where to forward (the peer sidecar for outbound, the app for inbound).
     pub target: SocketAddr,
-    /// Inbound only: the port policies see (default: the target's port).
-    pub port: u16,
+    /// Inbound only: the port policies see (default: the target's port,
+    /// [`ListenerConfig::policy_port`]).
+    #[serde(default)]
+    pub port: Option<u16>,
     /// Outbound only: identities the target must present; when `None` the
     /// outbound server rules decide, as for a captured connection.
-    pub server_identities: Option<IdMatcher>,
+    #[serde(default)]
+    pub server_identities: Option<Vec<SpiffeId>>,
 }
 
-/// How outbound connections are routed and which servers are accepted.
-#[derive(Debug, Clone, Default)]
+impl ListenerConfig {
+    /// The port inbound policies see for this listener's connections.
+    pub fn policy_port(&self) -> u16 {
+        self.port.unwrap_or(self.target.port())
+    }
+}
+
+/// How outbound connections are routed and which servers are accepted
+/// (`outbound:`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
     /// Destinations outside the mesh by address: forwarded as plaintext.
+    #[serde(default)]
     pub passthrough_cidrs: Vec<IpNet>,
     /// Destinations outside the mesh by port: forwarded as plaintext.
+    #[serde(default)]
     pub passthrough_ports: Vec<u16>,
     /// Meshed destination ports carried as opaque TCP without waiting to
     /// detect HTTP (server-speaks-first protocols).
+    #[serde(default)]
     pub opaque_ports: Vec<u16>,
     /// When set, only these destinations are in the mesh; others pass through.
+    #[serde(default)]
     pub mesh_cidrs: Option<Vec<IpNet>>,
     /// Which identity each meshed destination must present; first match wins.
+    #[serde(default)]
     pub servers: Vec<ServerRule>,
     /// What to do for a meshed destination no rule matches.
+    #[serde(default)]
     pub unknown_server: UnknownServer,
 }
 
-/// Identities expected of the servers at some destinations.
-#[derive(Debug, Clone)]
+/// Identities expected of the servers at some destinations (an entry of
+/// `outbound.servers`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServerRule {
     /// Destination addresses (empty: any).
+    #[serde(default)]
     pub cidrs: Vec<IpNet>,
     /// Destination ports (empty: any).
+    #[serde(default)]
     pub ports: Vec<u16>,
-    /// Accepted server identities.
-    pub expect: IdMatcher,
+    /// Accepted server SPIFFE IDs.
+    #[serde(default)]
+    pub identities: Vec<SpiffeId>,
+    /// Accepted server trust domains (any ID in them).
+    #[serde(default)]
+    pub trust_domains: Vec<TrustDomain>,
 }
 
 impl ServerRule {
@@ -169,10 +233,18 @@ impl ServerRule {
         (self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(&dst.ip())))
             && (self.ports.is_empty() || self.ports.contains(&dst.port()))
     }
+
+    /// The server identities it accepts.
+    pub fn expect(&self) -> IdMatcher {
+        IdMatcher::ids(self.identities.iter().cloned()).union(&IdMatcher::trust_domains(
+            self.trust_domains.iter().cloned(),
+        ))
+    }
 }
 
 /// Policy for meshed destinations without a server rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum UnknownServer {
     /// Refuse the connection (fail closed).
     #[default]
@@ -181,19 +253,48 @@ pub enum UnknownServer {
     AnyInTrustDomain,
 }
 
-/// Timeouts and limits.
-#[derive(Debug, Clone)]
+/// Timeouts and limits (`limits:`). Durations are written with a unit
+/// ([`duration`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Connecting to a target.
+    #[serde(with = "duration")]
     pub connect_timeout: Duration,
     /// Completing a TLS handshake.
+    #[serde(with = "duration")]
     pub handshake_timeout: Duration,
     /// How long a drain waits for connections to finish.
+    #[serde(with = "duration")]
     pub drain_timeout: Duration,
     /// Open connections per listener.
     pub max_connections: usize,
-    /// HTTP timeouts and limits.
-    pub http: HttpLimits,
+    /// Looking at the first bytes of a connection of undeclared protocol.
+    #[serde(with = "duration")]
+    pub detect_timeout: Duration,
+    /// Receiving a complete HTTP/1 request head (cuts off slowloris).
+    #[serde(with = "duration")]
+    pub http_header_read_timeout: Duration,
+    /// Waiting for the app's response head, from the end of the request body.
+    #[serde(with = "duration")]
+    pub http_response_timeout: Duration,
+    /// Largest request head, in bytes; beyond it 431.
+    pub http_max_header_bytes: usize,
+    /// Most request header fields; beyond them 431.
+    pub http_max_headers: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub http_max_concurrent_streams: u32,
+    /// Idle pooled connections to the app are closed after this.
+    #[serde(with = "duration")]
+    pub http_pool_idle_timeout: Duration,
+    /// Pooled outbound (sidecar-to-sidecar) connections at most, over all
+    /// destinations; a request needing another waits up to the connect
+    /// timeout for one to close, then gets 503.
+    pub http_pool_max_connections: usize,
+    /// Inbound HTTP/2 connections without an open stream for this long are
+    /// closed (GOAWAY).
+    #[serde(with = "duration")]
+    pub http_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -203,14 +304,29 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
             max_connections: 10_000,
-            http: HttpLimits::default(),
+            // Long enough for a slow first segment, short enough that a
+            // server-speaks-first app on an undeclared port only sees a
+            // one-second delay before its greeting.
+            detect_timeout: Duration::from_secs(1),
+            http_header_read_timeout: Duration::from_secs(10),
+            http_response_timeout: Duration::from_secs(15),
+            http_max_header_bytes: 64 * 1024,
+            http_max_headers: 100,
+            http_max_concurrent_streams: 256,
+            http_pool_idle_timeout: Duration::from_secs(60),
+            // Envoy's default circuit-breaker `max_connections`.
+            http_pool_max_connections: 1024,
+            // Longer than the peers' pool idle timeout (60 s), so that the
+            // client side, not a GOAWAY racing a new request, normally ends
+            // an idle pooled connection.
+            http_idle_timeout: Duration::from_secs(300),
         }
     }
 }
 
 /// Inbound settings other than authorization.
 #[derive(Debug, Clone, Default)]
-pub struct InboundConfig {
+pub struct InboundServing {
     /// Ports with declared settings; others get [`InboundPort::default`].
     pub ports: Vec<InboundPort>,
     /// What the inbound sidecar does with `x-forwarded-client-cert`.
@@ -233,8 +349,9 @@ pub struct InboundPort {
     pub allow_dns_san_clients: bool,
 }
 
-/// A port's declared protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A port's declared protocol (`inbound.ports[].protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DeclaredProtocol {
     /// Look at the first bytes (with the detect timeout).
     #[default]
@@ -249,19 +366,23 @@ pub enum DeclaredProtocol {
     Grpc,
 }
 
-/// Whether a port requires mTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Whether a port requires mTLS (`inbound.ports[].mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TlsMode {
     /// mTLS only.
     #[default]
     Strict,
     /// mTLS and plaintext on the same port, told apart by detection;
     /// plaintext carries no peer identity. For migrations.
+    #[serde(rename = "permissive")]
     PermissiveAllowPlaintext,
 }
 
-/// Handling of `x-forwarded-client-cert` on requests sent to the app.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Handling of `x-forwarded-client-cert` on requests sent to the app
+/// (`inbound.xfcc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum XfccMode {
     /// Remove any client-sent copy, then set ours for an authenticated peer
     /// (Envoy's `SANITIZE_SET`).
@@ -274,71 +395,70 @@ pub enum XfccMode {
     Sanitize,
 }
 
-/// HTTP timeouts and limits.
-#[derive(Debug, Clone)]
-pub struct HttpLimits {
-    /// Looking at the first bytes of a connection of undeclared protocol.
-    pub detect_timeout: Duration,
-    /// Receiving a complete HTTP/1 request head (cuts off slowloris).
-    pub header_read_timeout: Duration,
-    /// Waiting for the app's response head, from the end of the request body.
-    pub response_timeout: Duration,
-    /// Largest request head, in bytes; beyond it 431.
-    pub max_header_bytes: usize,
-    /// Most request header fields; beyond them 431.
-    pub max_headers: usize,
-    /// Concurrent HTTP/2 streams per connection.
-    pub max_concurrent_streams: u32,
-    /// Idle pooled connections to the app are closed after this.
-    pub pool_idle_timeout: Duration,
-    /// Pooled outbound (sidecar-to-sidecar) connections at most, over all
-    /// destinations; a request needing another waits up to the connect
-    /// timeout for one to close, then gets 503.
-    pub pool_max_connections: usize,
-    /// Inbound HTTP/2 connections without an open stream for this long are
-    /// closed (GOAWAY).
-    pub idle_timeout: Duration,
+/// One of the TLS client configurations of [`ProxyConfig::tls_spec`]: each
+/// verifies one set of server identities. Only the plan hands them out, so
+/// a handle always names a configuration the identity store built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientConfigId(usize);
+
+impl ClientConfigId {
+    /// The configuration of server rule `i` (`i == servers.len()`: the
+    /// trust-domain fallback), for the route stage.
+    pub(crate) fn of_server_rule(i: usize) -> ClientConfigId {
+        ClientConfigId(i)
+    }
+
+    /// Its configuration among `configs`, which the identity store built
+    /// from this plan's [`ProxyConfig::tls_spec`].
+    pub fn of(self, configs: &TlsConfigs) -> &Arc<rustls::ClientConfig> {
+        // The store builds one client configuration per entry of the spec,
+        // and the plan only mints handles below the spec's length.
+        &configs.client[self.0]
+    }
+
+    /// Its position in the spec, for tables sized by
+    /// [`ProxyConfig::client_config_count`] (one HTTP/2 pool per configuration).
+    pub fn index(self) -> usize {
+        self.0
+    }
 }
 
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            // Long enough for a slow first segment, short enough that a
-            // server-speaks-first app on an undeclared port only sees a
-            // one-second delay before its greeting.
-            detect_timeout: Duration::from_secs(1),
-            header_read_timeout: Duration::from_secs(10),
-            response_timeout: Duration::from_secs(15),
-            max_header_bytes: 64 * 1024,
-            max_headers: 100,
-            max_concurrent_streams: 256,
-            pool_idle_timeout: Duration::from_secs(60),
-            // Envoy's default circuit-breaker `max_connections`.
-            pool_max_connections: 1024,
-            // Longer than the peers' pool idle timeout (60 s), so that the
-            // client side, not a GOAWAY racing a new request, normally ends
-            // an idle pooled connection.
-            idle_timeout: Duration::from_secs(300),
-        }
+/// One of the TLS server configurations of [`ProxyConfig::tls_spec`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServerConfigId {
+    /// Peers must present a SPIFFE ID.
+    SpiffeOnly,
+    /// Also clients with only a DNS SAN from our trust domain's CA.
+    WithDnsSanClients,
+}
+
+impl ServerConfigId {
+    /// Its configuration among `configs` (built from [`ProxyConfig::tls_spec`]).
+    pub fn of(self, configs: &TlsConfigs) -> &Arc<rustls::ServerConfig> {
+        // tls_spec lists exactly these two, in this order.
+        &configs.server[self as usize]
     }
 }
 
 impl ProxyConfig {
     /// The TLS configurations the identity store must build for this plan.
-    /// Client indices: one per server rule, then the trust-domain fallback,
-    /// then one per explicit outbound listener with its own identities,
-    /// then one per central TLS client.
+    /// Client configurations: one per server rule, then the trust-domain
+    /// fallback, then one per explicit outbound listener with its own
+    /// identities, then one per central TLS client; the handles of
+    /// [`crate::route::route`], [`ProxyConfig::listener_client`],
+    /// [`ProxyConfig::trust_domain_client`] and
+    /// [`ProxyConfig::central_client`] name them.
     pub fn tls_spec(&self) -> ConfigSpec {
         let mut client: Vec<IdMatcher> = self
             .outbound
             .servers
             .iter()
-            .map(|r| r.expect.clone())
+            .map(ServerRule::expect)
             .collect();
         client.push(IdMatcher::trust_domains([self.trust_domain.clone()]));
         for l in &self.listeners {
             if let Some(ids) = &l.server_identities {
-                client.push(ids.clone());
+                client.push(IdMatcher::ids(ids.iter().cloned()));
             }
         }
         client.extend(self.central.tls_clients.iter().cloned());
@@ -348,7 +468,7 @@ impl ProxyConfig {
             ..ServerSpec::default()
         };
         ConfigSpec {
-            // Indexed by [`ProxyConfig::server_index`].
+            // In the order of [`ServerConfigId`].
             server: vec![spiffe_only, with_dns],
             client,
             // Every sidecar speaks HTTP/2 to its peers. Tunneled app bytes
@@ -357,10 +477,18 @@ impl ProxyConfig {
         }
     }
 
-    /// Index of the server configuration (in [`ProxyConfig::tls_spec`]) for
-    /// an inbound port.
-    pub fn server_index(port: &InboundPort) -> usize {
-        usize::from(port.allow_dns_san_clients)
+    /// How many client configurations [`ProxyConfig::tls_spec`] lists.
+    pub fn client_config_count(&self) -> usize {
+        self.central_client_base() + self.central.tls_clients.len()
+    }
+
+    /// The server configuration for an inbound port.
+    pub fn server_config(port: &InboundPort) -> ServerConfigId {
+        if port.allow_dns_san_clients {
+            ServerConfigId::WithDnsSanClients
+        } else {
+            ServerConfigId::SpiffeOnly
+        }
     }
 
     /// How inbound app port `port` is served.
@@ -376,14 +504,15 @@ impl ProxyConfig {
             })
     }
 
-    /// Index of the client configuration of explicit listener `listener_index`.
-    pub fn listener_client_index(&self, listener_index: usize) -> Option<usize> {
+    /// The client configuration of explicit listener `listener_index`, if
+    /// it has server identities of its own.
+    pub fn listener_client(&self, listener_index: usize) -> Option<ClientConfigId> {
         let base = self.outbound.servers.len() + 1;
         let mut n = 0;
         for (i, l) in self.listeners.iter().enumerate() {
             if l.server_identities.is_some() {
                 if i == listener_index {
-                    return Some(base + n);
+                    return Some(ClientConfigId(base + n));
                 }
                 n += 1;
             }
@@ -391,19 +520,24 @@ impl ProxyConfig {
         None
     }
 
-    /// Index of the client configuration that trusts any server of the
-    /// sidecar's own trust domain.
-    pub fn trust_domain_client_index(&self) -> usize {
-        self.outbound.servers.len()
+    /// The client configuration that trusts any server of the sidecar's
+    /// own trust domain.
+    pub fn trust_domain_client(&self) -> ClientConfigId {
+        ClientConfigId(self.outbound.servers.len())
     }
 
-    /// Index of the client configuration of central TLS client `i`.
-    pub fn central_client_index(&self, i: usize) -> usize {
+    /// The client configuration of central TLS client `i`
+    /// ([`CentralConfig::tls_clients`]), if there is one.
+    pub fn central_client(&self, i: usize) -> Option<ClientConfigId> {
+        (i < self.central.tls_clients.len()).then(|| ClientConfigId(self.central_client_base() + i))
+    }
+
+    fn central_client_base(&self) -> usize {
         let listeners = self
             .listeners
             .iter()
             .filter(|l| l.server_identities.is_some())
             .count();
-        self.outbound.servers.len() + 1 + listeners + i
+        self.outbound.servers.len() + 1 + listeners
     }
 }

@@ -38,7 +38,6 @@ use crate::http::errors::LocalError;
 use crate::http::pool::{PoolConnectError, pool_failure};
 use crate::http::tunnel::{self, Tunnel};
 use crate::metrics::{self, ForwardFailure, HandshakeResult};
-use crate::policy::PolicyCell;
 use crate::tls::{self, ClientTls, HandshakeError};
 
 /// Opens [`Permitted`] and [`PermittedRequest`] values. Its field is
@@ -98,10 +97,9 @@ pub async fn connection(
     permitted: Permitted,
     target: SocketAddr,
     connect_timeout: Duration,
-    cell: &Arc<PolicyCell>,
 ) -> Result<Transferred, ForwardError> {
     let app = connect(target, connect_timeout).await?;
-    let (stream, mut standing, _permit) = permitted.into_parts(ForwardKey(()), cell);
+    let (stream, mut standing, _permit) = permitted.into_parts(ForwardKey(()));
     tokio::select! {
         t = splice(stream, app) => t.map_err(ForwardError::Io),
         // Dropping the splice closes both sockets.
@@ -273,7 +271,7 @@ pub async fn peer_tunnel(
         req,
         tunnel,
         downstream,
-        limits.http.response_timeout,
+        limits.http_response_timeout,
         Direction::Outbound,
     )
     .await
@@ -335,6 +333,7 @@ where
 mod tests {
     use super::*;
     use crate::access::{AccessLog, Pending};
+    use crate::policy::PolicyCell;
     use crate::testing::{self, Pki, id};
     use rampart_authz::{Authorizer, DefaultAction};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -380,11 +379,8 @@ mod tests {
                 .await;
         let mut event = Pending::open(&log, Direction::Inbound, authn.client.0, authn.orig_dst.0);
         let permitted = crate::authz::connection(authn, 8080, &cell, &mut event).unwrap();
-        let c = cell.clone();
         let forwarded =
-            tokio::spawn(
-                async move { connection(permitted, app, Duration::from_secs(5), &c).await },
-            );
+            tokio::spawn(async move { connection(permitted, app, Duration::from_secs(5)).await });
         round_trip(&mut peer, b"before").await;
         // A reload that still allows the peer changes nothing.
         cell.replace(allow(&["client", "other"]));
@@ -418,7 +414,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let e = connection(permitted, closed, Duration::from_secs(5), &cell)
+        let e = connection(permitted, closed, Duration::from_secs(5))
             .await
             .expect_err("refused");
         match e {

@@ -90,7 +90,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             TlsMode::PermissiveAllowPlaintext => {
                 match detect::detect_socket(
                     &accepted.stream,
-                    limits.http.detect_timeout,
+                    limits.detect_timeout,
                     Direction::Inbound,
                 )
                 .await
@@ -116,7 +116,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 metrics::handshake(Direction::Inbound, HandshakeResult::NoIdentity);
                 return;
             };
-            let server_cfg = configs.server[ProxyConfig::server_index(&settings)].clone();
+            let server_cfg = ProxyConfig::server_config(&settings).of(&configs).clone();
             drop(configs);
             match tls::terminate(accepted, server_cfg, limits.handshake_timeout).await {
                 Ok(a) => {
@@ -187,7 +187,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         };
         event.peer_copied(permitted.peer().map(|p| p.principal()));
         let tls = permitted.peer().is_some();
-        let forwarded = forward::connection(permitted, app, limits.connect_timeout, cell);
+        let forwarded = forward::connection(permitted, app, limits.connect_timeout);
         let forwarded = if tls {
             tokio::select! {
                 r = forwarded => r,
@@ -270,7 +270,7 @@ async fn detect_inner(
         // tell which.
         DeclaredProtocol::Http if authn.alpn_h2 => {
             let (p, rewound) =
-                detect::detect_stream(authn.stream, limits.http.detect_timeout, Direction::Inbound)
+                detect::detect_stream(authn.stream, limits.detect_timeout, Direction::Inbound)
                     .await?;
             authn.stream = Box::new(rewound);
             match p {
@@ -288,7 +288,7 @@ async fn detect_inner(
                 None => {
                     let (p, rewound) = detect::detect_stream(
                         authn.stream,
-                        limits.http.detect_timeout,
+                        limits.detect_timeout,
                         Direction::Inbound,
                     )
                     .await?;

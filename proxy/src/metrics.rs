@@ -378,10 +378,10 @@ impl PerDestination {
         };
         // Poisoning needs a panic while cloning an Arc.
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((id, m)) = last.as_ref() {
-            if Arc::ptr_eq(id, dst) || **id == **dst {
-                return m.clone();
-            }
+        if let Some((id, m)) = last.as_ref()
+            && (Arc::ptr_eq(id, dst) || **id == **dst)
+        {
+            return m.clone();
         }
         let m = RequestMetrics::for_request(self.direction, self.labels(Some(dst)));
         *last = Some((dst.clone(), m.clone()));

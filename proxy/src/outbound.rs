@@ -9,7 +9,7 @@ use tracing::{Instrument, field};
 
 use crate::accept::{Accepted, Listener};
 use crate::access::Pending;
-use crate::config::Direction;
+use crate::config::{ClientConfigId, Direction};
 use crate::detect::{self, Protocol, Sniffed};
 use crate::drain::Watch;
 use crate::forward::PeerError;
@@ -24,7 +24,7 @@ pub enum ServerChoice {
     /// By the outbound routing rules, from the destination.
     ByRoute,
     /// A fixed client configuration (explicit listener with its own identities).
-    Fixed(usize),
+    Fixed(ClientConfigId),
 }
 
 /// Serves an outbound listener until the drain starts.
@@ -97,14 +97,14 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
             metrics::handshake(Direction::Outbound, HandshakeResult::NoIdentity);
             return;
         };
-        let client_cfg = configs.client[index].clone();
+        let client_cfg = index.of(&configs).clone();
         drop(configs);
         // Stage: detect. HTTP/1.1 from the app rides the pooled HTTP/2
         // connection to the peer sidecar; everything else is tunneled.
         if !shared.config.outbound.opaque_ports.contains(&dst.port()) {
             match detect::detect_socket(
                 &accepted.stream,
-                limits.http.detect_timeout,
+                limits.detect_timeout,
                 Direction::Outbound,
             )
             .await
@@ -121,7 +121,7 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
                         stream,
                         client.0,
                         dst,
-                        index,
+                        index.index(),
                         shared.clone(),
                         watch,
                     )

@@ -5,15 +5,15 @@
 
 use std::net::SocketAddr;
 
-use crate::config::{OutboundConfig, UnknownServer};
+use crate::config::{ClientConfigId, OutboundConfig, UnknownServer};
 
 /// Where an outbound connection goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboundRoute {
     /// Outside the mesh: plaintext.
     Passthrough,
-    /// In the mesh: mTLS with the client configuration at this index.
-    Mesh(usize),
+    /// In the mesh: mTLS with this client configuration.
+    Mesh(ClientConfigId),
     /// In the mesh, but no rule says which identity to expect.
     NoServerRule,
 }
@@ -32,11 +32,14 @@ pub fn route(o: &OutboundConfig, dst: SocketAddr) -> OutboundRoute {
         return OutboundRoute::Passthrough;
     }
     if let Some(i) = o.servers.iter().position(|r| r.matches(dst)) {
-        return OutboundRoute::Mesh(i);
+        return OutboundRoute::Mesh(ClientConfigId::of_server_rule(i));
     }
     match o.unknown_server {
         UnknownServer::Deny => OutboundRoute::NoServerRule,
-        UnknownServer::AnyInTrustDomain => OutboundRoute::Mesh(o.servers.len()),
+        // The fallback's configuration follows the rules' (ProxyConfig::tls_spec).
+        UnknownServer::AnyInTrustDomain => {
+            OutboundRoute::Mesh(ClientConfigId::of_server_rule(o.servers.len()))
+        }
     }
 }
 
@@ -44,7 +47,7 @@ pub fn route(o: &OutboundConfig, dst: SocketAddr) -> OutboundRoute {
 mod tests {
     use super::*;
     use crate::config::*;
-    use rampart_identity::{IdMatcher, SpiffeId, TrustDomain};
+    use rampart_identity::{SpiffeId, TrustDomain};
     use std::sync::Arc;
 
     fn cfg() -> ProxyConfig {
@@ -61,12 +64,13 @@ mod tests {
                 servers: vec![ServerRule {
                     cidrs: vec!["10.1.0.0/16".parse().unwrap()],
                     ports: vec![8080],
-                    expect: IdMatcher::ids([SpiffeId::parse("spiffe://example.org/s").unwrap()]),
+                    identities: vec![SpiffeId::parse("spiffe://example.org/s").unwrap()],
+                    trust_domains: vec![],
                 }],
                 unknown_server: UnknownServer::Deny,
             },
             authorizer: Arc::new(crate::policy::PolicyCell::default()),
-            inbound: InboundConfig::default(),
+            inbound: InboundServing::default(),
             limits: Limits::default(),
             observe: ObserveConfig::default(),
             central: CentralConfig::default(),
@@ -77,14 +81,21 @@ mod tests {
     fn routes() {
         let mut c = cfg();
         let r = |c: &ProxyConfig, s: &str| route(&c.outbound, s.parse().unwrap());
-        assert_eq!(r(&c, "10.1.2.3:8080"), OutboundRoute::Mesh(0));
+        let mesh = |i| OutboundRoute::Mesh(ClientConfigId::of_server_rule(i));
+        assert_eq!(r(&c, "10.1.2.3:8080"), mesh(0));
         assert_eq!(r(&c, "10.1.2.3:9090"), OutboundRoute::NoServerRule);
         assert_eq!(r(&c, "10.2.2.3:8080"), OutboundRoute::NoServerRule);
         assert_eq!(r(&c, "10.1.2.3:5432"), OutboundRoute::Passthrough);
         assert_eq!(r(&c, "192.168.1.1:8080"), OutboundRoute::Passthrough);
         assert_eq!(r(&c, "172.16.0.1:8080"), OutboundRoute::Passthrough);
         c.outbound.unknown_server = UnknownServer::AnyInTrustDomain;
-        assert_eq!(r(&c, "10.2.2.3:8080"), OutboundRoute::Mesh(1));
+        assert_eq!(
+            r(&c, "10.2.2.3:8080"),
+            OutboundRoute::Mesh(c.trust_domain_client())
+        );
+        assert_eq!(r(&c, "10.2.2.3:8080"), mesh(1));
         assert_eq!(c.tls_spec().client.len(), 2);
+        assert_eq!(c.client_config_count(), 2);
+        assert_eq!(c.central_client(0), None);
     }
 }

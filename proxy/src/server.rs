@@ -65,6 +65,31 @@ impl Shared {
     }
 }
 
+#[cfg(test)]
+impl Shared {
+    /// The state of a sidecar built from `config` without binding anything,
+    /// for stage tests.
+    pub(crate) fn for_tests(
+        config: ProxyConfig,
+        identity: watch::Receiver<Option<Arc<TlsConfigs>>>,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            http: crate::http::server::InboundHttp::new(&config.limits),
+            outbound_http: crate::http::pool::OutboundHttp::new(
+                &config.limits,
+                config.tls_spec().client.len(),
+                identity.clone(),
+            ),
+            access: crate::access::AccessLog::new(false, 10),
+            config,
+            identity,
+            listening: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            drain_requested: tokio::sync::Notify::new(),
+        })
+    }
+}
+
 enum Role {
     Inbound(AppTarget),
     Outbound(ServerChoice),
@@ -119,9 +144,9 @@ pub fn bind(
         let role = match l.direction {
             Direction::Inbound => Role::Inbound(AppTarget::Fixed {
                 target: l.target,
-                port: l.port,
+                port: l.policy_port(),
             }),
-            Direction::Outbound => Role::Outbound(match config.listener_client_index(i) {
+            Direction::Outbound => Role::Outbound(match config.listener_client(i) {
                 Some(idx) => ServerChoice::Fixed(idx),
                 None => ServerChoice::ByRoute,
             }),
@@ -138,7 +163,7 @@ pub fn bind(
             http: crate::http::server::InboundHttp::new(&config.limits),
             outbound_http: crate::http::pool::OutboundHttp::new(
                 &config.limits,
-                config.tls_spec().client.len(),
+                config.client_config_count(),
                 identity.clone(),
             ),
             access: crate::access::AccessLog::new(

@@ -120,3 +120,69 @@ pub async fn authenticated(
     let (peer_tls, _) = peer.expect("client handshake");
     (authn.expect("server handshake"), peer_tls)
 }
+
+/// A minimal sidecar plan: no listeners, deny by default, `authorizer`'s
+/// policies in force.
+pub fn config(authorizer: rampart_authz::Authorizer) -> crate::config::ProxyConfig {
+    use crate::config::*;
+    ProxyConfig {
+        trust_domain: TrustDomain::parse(TD).expect("valid trust domain"),
+        admin: "127.0.0.1:0".parse().expect("valid address"),
+        transparent: None,
+        listeners: vec![],
+        outbound: OutboundConfig::default(),
+        authorizer: Arc::new(crate::policy::PolicyCell::new(authorizer)),
+        inbound: InboundConfig::default(),
+        limits: Limits::default(),
+        observe: ObserveConfig::default(),
+        central: CentralConfig::default(),
+    }
+}
+
+/// An app that answers every HTTP/1.1 request with `200 ok` and closes.
+pub async fn http_app() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("bound");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `req` over `io` as HTTP/1.1 and returns the response head and body.
+pub async fn http1_exchange<S>(
+    io: S,
+    req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> (http::response::Parts, bytes::Bytes)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    use http_body_util::BodyExt;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .expect("client handshake");
+    tokio::spawn(conn);
+    let resp = send.send_request(req).await.expect("a response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("a body").to_bytes();
+    (parts, body)
+}

@@ -233,7 +233,7 @@ mod tests {
                 Duration::from_secs(5)
             ),
         );
-        let e = client.err().expect("refused");
+        let e = client.expect_err("refused");
         assert!(matches!(e, HandshakeError::IdNotAllowed(_)), "{e}");
         assert_eq!(e.result().as_str(), "id_not_allowed");
         assert!(server.is_err(), "the server saw the handshake fail too");
@@ -267,7 +267,7 @@ mod tests {
             terminate(accepted, pki.server("server"), Duration::from_secs(5)),
             originate(far, dst, Arc::new(client), Duration::from_secs(5)),
         );
-        let e = server.err().expect("refused");
+        let e = server.expect_err("refused");
         assert!(matches!(e, HandshakeError::InvalidSvid(_)), "{e}");
         assert_eq!(e.result().as_str(), "invalid_svid");
     }
@@ -278,8 +278,7 @@ mod tests {
         let (accepted, _far) = testing::accepted(DST.parse().unwrap());
         let e = terminate(accepted, pki.server("server"), Duration::from_secs(5))
             .await
-            .err()
-            .expect("timed out");
+            .expect_err("timed out");
         assert!(matches!(e, HandshakeError::Timeout));
         assert_eq!(e.result().as_str(), "timeout");
     }

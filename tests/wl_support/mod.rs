@@ -18,26 +18,19 @@ pub const CLIENT_ID: &str = "spiffe://example.org/client";
 /// The SPIFFE ID of the server-side sidecar.
 pub const SERVER_ID: &str = "spiffe://example.org/server";
 
-/// True when skipping is not allowed (CI).
-pub fn require_e2e() -> bool {
-    std::env::var("RAMPART_REQUIRE_E2E").is_ok_and(|v| v == "1")
-}
-
-/// True when `python3 -c "import spiffe"` works; otherwise prints why the
-/// test is skipped and returns false, or panics when skipping is not allowed.
-pub fn python_spiffe_or_skip() -> bool {
+/// Panics unless `python3 -c "import spiffe, grpc"` works (the tests that
+/// call it are `#[ignore]`d for it).
+pub fn require_python_spiffe() {
     let ok = Command::new("python3")
         .args(["-c", "import spiffe, grpc"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !ok {
-        let reason = "python3 cannot import spiffe (pip install -r tests/requirements.txt)";
-        assert!(!require_e2e(), "{reason}");
-        eprintln!("skipped: {reason}");
-    }
-    ok
+    assert!(
+        ok,
+        "python3 cannot import spiffe and grpc (pip install -r tests/requirements.txt)"
+    );
 }
 
 /// Polls `cond` every 50ms until it holds, or panics after `limit`.

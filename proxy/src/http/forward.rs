@@ -84,7 +84,7 @@ impl Handler {
             parts.version = Version::HTTP_11;
             &self.shared.http.h1
         };
-        let timeout = self.shared.config.limits.http.response_timeout;
+        let timeout = self.shared.config.limits.http_response_timeout;
         let (resp, permit) = crate::forward::request(client, permitted, timeout).await?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -134,7 +134,7 @@ impl Handler {
             &tunnel,
             downstream,
             limits.connect_timeout,
-            limits.http.response_timeout,
+            limits.http_response_timeout,
         )
         .await?;
         tracing::debug!(

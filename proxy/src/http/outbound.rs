@@ -70,7 +70,7 @@ pub async fn serve<S: Io>(
         .serve_connection(
             TokioIo::new(crate::smuggling::SmugglingGuard::new(
                 stream,
-                shared.config.limits.http.max_header_bytes,
+                shared.config.limits.http_max_header_bytes,
             )),
             service,
         )
@@ -135,7 +135,17 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
         Ok(r) => r,
         Err(e) => {
             let wire = e.wire();
-            tracing::info!(reason = wire.reason.as_str(), error = %e, "request to peer sidecar failed");
+            match &e {
+                LocalError::PoolFull(limit) => tracing::warn!(
+                    limit,
+                    "request refused: pooled connection limit reached (limits.http_pool_max_connections)"
+                ),
+                _ => tracing::info!(
+                    reason = wire.reason.as_str(),
+                    error = %e,
+                    "request to peer sidecar failed"
+                ),
+            }
             metrics::http_local_error(Direction::Outbound, wire.reason);
             e.into_response(grpc, None)
         }
@@ -175,7 +185,7 @@ async fn to_peer(app: &AppConn, req: Request<Incoming>) -> Result<Response<Proxy
     uri.path_and_query = parts.uri.path_and_query().cloned();
     parts.uri = Uri::from_parts(uri).map_err(|_| LocalError::NoPath)?;
     parts.version = Version::HTTP_2;
-    let timeout = shared.config.limits.http.response_timeout;
+    let timeout = shared.config.limits.http_response_timeout;
     let resp =
         crate::forward::peer_request(client, Request::from_parts(parts, body), timeout).await?;
     let (mut parts, body) = resp.into_parts();
@@ -217,4 +227,57 @@ async fn tunnel(
         app.tunnel.set(task);
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+    use http_body_util::Empty;
+    use rampart_authz::Authorizer;
+
+    #[tokio::test]
+    async fn without_an_identity_callers_get_503_or_grpc_unavailable() {
+        let (_tx, identity) = tokio::sync::watch::channel(None);
+        let shared = Shared::for_tests(testing::config(Authorizer::default()), identity);
+        let dst: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let exchange = |grpc: bool| {
+            let shared = shared.clone();
+            async move {
+                let (near, far) = tokio::io::duplex(64 * 1024);
+                let drain = crate::drain::Drain::new();
+                tokio::spawn(serve(
+                    near,
+                    testing::client_addr(),
+                    dst,
+                    0,
+                    shared,
+                    drain.watch(),
+                ));
+                let mut req = Request::get("/data")
+                    .header("host", "backend")
+                    .body(Empty::new())
+                    .unwrap();
+                if grpc {
+                    req.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/grpc"),
+                    );
+                }
+                testing::http1_exchange(far, req).await
+            }
+        };
+        let (head, body) = exchange(false).await;
+        assert_eq!(head.status, 503);
+        assert!(
+            String::from_utf8_lossy(&body).contains("no identity"),
+            "{body:?}"
+        );
+        // gRPC callers of the outbound sidecar get a gRPC status, not text.
+        let (head, body) = exchange(true).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(head.headers["grpc-status"], "14");
+        assert_eq!(head.headers["content-type"], "application/grpc");
+        assert!(body.is_empty());
+    }
 }

@@ -49,32 +49,32 @@ impl OutboundHttp {
         client_configs: usize,
         identity: tokio::sync::watch::Receiver<Option<Arc<rampart_identity::store::TlsConfigs>>>,
     ) -> Self {
-        let l = &limits.http;
+        let l = limits;
         let mut server = hyper::server::conn::http1::Builder::new();
         server
             .timer(TokioTimer::new())
-            .header_read_timeout(l.header_read_timeout)
-            .max_buf_size(l.max_header_bytes.max(8192))
-            .max_headers(l.max_headers);
+            .header_read_timeout(l.http_header_read_timeout)
+            .max_buf_size(l.http_max_header_bytes.max(8192))
+            .max_headers(l.http_max_headers);
         // One cap over every pool: a connection holds a permit until it closes.
-        let slots = Arc::new(Semaphore::new(l.pool_max_connections));
+        let slots = Arc::new(Semaphore::new(l.http_pool_max_connections));
         let clients = (0..client_configs)
             .map(|index| {
                 Client::builder(TokioExecutor::new())
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
-                    .pool_idle_timeout(l.pool_idle_timeout)
+                    .pool_idle_timeout(l.http_pool_idle_timeout)
                     .http2_only(true)
                     .http2_keep_alive_interval(Duration::from_secs(30))
                     .http2_keep_alive_timeout(Duration::from_secs(10))
-                    .http2_max_concurrent_reset_streams(l.max_concurrent_streams as usize)
+                    .http2_max_concurrent_reset_streams(l.http_max_concurrent_streams as usize)
                     .build(MeshConnector {
                         index,
                         identity: identity.clone(),
                         connect_timeout: limits.connect_timeout,
                         handshake_timeout: limits.handshake_timeout,
                         slots: slots.clone(),
-                        max_pooled: l.pool_max_connections,
+                        max_pooled: l.http_pool_max_connections,
                     })
             })
             .collect();

@@ -49,37 +49,37 @@ impl std::fmt::Debug for InboundHttp {
 impl InboundHttp {
     /// Applies the configured limits.
     pub fn new(limits: &Limits) -> Self {
-        let l = &limits.http;
+        let l = limits;
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(l.header_read_timeout)
+            .header_read_timeout(l.http_header_read_timeout)
             // hyper answers 431 past either limit. Its buffer minimum is 8 KiB.
-            .max_buf_size(l.max_header_bytes.max(8192))
-            .max_headers(l.max_headers);
+            .max_buf_size(l.http_max_header_bytes.max(8192))
+            .max_headers(l.http_max_headers);
         server
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(l.max_concurrent_streams)
+            .max_concurrent_streams(l.http_max_concurrent_streams)
             // Pings find peers that vanished without a FIN (the pooled
             // sidecar-to-sidecar connections are long-lived).
             .keep_alive_interval(std::time::Duration::from_secs(30))
             .keep_alive_timeout(std::time::Duration::from_secs(10))
-            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(l.http_max_header_bytes).unwrap_or(u32::MAX));
         let mut server_h1 = hyper::server::conn::http1::Builder::new();
         server_h1
             .timer(TokioTimer::new())
-            .header_read_timeout(l.header_read_timeout)
-            .max_buf_size(l.max_header_bytes.max(8192))
-            .max_headers(l.max_headers);
+            .header_read_timeout(l.http_header_read_timeout)
+            .max_buf_size(l.http_max_header_bytes.max(8192))
+            .max_headers(l.http_max_headers);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(limits.connect_timeout));
         let client = |h2: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(l.pool_idle_timeout)
+                .pool_idle_timeout(l.http_pool_idle_timeout)
                 .http2_only(h2)
                 .build(connector.clone())
         };
@@ -156,7 +156,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
     let streams = match serve_version {
         ServeVersion::Http1 => None,
         ServeVersion::Http2 | ServeVersion::Auto => {
-            Some(StreamCount::new(shared.config.limits.http.idle_timeout))
+            Some(StreamCount::new(shared.config.limits.http_idle_timeout))
         }
     };
     let h = handler.clone();
@@ -193,7 +193,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         ServeVersion::Http1 => {
             let io = crate::smuggling::SmugglingGuard::new(
                 stream,
-                shared.config.limits.http.max_header_bytes,
+                shared.config.limits.http_max_header_bytes,
             );
             let conn = shared
                 .http
@@ -294,5 +294,77 @@ impl Handler {
     ) -> Result<Response<ProxyBody>, LocalError> {
         let (permitted, path) = self.authorize(req, event).await?;
         self.forward(permitted, path).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{self, Pki, id};
+    use http_body_util::Empty;
+    use rampart_authz::{Authorizer, DefaultAction};
+
+    async fn serve_one(
+        pki: &Pki,
+        shared: &Arc<Shared>,
+        port: u16,
+        app: SocketAddr,
+        req: Request<Empty<bytes::Bytes>>,
+    ) -> (http::response::Parts, bytes::Bytes) {
+        let dst: SocketAddr = format!("10.0.0.2:{port}").parse().unwrap();
+        let (authn, peer_tls) = testing::authenticated(pki, "server", "client", dst).await;
+        let conn = InboundConn {
+            source: authn.client.0,
+            destination: dst,
+            tls: true,
+            peer: authn.peer,
+            port,
+            app,
+            serve: ServeVersion::Http1,
+            app_version: AppVersion::AsReceived,
+            grpc_port: false,
+        };
+        let drain = crate::drain::Drain::new();
+        tokio::spawn(serve(authn.stream, conn, shared.clone(), drain.watch()));
+        testing::http1_exchange(peer_tls, req).await
+    }
+
+    #[tokio::test]
+    async fn requests_are_authorized_then_forwarded_or_refused_in_the_callers_form() {
+        let pki = Pki::new();
+        let app = testing::http_app().await;
+        let policies =
+            Authorizer::from_port_allowlist([(8080, vec![id("client")])], DefaultAction::Deny);
+        let (_tx, identity) = tokio::sync::watch::channel(None);
+        let shared = Shared::for_tests(testing::config(policies), identity);
+        let get = |path: &str| {
+            Request::get(path)
+                .header("host", "backend")
+                .body(Empty::new())
+                .unwrap()
+        };
+
+        // Permitted (port 8080 admits `client`): the app answers.
+        let (head, body) = serve_one(&pki, &shared, 8080, app, get("/data")).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(&body[..], b"ok");
+
+        // No policy covers port 9090: 403 naming the refusal.
+        let (head, body) = serve_one(&pki, &shared, 9090, app, get("/data")).await;
+        assert_eq!(head.status, 403);
+        assert!(
+            String::from_utf8_lossy(&body).starts_with("RBAC: access denied by this workload"),
+            "{body:?}"
+        );
+
+        // A gRPC caller gets PERMISSION_DENIED as a gRPC status.
+        let mut grpc = get("/pkg.Svc/Method");
+        grpc.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let (head, _) = serve_one(&pki, &shared, 9090, app, grpc).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(head.headers["grpc-status"], "7");
     }
 }

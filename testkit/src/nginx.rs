@@ -1,7 +1,6 @@
 //! nginx from Debian as a static file server on a loopback port (a plain
 //! process serving a temporary directory; nginx sets ETags on static
-//! files), for policy bundle tests. Shared by `tests/` and
-//! `central/tests/` (included there with `#[path]`).
+//! files), for policy bundle tests in `tests/` and `central/tests/`.
 
 // Each test binary uses part of it.
 #![allow(dead_code)]
@@ -18,19 +17,15 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// `None` (with the reason printed) when nginx is not installed and the
-    /// end-to-end tests are not required.
-    pub fn start() -> Option<Nginx> {
+    /// Starts nginx; panics when it is not installed (tests that use it
+    /// are `#[ignore]`d for it).
+    pub fn start() -> Nginx {
         let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.exists());
         let Some(bin) = bin else {
-            if std::env::var_os("RAMPART_REQUIRE_E2E").is_some_and(|v| v == "1") {
-                panic!("nginx is required (RAMPART_REQUIRE_E2E=1): apt-get install nginx");
-            }
-            eprintln!("skipped: nginx is not installed (apt-get install nginx)");
-            return None;
+            panic!("nginx is not installed (apt-get install nginx)");
         };
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("www")).unwrap();
@@ -68,7 +63,7 @@ impl Nginx {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(n)
+        n
     }
 
     pub fn url(&self, file: &str) -> http::Uri {

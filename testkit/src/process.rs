@@ -23,7 +23,7 @@ pub struct Proc {
 impl Proc {
     /// Starts `command` in a new process group, output going to files in
     /// `logs`.
-    pub(crate) fn spawn(mut command: Command, pod: &str, logs: &Path) -> Proc {
+    pub fn spawn(mut command: Command, pod: &str, logs: &Path) -> Proc {
         let label = format!("{pod}: {}", describe_command(&command));
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let stdout = logs.join(format!("{pod}-{seq}.stdout"));

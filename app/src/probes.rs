@@ -84,7 +84,7 @@ pub fn rewrite(
             if excluded_inbound.contains(&port) {
                 continue;
             }
-            let mut original: Json = serde_json::to_value(&*action)
+            let mut original: Json = serde_json::to_value(action)
                 .map_err(|_| bad(object, format!("{}.{handler}", field()), "plain data"))?;
             original["port"] = Json::from(port);
             let path = format!("{PATH_PREFIX}{name}/{segment}");

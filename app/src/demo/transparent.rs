@@ -16,7 +16,11 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
 
-use super::{DemoArgs, Entries, Sidecar, VIEWER, WORKLOADS, policy_file};
+use ipnet::IpNet;
+use rampart_proxy::config::{ServerRule, TransparentConfig};
+
+use super::{DemoArgs, Entries, Sidecar, VIEWER, WORKLOADS, policy_file, workload_id};
+use crate::config::{Config, IdentityConfig, PortConfig};
 
 /// Every namespace of the demo starts with this, then the demo's pid.
 const PREFIX: &str = "rampart-demo-";
@@ -217,23 +221,31 @@ pub(super) fn pod_mesh(
         )?));
 
         let (policy_path, mode) = policy_file(w, dir, args.rego, &args.policy_overrides)?;
-        let mut cfg = format!(
-            "identity:\n  workload_api: {{socket: \"unix://{}\", spiffe_id: \"spiffe://example.org/{w}\"}}\n# Reachable from the viewer pod; the admin port is never captured.\nadmin: {{address: \"0.0.0.0:{}\"}}\nlog: {{level: info}}\ntransparent: {{}}\ninbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {port}, mode: {mode}}}\n",
-            socket.display(),
-            ADMIN_PORT,
-            policy_path.display(),
-        );
+        let mut cfg = Config::new(IdentityConfig::workload_api(
+            format!("unix://{}", socket.display()),
+            workload_id(w)?,
+        ));
+        // Reachable from the viewer pod; the admin port is never captured.
+        cfg.admin.address = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT));
+        cfg.transparent = Some(TransparentConfig::default());
+        cfg.inbound.policies = vec![policy_path];
+        cfg.inbound.ports = vec![PortConfig {
+            mode,
+            ..PortConfig::new(port)
+        }];
         if w.ends_with("-web") {
-            cfg.push_str("outbound:\n  servers:\n");
             for b in ["ec-backend", "news-backend"] {
-                cfg.push_str(&format!(
-                    "    - {{cidrs: [\"{}/32\"], ports: [{port}], identities: [\"spiffe://example.org/{b}\"]}}\n",
-                    pods.ip(b)
-                ));
+                cfg.outbound.servers.push(ServerRule {
+                    cidrs: vec![IpNet::V4(ipnet::Ipv4Net::from(pods.ip(b)))],
+                    ports: vec![port],
+                    identities: vec![workload_id(b)?],
+                    trust_domains: Vec::new(),
+                });
             }
         }
+        let cfg = cfg.check(w)?;
         let path = dir.join(format!("{w}.yaml"));
-        std::fs::write(&path, cfg)?;
+        std::fs::write(&path, cfg.to_yaml())?;
         let log = dir.join(format!("{w}.log"));
         let config = path.to_string_lossy().into_owned();
         let child = pods.spawn_as(w, PROXY_UID, &exe, &["run", "--config", &config], &log)?;

@@ -6,7 +6,7 @@
 //! over its Unix socket (a file, so network namespaces do not matter).
 //!
 //! ```ignore
-//! let Some(bins) = spire::Bins::find() else { return };
+//! let bins = spire::Bins::require();
 //! let spire = Spire::start(net.pod("spire"), &bins, "example.org");
 //! spire.register("web", "spiffe://example.org/web", 2201, 20, &[]);
 //! // a sidecar running as UID 2201 with identity.workload_api.socket:
@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use super::process::{self, Proc};
-use super::{Pod, TempDir};
+use crate::process::{self, Proc};
+use crate::{Pod, TempDir};
 
 /// The SPIRE release the tests run (tests/peers/peer-spire.sh builds it).
 pub const VERSION: &str = "v1.13.3";
@@ -39,13 +39,13 @@ pub struct Bins {
 }
 
 impl Bins {
-    /// The binaries, or None (after saying why) when they are not built;
-    /// panics under `RAMPART_REQUIRE_E2E=1`.
-    pub fn find() -> Option<Bins> {
-        Some(Bins {
-            server: super::peers::find("spire", VERSION, "spire-server")?,
-            agent: super::peers::find("spire", VERSION, "spire-agent")?,
-        })
+    /// The binaries; panics when tests/peers/peer-spire.sh has not built
+    /// them.
+    pub fn require() -> Bins {
+        Bins {
+            server: crate::peers::require("spire", VERSION, "spire-server"),
+            agent: crate::peers::require("spire", VERSION, "spire-agent"),
+        }
     }
 }
 

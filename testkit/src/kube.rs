@@ -5,8 +5,8 @@
 //! controllers' part by creating the objects they would (a ReplicaSet's
 //! pods, a namespace's `default` service account).
 //!
-//! ```ignore
-//! let Some(api) = kube::ControlPlane::start() else { return };
+//! ```text
+//! let api = kube::ControlPlane::start();
 //! api.create("/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ec"}}));
 //! let pod = api.get("/api/v1/namespaces/ec/pods/web");
 //! ```
@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use super::Proc;
-use super::sidecar::free_addr;
+use crate::Proc;
+use crate::sidecar::free_addr;
 
 /// How long the API server may take to become ready (2 shared cores).
 const READY_WITHIN: Duration = Duration::from_secs(120);
@@ -75,19 +75,10 @@ pub fn binaries() -> Result<KubeBinaries, String> {
     Ok(KubeBinaries { apiserver, etcd })
 }
 
-/// The binaries, or `None` after printing why the test is skipped; under
-/// `RAMPART_REQUIRE_E2E=1` a missing peer fails the test instead.
-pub fn require_binaries() -> Option<KubeBinaries> {
-    match binaries() {
-        Ok(b) => Some(b),
-        Err(reason) if std::env::var_os("RAMPART_REQUIRE_E2E").is_some_and(|v| v == "1") => {
-            panic!("the Kubernetes peers are missing and RAMPART_REQUIRE_E2E=1: {reason}")
-        }
-        Err(reason) => {
-            eprintln!("skipping: {reason} (set RAMPART_REQUIRE_E2E=1 to fail instead)");
-            None
-        }
-    }
+/// The binaries; panics, saying how to build them, when they are missing
+/// (tests that use them are `#[ignore]`d for it).
+pub fn require_binaries() -> KubeBinaries {
+    binaries().unwrap_or_else(|reason| panic!("the Kubernetes peers are missing: {reason}"))
 }
 
 /// A CA for test certificates (rcgen), and the PEM files it writes.
@@ -187,11 +178,10 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts etcd and the API server and waits for `/readyz`; `None`
-    /// (after saying why) when the peers are not built.
-    pub fn start() -> Option<ControlPlane> {
-        let bins = require_binaries()?;
-        Some(ControlPlane::start_with(&bins))
+    /// Starts etcd and the API server and waits for `/readyz`; panics
+    /// when the peers are not built.
+    pub fn start() -> ControlPlane {
+        ControlPlane::start_with(&require_binaries())
     }
 
     /// Starts etcd and the API server from `bins`.

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use rampart_identity::ca::{DevCa, DevCaSource};
 use rampart_identity::files::{self, FilePaths, FileSource};
 use rampart_identity::metrics::SourceKind;
@@ -17,7 +16,7 @@ use rampart_proxy::config::ProxyConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, ConfigError, duration, find_line};
+use crate::config::{Config, Problem, duration};
 
 /// The environment variable SPIFFE clients "MUST fall back to" for the
 /// Workload API endpoint (SPIFFE Workload Endpoint §4).
@@ -49,6 +48,20 @@ pub struct WorkloadApiIdentity {
     pub backoff_max: Duration,
 }
 
+impl Default for WorkloadApiIdentity {
+    /// The endpoint from `SPIFFE_ENDPOINT_SOCKET`, the first SVID.
+    fn default() -> Self {
+        WorkloadApiIdentity {
+            socket: None,
+            spiffe_id: None,
+            hint: None,
+            trust_domain: None,
+            backoff_initial: d_backoff_initial(),
+            backoff_max: d_backoff_max(),
+        }
+    }
+}
+
 fn d_backoff_initial() -> Duration {
     Duration::from_millis(200)
 }
@@ -57,30 +70,23 @@ fn d_backoff_max() -> Duration {
 }
 
 impl WorkloadApiIdentity {
-    /// Fills `socket` from `SPIFFE_ENDPOINT_SOCKET` when the file leaves it out;
-    /// the only environment read of the configuration, and logged with it.
-    pub(crate) fn resolve_endpoint(&mut self, name: &str, text: &str) -> Result<(), ConfigError> {
+    /// Fills `socket` from `SPIFFE_ENDPOINT_SOCKET` when the file leaves it
+    /// out: the only environment read of the configuration, and logged with
+    /// it. A problem when neither gives one; [`Self::validate`] checks the value.
+    pub(crate) fn resolve_endpoint(&mut self) -> Option<Problem> {
         if self.socket.is_none() {
             self.socket = std::env::var(ENDPOINT_ENV).ok().filter(|s| !s.is_empty());
         }
-        let field = "identity.workload_api.socket";
-        let problem = match &self.socket {
-            None => Some(format!("not set, and {ENDPOINT_ENV} is not set either")),
-            Some(s) => check_endpoint(s).err(),
-        };
-        match problem {
-            None => Ok(()),
-            Some(msg) => Err(ConfigError {
-                problems: vec![format!(
-                    "{name}:{}: field `{field}`: {msg}",
-                    find_line(text, field)
-                )],
-            }),
-        }
+        self.socket.is_none().then(|| {
+            (
+                "identity.workload_api.socket".to_owned(),
+                format!("not set, and {ENDPOINT_ENV} is not set either"),
+            )
+        })
     }
 
     /// Field problems, as (field path, reason) pairs.
-    pub(crate) fn validate(&self) -> Vec<(String, String)> {
+    pub(crate) fn validate(&self) -> Vec<Problem> {
         let mut p = Vec::new();
         if self.spiffe_id.is_some() && self.hint.is_some() {
             p.push((
@@ -120,13 +126,34 @@ fn check_endpoint(s: &str) -> Result<(), String> {
     Err(format!("{s:?}: expected unix:///path or tcp://IP:port"))
 }
 
+/// The identity source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityStartError {
+    /// `identity.files` names files that do not hold a valid SVID and bundle.
+    #[error("loading the identity files")]
+    Files(#[source] rampart_identity::files::FileSourceError),
+    /// `identity.dev_ca.dir` does not hold a development CA.
+    #[error("loading the development CA")]
+    DevCa(#[source] rampart_identity::ca::CaError),
+    /// `identity.workload_api.socket` is unset and was not filled in from
+    /// the environment ([`Config::load`] does that).
+    #[error("no Workload API endpoint (identity.workload_api.socket)")]
+    NoEndpoint,
+    /// The Workload API source ended before the first SVID.
+    #[error("the Workload API source stopped before the first SVID")]
+    SourceStopped,
+    /// The configuration names no identity source.
+    #[error("no identity source configured")]
+    NoSource,
+}
+
 /// Starts the configured identity source and its rotation worker; returns the
 /// data plane's plan and the store it reads identities from. Files and the
 /// development CA are loaded once here, so a broken file or CA fails the start.
 pub async fn start(
     cfg: &Config,
     authorizer: Option<rampart_authz::Authorizer>,
-) -> anyhow::Result<(ProxyConfig, Arc<IdentityStore>)> {
+) -> Result<(ProxyConfig, Arc<IdentityStore>), IdentityStartError> {
     let (tx, mut rx) = mpsc::channel(UPDATE_CHANNEL);
     let (kind, td, first) = if let Some(f) = &cfg.identity.files {
         let paths = FilePaths {
@@ -139,11 +166,11 @@ pub async fn start(
                 .map(|b| (b.trust_domain.clone(), b.bundle.clone()))
                 .collect(),
         };
-        let (svid, _) = files::load(&paths).context("loading the identity files")?;
+        let (svid, _) = files::load(&paths).map_err(IdentityStartError::Files)?;
         tokio::spawn(FileSource::new(paths, f.poll_interval).run(tx));
         (SourceKind::Files, svid.id().trust_domain().clone(), None)
     } else if let Some(d) = &cfg.identity.dev_ca {
-        let ca = DevCa::load(&d.dir).context("loading the development CA")?;
+        let ca = DevCa::load(&d.dir).map_err(IdentityStartError::DevCa)?;
         tokio::spawn(DevCaSource::new(Arc::new(ca), d.spiffe_id.clone(), d.ttl).run(tx));
         (SourceKind::DevCa, d.spiffe_id.trust_domain().clone(), None)
     } else if let Some(w) = &cfg.identity.workload_api {
@@ -154,7 +181,7 @@ pub async fn start(
         };
         let source = WorkloadApiSource::new(WorkloadApiConfig {
             // Config::load filled it in or refused the file.
-            endpoint: w.socket.clone().context("no Workload API endpoint")?,
+            endpoint: w.socket.clone().ok_or(IdentityStartError::NoEndpoint)?,
             select,
             backoff_initial: w.backoff_initial,
             backoff_max: w.backoff_max,
@@ -172,7 +199,7 @@ pub async fn start(
                     match rx.recv().await {
                         Some(Update::Identity(id)) => break id,
                         Some(Update::Revoked) => continue,
-                        None => anyhow::bail!("the Workload API source stopped"),
+                        None => return Err(IdentityStartError::SourceStopped),
                     }
                 };
                 let td = first.svid.id().trust_domain().clone();
@@ -180,7 +207,7 @@ pub async fn start(
             }
         }
     } else {
-        anyhow::bail!("no identity source configured");
+        return Err(IdentityStartError::NoSource);
     };
     let plan = cfg.proxy_config(td, authorizer);
     let store = Arc::new(IdentityStore::new(plan.tls_spec()));
@@ -195,7 +222,7 @@ mod tests {
 
     const LISTENERS: &str = "listeners:\n  - {name: in, direction: inbound, listen: 127.0.0.1:1, target: 127.0.0.1:2}\n";
 
-    fn parse(identity: &str) -> Result<Config, ConfigError> {
+    fn parse(identity: &str) -> Result<Config, crate::config::ConfigError> {
         Config::parse("t.yaml", &format!("identity:\n{identity}{LISTENERS}"))
     }
 

@@ -10,6 +10,12 @@ pub struct TempDir {
     dir: tempfile::TempDir,
 }
 
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl TempDir {
     /// Creates the directory, mode 0755.
     pub fn new() -> TempDir {

@@ -19,6 +19,9 @@ use http::StatusCode;
 use std::sync::Arc;
 
 use rampart_identity::agent::{Agent, Registrations};
+use rampart_proxy::config::{Direction, ListenerConfig, TlsMode};
+
+use crate::config::{Config, IdentityConfig, PortConfig};
 use rampart_identity::ca::DevCa;
 use rampart_identity::{SpiffeId, TrustDomain};
 
@@ -128,8 +131,21 @@ fn policy_text(workload: &str, rego: bool) -> (&'static str, Option<(&'static st
     }
 }
 
+/// A loopback address with a port nobody listened on when asked, never the
+/// same twice in this process: the kernel may hand a released port out
+/// again before its first taker binds it. (Another process may still take
+/// it; [`loopback_mesh`] is then started again.)
 fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        // Poisoning needs a panic while holding the lock, which only pushes.
+        let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !taken.contains(&addr.port()) {
+            taken.push(addr.port());
+            return Ok(addr);
+        }
+    }
 }
 
 /// A sidecar child process, stopped on drop.
@@ -281,80 +297,37 @@ async fn demo(
     );
 
     let bin = std::env::current_exe()?;
-    let (mut sidecars, entries, _apps) = match pods {
-        Some(pods) => transparent::pod_mesh(pods, &args, dir.path(), &socket, &bin)?,
+    let (sidecars, entries, _apps) = match pods {
+        Some(pods) => {
+            let (mut sidecars, entries, apps) =
+                transparent::pod_mesh(pods, &args, dir.path(), &socket, &bin)?;
+            for s in &mut sidecars {
+                wait_ready(s).await?;
+                print_ready(s, started);
+            }
+            (sidecars, entries, apps)
+        }
         None => {
-            // Addresses first: sidecars and apps refer to each other.
-            let mut addrs = std::collections::HashMap::new();
-            for w in WORKLOADS {
-                let web = w.ends_with("-web");
-                addrs.insert(
-                    w,
-                    Addrs {
-                        app: free_addr()?,
-                        inbound: free_addr()?,
-                        outbound: if web { Some(free_addr()?) } else { None },
-                        cross: if web { Some(free_addr()?) } else { None },
-                    },
-                );
+            let mut attempt = 1;
+            loop {
+                let (mut sidecars, entries) =
+                    loopback_mesh(&args, dir.path(), &socket, &bin).await?;
+                match wait_all_ready(&mut sidecars, started).await {
+                    Ok(()) => break (sidecars, entries, Vec::new()),
+                    // Another process took a port between our probe and the
+                    // sidecar's bind: pick new ones (the mesh is all or nothing).
+                    Err(NotReady::PortTaken(name)) if attempt < PORT_ATTEMPTS => {
+                        println!(
+                            "[{:>5.1}s] a port of the {name} sidecar was taken by another process; starting the mesh again on new ports",
+                            started.elapsed().as_secs_f64()
+                        );
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            // Apps.
-            for w in WORKLOADS {
-                let a = &addrs[w];
-                let app = match w {
-                    "ec-web" | "news-web" => App::Web {
-                        name: w,
-                        upstream: a.outbound.context("web tier has an outbound listener")?,
-                        peers: Vec::new(),
-                    },
-                    _ => App::Backend { name: w },
-                };
-                let bound = apps::start(app).await?;
-                // The app binds its own port; record it.
-                addrs.get_mut(w).context("workload")?.app = bound;
-            }
-            // Sidecars.
-            let mut sidecars = Vec::new();
-            for w in WORKLOADS {
-                let cfg = sidecar_config(
-                    w,
-                    &addrs,
-                    dir.path(),
-                    &socket,
-                    args.rego,
-                    &args.policy_overrides,
-                )?;
-                let path = dir.path().join(format!("{w}.yaml"));
-                std::fs::write(&path, cfg)?;
-                let log = dir.path().join(format!("{w}.log"));
-                let child = Command::new(&bin)
-                    .arg("run")
-                    .arg("--config")
-                    .arg(&path)
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(&log)?)
-                    .spawn()
-                    .with_context(|| format!("starting the {w} sidecar"))?;
-                sidecars.push(Sidecar {
-                    name: w,
-                    child,
-                    admin: admin_addr(&path)?,
-                    log,
-                });
-            }
-            (sidecars, Entries::Loopback(addrs), Vec::new())
         }
     };
-    for s in &mut sidecars {
-        wait_ready(s).await?;
-        println!(
-            "[{:>5.1}s] {:<13} sidecar ready (spiffe://example.org/{})",
-            started.elapsed().as_secs_f64(),
-            s.name,
-            s.name
-        );
-    }
-
     // Let every sidecar rotate its SVID once before the checks, so the
     // requests below run on rotated identities.
     let deadline = Instant::now() + SVID_TTL * 3;
@@ -633,7 +606,7 @@ fn policy_file(
     dir: &Path,
     rego: bool,
     overrides: &[String],
-) -> anyhow::Result<(PathBuf, &'static str)> {
+) -> anyhow::Result<(PathBuf, TlsMode)> {
     let (policy, module) = policy_text(w, rego);
     let path = match overrides
         .iter()
@@ -651,15 +624,116 @@ fn policy_file(
         }
     };
     let mode = if w.ends_with("-web") {
-        "permissive"
+        TlsMode::PermissiveAllowPlaintext
     } else {
-        "strict"
+        TlsMode::Strict
     };
     Ok((path, mode))
 }
 
-async fn wait_ready(s: &mut Sidecar) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// How many times the loopback mesh is started on fresh ports when one was
+/// taken by another process.
+const PORT_ATTEMPTS: u32 = 3;
+
+/// Starts the loopback mesh: the four apps in process, then their sidecars
+/// as `rampart run` processes on free loopback ports (not yet ready).
+async fn loopback_mesh(
+    args: &DemoArgs,
+    dir: &Path,
+    socket: &Path,
+    bin: &Path,
+) -> anyhow::Result<(Vec<Sidecar>, Entries)> {
+    // Addresses first: sidecars and apps refer to each other.
+    let mut addrs = std::collections::HashMap::new();
+    for w in WORKLOADS {
+        let web = w.ends_with("-web");
+        addrs.insert(
+            w,
+            Addrs {
+                app: free_addr()?,
+                inbound: free_addr()?,
+                outbound: if web { Some(free_addr()?) } else { None },
+                cross: if web { Some(free_addr()?) } else { None },
+            },
+        );
+    }
+    // Apps.
+    for w in WORKLOADS {
+        let a = &addrs[w];
+        let app = match w {
+            "ec-web" | "news-web" => App::Web {
+                name: w,
+                upstream: a.outbound.context("web tier has an outbound listener")?,
+                peers: Vec::new(),
+            },
+            _ => App::Backend { name: w },
+        };
+        let bound = apps::start(app).await?;
+        // The app binds its own port; record it.
+        addrs.get_mut(w).context("workload")?.app = bound;
+    }
+    // Sidecars.
+    let mut sidecars = Vec::new();
+    for w in WORKLOADS {
+        let cfg = sidecar_config(w, &addrs, dir, socket, args.rego, &args.policy_overrides)?;
+        let admin = cfg.admin.address;
+        let path = dir.join(format!("{w}.yaml"));
+        std::fs::write(&path, cfg.to_yaml())?;
+        let log = dir.join(format!("{w}.log"));
+        let child = Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting the {w} sidecar"))?;
+        sidecars.push(Sidecar {
+            name: w,
+            child,
+            admin,
+            log,
+        });
+    }
+    Ok((sidecars, Entries::Loopback(addrs)))
+}
+
+/// Why a sidecar did not become ready.
+#[derive(Debug, thiserror::Error)]
+enum NotReady {
+    /// It exited because one of its ports was in use.
+    #[error("the {0} sidecar could not bind a port: it is in use")]
+    PortTaken(&'static str),
+    /// It exited for another reason; its log.
+    #[error("the {0} sidecar exited ({1}):\n{2}")]
+    Exited(&'static str, std::process::ExitStatus, String),
+    /// It was still not ready at the deadline.
+    #[error("the {0} sidecar did not become ready within {1:?}")]
+    Timeout(&'static str, Duration),
+}
+
+async fn wait_all_ready(sidecars: &mut [Sidecar], started: Instant) -> Result<(), NotReady> {
+    for s in sidecars {
+        wait_ready(s).await?;
+        print_ready(s, started);
+    }
+    Ok(())
+}
+
+fn print_ready(s: &Sidecar, started: Instant) {
+    println!(
+        "[{:>5.1}s] {:<13} sidecar ready (spiffe://example.org/{})",
+        started.elapsed().as_secs_f64(),
+        s.name,
+        s.name
+    );
+}
+
+/// Polls the sidecar's `/ready` until it answers 200 (20 s at most),
+/// watching for an early exit.
+async fn wait_ready(s: &mut Sidecar) -> Result<(), NotReady> {
+    const LIMIT: Duration = Duration::from_secs(20);
+    let deadline = Instant::now() + LIMIT;
     while Instant::now() < deadline {
         if let Ok((status, _)) = apps::get(s.admin, "/ready", &[]).await
             && status == StatusCode::OK
@@ -667,15 +741,15 @@ async fn wait_ready(s: &mut Sidecar) -> anyhow::Result<()> {
             return Ok(());
         }
         if let Ok(Some(exit)) = s.child.try_wait() {
-            anyhow::bail!(
-                "the {} sidecar exited ({exit}):\n{}",
-                s.name,
-                std::fs::read_to_string(&s.log).unwrap_or_default()
-            );
+            let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+            if log.contains("Address already in use") {
+                return Err(NotReady::PortTaken(s.name));
+            }
+            return Err(NotReady::Exited(s.name, exit, log));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    anyhow::bail!("the {} sidecar did not become ready", s.name)
+    Err(NotReady::Timeout(s.name, LIMIT))
 }
 
 async fn rotations(sidecars: &[Sidecar]) -> u64 {
@@ -694,15 +768,9 @@ async fn rotations(sidecars: &[Sidecar]) -> u64 {
     total
 }
 
-fn admin_addr(config: &Path) -> anyhow::Result<SocketAddr> {
-    let text = std::fs::read_to_string(config)?;
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("admin: {address: \""))
-        .context("admin address in generated config")?;
-    Ok(line.trim_end_matches("\"}").parse()?)
-}
-
+/// The typed configuration of `w`'s sidecar on loopback: the Workload API
+/// identity, an inbound listener in front of its app, and for a web tier
+/// one outbound listener to each site's backend.
 fn sidecar_config(
     w: &'static str,
     addrs: &std::collections::HashMap<&str, Addrs>,
@@ -710,45 +778,52 @@ fn sidecar_config(
     socket: &Path,
     rego: bool,
     overrides: &[String],
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Config> {
     let a = &addrs[w];
     let (policy_path, mode) = policy_file(w, dir, rego, overrides)?;
-    let admin = free_addr()?;
-    let mut cfg = format!(
-        "identity:\n  workload_api: {{socket: \"unix://{}\", spiffe_id: \"spiffe://example.org/{w}\"}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: info}}\nlisteners:\n",
-        socket.display()
-    );
-    cfg.push_str(&format!(
-        "  - {{name: inbound, direction: inbound, listen: \"{}\", target: \"{}\"}}\n",
-        a.inbound, a.app
+    let mut cfg = Config::new(IdentityConfig::workload_api(
+        format!("unix://{}", socket.display()),
+        workload_id(w)?,
     ));
-    let backend_of = |web: &str| {
-        if web == "ec-web" {
+    cfg.admin.address = free_addr()?;
+    cfg.listeners.push(ListenerConfig {
+        name: "inbound".into(),
+        direction: Direction::Inbound,
+        listen: a.inbound,
+        target: a.app,
+        port: None,
+        server_identities: None,
+    });
+    if let (Some(out), Some(cross)) = (a.outbound, a.cross) {
+        let mine = if w == "ec-web" {
             "ec-backend"
         } else {
             "news-backend"
-        }
-    };
-    if let (Some(out), Some(cross)) = (a.outbound, a.cross) {
-        let mine = backend_of(w);
+        };
         let theirs = if mine == "ec-backend" {
             "news-backend"
         } else {
             "ec-backend"
         };
-        cfg.push_str(&format!(
-            "  - {{name: to-{mine}, direction: outbound, listen: \"{out}\", target: \"{}\", server_identities: [\"spiffe://example.org/{mine}\"]}}\n",
-            addrs[mine].inbound
-        ));
-        cfg.push_str(&format!(
-            "  - {{name: to-{theirs}, direction: outbound, listen: \"{cross}\", target: \"{}\", server_identities: [\"spiffe://example.org/{theirs}\"]}}\n",
-            addrs[theirs].inbound
-        ));
+        for (backend, listen) in [(mine, out), (theirs, cross)] {
+            cfg.listeners.push(ListenerConfig {
+                name: format!("to-{backend}"),
+                direction: Direction::Outbound,
+                listen,
+                target: addrs[backend].inbound,
+                port: None,
+                server_identities: Some(vec![workload_id(backend)?]),
+            });
+        }
     }
-    cfg.push_str(&format!(
-        "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {}, mode: {mode}}}\n",
-        policy_path.display(),
-        a.app.port()
-    ));
-    Ok(cfg)
+    cfg.inbound.policies = vec![policy_path];
+    cfg.inbound.ports = vec![PortConfig {
+        mode,
+        ..PortConfig::new(a.app.port())
+    }];
+    Ok(cfg.check(w)?)
+}
+
+fn workload_id(w: &str) -> anyhow::Result<SpiffeId> {
+    Ok(SpiffeId::parse(&format!("spiffe://example.org/{w}"))?)
 }

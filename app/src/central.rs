@@ -1,4 +1,4 @@
-//! Central management wiring for `rampart run`: starts the bundle poller
+//! Central management wiring of a sidecar: starts the bundle poller
 //! and feeds its `watch` channel into the proxy's policy cell, builds the
 //! ext_authz clients for CUSTOM policies and the decision-log shipper, and
 //! renders their state for the admin API's `/policy`. Everything here is
@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use rampart_authz::central::bundle::BundleOptions;
 use rampart_authz::central::decision_log::EntryContext;
 use rampart_central::bundle_poller::{self, BundleSource, PolicyHandle};
@@ -16,10 +15,34 @@ use rampart_central::ext_authz::{ExtAuthzClients, ProviderConfig};
 use rampart_central::http_fetch::ClientTlsProvider;
 use rampart_identity::store::IdentityStore;
 use rampart_proxy::admin::CentralStatus;
-use rampart_proxy::config::ProxyConfig;
+use rampart_proxy::config::{ClientConfigId, ProxyConfig};
 use rampart_proxy::policy::{PolicyCell, PolicyOrigin};
 
 use crate::config::{Config, central_url};
+
+/// Central management could not start. The configuration was validated as
+/// a whole before, so these are checks repeated where the values are used.
+#[derive(Debug, thiserror::Error)]
+pub enum CentralStartError {
+    /// A field holds a value the clients cannot use.
+    #[error("field `{field}`: {message}")]
+    Field {
+        /// The field path, as in the configuration file.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The ext_authz clients refused their configuration.
+    #[error("ext_authz")]
+    ExtAuthz(#[from] rampart_central::ext_authz::ProviderConfigError),
+}
+
+fn field(field: &str) -> impl FnOnce(String) -> CentralStartError + '_ {
+    move |message| CentralStartError::Field {
+        field: field.to_owned(),
+        message,
+    }
+}
 
 /// Starts what the configuration asks for and installs the request-path
 /// hooks into `plan`. Returns the admin API's view, `None` when central
@@ -28,30 +51,26 @@ pub fn start(
     cfg: &Config,
     plan: &mut ProxyConfig,
     store: &Arc<IdentityStore>,
-) -> anyhow::Result<Option<CentralStatus>> {
+) -> Result<Option<CentralStatus>, CentralStartError> {
     let bundle_cfg = cfg.inbound.bundle.as_ref();
     if bundle_cfg.is_none() && cfg.ext_authz.providers.is_empty() && cfg.decision_logs.is_none() {
         return Ok(None);
     }
     rampart_central::metrics::describe();
-    // The central servers reached over https with their own identities take
-    // the client configurations after the proxy's, in this order.
-    let (any_in_td, first_own) = (
-        plan.trust_domain_client_index(),
-        plan.central_client_index(0),
-    );
-    let mut own_clients = 0;
+    // The central servers reached over https with their own identities
+    // have a client configuration each ([`Config::central_tls_clients`]
+    // lists them in this order); the others trust our trust domain.
+    let any_in_td = plan.trust_domain_client();
+    let own: Vec<ClientConfigId> = (0..plan.central.tls_clients.len())
+        .filter_map(|i| plan.central_client(i))
+        .collect();
+    let mut own = own.into_iter();
     let mut tls_for = |url: &str, has_ids: bool| -> Option<ClientTlsProvider> {
         if !url.starts_with("https://") {
             return None;
         }
-        let index = if has_ids {
-            own_clients += 1;
-            first_own + own_clients - 1
-        } else {
-            any_in_td
-        };
-        Some(tls_provider(store, index))
+        let id = if has_ids { own.next()? } else { any_in_td };
+        Some(tls_provider(store, id))
     };
 
     let policies = match bundle_cfg {
@@ -59,14 +78,14 @@ pub fn start(
         Some(b) => {
             let tls = tls_for(&b.url, b.server_identities.is_some());
             let source = BundleSource {
-                url: central_url(&b.url).map_err(anyhow::Error::msg)?,
+                url: central_url(&b.url).map_err(field("inbound.bundle.url"))?,
                 poll_interval: b.poll_interval,
                 timeout: b.timeout,
                 max_download_bytes: b.max_download_bytes,
             };
             let verification = cfg
                 .bundle_verification()
-                .map_err(|(field, msg)| anyhow::anyhow!("{field}: {msg}"))?;
+                .map_err(|(field, message)| CentralStartError::Field { field, message })?;
             let options = BundleOptions {
                 authz: cfg.policy_options(),
                 verification,
@@ -82,21 +101,31 @@ pub fn start(
     };
 
     if !cfg.ext_authz.providers.is_empty() {
-        let configs = cfg
-            .ext_authz
-            .providers
-            .iter()
-            .map(|p| {
-                Ok(ProviderConfig {
-                    name: rampart_authz::model::ProviderName::try_from(p.name.clone())
-                        .map_err(anyhow::Error::msg)?,
-                    endpoint: p.endpoint.parse().context("ext_authz endpoint")?,
-                    timeout: p.timeout,
-                    failure_mode_allow_i_understand_the_risk: p
-                        .failure_mode_allow_i_understand_the_risk,
+        let configs =
+            cfg.ext_authz
+                .providers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let f = |name: &str| format!("ext_authz.providers[{i}].{name}");
+                    Ok(ProviderConfig {
+                        name: rampart_authz::model::ProviderName::try_from(p.name.clone())
+                            .map_err(|message| CentralStartError::Field {
+                                field: f("name"),
+                                message,
+                            })?,
+                        endpoint: p.endpoint.parse().map_err(|e: http::uri::InvalidUri| {
+                            CentralStartError::Field {
+                                field: f("endpoint"),
+                                message: e.to_string(),
+                            }
+                        })?,
+                        timeout: p.timeout,
+                        failure_mode_allow_i_understand_the_risk: p
+                            .failure_mode_allow_i_understand_the_risk,
+                    })
                 })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>, CentralStartError>>()?;
         for p in configs
             .iter()
             .filter(|p| p.failure_mode_allow_i_understand_the_risk)
@@ -111,7 +140,7 @@ pub fn start(
         Some(d) => {
             let tls = tls_for(&d.url, d.server_identities.is_some());
             let config = DecisionLogConfig {
-                url: central_url(&d.url).map_err(anyhow::Error::msg)?,
+                url: central_url(&d.url).map_err(field("decision_logs.url"))?,
                 max_queued: d.max_queued,
                 max_batch: d.max_batch,
                 flush_interval: d.flush_interval,
@@ -159,14 +188,14 @@ async fn follow(handle: PolicyHandle, cell: Arc<PolicyCell>) {
     }
 }
 
-/// The client configuration at `index` of the identity store, offering
+/// The client configuration `id` of the identity store, offering
 /// HTTP/1.1 (the central clients send one request per connection) instead
 /// of the mesh's `h2`. Read per connection, so rotated SVIDs are used.
-fn tls_provider(store: &Arc<IdentityStore>, index: usize) -> ClientTlsProvider {
+fn tls_provider(store: &Arc<IdentityStore>, id: ClientConfigId) -> ClientTlsProvider {
     let rx = store.subscribe();
     Arc::new(move || {
         let configs = rx.borrow().clone()?;
-        let mut c = (**configs.client.get(index)?).clone();
+        let mut c = (**id.of(&configs)).clone();
         c.alpn_protocols = vec![b"http/1.1".to_vec()];
         Some(Arc::new(c))
     })

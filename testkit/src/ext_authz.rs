@@ -12,7 +12,7 @@
 //! | `/error` | a gRPC INTERNAL error |
 //! | anything else | OK with an invalid header name (malformed) |
 //!
-//! Shared by `tests/` and `central/tests/` (included there with `#[path]`).
+//! Used by `tests/` and `central/tests/`.
 
 // Each test binary uses part of it.
 #![allow(dead_code)]

@@ -1,6 +1,6 @@
 //! Sidecars on loopback with explicit listeners, no namespaces or root:
-//! a PKI made by the real CLI, `rampart run` processes killed on drop, and
-//! local app processes.
+//! configurations built as typed [`Config`] values and written by serde,
+//! `rampart run` processes killed on drop, and local app processes.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::rampart_bin;
+use rampart_app::config::{Config, IdentityConfig};
+use rampart_proxy::config::{Direction as ProxyDirection, ListenerConfig};
+
+use crate::pki::{Pki, parse_id};
+use crate::rampart_bin;
 
 /// A loopback address with a port nobody listens on (yet), never the same
 /// twice in one test binary: the kernel may hand a released port out again
@@ -36,45 +40,60 @@ pub fn rampart(args: &[&str]) -> std::process::Output {
         .expect("run rampart")
 }
 
-/// A PKI in a temp dir: one CA and SVIDs issued by the real CLI.
-pub struct Pki {
-    /// The directory (CA, SVIDs, configurations, logs).
+/// Sidecars on loopback: a temp dir (configurations, SVIDs, logs) and one
+/// [`Pki`] for `example.org` that issues every sidecar's SVID.
+pub struct Loopback {
+    /// The directory (SVIDs, configurations, logs).
     pub dir: tempfile::TempDir,
+    /// The CA.
+    pub pki: Pki,
 }
 
-impl Pki {
-    /// A new CA.
+impl Default for Loopback {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Loopback {
+    /// A new directory and CA.
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca");
-        let out = rampart(&["ca", "init", "--dir", ca.to_str().unwrap()]);
-        assert!(out.status.success(), "{out:?}");
-        Pki { dir }
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let pki = Pki::new("example.org");
+        // Also on disk, for tests that run `rampart ca issue` themselves.
+        pki.save_ca(&dir.path().join("ca"));
+        Loopback { dir, pki }
     }
 
     /// Issues an SVID for `id` into `<dir>/<name>`.
     pub fn issue(&self, id: &str, name: &str) -> PathBuf {
-        let out_dir = self.dir.path().join(name);
-        let ca = self.dir.path().join("ca");
-        let out = rampart(&[
-            "ca",
-            "issue",
-            "--dir",
-            ca.to_str().unwrap(),
-            "--spiffe-id",
-            id,
-            "--out",
-            out_dir.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{out:?}");
-        out_dir
+        self.pki.issue_into(id, &self.dir.path().join(name))
     }
 
-    /// Issues an SVID for `id` and starts a sidecar with it; `body` is the
-    /// configuration after `identity`, `admin` and `log` (unless `body` has
-    /// its own `log:` line).
+    /// The configuration of a sidecar for `id`: its SVID's files (issued
+    /// now), a free admin address, debug logs; no listeners yet.
+    pub fn config(&self, id: &str) -> Config {
+        let name = id.rsplit('/').next().expect("a SPIFFE ID has a path");
+        let svid = self.issue(id, name);
+        base_config(&svid)
+    }
+
+    /// Issues an SVID for `id` and starts a sidecar with it; `body` holds
+    /// the configuration's sections besides `identity` (YAML, deserialized
+    /// into the typed [`Config`]: its `admin` and `log` sections are merged
+    /// over the defaults of [`Loopback::config`]).
     pub fn sidecar(&self, id: &str, body: &str) -> Sidecar {
         let s = self.sidecar_unready(id, body);
+        s.wait_ready();
+        s
+    }
+
+    /// Starts a sidecar for `id` with the configuration `edit` makes of
+    /// [`Loopback::config`]; returns once it is ready.
+    pub fn sidecar_with(&self, id: &str, edit: impl FnOnce(&mut Config)) -> Sidecar {
+        let mut cfg = self.config(id);
+        edit(&mut cfg);
+        let s = Sidecar::spawn(self.dir.path(), name_of(id), &cfg);
         s.wait_ready();
         s
     }
@@ -89,26 +108,72 @@ impl Pki {
         expect: &str,
         extra: &str,
     ) -> (Sidecar, Vec<SocketAddr>) {
-        let mut body = String::from("listeners:\n");
+        let mut cfg = with_sections(self.config(id), extra);
         let mut outs = Vec::new();
         for (i, t) in targets.iter().enumerate() {
             let out = free_addr();
-            body.push_str(&format!(
-                "  - {{name: out{i}, direction: outbound, listen: \"{out}\", target: \"{t}\", server_identities: [\"{expect}\"]}}\n"
-            ));
+            cfg.listeners.push(ListenerConfig {
+                name: format!("out{i}"),
+                direction: ProxyDirection::Outbound,
+                listen: out,
+                target: *t,
+                port: None,
+                server_identities: Some(vec![parse_id(expect)]),
+            });
             outs.push(out);
         }
-        body.push_str(extra);
-        (self.sidecar(id, &body), outs)
+        let s = Sidecar::spawn(self.dir.path(), name_of(id), &cfg);
+        s.wait_ready();
+        (s, outs)
     }
 
-    /// Like [`Pki::sidecar`], but returns as soon as the process runs,
+    /// Like [`Loopback::sidecar`], but returns as soon as the process runs,
     /// ready or not.
     pub fn sidecar_unready(&self, id: &str, body: &str) -> Sidecar {
-        let name = id.rsplit('/').next().unwrap();
-        let svid = self.issue(id, name);
-        Sidecar::spawn(self.dir.path(), name, &svid, body)
+        let cfg = with_sections(self.config(id), body);
+        Sidecar::spawn(self.dir.path(), name_of(id), &cfg)
     }
+}
+
+fn name_of(id: &str) -> &str {
+    id.rsplit('/').next().expect("a SPIFFE ID has a path")
+}
+
+/// A sidecar configuration with the SVID files in `svid` (as
+/// [`Pki::issue_into`] writes them), a free admin address and debug logs.
+pub fn base_config(svid: &Path) -> Config {
+    let mut cfg = Config::new(IdentityConfig::files_in(svid));
+    cfg.admin.address = free_addr();
+    cfg.log.level = "debug".into();
+    cfg
+}
+
+/// `cfg` with the sections of `body` (YAML) put in: `admin` and `log` are
+/// merged key by key over `cfg`'s, the others replace `cfg`'s. The result
+/// is deserialized into the typed [`Config`], so a misspelt field fails here.
+pub fn with_sections(cfg: Config, body: &str) -> Config {
+    use serde_yaml::Value;
+    let mut base = match serde_yaml::to_value(&cfg).expect("a Config is a YAML value") {
+        Value::Mapping(m) => m,
+        _ => unreachable!("a Config serializes to a mapping"),
+    };
+    let sections: serde_yaml::Mapping = if body.trim().is_empty() {
+        serde_yaml::Mapping::new()
+    } else {
+        serde_yaml::from_str(body).unwrap_or_else(|e| panic!("test configuration: {e}\n{body}"))
+    };
+    for (key, value) in sections {
+        let merged = match (key.as_str(), base.get_mut(&key), value) {
+            (Some("admin" | "log"), Some(Value::Mapping(old)), Value::Mapping(new)) => {
+                old.extend(new);
+                continue;
+            }
+            (_, _, value) => value,
+        };
+        base.insert(key, merged);
+    }
+    serde_yaml::from_value(Value::Mapping(base))
+        .unwrap_or_else(|e| panic!("test configuration does not fit the Config types: {e}\n{body}"))
 }
 
 /// A running sidecar, killed on drop.
@@ -120,52 +185,25 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Writes its configuration and starts it; returns once it is ready.
-    pub fn start(dir: &Path, name: &str, svid: &Path, body: &str) -> Sidecar {
-        let s = Sidecar::spawn(dir, name, svid, body);
+    /// Writes `cfg` as `<dir>/<name>.yaml` and starts `rampart run` on it;
+    /// returns once it is ready.
+    pub fn start(dir: &Path, name: &str, cfg: &Config) -> Sidecar {
+        let s = Sidecar::spawn(dir, name, cfg);
         s.wait_ready();
         s
     }
 
-    /// Writes its configuration and starts it, without waiting.
-    pub fn spawn(dir: &Path, name: &str, svid: &Path, body: &str) -> Sidecar {
-        Sidecar::spawn_with_env(dir, name, svid, body, &[])
+    /// Writes `cfg` as `<dir>/<name>.yaml` and starts `rampart run` on it,
+    /// without waiting.
+    pub fn spawn(dir: &Path, name: &str, cfg: &Config) -> Sidecar {
+        Sidecar::spawn_with_env(dir, name, cfg, &[])
     }
 
     /// As [`Sidecar::spawn`], with environment variables for the process
     /// (`RAMPART_APP_PROBES`, as injection sets it).
-    pub fn spawn_with_env(
-        dir: &Path,
-        name: &str,
-        svid: &Path,
-        body: &str,
-        env: &[(&str, &str)],
-    ) -> Sidecar {
-        let admin = free_addr();
-        // A body with its own `admin: {...}` line gets the address added to it.
-        let (admin_line, body) = if body.lines().any(|l| l.starts_with("admin: {")) {
-            (
-                String::new(),
-                body.replace("admin: {", &format!("admin: {{address: \"{admin}\", ")),
-            )
-        } else {
-            (
-                format!("admin: {{address: \"{admin}\"}}\n"),
-                body.to_owned(),
-            )
-        };
-        let cfg = format!(
-            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\n{admin_line}{log}{body}",
-            s = svid.display(),
-            // A body with its own `log` section replaces the default one.
-            log = if body.lines().any(|l| l.starts_with("log:")) {
-                ""
-            } else {
-                "log: {level: debug}\n"
-            },
-        );
+    pub fn spawn_with_env(dir: &Path, name: &str, cfg: &Config, env: &[(&str, &str)]) -> Sidecar {
         let path = dir.join(format!("{name}.yaml"));
-        std::fs::write(&path, cfg).unwrap();
+        std::fs::write(&path, cfg.to_yaml()).unwrap();
         let log = dir.join(format!("{name}.log"));
         let stdout = dir.join(format!("{name}.sidecar.stdout"));
         let child = Command::new(rampart_bin())
@@ -177,7 +215,7 @@ impl Sidecar {
             .unwrap();
         Sidecar {
             child,
-            admin,
+            admin: cfg.admin.address,
             log,
             stdout,
         }

@@ -1,0 +1,285 @@
+//! The assembly of a running sidecar: from a validated [`Config`] to an
+//! identity source, the central-management hooks, the policy watcher and
+//! the bound data plane, served until a shutdown future completes, then
+//! drained. [`run`] is `rampart run` (a process of its own: exit code,
+//! runtime, global logging and metrics); [`Sidecar`] is the same assembly
+//! for a caller that owns its runtime (tests, benches, the demo).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use rampart_proxy::probe::AppProbes;
+
+use crate::config::{Config, ConfigError, LogFormat};
+
+/// Exit code for configuration errors (EX_USAGE, as sysexits.h).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// A sidecar that could not start (after its configuration was accepted).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The tokio runtime could not be built.
+    #[error("building the runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The metrics recorder could not be installed.
+    #[error("metrics: {0}")]
+    Metrics(String),
+    /// The identity source could not start.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityStartError),
+    /// Central management could not start.
+    #[error(transparent)]
+    Central(#[from] crate::central::CentralStartError),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] rampart_proxy::server::BindError),
+}
+
+/// Runs `rampart run` with the configuration file at `path` and the app
+/// probes `app_probes` (JSON, as injection writes them; empty for none)
+/// until SIGTERM or SIGINT; returns the process exit code (64 for a
+/// configuration error, printed with the file, line, column and field of
+/// every problem).
+pub fn run(path: &Path, app_probes: &str) -> Result<std::process::ExitCode, StartError> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        eprintln!("rampart: invalid configuration:\n{e}");
+        Ok(std::process::ExitCode::from(EXIT_CONFIG))
+    };
+    let sidecar = match Config::load(path).and_then(Sidecar::new) {
+        Ok(s) => s,
+        Err(e) => return invalid(&e),
+    };
+    let sidecar = match AppProbes::parse(app_probes) {
+        Ok(p) => sidecar.with_app_probes(p),
+        Err(e) => return invalid(&e),
+    };
+    let cfg = sidecar.config();
+    let logging = init_logging(cfg);
+    let rt = if cfg.runtime.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.runtime.workers)
+            .enable_all()
+            .build()
+    }
+    .map_err(StartError::Runtime)?;
+    let render = install_metrics(cfg)?;
+    let telemetry = Telemetry { render, logging };
+    rt.block_on(sidecar.serve(telemetry, shutdown_signal()))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A sidecar whose configuration and initial policies were accepted, not
+/// yet started.
+#[derive(Debug)]
+pub struct Sidecar {
+    cfg: Config,
+    authorizer: Option<rampart_authz::Authorizer>,
+    app_probes: Arc<AppProbes>,
+}
+
+/// What the admin API serves beside the data plane's own state: the
+/// metrics text and the log filter. Process-wide in `rampart run`
+/// ([`run`] installs them); [`Telemetry::local`] for a sidecar sharing its
+/// process with others.
+pub struct Telemetry {
+    /// Renders `/metrics`.
+    pub render: rampart_proxy::admin::MetricsRender,
+    /// `/logging`: reads and changes the log filter.
+    pub logging: Arc<dyn rampart_proxy::admin::LogControl>,
+}
+
+impl Telemetry {
+    /// For a sidecar that does not own its process: `/metrics` says so and
+    /// `/logging` refuses changes (the host owns the global subscriber).
+    pub fn local() -> Telemetry {
+        Telemetry {
+            render: Arc::new(|| "# metrics are owned by the host process\n".to_owned()),
+            logging: Arc::new(HostLog),
+        }
+    }
+}
+
+impl Sidecar {
+    /// Loads the initial policies of `cfg` (a policy file that does not
+    /// compile is a configuration error, as at `rampart run`).
+    pub fn new(cfg: Config) -> Result<Sidecar, ConfigError> {
+        let authorizer = cfg.initial_policies()?;
+        Ok(Sidecar {
+            cfg,
+            authorizer,
+            app_probes: Arc::new(AppProbes::default()),
+        })
+    }
+
+    /// The app's probes the admin server runs for the kubelet (none by
+    /// default).
+    pub fn with_app_probes(mut self, probes: AppProbes) -> Sidecar {
+        self.app_probes = Arc::new(probes);
+        self
+    }
+
+    /// The configuration it runs.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Starts the identity source and central management, binds every
+    /// listener and serves until `shutdown` completes, then drains. Must
+    /// run inside a tokio runtime.
+    pub async fn serve(
+        self,
+        telemetry: Telemetry,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
+        let Sidecar {
+            cfg,
+            authorizer,
+            app_probes,
+        } = self;
+        // The configuration names key files but never holds key material.
+        let config_json = serde_json::to_string(&cfg).unwrap_or_default();
+        tracing::info!(config = %config_json, "effective configuration");
+        let (mut plan, store) = crate::identity::start(&cfg, authorizer).await?;
+        let central_status = crate::central::start(&cfg, &mut plan, &store)?;
+        // With a bundle, the policy files are the fallback until the first
+        // bundle: a reload must not replace a bundle in force.
+        if !cfg.inbound.policies.is_empty() && cfg.inbound.bundle.is_none() {
+            let files = cfg.inbound.policies.clone();
+            let for_loader = cfg.clone();
+            let loader: rampart_proxy::policy::PolicyLoader =
+                Box::new(move || for_loader.authorizer().map_err(|e| e.to_string()));
+            tokio::spawn(rampart_proxy::policy::watch(
+                files,
+                rampart_proxy::policy::DEFAULT_POLL_INTERVAL,
+                loader,
+                plan.authorizer.clone(),
+            ));
+        }
+        let hooks = rampart_proxy::admin::AdminHooks {
+            render: telemetry.render,
+            config_json: serde_json::to_string_pretty(&cfg)
+                .unwrap_or(config_json)
+                .into(),
+            logging: telemetry.logging,
+            central_status,
+            app_probes,
+        };
+        let bound = rampart_proxy::bind(plan, store.subscribe(), hooks)?;
+        bound.run(shutdown).await;
+        drop(store);
+        Ok(())
+    }
+}
+
+/// Installs the process's metrics recorder when `admin.metrics` is on;
+/// returns what renders `/metrics`.
+fn install_metrics(cfg: &Config) -> Result<rampart_proxy::admin::MetricsRender, StartError> {
+    if !cfg.admin.metrics {
+        // No recorder: every metric call is a no-op (the `metrics` crate's
+        // default), which is what the metrics-off benchmark measures.
+        return Ok(Arc::new(|| {
+            "# metrics are turned off (admin.metrics: false)\n".to_owned()
+        }));
+    }
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ])
+        .map_err(|e| StartError::Metrics(format!("buckets: {e}")))?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                rampart_proxy::metrics::HTTP_DURATION.to_owned(),
+            ),
+            &rampart_proxy::metrics::HTTP_DURATION_BUCKETS_MS,
+        )
+        .map_err(|e| StartError::Metrics(format!("buckets: {e}")))?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .map_err(|e| StartError::Metrics(format!("installing the recorder: {e}")))?;
+    rampart_proxy::metrics::describe();
+    rampart_identity::metrics::describe();
+    Ok(Arc::new(move || handle.render()))
+}
+
+fn init_logging(cfg: &Config) -> Arc<ReloadableLog> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The filter was validated with the rest of the configuration.
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter);
+    match cfg.log.format {
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+    }
+    Arc::new(ReloadableLog {
+        handle,
+        current: std::sync::Mutex::new(cfg.log.level.clone()),
+    })
+}
+
+/// The log filter, changeable at runtime through the admin API.
+struct ReloadableLog {
+    handle: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    current: std::sync::Mutex<String>,
+}
+
+impl rampart_proxy::admin::LogControl for ReloadableLog {
+    fn current(&self) -> String {
+        // Poisoning needs a panic while holding the lock, which only clones.
+        self.current.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn set(&self, filter: &str) -> Result<(), String> {
+        let f = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+        self.handle.reload(f).map_err(|e| e.to_string())?;
+        if let Ok(mut c) = self.current.lock() {
+            *c = filter.to_owned();
+        }
+        Ok(())
+    }
+}
+
+/// The log filter of a process that hosts several sidecars: not theirs.
+struct HostLog;
+
+impl rampart_proxy::admin::LogControl for HostLog {
+    fn current(&self) -> String {
+        "(owned by the host process)".to_owned()
+    }
+
+    fn set(&self, _filter: &str) -> Result<(), String> {
+        Err("the log filter belongs to the host process".to_owned())
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
