@@ -71,7 +71,7 @@ async fn serve_one(
         )
         .unwrap()
         .svid;
-    let scfg = tls::server_config_for(&server, &p.bundles(), &spec, &[]).unwrap();
+    let scfg = tls::server_config_for(&server, p.bundles(), &spec, &[]).unwrap();
     let (c, s) = tokio::io::duplex(64 * 1024);
     let client = async move {
         let name = ServerName::try_from("10.0.0.1").unwrap();

@@ -68,10 +68,10 @@ async fn mesh_peers_authenticate_each_other() {
     let s = svid(&p, "spiffe://example.org/ec-backend");
     let (cr, sr) = handshake(
         &c,
-        &p.bundles(),
+        p.bundles(),
         IdMatcher::ids([id("spiffe://example.org/ec-backend")]),
         &s,
-        &p.bundles(),
+        p.bundles(),
         Some(IdMatcher::ids([id("spiffe://example.org/ec-web")])),
     )
     .await;
@@ -86,10 +86,10 @@ async fn client_refuses_server_with_wrong_id() {
     let s = svid(&p, "spiffe://example.org/impostor");
     let (cr, _) = handshake(
         &c,
-        &p.bundles(),
+        p.bundles(),
         IdMatcher::ids([id("spiffe://example.org/ec-backend")]),
         &s,
-        &p.bundles(),
+        p.bundles(),
         None,
     )
     .await;
@@ -104,10 +104,10 @@ async fn server_refuses_client_not_pinned() {
     let s = svid(&p, "spiffe://example.org/ec-backend");
     let (_, sr) = handshake(
         &c,
-        &p.bundles(),
+        p.bundles(),
         IdMatcher::trust_domains([td("example.org")]),
         &s,
-        &p.bundles(),
+        p.bundles(),
         Some(IdMatcher::ids([id("spiffe://example.org/ec-web")])),
     )
     .await;
@@ -123,17 +123,9 @@ async fn peers_from_another_ca_are_refused_both_ways() {
     let good = svid(&p, "spiffe://example.org/a");
     let bad = svid(&rogue, "spiffe://example.org/b");
     let any = IdMatcher::trust_domains([td("example.org")]);
-    let (_, sr) = handshake(
-        &bad,
-        &rogue.bundles(),
-        any.clone(),
-        &good,
-        &p.bundles(),
-        None,
-    )
-    .await;
+    let (_, sr) = handshake(&bad, rogue.bundles(), any.clone(), &good, p.bundles(), None).await;
     assert!(sr.is_err(), "server accepted a client from another CA");
-    let (cr, _) = handshake(&good, &p.bundles(), any, &bad, &rogue.bundles(), None).await;
+    let (cr, _) = handshake(&good, p.bundles(), any, &bad, rogue.bundles(), None).await;
     assert!(cr.is_err(), "client accepted a server from another CA");
 }
 
@@ -147,7 +139,7 @@ async fn foreign_trust_domain_needs_its_own_bundle() {
     let mut client_fed = other.bundles().clone();
     client_fed.insert(p.ca().bundle().unwrap());
     // The server trusts only example.org: refused.
-    let (_, sr) = handshake(&c, &client_fed, any.clone(), &s, &p.bundles(), None).await;
+    let (_, sr) = handshake(&c, &client_fed, any.clone(), &s, p.bundles(), None).await;
     let err = sr.unwrap_err();
     assert!(err.contains("UnknownTrustDomain"), "{err}");
     // Federated: the server holds other.org's bundle too: accepted.
@@ -171,10 +163,10 @@ async fn expired_svid_is_refused() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (_, sr) = handshake(
         &c,
-        &p.bundles(),
+        p.bundles(),
         IdMatcher::trust_domains([td("example.org")]),
         &s,
-        &p.bundles(),
+        p.bundles(),
         None,
     )
     .await;

@@ -132,7 +132,7 @@ pub fn config(authorizer: rampart_authz::Authorizer) -> crate::config::ProxyConf
         listeners: vec![],
         outbound: OutboundConfig::default(),
         authorizer: Arc::new(crate::policy::PolicyCell::new(authorizer)),
-        inbound: InboundConfig::default(),
+        inbound: InboundServing::default(),
         limits: Limits::default(),
         observe: ObserveConfig::default(),
         central: CentralConfig::default(),
