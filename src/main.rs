@@ -51,7 +51,9 @@ fn main() -> std::process::ExitCode {
         Command::Agent(args) => agent::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args),
         Command::DemoApp(args) => demo::run_app(args),
-        Command::Init(args) => init::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Init(args) => init::run(args)
+            .map(|()| std::process::ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
         Command::Inject(args) => inject_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Webhook(args) => webhook::run(args).map(|()| std::process::ExitCode::SUCCESS),

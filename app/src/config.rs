@@ -67,6 +67,57 @@ pub struct Config {
     /// Decision logs shipped to a central collector; absent means off.
     #[serde(default)]
     pub decision_logs: Option<DecisionLogsConfig>,
+    /// Trace spans exported over OTLP; absent means off.
+    #[serde(default)]
+    pub tracing: Option<TracingSection>,
+}
+
+/// `tracing`: one span per proxied HTTP request, exported over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSection {
+    /// The OTLP/HTTP traces endpoint (`http://HOST:4318/v1/traces`).
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans (default `rampart`).
+    #[serde(default = "d_tracing_service")]
+    pub service_name: String,
+    /// The ratio of new traces recorded, 0 to 1 (a caller's decision wins).
+    #[serde(default = "d_tracing_sampling")]
+    pub sampling: f64,
+    /// How often batched spans are sent.
+    #[serde(default = "d_tracing_flush", with = "duration")]
+    pub flush_interval: Duration,
+}
+
+fn d_tracing_service() -> String {
+    "rampart".into()
+}
+
+fn d_tracing_sampling() -> f64 {
+    1.0
+}
+
+fn d_tracing_flush() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl TracingSection {
+    /// The proxy's tracing settings; `None` with the reason when invalid.
+    pub fn to_proxy(&self) -> Result<rampart_proxy::trace::TracingConfig, String> {
+        let uri: http::Uri = self
+            .otlp_endpoint
+            .parse()
+            .map_err(|e| format!("not a URL: {e}"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err("must be an http:// URL with a host".into());
+        }
+        Ok(rampart_proxy::trace::TracingConfig {
+            otlp_endpoint: uri,
+            service_name: self.service_name.clone(),
+            sampling: self.sampling,
+            flush_interval: self.flush_interval,
+        })
+    }
 }
 
 /// Identity source: exactly one of `files` or `dev_ca`.
@@ -183,6 +234,87 @@ pub struct InboundConfig {
     /// the local fallback, in force until the first bundle arrives.
     #[serde(default)]
     pub bundle: Option<BundleConfig>,
+    /// Istio security resources, read as they are and decided with Istio's
+    /// semantics (docs/policy.md#istio-resources).
+    #[serde(default)]
+    pub istio: Option<IstioConfig>,
+}
+
+/// Istio resources for this workload: where they are and who it is.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioConfig {
+    /// YAML files of AuthorizationPolicy, PeerAuthentication and
+    /// RequestAuthentication resources (multi-document, or `kind: List`).
+    pub files: Vec<PathBuf>,
+    /// The workload's namespace.
+    pub namespace: String,
+    /// The workload's labels, matched by `selector.matchLabels`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Istio's root namespace (mesh-wide policies).
+    #[serde(default = "d_istio_root")]
+    pub root_namespace: String,
+    /// The mesh's trust domain (mesh config `trustDomain`).
+    #[serde(default = "d_istio_td")]
+    pub trust_domain: String,
+    /// Mesh config `trustDomainAliases`.
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<String>,
+    /// JWKS fetched for RequestAuthentication, shared by every (re)load.
+    #[serde(skip)]
+    pub jwks_cache: std::sync::Arc<rampart_authz::jwt::JwksCache>,
+}
+
+impl IstioConfig {
+    /// Who this sidecar is, for attaching the resources.
+    pub fn workload(&self, cfg: &Config) -> rampart_authz::istio::Workload {
+        rampart_authz::istio::Workload {
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            root_namespace: self.root_namespace.clone(),
+            trust_domain: self.trust_domain.clone(),
+            trust_domain_aliases: self.trust_domain_aliases.clone(),
+            tcp_ports: cfg.istio_tcp_ports(),
+            jwks_cache: self.jwks_cache.clone(),
+        }
+    }
+
+    fn validate(&self, cfg: &Config) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.files.is_empty() {
+            p.push((
+                "inbound.istio.files".into(),
+                "list at least one file".into(),
+            ));
+        }
+        if self.namespace.is_empty() {
+            p.push(("inbound.istio.namespace".into(), "required".into()));
+        }
+        if cfg.inbound.bundle.is_some() {
+            p.push((
+                "inbound.istio".into(),
+                "Istio resources and `inbound.bundle` do not combine".into(),
+            ));
+        }
+        for (i, port) in cfg.inbound.ports.iter().enumerate() {
+            if port.allowed_peers.is_some() {
+                p.push((
+                    format!("inbound.ports[{i}].allowed_peers"),
+                    "with `inbound.istio`, say who may connect in an AuthorizationPolicy".into(),
+                ));
+            }
+        }
+        p
+    }
+}
+
+fn d_istio_root() -> String {
+    "istio-system".into()
+}
+
+fn d_istio_td() -> String {
+    "cluster.local".into()
 }
 
 /// Where the policy bundle comes from and how it is checked.
@@ -520,6 +652,7 @@ impl Config {
             runtime: RuntimeConfig::default(),
             ext_authz: ExtAuthzConfig::default(),
             decision_logs: None,
+            tracing: None,
         }
     }
 
@@ -644,6 +777,14 @@ impl Config {
         for p in &mut self.inbound.policies {
             fix(p);
         }
+        for p in self
+            .inbound
+            .istio
+            .iter_mut()
+            .flat_map(|i| i.files.iter_mut())
+        {
+            fix(p);
+        }
         if let Some(v) = self
             .inbound
             .bundle
@@ -745,6 +886,9 @@ impl Config {
                         .into(),
                 ));
             }
+        }
+        if let Some(istio) = &self.inbound.istio {
+            p.extend(istio.validate(self));
         }
         if !self.inbound.policies.is_empty() {
             for (i, port) in self.inbound.ports.iter().enumerate() {
@@ -895,6 +1039,17 @@ impl Config {
             }
             if e.timeout.is_zero() {
                 p.push((field("timeout"), "must be positive".into()));
+            }
+        }
+        if let Some(t) = &self.tracing {
+            if let Err(e) = t.to_proxy() {
+                p.push(("tracing.otlp_endpoint".into(), e));
+            }
+            if !(0.0..=1.0).contains(&t.sampling) {
+                p.push(("tracing.sampling".into(), "must be between 0 and 1".into()));
+            }
+            if t.flush_interval.is_zero() {
+                p.push(("tracing.flush_interval".into(), "must be positive".into()));
             }
         }
         if let Some(d) = &self.decision_logs {

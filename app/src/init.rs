@@ -155,7 +155,7 @@ pub enum InitError {
 }
 
 /// Runs `rampart init`.
-pub fn run(args: InitArgs) -> anyhow::Result<()> {
+pub fn run(args: InitArgs) -> Result<(), InitError> {
     let config = InitConfig::try_from(&args)?;
     let families = enabled_families();
     if args.dry_run {
@@ -163,7 +163,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if !has_net_admin() {
-        return Err(InitError::NoNetAdmin.into());
+        return Err(InitError::NoNetAdmin);
     }
     for family in families {
         let tables = Tables::find(family)?;

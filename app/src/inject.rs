@@ -765,7 +765,7 @@ impl Settings {
                     ("runAsGroup", Value::from(0)),
                     ("runAsNonRoot", Value::from(false)),
                     ("allowPrivilegeEscalation", Value::from(false)),
-                    // Checked by tests/container.rs: iptables-restore needs no writable root.
+                    // Checked by tests/pods/container.rs: iptables-restore needs no writable root.
                     ("readOnlyRootFilesystem", Value::from(true)),
                     (
                         "capabilities",

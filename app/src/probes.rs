@@ -17,7 +17,6 @@
 //! probes of another host, and `exec` probes are left alone. Uninjection
 //! puts every original handler back from the variable, in place.
 
-use serde_json::Value as Json;
 use serde_yaml::{Mapping, Value};
 
 use crate::inject::InjectError;
@@ -45,7 +44,7 @@ pub fn rewrite(
     excluded_inbound: &[u16],
     object: &str,
 ) -> Result<Option<String>, InjectError> {
-    let mut originals = serde_json::Map::new();
+    let mut originals = Mapping::new();
     let Some(Value::Sequence(containers)) = spec.get_mut("containers") else {
         return Ok(None);
     };
@@ -84,19 +83,35 @@ pub fn rewrite(
             if excluded_inbound.contains(&port) {
                 continue;
             }
-            let mut original: Json = serde_json::to_value(action)
-                .map_err(|_| bad(object, format!("{}.{handler}", field()), "plain data"))?;
-            original["port"] = Json::from(port);
+            // A serde_yaml mapping keeps the handler's key order (a
+            // serde_json map would sort it), so uninjection restores it exactly.
+            let mut original = action.clone();
+            let named = action
+                .get("port")
+                .and_then(Value::as_str)
+                .filter(|p| p.parse::<u16>().is_err());
+            let port_name = named.map(str::to_string);
+            original.insert(Value::String("port".to_string()), Value::from(port));
             let path = format!("{PATH_PREFIX}{name}/{segment}");
-            let mut entry = serde_json::Map::new();
-            entry.insert(handler.to_string(), original);
+            let mut entry = Mapping::new();
+            entry.insert(Value::String(handler.to_string()), Value::Mapping(original));
             // The kubelet's default (1 s) when the probe does not say.
             let timeout = probe
                 .get("timeoutSeconds")
                 .and_then(Value::as_u64)
                 .unwrap_or(1);
-            entry.insert("timeoutSeconds".to_string(), Json::from(timeout));
-            originals.insert(path.clone(), Json::Object(entry));
+            entry.insert(
+                Value::String("timeoutSeconds".to_string()),
+                Value::from(timeout),
+            );
+            // For uninjection, which puts the name back.
+            if let Some(port_name) = port_name {
+                entry.insert(
+                    Value::String("portName".to_string()),
+                    Value::String(port_name),
+                );
+            }
+            originals.insert(Value::String(path.clone()), Value::Mapping(entry));
             let rewritten = map([
                 ("path", Value::String(path)),
                 ("port", Value::from(admin_port)),
@@ -108,18 +123,20 @@ pub fn rewrite(
     if originals.is_empty() {
         return Ok(None);
     }
-    Ok(Some(Json::Object(originals).to_string()))
+    let text = serde_json::to_string(&Value::Mapping(originals))
+        .map_err(|_| bad(object, "containers".to_string(), "plain data (probes)"))?;
+    Ok(Some(text))
 }
 
 /// Puts back the handlers [`rewrite`] replaced, from the
 /// `RAMPART_APP_PROBES` value `probes`.
 pub fn restore(spec: &mut Mapping, probes: &str, object: &str) -> Result<(), InjectError> {
-    let originals: serde_json::Map<String, Json> =
-        serde_json::from_str(probes).map_err(|e| InjectError::BadField {
-            object: object.to_string(),
-            field: format!("env {ENV_APP_PROBES} of the sidecar ({e})"),
-            expected: "a JSON object of probes",
-        })?;
+    // JSON is YAML: read as YAML, the handlers keep their key order.
+    let originals: Mapping = serde_yaml::from_str(probes).map_err(|e| InjectError::BadField {
+        object: object.to_string(),
+        field: format!("env {ENV_APP_PROBES} of the sidecar ({e})"),
+        expected: "a JSON object of probes",
+    })?;
     let Some(Value::Sequence(containers)) = spec.get_mut("containers") else {
         return Ok(());
     };
@@ -134,23 +151,24 @@ pub fn restore(spec: &mut Mapping, probes: &str, object: &str) -> Result<(), Inj
             .to_string();
         for (kind, segment) in KINDS {
             let path = format!("{PATH_PREFIX}{name}/{segment}");
-            let (Some(Value::Mapping(probe)), Some(Json::Object(original))) =
-                (container.get_mut(kind), originals.get(&path))
+            let (Some(Value::Mapping(probe)), Some(Value::Mapping(original))) =
+                (container.get_mut(kind), originals.get(path.as_str()))
             else {
                 continue;
             };
-            let Some((handler, action)) = original
-                .iter()
-                .find(|(k, _)| HANDLERS.contains(&k.as_str()))
-            else {
+            let Some((handler, Value::Mapping(action))) = original.iter().find_map(|(k, v)| {
+                HANDLERS
+                    .iter()
+                    .find(|h| k.as_str() == Some(**h))
+                    .map(|h| (*h, v))
+            }) else {
                 continue;
             };
-            let action: Value =
-                serde_yaml::to_value(action).map_err(|_| InjectError::BadField {
-                    object: object.to_string(),
-                    field: format!("env {ENV_APP_PROBES} of the sidecar"),
-                    expected: "plain data",
-                })?;
+            let mut action = action.clone();
+            if let Some(port_name) = original.get("portName") {
+                action.insert(Value::String("port".to_string()), port_name.clone());
+            }
+            let action = Value::Mapping(action);
             replace_handler(probe, "httpGet", handler, action);
         }
     }
@@ -226,6 +244,7 @@ fn map<const N: usize>(pairs: [(&str, Value); N]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value as Json;
 
     fn spec(yaml: &str) -> Mapping {
         serde_yaml::from_str(yaml).unwrap()
@@ -241,7 +260,7 @@ mod tests {
         let probes: Json = serde_json::from_str(&env).unwrap();
         assert_eq!(
             probes["/app-health/app/readyz"],
-            serde_json::json!({"httpGet": {"path": "/healthz", "port": 8080, "httpHeaders": [{"name": "X-Probe", "value": "1"}]}, "timeoutSeconds": 1})
+            serde_json::json!({"httpGet": {"path": "/healthz", "port": 8080, "httpHeaders": [{"name": "X-Probe", "value": "1"}]}, "timeoutSeconds": 1, "portName": "http"})
         );
         assert_eq!(
             probes["/app-health/app/livez"],
@@ -263,10 +282,7 @@ mod tests {
         assert_eq!(live["httpGet"]["path"], "/app-health/app/livez");
         assert_eq!(live["httpGet"]["port"], 15000);
         restore(&mut s, &env, "Pod/p").unwrap();
-        // Restored with the port number resolved; everything else as written.
-        let mut expected = original;
-        expected["containers"][0]["readinessProbe"]["httpGet"]["port"] = Value::from(8080);
-        assert_eq!(s, expected);
+        assert_eq!(s, original);
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub enum StartError {
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] rampart_proxy::server::BindError),
+    /// The trace exporter could not start.
+    #[error("tracing: {0}")]
+    Tracing(String),
 }
 
 /// Runs `rampart run` with the configuration file at `path` and the app
@@ -146,10 +149,34 @@ impl Sidecar {
         tracing::info!(config = %config_json, "effective configuration");
         let (mut plan, store) = crate::identity::start(&cfg, authorizer).await?;
         let central_status = crate::central::start(&cfg, &mut plan, &store)?;
+        // RequestAuthentication keys at http:// URIs: fetched off the
+        // request path into the cache every (re)load shares.
+        if let Some(istio) = plan.authorizer.current().authorizer.istio()
+            && !istio.jwks_uris().is_empty()
+        {
+            rampart_central::jwks::spawn(
+                istio.jwks_uris().to_vec(),
+                istio.jwks_cache().clone(),
+                rampart_central::jwks::DEFAULT_REFRESH,
+            );
+        }
         // With a bundle, the policy files are the fallback until the first
         // bundle: a reload must not replace a bundle in force.
-        if !cfg.inbound.policies.is_empty() && cfg.inbound.bundle.is_none() {
-            let files = cfg.inbound.policies.clone();
+        let istio_files = cfg
+            .inbound
+            .istio
+            .iter()
+            .flat_map(|i| i.files.iter().cloned());
+        if (!cfg.inbound.policies.is_empty() || cfg.inbound.istio.is_some())
+            && cfg.inbound.bundle.is_none()
+        {
+            let files = cfg
+                .inbound
+                .policies
+                .iter()
+                .cloned()
+                .chain(istio_files)
+                .collect();
             let for_loader = cfg.clone();
             let loader: rampart_proxy::policy::PolicyLoader =
                 Box::new(move || for_loader.authorizer().map_err(|e| e.to_string()));
@@ -160,6 +187,21 @@ impl Sidecar {
                 plan.authorizer.clone(),
             ));
         }
+        let tracing = match &cfg.tracing {
+            None => None,
+            Some(t) => {
+                // Validated with the configuration.
+                let settings = t.to_proxy().map_err(StartError::Tracing)?;
+                let started = rampart_proxy::trace::Tracing::start(
+                    &settings,
+                    tokio::runtime::Handle::current(),
+                )
+                .map_err(|e| StartError::Tracing(e.to_string()))?;
+                tracing::info!(endpoint = %settings.otlp_endpoint, "trace export on");
+                Some(Arc::new(started))
+            }
+        };
+        plan.observe.tracing = tracing.clone();
         let hooks = rampart_proxy::admin::AdminHooks {
             render: telemetry.render,
             config_json: serde_json::to_string_pretty(&cfg)
@@ -171,6 +213,10 @@ impl Sidecar {
         };
         let bound = rampart_proxy::bind(plan, store.subscribe(), hooks)?;
         bound.run(shutdown).await;
+        if let Some(t) = tracing {
+            // The last export runs on this runtime: wait for it off its thread.
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
         drop(store);
         Ok(())
     }

@@ -111,11 +111,26 @@ pub struct Explanation {
     /// Every rule of every policy on the port: dry-run, AUDIT, DENY, Rego,
     /// then ALLOW policies.
     pub steps: Vec<Step>,
+    /// The external authorizer a CUSTOM policy would ask, with the policy
+    /// and rule that matched: the sidecar waits for its answer, which
+    /// `decision` (made without it) cannot know.
+    pub would_ask: Option<crate::RuleRef>,
+    /// The provider of `would_ask`.
+    pub provider: Option<crate::model::ProviderName>,
 }
 
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{}", self.decision.explain())?;
+        match (&self.provider, &self.would_ask) {
+            (Some(p), Some(r)) => writeln!(
+                f,
+                "would ask provider {p} (CUSTOM policy {:?}, rule {:?}); its answer decides, and without it the request is {}",
+                r.policy,
+                r.rule,
+                self.decision.explain()
+            )?,
+            _ => writeln!(f, "{}", self.decision.explain())?,
+        }
         for s in &self.steps {
             let rule = s.rule.as_deref().unwrap_or("-");
             match &s.outcome {
@@ -148,6 +163,21 @@ impl Authorizer {
     pub fn explain(&self, conn: &ConnectionInfo<'_>, req: Option<&RequestInfo<'_>>) -> Explanation {
         let decision = crate::decide::decide(&self.inner, conn, req);
         let steps = crate::decide::trace(&self.inner, conn, req);
-        Explanation { decision, steps }
+        let consult = match req {
+            Some(_) => match crate::decide::evaluate(&self.inner, conn, req) {
+                crate::external::Evaluation::Consult(c) => Some(c),
+                crate::external::Evaluation::Decided(_) => None,
+            },
+            None => None,
+        };
+        Explanation {
+            decision,
+            steps,
+            would_ask: consult.as_ref().map(|c| crate::RuleRef {
+                policy: Arc::from(c.policy()),
+                rule: Arc::from(c.rule()),
+            }),
+            provider: consult.map(|c| c.provider().clone()),
+        }
     }
 }

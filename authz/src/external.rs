@@ -202,5 +202,90 @@ impl HttpEffects {
             && self.request_headers_to_append.is_empty()
             && self.response_headers_to_add.is_empty()
             && self.request_headers_to_remove.is_empty()
+            && self.query_parameters_to_remove.is_empty()
+            && self.query_parameters_to_set.is_empty()
+            && self.dynamic_metadata.is_none()
+    }
+
+    /// Whether the query of the request sent upstream changes.
+    pub fn rewrites_query(&self) -> bool {
+        !self.query_parameters_to_remove.is_empty() || !self.query_parameters_to_set.is_empty()
+    }
+
+    /// The request target sent upstream: `path_and_query` with the query
+    /// parameters removed and set as Envoy's ext_authz filter does (remove
+    /// first, then set; a set parameter replaces every value of its name
+    /// and is appended at the end). Names compare decoded; kept pairs keep
+    /// their bytes; set pairs are form-encoded.
+    pub fn rewrite_path_and_query(&self, path_and_query: &str) -> String {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let drop: Vec<&str> = self
+            .query_parameters_to_remove
+            .iter()
+            .map(String::as_str)
+            .chain(self.query_parameters_to_set.iter().map(|(k, _)| k.as_str()))
+            .collect();
+        let mut pairs: Vec<String> = query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty())
+            .filter(|p| {
+                let name = p.split_once('=').map_or(*p, |(n, _)| n);
+                !drop.contains(&crate::eval::decode_component(name).as_ref())
+            })
+            .map(str::to_owned)
+            .collect();
+        for (k, values) in &self.query_parameters_to_set {
+            for v in values {
+                pairs.push(format!("{}={}", form_encode(k), form_encode(v)));
+            }
+        }
+        if pairs.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{path}?{}", pairs.join("&"))
+        }
+    }
+}
+
+/// `application/x-www-form-urlencoded` for one name or value: unreserved
+/// bytes as they are, everything else percent-encoded.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_removed_then_set() {
+        let e = HttpEffects {
+            query_parameters_to_remove: vec!["debug".into(), "a b".into()],
+            query_parameters_to_set: vec![("user".into(), vec!["alice&bob".into(), "x".into()])],
+            ..HttpEffects::default()
+        };
+        assert!(e.rewrites_query());
+        assert_eq!(
+            e.rewrite_path_and_query("/p?debug=1&keep=%2F&a+b=2&user=eve"),
+            "/p?keep=%2F&user=alice%26bob&user=x"
+        );
+        let only_remove = HttpEffects {
+            query_parameters_to_remove: vec!["debug".into()],
+            ..HttpEffects::default()
+        };
+        assert_eq!(only_remove.rewrite_path_and_query("/p?debug"), "/p");
+        assert!(!HttpEffects::default().rewrites_query());
     }
 }

@@ -16,16 +16,24 @@ use rampart_identity::SpiffeId;
 use regorus::Value as RValue;
 use serde_json::Value;
 
-use crate::eval::decode_component;
 use crate::{ConnectionInfo, RequestInfo};
 
 /// The XFCC header name.
 pub const XFCC: &str = "x-forwarded-client-cert";
 
+/// Headers Rampart's sidecars add between themselves (the outbound sidecar
+/// telling the inbound one what the app spoke): Envoy has no such header,
+/// so the input document never shows it.
+pub const INTERNAL_HEADERS: &[&str] = &["rampart-orig-proto"];
+
 /// The XFCC element the inbound sidecar sets for an authenticated peer, in
-/// Envoy's format: `By=<own ID>;Hash=<cert sha256>;URI=<peer ID>` plus one
-/// `DNS=<san>` per DNS SAN. `None` for an unauthenticated peer. `local` is
-/// this sidecar's ID, `peer_cert_sha256` the hex digest of the peer's leaf.
+/// Envoy's format and order with its default `set_current_client_cert_details`
+/// (`SPECS.md` §5: `By` when this sidecar has a URI SAN, `Hash` always, then
+/// `URI` for a peer with a URI SAN): `By=<own ID>;Hash=<cert sha256>;URI=<peer
+/// ID>`. Envoy adds `DNS=` only when asked to (`dns: true`), so a DNS-only
+/// peer gets `By` and `Hash` alone. `None` for an unauthenticated peer.
+/// `local` is this sidecar's ID, `peer_cert_sha256` the hex digest of the
+/// peer's leaf.
 pub fn xfcc_element(
     conn: &ConnectionInfo<'_>,
     local: Option<&SpiffeId>,
@@ -43,9 +51,6 @@ pub fn xfcc_element(
     }
     if let Some(uri) = conn.peer {
         parts.push(format!("URI={}", xfcc_value(uri.as_str())));
-    }
-    for dns in conn.peer_dns {
-        parts.push(format!("DNS={}", xfcc_value(dns)));
     }
     Some(parts.join(";"))
 }
@@ -148,20 +153,40 @@ pub fn principal<'a>(conn: &ConnectionInfo<'a>) -> Option<&'a str> {
     }
 }
 
+/// Why OPA-Envoy cannot build the input document of a request; it answers
+/// 400 Bad Request without evaluating the policy (`envoyauth/request.go`:
+/// `url.PathUnescape` of the path, `url.ParseQuery` of the query).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    /// A `%` in the path not followed by two hex digits.
+    #[error("invalid URL escape {0:?} in the path")]
+    PathEscape(String),
+    /// A `%` in the query not followed by two hex digits.
+    #[error("invalid URL escape {0:?} in the query")]
+    QueryEscape(String),
+    /// A `;` in a query pair (Go 1.17 and later refuse it).
+    #[error("invalid semicolon separator in query")]
+    QuerySemicolon,
+}
+
 /// Builds the input document for one request, as JSON (decision logs,
-/// external authorizers). The same document as [`build_rego`].
+/// external authorizers). The same document as [`build_rego`]; `null` for a
+/// request OPA-Envoy refuses with 400 before any policy runs.
 pub fn build(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Value {
-    // Serializing a regorus value cannot fail: keys are strings, numbers finite.
-    serde_json::to_value(build_rego(conn, req)).unwrap_or(Value::Null)
+    match build_rego(conn, req) {
+        // Serializing a regorus value cannot fail: keys are strings.
+        Ok(v) => serde_json::to_value(v).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
 }
 
 /// Builds the input document for one request directly as a regorus value,
 /// with no JSON in between: this is on the path of every Rego decision.
-pub fn build_rego(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> RValue {
+pub fn build_rego(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Result<RValue, InputError> {
     let k = keys();
     let mut headers = BTreeMap::new();
     for name in req.headers.keys() {
-        if name.as_str() == XFCC {
+        if name.as_str() == XFCC || INTERNAL_HEADERS.contains(&name.as_str()) {
             continue;
         }
         // "repeated headers merged" with ',' as Envoy does; non-UTF-8 bytes
@@ -199,23 +224,19 @@ pub fn build_rego(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> RValue {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
 
-    let parsed_path: Vec<RValue> = req
-        .path
+    // OPA-Envoy: `strings.Split(strings.TrimLeft(url.PathUnescape(path), "/"), "/")`.
+    let decoded = go_unescape(req.path, false).map_err(InputError::PathEscape)?;
+    let parsed_path: Vec<RValue> = decoded
+        .trim_start_matches('/')
         .split('/')
-        .skip(1)
-        .map(|s| RValue::from(decode_path_segment(s)))
+        .map(RValue::from)
         .collect();
-    let mut parsed_query: BTreeMap<RValue, Vec<RValue>> = BTreeMap::new();
-    for pair in req.query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, v) = pair.split_once('=').unwrap_or((pair, ""));
-        parsed_query
-            .entry(RValue::from(decode_component(name).as_ref()))
-            .or_default()
-            .push(RValue::from(decode_component(v).as_ref()));
-    }
-    let parsed_query: BTreeMap<RValue, RValue> = parsed_query
+    let parsed_query: BTreeMap<RValue, RValue> = go_parse_query(req.query.unwrap_or(""))?
         .into_iter()
-        .map(|(name, vs)| (name, RValue::from(vs)))
+        .map(|(name, vs)| {
+            let vs: Vec<RValue> = vs.into_iter().map(RValue::from).collect();
+            (RValue::from(name), RValue::from(vs))
+        })
         .collect();
 
     let socket = |addr: &std::net::SocketAddr| {
@@ -246,11 +267,15 @@ pub fn build_rego(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> RValue {
         (&k.protocol, RValue::from(req.protocol.as_str())),
         (&k.size, RValue::from(-1i64)),
     ]);
-    let attributes = object([
-        (&k.source, RValue::from(source)),
-        (&k.destination, RValue::from(destination)),
-        (&k.request, object([(&k.http, http)])),
+    let mut attributes = BTreeMap::from([
+        (k.source.clone(), RValue::from(source)),
+        (k.destination.clone(), RValue::from(destination)),
+        (k.request.clone(), object([(&k.http, http)])),
     ]);
+    if let Some(md) = jwt_metadata(conn) {
+        attributes.insert("metadataContext".into(), md);
+    }
+    let attributes = RValue::from(attributes);
     let mut input = BTreeMap::from([
         (k.attributes.clone(), attributes),
         (k.parsed_path.clone(), RValue::from(parsed_path)),
@@ -265,7 +290,96 @@ pub fn build_rego(conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> RValue {
     if let Some(m) = req.grpc_method {
         input.insert(k.full_method.clone(), m.into());
     }
-    RValue::from(input)
+    Ok(RValue::from(input))
+}
+
+/// Go's `url.PathUnescape` (`query: false`) or `url.QueryUnescape`
+/// (`query: true`, where `+` is a space): every `%` must start two hex
+/// digits. The error carries the bad escape.
+fn go_unescape(s: &str, query: bool) -> Result<String, String> {
+    if !(s.contains('%') || query && s.contains('+')) {
+        return Ok(s.to_owned());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (
+                    b.get(i + 1).and_then(|&c| hex(c)),
+                    b.get(i + 2).and_then(|&c| hex(c)),
+                ) {
+                    (Some(h), Some(l)) => {
+                        // Two hex digits make a byte.
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                    }
+                    _ => {
+                        let end = (i + 3).min(b.len());
+                        return Err(String::from_utf8_lossy(&b[i..end]).into_owned());
+                    }
+                }
+            }
+            b'+' if query => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Go's `url.ParseQuery`: pairs split on `&`, a pair with `;` refused,
+/// empty pairs skipped, names and values query-unescaped. Like Go, it reads
+/// every pair and reports the first error.
+fn go_parse_query(q: &str) -> Result<BTreeMap<String, Vec<String>>, InputError> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut first_error = None;
+    for pair in q.split('&') {
+        if pair.contains(';') {
+            first_error.get_or_insert(InputError::QuerySemicolon);
+            continue;
+        }
+        if pair.is_empty() {
+            continue;
+        }
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match (go_unescape(name, true), go_unescape(value, true)) {
+            (Ok(n), Ok(v)) => out.entry(n).or_default().push(v),
+            (Err(e), _) | (_, Err(e)) => {
+                first_error.get_or_insert(InputError::QueryEscape(e));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// A verified JWT (RequestAuthentication) as Envoy's jwt_authn filter
+/// leaves it for ext_authz and OPA: `metadataContext.filterMetadata
+/// ["envoy.filters.http.jwt_authn"][<issuer>]` holds the claims (Istio sets
+/// `payload_in_metadata` to the issuer).
+fn jwt_metadata(conn: &ConnectionInfo<'_>) -> Option<RValue> {
+    let claims = conn.jwt?;
+    let iss = claims.get("iss")?.as_str()?;
+    let value = RValue::from_json_str(&claims.to_string()).ok()?;
+    let by_issuer = BTreeMap::from([(RValue::from(iss), value)]);
+    let filters = BTreeMap::from([(
+        RValue::from("envoy.filters.http.jwt_authn"),
+        RValue::from(by_issuer),
+    )]);
+    Some(RValue::from(BTreeMap::from([(
+        RValue::from("filterMetadata"),
+        RValue::from(filters),
+    )])))
 }
 
 /// An object from fixed keys.
@@ -350,16 +464,6 @@ fn keys() -> &'static Keys {
     })
 }
 
-/// Percent-decodes one segment of the normalized path (OPA's `parsed_path`
-/// comes "from the decoded URL path").
-fn decode_path_segment(s: &str) -> String {
-    if !s.contains('%') {
-        return s.to_owned();
-    }
-    // A path segment has no '+' convention; protect it from form decoding.
-    decode_component(&s.replace('+', "%2B")).into_owned()
-}
-
 /// The request target as forwarded: the normalized path and the query as
 /// sent. Policies see what the application will see (Envoy with
 /// `normalize_path`), never a raw form that could disagree with it.
@@ -394,15 +498,13 @@ mod tests {
     }
 
     #[test]
-    fn xfcc_of_a_dns_only_peer_has_dns_and_no_uri() {
+    fn xfcc_of_a_dns_only_peer_has_by_and_hash_only() {
         let local = SpiffeId::parse("spiffe://example.org/app2").unwrap();
         let dns = vec!["ingress-nginx.ext.cluster.local".to_string()];
         let conn = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080).with_peer_dns(&dns);
         let x = xfcc_element(&conn, Some(&local), Some("ab12")).unwrap();
-        assert_eq!(
-            x,
-            "By=spiffe://example.org/app2;Hash=ab12;DNS=ingress-nginx.ext.cluster.local"
-        );
+        // Envoy's default `set_current_client_cert_details` has no `dns`.
+        assert_eq!(x, "By=spiffe://example.org/app2;Hash=ab12");
         assert_eq!(principal(&conn), Some("ingress-nginx.ext.cluster.local"));
         // Unauthenticated: no element at all.
         let plain = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080);
@@ -465,28 +567,16 @@ mod tests {
 
     #[test]
     fn xfcc_values_that_need_quoting_read_back_unchanged() {
-        let local = SpiffeId::parse("spiffe://example.org/app2").unwrap();
-        let dns = vec![
-            "a;URI=spiffe://example.org/admin".to_string(),
-            "b,\"c\\".to_string(),
-        ];
-        let conn = ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), 8080).with_peer_dns(&dns);
-        let x = xfcc_element(&conn, Some(&local), Some("ab12")).unwrap();
+        let values = ["a;URI=spiffe://example.org/admin", "b,\"c\\", "plain"];
+        let x: Vec<String> = values
+            .iter()
+            .map(|v| format!("DNS={}", xfcc_value(v)))
+            .collect();
+        let x = x.join(";");
         let parsed = parse_xfcc(&x).unwrap();
         assert_eq!(parsed.len(), 1, "{x}");
-        let kv: Vec<(&str, &str)> = parsed[0]
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        assert_eq!(
-            kv,
-            [
-                ("By", "spiffe://example.org/app2"),
-                ("Hash", "ab12"),
-                ("DNS", "a;URI=spiffe://example.org/admin"),
-                ("DNS", "b,\"c\\"),
-            ]
-        );
+        let read: Vec<&str> = parsed[0].iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(read, values);
     }
 
     #[test]

@@ -18,9 +18,11 @@ pub mod explain;
 pub mod external;
 pub mod input;
 pub mod istio;
+pub mod jwt;
 pub mod load;
 pub mod model;
 pub mod normalize;
+pub mod offline;
 pub mod rego;
 
 mod compile;
@@ -55,6 +57,9 @@ pub struct ConnectionInfo<'a> {
     pub dest_ip: Option<IpAddr>,
     /// The TLS server name the client asked for (Istio's `connection.sni`).
     pub sni: Option<&'a str>,
+    /// The claims of the request's verified JWT (set per request, after
+    /// [`Authorizer::authenticate_request`]).
+    pub jwt: Option<&'a serde_json::Value>,
 }
 
 impl<'a> ConnectionInfo<'a> {
@@ -68,7 +73,13 @@ impl<'a> ConnectionInfo<'a> {
             dest_port,
             dest_ip: None,
             sni: None,
+            jwt: None,
         }
+    }
+
+    /// The same request, with the claims of its verified JWT.
+    pub fn with_jwt(self, jwt: Option<&'a serde_json::Value>) -> Self {
+        ConnectionInfo { jwt, ..self }
     }
 
     /// The same connection, with its original destination address.
@@ -145,6 +156,14 @@ pub struct HttpEffects {
     /// ext_authz headers with `append: true`: appended to the request sent
     /// upstream, keeping values already there.
     pub request_headers_to_append: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `query_parameters_to_remove`: query parameters (by decoded name)
+    /// removed from the request sent upstream.
+    pub query_parameters_to_remove: Vec<String>,
+    /// `query_parameters_to_set`: query parameters set (replacing any of
+    /// the same name) on the request sent upstream, in order.
+    pub query_parameters_to_set: Vec<(String, Vec<String>)>,
+    /// `dynamic_metadata`: recorded in the access and decision logs.
+    pub dynamic_metadata: Option<serde_json::Value>,
 }
 
 /// A policy and rule, named.
@@ -295,6 +314,8 @@ pub struct DenyResponse {
     pub body: String,
     /// `headers`: added to the response sent to the client.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `dynamic_metadata`: recorded in the access and decision logs.
+    pub dynamic_metadata: Option<serde_json::Value>,
 }
 
 /// The outcome of an authorization check (not `Clone`: it may hold a
@@ -329,6 +350,17 @@ impl Decision {
         match self {
             Decision::Allow(p) => Some(p.rule()),
             Decision::Deny(d) => d.rule.as_deref(),
+        }
+    }
+
+    /// The `dynamic_metadata` a Rego result asked for, for the logs.
+    pub fn dynamic_metadata(&self) -> Option<&serde_json::Value> {
+        match self {
+            Decision::Allow(p) => p.effects().and_then(|e| e.dynamic_metadata.as_ref()),
+            Decision::Deny(d) => d
+                .response
+                .as_ref()
+                .and_then(|r| r.dynamic_metadata.as_ref()),
         }
     }
 
@@ -497,6 +529,26 @@ impl Authorizer {
         })
     }
 
+    /// Authenticates a request's JWT by the RequestAuthentication rules in
+    /// force: `Ok(None)` without a token (or without rules), `Err` (answer
+    /// 401) for a token that does not verify.
+    pub fn authenticate_request(
+        &self,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Option<jwt::VerifiedJwt>, jwt::JwtError> {
+        match self
+            .istio
+            .as_deref()
+            .map(istio::IstioPolicies::request_authn)
+        {
+            Some(a) if !a.rules.is_empty() => {
+                a.authenticate(headers, query, std::time::SystemTime::now())
+            }
+            Some(_) | None => Ok(None),
+        }
+    }
+
     /// The Istio resources in force, if any.
     pub fn istio(&self) -> Option<&istio::IstioPolicies> {
         self.istio.as_deref()
@@ -510,7 +562,7 @@ impl Authorizer {
         let Some(istio) = &self.istio else {
             return decide::evaluate(&self.inner, conn, req);
         };
-        let first = istio.evaluate(conn, req, None);
+        let first = istio.evaluate(conn, req, conn.jwt);
         if self.inner.policies.is_empty() {
             return first;
         }

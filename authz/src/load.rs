@@ -14,7 +14,7 @@ use crate::DefaultAction;
 use crate::compile::{CKind, CNative, CPolicy, Compiled};
 use crate::model::{Action, Policy, PolicyBody, PolicyFile, PolicyKind};
 use crate::normalize::NormalizeOptions;
-use crate::rego::RegoEngine;
+use crate::rego::{RegoEngine, RegoModule};
 
 /// How policies are loaded and applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,14 +158,28 @@ pub(crate) enum Files<'a> {
     Disk,
     /// An in-memory tree (a policy bundle), keyed by normalized relative
     /// path (`a/b.rego`); nothing touches the filesystem.
-    Memory(&'a std::collections::BTreeMap<String, Vec<u8>>),
+    Memory {
+        /// The files.
+        tree: &'a std::collections::BTreeMap<String, Vec<u8>>,
+        /// Per-file Rego versions.
+        versions: &'a std::collections::BTreeMap<String, crate::model::RegoVersion>,
+    },
 }
 
 impl Files<'_> {
+    /// A per-file Rego version that overrides the policy's (a bundle
+    /// manifest's `file_rego_versions`).
+    fn rego_version_of(&self, path: &Path) -> Option<crate::model::RegoVersion> {
+        match self {
+            Files::Disk => None,
+            Files::Memory { versions, .. } => versions.get(&normalize_relative(path)?).copied(),
+        }
+    }
+
     fn read(&self, path: &Path) -> Result<String, String> {
         match self {
             Files::Disk => std::fs::read_to_string(path).map_err(|e| e.to_string()),
-            Files::Memory(tree) => {
+            Files::Memory { tree, .. } => {
                 let key = normalize_relative(path).ok_or("path leaves the bundle")?;
                 let bytes = tree.get(&key).ok_or("no such file in the bundle")?;
                 String::from_utf8(bytes.clone()).map_err(|_| "not UTF-8".to_owned())
@@ -195,9 +209,16 @@ pub(crate) fn normalize_relative(path: &Path) -> Option<String> {
 pub(crate) fn load_memory(
     texts: &[(PathBuf, String)],
     tree: &std::collections::BTreeMap<String, Vec<u8>>,
+    versions: &std::collections::BTreeMap<String, crate::model::RegoVersion>,
     options: &Options,
 ) -> Result<Compiled, LoadErrors> {
-    compile_all(texts, None, &Files::Memory(tree), options, Vec::new())
+    compile_all(
+        texts,
+        None,
+        &Files::Memory { tree, versions },
+        options,
+        Vec::new(),
+    )
 }
 
 pub(crate) fn load_texts(
@@ -386,10 +407,18 @@ fn compile_policy(
                     .read(&path)
                     .map_err(|e| format!("module {}: {e}", path.display()))?;
                 hasher.update(src.as_bytes());
-                modules.push((m.clone(), src));
+                modules.push(RegoModule {
+                    name: path.display().to_string(),
+                    source: src,
+                    version: files.rego_version_of(&path).unwrap_or(spec.rego_version),
+                });
             }
             if let Some(src) = &spec.inline {
-                modules.push((format!("{}.rego", policy.name), src.clone()));
+                modules.push(RegoModule {
+                    name: format!("{}.rego", policy.name),
+                    source: src.clone(),
+                    version: spec.rego_version,
+                });
             }
             let mut data = Vec::new();
             for d in &spec.data_files {
@@ -408,7 +437,6 @@ fn compile_policy(
             let engine = RegoEngine::new(
                 &modules,
                 &data,
-                spec.rego_version,
                 &spec.query,
                 spec.result,
                 options.rego_timeout,

@@ -6,8 +6,6 @@
     reason = "a counting global allocator wraps the system one (GlobalAlloc is unsafe)"
 )]
 
-mod support;
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -79,7 +77,13 @@ policies:
 
 #[test]
 fn native_decision_does_not_allocate() {
-    let a = support::from_yaml(POLICY);
+    let a = rampart_authz::Authorizer::from_yaml(
+        "test.yaml",
+        POLICY,
+        std::path::Path::new("."),
+        &rampart_authz::Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("policy failed to load:\n{e}"));
     let peer = SpiffeId::parse("spiffe://example.org/ns/prod/web").unwrap();
     let mut headers = http::HeaderMap::new();
     headers.insert("x-tenant", http::HeaderValue::from_static("t-42"));

@@ -151,6 +151,46 @@ fn rego(c: &mut Criterion) {
     g.finish();
 }
 
+/// Scenario 1's ec-backend, native and in Rego (the seed's OPA-Envoy
+/// policy, unmodified: XFCC split, `http_request` import), on the request
+/// it allows (ec-web `GET /data`) and one it refuses (`GET /admin`). The
+/// ratio of the two `allow` lines is the cost of Rego over native.
+fn scenario(c: &mut Criterion) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../app/src/demo/policies");
+    let load_file = |f: &str| {
+        Authorizer::load(&[dir.join(f)], &Options::default())
+            .unwrap_or_else(|e| panic!("{f}:\n{e}"))
+    };
+    let native = load_file("ec-backend.native.yaml");
+    let rego = load_file("ec-backend.rego.yaml");
+    let allow = Fixture {
+        peer: SpiffeId::parse("spiffe://example.org/ec-web").unwrap(),
+        path: "/data".into(),
+        headers: http::HeaderMap::new(),
+        local: SpiffeId::parse("spiffe://example.org/ec-backend").unwrap(),
+    };
+    let deny = Fixture {
+        peer: allow.peer.clone(),
+        path: "/admin".into(),
+        headers: http::HeaderMap::new(),
+        local: allow.local.clone(),
+    };
+    for (name, a) in [("native", &native), ("rego", &rego)] {
+        assert!(allow.check(a), "{name}: ec-web GET /data must be allowed");
+        assert!(!deny.check(a), "{name}: GET /admin must be refused");
+    }
+    let mut g = c.benchmark_group("authz/scenario1");
+    for (name, a) in [("native", &native), ("rego", &rego)] {
+        g.bench_function(format!("{name}/allow"), |b| {
+            b.iter(|| black_box(allow.check(black_box(a))))
+        });
+        g.bench_function(format!("{name}/deny_admin"), |b| {
+            b.iter(|| black_box(deny.check(black_box(a))))
+        });
+    }
+    g.finish();
+}
+
 fn normalize(c: &mut Criterion) {
     let mut g = c.benchmark_group("authz/normalize");
     let opts = NormalizeOptions::default();
@@ -165,5 +205,104 @@ fn normalize(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, native, rego, normalize);
+/// The cost of JWT authentication (Istio RequestAuthentication, ES256)
+/// beside a native decision, in one run: `native` is a one-rule native
+/// ALLOW on the peer and path; `istio` the same as an Istio
+/// AuthorizationPolicy; `istio_jwt` an AuthorizationPolicy requiring a
+/// request principal, with the token verified on every request.
+fn jwt(c: &mut Criterion) {
+    use base64::Engine as _;
+    use rampart_authz::istio::{IstioPolicies, Workload};
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let key =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let p = key.public_key().as_ref();
+    let jwks = format!(
+        r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"k","x":"{}","y":"{}"}}]}}"#,
+        b64.encode(&p[1..33]),
+        b64.encode(&p[33..65])
+    );
+    let msg = format!(
+        "{}.{}",
+        b64.encode(r#"{"alg":"ES256","kid":"k"}"#),
+        b64.encode(
+            r#"{"iss":"https://issuer.example","sub":"alice","aud":"api","exp":4102444800}"#
+        )
+    );
+    let token = format!(
+        "{msg}.{}",
+        b64.encode(key.sign(&rng, msg.as_bytes()).unwrap())
+    );
+    let workload = Workload {
+        namespace: "foo".into(),
+        labels: Default::default(),
+        root_namespace: "istio-system".into(),
+        trust_domain: "example.org".into(),
+        trust_domain_aliases: Vec::new(),
+        tcp_ports: None,
+        jwks_cache: Default::default(),
+    };
+    let istio = |yaml: &str| {
+        Authorizer::default()
+            .with_istio(IstioPolicies::from_yaml("bench.yaml", yaml, &workload).unwrap())
+            .unwrap()
+    };
+    let ap = |from: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: api, namespace: foo}}\nspec:\n  rules:\n  - from: [{{source: {{{from}}}}}]\n    to: [{{operation: {{paths: [/data2]}}}}]\n"
+        )
+    };
+    let native = load(
+        "policies:\n  - name: api\n    action: ALLOW\n    rules:\n      - from: {principals: [\"spiffe://example.org/ns/ns2/sa/svc2\"]}\n        to: {paths: [/data2]}\n",
+    );
+    let plain = istio(&ap("principals: [example.org/ns/ns2/sa/svc2]"));
+    let with_jwt = istio(&format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: https://issuer.example\n    audiences: [api]\n    jwks: '{jwks}'\n---\n{}",
+        ap("requestPrincipals: [\"https://issuer.example/*\"]")
+    ));
+    let mut f = Fixture::new(2);
+    f.headers.insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let decide = |a: &Authorizer, f: &Fixture| -> bool {
+        let jwt = match a.authenticate_request(&f.headers, None) {
+            Ok(j) => j,
+            Err(_) => return false,
+        };
+        let conn = ConnectionInfo::new(Some(&f.peer), "10.0.0.1".parse().unwrap(), 8080)
+            .with_jwt(jwt.as_ref().map(|j| &j.claims));
+        let req = RequestInfo {
+            method: &http::Method::GET,
+            authority: "api.example.org",
+            path: &f.path,
+            raw_path_and_query: &f.path,
+            query: None,
+            headers: &f.headers,
+            protocol: HttpProtocol::Http2,
+            scheme: "https",
+            grpc_method: None,
+            source: "10.0.0.1:40000".parse().unwrap(),
+            destination: "10.0.0.2:8080".parse().unwrap(),
+            local_identity: Some(&f.local),
+            peer_cert_sha256: Some("ab"),
+        };
+        a.check_request(&conn, &req).is_allowed()
+    };
+    let mut g = c.benchmark_group("authz/jwt");
+    for (name, a) in [
+        ("native", &native),
+        ("istio", &plain),
+        ("istio_jwt", &with_jwt),
+    ] {
+        assert!(decide(a, &f), "{name}: fixture must be allowed");
+        g.bench_function(name, |b| b.iter(|| black_box(decide(black_box(a), &f))));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, native, rego, scenario, normalize, jwt);
 criterion_main!(benches);

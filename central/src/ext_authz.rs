@@ -257,6 +257,7 @@ pub fn verdict(resp: pb::CheckResponse) -> Result<ProviderVerdict, ProviderFailu
         status: http::StatusCode::FORBIDDEN,
         body: String::new(),
         headers: Vec::new(),
+        dynamic_metadata: None,
     };
     if let Some(pb::check_response::HttpResponse::DeniedResponse(d)) = resp.http_response {
         if let Some(s) = d.status.filter(|s| s.code != 0) {

@@ -31,5 +31,6 @@ pub mod bundle_poller;
 pub mod decision_logs;
 pub mod ext_authz;
 pub mod http_fetch;
+pub mod jwks;
 pub mod metrics;
 pub mod pb;

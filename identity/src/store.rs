@@ -21,8 +21,11 @@ pub struct ConfigSpec {
     pub server: Vec<ServerSpec>,
     /// One client configuration per entry: the server IDs it accepts.
     pub client: Vec<IdMatcher>,
-    /// ALPN protocols offered on both sides.
+    /// ALPN protocols offered by the client side.
     pub alpn: Vec<Vec<u8>>,
+    /// ALPN protocols the server side accepts, most preferred first
+    /// (empty: the same as `alpn`).
+    pub server_alpn: Vec<Vec<u8>>,
 }
 
 /// The configurations built from one SVID and bundle set.
@@ -45,6 +48,15 @@ pub struct IdentityStore {
     tx: watch::Sender<Option<Arc<TlsConfigs>>>,
 }
 
+impl ConfigSpec {
+    fn server_alpn(&self) -> &[Vec<u8>] {
+        match self.server_alpn.is_empty() {
+            true => &self.alpn,
+            false => &self.server_alpn,
+        }
+    }
+}
+
 impl IdentityStore {
     /// A store with no identity yet (the sidecar is not ready until one arrives).
     pub fn new(spec: ConfigSpec) -> Self {
@@ -58,7 +70,7 @@ impl IdentityStore {
             .spec
             .server
             .iter()
-            .map(|m| tls::server_config_for(svid, bundles, m, &self.spec.alpn))
+            .map(|m| tls::server_config_for(svid, bundles, m, self.spec.server_alpn()))
             .collect::<Result<Vec<_>, _>>()?;
         let client = self
             .spec

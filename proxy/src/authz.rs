@@ -148,7 +148,9 @@ pub fn connection(
     // seen by the connection's `Standing`.
     let changes = cell.subscribe();
     let policies = cell.current();
-    let info = connection_info(conn.peer.as_ref(), conn.client.0.ip(), port);
+    let info = connection_info(conn.peer.as_ref(), conn.client.0.ip(), port)
+        .with_dest_ip(conn.orig_dst.0.ip())
+        .with_sni(conn.sni.as_deref());
     let decision = policies.authorizer.check_connection(&info);
     crate::metrics::decision(&decision);
     event.decided(&decision);

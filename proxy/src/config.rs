@@ -83,6 +83,8 @@ pub struct ObserveConfig {
     pub request_id_header: Option<http::HeaderName>,
     /// Request headers whose values access events carry.
     pub access_headers: Vec<http::HeaderName>,
+    /// Trace spans (`None`: tracing off, which costs one check per request).
+    pub tracing: Option<Arc<crate::trace::Tracing>>,
 }
 
 impl Default for ObserveConfig {
@@ -92,6 +94,7 @@ impl Default for ObserveConfig {
             denials_per_second: 10,
             request_id_header: Some(http::HeaderName::from_static("x-request-id")),
             access_headers: Vec::new(),
+            tracing: None,
         }
     }
 }
@@ -327,8 +330,12 @@ impl Default for Limits {
 /// Inbound settings other than authorization.
 #[derive(Debug, Clone, Default)]
 pub struct InboundServing {
-    /// Ports with declared settings; others get [`InboundPort::default`].
+    /// Ports with declared settings; others get [`InboundPort::default`]
+    /// with `default_mode`.
     pub ports: Vec<InboundPort>,
+    /// The mTLS mode of undeclared ports (strict unless an Istio
+    /// PeerAuthentication says otherwise).
+    pub default_mode: TlsMode,
     /// What the inbound sidecar does with `x-forwarded-client-cert`.
     pub xfcc: XfccMode,
 }
@@ -474,6 +481,10 @@ impl ProxyConfig {
             // Every sidecar speaks HTTP/2 to its peers. Tunneled app bytes
             // are told apart by detection, not by ALPN.
             alpn: vec![b"h2".to_vec()],
+            // Ingresses outside the mesh may speak HTTP/1.1 only (an ALPN
+            // of just `http/1.1` must not fail the handshake); h2 first, so
+            // that sidecars and h2 ingresses get it.
+            server_alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         }
     }
 
@@ -500,6 +511,7 @@ impl ProxyConfig {
             .copied()
             .unwrap_or(InboundPort {
                 port,
+                mode: self.inbound.default_mode,
                 ..InboundPort::default()
             })
     }

@@ -156,11 +156,11 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 serve,
                 app_version: match settings.protocol {
                     DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => AppVersion::Http2,
-                    DeclaredProtocol::Detect
-                    | DeclaredProtocol::Opaque
-                    | DeclaredProtocol::Http => AppVersion::AsReceived,
+                    DeclaredProtocol::Http => AppVersion::Http1,
+                    DeclaredProtocol::Detect | DeclaredProtocol::Opaque => AppVersion::AsReceived,
                 },
                 grpc_port: settings.protocol == DeclaredProtocol::Grpc,
+                sni: authn.sni.clone(),
             };
             let slot = authn.slot;
             http::server::serve(authn.stream, conn, shared.clone(), watch).await;
@@ -265,6 +265,12 @@ async fn detect_inner(
 ) -> std::io::Result<(Inner, Authenticated)> {
     let inner = match declared {
         DeclaredProtocol::Opaque => Inner::Opaque,
+        // ALPN said HTTP/1.1 (an ingress that offered only it): serve it.
+        DeclaredProtocol::Http | DeclaredProtocol::Http2 | DeclaredProtocol::Grpc
+            if authn.alpn_http1 =>
+        {
+            Inner::Http(http::ServeVersion::Http1)
+        }
         // A peer sidecar speaks HTTP/2 on its pooled connections and
         // HTTP/1.1 on a tunnel's own connection (`tunnel`): the first bytes
         // tell which.

@@ -41,6 +41,7 @@ pub mod route;
 pub mod server;
 pub mod smuggling;
 pub mod tls;
+pub mod trace;
 
 #[cfg(test)]
 mod testing;

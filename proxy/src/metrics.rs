@@ -177,6 +177,46 @@ struct RequestSeriesMap {
     services: Vec<String>,
 }
 
+impl RequestSeriesMap {
+    /// The series for `labels`, registered on first use; values past the
+    /// caps become `other`.
+    fn series_for(
+        &mut self,
+        direction: Direction,
+        labels: RequestLabels<'_>,
+    ) -> Arc<RequestMetrics> {
+        let source = capped(&mut self.identities, labels.source_id, MAX_PEER_LABELS);
+        let destination = capped(&mut self.identities, labels.destination_id, MAX_PEER_LABELS);
+        let service = capped(
+            &mut self.services,
+            labels.destination_service,
+            MAX_SERVICE_LABELS,
+        );
+        let key = SeriesKey {
+            source,
+            destination,
+            service,
+        };
+        if let Some(m) = self.series.get(&key) {
+            return m.clone();
+        }
+        let d = direction.as_str();
+        let m = Arc::new(RequestMetrics {
+            direction: d,
+            duration: histogram!(HTTP_DURATION, "direction" => d,
+                "source_id" => key.source.clone(), "destination_id" => key.destination.clone(),
+                "destination_service" => key.service.clone()),
+            source: key.source.clone(),
+            destination: key.destination.clone(),
+            service: key.service.clone(),
+            common: std::array::from_fn(|_| OnceLock::new()),
+            rare: Mutex::new(Vec::new()),
+        });
+        self.series.insert(key, m.clone());
+        m
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct SeriesKey {
     source: String,
@@ -261,35 +301,7 @@ impl RequestMetrics {
             Direction::Inbound => &mut maps[0],
             Direction::Outbound => &mut maps[1],
         };
-        let source = capped(&mut map.identities, labels.source_id, MAX_PEER_LABELS);
-        let destination = capped(&mut map.identities, labels.destination_id, MAX_PEER_LABELS);
-        let service = capped(
-            &mut map.services,
-            labels.destination_service,
-            MAX_SERVICE_LABELS,
-        );
-        let key = SeriesKey {
-            source,
-            destination,
-            service,
-        };
-        if let Some(m) = map.series.get(&key) {
-            return m.clone();
-        }
-        let d = direction.as_str();
-        let m = Arc::new(RequestMetrics {
-            direction: d,
-            duration: histogram!(HTTP_DURATION, "direction" => d,
-                "source_id" => key.source.clone(), "destination_id" => key.destination.clone(),
-                "destination_service" => key.service.clone()),
-            source: key.source.clone(),
-            destination: key.destination.clone(),
-            service: key.service.clone(),
-            common: std::array::from_fn(|_| OnceLock::new()),
-            rare: Mutex::new(Vec::new()),
-        });
-        map.series.insert(key, m.clone());
-        m
+        map.series_for(direction, labels)
     }
 
     /// Counts an answered request and its latency.
@@ -624,6 +636,8 @@ pub enum LocalReason {
     BadPath,
     /// Refused by policy.
     Denied,
+    /// A JWT that does not verify (RequestAuthentication): 401.
+    JwtInvalid,
     /// The app refused, reset or broke the exchange.
     AppUnreachable,
     /// The app did not answer in time.
@@ -657,6 +671,7 @@ impl LocalReason {
             LocalReason::NoPath => "no_path",
             LocalReason::BadPath => "bad_path",
             LocalReason::Denied => "denied",
+            LocalReason::JwtInvalid => "jwt_invalid",
             LocalReason::AppUnreachable => "app_unreachable",
             LocalReason::AppTimeout => "app_timeout",
             LocalReason::UploadStalled => "upload_stalled",
@@ -721,28 +736,28 @@ mod tests {
                 destination_service: Some("10.0.0.1:80"),
             }
         }
-        let a = RequestMetrics::for_request(Direction::Inbound, labels("spiffe://t/a"));
-        let again = RequestMetrics::for_request(Direction::Inbound, labels("spiffe://t/a"));
+        // A map of its own: other tests record series in the global one.
+        let mut map = RequestSeriesMap::default();
+        let a = map.series_for(Direction::Inbound, labels("spiffe://t/a"));
+        let again = map.series_for(Direction::Inbound, labels("spiffe://t/a"));
         assert!(Arc::ptr_eq(&a, &again), "one series per label set");
         for i in 0..(MAX_PEER_LABELS + 10) {
-            RequestMetrics::for_request(Direction::Inbound, labels(&format!("spiffe://t/{i}")));
+            map.series_for(Direction::Inbound, labels(&format!("spiffe://t/{i}")));
         }
-        let late = RequestMetrics::for_request(Direction::Inbound, labels("spiffe://t/late"));
+        let late = map.series_for(Direction::Inbound, labels("spiffe://t/late"));
         assert_eq!(late.source, PEER_OTHER);
         assert_eq!(
             late.destination, "spiffe://t/me",
             "given out before the cap"
         );
-        let none = RequestMetrics::for_peer(Direction::Inbound, None);
+        let none = map.series_for(Direction::Inbound, RequestLabels::default());
         assert_eq!(
             (none.source.as_str(), none.destination.as_str()),
             (PEER_NONE, PEER_NONE)
         );
-        let maps = handles().requests.lock().unwrap();
-        assert_eq!(maps[0].identities.len(), MAX_PEER_LABELS);
+        assert_eq!(map.identities.len(), MAX_PEER_LABELS);
         // MAX_PEER_LABELS - 1 sources beside `me`, `other`, and the unlabelled one.
-        assert_eq!(maps[0].series.len(), MAX_PEER_LABELS + 1);
-        assert!(maps[1].series.is_empty(), "outbound untouched");
+        assert_eq!(map.series.len(), MAX_PEER_LABELS + 1);
     }
 
     #[test]

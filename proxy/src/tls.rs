@@ -109,6 +109,11 @@ pub struct Authenticated {
     pub stream: BoxedIo,
     /// Whether the peer negotiated `h2` by ALPN.
     pub alpn_h2: bool,
+    /// Whether the peer negotiated `http/1.1` by ALPN (an ingress that
+    /// speaks HTTP/1.1 only): the connection is served as HTTP/1.1.
+    pub alpn_http1: bool,
+    /// The TLS server name the client sent (SNI), if any.
+    pub sni: Option<Arc<str>>,
     /// The listener slot.
     pub slot: tokio::sync::OwnedSemaphorePermit,
 }
@@ -138,6 +143,8 @@ pub fn allow_plaintext<S: Io>(accepted: Accepted<S>) -> Authenticated {
         peer: None,
         stream: Box::new(stream),
         alpn_h2: false,
+        alpn_http1: false,
+        sni: None,
         slot,
     }
 }
@@ -160,13 +167,17 @@ pub async fn terminate<S: Io>(
         .map_err(HandshakeError::classify)?;
     let peer =
         peer_identity(tls.get_ref().1.peer_certificates()).ok_or(HandshakeError::NoPeerId)?;
-    let alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let alpn = tls.get_ref().1.alpn_protocol();
+    let (alpn_h2, alpn_http1) = (alpn == Some(b"h2"), alpn == Some(b"http/1.1"));
+    let sni = tls.get_ref().1.server_name().map(Arc::from);
     Ok(Authenticated {
         client,
         orig_dst,
         peer: Some(peer),
         stream: Box::new(tls),
         alpn_h2,
+        alpn_http1,
+        sni,
         slot,
     })
 }

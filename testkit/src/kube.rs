@@ -41,7 +41,8 @@ pub struct KubeBinaries {
 /// pins (read from the script itself, so the two never drift), or why
 /// they are not there.
 pub fn binaries() -> Result<KubeBinaries, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/peer-kube.sh");
+    // The test kit is a crate of the workspace, one level below its root.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/peer-kube.sh");
     let text =
         std::fs::read_to_string(&script).map_err(|e| format!("{}: {e}", script.display()))?;
     let pinned = |var: &str| -> Result<String, String> {

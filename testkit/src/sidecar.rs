@@ -364,3 +364,46 @@ pub fn wait_listening(addr: SocketAddr) {
     }
     panic!("nothing listening on {addr}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_merge_admin_and_log_and_replace_the_rest() {
+        let base = base_config(Path::new("/svid"));
+        let admin = base.admin.address;
+        let cfg = with_sections(
+            base,
+            "admin: {metrics: false}\nlog: {access: true}\nlisteners:\n  - {name: in, direction: inbound, listen: \"127.0.0.1:1\", target: \"127.0.0.1:2\"}\n",
+        );
+        assert_eq!(cfg.admin.address, admin, "the free admin address is kept");
+        assert!(!cfg.admin.metrics);
+        assert_eq!(cfg.log.level, "debug", "the kit's log level is kept");
+        assert!(cfg.log.access);
+        assert_eq!(cfg.listeners.len(), 1);
+        assert_eq!(cfg.listeners[0].policy_port(), 2);
+        let files = cfg.identity.files.as_ref().unwrap();
+        assert_eq!(files.cert, Path::new("/svid/svid.pem"));
+        // What the sidecar will read back.
+        let again = Config::parse("again.yaml", &cfg.to_yaml()).unwrap();
+        assert_eq!(again.to_yaml(), cfg.to_yaml());
+    }
+
+    #[test]
+    #[should_panic(expected = "does not fit the Config types")]
+    fn a_misspelt_section_fails_in_the_test() {
+        with_sections(
+            base_config(Path::new("/svid")),
+            "limits: {conect_timeout: 1s}\n",
+        );
+    }
+
+    #[test]
+    fn free_addresses_are_never_handed_out_twice() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            assert!(seen.insert(free_addr().port()));
+        }
+    }
+}

@@ -35,6 +35,15 @@ impl Config {
     /// `authorizer` the policies in force at start ([`Config::initial_policies`]).
     pub fn proxy_config(&self, td: TrustDomain, authorizer: Option<Authorizer>) -> pc::ProxyConfig {
         use rampart_proxy::policy::{PolicyCell, PolicyOrigin};
+        // PeerAuthentication decides the ports' mTLS modes (read at start).
+        let peer = authorizer
+            .as_ref()
+            .and_then(|a| a.istio())
+            .map(|i| i.peer_modes().clone());
+        let mode = |m: rampart_authz::istio::PeerMode| match m.allows_plaintext() {
+            true => pc::TlsMode::PermissiveAllowPlaintext,
+            false => pc::TlsMode::Strict,
+        };
         let cell = match (authorizer, self.inbound.bundle.is_some()) {
             (Some(a), false) => PolicyCell::new(a),
             (Some(a), true) => PolicyCell::with_origin(a, PolicyOrigin::Fallback),
@@ -55,10 +64,17 @@ impl Config {
                     .map(|p| pc::InboundPort {
                         port: p.port,
                         protocol: p.protocol,
-                        mode: p.mode,
+                        mode: peer
+                            .as_ref()
+                            .and_then(|m| m.mode(p.port))
+                            .map_or(p.mode, mode),
                         allow_dns_san_clients: p.allow_dns_san_clients,
                     })
                     .collect(),
+                default_mode: peer
+                    .as_ref()
+                    .and_then(|m| m.workload)
+                    .map_or(pc::TlsMode::Strict, mode),
                 xfcc: self.inbound.xfcc,
             },
             limits: self.limits.clone(),
@@ -79,6 +95,8 @@ impl Config {
                         http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()
                     })
                     .collect(),
+                // Started by `run` inside its runtime.
+                tracing: None,
             },
             central: pc::CentralConfig {
                 tls_clients: self.central_tls_clients(),

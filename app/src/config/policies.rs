@@ -4,6 +4,8 @@
 
 use rampart_authz::{Authorizer, DefaultAction};
 
+use rampart_proxy::config::{DeclaredProtocol, Direction};
+
 use super::{Config, ConfigError, DefaultPortAction};
 
 impl Config {
@@ -24,7 +26,7 @@ impl Config {
     pub fn authorizer(&self) -> Result<Authorizer, ConfigError> {
         let options = self.policy_options();
         if self.inbound.policies.is_empty() {
-            return Ok(Authorizer::from_port_allowlist(
+            return self.with_istio(Authorizer::from_port_allowlist(
                 self.inbound
                     .ports
                     .iter()
@@ -32,9 +34,62 @@ impl Config {
                 options.default_action,
             ));
         }
-        Authorizer::load(&self.inbound.policies, &options).map_err(|e| ConfigError {
-            problems: e.to_string().lines().map(str::to_owned).collect(),
-        })
+        let native =
+            Authorizer::load(&self.inbound.policies, &options).map_err(|e| ConfigError {
+                problems: e.to_string().lines().map(str::to_owned).collect(),
+            })?;
+        self.with_istio(native)
+    }
+
+    /// Adds the Istio resources of `inbound.istio`, if any.
+    fn with_istio(&self, native: Authorizer) -> Result<Authorizer, ConfigError> {
+        let Some(istio) = &self.inbound.istio else {
+            return Ok(native);
+        };
+        let problem = |m: String| ConfigError {
+            problems: m.lines().map(str::to_owned).collect(),
+        };
+        let set = rampart_authz::istio::IstioPolicies::load(&istio.files, &istio.workload(self))
+            .map_err(|e| problem(e.to_string()))?;
+        for name in set.custom_providers() {
+            if !self
+                .ext_authz
+                .providers
+                .iter()
+                .any(|p| p.name == name.as_str())
+            {
+                return Err(problem(format!(
+                    "inbound.istio: a CUSTOM policy names provider {name:?}, which is not in ext_authz.providers"
+                )));
+            }
+        }
+        native
+            .with_istio(set)
+            .map_err(|m| problem(format!("inbound.istio: {m}")))
+    }
+
+    /// Inbound ports that may carry opaque TCP (declared `detect` or
+    /// `opaque`); `None` when any port may (transparent capture).
+    pub(super) fn istio_tcp_ports(&self) -> Option<Vec<u16>> {
+        if self.transparent.is_some() {
+            return None;
+        }
+        let declared = |port: u16| self.inbound.ports.iter().find(|p| p.port == port);
+        let mut ports: Vec<u16> = self
+            .listeners
+            .iter()
+            .filter(|l| matches!(l.direction, Direction::Inbound))
+            .map(|l| l.policy_port())
+            .filter(|&port| {
+                matches!(
+                    declared(port).map(|p| p.protocol),
+                    None | Some(DeclaredProtocol::Detect | DeclaredProtocol::Opaque)
+                )
+            })
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        Some(ports)
     }
 
     /// The policies in force at start: the policy files (or allowlists);

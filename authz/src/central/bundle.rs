@@ -1,7 +1,9 @@
 //! Policy bundles in OPA's format: a gzipped tar of Rego modules
-//! (`*.rego`), data documents (`data.json`, placed in the data tree at their
-//! directory: `a/b/data.json` is `data.a.b`), an optional `.manifest`
-//! (`revision`, `rego_version`) and an optional `.signatures.json`. A bundle
+//! (`*.rego`), data documents (`data.json` or `data.yaml`, placed in the
+//! data tree at their directory: `a/b/data.json` is `data.a.b`), an optional
+//! `.manifest` (`revision`, `rego_version`, per-file `file_rego_versions`,
+//! and `roots`, which every package and data document must lie under, as
+//! OPA enforces) and an optional `.signatures.json`. A bundle
 //! may also carry Rampart policy files (`*.policy.yaml`, the format of
 //! `docs/policy.md`), whose `modules` and `data_files` name files of the
 //! bundle relative to the policy file.
@@ -23,6 +25,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::signature::{self, SIGNATURES_FILE, SignatureError, Verification};
+use crate::model::RegoVersion;
 use crate::{Authorizer, LoadErrors, Options};
 
 /// How bundles are unpacked, checked and compiled.
@@ -167,12 +170,14 @@ pub fn compile(
         .collect::<Result<_, BundleError>>()?;
     let mut tree = files;
     tree.remove(SIGNATURES_FILE);
+    let versions = manifest.file_versions()?;
+    check_roots(&tree, &manifest, &versions)?;
     let compiled = if policy_files.is_empty() {
         let (texts, data_name, data) = implicit_policy(&tree, &manifest, &options.query)?;
         tree.insert(data_name, data);
-        crate::load::load_memory(&texts, &tree, &options.authz)
+        crate::load::load_memory(&texts, &tree, &versions, &options.authz)
     } else {
-        crate::load::load_memory(&policy_files, &tree, &options.authz)
+        crate::load::load_memory(&policy_files, &tree, &versions, &options.authz)
     }
     .map_err(BundleError::Policy)?;
     Ok(LoadedBundle {
@@ -247,7 +252,8 @@ pub fn pack(files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
     gz.finish().expect("in-memory gzip")
 }
 
-/// `.manifest`: the fields Rampart reads; others are ignored.
+/// `.manifest`: the fields Rampart reads; others (`metadata`, `wasm`) do
+/// not change what the bundle decides.
 #[derive(Debug, Default, Deserialize)]
 struct Manifest {
     #[serde(default)]
@@ -255,6 +261,168 @@ struct Manifest {
     /// OPA writes 0 or 1.
     #[serde(default)]
     rego_version: Option<u8>,
+    /// Per-file Rego versions, by bundle path (`/a/b.rego` or `a/b.rego`).
+    #[serde(default)]
+    file_rego_versions: BTreeMap<String, u8>,
+    /// The data and package paths the bundle owns; absent means all.
+    #[serde(default)]
+    roots: Option<Vec<String>>,
+}
+
+impl Manifest {
+    fn version(&self) -> RegoVersion {
+        match self.rego_version {
+            Some(0) => RegoVersion::V0,
+            Some(_) | None => RegoVersion::V1,
+        }
+    }
+
+    /// `file_rego_versions` keyed by normalized bundle path. OPA also takes
+    /// glob patterns there; Rampart refuses them rather than guess.
+    fn file_versions(&self) -> Result<BTreeMap<String, RegoVersion>, BundleError> {
+        let mut out = BTreeMap::new();
+        for (path, v) in &self.file_rego_versions {
+            if path.contains(['*', '?', '[', '{']) {
+                return Err(BundleError::BadFile {
+                    file: ".manifest".into(),
+                    message: format!(
+                        "file_rego_versions: glob pattern {path:?} is not supported; name the files"
+                    ),
+                });
+            }
+            let version = match v {
+                0 => RegoVersion::V0,
+                1 => RegoVersion::V1,
+                other => {
+                    return Err(BundleError::BadFile {
+                        file: ".manifest".into(),
+                        message: format!(
+                            "file_rego_versions {path:?}: version {other} is not 0 or 1"
+                        ),
+                    });
+                }
+            };
+            out.insert(signature::normalize_name(path), version);
+        }
+        Ok(out)
+    }
+
+    /// The roots as slash-separated paths; `[""]` (everything) when absent.
+    fn roots(&self) -> Vec<String> {
+        match &self.roots {
+            None => vec![String::new()],
+            Some(r) => r.iter().map(|r| r.trim_matches('/').to_owned()).collect(),
+        }
+    }
+}
+
+/// Whether the slash-separated `path` lies under one of `roots`.
+fn under_roots(path: &str, roots: &[String]) -> bool {
+    roots
+        .iter()
+        .any(|r| r.is_empty() || path == r || path.starts_with(&format!("{r}/")))
+}
+
+/// OPA's rule for `.manifest` `roots`: every module's package and every
+/// data document must lie under a root.
+fn check_roots(
+    tree: &BTreeMap<String, Vec<u8>>,
+    manifest: &Manifest,
+    versions: &BTreeMap<String, RegoVersion>,
+) -> Result<(), BundleError> {
+    let roots = manifest.roots();
+    if roots.iter().any(String::is_empty) {
+        return Ok(());
+    }
+    for (name, bytes) in tree {
+        if name.ends_with(".rego") {
+            let src = String::from_utf8_lossy(bytes);
+            let version = versions.get(name).copied().unwrap_or(manifest.version());
+            // A module that does not parse is reported by the compiler.
+            let Some(package) = crate::rego::package_of(name, &src, version) else {
+                continue;
+            };
+            let path = package.replace('.', "/");
+            if !under_roots(&path, &roots) {
+                return Err(BundleError::BadFile {
+                    file: name.clone(),
+                    message: format!(
+                        "package {package} is outside the manifest's roots {:?}",
+                        manifest.roots.clone().unwrap_or_default()
+                    ),
+                });
+            }
+        } else if let Some(dir) = data_dir(name) {
+            let doc = data_document(name, bytes)?;
+            check_data_roots(name, dir, &doc, &roots, manifest)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_data_roots(
+    file: &str,
+    path: &str,
+    doc: &serde_json::Value,
+    roots: &[String],
+    manifest: &Manifest,
+) -> Result<(), BundleError> {
+    if under_roots(path, roots) {
+        return Ok(());
+    }
+    // Above every root: only an object whose members lie under roots.
+    let is_prefix = roots
+        .iter()
+        .any(|r| path.is_empty() || r.starts_with(&format!("{path}/")));
+    match doc {
+        serde_json::Value::Object(m) if is_prefix => {
+            for (k, v) in m {
+                let child = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}/{k}")
+                };
+                check_data_roots(file, &child, v, roots, manifest)?;
+            }
+            Ok(())
+        }
+        _ => Err(BundleError::BadFile {
+            file: file.to_owned(),
+            message: format!(
+                "data at {:?} is outside the manifest's roots {:?}",
+                path,
+                manifest.roots.clone().unwrap_or_default()
+            ),
+        }),
+    }
+}
+
+/// The directory of a data file (`a/b/data.json` -> `a/b`), `None` for
+/// other files. OPA reads `data.json` and `data.yaml` (or `.yml`).
+fn data_dir(name: &str) -> Option<&str> {
+    for file in ["data.json", "data.yaml", "data.yml"] {
+        if name == file {
+            return Some("");
+        }
+        if let Some(dir) = name.strip_suffix(&format!("/{file}")) {
+            return Some(dir);
+        }
+    }
+    None
+}
+
+/// A data file's document, JSON or YAML by its name.
+fn data_document(name: &str, bytes: &[u8]) -> Result<serde_json::Value, BundleError> {
+    let bad = |message: String| BundleError::BadFile {
+        file: name.to_owned(),
+        message,
+    };
+    if name.ends_with(".json") {
+        serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))
+    } else {
+        let v: serde_yaml::Value = serde_yaml::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        serde_json::to_value(v).map_err(|e| bad(e.to_string()))
+    }
 }
 
 /// The synthetic data file of an implicit policy; a bundle that has a file
@@ -278,26 +446,18 @@ fn implicit_policy(
     }
     let mut data = serde_json::Value::Object(serde_json::Map::new());
     for (name, bytes) in tree {
-        let dir = if name == "data.json" {
-            ""
-        } else if let Some(dir) = name.strip_suffix("/data.json") {
-            dir
-        } else {
+        let Some(dir) = data_dir(name) else {
             continue;
         };
-        let doc: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| BundleError::BadFile {
-                file: name.clone(),
-                message: e.to_string(),
-            })?;
+        let doc = data_document(name, bytes)?;
         merge_at(&mut data, dir, doc).map_err(|message| BundleError::BadFile {
             file: name.clone(),
             message,
         })?;
     }
-    let rego_version = match manifest.rego_version {
-        Some(0) => "v0",
-        Some(_) | None => "v1",
+    let rego_version = match manifest.version() {
+        RegoVersion::V0 => "v0",
+        RegoVersion::V1 => "v1",
     };
     let policy = serde_json::json!({
         "policies": [{

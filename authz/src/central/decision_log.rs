@@ -133,7 +133,7 @@ pub fn entry(
     req: &RequestInfo<'_>,
     decision: &Decision,
 ) -> Value {
-    let result = match decision {
+    let mut result = match decision {
         Decision::Allow(p) => json!({
             "allowed": true,
             "policy": p.policy(),
@@ -148,6 +148,11 @@ pub fn entry(
             "rule": d.rule.as_deref(),
         }),
     };
+    // OPA-Envoy's `dynamic_metadata` goes where Envoy would put it: beside
+    // the decision, for the logs.
+    if let Some(m) = decision.dynamic_metadata() {
+        result["dynamic_metadata"] = m.clone();
+    }
     let mut e = json!({
         "decision_id": decision_id(),
         "labels": ctx.labels,

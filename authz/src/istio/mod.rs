@@ -39,7 +39,7 @@ use resource::{Meta, Resource};
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 /// Who this sidecar is, for attaching policies.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Workload {
     /// The workload's namespace.
     pub namespace: String,
@@ -57,6 +57,9 @@ pub struct Workload {
     /// HTTP requests to an external authorizer, so a CUSTOM rule that can
     /// reach one of these ports is refused at load.
     pub tcp_ports: Option<Vec<u16>>,
+    /// Where fetched JWKS are kept; shared by successive loads (reloads) so
+    /// that the fetcher's keys stay in use.
+    pub jwks_cache: Arc<crate::jwt::JwksCache>,
 }
 
 impl Workload {
@@ -122,6 +125,9 @@ pub struct IstioPolicies {
     policies: Vec<IPolicy>,
     peer: PeerModes,
     resources: Vec<ResourceInfo>,
+    authn: crate::jwt::RequestAuthn,
+    jwks: Arc<crate::jwt::JwksCache>,
+    jwks_uris: Vec<String>,
 }
 
 impl IstioPolicies {
@@ -158,7 +164,10 @@ impl IstioPolicies {
         w: &Workload,
         mut errors: Vec<LoadError>,
     ) -> Result<Self, LoadErrors> {
-        let mut out = IstioPolicies::default();
+        let mut out = IstioPolicies {
+            jwks: w.jwks_cache.clone(),
+            ..IstioPolicies::default()
+        };
         let mut mesh_pa = None;
         let mut ns_pa = None;
         let mut wl_pa = None;
@@ -304,15 +313,20 @@ impl IstioPolicies {
                         let selector = spec.selector.as_ref().map(|s| &s.match_labels);
                         let has_targets = spec.target_ref.is_some() || !spec.target_refs.is_empty();
                         info.not_attached = attachment(w, &ns, selector, has_targets);
+                        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+                        let mut errs = Vec::new();
+                        let rules = jwt_rules(spec, &base, &out.jwks, &mut errs);
+                        errors.extend(errs.into_iter().map(|(f, m)| invalid(f, m)));
+                        info.rules = rules.len();
                         if info.not_attached.is_none() {
-                            errors.push(invalid(
-                                "spec.jwtRules".into(),
-                                format!(
-                                    "RequestAuthentication {name} applies to this workload, but JWT \
-                                     authentication is not available in this build: refusing rather \
-                                     than deciding without it"
-                                ),
-                            ));
+                            for r in &rules {
+                                if let crate::jwt::KeySource::Fetched { uri, .. } = &r.keys
+                                    && !out.jwks_uris.contains(uri)
+                                {
+                                    out.jwks_uris.push(uri.clone());
+                                }
+                            }
+                            out.authn.rules.extend(rules);
                         }
                     }
                 }
@@ -407,6 +421,21 @@ impl IstioPolicies {
             }
         }
         errors
+    }
+
+    /// The JWT rules of the attached RequestAuthentications.
+    pub fn request_authn(&self) -> &crate::jwt::RequestAuthn {
+        &self.authn
+    }
+
+    /// The `http://` JWKS URIs to fetch into [`IstioPolicies::jwks_cache`].
+    pub fn jwks_uris(&self) -> &[String] {
+        &self.jwks_uris
+    }
+
+    /// The cache the JWKS fetcher fills.
+    pub fn jwks_cache(&self) -> &Arc<crate::jwt::JwksCache> {
+        &self.jwks
     }
 
     /// Every resource read, attached or not.
@@ -541,6 +570,121 @@ impl IstioPolicies {
             }
         }
     }
+}
+
+/// The `jwtRules` of a RequestAuthentication. Keys: inline `jwks`, a
+/// `file://` URI (read now, relative to the resource file) or an `http://`
+/// URI (fetched by the sidecar, cached). What Rampart cannot honour is an
+/// error naming it.
+fn jwt_rules(
+    spec: &resource::RequestAuthenticationSpec,
+    base: &Path,
+    cache: &Arc<crate::jwt::JwksCache>,
+    errs: &mut compile::FieldErrors,
+) -> Vec<crate::jwt::JwtRule> {
+    use crate::jwt::{Jwks, JwtRule, KeySource, Location};
+    let mut out = Vec::new();
+    for (i, r) in spec.jwt_rules.iter().enumerate() {
+        let at = |f: &str| format!("spec.jwtRules[{i}].{f}");
+        let before = errs.len();
+        if r.issuer.is_empty() {
+            errs.push((at("issuer"), "required".into()));
+        }
+        for (f, unsupported) in [
+            ("fromCookies", !r.from_cookies.is_empty()),
+            (
+                "outputClaimToHeaders",
+                !r.output_claim_to_headers.is_empty(),
+            ),
+            ("timeout", r.timeout.is_some()),
+        ] {
+            if unsupported {
+                errs.push((at(f), "not supported by Rampart".into()));
+            }
+        }
+        let keys = match (&r.jwks, &r.jwks_uri) {
+            (Some(inline), None) => Jwks::parse(inline)
+                .map(|k| KeySource::Static(Arc::new(k)))
+                .map_err(|m| errs.push((at("jwks"), m)))
+                .ok(),
+            (None, Some(uri)) if uri.starts_with("file://") => {
+                let path = base.join(&uri["file://".len()..]);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|t| Jwks::parse(&t))
+                    .map(|k| KeySource::Static(Arc::new(k)))
+                    .map_err(|m| errs.push((at("jwksUri"), m)))
+                    .ok()
+            }
+            (None, Some(uri)) if uri.starts_with("http://") => Some(KeySource::Fetched {
+                uri: uri.clone(),
+                cache: cache.clone(),
+            }),
+            (None, Some(uri)) => {
+                errs.push((
+                    at("jwksUri"),
+                    format!(
+                        "{uri:?}: Rampart fetches JWKS over http:// (inside the cluster) or reads \
+                         file:// (a mounted copy); https:// needs public CA roots it does not carry"
+                    ),
+                ));
+                None
+            }
+            (Some(_), Some(_)) => {
+                errs.push((at("jwks"), "give jwks or jwksUri, not both".into()));
+                None
+            }
+            (None, None) => {
+                // Istio would discover the issuer's OpenID configuration.
+                errs.push((
+                    at("jwksUri"),
+                    "required: Rampart does not discover keys by OpenID configuration".into(),
+                ));
+                None
+            }
+        };
+        let mut locations = Vec::new();
+        for (j, h) in r.from_headers.iter().enumerate() {
+            match http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()) {
+                Ok(name) => locations.push(Location::Header {
+                    name,
+                    prefix: h.prefix.clone(),
+                }),
+                Err(_) => errs.push((
+                    at(&format!("fromHeaders[{j}].name")),
+                    format!("{:?} is not a header name", h.name),
+                )),
+            }
+        }
+        locations.extend(r.from_params.iter().cloned().map(Location::Param));
+        if locations.is_empty() {
+            locations = JwtRule::default_locations();
+        }
+        let output = match &r.output_payload_to_header {
+            Some(h) => match http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    errs.push((
+                        at("outputPayloadToHeader"),
+                        format!("{h:?} is not a header name"),
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        if let (Some(keys), true) = (keys, errs.len() == before) {
+            out.push(JwtRule {
+                issuer: r.issuer.clone(),
+                audiences: r.audiences.clone(),
+                keys,
+                locations,
+                forward_original_token: r.forward_original_token,
+                output_payload_to_header: output,
+            });
+        }
+    }
+    out
 }
 
 fn first_match(p: &IPolicy, a: &Attrs<'_>) -> Option<Arc<str>> {

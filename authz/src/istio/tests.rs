@@ -1,6 +1,6 @@
 //! Unit tests of the Istio loader: attachment, validation, PeerAuthentication
 //! composition. Decision semantics are covered by the table in
-//! `tests/istio_table.rs`, built from Istio's own examples.
+//! `tests/policies/istio_table.rs`, built from Istio's own examples.
 
 use super::*;
 
@@ -12,6 +12,7 @@ fn workload() -> Workload {
         trust_domain: "cluster.local".into(),
         trust_domain_aliases: Vec::new(),
         tcp_ports: None,
+        jwks_cache: Default::default(),
     }
 }
 
@@ -209,14 +210,34 @@ fn peer_authentication_composes_mesh_namespace_workload_and_ports() {
 }
 
 #[test]
-fn request_authentication_that_applies_is_refused_until_jwt_is_available() {
-    let yaml = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: foo}\nspec:\n  jwtRules: [{issuer: a}]\n";
-    assert!(
-        load(yaml)
-            .err()
-            .unwrap_or_default()
-            .contains("RequestAuthentication")
-    );
-    let other = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: bar}\nspec:\n  jwtRules: [{issuer: a}]\n";
-    assert!(load(other).is_ok());
+fn request_authentication_rules_load_or_are_refused_by_name() {
+    let ra = |ns: &str, rule: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: {ns}}}\nspec:\n  jwtRules:\n  - {rule}\n"
+        )
+    };
+    let jwks = r#"{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB"}]}"#;
+    let ok = load(&ra("foo", &format!("{{issuer: a, jwks: '{jwks}'}}"))).unwrap();
+    assert_eq!(ok.request_authn().rules.len(), 1);
+    let fetched = load(&ra("foo", "{issuer: a, jwksUri: \"http://keys/jwks\"}")).unwrap();
+    assert_eq!(fetched.jwks_uris(), ["http://keys/jwks"]);
+    for (rule, want) in [
+        ("{issuer: a}", "jwksUri"),
+        ("{issuer: a, jwksUri: \"https://keys/jwks\"}", "https://"),
+        (
+            "{issuer: a, jwksUri: \"file:///nonexistent\"}",
+            "nonexistent",
+        ),
+        (
+            "{issuer: a, jwksUri: \"http://k\", fromCookies: [c]}",
+            "fromCookies",
+        ),
+        ("{jwksUri: \"http://k\"}", "issuer"),
+    ] {
+        let e = load(&ra("foo", rule)).err().unwrap_or_default();
+        assert!(e.contains(want), "{rule}: {e}");
+    }
+    // Not attached: read, not applied.
+    let other = load(&ra("bar", "{issuer: a, jwksUri: \"http://k\"}")).unwrap();
+    assert!(other.request_authn().rules.is_empty());
 }

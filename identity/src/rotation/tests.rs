@@ -23,6 +23,7 @@ fn harness() -> Harness {
         server: vec![crate::tls::ServerSpec::default()],
         client: vec![IdMatcher::trust_domains([td])],
         alpn: vec![],
+        server_alpn: vec![],
     }));
     let (tx, rx) = mpsc::channel(UPDATE_CHANNEL);
     let clock = tokio_clock(SystemTime::now());

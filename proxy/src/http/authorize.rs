@@ -72,11 +72,18 @@ impl Handler {
             Version::HTTP_2 | Version::HTTP_3 => HttpProtocol::Http2,
             _ => HttpProtocol::Http11,
         };
+        // RequestAuthentication: a token present must verify (else 401);
+        // its claims are what `request.auth.*` reads.
+        let jwt = authorizer
+            .authenticate_request(headers, norm.query)
+            .map_err(LocalError::Unauthenticated)?;
         let conn_info = crate::authz::connection_info(
             self.conn.peer.as_ref(),
             self.conn.source.ip(),
             self.conn.port,
-        );
+        )
+        .with_jwt(jwt.as_ref().map(|j| &j.claims))
+        .with_sni(self.conn.sni.as_deref());
         let info = RequestInfo {
             method: req.method(),
             authority,
@@ -108,6 +115,10 @@ impl Handler {
         // request; used only once the request is permitted.
         let rewritten = (!connect && norm.is_rewritten())
             .then(|| PathAndQuery::try_from(&*norm.path_and_query()));
+        // The token header and the payload header, for the app.
+        if let (Some(j), true) = (&jwt, decision.is_allowed()) {
+            j.rewrite.apply(req.headers_mut());
+        }
         let permitted = crate::authz::request(req, decision, event).map_err(LocalError::Denied)?;
         let path = match rewritten {
             None => None,

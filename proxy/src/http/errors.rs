@@ -29,6 +29,9 @@ pub enum LocalError {
     /// Policy refused.
     #[error("denied: {}", .0.explain())]
     Denied(Box<Denial>),
+    /// The request's JWT does not verify (RequestAuthentication).
+    #[error("Jwt verification fails: {0}")]
+    Unauthenticated(rampart_authz::jwt::JwtError),
     /// The app refused, reset or broke the exchange.
     #[error("app unreachable: {0}")]
     AppUnreachable(hyper_util::client::legacy::Error),
@@ -96,6 +99,7 @@ const GRPC_PERMISSION_DENIED: u8 = 7;
 const GRPC_UNIMPLEMENTED: u8 = 12;
 const GRPC_INTERNAL: u8 = 13;
 const GRPC_UNAVAILABLE: u8 = 14;
+const GRPC_UNAUTHENTICATED: u8 = 16;
 
 impl LocalError {
     /// The wire form and metric label: the one place they are decided.
@@ -104,6 +108,11 @@ impl LocalError {
             LocalError::NoPath => (StatusCode::BAD_REQUEST, GRPC_INTERNAL, LocalReason::NoPath),
             LocalError::BadPath(e) => (e.http_status(), GRPC_INTERNAL, LocalReason::BadPath),
             LocalError::Denied(d) => (d.http_status(), GRPC_PERMISSION_DENIED, LocalReason::Denied),
+            LocalError::Unauthenticated(_) => (
+                StatusCode::UNAUTHORIZED,
+                GRPC_UNAUTHENTICATED,
+                LocalReason::JwtInvalid,
+            ),
             LocalError::AppUnreachable(_) | LocalError::AppConnect(_) => (
                 StatusCode::BAD_GATEWAY,
                 GRPC_UNAVAILABLE,

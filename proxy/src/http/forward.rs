@@ -47,6 +47,12 @@ impl Handler {
         }
         let path = path.ok_or(LocalError::NoPath)?;
         let (parts, permit) = permitted.head_mut();
+        // A Rego result's `query_parameters_to_remove` / `_to_set`.
+        let path = match permit.effects().filter(|e| e.rewrites_query()) {
+            Some(e) => PathAndQuery::try_from(e.rewrite_path_and_query(path.as_str()))
+                .map_err(|_| LocalError::BadPath(rampart_authz::PathError::Empty))?,
+            None => path,
+        };
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         // An HTTP/2 request names its authority in the URI only; HTTP/1
@@ -72,6 +78,7 @@ impl Handler {
             .is_some_and(|v| v.as_bytes() == b"HTTP/1.1");
         let h2 = match self.conn.app_version {
             AppVersion::Http2 => true,
+            AppVersion::Http1 => false,
             AppVersion::AsReceived => parts.version == Version::HTTP_2 && !was_h1,
         };
         let client = if h2 {

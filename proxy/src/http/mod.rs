@@ -55,6 +55,9 @@ pub enum AppVersion {
     AsReceived,
     /// Always HTTP/2 (declared `http2` and `grpc` ports).
     Http2,
+    /// Always HTTP/1.1 (declared `http` ports: the app speaks HTTP/1.1,
+    /// whatever an ingress negotiated with the sidecar).
+    Http1,
 }
 
 /// The declared `content-length`, if any and valid.

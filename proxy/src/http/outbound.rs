@@ -102,8 +102,18 @@ struct AppConn {
     tunnel: TunnelTask,
 }
 
-async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let shared = &*app.shared;
+    let trace = shared.config.observe.tracing.as_ref().map(|t| {
+        let span = t.request(
+            Direction::Outbound,
+            req.headers(),
+            req.method(),
+            req.uri().path(),
+        );
+        span.inject(req.headers_mut());
+        span
+    });
     let grpc = super::is_grpc(req.headers());
     let mut event = Pending::open(
         &shared.access,
@@ -153,9 +163,13 @@ async fn send(app: &AppConn, req: Request<Incoming>) -> Response<ProxyBody> {
     if may_switch {
         super::tunnel::close_unless_switched(connect, &mut resp);
     }
+    let destination = resp.extensions().get::<metrics::DestinationId>();
     app.metrics
-        .get(resp.extensions().get::<metrics::DestinationId>())
+        .get(destination)
         .record(resp.status(), event.elapsed());
+    if let Some(span) = trace {
+        span.finish(resp.status(), destination.map(|d| &*d.0));
+    }
     event.response(resp.status(), resp.headers());
     resp
 }

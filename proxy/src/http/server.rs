@@ -114,6 +114,8 @@ pub struct InboundConn {
     pub app_version: AppVersion,
     /// Whether the port is declared gRPC (local errors as gRPC statuses).
     pub grpc_port: bool,
+    /// The TLS server name the client sent (Istio's `connection.sni`).
+    pub sni: Option<Arc<str>>,
 }
 
 /// Serves HTTP on `stream` until the peer closes or the drain completes it.
@@ -240,7 +242,17 @@ pub(super) struct Handler {
 }
 
 impl Handler {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let trace = self.shared.config.observe.tracing.as_ref().map(|t| {
+            let span = t.request(
+                Direction::Inbound,
+                req.headers(),
+                req.method(),
+                req.uri().path(),
+            );
+            span.inject(req.headers_mut());
+            span
+        });
         let grpc = self.conn.grpc_port || super::is_grpc(req.headers());
         let method = req.method().clone();
         let may_switch = super::tunnel::may_switch(&method, req.version(), req.headers());
@@ -281,6 +293,12 @@ impl Handler {
             super::tunnel::close_unless_switched(method == http::Method::CONNECT, &mut resp);
         }
         self.metrics.record(resp.status(), event.elapsed());
+        if let Some(span) = trace {
+            span.finish(
+                resp.status(),
+                self.conn.peer.as_ref().map(|p| p.principal()),
+            );
+        }
         event.response(resp.status(), resp.headers());
         resp
     }
@@ -323,6 +341,7 @@ mod tests {
             serve: ServeVersion::Http1,
             app_version: AppVersion::AsReceived,
             grpc_port: false,
+            sni: None,
         };
         let drain = crate::drain::Drain::new();
         tokio::spawn(serve(authn.stream, conn, shared.clone(), drain.watch()));

@@ -1,0 +1,17 @@
+//! End-to-end tests of sidecars on loopback (no root): real `rampart run`
+//! processes with explicit listeners, real apps and clients (curl, grpcio,
+//! openssl, nginx, py-spiffe), a real Kubernetes API server. One binary,
+//! one module per topic.
+
+use rampart_testkit as support;
+
+mod central;
+mod gospiffe;
+mod http;
+mod ingress_mtls;
+mod istio;
+mod kube_api;
+mod loopback;
+mod observability;
+mod wl_support;
+mod workload_api;
