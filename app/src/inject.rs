@@ -38,6 +38,9 @@ pub const ANN_OPAQUE_PORTS: &str = "rampart.io/opaque-ports";
 pub const ANN_POLICY: &str = "rampart.io/policy";
 /// Written by injection: what it changed, for `--uninject`.
 pub const ANN_STATUS: &str = "rampart.io/status";
+/// The default sidecar configuration, written by the injector into pods
+/// that name no ConfigMap, and mounted from there (downward API).
+pub const ANN_SIDECAR_CONFIG: &str = "rampart.io/sidecar-config";
 
 /// Name of the init container that installs the iptables rules.
 pub const INIT_CONTAINER: &str = "rampart-init";
@@ -92,10 +95,20 @@ pub struct InjectOptions {
     /// Image of the init container and the sidecar.
     #[arg(long, default_value = concat!("rampart:", env!("CARGO_PKG_VERSION")))]
     pub image: String,
-    /// Default ConfigMap holding the sidecar's `config.yaml`
-    /// (annotation `rampart.io/config` overrides it per pod).
-    #[arg(long, default_value = "rampart-sidecar")]
-    pub config_map: String,
+    /// ConfigMap holding the sidecar's `config.yaml` for pods without the
+    /// `rampart.io/config` annotation. Without it, such pods get the
+    /// built-in default configuration (see `--mesh-cidrs`).
+    #[arg(long)]
+    pub config_map: Option<String>,
+    /// With the default configuration: the destinations in the mesh (the
+    /// cluster's pod and service networks), comma-separated; others are
+    /// passed through in plaintext. Empty: every destination is in the mesh.
+    #[arg(long, value_name = "CIDRS", default_value = "", value_parser = checked_cidrs)]
+    pub mesh_cidrs: String,
+    /// With the default configuration: destinations inside the mesh CIDRs
+    /// that are not meshed (the API server's service address, ...).
+    #[arg(long, value_name = "CIDRS", default_value = "", value_parser = checked_cidrs)]
+    pub passthrough_cidrs: String,
     /// How the SPIRE agent socket is mounted.
     #[arg(long, value_enum, default_value = "csi")]
     pub spire_socket: SocketSource,
@@ -115,13 +128,25 @@ impl Default for InjectOptions {
     fn default() -> Self {
         InjectOptions {
             image: concat!("rampart:", env!("CARGO_PKG_VERSION")).to_string(),
-            config_map: "rampart-sidecar".to_string(),
+            config_map: None,
+            mesh_cidrs: String::new(),
+            passthrough_cidrs: String::new(),
             spire_socket: SocketSource::Csi,
             spire_socket_host_dir: SOCKET_DIR.to_string(),
             proxy_uid: 2102,
             grace_period: 45,
         }
     }
+}
+
+/// A comma-separated CIDR list from the command line, checked.
+fn checked_cidrs(text: &str) -> Result<String, String> {
+    crate::init::parse_cidrs(text).map(|c| {
+        c.0.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    })
 }
 
 /// Inject, or take an injection away.
@@ -403,6 +428,9 @@ pub fn inject_pod(
     // Filled in below, once everything it records is known; inserting it now
     // keeps the annotation in a stable place.
     annotations.insert(s(ANN_STATUS), s(""));
+    if settings.config_map.is_none() {
+        annotations.insert(s(ANN_SIDECAR_CONFIG), s(&settings.default_config(opts)));
+    }
     // Prometheus's usual pod annotations, pointing at the sidecar's
     // metrics; an app's own (for its metrics) are left as they are.
     for (key, value) in SCRAPE_ANNOTATIONS {
@@ -499,6 +527,7 @@ pub fn uninject_pod(pod: &mut Mapping, object: &str) -> Result<(), InjectError> 
     if let Some(Value::Mapping(metadata)) = pod.get_mut("metadata") {
         if let Some(Value::Mapping(annotations)) = metadata.get_mut("annotations") {
             annotations.shift_remove(ANN_STATUS);
+            annotations.shift_remove(ANN_SIDECAR_CONFIG);
             for key in &status.annotations {
                 annotations.shift_remove(key.as_str());
             }
@@ -557,7 +586,8 @@ enum PolicySource {
 #[derive(Debug)]
 struct Settings {
     enabled: bool,
-    config_map: String,
+    /// The ConfigMap with the sidecar's configuration; None: the default.
+    config_map: Option<String>,
     exclude_inbound_ports: Vec<u16>,
     exclude_outbound_ports: Vec<u16>,
     exclude_outbound_cidrs: Vec<String>,
@@ -598,7 +628,7 @@ impl Settings {
         };
         let config_map = match get(ANN_CONFIG).map(str::trim) {
             None => opts.config_map.clone(),
-            Some(name) if is_dns_label(name) => name.to_string(),
+            Some(name) if is_dns_label(name) => Some(name.to_string()),
             Some(name) => return Err(bad(ANN_CONFIG, format!("'{name}' is not a ConfigMap name"))),
         };
 
@@ -660,6 +690,42 @@ impl Settings {
             exclude_outbound_cidrs,
             policy,
         })
+    }
+
+    /// The sidecar configuration of a pod that names no ConfigMap: its SVID
+    /// from the SPIRE agent (whose entry names it after its service
+    /// account), every captured inbound port mTLS-only, open to any peer of
+    /// the trust domain unless a `rampart.io/policy` says otherwise, and
+    /// outbound mTLS to any server of the trust domain, as Istio's and
+    /// Linkerd's defaults.
+    fn default_config(&self, opts: &InjectOptions) -> String {
+        let list = |cidrs: &str| {
+            cidrs
+                .split(',')
+                .filter(|c| !c.is_empty())
+                .map(|c| format!("\"{c}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut text = format!(
+            "# Written by the Rampart injector: the default configuration of a pod\n\
+             # without the {ANN_CONFIG} annotation (docs/kubernetes.md).\n\
+             identity:\n  workload_api:\n    socket: \"unix://{SOCKET_DIR}/agent.sock\"\n\
+             admin:\n  address: \"0.0.0.0:{ADMIN_PORT}\"\n\
+             transparent: {{}}\n\
+             inbound:\n  default_action: allow_any_authenticated\n"
+        );
+        if self.policy.is_some() {
+            text += &format!("  policies: [\"{POLICY_DIR}/policy.yaml\"]\n");
+        }
+        text += "outbound:\n  unknown_server: any_in_trust_domain\n  passthrough_ports: [53]\n";
+        if !opts.mesh_cidrs.is_empty() {
+            text += &format!("  mesh_cidrs: [{}]\n", list(&opts.mesh_cidrs));
+        }
+        if !opts.passthrough_cidrs.is_empty() {
+            text += &format!("  passthrough_cidrs: [{}]\n", list(&opts.passthrough_cidrs));
+        }
+        text
     }
 
     fn init_container(&self, opts: &InjectOptions) -> Value {
@@ -813,11 +879,21 @@ impl Settings {
                 ("fieldRef", map([("fieldPath", s(field_path))])),
             ])
         };
+        let config = match &self.config_map {
+            Some(name) => ("configMap", map([("name", s(name))])),
+            None => (
+                "downwardAPI",
+                map([(
+                    "items",
+                    Value::Sequence(vec![field(
+                        "config.yaml",
+                        &format!("metadata.annotations['{ANN_SIDECAR_CONFIG}']"),
+                    )]),
+                )]),
+            ),
+        };
         let mut volumes = vec![
-            map([
-                ("name", s("rampart-config")),
-                ("configMap", map([("name", s(&self.config_map))])),
-            ]),
+            map([("name", s("rampart-config")), config]),
             map([("name", s("rampart-spire-agent-socket")), socket]),
             map([
                 ("name", s("rampart-podinfo")),
@@ -982,6 +1058,84 @@ mod tests {
     }
 
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: app\n    image: nginx\n    ports:\n    - containerPort: 8080\n    - containerPort: 9090\n";
+
+    /// The sidecar configuration an injected pod carries in its annotation.
+    fn default_config_of(injected: &str) -> String {
+        let pod: Value = serde_yaml::from_str(injected).unwrap();
+        pod["metadata"]["annotations"][ANN_SIDECAR_CONFIG]
+            .as_str()
+            .expect("the default configuration annotation")
+            .to_owned()
+    }
+
+    #[test]
+    fn a_pod_without_annotations_gets_a_default_configuration_the_sidecar_accepts() {
+        let injected = inject(POD).unwrap();
+        let pod: Value = serde_yaml::from_str(&injected).unwrap();
+        let volumes = pod["spec"]["volumes"].as_sequence().unwrap();
+        let config = volumes
+            .iter()
+            .find(|v| name_of(v) == Some("rampart-config"))
+            .unwrap();
+        // Mounted from the pod's own annotation: no ConfigMap to create.
+        assert!(config.get("configMap").is_none(), "{config:?}");
+        assert_eq!(
+            config["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+            "metadata.annotations['rampart.io/sidecar-config']"
+        );
+        let text = default_config_of(&injected);
+        let cfg = crate::config::Config::parse("default", &text).unwrap();
+        assert!(cfg.identity.workload_api.is_some());
+        // The policy annotation adds the policy file; the CIDR flags land in
+        // `outbound`.
+        let opts = InjectOptions {
+            mesh_cidrs: checked_cidrs("10.244.0.0/16,10.96.0.0/12").unwrap(),
+            passthrough_cidrs: checked_cidrs("10.96.0.1").unwrap(),
+            ..InjectOptions::default()
+        };
+        let with_policy = POD.replace(
+            "  name: web\n",
+            "  name: web\n  annotations:\n    rampart.io/policy: configmap:web-policy\n",
+        );
+        let text = default_config_of(&mutate_documents(&with_policy, &opts, Mode::Inject).unwrap());
+        assert!(
+            text.contains("policies: [\"/etc/rampart/policy/policy.yaml\"]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mesh_cidrs: [\"10.244.0.0/16\", \"10.96.0.0/12\"]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("passthrough_cidrs: [\"10.96.0.1/32\"]"),
+            "{text}"
+        );
+        let policy_dir = tempfile::tempdir().unwrap();
+        let text = text.replace("/etc/rampart/policy", policy_dir.path().to_str().unwrap());
+        std::fs::write(policy_dir.path().join("policy.yaml"), "policies: []\n").unwrap();
+        crate::config::Config::parse("default", &text).unwrap();
+        // Uninjection takes the annotation away again.
+        let back = mutate_documents(&injected, &InjectOptions::default(), Mode::Uninject).unwrap();
+        assert!(!back.contains(ANN_SIDECAR_CONFIG), "{back}");
+    }
+
+    #[test]
+    fn a_config_map_named_by_flag_or_annotation_replaces_the_default() {
+        let opts = InjectOptions {
+            config_map: Some("mesh-defaults".into()),
+            ..InjectOptions::default()
+        };
+        let injected = mutate_documents(POD, &opts, Mode::Inject).unwrap();
+        assert!(!injected.contains(ANN_SIDECAR_CONFIG), "{injected}");
+        assert!(injected.contains("name: mesh-defaults"), "{injected}");
+        let annotated = POD.replace(
+            "  name: web\n",
+            "  name: web\n  annotations:\n    rampart.io/config: web-sidecar\n",
+        );
+        let injected = inject(&annotated).unwrap();
+        assert!(!injected.contains(ANN_SIDECAR_CONFIG), "{injected}");
+        assert!(injected.contains("name: web-sidecar"), "{injected}");
+    }
 
     #[test]
     fn bad_annotations_are_refused_with_their_name() {

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use spiffe::{WorkloadApiClient, X509Context};
+use spiffe::{WorkloadApiClient, WorkloadApiError, X509Context};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
@@ -153,6 +153,7 @@ impl WorkloadApiSource {
         let mut stream = match client.stream_x509_contexts().await {
             Ok(s) => s,
             Err(e) if e.is_invalid_argument() => return Ended::Fatal(e.to_string()),
+            Err(e) if grants_no_identity(&e) => return revoked(tx, e, false).await,
             Err(e) => return retry(e, false),
         };
         let mut received = false;
@@ -160,6 +161,7 @@ impl WorkloadApiSource {
             let ctx = match msg {
                 Ok(ctx) => ctx,
                 Err(e) if e.is_invalid_argument() => return Ended::Fatal(e.to_string()),
+                Err(e) if grants_no_identity(&e) => return revoked(tx, e, received).await,
                 // A status ends the stream; a parse error only loses this
                 // message. Either way, the next item (or None) tells.
                 Err(e) => {
@@ -196,6 +198,26 @@ impl WorkloadApiSource {
             received,
         }
     }
+}
+
+/// Whether the endpoint says this workload is entitled to no identity:
+/// `PermissionDenied` (Workload API §6), which SPIRE's agent answers, and
+/// ends an open stream with, when the workload's registration entry is gone.
+fn grants_no_identity(e: &WorkloadApiError) -> bool {
+    matches!(
+        e,
+        WorkloadApiError::NoIdentityIssued | WorkloadApiError::PermissionDenied(_)
+    )
+}
+
+/// The identity was taken away: withdraw it now (not at its expiry, which
+/// may be an hour away), then keep asking, since an entry can come back.
+async fn revoked(tx: &mpsc::Sender<Update>, e: WorkloadApiError, received: bool) -> Ended {
+    tracing::warn!(error = %e, "Workload API grants no identity to this workload");
+    if tx.send(Update::Revoked).await.is_err() {
+        return Ended::Stopped;
+    }
+    retry(e, received)
 }
 
 fn retry(e: impl std::fmt::Display, received: bool) -> Ended {

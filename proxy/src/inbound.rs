@@ -186,7 +186,20 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             }
         };
         event.peer_copied(permitted.peer().map(|p| p.principal()));
-        match forward::connection(permitted, app, limits.connect_timeout).await {
+        let tls = permitted.peer().is_some();
+        let forwarded = forward::connection(permitted, app, limits.connect_timeout);
+        let forwarded = if tls {
+            tokio::select! {
+                r = forwarded => r,
+                () = shared.identity_withdrawn() => {
+                    tracing::info!("identity withdrawn: mTLS connection closed");
+                    return;
+                }
+            }
+        } else {
+            forwarded.await
+        };
+        match forwarded {
             Ok(t) => {
                 metrics::bytes(Direction::Inbound, t.to_target, t.to_client);
                 event.bytes(t.to_target, t.to_client);

@@ -161,7 +161,14 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
         tracing::Span::current().record("peer.id", field::display(peer.principal()));
         let mut event = Pending::open(&shared.access, Direction::Outbound, accepted.client.0, dst);
         event.peer_copied(Some(peer.principal()));
-        match forward::to_peer(accepted.stream, tls_stream).await {
+        let spliced = tokio::select! {
+            r = forward::to_peer(accepted.stream, tls_stream) => r,
+            () = shared.identity_withdrawn() => {
+                tracing::info!("identity withdrawn: mTLS connection closed");
+                return;
+            }
+        };
+        match spliced {
             Ok(t) => {
                 metrics::bytes(Direction::Outbound, t.to_target, t.to_client);
                 event.bytes(t.to_target, t.to_client);

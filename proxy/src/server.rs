@@ -39,6 +39,16 @@ impl Shared {
         self.identity.borrow().clone()
     }
 
+    /// Resolves once the sidecar has no identity (its SVID expired, or its
+    /// source revoked it): mTLS connections made under that identity then
+    /// end, so that a sidecar without an identity serves no peer on an old
+    /// connection either (fail closed). Resolves at once without one.
+    pub async fn identity_withdrawn(&self) {
+        let mut identity = self.identity.clone();
+        // An error means the store is gone (shutdown): nothing to serve with.
+        let _ = identity.wait_for(Option::is_none).await;
+    }
+
     /// Starts a graceful drain, as SIGTERM does (the admin API's `/drain`).
     pub fn request_drain(&self) {
         // notify_one stores a permit, so a request before `run` waits is kept.

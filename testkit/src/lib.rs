@@ -11,6 +11,8 @@
 //! - [`apps`], [`curl`], [`nginx`], [`ext_authz`]: the small apps and the
 //!   real clients and servers the scenarios talk to; [`kube`]: a real
 //!   Kubernetes control plane (kube-apiserver and etcd, Go-built peers);
+//!   [`spire`]: the real SPIRE (server and agent, Go-built peers), found
+//!   like every peer through [`peers`];
 //! - [`wait`]: polling with a deadline, never sleep-and-hope.
 //!
 //! ```text
@@ -49,9 +51,11 @@ pub mod ext_authz;
 pub mod kube;
 mod net;
 pub mod nginx;
+pub mod peers;
 pub mod pki;
 mod process;
 pub mod sidecar;
+pub mod spire;
 mod tmp;
 pub mod wait;
 

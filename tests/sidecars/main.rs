@@ -6,6 +6,7 @@
 use rampart_testkit as support;
 
 mod central;
+mod gospiffe;
 mod http;
 mod ingress_mtls;
 mod istio;

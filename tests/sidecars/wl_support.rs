@@ -202,7 +202,7 @@ impl Sidecar {
 
     /// A sidecar for `id` fed by the pod's agent (fast reconnects), with
     /// a free admin address and no listeners yet.
-    fn config(pod: &Pod, id: &str) -> Config {
+    pub fn config(pod: &Pod, id: &str) -> Config {
         let mut identity = IdentityConfig::workload_api(
             format!("unix://{}", pod.socket().display()),
             parse_id(id),
@@ -217,7 +217,7 @@ impl Sidecar {
         cfg
     }
 
-    fn start(pod: &Pod, name: &str, cfg: &Config, outbound: Option<u16>) -> Self {
+    pub fn start(pod: &Pod, name: &str, cfg: &Config, outbound: Option<u16>) -> Self {
         let admin = cfg.admin.address.port();
         let path = pod.dir().join(format!("{name}.yaml"));
         std::fs::write(&path, cfg.to_yaml()).unwrap();

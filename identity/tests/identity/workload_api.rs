@@ -119,11 +119,19 @@ async fn unregistered_callers_are_denied() {
         ),
         "{err:?}"
     );
-    // The source keeps retrying with backoff and sends nothing meanwhile.
+    // The source says the workload has no identity (so that one in service
+    // is withdrawn, as when SPIRE deletes an entry), keeps retrying with
+    // backoff, and never delivers an identity meanwhile.
     let mut rx = source(&a.endpoint, SvidSelector::First);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), rx.recv())
-            .await
-            .is_err()
-    );
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
+    let mut revoked = 0;
+    while let Ok(update) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        match update.expect("source running") {
+            Update::Revoked => revoked += 1,
+            Update::Identity(id) => {
+                panic!("an identity for an unregistered caller: {}", id.svid.id())
+            }
+        }
+    }
+    assert!(revoked >= 2, "{revoked} revocations: not retrying?");
 }

@@ -183,6 +183,11 @@ async fn to_peer(app: &AppConn, req: Request<Incoming>) -> Result<Response<Proxy
         tracing::error!(index = app.index, "no pool for this client configuration");
         return Err(LocalError::Unroutable);
     };
+    // A pooled connection outlives the identity it was made with: without
+    // one now, send nothing on it (fail closed).
+    if shared.identity().is_none() {
+        return Err(LocalError::NoIdentity);
+    }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts

@@ -168,10 +168,25 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         let stream = counts.as_ref().map(StreamCount::open);
         async move { Ok::<_, Infallible>(h.handle(req).await.map(|b| Counted::new(b, stream))) }
     });
+    let tls = handler.conn.tls;
     let idle = async {
-        match &streams {
-            Some(s) => s.idle_expired().await,
-            None => std::future::pending().await,
+        let expired = async {
+            match &streams {
+                Some(s) => s.idle_expired().await,
+                None => std::future::pending().await,
+            }
+        };
+        // An mTLS connection also ends (gracefully) when our identity is
+        // withdrawn: its peer then reconnects, and is refused.
+        if tls {
+            tokio::select! {
+                () = expired => {}
+                () = shared.identity_withdrawn() => {
+                    tracing::info!("identity withdrawn: closing the mTLS connection");
+                }
+            }
+        } else {
+            expired.await;
         }
     };
     // On drain: GOAWAY on HTTP/2; on HTTP/1 keep-alive is disabled, so the
