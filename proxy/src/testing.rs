@@ -121,6 +121,25 @@ pub async fn authenticated(
     (authn.expect("server handshake"), peer_tls)
 }
 
+/// Published TLS state for a sidecar whose SVID is `path` (valid for an
+/// hour): what the identity store hands the stages while an identity is held.
+/// The stage tests bring their own rustls configurations, so none is listed.
+pub fn identity(path: &str) -> Arc<rampart_identity::store::TlsConfigs> {
+    let now = std::time::SystemTime::now();
+    Arc::new(rampart_identity::store::TlsConfigs {
+        svid: rampart_identity::svid::LeafInfo {
+            id: id(path),
+            dns_names: vec![],
+            serial: "01".into(),
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+        },
+        trust_domains: vec![TrustDomain::parse(TD).expect("valid trust domain")],
+        server: vec![],
+        client: vec![],
+    })
+}
+
 /// A minimal sidecar plan: no listeners, deny by default, `authorizer`'s
 /// policies in force.
 pub fn config(authorizer: rampart_authz::Authorizer) -> crate::config::ProxyConfig {

@@ -354,7 +354,9 @@ mod tests {
         let app = testing::http_app().await;
         let policies =
             Authorizer::from_port_allowlist([(8080, vec![id("client")])], DefaultAction::Deny);
-        let (_tx, identity) = tokio::sync::watch::channel(None);
+        // The sidecar holds an identity: without one its mTLS connections
+        // end at once (fail closed), which another test covers.
+        let (_tx, identity) = tokio::sync::watch::channel(Some(testing::identity("server")));
         let shared = Shared::for_tests(testing::config(policies), identity);
         let get = |path: &str| {
             Request::get(path)
@@ -368,11 +370,12 @@ mod tests {
         assert_eq!(head.status, 200);
         assert_eq!(&body[..], b"ok");
 
-        // No policy covers port 9090: 403 naming the refusal.
+        // No policy covers port 9090: 403 naming the workload that refused.
         let (head, body) = serve_one(&pki, &shared, 9090, app, get("/data")).await;
         assert_eq!(head.status, 403);
         assert!(
-            String::from_utf8_lossy(&body).starts_with("RBAC: access denied by this workload"),
+            String::from_utf8_lossy(&body)
+                .starts_with("RBAC: access denied by spiffe://example.org/server"),
             "{body:?}"
         );
 
