@@ -96,11 +96,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 .await
                 {
                     Ok(Sniffed::Decided(Protocol::Tls)) => (true, None),
-                    Ok(Sniffed::Decided(p @ (Protocol::Http1 | Protocol::Http2))) => {
-                        (false, Some(p))
-                    }
-                    // Content that may still be a long HTTP/1 request line.
-                    Ok(Sniffed::Decided(Protocol::Opaque)) => (false, None),
+                    Ok(Sniffed::Decided(p)) => (false, Some(p)),
                     Ok(Sniffed::TimedOut) => (false, Some(Protocol::Opaque)),
                     Err(e) => {
                         tracing::debug!(error = %e, "connection failed before detection");
@@ -255,8 +251,9 @@ impl Inner {
 }
 
 /// Declared protocols skip detection; otherwise the first decrypted bytes
-/// decide, replayed afterwards. ALPN `h2` only says the peer is a sidecar
-/// that can speak HTTP/2: it also tunnels other bytes on such connections.
+/// decide, replayed afterwards (leaning towards HTTP: `detect::classify`).
+/// ALPN `h2` only says the peer is a sidecar that can speak HTTP/2: it
+/// also tunnels other bytes on such connections.
 async fn detect_inner(
     mut authn: Authenticated,
     declared: DeclaredProtocol,
@@ -272,20 +269,9 @@ async fn detect_inner(
             Inner::Http(http::ServeVersion::Http1)
         }
         // A peer sidecar speaks HTTP/2 on its pooled connections and
-        // HTTP/1.1 on a tunnel's own connection (`tunnel`): the first bytes
-        // tell which.
-        DeclaredProtocol::Http if authn.alpn_h2 => {
-            let (p, rewound) =
-                detect::detect_stream(authn.stream, limits.detect_timeout, Direction::Inbound)
-                    .await?;
-            authn.stream = Box::new(rewound);
-            match p {
-                Protocol::Http1 => Inner::Http(ServeVersion::Http1),
-                Protocol::Http2 | Protocol::Tls | Protocol::Opaque => {
-                    Inner::Http(ServeVersion::Http2)
-                }
-            }
-        }
+        // HTTP/1.1 on a tunnel's own connection (`tunnel`), an ingress
+        // either: the first bytes tell which, however late they come
+        // (`http::server`).
         DeclaredProtocol::Http => Inner::Http(ServeVersion::Auto),
         DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(ServeVersion::Http2),
         DeclaredProtocol::Detect => {
