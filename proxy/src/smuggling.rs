@@ -274,8 +274,13 @@ fn framing(head: &mut [u8]) -> State {
     }
 }
 
+/// A chunk-size line's size: hex digits only (`from_str_radix` alone would
+/// take a sign), then optional whitespace and extensions.
 fn chunk_size(line: &[u8]) -> Option<u64> {
-    let hex = line.split(|b| *b == b';').next()?.trim_ascii();
+    let hex = line.split(|b| *b == b';').next()?.trim_ascii_end();
+    if hex.is_empty() || hex.len() > 16 || !hex.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
     u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 

@@ -249,6 +249,9 @@ pub(super) struct Handler {
 
 impl Handler {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        // Before the sidecar adds anything: `Connection` may not name what
+        // it sets (request ID, trace context, XFCC).
+        super::headers::remove_connection_named(req.headers_mut());
         let trace = self.shared.config.observe.tracing.as_ref().map(|t| {
             let span = t.request(
                 Direction::Inbound,
