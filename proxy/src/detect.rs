@@ -338,6 +338,11 @@ impl<S> Rewind<S> {
         }
     }
 
+    /// Whether nothing was read before (the client was silent).
+    pub fn replays_nothing(&self) -> bool {
+        self.prefix.is_empty()
+    }
+
     /// The wrapped stream.
     pub fn get_ref(&self) -> &S {
         &self.inner
