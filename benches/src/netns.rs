@@ -10,9 +10,13 @@
 //! over the same switch (the baseline). Root only; everything is removed on
 //! drop.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
+use rampart_app::config::{Config, IdentityConfig};
+use rampart_proxy::config::{ServerRule, TransparentConfig};
+use rampart_testkit::pki::parse_id;
 use rampart_testkit::{Net, PROXY_UID, Pod, Proc};
 
 use crate::apps::HttpApp;
@@ -100,24 +104,28 @@ impl Transparent {
             d
         };
         let (csvid, ssvid) = (svid("client"), svid("server"));
-        let client_cfg = format!(
-            "transparent: {{}}\noutbound:\n  servers:\n    - {{cidrs: [\"{}/32\"], identities: [\"{SERVER_ID}\"]}}\n",
-            server.ip()
-        );
-        let server_cfg = format!(
-            "transparent: {{}}\ninbound:\n  policies: [\"{}\"]\n",
-            policy.display()
-        );
         let mut procs = Vec::new();
-        for (pod, svid, body) in [(&client, &csvid, client_cfg), (&server, &ssvid, server_cfg)] {
+        let client_edit = |c: &mut Config| {
+            c.outbound.servers = vec![ServerRule {
+                cidrs: vec![IpNet::from(IpAddr::V4(server.ip()))],
+                ports: Vec::new(),
+                identities: vec![parse_id(SERVER_ID)],
+                trust_domains: Vec::new(),
+            }]
+        };
+        let server_edit = |c: &mut Config| c.inbound.policies = vec![policy.clone()];
+        let edits: [(&Pod, &PathBuf, &dyn Fn(&mut Config)); 2] = [
+            (&client, &csvid, &client_edit),
+            (&server, &ssvid, &server_edit),
+        ];
+        for (pod, svid, edit) in edits {
+            let mut config = Config::new(IdentityConfig::files_in(svid));
+            config.admin.address = SocketAddr::from(([127, 0, 0, 1], 15000));
+            config.log.level = "warn".into();
+            config.transparent = Some(TransparentConfig::default());
+            edit(&mut config);
             let cfg = dir.join(format!("{}.yaml", pod.name()));
-            write_owned(
-                &cfg,
-                &format!(
-                    "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"127.0.0.1:15000\"}}\nlog: {{level: warn}}\n{body}",
-                    s = svid.display()
-                ),
-            );
+            write_owned(&cfg, &config.to_yaml());
             procs.push(pod.spawn_as(
                 PROXY_UID,
                 [
