@@ -104,39 +104,20 @@ impl Transparent {
             d
         };
         let (csvid, ssvid) = (svid("client"), svid("server"));
-        let mut procs = Vec::new();
-        let client_edit = |c: &mut Config| {
-            c.outbound.servers = vec![ServerRule {
-                cidrs: vec![IpNet::from(IpAddr::V4(server.ip()))],
-                ports: Vec::new(),
-                identities: vec![parse_id(SERVER_ID)],
-                trust_domains: Vec::new(),
-            }]
-        };
-        let server_edit = |c: &mut Config| c.inbound.policies = vec![policy.clone()];
-        let edits: [(&Pod, &PathBuf, &dyn Fn(&mut Config)); 2] = [
-            (&client, &csvid, &client_edit),
-            (&server, &ssvid, &server_edit),
+        let server_ip = server.ip();
+        let procs = vec![
+            start_sidecar(&client, bin, dir, &csvid, |c| {
+                c.outbound.servers = vec![ServerRule {
+                    cidrs: vec![IpNet::from(IpAddr::V4(server_ip))],
+                    ports: Vec::new(),
+                    identities: vec![parse_id(SERVER_ID)],
+                    trust_domains: Vec::new(),
+                }]
+            }),
+            start_sidecar(&server, bin, dir, &ssvid, |c| {
+                c.inbound.policies = vec![policy.clone()]
+            }),
         ];
-        for (pod, svid, edit) in edits {
-            let mut config = Config::new(IdentityConfig::files_in(svid));
-            config.admin.address = SocketAddr::from(([127, 0, 0, 1], 15000));
-            config.log.level = "warn".into();
-            config.transparent = Some(TransparentConfig::default());
-            edit(&mut config);
-            let cfg = dir.join(format!("{}.yaml", pod.name()));
-            write_owned(&cfg, &config.to_yaml());
-            procs.push(pod.spawn_as(
-                PROXY_UID,
-                [
-                    bin.as_os_str(),
-                    "run".as_ref(),
-                    "--config".as_ref(),
-                    cfg.as_os_str(),
-                ],
-            ));
-            pod.in_netns(|| wait_admin_ready(SocketAddr::from(([127, 0, 0, 1], 15000))));
-        }
         Transparent {
             client_ns: client.netns_path(),
             direct: server.addr(DIRECT_PORT),
@@ -153,6 +134,37 @@ impl Transparent {
     pub fn pids(&self) -> Vec<Vec<u32>> {
         self.procs.iter().map(|p| vec![p.pid()]).collect()
     }
+}
+
+/// Starts `pod`'s transparent sidecar as [`PROXY_UID`] with the SVID in
+/// `svid`, its admin on the pod's loopback, and what `edit` adds; its
+/// configuration is written into `dir`. Returns once it is ready.
+fn start_sidecar(
+    pod: &Pod,
+    bin: &Path,
+    dir: &Path,
+    svid: &Path,
+    edit: impl FnOnce(&mut Config),
+) -> Proc {
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let mut config = Config::new(IdentityConfig::files_in(svid));
+    config.admin.address = admin;
+    config.log.level = "warn".into();
+    config.transparent = Some(TransparentConfig::default());
+    edit(&mut config);
+    let cfg = dir.join(format!("{}.yaml", pod.name()));
+    write_owned(&cfg, &config.to_yaml());
+    let proc = pod.spawn_as(
+        PROXY_UID,
+        [
+            bin.as_os_str(),
+            "run".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+        ],
+    );
+    pod.in_netns(move || wait_admin_ready(admin));
+    proc
 }
 
 /// A scratch directory that [`PROXY_UID`] can read (configs, SVIDs, policy).
