@@ -271,10 +271,13 @@ async fn detect_inner(
         {
             Inner::Http(http::ServeVersion::Http1)
         }
-        // A peer sidecar speaks HTTP/2 on its pooled connections and
-        // HTTP/1.1 on a tunnel's own connection (`tunnel`): the first bytes
-        // tell which.
-        DeclaredProtocol::Http if authn.alpn_h2 => {
+        // A peer sidecar (ALPN `h2`) speaks HTTP/1.1 on its pooled
+        // connections and tunnels, and HTTP/2 when its app does (or when
+        // it is an older version that translated): the first bytes tell
+        // which, whatever the port declares.
+        DeclaredProtocol::Http | DeclaredProtocol::Http2 | DeclaredProtocol::Grpc
+            if authn.alpn_h2 =>
+        {
             let (p, rewound) =
                 detect::detect_stream(authn.stream, limits.detect_timeout, Direction::Inbound)
                     .await?;

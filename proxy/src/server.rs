@@ -75,11 +75,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             http: crate::http::server::InboundHttp::new(&config.limits),
-            outbound_http: crate::http::pool::OutboundHttp::new(
-                &config.limits,
-                config.tls_spec().client.len(),
-                identity.clone(),
-            ),
+            outbound_http: crate::http::pool::OutboundHttp::new(&config.limits, identity.clone()),
             access: crate::access::AccessLog::new(false, 10),
             config,
             identity,
@@ -161,11 +157,7 @@ pub fn bind(
     Ok(BoundProxy {
         shared: Arc::new(Shared {
             http: crate::http::server::InboundHttp::new(&config.limits),
-            outbound_http: crate::http::pool::OutboundHttp::new(
-                &config.limits,
-                config.client_config_count(),
-                identity.clone(),
-            ),
+            outbound_http: crate::http::pool::OutboundHttp::new(&config.limits, identity.clone()),
             access: crate::access::AccessLog::new(
                 config.observe.access_log,
                 config.observe.denials_per_second,

@@ -1,17 +1,19 @@
 //! Outbound HTTP: serves an app's HTTP/1.1 connection (after `detect`) and
-//! carries each request over HTTP/2 to the peer sidecar, on the pooled mTLS
-//! connection of `http::pool`. The peer sidecar turns them back into
-//! HTTP/1.1 for its app (`headers::ORIG_PROTO`). `Upgrade` and `CONNECT`
-//! requests do not use the pool: each gets its own HTTP/1.1 connection over
-//! mTLS (see `tunnel` for why). Every answer the sidecar gives itself comes
+//! carries each request as it is, HTTP/1.1 with its hop-by-hop fields
+//! removed, to the peer sidecar on a pooled mTLS connection of
+//! `http::pool`: the app connection holds one at a time, so no request
+//! waits for another app connection's, and nothing is translated (the
+//! peer parses and authorizes each request, as from any HTTP/1.1 client).
+//! `Upgrade` and `CONNECT` requests do not use the pool: each gets its own
+//! HTTP/1.1 connection over mTLS (see `tunnel` for why). Every answer the sidecar gives itself comes
 //! from `http::errors`, as a gRPC status for gRPC callers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::HeaderValue;
-use http::uri::{Authority, Scheme};
+use http::header::{self, HeaderValue};
+use http::uri::Authority;
 use http::{Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -19,7 +21,8 @@ use hyper_util::rt::TokioIo;
 
 use super::ProxyBody;
 use super::errors::LocalError;
-use super::headers::{ORIG_PROTO, strip_hop_by_hop};
+use super::headers::strip_hop_by_hop;
+use super::pool::{Endpoint, LinkSlot};
 use super::tunnel::{Tunnel, TunnelTask};
 use crate::access::Pending;
 use crate::config::Direction;
@@ -58,6 +61,7 @@ pub async fn serve<S: Io>(
         index,
         authority,
         tunnel: TunnelTask::default(),
+        link: shared.outbound_http.slot(),
     });
     let a = app.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -100,6 +104,8 @@ struct AppConn {
     index: usize,
     authority: Authority,
     tunnel: TunnelTask,
+    /// The pooled hop connection this app connection holds.
+    link: LinkSlot<Endpoint>,
 }
 
 async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> {
@@ -141,7 +147,7 @@ async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> 
         None => tracing::Instrument::instrument(to_peer(app, req), span).await,
         Some(t) => tracing::Instrument::instrument(tunnel(app, req, t), span).await,
     };
-    let mut resp = match result {
+    let (mut resp, destination) = match result {
         Ok(r) => r,
         Err(e) => {
             let wire = e.wire();
@@ -157,13 +163,13 @@ async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> 
                 ),
             }
             metrics::http_local_error(Direction::Outbound, wire.reason);
-            e.into_response(grpc, None)
+            (e.into_response(grpc, None), None)
         }
     };
     if may_switch {
         super::tunnel::close_unless_switched(connect, &mut resp);
     }
-    let destination = resp.extensions().get::<metrics::DestinationId>();
+    let destination = destination.as_ref();
     app.metrics
         .get(destination)
         .record(resp.status(), event.elapsed());
@@ -174,15 +180,14 @@ async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> 
     resp
 }
 
-/// Rewrites an app's request for the peer sidecar (HTTP/2, absolute URI,
-/// hop-by-hop fields removed, the original protocol marked) and sends it
-/// on the pool through the forward stage.
-async fn to_peer(app: &AppConn, req: Request<Incoming>) -> Result<Response<ProxyBody>, LocalError> {
+/// Readies an app's request for the peer sidecar (HTTP/1.1, origin form,
+/// `Host` kept or set, hop-by-hop fields removed) and sends it on the pool
+/// through the forward stage.
+async fn to_peer(
+    app: &AppConn,
+    req: Request<Incoming>,
+) -> Result<(Response<ProxyBody>, Option<metrics::DestinationId>), LocalError> {
     let shared = &*app.shared;
-    let Some(client) = shared.outbound_http.clients.get(app.index) else {
-        tracing::error!(index = app.index, "no pool for this client configuration");
-        return Err(LocalError::Unroutable);
-    };
     // A pooled connection outlives the identity it was made with: without
     // one now, send nothing on it (fail closed).
     if shared.identity().is_none() {
@@ -190,22 +195,33 @@ async fn to_peer(app: &AppConn, req: Request<Incoming>) -> Result<Response<Proxy
     }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts
-        .headers
-        .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(app.authority.clone());
-    uri.path_and_query = parts.uri.path_and_query().cloned();
-    parts.uri = Uri::from_parts(uri).map_err(|_| LocalError::NoPath)?;
-    parts.version = Version::HTTP_2;
+    if !parts.headers.contains_key(header::HOST) {
+        // HTTP/1.0 without Host: name the destination the app dialed.
+        let host = HeaderValue::from_str(app.authority.as_str()).map_err(|_| LocalError::NoPath)?;
+        parts.headers.insert(header::HOST, host);
+    }
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        // Absolute form (a proxy-style client): the peer gets origin form.
+        let path = parts.uri.path_and_query().cloned().ok_or(LocalError::NoPath)?;
+        parts.uri = Uri::from(path);
+    }
+    parts.version = Version::HTTP_11;
+    let endpoint = Endpoint {
+        addr: app.ends.destination,
+        identity: app.index,
+    };
     let timeout = shared.config.limits.http_response_timeout;
-    let resp =
-        crate::forward::peer_request(client, Request::from_parts(parts, body), timeout).await?;
+    let (resp, peer) = crate::forward::peer_request(
+        &shared.outbound_http,
+        &app.link,
+        endpoint,
+        Request::from_parts(parts, body),
+        timeout,
+    )
+    .await?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(parts, Either::Left(body)))
+    Ok((Response::from_parts(parts, Either::Left(body)), peer))
 }
 
 /// Carries a tunnel request (upgrade or CONNECT) to the peer sidecar on a
@@ -214,7 +230,7 @@ async fn tunnel(
     app: &AppConn,
     req: Request<Incoming>,
     tunnel: Tunnel,
-) -> Result<Response<ProxyBody>, LocalError> {
+) -> Result<(Response<ProxyBody>, Option<metrics::DestinationId>), LocalError> {
     let shared = &*app.shared;
     let Some(cfg) = shared
         .identity()
@@ -228,7 +244,7 @@ async fn tunnel(
         return Err(LocalError::NotUpgradable);
     };
     tunnel.prepare_request(&mut parts.headers);
-    let (resp, task) = crate::forward::peer_tunnel(
+    let (mut resp, task) = crate::forward::peer_tunnel(
         Request::from_parts(parts, body),
         app.ends.destination,
         cfg,
@@ -240,7 +256,8 @@ async fn tunnel(
     if let Some(task) = task {
         app.tunnel.set(task);
     }
-    Ok(resp)
+    let peer = resp.extensions_mut().remove::<metrics::DestinationId>();
+    Ok((resp, peer))
 }
 
 #[cfg(test)]

@@ -36,7 +36,8 @@ pub struct InboundHttp {
     // first read the bytes that tell HTTP/2 apart, a detection already done.
     server_h1: hyper::server::conn::http1::Builder,
     server_h2: auto::Builder<TokioExecutor>,
-    pub(super) h1: Client<HttpConnector, RequestBody>,
+    /// HTTP/1.1 app connections, leased by one inbound connection at a time.
+    pub(super) app_links: Arc<super::pool::IdleLinks<SocketAddr>>,
     pub(super) h2: Client<HttpConnector, RequestBody>,
 }
 
@@ -76,19 +77,16 @@ impl InboundHttp {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(limits.connect_timeout));
-        let client = |h2: bool| {
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(l.http_pool_idle_timeout)
-                .http2_only(h2)
-                .build(connector.clone())
-        };
         InboundHttp {
             server_h1,
             server_h2: server.clone().http2_only(),
             server,
-            h1: client(false),
-            h2: client(true),
+            app_links: Arc::default(),
+            h2: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(l.http_pool_idle_timeout)
+                .http2_only(true)
+                .build(connector),
         }
     }
 }
@@ -142,6 +140,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         },
     );
     let handler = Arc::new(Handler {
+        app_link: super::pool::LinkSlot::new(shared.http.app_links.clone()),
         shared: shared.clone(),
         local_id,
         xfcc,
@@ -239,6 +238,8 @@ pub(super) struct Handler {
     pub(super) conn: InboundConn,
     /// The tunnel this connection became, if it did (HTTP/1.1 only).
     pub(super) tunnel: TunnelTask,
+    /// The app connection this connection's HTTP/1.1 requests go on.
+    pub(super) app_link: super::pool::LinkSlot<SocketAddr>,
 }
 
 impl Handler {
