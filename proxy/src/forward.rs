@@ -208,7 +208,7 @@ pub async fn request(
                 let tcp = connect(app, connect_timeout).await?;
                 Ok(Link::establish(tcp, None, idle_timeout, None, None).await?)
             };
-            match response_within(timeout, ended, slot.send(app, req, dial)).await {
+            match response_within(timeout, ended, slot.send(&app, req, dial)).await {
                 Err(Waited::NoResponse) => Err(LocalError::AppTimeout),
                 Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
                 Ok(Err(SendError::Connect(PoolConnectError::App(c)))) => {
@@ -235,7 +235,7 @@ pub async fn request(
 pub async fn peer_request(
     hop: &OutboundHttp,
     slot: &LinkSlot<Endpoint>,
-    endpoint: Endpoint,
+    endpoint: &Endpoint,
     req: Request<Incoming>,
     timeout: Duration,
 ) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {

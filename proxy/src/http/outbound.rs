@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use super::ProxyBody;
 use super::errors::LocalError;
 use super::headers::strip_hop_by_hop;
-use super::pool::{Endpoint, LinkSlot};
+use super::pool::{Endpoint, Expect, LinkSlot};
 use super::tunnel::{Tunnel, TunnelTask};
 use crate::access::Pending;
 use crate::config::Direction;
@@ -208,13 +208,13 @@ async fn to_peer(
     parts.version = Version::HTTP_11;
     let endpoint = Endpoint {
         addr: app.ends.destination,
-        identity: app.index,
+        expect: Expect::Rule(app.index),
     };
     let timeout = shared.config.limits.http_response_timeout;
     let (resp, peer) = crate::forward::peer_request(
         &shared.outbound_http,
         &app.link,
-        endpoint,
+        &endpoint,
         Request::from_parts(parts, body),
         timeout,
     )

@@ -42,15 +42,22 @@ use crate::forward::{self, PeerError};
 use crate::metrics;
 
 /// Where a hop connection goes: the peer sidecar's socket address and the
-/// client configuration (the server identity it must prove during the
-/// handshake). The discovery stage chooses it per request; connections
-/// are pooled under it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// server identity it must prove during the handshake. The routing stage
+/// chooses it per request; connections are pooled under it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// The peer sidecar.
     pub addr: SocketAddr,
-    /// Index of the client configuration (expected server identity).
-    pub identity: usize,
+    /// The server identity to expect.
+    pub expect: Expect,
+}
+
+/// Which server identity a hop connection expects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Expect {
+    /// Client configuration `i` of the identity store (an outbound rule's
+    /// `server_identities`, or an explicit listener's).
+    Rule(usize),
 }
 
 /// Why a pooled connection could not be had.
@@ -371,16 +378,16 @@ impl<K> Default for IdleLinks<K> {
     }
 }
 
-impl<K: std::hash::Hash + Eq + Copy> IdleLinks<K> {
+impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
     /// The most recently used idle connection to `key` that can take a
     /// request (closed ones are dropped on the way).
-    fn take(&self, key: K) -> Option<Link> {
+    fn take(&self, key: &K) -> Option<Link> {
         // Poisoning needs a panic while moving a Vec element.
         let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        let v = map.get_mut(&key)?;
+        let v = map.get_mut(key)?;
         let found = std::iter::from_fn(|| v.pop()).find(Link::idle);
         if v.is_empty() {
-            map.remove(&key);
+            map.remove(key);
         }
         found
     }
@@ -412,18 +419,18 @@ impl<K: std::hash::Hash + Eq + Copy> IdleLinks<K> {
 
 /// The pooled connection a client connection holds (at most one), back to
 /// its pool when the client connection ends.
-pub struct LinkSlot<K: std::hash::Hash + Eq + Copy> {
+pub struct LinkSlot<K: std::hash::Hash + Eq + Clone> {
     held: Mutex<Option<(K, Link)>>,
     pool: Arc<IdleLinks<K>>,
 }
 
-impl<K: std::hash::Hash + Eq + Copy> std::fmt::Debug for LinkSlot<K> {
+impl<K: std::hash::Hash + Eq + Clone> std::fmt::Debug for LinkSlot<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinkSlot").finish_non_exhaustive()
     }
 }
 
-impl<K: std::hash::Hash + Eq + Copy> LinkSlot<K> {
+impl<K: std::hash::Hash + Eq + Clone> LinkSlot<K> {
     /// An empty slot over `pool`.
     pub fn new(pool: Arc<IdleLinks<K>>) -> Self {
         LinkSlot {
@@ -432,12 +439,12 @@ impl<K: std::hash::Hash + Eq + Copy> LinkSlot<K> {
         }
     }
 
-    /// The held connection if it goes to `key`; one to another key goes
-    /// back to the pool.
-    fn take(&self, key: K) -> Option<Link> {
+    /// The held connection (with its key) if it goes to `key`; one to
+    /// another key goes back to the pool.
+    fn take(&self, key: &K) -> Option<(K, Link)> {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
         match held {
-            Some((k, link)) if k == key => Some(link),
+            Some((k, link)) if k == *key => Some((k, link)),
             Some((k, link)) => {
                 self.pool.put(k, link);
                 None
@@ -461,10 +468,11 @@ impl<K: std::hash::Hash + Eq + Copy> LinkSlot<K> {
     /// pool, or a new one from `dial`. A request that a reused connection
     /// closed before writing goes on another one; a new connection that
     /// closes at once is an error. Returns the response and the verified
-    /// peer of the connection.
+    /// peer of the connection. [`SendError::Connect`] and
+    /// [`SendError::Closed`] mean the request never reached the far end.
     pub async fn send<D, F>(
         &self,
-        key: K,
+        key: &K,
         mut req: Request<RequestBody>,
         dial: D,
     ) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), SendError>
@@ -474,17 +482,17 @@ impl<K: std::hash::Hash + Eq + Copy> LinkSlot<K> {
     {
         let mut held = self.take(key);
         loop {
-            let mut link = match held.take() {
-                Some(l) if l.usable() => l,
+            let (k, mut link) = match held.take() {
+                Some((k, l)) if l.usable() => (k, l),
                 _ => match self.pool.take(key) {
-                    Some(l) => l,
-                    None => dial().await?,
+                    Some(l) => (key.clone(), l),
+                    None => (key.clone(), dial().await?),
                 },
             };
             match link.send(req).await {
                 Ok(resp) => {
                     let peer = link.peer.clone();
-                    self.hold(key, link);
+                    self.hold(k, link);
                     return Ok((resp, peer));
                 }
                 Err(Attempt::Retry(_)) if !link.reused => return Err(SendError::Closed),
@@ -495,7 +503,7 @@ impl<K: std::hash::Hash + Eq + Copy> LinkSlot<K> {
     }
 }
 
-impl<K: std::hash::Hash + Eq + Copy> Drop for LinkSlot<K> {
+impl<K: std::hash::Hash + Eq + Clone> Drop for LinkSlot<K> {
     fn drop(&mut self) {
         let held = self.held.get_mut().unwrap_or_else(|e| e.into_inner()).take();
         if let Some((k, link)) = held {
@@ -570,16 +578,14 @@ impl OutboundHttp {
     /// Opens a hop connection to `endpoint` with the current SVID: mTLS,
     /// the server's SPIFFE ID checked during the handshake. It is closed
     /// when its SVID or the peer's expires.
-    pub(crate) async fn dial(&self, endpoint: Endpoint) -> Result<Link, PoolConnectError> {
+    pub(crate) async fn dial(&self, endpoint: &Endpoint) -> Result<Link, PoolConnectError> {
         let (cfg, own_expiry) = {
             let current = self.identity.borrow();
             let configs = current.as_ref().ok_or(PoolConnectError::NoIdentity)?;
-            let cfg = configs
-                .client
-                .get(endpoint.identity)
-                .cloned()
-                .ok_or(PoolConnectError::NoIdentity)?;
-            (cfg, configs.svid.not_after)
+            let cfg = match &endpoint.expect {
+                Expect::Rule(i) => configs.client.get(*i).cloned(),
+            };
+            (cfg.ok_or(PoolConnectError::NoIdentity)?, configs.svid.not_after)
         };
         // Wait (bounded) for a pooled connection to close rather than
         // fail at once: idle ones expire, busy ones end.
