@@ -117,10 +117,13 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 return;
             };
             let server_cfg = ProxyConfig::server_config(&settings).of(&configs).clone();
+            let own_expiry = configs.svid.not_after;
             drop(configs);
             match tls::terminate(accepted, server_cfg, limits.handshake_timeout).await {
-                Ok(a) => {
+                Ok(mut a) => {
                     metrics::handshake(Direction::Inbound, HandshakeResult::Ok);
+                    // The connection ends with the SVID it was made with.
+                    a.expires = tls::earlier(a.expires, Some(own_expiry));
                     a
                 }
                 Err(e) => {
@@ -161,6 +164,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 },
                 grpc_port: settings.protocol == DeclaredProtocol::Grpc,
                 sni: authn.sni.clone(),
+                expires: authn.expires,
             };
             let slot = authn.slot;
             http::server::serve(authn.stream, conn, shared.clone(), watch).await;
@@ -168,6 +172,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             return;
         }
         // Stage: authz, once for the connection, then forward.
+        let expires = authn.expires;
         let mut event = Pending::open(
             &shared.access,
             Direction::Inbound,
@@ -191,8 +196,8 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         let forwarded = if tls {
             tokio::select! {
                 r = forwarded => r,
-                () = shared.identity_withdrawn() => {
-                    tracing::info!("identity withdrawn: mTLS connection closed");
+                () = shared.mtls_ends(expires) => {
+                    tracing::info!("identity withdrawn or certificates expired: mTLS connection closed");
                     return;
                 }
             }

@@ -98,6 +98,7 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
             return;
         };
         let client_cfg = index.of(&configs).clone();
+        let own_expiry = configs.svid.not_after;
         drop(configs);
         // Stage: detect. HTTP/1.1 from the app rides the pooled HTTP/2
         // connection to the peer sidecar; everything else is tunneled.
@@ -159,12 +160,17 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
             }
         };
         tracing::Span::current().record("peer.id", field::display(peer.principal()));
+        // The connection ends with the SVID it was made with, or the peer's.
+        let expires = crate::tls::earlier(
+            crate::tls::peer_expiry(tls_stream.get_ref().1.peer_certificates()),
+            Some(own_expiry),
+        );
         let mut event = Pending::open(&shared.access, Direction::Outbound, accepted.client.0, dst);
         event.peer_copied(Some(peer.principal()));
         let spliced = tokio::select! {
             r = forward::to_peer(accepted.stream, tls_stream) => r,
-            () = shared.identity_withdrawn() => {
-                tracing::info!("identity withdrawn: mTLS connection closed");
+            () = shared.mtls_ends(expires) => {
+                tracing::info!("identity withdrawn or certificates expired: mTLS connection closed");
                 return;
             }
         };

@@ -194,6 +194,10 @@ impl Body for UpstreamBody {
     }
 }
 
+/// How long before its certificates expire a pooled connection stops
+/// taking new requests (the far end closes it at expiry).
+const REUSE_MARGIN: Duration = Duration::from_secs(1);
+
 /// One pooled HTTP/1.1 connection, leased by one client connection at a time.
 pub struct Link {
     sender: SendRequest<RequestBody>,
@@ -220,9 +224,16 @@ impl Link {
     /// Whether a new request may go on it: open, not closing, certificates
     /// not expired.
     fn usable(&self) -> bool {
+        // A connection already used stops taking requests a little before
+        // its certificates expire, so that none races the far end's close.
+        let margin = if self.reused {
+            REUSE_MARGIN
+        } else {
+            Duration::ZERO
+        };
         !self.sender.is_closed()
             && !self.state.closing.load(Ordering::Relaxed)
-            && self.expires.is_none_or(|e| Instant::now() < e)
+            && self.expires.is_none_or(|e| Instant::now() + margin < e)
     }
 
     /// Whether it can wait in the pool: usable and idle.
@@ -481,7 +492,9 @@ impl<K: std::hash::Hash + Eq + Clone> LinkSlot<K> {
         F: Future<Output = Result<Link, PoolConnectError>>,
     {
         let mut held = self.take(key);
-        loop {
+        // Reused connections that closed under the request: a few, then a
+        // new one, whose failure is final.
+        for _ in 0..4 {
             let (k, mut link) = match held.take() {
                 Some((k, l)) if l.usable() => (k, l),
                 _ => match self.pool.take(key) {
@@ -489,17 +502,19 @@ impl<K: std::hash::Hash + Eq + Clone> LinkSlot<K> {
                     None => (key.clone(), dial().await?),
                 },
             };
+            let fresh = !link.reused;
             match link.send(req).await {
                 Ok(resp) => {
                     let peer = link.peer.clone();
                     self.hold(k, link);
                     return Ok((resp, peer));
                 }
-                Err(Attempt::Retry(_)) if !link.reused => return Err(SendError::Closed),
+                Err(Attempt::Retry(_)) if fresh => return Err(SendError::Closed),
                 Err(Attempt::Retry(r)) => req = r,
                 Err(Attempt::Failed(e)) => return Err(SendError::Exchange(e)),
             }
         }
+        Err(SendError::Closed)
     }
 }
 

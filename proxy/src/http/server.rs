@@ -114,6 +114,8 @@ pub struct InboundConn {
     pub grpc_port: bool,
     /// The TLS server name the client sent (Istio's `connection.sni`).
     pub sni: Option<Arc<str>>,
+    /// When the mTLS connection must end (its certificates expire).
+    pub expires: Option<std::time::SystemTime>,
 }
 
 /// Serves HTTP on `stream` until the peer closes or the drain completes it.
@@ -175,13 +177,15 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
                 None => std::future::pending().await,
             }
         };
-        // An mTLS connection also ends (gracefully) when our identity is
-        // withdrawn: its peer then reconnects, and is refused.
+        // An mTLS connection also ends (gracefully: in-flight requests
+        // finish) when our identity is withdrawn, or when the SVID it was
+        // made with or the peer's expires: its peer then reconnects with
+        // current certificates, or is refused.
         if tls {
             tokio::select! {
                 () = expired => {}
-                () = shared.identity_withdrawn() => {
-                    tracing::info!("identity withdrawn: closing the mTLS connection");
+                () = shared.mtls_ends(handler.conn.expires) => {
+                    tracing::info!("identity withdrawn or certificates expired: closing the mTLS connection");
                 }
             }
         } else {
@@ -343,6 +347,7 @@ mod tests {
             app_version: AppVersion::AsReceived,
             grpc_port: false,
             sni: None,
+            expires: authn.expires,
         };
         let drain = crate::drain::Drain::new();
         tokio::spawn(serve(authn.stream, conn, shared.clone(), drain.watch()));
