@@ -64,7 +64,12 @@ fn usage() -> ! {
         reps = d.reps,
         rates = list(&d.rates),
         conns = d.conns,
-        sat = d.sat_conns.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
+        sat = d
+            .sat_conns
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         newconn = d.newconn_rate,
         many = d.many_conns,
         many_rate = d.many_rate,
@@ -131,9 +136,7 @@ fn mesh_options(mut args: impl Iterator<Item = String>) -> mesh::Options {
             }
             "--rates" => o.rates = rates(&v),
             "--conns" => o.conns = num(&v) as usize,
-            "--sat-conns" => {
-                o.sat_conns = rates(&v).into_iter().map(|c| c as usize).collect()
-            }
+            "--sat-conns" => o.sat_conns = rates(&v).into_iter().map(|c| c as usize).collect(),
             "--h2-rates" => o.h2_rates = rates(&v),
             "--h2-conns" => o.h2_conns = num(&v) as usize,
             "--newconn-rate" => o.newconn_rate = num(&v),

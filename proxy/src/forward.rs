@@ -37,7 +37,7 @@ use crate::http::ProxyBody;
 use crate::http::body::{RequestBody, Waited, response_within};
 use crate::http::errors::LocalError;
 use crate::http::pool::{
-    Endpoint, Link, LinkSlot, OutboundHttp, PoolConnectError, SendError, UpstreamBody,
+    Endpoint, IdleLinks, Link, OutboundHttp, PoolConnectError, SendError, UpstreamBody,
 };
 use crate::http::tunnel::{self, Tunnel};
 use crate::metrics::{self, ForwardFailure, HandshakeResult};
@@ -168,11 +168,10 @@ where
 
 /// How a permitted request goes to the app.
 pub enum AppRoute<'a> {
-    /// HTTP/1.1 at `app` on the inbound connection's pooled app connection
-    /// (`slot`), an idle one of its pool, or a new one.
+    /// HTTP/1.1 at `app` on an idle pooled app connection or a new one.
     Http1 {
-        /// The client connection's held app connection.
-        slot: &'a LinkSlot<SocketAddr>,
+        /// The app connection pool.
+        pool: &'a Arc<IdleLinks<SocketAddr>>,
         /// The app.
         app: SocketAddr,
         /// Bounds a new connection.
@@ -199,7 +198,7 @@ pub async fn request(
     let req = Request::from_parts(parts, body);
     match route {
         AppRoute::Http1 {
-            slot,
+            pool,
             app,
             connect_timeout,
             idle_timeout,
@@ -208,7 +207,7 @@ pub async fn request(
                 let tcp = connect(app, connect_timeout).await?;
                 Ok(Link::establish(tcp, None, idle_timeout, None, None).await?)
             };
-            match response_within(timeout, ended, slot.send(&app, req, dial)).await {
+            match response_within(timeout, ended, pool.send(&app, req, dial)).await {
                 Err(Waited::NoResponse) => Err(LocalError::AppTimeout),
                 Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
                 Ok(Err(SendError::Connect(PoolConnectError::App(c)))) => {
@@ -229,21 +228,18 @@ pub async fn request(
 }
 
 /// Sends an app's request to the peer sidecar at `endpoint` as HTTP/1.1,
-/// on the app connection's pooled mTLS connection (`slot`), an idle one of
-/// the pool, or a new one from [`dial_peer`]; waits (up to `timeout` after
-/// the body ended) for the response head. Returns it with the verified peer.
+/// on an idle pooled mTLS connection or a new one from [`dial_peer`];
+/// waits (up to `timeout` after the body ended) for the response head.
+/// Returns it with the verified peer.
 pub async fn peer_request(
     hop: &OutboundHttp,
-    slot: &LinkSlot<Endpoint>,
     endpoint: &Endpoint,
     req: Request<Incoming>,
     timeout: Duration,
 ) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {
     let (parts, body) = req.into_parts();
     let (body, ended) = RequestBody::new(body);
-    let sent = slot.send(endpoint, Request::from_parts(parts, body), || {
-        hop.dial(endpoint)
-    });
+    let sent = hop.send(endpoint, Request::from_parts(parts, body));
     match response_within(timeout, ended, sent).await {
         Err(Waited::NoResponse) => Err(LocalError::PeerTimeout),
         Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),

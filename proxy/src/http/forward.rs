@@ -94,7 +94,7 @@ impl Handler {
             // Origin form, with the Host set above.
             parts.uri = Uri::from(path);
             AppRoute::Http1 {
-                slot: &self.app_link,
+                pool: &self.shared.http.app_links,
                 app: self.conn.app,
                 connect_timeout: limits.connect_timeout,
                 idle_timeout: crate::http::pool::link_idle_timeout(limits),

@@ -1,9 +1,10 @@
 //! Outbound HTTP: serves an app's HTTP/1.1 connection (after `detect`) and
 //! carries each request as it is, HTTP/1.1 with its hop-by-hop fields
 //! removed, to the peer sidecar on a pooled mTLS connection of
-//! `http::pool`: the app connection holds one at a time, so no request
-//! waits for another app connection's, and nothing is translated (the
-//! peer parses and authorizes each request, as from any HTTP/1.1 client).
+//! `http::pool` (one exchange at a time per connection, as nginx and
+//! HAProxy do), so no request waits for another's, and nothing is
+//! translated (the peer parses and authorizes each request, as from any
+//! HTTP/1.1 client).
 //! `Upgrade` and `CONNECT` requests do not use the pool: each gets its own
 //! HTTP/1.1 connection over mTLS (see `tunnel` for why). Every answer the sidecar gives itself comes
 //! from `http::errors`, as a gRPC status for gRPC callers.
@@ -22,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use super::ProxyBody;
 use super::errors::LocalError;
 use super::headers::strip_hop_by_hop;
-use super::pool::{Endpoint, Expect, LinkSlot};
+use super::pool::{Endpoint, Expect};
 use super::tunnel::{Tunnel, TunnelTask};
 use crate::access::Pending;
 use crate::config::Direction;
@@ -61,7 +62,6 @@ pub async fn serve<S: Io>(
         index,
         authority,
         tunnel: TunnelTask::default(),
-        link: shared.outbound_http.slot(),
     });
     let a = app.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -104,8 +104,6 @@ struct AppConn {
     index: usize,
     authority: Authority,
     tunnel: TunnelTask,
-    /// The pooled hop connection this app connection holds.
-    link: LinkSlot<Endpoint>,
 }
 
 async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> {
@@ -202,7 +200,11 @@ async fn to_peer(
     }
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         // Absolute form (a proxy-style client): the peer gets origin form.
-        let path = parts.uri.path_and_query().cloned().ok_or(LocalError::NoPath)?;
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .ok_or(LocalError::NoPath)?;
         parts.uri = Uri::from(path);
     }
     parts.version = Version::HTTP_11;
@@ -213,7 +215,6 @@ async fn to_peer(
     let timeout = shared.config.limits.http_response_timeout;
     let (resp, peer) = crate::forward::peer_request(
         &shared.outbound_http,
-        &app.link,
         &endpoint,
         Request::from_parts(parts, body),
         timeout,

@@ -2,14 +2,16 @@
 //! keep them: the outbound hop to peer sidecars (mTLS, keyed by
 //! [`Endpoint`]), and the inbound sidecar's connections to its app.
 //!
-//! A pooled connection ([`Link`]) is leased by one client connection at a
-//! time ([`LinkSlot`]): every request of that client connection goes on
-//! it, with no pool operation per request, and it goes back to the pool
-//! when the client connection ends (or moves to another endpoint). Each
-//! link's hyper connection runs in a task of its own (`drive`), which also
-//! closes it when idle for the idle timeout or, once its in-flight request
-//! has finished, when the certificates it was made with expire (issue 19
-//! R5: no request is sent on a connection past its SVID's or its peer's
+//! A pooled connection ([`Link`]) carries one exchange at a time: a
+//! request takes the most recently used idle one (or dials), and the link
+//! travels with the response body, back to the pool when the body is
+//! dropped. So connections on the hop number the requests in flight, not
+//! the client connections open (1,000 idle keep-alive clients hold no hop
+//! connection), and nothing is spawned per request. Each link's hyper
+//! connection runs in a task of its own (`drive`), which also closes it
+//! when idle for the idle timeout or, once its in-flight request has
+//! finished, when the certificates it was made with expire (issue 19 R5:
+//! no request is sent on a connection past its SVID's or its peer's
 //! `notAfter`; requests move to a new connection made with the current
 //! SVID, or fail closed without one).
 //!
@@ -19,8 +21,8 @@
 //! are open over all endpoints.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -147,13 +149,20 @@ impl LinkState {
     }
 }
 
-/// Ends a link's exchange when dropped (with the response body).
+/// A link during one exchange, carried by its response body: when the
+/// body is dropped (read to its end, usually), the exchange ends and the
+/// link goes back to its pool.
 #[derive(Debug)]
-struct InFlight(Arc<LinkState>);
+struct InFlight(Option<Link>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.end();
+        if let Some(link) = self.0.take() {
+            link.state.end();
+            if let Some(home) = link.home.clone() {
+                home(link);
+            }
+        }
     }
 }
 
@@ -198,9 +207,15 @@ impl Body for UpstreamBody {
 /// taking new requests (the far end closes it at expiry).
 const REUSE_MARGIN: Duration = Duration::from_secs(1);
 
-/// One pooled HTTP/1.1 connection, leased by one client connection at a time.
+/// Where a link goes back after an exchange (its pool, under its key).
+type Home = Arc<dyn Fn(Link) + Send + Sync>;
+
+/// One pooled HTTP/1.1 connection: one exchange at a time, back to its
+/// pool between exchanges.
 pub struct Link {
     sender: SendRequest<RequestBody>,
+    /// Set by the pool that first sends on it.
+    home: Option<Home>,
     state: Arc<LinkState>,
     /// When the certificates it was made with expire (`None`: plaintext).
     expires: Option<Instant>,
@@ -236,11 +251,6 @@ impl Link {
             && self.expires.is_none_or(|e| Instant::now() + margin < e)
     }
 
-    /// Whether it can wait in the pool: usable and idle.
-    fn idle(&self) -> bool {
-        self.usable() && !self.state.in_flight.load(Ordering::SeqCst) && self.sender.is_ready()
-    }
-
     /// The verified peer of a mesh connection.
     pub fn peer(&self) -> Option<&metrics::DestinationId> {
         self.peer.as_ref()
@@ -265,6 +275,7 @@ impl Link {
         tokio::spawn(drive(conn, state.clone(), expires, idle_timeout, slot));
         Ok(Link {
             sender,
+            home: None,
             state,
             expires,
             reused: false,
@@ -273,24 +284,34 @@ impl Link {
     }
 
     /// Sends `req` and waits for the response head (the caller bounds the
-    /// wait).
-    async fn send(&mut self, req: Request<RequestBody>) -> Result<Response<UpstreamBody>, Attempt> {
+    /// wait). The link travels with the response body, back to its pool
+    /// when the body is dropped.
+    async fn send(mut self, req: Request<RequestBody>) -> Result<Response<UpstreamBody>, Attempt> {
         if self.sender.ready().await.is_err() || !self.state.begin() {
             // Closed or closing before anything was written.
             return Err(Attempt::Retry(req));
         }
-        let in_flight = InFlight(self.state.clone());
         self.reused = true;
-        match self.sender.try_send_request(req).await {
-            Ok(resp) => Ok(resp.map(|inner| UpstreamBody {
-                inner,
-                _in_flight: Some(in_flight),
-            })),
-            Err(mut e) => match e.take_message() {
-                // hyper gave it back: the connection closed before writing it.
-                Some(req) => Err(Attempt::Retry(req)),
-                None => Err(Attempt::Failed(e.into_error())),
-            },
+        let sent = self.sender.try_send_request(req);
+        // The exchange ends (and the link goes home) with the body, or
+        // here on failure.
+        let mut in_flight = InFlight(None);
+        match sent.await {
+            Ok(resp) => {
+                in_flight.0 = Some(self);
+                Ok(resp.map(|inner| UpstreamBody {
+                    inner,
+                    _in_flight: Some(in_flight),
+                }))
+            }
+            Err(mut e) => {
+                self.state.end();
+                match e.take_message() {
+                    // hyper gave it back: the connection closed before writing it.
+                    Some(req) => Err(Attempt::Retry(req)),
+                    None => Err(Attempt::Failed(e.into_error())),
+                }
+            }
         }
     }
 }
@@ -337,7 +358,10 @@ async fn drive<S>(
         }
         state.closing.store(true, Ordering::SeqCst);
         if !state.in_flight.load(Ordering::SeqCst) {
-            tracing::debug!(expired, "pooled connection closed (idle or certificates expired)");
+            tracing::debug!(
+                expired,
+                "pooled connection closed (idle or certificates expired)"
+            );
             return;
         }
         if !expired {
@@ -396,7 +420,7 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
         // Poisoning needs a panic while moving a Vec element.
         let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
         let v = map.get_mut(key)?;
-        let found = std::iter::from_fn(|| v.pop()).find(Link::idle);
+        let found = std::iter::from_fn(|| v.pop()).find(Link::usable);
         if v.is_empty() {
             map.remove(key);
         }
@@ -404,15 +428,16 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
     }
 
     /// Puts a connection back if it can still take requests (it is
-    /// closed otherwise, as it drops).
+    /// closed otherwise, as it drops). hyper may not have seen the end of
+    /// the last response yet; the next exchange waits for it.
     fn put(&self, key: K, link: Link) {
-        if !link.idle() {
+        if !link.usable() {
             return;
         }
         let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
         let v = map.entry(key).or_default();
         // Connections that closed while idle go now, not at the next take.
-        v.retain(Link::idle);
+        v.retain(Link::usable);
         v.push(link);
     }
 
@@ -428,61 +453,16 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
     }
 }
 
-/// The pooled connection a client connection holds (at most one), back to
-/// its pool when the client connection ends.
-pub struct LinkSlot<K: std::hash::Hash + Eq + Clone> {
-    held: Mutex<Option<(K, Link)>>,
-    pool: Arc<IdleLinks<K>>,
-}
-
-impl<K: std::hash::Hash + Eq + Clone> std::fmt::Debug for LinkSlot<K> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkSlot").finish_non_exhaustive()
-    }
-}
-
-impl<K: std::hash::Hash + Eq + Clone> LinkSlot<K> {
-    /// An empty slot over `pool`.
-    pub fn new(pool: Arc<IdleLinks<K>>) -> Self {
-        LinkSlot {
-            held: Mutex::new(None),
-            pool,
-        }
-    }
-
-    /// The held connection (with its key) if it goes to `key`; one to
-    /// another key goes back to the pool.
-    fn take(&self, key: &K) -> Option<(K, Link)> {
-        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match held {
-            Some((k, link)) if k == *key => Some((k, link)),
-            Some((k, link)) => {
-                self.pool.put(k, link);
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn hold(&self, key: K, link: Link) {
-        let old = self
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace((key, link));
-        if let Some((k, l)) = old {
-            self.pool.put(k, l);
-        }
-    }
-
-    /// Sends `req` to `key` on the held connection, an idle one of the
-    /// pool, or a new one from `dial`. A request that a reused connection
-    /// closed before writing goes on another one; a new connection that
-    /// closes at once is an error. Returns the response and the verified
-    /// peer of the connection. [`SendError::Connect`] and
-    /// [`SendError::Closed`] mean the request never reached the far end.
+impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> IdleLinks<K> {
+    /// Sends `req` to `key` on an idle connection of the pool or a new one
+    /// from `dial`; the connection comes back to the pool when the
+    /// response body is dropped. A request that a reused connection closed
+    /// before writing goes on another one; a new connection that closes at
+    /// once is an error. Returns the response and the verified peer of the
+    /// connection. [`SendError::Connect`] and [`SendError::Closed`] mean
+    /// the request never reached the far end.
     pub async fn send<D, F>(
-        &self,
+        self: &Arc<Self>,
         key: &K,
         mut req: Request<RequestBody>,
         dial: D,
@@ -491,39 +471,31 @@ impl<K: std::hash::Hash + Eq + Clone> LinkSlot<K> {
         D: Fn() -> F,
         F: Future<Output = Result<Link, PoolConnectError>>,
     {
-        let mut held = self.take(key);
         // Reused connections that closed under the request: a few, then a
         // new one, whose failure is final.
         for _ in 0..4 {
-            let (k, mut link) = match held.take() {
-                Some((k, l)) if l.usable() => (k, l),
-                _ => match self.pool.take(key) {
-                    Some(l) => (key.clone(), l),
-                    None => (key.clone(), dial().await?),
-                },
+            let mut link = match self.take(key) {
+                Some(l) => l,
+                None => dial().await?,
             };
+            if link.home.is_none() {
+                let (pool, k) = (Arc::downgrade(self), key.clone());
+                link.home = Some(Arc::new(move |l| {
+                    if let Some(pool) = pool.upgrade() {
+                        pool.put(k.clone(), l);
+                    }
+                }));
+            }
             let fresh = !link.reused;
+            let peer = link.peer.clone();
             match link.send(req).await {
-                Ok(resp) => {
-                    let peer = link.peer.clone();
-                    self.hold(k, link);
-                    return Ok((resp, peer));
-                }
+                Ok(resp) => return Ok((resp, peer)),
                 Err(Attempt::Retry(_)) if fresh => return Err(SendError::Closed),
                 Err(Attempt::Retry(r)) => req = r,
                 Err(Attempt::Failed(e)) => return Err(SendError::Exchange(e)),
             }
         }
         Err(SendError::Closed)
-    }
-}
-
-impl<K: std::hash::Hash + Eq + Clone> Drop for LinkSlot<K> {
-    fn drop(&mut self) {
-        let held = self.held.get_mut().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some((k, link)) = held {
-            self.pool.put(k, link);
-        }
     }
 }
 
@@ -580,9 +552,13 @@ impl OutboundHttp {
         }
     }
 
-    /// A slot for one app connection.
-    pub fn slot(&self) -> LinkSlot<Endpoint> {
-        LinkSlot::new(self.hop.clone())
+    /// Sends `req` to `endpoint` on a pooled hop connection or a new one.
+    pub async fn send(
+        &self,
+        endpoint: &Endpoint,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), SendError> {
+        self.hop.send(endpoint, req, || self.dial(endpoint)).await
     }
 
     /// Open hop connections (idle or leased).
@@ -600,7 +576,10 @@ impl OutboundHttp {
             let cfg = match &endpoint.expect {
                 Expect::Rule(i) => configs.client.get(*i).cloned(),
             };
-            (cfg.ok_or(PoolConnectError::NoIdentity)?, configs.svid.not_after)
+            (
+                cfg.ok_or(PoolConnectError::NoIdentity)?,
+                configs.svid.not_after,
+            )
         };
         // Wait (bounded) for a pooled connection to close rather than
         // fail at once: idle ones expire, busy ones end.
@@ -631,6 +610,196 @@ impl OutboundHttp {
         };
         tracing::debug!(dst.addr = %endpoint.addr, peer.id = %peer.principal(), "pooled connection opened");
         let peer = metrics::DestinationId(peer.principal().into());
-        Ok(Link::establish(tls, Some(expires), self.idle_timeout, Some(peer), Some(slot)).await?)
+        Ok(Link::establish(
+            tls,
+            Some(expires),
+            self.idle_timeout,
+            Some(peer),
+            Some(slot),
+        )
+        .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP/1.1 app on loopback that answers each request with the
+    /// number of the connection it came on (after `delay`), and closes
+    /// after `per_conn` requests without saying so. Counts closed
+    /// connections.
+    struct App {
+        addr: SocketAddr,
+        closed: Arc<AtomicUsize>,
+    }
+
+    async fn app(delay: Duration, per_conn: usize) -> App {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let c = closed.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = l.accept().await {
+                n += 1;
+                let (id, closed) = (n, c.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut served = 0;
+                    'conn: while served < per_conn {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => break 'conn,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        buf.drain(..end);
+                        tokio::time::sleep(delay).await;
+                        let body = id.to_string();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            break;
+                        }
+                        served += 1;
+                    }
+                    if served < per_conn {
+                        // The client closed it.
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        App { addr, closed }
+    }
+
+    /// Connections made with certificates that expire `ttl` after dialing.
+    fn dialer(
+        addr: SocketAddr,
+        ttl: Duration,
+    ) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Link, PoolConnectError>>>> {
+        move || {
+            Box::pin(async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let expires = SystemTime::now() + ttl;
+                Ok(
+                    Link::establish(tcp, Some(expires), Duration::from_secs(30), None, None)
+                        .await?,
+                )
+            })
+        }
+    }
+
+    /// An empty request body as hyper hands it over (hyper makes no
+    /// `Incoming` otherwise): from a request served over a duplex.
+    async fn empty_body() -> Incoming {
+        let (mut near, far) = tokio::io::duplex(4096);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = Mutex::new(Some(tx));
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(req.into_body());
+            }
+            async {
+                Ok::<_, std::convert::Infallible>(Response::new(
+                    http_body_util::Empty::<Bytes>::new(),
+                ))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(far), service),
+        );
+        near.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let body = rx.await.unwrap();
+        tokio::spawn(async move {
+            let mut sink = [0; 256];
+            while near.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        body
+    }
+
+    async fn get(slot: &Arc<IdleLinks<SocketAddr>>, addr: SocketAddr, ttl: Duration) -> String {
+        let (body, _) = RequestBody::new(empty_body().await);
+        let req = Request::get("/").header("host", "app").body(body).unwrap();
+        let (resp, _) = slot.send(&addr, req, dialer(addr, ttl)).await.unwrap();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_go_back_to_the_pool_with_their_response_bodies() {
+        let app = app(Duration::ZERO, usize::MAX).await;
+        let pool = Arc::new(IdleLinks::default());
+        let ttl = Duration::from_secs(600);
+        assert_eq!(get(&pool, app.addr, ttl).await, "1");
+        assert_eq!(get(&pool, app.addr, ttl).await, "1");
+        assert_eq!(pool.len(), 1);
+        // Two exchanges at once need two connections; both come back.
+        let (a, b) = tokio::join!(get(&pool, app.addr, ttl), get(&pool, app.addr, ttl));
+        let mut got = [a, b];
+        got.sort();
+        assert_eq!(got, ["1".to_string(), "2".to_string()]);
+        assert_eq!(pool.len(), 2);
+        assert_eq!(app.closed.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_move_to_a_new_connection_before_the_certificates_expire() {
+        let app = app(Duration::ZERO, usize::MAX).await;
+        let slot = Arc::new(IdleLinks::default());
+        // 1.5 s certificates: reuse stops a second before they expire.
+        let ttl = Duration::from_millis(1_500);
+        assert_eq!(get(&slot, app.addr, ttl).await, "1");
+        assert_eq!(get(&slot, app.addr, ttl).await, "1");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(get(&slot, app.addr, ttl).await, "2");
+        // The first is closed at its expiry, though nothing was sent on it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while app.closed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the expired connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(get(&slot, app.addr, ttl).await, "2");
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_at_expiry_finishes_then_the_connection_closes() {
+        let app = app(Duration::from_millis(800), usize::MAX).await;
+        let slot = Arc::new(IdleLinks::default());
+        // Expires 300 ms in, while the app takes 800 ms to answer.
+        assert_eq!(get(&slot, app.addr, Duration::from_millis(300)).await, "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while app.closed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the expired connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_the_far_end_closed_goes_on_a_new_one() {
+        // The app closes every connection after one response, unannounced.
+        let app = app(Duration::ZERO, 1).await;
+        let slot = Arc::new(IdleLinks::default());
+        let ttl = Duration::from_secs(600);
+        assert_eq!(get(&slot, app.addr, ttl).await, "1");
+        // Let the close arrive.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(get(&slot, app.addr, ttl).await, "2");
     }
 }

@@ -36,7 +36,7 @@ pub struct InboundHttp {
     // first read the bytes that tell HTTP/2 apart, a detection already done.
     server_h1: hyper::server::conn::http1::Builder,
     server_h2: auto::Builder<TokioExecutor>,
-    /// HTTP/1.1 app connections, leased by one inbound connection at a time.
+    /// HTTP/1.1 app connections, one exchange at a time each.
     pub(super) app_links: Arc<super::pool::IdleLinks<SocketAddr>>,
     pub(super) h2: Client<HttpConnector, RequestBody>,
 }
@@ -142,7 +142,6 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         },
     );
     let handler = Arc::new(Handler {
-        app_link: super::pool::LinkSlot::new(shared.http.app_links.clone()),
         shared: shared.clone(),
         local_id,
         xfcc,
@@ -242,8 +241,6 @@ pub(super) struct Handler {
     pub(super) conn: InboundConn,
     /// The tunnel this connection became, if it did (HTTP/1.1 only).
     pub(super) tunnel: TunnelTask,
-    /// The app connection this connection's HTTP/1.1 requests go on.
-    pub(super) app_link: super::pool::LinkSlot<SocketAddr>,
 }
 
 impl Handler {
