@@ -397,11 +397,12 @@ impl HttpConn {
 
     /// `GET /n`; Ok if the app's `200 ok` came back.
     pub fn get(&mut self, n: u64) -> Result<(), String> {
-        write!(
-            self.stream.get_mut(),
-            "GET /{n} HTTP/1.1\r\nHost: app\r\n\r\n"
-        )
-        .map_err(|e| format!("write: {e}"))?;
+        // One write: several small ones would meet Nagle and delayed ACKs.
+        let req = format!("GET /{n} HTTP/1.1\r\nHost: app\r\n\r\n");
+        self.stream
+            .get_mut()
+            .write_all(req.as_bytes())
+            .map_err(|e| format!("write: {e}"))?;
         let mut status = String::new();
         self.stream
             .read_line(&mut status)
