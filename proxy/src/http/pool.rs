@@ -289,7 +289,7 @@ impl Link {
     async fn send(mut self, req: Request<RequestBody>) -> Result<Response<UpstreamBody>, Attempt> {
         if self.sender.ready().await.is_err() || !self.state.begin() {
             // Closed or closing before anything was written.
-            return Err(Attempt::Retry(req));
+            return Err(Attempt::Retry(Box::new(req)));
         }
         self.reused = true;
         let sent = self.sender.try_send_request(req);
@@ -308,7 +308,7 @@ impl Link {
                 self.state.end();
                 match e.take_message() {
                     // hyper gave it back: the connection closed before writing it.
-                    Some(req) => Err(Attempt::Retry(req)),
+                    Some(req) => Err(Attempt::Retry(Box::new(req))),
                     None => Err(Attempt::Failed(e.into_error())),
                 }
             }
@@ -318,8 +318,9 @@ impl Link {
 
 /// How a request on a link failed.
 enum Attempt {
-    /// Nothing was written: the request can go on another connection.
-    Retry(Request<RequestBody>),
+    /// Nothing was written: the request can go on another connection
+    /// (boxed: the rare path, and it keeps the hot `Result` small).
+    Retry(Box<Request<RequestBody>>),
     /// The exchange failed after the request was handed over.
     Failed(hyper::Error),
 }
@@ -491,7 +492,7 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> IdleLinks<K> {
             match link.send(req).await {
                 Ok(resp) => return Ok((resp, peer)),
                 Err(Attempt::Retry(_)) if fresh => return Err(SendError::Closed),
-                Err(Attempt::Retry(r)) => req = r,
+                Err(Attempt::Retry(r)) => req = *r,
                 Err(Attempt::Failed(e)) => return Err(SendError::Exchange(e)),
             }
         }
