@@ -1,6 +1,7 @@
 //! The admin server, loopback by default: liveness, readiness, metrics, the
 //! effective configuration, the current identity and policies, the log
-//! filter (readable and changeable at runtime) and a drain trigger.
+//! filter (readable and changeable at runtime), a drain trigger, and what
+//! discovery knows about a destination (`/discovery?dst=ADDR:PORT`).
 //!
 //! Nothing here prints key material: `/identity` shows certificate facts
 //! (ID, serial, validity) only, and `/config` is the configuration file's
@@ -117,7 +118,9 @@ fn with_type(
 /// The methods each path answers, or `None` for an unknown path.
 fn allowed(path: &str) -> Option<&'static str> {
     match path {
-        "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/policy" => Some("GET, HEAD"),
+        "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/policy" | "/discovery" => {
+            Some("GET, HEAD")
+        }
         "/logging" => Some("GET, HEAD, PUT, POST"),
         "/drain" => Some("POST"),
         _ => None,
@@ -166,6 +169,18 @@ async fn handle(
             "application/json",
         ),
         ("/identity", _) => json(&identity_json(shared)),
+        ("/discovery", _) => match &shared.config.discovery {
+            None => json(&serde_json::json!({ "sources": "none" })),
+            Some(d) => {
+                // `?dst=ADDR:PORT` (or `HOST:PORT`, or a service name).
+                let query = req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("dst="))
+                        .map(str::to_owned)
+                });
+                json(&d.describe(query.as_deref()).await)
+            }
+        },
         ("/policy", _) => {
             let mut v = policy_json(shared);
             if let Some(status) = &hooks.central_status {

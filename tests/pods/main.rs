@@ -7,6 +7,7 @@
 use rampart_testkit as support;
 
 mod container;
+mod discovery;
 mod dsl;
 mod init;
 mod mesh;
