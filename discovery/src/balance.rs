@@ -28,8 +28,16 @@ use crate::metrics::ServiceMetrics;
 use crate::model::{Endpoint, Service};
 
 /// How fast the estimate forgets: the weight of the old estimate after
-/// `t` is `exp(-t / DECAY)` (linkerd2-proxy's default).
-pub const DECAY: Duration = Duration::from_secs(10);
+/// `t` is `exp(-t / DECAY)`. linkerd2-proxy uses 10 s, which suits many
+/// concurrent requests, where the pending count does most of the
+/// balancing. With few requests in flight (one app connection sending one
+/// request at a time) the estimate alone decides, and a 10 s memory lets
+/// one slow sample (the first request, which pays for the handshake)
+/// starve an endpoint for tens of seconds; 250 ms forgets such a peak
+/// within a second while a backend that is slow on every request (each
+/// of its samples sets the peak again) still gets only the occasional
+/// probe.
+pub const DECAY: Duration = Duration::from_millis(250);
 /// The first ejection of an endpoint in a row.
 pub const EJECT_BASE: Duration = Duration::from_secs(1);
 /// The longest ejection.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// optional, and with none the sidecar routes by `outbound` rules only.
 /// A destination two sources claim goes to the first in this order:
 /// `file`, `kubernetes`, `dns`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// A static endpoints file, reloaded on change.
@@ -19,6 +19,15 @@ pub struct DiscoveryConfig {
     /// for a demand-driven source (Kubernetes) to look it up.
     #[serde(default = "d_demand_wait", with = "duration_ms")]
     pub demand_wait_ms: Duration,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            file: None,
+            demand_wait_ms: d_demand_wait(),
+        }
+    }
 }
 
 fn d_demand_wait() -> Duration {

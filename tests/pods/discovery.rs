@@ -132,19 +132,18 @@ struct Load {
 }
 
 fn load(client: &Pod, to: SocketAddr, n: usize) -> Load {
-    let out = client.exec_as(
+    let mut proc = client.spawn_as(
         APP_UID,
         python(
             LOAD,
             &[to.ip().to_string(), to.port().to_string(), n.to_string()],
         ),
     );
-    let text = String::from_utf8_lossy(&out.stdout);
+    // Debug builds on a shared machine: a few ms per request.
+    let status = proc.wait_exit(Duration::from_secs(300));
+    let text = proc.stdout();
     let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!(
-            "load output {text:?}: {e}; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
+        panic!("load ({status}) output {text:?}: {e}; stderr: {}", proc.stderr())
     });
     let map = |k: &str| {
         v[k].as_object()
