@@ -342,7 +342,10 @@ impl Balancer {
                     .unwrap_or_else(|| Arc::new(EndpointState::new(e.clone())))
             })
             .collect();
-        let usable = next.iter().filter(|s| s.endpoint.identity.id().is_some()).count();
+        let usable = next
+            .iter()
+            .filter(|s| s.endpoint.identity.id().is_some())
+            .count();
         self.metrics.endpoints(usable, next.len() - usable);
         self.endpoints.store(Arc::new(next));
     }

@@ -63,7 +63,9 @@ struct DestinationField(Destination);
 impl<'de> Deserialize<'de> for DestinationField {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map(DestinationField).map_err(serde::de::Error::custom)
+        s.parse()
+            .map(DestinationField)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -145,7 +147,12 @@ pub fn parse(path: &Path, text: &str) -> Result<SourceState, FileError> {
     let mut state = SourceState::default();
     for (i, svc) in doc.services.into_iter().enumerate() {
         if svc.name.is_empty() {
-            return Err(invalid(0, 0, format!("services[{i}].name"), "is empty".into()));
+            return Err(invalid(
+                0,
+                0,
+                format!("services[{i}].name"),
+                "is empty".into(),
+            ));
         }
         if !names.insert(svc.name.clone()) {
             return Err(invalid(
@@ -310,7 +317,10 @@ mod tests {
         let Lookup::Pod(p) = snap.lookup("10.0.1.5:8080".parse().unwrap()) else {
             panic!()
         };
-        assert_eq!(p.identity.id().unwrap().as_str(), "spiffe://example.org/backend");
+        assert_eq!(
+            p.identity.id().unwrap().as_str(),
+            "spiffe://example.org/backend"
+        );
     }
 
     #[test]
@@ -336,7 +346,11 @@ mod tests {
         let e = err(&GOOD.replace("destinations:", "destination:"));
         assert!(e.contains("unknown field `destination`"), "{e}");
         let twice = format!("{GOOD}{}", &GOOD["services:\n".len()..]);
-        assert!(err(&twice).contains("`backend` is listed twice"), "{}", err(&twice));
+        assert!(
+            err(&twice).contains("`backend` is listed twice"),
+            "{}",
+            err(&twice)
+        );
         let e = err(&GOOD.replace("backend.example:80", "10.96.0.10:80"));
         assert!(e.contains("destinations[1]"), "{e}");
     }

@@ -99,11 +99,8 @@ impl ServiceMetrics {
     pub fn new(name: &str) -> Self {
         let s = label(name);
         let g = |state: &'static str| metrics::gauge!(ENDPOINTS, "service" => s.clone(), "state" => state);
-        let e = |reason: &'static str| {
-            metrics::counter!(EJECTIONS, "service" => s.clone(), "reason" => reason)
-        };
-        let r =
-            |result: &'static str| metrics::counter!(REQUESTS, "service" => s.clone(), "result" => result);
+        let e = |reason: &'static str| metrics::counter!(EJECTIONS, "service" => s.clone(), "reason" => reason);
+        let r = |result: &'static str| metrics::counter!(REQUESTS, "service" => s.clone(), "result" => result);
         ServiceMetrics(Arc::new(Handles {
             usable: g("usable"),
             no_identity: g("no_identity"),
@@ -159,6 +156,5 @@ pub fn unverifiable() {
 /// A source update was applied or rejected.
 pub fn source_update(source: crate::model::SourceKind, applied: bool) {
     let result = if applied { "applied" } else { "rejected" };
-    metrics::counter!(SOURCE_UPDATES, "source" => source.as_str(), "result" => result)
-        .increment(1);
+    metrics::counter!(SOURCE_UPDATES, "source" => source.as_str(), "result" => result).increment(1);
 }

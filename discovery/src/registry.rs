@@ -312,7 +312,9 @@ impl Registry {
         };
         let ident = |e: &Endpoint| match &e.identity {
             crate::model::EndpointIdentity::Id(id) => json!({ "spiffe_id": id.as_str() }),
-            crate::model::EndpointIdentity::Underivable(why) => json!({ "spiffe_id": null, "no_identity": why }),
+            crate::model::EndpointIdentity::Underivable(why) => {
+                json!({ "spiffe_id": null, "no_identity": why })
+            }
         };
         match resolved {
             Resolved::Unknown => json!({
@@ -348,16 +350,15 @@ impl Registry {
                             "requests": view.requests,
                             "failures": view.failures,
                         });
-                        if let (Some(o), serde_json::Value::Object(i)) = (v.as_object_mut(), ident(&s.endpoint)) {
+                        if let (Some(o), serde_json::Value::Object(i)) =
+                            (v.as_object_mut(), ident(&s.endpoint))
+                        {
                             o.extend(i);
                         }
                         v
                     })
                     .collect();
-                let source = self
-                    .snapshot()
-                    .service(b.name())
-                    .map(|s| s.source.as_str());
+                let source = self.snapshot().service(b.name()).map(|s| s.source.as_str());
                 json!({
                     "destination": q,
                     "kind": "service",
@@ -387,7 +388,9 @@ mod tests {
                         .iter()
                         .map(|a| Endpoint {
                             addr: a.parse().unwrap(),
-                            identity: EndpointIdentity::Id(SpiffeId::parse("spiffe://td/s").unwrap()),
+                            identity: EndpointIdentity::Id(
+                                SpiffeId::parse("spiffe://td/s").unwrap(),
+                            ),
                             owner: None,
                         })
                         .collect(),

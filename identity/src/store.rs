@@ -108,8 +108,7 @@ impl EndpointClients {
             IdMatcher::ids([id.clone()]),
             &tls::provider(),
         );
-        cfg.dangerous()
-            .set_certificate_verifier(Arc::new(verifier));
+        cfg.dangerous().set_certificate_verifier(Arc::new(verifier));
         cfg.resumption = rustls::client::Resumption::default();
         let cfg = Arc::new(cfg);
         cache.insert(id.clone(), cfg.clone());

@@ -284,7 +284,14 @@ async fn dial_service(
             return None;
         };
         let started = tokio::time::Instant::now();
-        match dial(pick.endpoint().addr, cfg, connect_timeout, handshake_timeout).await {
+        match dial(
+            pick.endpoint().addr,
+            cfg,
+            connect_timeout,
+            handshake_timeout,
+        )
+        .await
+        {
             Ok((tls, peer)) => {
                 pick.finish(Outcome::Answered);
                 b.metrics().answered(started.elapsed());

@@ -199,13 +199,19 @@ mod tests {
         };
         assert_eq!(r("10.1.2.3:8080").await, Shape::Service("svc".into()));
         assert_eq!(r("10.1.2.3:5432").await, Shape::Passthrough);
-        assert_eq!(r("10.5.0.1:80").await, Shape::Endpoint("10.5.0.1:80".into()));
+        assert_eq!(
+            r("10.5.0.1:80").await,
+            Shape::Endpoint("10.5.0.1:80".into())
+        );
         assert_eq!(
             r("10.5.0.2:80").await,
             Shape::Unverifiable("10.5.0.2:80".into())
         );
         // Unknown to discovery: the rules, as without it.
-        assert_eq!(r("10.1.2.4:8080").await, Shape::of(route(&c.outbound, "10.1.2.4:8080".parse().unwrap())));
+        assert_eq!(
+            r("10.1.2.4:8080").await,
+            Shape::of(route(&c.outbound, "10.1.2.4:8080".parse().unwrap()))
+        );
         assert_eq!(r("10.2.2.3:8080").await, Shape::NoServerRule);
     }
 
@@ -221,10 +227,7 @@ mod tests {
         assert_eq!(r(&c, "192.168.1.1:8080"), Shape::Passthrough);
         assert_eq!(r(&c, "172.16.0.1:8080"), Shape::Passthrough);
         c.outbound.unknown_server = UnknownServer::AnyInTrustDomain;
-        assert_eq!(
-            r(&c, "10.2.2.3:8080"),
-            Shape::Mesh(c.trust_domain_client())
-        );
+        assert_eq!(r(&c, "10.2.2.3:8080"), Shape::Mesh(c.trust_domain_client()));
         assert_eq!(r(&c, "10.2.2.3:8080"), mesh(1));
         assert_eq!(c.tls_spec().client.len(), 2);
         assert_eq!(c.client_config_count(), 2);

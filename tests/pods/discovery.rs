@@ -143,7 +143,10 @@ fn load(client: &Pod, to: SocketAddr, n: usize) -> Load {
     let status = proc.wait_exit(Duration::from_secs(300));
     let text = proc.stdout();
     let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!("load ({status}) output {text:?}: {e}; stderr: {}", proc.stderr())
+        panic!(
+            "load ({status}) output {text:?}: {e}; stderr: {}",
+            proc.stderr()
+        )
     });
     let map = |k: &str| {
         v[k].as_object()
@@ -200,11 +203,12 @@ fn backend(net: &Net, pki: &Pki, dir: &TempDir, name: &str, id: &str) -> Backend
 /// The endpoints file: service `backend` at `vip`, with `endpoints`
 /// (address, expected identity).
 fn endpoints_file(vip: SocketAddr, endpoints: &[(SocketAddr, &str)]) -> String {
-    let mut s = format!(
-        "services:\n  - name: backend\n    destinations: [\"{vip}\"]\n    endpoints:\n"
-    );
+    let mut s =
+        format!("services:\n  - name: backend\n    destinations: [\"{vip}\"]\n    endpoints:\n");
     if endpoints.is_empty() {
-        s = format!("services:\n  - name: backend\n    destinations: [\"{vip}\"]\n    endpoints: []\n");
+        s = format!(
+            "services:\n  - name: backend\n    destinations: [\"{vip}\"]\n    endpoints: []\n"
+        );
     }
     for (a, id) in endpoints {
         s.push_str(&format!("      - address: {a}\n        identity: {id}\n"));
@@ -334,15 +338,27 @@ fn file_source_endpoint_presenting_another_identity_is_refused_in_the_handshake(
         &[BACKEND_ID, BACKEND_ID, "spiffe://example.org/intruder"],
     );
     let l = load(&m.client, m.vip, 300);
-    eprintln!("with an intruder endpoint, 300 requests: {:?} failed {:?}", l.counts, l.failures);
-    assert!(l.failures.is_empty(), "{:?}\n{}", l.failures, m.client_sidecar.logs());
+    eprintln!(
+        "with an intruder endpoint, 300 requests: {:?} failed {:?}",
+        l.counts, l.failures
+    );
+    assert!(
+        l.failures.is_empty(),
+        "{:?}\n{}",
+        l.failures,
+        m.client_sidecar.logs()
+    );
     assert_eq!(l.counts.get("b2"), None, "{:?}", l.counts);
     assert_eq!(l.counts.values().sum::<u64>(), 300);
     let refused = metric(
         &m.client,
         "rampart_discovery_ejections_total{service=\"backend\",reason=\"handshake\"}",
     );
-    assert!(refused >= 1.0, "{}", admin_get(&m.client, "/metrics".into()).unwrap());
+    assert!(
+        refused >= 1.0,
+        "{}",
+        admin_get(&m.client, "/metrics".into()).unwrap()
+    );
     let handshakes = metric(
         &m.client,
         "rampart_tls_handshakes_total{direction=\"outbound\",result=\"id_not_allowed\"}",
@@ -352,7 +368,12 @@ fn file_source_endpoint_presenting_another_identity_is_refused_in_the_handshake(
     assert!(logs.contains("endpoint ejected"), "{logs}");
     // The intruder's app never saw a request; its sidecar saw no mTLS
     // session complete for the client.
-    assert!(!m.backends[2].sidecar.logs().contains("peer.id=spiffe://example.org/client"));
+    assert!(
+        !m.backends[2]
+            .sidecar
+            .logs()
+            .contains("peer.id=spiffe://example.org/client")
+    );
 }
 
 #[test]
@@ -375,7 +396,10 @@ fn file_source_service_without_endpoints_answers_503_and_reloads() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let reason = last.failures.keys().next().unwrap().clone();
-    assert!(reason.contains("service backend has no endpoints"), "{reason}");
+    assert!(
+        reason.contains("service backend has no endpoints"),
+        "{reason}"
+    );
     // A broken file keeps the last good version (still no endpoints).
     std::fs::write(&m.file, "services:\n  - name: [\n").unwrap();
     std::thread::sleep(Duration::from_millis(1500));

@@ -19,14 +19,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::HeaderValue;
-use hyper::body::Body as _;
-use rampart_discovery::balance::{Balancer, Outcome, Refusal};
-use rampart_identity::SpiffeId;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body_util::Either;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use rampart_discovery::balance::{Balancer, Outcome, Refusal};
+use rampart_identity::SpiffeId;
 
 use super::ProxyBody;
 use super::errors::LocalError;
@@ -299,7 +299,8 @@ async fn balanced(
     parts.uri = peer_uri(authority_of(first.endpoint().addr)?, &parts.uri)?;
     let client = shared.outbound_http.endpoint_client(first.id());
     let started = tokio::time::Instant::now();
-    let sent = crate::forward::peer_request(&client, Request::from_parts(parts, body), timeout).await;
+    let sent =
+        crate::forward::peer_request(&client, Request::from_parts(parts, body), timeout).await;
     let e = match sent {
         Ok(r) => {
             first.finish(Outcome::Answered);

@@ -8,10 +8,10 @@
 //! connector dials with `forward::dial_peer`, with the identity store's
 //! current configuration; nothing is built per connection.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
