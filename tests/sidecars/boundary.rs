@@ -223,7 +223,10 @@ fn triggers(tag: &str) -> Vec<Trigger> {
     vec![
         Trigger {
             name: "leading CRLF",
-            parts: vec![bytes(format!("\r\n{}", rest(&format!("GET /{tag}1 HTTP/1.1"))))],
+            parts: vec![bytes(format!(
+                "\r\n{}",
+                rest(&format!("GET /{tag}1 HTTP/1.1"))
+            ))],
             reaches_app: true,
         },
         Trigger {
@@ -292,7 +295,9 @@ fn forged_identity_headers_never_reach_the_app_whatever_the_detector_is_fed() {
                 );
             } else {
                 assert!(
-                    reply.is_empty() || reply.starts_with("HTTP/1.1 4") || reply.starts_with("HTTP/1.1 505"),
+                    reply.is_empty()
+                        || reply.starts_with("HTTP/1.1 4")
+                        || reply.starts_with("HTTP/1.1 505"),
                     "{via}, {n}: {reply}"
                 );
             }
@@ -334,11 +339,35 @@ fn random_request_prefixes_never_deliver_a_forged_identity() {
     // servers split words on.
     type B = &'static [u8];
     let bs = |v: &[B]| v.to_vec();
-    let lead = prop::sample::select::<B>(bs(&[b"", b"", b"", b"\r\n", b"\n", b" ", b"\t", b"\r\n\r\n", b"\x0b", b"\xa0"]));
-    let method = prop::sample::select::<B>(bs(&[b"GET", b"get", b"Get", b"POST", b"pOsT", b"PRI", b"CONNECT", b"X-Y"]));
-    let sep = prop::sample::select::<B>(bs(&[b" ", b" ", b" ", b" ", b"\t", b"  ", b"\x0c", b"\x1f", b"\xa0", b"\x85"]));
+    let lead = prop::sample::select::<B>(bs(&[
+        b"",
+        b"",
+        b"",
+        b"\r\n",
+        b"\n",
+        b" ",
+        b"\t",
+        b"\r\n\r\n",
+        b"\x0b",
+        b"\xa0",
+    ]));
+    let method = prop::sample::select::<B>(bs(&[
+        b"GET", b"get", b"Get", b"POST", b"pOsT", b"PRI", b"CONNECT", b"X-Y",
+    ]));
+    let sep = prop::sample::select::<B>(bs(&[
+        b" ", b" ", b" ", b" ", b"\t", b"  ", b"\x0c", b"\x1f", b"\xa0", b"\x85",
+    ]));
     let version = prop::sample::select::<B>(bs(&[
-        b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0", b"HTTP/0.9", b"http/1.1", b"HTTP/1.1 ", b"",
+        b"HTTP/1.1",
+        b"HTTP/1.1",
+        b"HTTP/1.1",
+        b"HTTP/1.0",
+        b"HTTP/1.2",
+        b"HTTP/2.0",
+        b"HTTP/0.9",
+        b"http/1.1",
+        b"HTTP/1.1 ",
+        b"",
     ]));
     let eol = prop::sample::select::<B>(bs(&[b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"]));
     let name = (any::<[bool; 23]>(), any::<[bool; 3]>()).prop_map(|(upper, under)| {
@@ -357,7 +386,17 @@ fn random_request_prefixes_never_deliver_a_forged_identity() {
     });
     let target_len = 0usize..10_000;
     let pause = prop::sample::select(vec![0u64, 0, 0, 0, 0, 1200]);
-    let strategy = (lead, method, sep, target_len, version, eol, name, pause, any::<bool>());
+    let strategy = (
+        lead,
+        method,
+        sep,
+        target_len,
+        version,
+        eol,
+        name,
+        pause,
+        any::<bool>(),
+    );
     let mut runner = TestRunner::new(Config {
         cases: 64,
         failure_persistence: None,
@@ -377,7 +416,15 @@ fn random_request_prefixes_never_deliver_a_forged_identity() {
                 for part in [lead, method, sep, target.as_bytes(), sep, version, eol] {
                     bytes.extend_from_slice(part);
                 }
-                for part in [b"Host: edge".as_slice(), eol, &name, b": ", FORGED.as_bytes(), eol, eol] {
+                for part in [
+                    b"Host: edge".as_slice(),
+                    eol,
+                    &name,
+                    b": ",
+                    FORGED.as_bytes(),
+                    eol,
+                    eol,
+                ] {
                     bytes.extend_from_slice(part);
                 }
                 let split = 1.min(bytes.len());
@@ -452,7 +499,10 @@ fn slowloris_from_the_first_byte_is_cut_off_on_detect_ports() {
             let r = s.read(&mut probe);
             s.set_nonblocking(false).unwrap();
             // EOF or a reset: the sidecar closed it.
-            if matches!(r, Ok(0)) || r.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock) {
+            if matches!(r, Ok(0))
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock)
+            {
                 break start.elapsed();
             }
         };
@@ -473,7 +523,10 @@ fn slowloris_from_the_first_byte_is_cut_off_on_detect_ports() {
 fn ambiguous_heads_and_broken_framing_are_400() {
     let e = edge(OPEN_POLICY, "");
     let plain_only = [
-        ("duplicate Host", "GET /f5a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        (
+            "duplicate Host",
+            "GET /f5a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ),
         (
             "Host against an absolute-form target",
             "GET http://a/f5b HTTP/1.1\r\nHost: b\r\n\r\n",
@@ -492,7 +545,11 @@ fn ambiguous_heads_and_broken_framing_are_400() {
     let broken = "POST /f7-broken HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n\r\n";
     for (entry, via) in [(e.plain, "plaintext"), (e.out, "mesh")] {
         let reply = exchange(entry, &[bytes(broken)]);
-        assert!(reply.starts_with("HTTP/1.1 400"), "{via}: {reply}\n{}", e.server.logs());
+        assert!(
+            reply.starts_with("HTTP/1.1 400"),
+            "{via}: {reply}\n{}",
+            e.server.logs()
+        );
         let reply = exchange(
             entry,
             &[bytes(format!(
@@ -509,7 +566,10 @@ fn ambiguous_heads_and_broken_framing_are_400() {
             .lines()
             .find(|l| l.contains(&format!("/f7-{via} ")))
             .unwrap_or_else(|| panic!("{via}: {seen}"));
-        assert!(line.contains("x-request-id: "), "{via}: no request ID in {line}");
+        assert!(
+            line.contains("x-request-id: "),
+            "{via}: no request ID in {line}"
+        );
     }
 }
 
@@ -604,8 +664,15 @@ fn connect_and_upgrades_need_a_rule_that_names_their_method() {
     s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
         .unwrap();
     let reply = read_response(&mut s);
-    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}\n{}", server.logs());
-    assert!(reply.contains("CONNECT is refused unless an ALLOW rule names its method"), "{reply}");
+    assert!(
+        reply.starts_with("HTTP/1.1 403"),
+        "{reply}\n{}",
+        server.logs()
+    );
+    assert!(
+        reply.contains("CONNECT is refused unless an ALLOW rule names its method"),
+        "{reply}"
+    );
     let mut s = connect(outs[0]);
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         .unwrap();
@@ -616,8 +683,5 @@ fn connect_and_upgrades_need_a_rule_that_names_their_method() {
     let seen = app.stdout();
     assert!(!seen.contains("CONNECT") && !seen.contains("/ws"), "{seen}");
     let m = server.metrics();
-    assert!(
-        m.contains("reason=\"tunnel_not_allowed\"} 2"),
-        "{m}"
-    );
+    assert!(m.contains("reason=\"tunnel_not_allowed\"} 2"), "{m}");
 }
