@@ -117,12 +117,24 @@ pub fn settle(buf: &[u8]) -> Protocol {
     }
 }
 
+/// The verdict at the end of the stream: a prefix still undecided has no
+/// line end, hence no header field any parser would read, so it is opaque.
+pub fn settle_at_eof(buf: &[u8]) -> Protocol {
+    match classify(buf) {
+        Verdict::Known(p) => p,
+        Verdict::NeedMore => Protocol::Opaque,
+    }
+}
+
 /// Whether a byte may separate or precede the words of a request line for
 /// some HTTP server: ASCII whitespace, and what lenient parsers split on
 /// too (Python's `str.split` on Latin-1 text: VT, FF, the information
 /// separators 0x1c-0x1f, NEL and NBSP).
 fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0)
+    matches!(
+        b,
+        b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
+    )
 }
 
 /// Bytes no text request line contains: the other control characters.
@@ -153,7 +165,9 @@ fn classify_http1(buf: &[u8]) -> Verdict {
     for (i, b) in line.iter().enumerate() {
         match *b {
             b'\n' => return Verdict::Known(Protocol::Opaque),
-            b'H' | b'h' if line[i..].len() >= 5 && line[i..i + 5].eq_ignore_ascii_case(b"HTTP/") => {
+            b'H' | b'h'
+                if line[i..].len() >= 5 && line[i..i + 5].eq_ignore_ascii_case(b"HTTP/") =>
+            {
                 return Verdict::Known(Protocol::Http1);
             }
             b if is_binary(b) => return Verdict::Known(Protocol::Opaque),
@@ -241,9 +255,9 @@ pub async fn detect_socket(
 
 /// Detects the protocol of a stream by reading its first bytes, and returns
 /// a stream that replays them. Silence until `timeout` is
-/// [`Protocol::Opaque`]; an undecided prefix then, or at the end of the
-/// stream, is settled ([`settle`]). Timeouts count as detect timeouts of
-/// `direction`.
+/// [`Protocol::Opaque`]; an undecided prefix then is settled ([`settle`]),
+/// at the end of the stream it is opaque ([`settle_at_eof`]). Timeouts
+/// count as detect timeouts of `direction`.
 pub async fn detect_stream<S>(
     mut stream: S,
     timeout: Duration,
@@ -264,7 +278,9 @@ where
                 crate::metrics::detect_timeout(direction);
                 break settle(&buf);
             }
-            Ok(Ok(0)) => break settle(&buf),
+            // At the end of the stream no header can follow a first line
+            // that has not ended: what is undecided is opaque.
+            Ok(Ok(0)) => break settle_at_eof(&buf),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
         }
@@ -283,7 +299,10 @@ where
 /// waits for the first byte as long as the caller lets it (an idle
 /// connection opened ahead of use is served when its request comes);
 /// after the first byte, `head_timeout` bounds the rest of the preface.
-pub async fn http_version<S>(mut stream: S, head_timeout: Duration) -> io::Result<(Protocol, Rewind<S>)>
+pub async fn http_version<S>(
+    mut stream: S,
+    head_timeout: Duration,
+) -> io::Result<(Protocol, Rewind<S>)>
 where
     S: AsyncRead + Unpin,
 {
