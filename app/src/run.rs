@@ -162,27 +162,16 @@ impl Sidecar {
         }
         // With a bundle, the policy files are the fallback until the first
         // bundle: a reload must not replace a bundle in force.
-        let istio_files = cfg
-            .inbound
-            .istio
-            .iter()
-            .flat_map(|i| i.files.iter().cloned());
         if (!cfg.inbound.policies.is_empty() || cfg.inbound.istio.is_some())
             && cfg.inbound.bundle.is_none()
         {
-            let files = cfg
-                .inbound
-                .policies
-                .iter()
-                .cloned()
-                .chain(istio_files)
-                .collect();
             let for_loader = cfg.clone();
             let loader: rampart_proxy::policy::PolicyLoader =
-                Box::new(move || for_loader.authorizer().map_err(|e| e.to_string()));
+                Arc::new(move || for_loader.authorizer().map_err(|e| e.to_string()));
             tokio::spawn(rampart_proxy::policy::watch(
-                files,
+                cfg.policy_files(),
                 rampart_proxy::policy::DEFAULT_POLL_INTERVAL,
+                cfg.inbound.policy_budget,
                 loader,
                 plan.authorizer.clone(),
             ));
