@@ -62,6 +62,11 @@ pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_total";
 /// Admin API requests refused because a loopback-only path was asked from
 /// outside the pod.
 pub const ADMIN_REFUSED: &str = "rampart_admin_requests_refused_total";
+/// Times a listener had no free connection slot (`limits.max_connections`).
+pub const LISTENER_FULL: &str = "rampart_tcp_listener_full_total";
+/// Connections closed at accept because their source had
+/// `limits.max_pending_per_source` connections in handshake or detection.
+pub const SOURCE_PENDING_REFUSED: &str = "rampart_tcp_source_pending_refused_total";
 
 /// How many distinct workload identities get a label value of their own
 /// (in `source_id` and `destination_id` together); later ones share
@@ -728,6 +733,16 @@ pub fn policy_reload(result: ReloadResult) {
         ReloadResult::OverBudget => "over_budget",
     };
     counter!(POLICY_RELOADS, "result" => r).increment(1);
+}
+
+/// Counts a listener found full.
+pub fn listener_full() {
+    counter!(LISTENER_FULL).increment(1);
+}
+
+/// Counts a connection closed over its source's pending limit.
+pub fn source_pending_refused() {
+    counter!(SOURCE_PENDING_REFUSED).increment(1);
 }
 
 /// Counts an admin request refused to a client outside the pod.

@@ -72,7 +72,9 @@ pub enum LoadRefused {
     #[error("{0}")]
     Invalid(String),
     /// Compiling took longer than the budget.
-    #[error("compiling the policies took longer than the {budget:?} budget (inbound.policy_budget.time); files: {files}")]
+    #[error(
+        "compiling the policies took longer than the {budget:?} budget (inbound.policy_budget.time); files: {files}"
+    )]
     OverTime {
         /// The budget.
         budget: Duration,
@@ -80,7 +82,9 @@ pub enum LoadRefused {
         files: String,
     },
     /// The sources are larger than the budget.
-    #[error("the policy sources are {bytes} bytes, over the {limit}-byte budget (inbound.policy_budget.max_bytes); files: {files}")]
+    #[error(
+        "the policy sources are {bytes} bytes, over the {limit}-byte budget (inbound.policy_budget.max_bytes); files: {files}"
+    )]
     OverSize {
         /// Their size.
         bytes: u64,
@@ -90,7 +94,9 @@ pub enum LoadRefused {
         files: String,
     },
     /// Too many compiles over time are still running.
-    #[error("{MAX_ABANDONED} earlier policy compiles over budget are still running; not starting another")]
+    #[error(
+        "{MAX_ABANDONED} earlier policy compiles over budget are still running; not starting another"
+    )]
     Busy,
 }
 
@@ -365,7 +371,11 @@ pub async fn watch(
         let (for_load, loader) = (watched(&cell), load.clone());
         let loaded = tokio::task::spawn_blocking(move || load_within(&budget, &for_load, &loader))
             .await
-            .unwrap_or_else(|e| Err(LoadRefused::Invalid(format!("the policy compile failed: {e}"))));
+            .unwrap_or_else(|e| {
+                Err(LoadRefused::Invalid(format!(
+                    "the policy compile failed: {e}"
+                )))
+            });
         match loaded {
             Ok(a) => {
                 let names: Vec<&str> = a.policies().iter().map(|p| p.name.as_str()).collect();
@@ -472,7 +482,8 @@ mod tests {
 
     /// A fresh directory of this test process.
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("rampart-policy-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("rampart-policy-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -495,7 +506,9 @@ mod tests {
             started.elapsed() < Duration::from_millis(500),
             "the caller waited past the budget"
         );
-        let Err(e) = r else { panic!("over time but accepted") };
+        let Err(e) = r else {
+            panic!("over time but accepted")
+        };
         assert_eq!(e.result(), metrics::ReloadResult::OverBudget);
         assert!(e.to_string().contains("slow.rego"), "{e}");
         // The abandoned compile ends by itself and frees its slot.
@@ -524,7 +537,17 @@ mod tests {
         };
         let loader: PolicyLoader = Arc::new(|| panic!("compiled despite the size budget"));
         let e = load_within(&budget, std::slice::from_ref(&file), &loader).unwrap_err();
-        assert!(matches!(e, LoadRefused::OverSize { bytes: 2048, limit: 1024, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                LoadRefused::OverSize {
+                    bytes: 2048,
+                    limit: 1024,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         // The watcher does not read it either: its size stands for it.
         assert_ne!(digest(std::slice::from_ref(&file), 1024), [0; 32]);
     }
@@ -577,7 +600,11 @@ mod tests {
             ticks += 1;
         }
         assert!(ticks > 20, "{ticks} ticks");
-        assert_eq!(*generation.borrow_and_update(), 0, "the hostile version was put in force");
+        assert_eq!(
+            *generation.borrow_and_update(),
+            0,
+            "the hostile version was put in force"
+        );
         std::fs::write(&file, "v2").unwrap();
         tokio::time::timeout(Duration::from_secs(5), generation.changed())
             .await

@@ -17,7 +17,13 @@ const ADMIN_PORT: u16 = 15000;
 
 /// One HTTP/1.1 request from inside `pod` to `addr`: the status and body,
 /// or None when nothing answers.
-fn call(pod: &Pod, addr: SocketAddr, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+fn call(
+    pod: &Pod,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, String)> {
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -40,7 +46,10 @@ fn admin_api_serves_only_probes_outside_the_pod() {
     support::require_root();
     let dir = TempDir::new();
     let pki = Pki::new("example.org");
-    let svid = pki.issue_into("spiffe://example.org/ns/default/sa/app", &dir.path().join("app"));
+    let svid = pki.issue_into(
+        "spiffe://example.org/ns/default/sa/app",
+        &dir.path().join("app"),
+    );
     let net = Net::new("admin");
     let pod = net.pod("app");
     let outsider = net.pod("outsider");
@@ -64,7 +73,11 @@ fn admin_api_serves_only_probes_outside_the_pod() {
     // The kubelet's and the scraper's view: the probes answer.
     for p in ["/live", "/ready", "/metrics"] {
         let r = call(&outsider, outside, "GET", p, "");
-        assert_eq!(r.as_ref().map(|r| r.0), Some(200), "GET {p} from outside: {r:?}");
+        assert_eq!(
+            r.as_ref().map(|r| r.0),
+            Some(200),
+            "GET {p} from outside: {r:?}"
+        );
     }
     // Everything else is refused, including paths that do not exist (a
     // path added later is loopback-only by default).
@@ -80,11 +93,21 @@ fn admin_api_serves_only_probes_outside_the_pod() {
         ("GET", "/not-yet-written", ""),
     ] {
         let r = call(&outsider, outside, method, p, body);
-        assert_eq!(r.as_ref().map(|r| r.0), Some(403), "{method} {p} from outside: {r:?}");
+        assert_eq!(
+            r.as_ref().map(|r| r.0),
+            Some(403),
+            "{method} {p} from outside: {r:?}"
+        );
     }
-    assert!(proc.try_status().is_none(), "the outsider's /drain stopped the sidecar");
+    assert!(
+        proc.try_status().is_none(),
+        "the outsider's /drain stopped the sidecar"
+    );
     let level = call(&pod, inside, "GET", "/logging", "").unwrap().1;
-    assert!(!level.contains("trace"), "the outsider changed the log filter: {level}");
+    assert!(
+        !level.contains("trace"),
+        "the outsider changed the log filter: {level}"
+    );
     let metrics = call(&pod, inside, "GET", "/metrics", "").unwrap().1;
     assert!(
         metrics.contains("rampart_admin_requests_refused_total 9"),
@@ -94,10 +117,24 @@ fn admin_api_serves_only_probes_outside_the_pod() {
     // Inside the pod, on loopback, everything works.
     for p in ["/config", "/identity", "/policy"] {
         let r = call(&pod, inside, "GET", p, "");
-        assert_eq!(r.as_ref().map(|r| r.0), Some(200), "GET {p} from loopback: {r:?}");
+        assert_eq!(
+            r.as_ref().map(|r| r.0),
+            Some(200),
+            "GET {p} from loopback: {r:?}"
+        );
     }
-    assert_eq!(call(&pod, inside, "PUT", "/logging", "info").map(|r| r.0), Some(200));
-    assert_eq!(call(&pod, inside, "POST", "/drain", "").map(|r| r.0), Some(202));
+    assert_eq!(
+        call(&pod, inside, "PUT", "/logging", "info").map(|r| r.0),
+        Some(200)
+    );
+    assert_eq!(
+        call(&pod, inside, "POST", "/drain", "").map(|r| r.0),
+        Some(202)
+    );
     let status = proc.wait_exit(Duration::from_secs(30));
-    assert!(status.success(), "drained from loopback: {status:?}\n{}", proc.logs());
+    assert!(
+        status.success(),
+        "drained from loopback: {status:?}\n{}",
+        proc.logs()
+    );
 }

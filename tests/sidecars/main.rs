@@ -7,6 +7,7 @@ use rampart_testkit as support;
 
 mod central;
 mod gospiffe;
+mod hostile_policy;
 mod http;
 mod ingress_mtls;
 mod istio;

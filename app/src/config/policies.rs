@@ -94,7 +94,11 @@ impl Config {
 
     /// The policy files and Istio files, as the policy watcher polls them.
     pub fn policy_files(&self) -> Vec<std::path::PathBuf> {
-        let istio = self.inbound.istio.iter().flat_map(|i| i.files.iter().cloned());
+        let istio = self
+            .inbound
+            .istio
+            .iter()
+            .flat_map(|i| i.files.iter().cloned());
         self.inbound.policies.iter().cloned().chain(istio).collect()
     }
 

@@ -153,7 +153,11 @@ allow if {
     #[ignore = "a measurement, not a check (run it by name)"]
     fn measure_regorus_parse_time_by_nesting() {
         let budget = std::time::Duration::from_secs(4);
-        for (label, open, close) in [("[", "[", "]"), ("{", "{\"a\": ", "}"), ("unclosed [", "[", "")] {
+        for (label, open, close) in [
+            ("[", "[", "]"),
+            ("{", "{\"a\": ", "}"),
+            ("unclosed [", "[", ""),
+        ] {
             for n in (2..=30).step_by(2) {
                 let src = format!("package p\n\nx := {}1{}\n", open.repeat(n), close.repeat(n));
                 let start = std::time::Instant::now();
