@@ -18,6 +18,7 @@ pub mod explain;
 pub mod external;
 pub mod input;
 pub mod istio;
+pub mod jose;
 pub mod jwt;
 pub mod load;
 pub mod model;
