@@ -644,6 +644,12 @@ pub enum LocalReason {
     AppTimeout,
     /// The client's request body stopped moving.
     UploadStalled,
+    /// A request head or body whose framing or fields are ambiguous
+    /// (duplicate `Host`, `Host` beside another authority, malformed
+    /// chunked framing): 400.
+    BadRequest,
+    /// A tunnel (`CONNECT`, `Upgrade`) that no ALLOW rule names explicitly.
+    TunnelNotAllowed,
     /// A tunnel to an app declared `http2` or `grpc`.
     TunnelUnsupported,
     /// No upgrade handle on a tunnel request (a bug).
@@ -675,6 +681,8 @@ impl LocalReason {
             LocalReason::AppUnreachable => "app_unreachable",
             LocalReason::AppTimeout => "app_timeout",
             LocalReason::UploadStalled => "upload_stalled",
+            LocalReason::BadRequest => "bad_request",
+            LocalReason::TunnelNotAllowed => "tunnel_not_allowed",
             LocalReason::TunnelUnsupported => "tunnel_unsupported",
             LocalReason::NotUpgradable => "not_upgradable",
             LocalReason::NoIdentity => "no_identity",
