@@ -241,6 +241,11 @@ pub struct InboundConfig {
     /// semantics (docs/policy.md#istio-resources).
     #[serde(default)]
     pub istio: Option<IstioConfig>,
+    /// How long, and over how many source bytes, one version of the
+    /// policies (files, Rego modules, data, Istio files, bundles) may
+    /// compile, at start and on reload.
+    #[serde(default)]
+    pub policy_budget: rampart_proxy::policy::CompileBudget,
 }
 
 /// Istio resources for this workload: where they are and who it is.

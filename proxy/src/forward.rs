@@ -177,10 +177,13 @@ where
 {
     let (parts, body, permit) = permitted.into_parts(ForwardKey(()));
     let (body, ended) = RequestBody::new(body);
+    let progress = ended.clone();
     let sent = client.request(Request::from_parts(parts, body));
     match response_within(timeout, ended, sent).await {
         Err(Waited::NoResponse) => Err(LocalError::AppTimeout),
         Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
+        // The client's chunked framing broke mid-body: 400, not 502.
+        Ok(Err(_)) if progress.is_some_and(|p| p.client_failed()) => Err(LocalError::MalformedBody),
         Ok(Err(e)) => Err(LocalError::AppUnreachable(e)),
         Ok(Ok(r)) => Ok((r, permit)),
     }
@@ -230,10 +233,12 @@ async fn send_to_peer<C>(
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
+    let progress = ended.clone();
     let sent = client.request(req);
     match response_within(timeout, ended, sent).await {
         Err(Waited::NoResponse) => Err(LocalError::PeerTimeout),
         Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
+        Ok(Err(_)) if progress.is_some_and(|p| p.client_failed()) => Err(LocalError::MalformedBody),
         Ok(Ok(r)) => Ok(r),
         // The pool's connector says why it could not connect.
         Ok(Err(e)) => Err(match pool_failure(&e) {

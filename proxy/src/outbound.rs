@@ -66,6 +66,10 @@ pub async fn serve(
     }
 }
 
+/// Refusals during an identity outage: one line per 10 s, with a count.
+static NO_IDENTITY_LOG: crate::log_limit::RateLimited =
+    crate::log_limit::RateLimited::new(crate::log_limit::EVERY);
+
 async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, watch: Watch) {
     let _gauge = metrics::ConnectionGauge::open(Direction::Outbound);
     let dst = accepted.orig_dst.0;
@@ -128,7 +132,9 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
             },
         };
         let Some(configs) = shared.identity() else {
-            tracing::info!("connection refused: no identity");
+            if let Some(suppressed) = NO_IDENTITY_LOG.hit() {
+                tracing::info!(suppressed, "connection refused: no identity");
+            }
             metrics::handshake(Direction::Outbound, HandshakeResult::NoIdentity);
             return;
         };

@@ -96,7 +96,7 @@ pub fn accepted(dst: SocketAddr) -> (Accepted<DuplexStream>, DuplexStream) {
         client: ClientAddr(client_addr()),
         orig_dst: OrigDstAddr(dst),
         stream: near,
-        slot,
+        slot: slot.into(),
     };
     (a, far)
 }

@@ -6,6 +6,7 @@
 
 use rampart_testkit as support;
 
+mod admin;
 mod container;
 mod discovery;
 mod dsl;

@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// A request body on its way upstream. When it has no end yet (an upload),
+/// A request body on its way upstream, with any identity header removed
+/// from its trailers. When it has no end yet (an upload),
 /// it reports its progress and its end, so that the response timeout can
 /// start at the end, as Envoy's route timeout does (a slow upload to a
 /// healthy app is not a 504), while an upload that stops moving is still
@@ -36,9 +37,17 @@ pub struct Progress {
     epoch: Instant,
     /// Milliseconds after `epoch` of the last frame read.
     last_ms: AtomicU64,
+    /// Whether the client's body failed (its framing broke).
+    failed: AtomicBool,
 }
 
 impl Progress {
+    /// Whether the client's side of the body failed: an exchange that broke
+    /// then is the client's fault (400), not the far end's (502).
+    pub fn client_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     fn last(&self) -> Instant {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Acquire))
     }
@@ -52,6 +61,7 @@ impl RequestBody {
                 ended: Notify::new(),
                 epoch: Instant::now(),
                 last_ms: AtomicU64::new(0),
+                failed: AtomicBool::new(false),
             })
         });
         let watch = progress.clone();
@@ -91,10 +101,22 @@ impl Body for RequestBody {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None | Some(Err(_))) => self.finish(),
-            Poll::Ready(Some(Ok(_))) => {
+        let mut polled = Pin::new(inner).poll_frame(cx);
+        match &mut polled {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(p) = &self.progress {
+                    p.failed.store(true, Ordering::Release);
+                }
+                self.finish();
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                // Trailers (HTTP/1.1 chunked, HTTP/2) never carry an
+                // identity header on to the app: the sidecar sets none
+                // there, so any is forged.
+                if let Some(t) = frame.trailers_mut() {
+                    super::headers::remove_identity_headers(t, false);
+                }
                 if self.is_end_stream() {
                     self.finish();
                 } else if let Some(p) = &self.progress {
@@ -307,6 +329,7 @@ mod tests {
             ended: Notify::new(),
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
         })
     }
 

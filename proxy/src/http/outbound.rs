@@ -29,6 +29,7 @@ use rampart_discovery::balance::{Balancer, Outcome, Refusal};
 use rampart_identity::SpiffeId;
 
 use super::ProxyBody;
+use super::body::{Counted, StreamCount};
 use super::errors::LocalError;
 use super::headers::{ORIG_PROTO, strip_hop_by_hop};
 use super::tunnel::{Tunnel, TunnelTask};
@@ -87,23 +88,30 @@ pub async fn serve<S: Io>(
         authority,
         tunnel: TunnelTask::default(),
     });
+    // An app's keep-alive connection is closed after `http_idle_timeout`
+    // without a request in flight, not at the header read timeout (which
+    // the guard keeps from the first byte of a head).
+    let limits = &shared.config.limits;
+    let streams = StreamCount::new(limits.http_idle_timeout);
     let a = app.clone();
+    let counts = streams.clone();
     let service = hyper::service::service_fn(move |req| {
         let a = a.clone();
-        async move { Ok::<_, Infallible>(send(&a, req).await) }
+        let stream = Some(counts.open());
+        async move { Ok::<_, Infallible>(send(&a, req).await.map(|b| Counted::new(b, stream))) }
     });
     let conn = shared
         .outbound_http
         .server
         .serve_connection(
-            TokioIo::new(crate::smuggling::SmugglingGuard::new(
-                stream,
-                shared.config.limits.http_max_header_bytes,
-            )),
+            TokioIo::new(
+                crate::smuggling::SmugglingGuard::new(stream, limits.http_max_header_bytes)
+                    .with_head_timeout(limits.http_header_read_timeout),
+            ),
             service,
         )
         .with_upgrades();
-    let result = serve_gracefully!(conn, watch, std::future::pending::<()>());
+    let result = serve_gracefully!(conn, watch, streams.idle_expired());
     if let Err(e) = result {
         tracing::debug!(error = %e, "app http connection ended with an error");
     }

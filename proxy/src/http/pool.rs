@@ -68,7 +68,11 @@ impl OutboundHttp {
         let mut server = hyper::server::conn::http1::Builder::new();
         server
             .timer(TokioTimer::new())
-            .header_read_timeout(l.http_header_read_timeout)
+            // The smuggling guard keeps the header read timeout, from the
+            // first byte of each head; hyper's would also close idle
+            // keep-alive connections (`http::outbound` keeps their idle
+            // timeout).
+            .header_read_timeout(None)
             .max_buf_size(l.http_max_header_bytes.max(8192))
             .max_headers(l.http_max_headers);
         // One cap over every pool: a connection holds a permit until it closes.
