@@ -45,7 +45,7 @@ fn allow_get(path: &str) -> String {
 type Edit<'a> = &'a dyn Fn(&mut Config);
 
 /// No change.
-fn same(_: &mut Config) {}
+pub(crate) fn same(_: &mut Config) {}
 
 fn pair(policy: &str, backend_edit: Edit, web_edit: Edit) -> Pair {
     pair_with_files(policy, &[], backend_edit, web_edit)
