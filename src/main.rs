@@ -50,14 +50,16 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Agent(args) => agent::run(args).map(|()| std::process::ExitCode::SUCCESS),
-        Command::Demo(args) => demo::run(args),
-        Command::DemoApp(args) => demo::run_app(args),
+        Command::Demo(args) => demo::run(args).map_err(anyhow::Error::from),
+        Command::DemoApp(args) => demo::run_app(args).map_err(anyhow::Error::from),
         Command::Init(args) => init::run(args)
             .map(|()| std::process::ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),
         Command::Ca(cmd) => ca_cmd::run(cmd).map(|()| std::process::ExitCode::SUCCESS),
         Command::Inject(args) => inject_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
-        Command::Webhook(args) => webhook::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Webhook(args) => webhook::run(args)
+            .map(|()| std::process::ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Command::Policy(args) => policy_cmd::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {

@@ -11,10 +11,13 @@
 //! - [`init`], [`inject`], [`webhook`]: the pod's capture rules, the
 //!   Kubernetes mutation (with [`probes`] and [`other_mesh`]) and the
 //!   admission webhook (with [`webhook_tls`]);
-//! - [`demo`]: `rampart demo`, scenario 1 on loopback or in namespaces.
+//! - [`demo`]: `rampart demo`, scenario 1 on loopback or in namespaces,
+//!   these made by [`netns`] (which the test kit's pods use too).
 //!
 //! The option structs of the commands derive `clap::Args`, so that one
 //! definition serves the command line and callers of this library.
+
+#![forbid(unsafe_code)]
 
 pub mod central;
 pub mod config;
@@ -22,6 +25,7 @@ pub mod demo;
 pub mod identity;
 pub mod init;
 pub mod inject;
+pub mod netns;
 pub mod other_mesh;
 pub mod probes;
 pub mod run;

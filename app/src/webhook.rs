@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use base64::Engine as _;
 use bytes::Bytes;
 use clap::Args;
@@ -21,7 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value as Json, json};
 
 use crate::inject::{InjectOptions, inject_pod};
-use crate::webhook_tls::{CertFiles, ReloadingCert};
+use crate::webhook_tls::{CertError, CertFiles, ReloadingCert};
 
 /// Largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -49,8 +48,32 @@ pub struct WebhookArgs {
     pub options: InjectOptions,
 }
 
+/// Why the webhook server could not start. Once it serves, a failed
+/// handshake or request is logged, never fatal.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// The certificate or key files cannot be used (the operator's fault).
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// rustls refused the TLS settings (a bug: they are fixed).
+    #[error("TLS settings: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The runtime could not be built (the machine).
+    #[error("cannot build the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The listen address cannot be bound (in use, or not ours).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// `--listen`.
+        addr: SocketAddr,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Runs the webhook server until SIGTERM or SIGINT.
-pub fn run(args: WebhookArgs) -> anyhow::Result<()> {
+pub fn run(args: WebhookArgs) -> Result<(), WebhookError> {
     let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
@@ -66,12 +89,18 @@ pub fn run(args: WebhookArgs) -> anyhow::Result<()> {
     let options = Arc::new(args.options);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(WebhookError::Runtime)?;
     rt.block_on(async move {
+        let listen_error = |source| WebhookError::Listen {
+            addr: args.listen,
+            source,
+        };
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        tracing::info!(listen.addr = %listener.local_addr()?, "webhook listening");
+            .map_err(listen_error)?;
+        let bound = listener.local_addr().map_err(listen_error)?;
+        tracing::info!(listen.addr = %bound, "webhook listening");
         tokio::spawn(cert.watch(args.tls_reload_interval));
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let shutdown = shutdown_signal();
@@ -248,7 +277,7 @@ async fn handle(
     }
 }
 
-fn server_config(cert: Arc<ReloadingCert>) -> anyhow::Result<rustls::ServerConfig> {
+fn server_config(cert: Arc<ReloadingCert>) -> Result<rustls::ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

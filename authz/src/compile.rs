@@ -171,6 +171,8 @@ pub(crate) struct PathSet {
     pub prefixes: Vec<(Box<str>, bool)>,
     /// Template, and whether it ignores case.
     pub templates: Vec<(Vec<TemplateSegment>, bool)>,
+    /// Anchored regular expressions (case folding compiled in).
+    pub regexes: Vec<regex::bytes::Regex>,
 }
 
 impl PathSet {
@@ -186,6 +188,7 @@ impl PathSet {
                 }
                 PathPattern::Prefix(s) => set.prefixes.push((s.as_str().into(), ic)),
                 PathPattern::Template(t) => set.templates.push((t.clone(), ic)),
+                PathPattern::Regex(r) => set.regexes.push(r.regex.clone()),
             }
         }
         set

@@ -257,6 +257,7 @@ impl PathSet {
                 .templates
                 .iter()
                 .any(|(t, ic)| template_matches(t, path.strip_prefix('/'), *ic))
+            || self.regexes.iter().any(|r| r.is_match(path.as_bytes()))
     }
 }
 

@@ -16,8 +16,10 @@
 pub mod central;
 pub mod explain;
 pub mod external;
+pub mod import;
 pub mod input;
 pub mod istio;
+pub mod jose;
 pub mod jwt;
 pub mod load;
 pub mod model;

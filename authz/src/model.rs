@@ -531,24 +531,40 @@ impl<'de> Deserialize<'de> for PathMatcher {
             ) -> Result<PathMatcher, A::Error> {
                 use serde::de::Error;
                 let mut pattern = None;
+                let mut regex: Option<String> = None;
                 let mut ignore_case = None;
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
                         "path" if pattern.is_none() => pattern = Some(map.next_value()?),
+                        "regex" if regex.is_none() => regex = Some(map.next_value()?),
                         "ignore_case" if ignore_case.is_none() => {
                             ignore_case = Some(map.next_value()?)
                         }
-                        "path" | "ignore_case" => {
+                        "path" | "regex" | "ignore_case" => {
                             return Err(A::Error::custom(format!("duplicate field `{key}`")));
                         }
                         other => {
-                            return Err(A::Error::unknown_field(other, &["path", "ignore_case"]));
+                            return Err(A::Error::unknown_field(
+                                other,
+                                &["path", "regex", "ignore_case"],
+                            ));
                         }
                     }
                 }
+                let ignore_case = ignore_case.unwrap_or(false);
+                let pattern = match (pattern, regex) {
+                    (Some(p), None) => p,
+                    (None, Some(r)) => PathPattern::Regex(
+                        RegexPattern::path(&r, ignore_case).map_err(A::Error::custom)?,
+                    ),
+                    (Some(_), Some(_)) => {
+                        return Err(A::Error::custom("give `path` or `regex`, not both"));
+                    }
+                    (None, None) => return Err(A::Error::missing_field("path")),
+                };
                 Ok(PathMatcher {
-                    pattern: pattern.ok_or_else(|| A::Error::missing_field("path"))?,
-                    ignore_case: ignore_case.unwrap_or(false),
+                    pattern,
+                    ignore_case,
                 })
             }
         }
@@ -570,6 +586,10 @@ pub enum PathPattern {
     /// `/api/{*}/items`, `/static/{**}`: segments, where `{*}` is one
     /// segment and `{**}` any number (including none).
     Template(Vec<TemplateSegment>),
+    /// `{regex: RE}`: the whole normalized path (without the query)
+    /// matches the regular expression (Rust `regex` syntax, linear time;
+    /// Envoy's `safe_regex` path match, SMI's `pathRegex`).
+    Regex(RegexPattern),
 }
 
 /// One segment of a [`PathPattern::Template`].
@@ -809,6 +829,36 @@ pub struct RegexPattern {
     /// Compiled as `^(?:source)$` over bytes.
     pub regex: regex::bytes::Regex,
 }
+
+impl RegexPattern {
+    /// Largest compiled program of one pattern: a path pattern is data an
+    /// importer may copy from a file, so it is bounded.
+    const SIZE_LIMIT: usize = 1 << 20;
+
+    /// An anchored path pattern (`^(?:RE)$`), case-insensitive on request.
+    pub fn path(source: &str, ignore_case: bool) -> Result<RegexPattern, String> {
+        if source.is_empty() {
+            return Err("an empty path regex matches no path".into());
+        }
+        let regex = regex::bytes::RegexBuilder::new(&format!("^(?:{source})$"))
+            .case_insensitive(ignore_case)
+            .size_limit(Self::SIZE_LIMIT)
+            .build()
+            .map_err(|e| format!("invalid path regex {source:?}: {e}"))?;
+        Ok(RegexPattern {
+            source: source.to_owned(),
+            regex,
+        })
+    }
+}
+
+impl PartialEq for RegexPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for RegexPattern {}
 
 impl fmt::Debug for RegexPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -6,10 +6,7 @@
 //! target/release/rampart-bench mesh --out bench-results` (the default
 //! profile; see benches/RESULTS.md), or `tcp-rtt` / `http-rtt`.
 
-#![allow(
-    unsafe_code,
-    reason = "the network-namespace harness calls libc directly: setns, geteuid, kill"
-)]
+#![forbid(unsafe_code)]
 
 mod apps;
 mod h2load;
@@ -19,9 +16,11 @@ mod netns;
 mod procstat;
 mod report;
 mod topology;
+mod unscraped;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -36,7 +35,9 @@ fn usage() -> ! {
          \x20        [--h2-rates R1,R2]\n\
          \x20        [--h2-conns N] [--newconn-rate R] [--many-conns N] [--many-rate R]\n\
          \x20        [--duration SECS] [--reps N] [--out DIR] [--require-all]\n\
-         \x20      rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\n\
+         \x20      rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\
+         \x20                                     [--also NAME=RAMPART_BINARY]...\n\
+         \x20      rampart-bench unscraped [--minutes M] [--rate R] [--conns N]\n\n\
          mesh (the default): direct versus Rampart, nginx and HAProxy pairs doing the same\n\
          mTLS hop, --duration ({dur}) s per run, --reps ({reps}) interleaved, in workloads\n\
          (--only, default all):\n\
@@ -59,7 +60,11 @@ fn usage() -> ! {
          direct to an echo app versus through two Rampart sidecars (mTLS).\n\
          http-rtt: small HTTP/1.1 GETs on one keep-alive connection, direct versus\n\
          through two sidecars with an ALLOW policy checked per request; then\n\
-         requests/s over --conns connections (default 16).",
+         requests/s over --conns connections (default 16). Each --also adds a pair run by\n\
+         another rampart executable (an older build, say), measured in the same run; the\n\
+         pairs take turns in a rotating order so that none always runs right after direct.\n\
+         unscraped: a Rampart HTTP pair at --rate (2000) req/s for --minutes (30), /metrics\n\
+         never scraped; the sidecars' RSS at minute 2 and at the end (issue 19, R2).",
         dur = d.duration.as_secs_f64(),
         reps = d.reps,
         rates = list(&d.rates),
@@ -89,13 +94,39 @@ fn main() {
         mesh::run(mesh_options(args));
         return;
     }
+    if profile == "unscraped" {
+        let mut o = unscraped::Options::default();
+        while let Some(a) = args.next() {
+            let v = args.next().unwrap_or_else(|| usage());
+            match a.as_str() {
+                "--minutes" => o.minutes = v.parse().unwrap_or_else(|_| usage()),
+                "--rate" => o.rate = v.parse().unwrap_or_else(|_| usage()),
+                "--conns" => o.conns = v.parse().unwrap_or_else(|_| usage()),
+                _ => usage(),
+            }
+        }
+        unscraped::run(&o);
+        return;
+    }
     let mut requests = 20_000u64;
     let mut reps = 3u32;
     let mut size = 64usize;
     let mut conns = 16usize;
+    let mut also: Vec<(String, PathBuf)> = Vec::new();
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
+            "--also" => {
+                let (name, bin) = v.split_once('=').unwrap_or_else(|| usage());
+                let bin = PathBuf::from(bin);
+                if name.is_empty() || name == "direct" || name == "rampart" || !bin.is_file() {
+                    eprintln!(
+                        "--also {v}: want NAME=PATH of an executable, NAME not direct/rampart"
+                    );
+                    std::process::exit(2);
+                }
+                also.push((name.to_string(), bin));
+            }
             "--requests" => requests = v.parse().unwrap_or_else(|_| usage()),
             "--reps" => reps = v.parse().unwrap_or_else(|_| usage()),
             "--size" => size = v.parse().unwrap_or_else(|_| usage()),
@@ -104,8 +135,8 @@ fn main() {
         }
     }
     match profile.as_str() {
-        "tcp-rtt" => tcp_rtt(requests, reps, size),
-        "http-rtt" => http_rtt(requests, reps, conns),
+        "tcp-rtt" if also.is_empty() => tcp_rtt(requests, reps, size),
+        "http-rtt" => http_rtt(requests, reps, conns, &also),
         _ => usage(),
     }
 }
@@ -184,25 +215,48 @@ fn tcp_rtt(requests: u64, reps: u32, size: usize) {
     drop(mesh);
 }
 
-fn http_rtt(requests: u64, reps: u32, conns: usize) {
+fn http_rtt(requests: u64, reps: u32, conns: usize, also: &[(String, PathBuf)]) {
+    let load_before = load_average();
     let env = topology::Env::new();
     let app = topology::HttpApp::start();
-    let mesh = env.rampart_http_pair(app.addr);
-    let targets = [("direct", app.addr), ("rampart", mesh.entry)];
+    let mut pairs = vec![env.rampart_http_pair(app.addr)];
+    pairs.extend(
+        also.iter()
+            .map(|(_, bin)| env.rampart_http_pair_with(bin, app.addr)),
+    );
+    let mut targets: Vec<(&str, SocketAddr)> =
+        vec![("direct", app.addr), ("rampart", pairs[0].entry)];
+    targets.extend(
+        also.iter()
+            .zip(&pairs[1..])
+            .map(|((n, _), p)| (n.as_str(), p.entry)),
+    );
     let mut results: Vec<(&str, Vec<Histogram<u64>>)> =
         targets.iter().map(|(n, _)| (*n, Vec::new())).collect();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-    for rep in 0..reps {
-        for (i, (name, addr)) in targets.iter().enumerate() {
+    let proxied = targets.len() - 1;
+    for rep in 0..reps as usize {
+        // Direct first, then the pairs in an order that rotates per
+        // repetition (A B, B A, ...), so no pair always follows direct.
+        let order = std::iter::once(0).chain((0..proxied).map(|k| 1 + (k + rep) % proxied));
+        for i in order {
+            let (name, addr) = targets[i];
             eprint!("\rrep {}/{reps}: {name:<8}", rep + 1);
-            results[i].1.push(http_ping_pong(*addr, requests));
-            rates[i].push(http_saturate(*addr, conns, Duration::from_secs(3)));
+            results[i].1.push(http_ping_pong(addr, requests));
+            rates[i].push(http_saturate(addr, conns, Duration::from_secs(3)));
         }
     }
     eprintln!();
     println!("# HTTP/1.1 GET /bench, 2-byte response, one keep-alive connection;");
     println!("# through Rampart: HTTP/2 between the sidecars, ALLOW policy checked per request");
     println!("# {requests} requests x {reps} interleaved repetitions; medians over repetitions");
+    for (name, bin) in also {
+        println!("# {name}: {}", bin.display());
+    }
+    println!(
+        "# load average (1, 5, 15 min) before: {load_before}, after: {}",
+        load_average()
+    );
     print_latency_table(&results);
     println!();
     println!("| topology | requests/s ({conns} connections) | / direct |");
@@ -212,7 +266,15 @@ fn http_rtt(requests: u64, reps: u32, conns: usize) {
         let r = median(&rates[i]);
         println!("| {name} | {r:.0} | {:.2} |", r / direct);
     }
-    drop(mesh);
+    drop(pairs);
+}
+
+/// The first three fields of /proc/loadavg, or why they could not be read.
+fn load_average() -> String {
+    match std::fs::read_to_string("/proc/loadavg") {
+        Ok(s) => s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        Err(e) => format!("unknown ({e})"),
+    }
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -215,7 +215,7 @@ impl Env {
         format!("{name}-{n}")
     }
 
-    fn sidecar(&self, name: &str, svid: &Path, body: &str) -> Proc {
+    fn sidecar(&self, bin: &Path, name: &str, svid: &Path, body: &str) -> Proc {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let cfg = format!(
             "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: warn}}\n{body}",
@@ -223,7 +223,7 @@ impl Env {
         );
         let path = self.dir.path().join(format!("{}.yaml", self.unique(name)));
         std::fs::write(&path, cfg).expect("write config");
-        let child = Command::new(&self.bin)
+        let child = Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(&path)
@@ -239,6 +239,7 @@ impl Env {
     /// authorized per connection by an allowlist.
     pub fn rampart_pair(&self, app: SocketAddr) -> Pair {
         self.sidecar_pair(
+            &self.bin,
             ServerSvid::Genuine,
             app,
             &format!(
@@ -254,6 +255,7 @@ impl Env {
     /// once by an allowlist; no HTTP parsing.
     pub fn rampart_opaque_pair(&self, app: SocketAddr) -> Pair {
         self.sidecar_pair(
+            &self.bin,
             ServerSvid::Genuine,
             app,
             &format!(
@@ -268,6 +270,21 @@ impl Env {
     /// evaluated on every request (principal, method and path).
     pub fn rampart_http_pair(&self, app: SocketAddr) -> Pair {
         self.pair(Kind::Rampart, Flavor::Http1, app, ServerSvid::Genuine)
+    }
+
+    /// [`Env::rampart_http_pair`] with another `rampart` executable (an
+    /// older build, to compare two versions in one run). It must read the
+    /// same configuration schema as the one beside this harness.
+    pub fn rampart_http_pair_with(&self, bin: &Path, app: SocketAddr) -> Pair {
+        let inbound = self.rampart_policy_inbound();
+        self.sidecar_pair(bin, ServerSvid::Genuine, app, &inbound, "")
+    }
+
+    /// The `inbound:` section that loads [`Env::policy_text`] from a file.
+    fn rampart_policy_inbound(&self) -> String {
+        let policy = self.dir.path().join("allow.yaml");
+        std::fs::write(&policy, self.policy_text()).expect("write policy");
+        format!("inbound:\n  policies: [\"{}\"]\n", policy.display())
     }
 
     /// A pair of `kind` in front of the HTTP app at `app`; the server side
@@ -288,10 +305,14 @@ impl Env {
     ) -> Pair {
         match kind {
             Kind::Rampart => {
-                let policy = self.dir.path().join("allow.yaml");
-                std::fs::write(&policy, self.policy_text()).expect("write policy");
-                let inbound = format!("inbound:\n  policies: [\"{}\"]\n", policy.display());
-                self.sidecar_pair(server_svid, app, &inbound, flavor.rampart_outbound())
+                let inbound = self.rampart_policy_inbound();
+                self.sidecar_pair(
+                    &self.bin,
+                    server_svid,
+                    app,
+                    &inbound,
+                    flavor.rampart_outbound(),
+                )
             }
             Kind::Nginx => self.nginx_pair(flavor, app, server_svid),
             Kind::Haproxy => self.haproxy_pair(flavor, app, server_svid),
@@ -301,6 +322,7 @@ impl Env {
     /// `outbound_cfg` may use `{inbound}`, the server side's address.
     fn sidecar_pair(
         &self,
+        bin: &Path,
         server_svid: ServerSvid,
         app: SocketAddr,
         inbound_cfg: &str,
@@ -311,6 +333,7 @@ impl Env {
         let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let entry = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let server = self.sidecar(
+            bin,
             "server",
             &server_svid,
             &format!(
@@ -318,6 +341,7 @@ impl Env {
             ),
         );
         let client = self.sidecar(
+            bin,
             "client",
             &client_svid,
             &format!(
@@ -560,27 +584,17 @@ pub struct Proc {
     child: Child,
 }
 
-impl Proc {
-    /// Takes charge of `child`.
-    pub fn new(child: Child) -> Self {
-        Proc { child }
-    }
-
-    /// Its process id.
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-}
-
 impl Drop for Proc {
     fn drop(&mut self) {
         // nginx's workers outlive a killed master: kill its descendants too.
         let descendants = crate::procstat::tree(self.child.id());
         let _ = self.child.kill();
+        // These pids are this child's descendants, read from /proc just
+        // before; one already gone is fine.
         for pid in descendants.into_iter().skip(1) {
-            // SAFETY: kill has no memory-safety preconditions; these pids are
-            // this child's descendants, read from /proc just before.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
         }
         let _ = self.child.wait();
     }

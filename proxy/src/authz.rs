@@ -182,6 +182,20 @@ pub fn connection(
     }
 }
 
+/// Whether the policies in force would admit `conn` to `port` as an opaque
+/// connection, without deciding it (no permit, no count, no log): the
+/// inbound stage asks it of a silent client, which it waits on as HTTP
+/// instead of refusing it when the answer is no.
+pub fn admits_connection(conn: &Authenticated, port: u16, cell: &Arc<PolicyCell>) -> bool {
+    let info = connection_info(conn.peer.as_ref(), conn.client.0.ip(), port)
+        .with_dest_ip(conn.orig_dst.0.ip())
+        .with_sni(conn.sni.as_deref());
+    cell.current()
+        .authorizer
+        .check_connection(&info)
+        .is_allowed()
+}
+
 /// An HTTP request that may proceed: the request and the permit issued for
 /// it, inseparable until `forward` opens them. Its head may still be
 /// rewritten (hop-by-hop fields, XFCC, the permit's header effects), not
@@ -260,7 +274,7 @@ pub struct Standing {
     cell: Arc<PolicyCell>,
     changes: tokio::sync::watch::Receiver<u64>,
     /// The listener slot, held while the connection lives.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: crate::listen::Slot,
 }
 
 impl Standing {

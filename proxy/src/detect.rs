@@ -4,9 +4,14 @@
 //!
 //! Detection only looks; it never consumes. On a socket it peeks; on a
 //! decrypted stream it reads into a small buffer that [`Rewind`] replays.
-//! A client that sends nothing within the detect timeout is treated as
+//! It leans towards HTTP ([`classify`]): anything an HTTP server could
+//! take for a request is served by hyper, which parses it or refuses it,
+//! so no request reaches an app without the sidecar's header rules. A
+//! client that sends nothing within the detect timeout is treated as
 //! opaque, so server-speaks-first protocols (SMTP, MySQL) still work on
-//! undeclared ports, after the timeout; declare such ports `opaque`.
+//! undeclared ports, after the timeout; declare such ports `opaque`. A
+//! client that sent a first byte is never turned into an opaque tunnel by
+//! the clock: a prefix still undecided at the timeout is HTTP ([`settle`]).
 
 use std::io;
 use std::pin::Pin;
@@ -55,8 +60,9 @@ impl Protocol {
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// How much is examined at most: an HTTP/1 request line longer than this is
-/// treated as opaque rather than buffered further.
+/// How much is examined at most. A prefix this long that still looks like
+/// the start of an HTTP/1 request (a long request line) is HTTP: hyper
+/// parses it or refuses it.
 pub const MAX_DETECT_BYTES: usize = 8 * 1024;
 
 /// The verdict on a prefix of a stream.
@@ -69,6 +75,13 @@ pub enum Verdict {
 }
 
 /// Classifies the first bytes of a stream.
+///
+/// Detection is biased towards HTTP: whatever an HTTP server could take
+/// for a request is HTTP, so that hyper parses it (or refuses it with 400)
+/// and the sidecar's header rules apply; only bytes that cannot start a
+/// request are opaque. The detector and the parser must never disagree in
+/// the direction where the app would parse a request that the sidecar did
+/// not (a forged `x-forwarded-client-cert` in it would reach the app).
 pub fn classify(buf: &[u8]) -> Verdict {
     if buf.is_empty() {
         return Verdict::NeedMore;
@@ -92,68 +105,128 @@ pub fn classify(buf: &[u8]) -> Verdict {
     classify_http1(buf)
 }
 
-/// `method SP request-target SP HTTP/1.x CRLF` (RFC 9112 §3). The method is
-/// a token; we accept upper-case letters and '-' only, which covers every
-/// registered method and rejects most binary protocols at the first byte.
+/// The verdict once no more bytes will come in time (the detect timeout,
+/// end of stream): a prefix still consistent with an HTTP/1 request is
+/// HTTP (hyper's header timeout and parser take over); silence is opaque
+/// (server-speaks-first protocols).
+pub fn settle(buf: &[u8]) -> Protocol {
+    match classify(buf) {
+        Verdict::Known(p) => p,
+        Verdict::NeedMore if buf.is_empty() || buf[0] == 0x16 => Protocol::Opaque,
+        Verdict::NeedMore => Protocol::Http1,
+    }
+}
+
+/// The verdict at the end of the stream: a prefix still undecided has no
+/// line end, hence no header field any parser would read, so it is opaque.
+pub fn settle_at_eof(buf: &[u8]) -> Protocol {
+    match classify(buf) {
+        Verdict::Known(p) => p,
+        Verdict::NeedMore => Protocol::Opaque,
+    }
+}
+
+/// Whether a byte may separate or precede the words of a request line for
+/// some HTTP server: ASCII whitespace, and what lenient parsers split on
+/// too (Python's `str.split` on Latin-1 text: VT, FF, the information
+/// separators 0x1c-0x1f, NEL and NBSP).
+fn is_space(b: u8) -> bool {
+    matches!(
+        b,
+        b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
+    )
+}
+
+/// Bytes no text request line contains: the other control characters.
+fn is_binary(b: u8) -> bool {
+    matches!(b, 0x00..=0x08 | 0x0e..=0x1b | 0x7f)
+}
+
+/// RFC 9110 §5.6.2 `tchar`, any case.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// An HTTP/1 request line (RFC 9112 §3), read as leniently as any server
+/// might: empty lines and whitespace before it are skipped (RFC 9112 §2.2
+/// and beyond), the method is any token in any case, and a first line that
+/// names `HTTP/` (any case, any version, any separators) is HTTP, even one
+/// that hyper then refuses (`HTTP/1.2`, tabs). A line that ends without
+/// naming `HTTP/`, a first byte that cannot start a method, or a control
+/// byte that no request line holds is opaque.
 fn classify_http1(buf: &[u8]) -> Verdict {
-    let method_len = buf
-        .iter()
-        .take_while(|b| b.is_ascii_uppercase() || **b == b'-')
-        .count();
-    if method_len == 0 || method_len > 20 {
+    let Some(start) = buf.iter().position(|b| !is_space(*b)) else {
+        return need_more(buf);
+    };
+    if !is_tchar(buf[start]) {
         return Verdict::Known(Protocol::Opaque);
     }
-    match buf.get(method_len) {
-        None => return Verdict::NeedMore,
-        Some(b' ') => {}
-        Some(_) => return Verdict::Known(Protocol::Opaque),
+    let line = &buf[start..];
+    for (i, b) in line.iter().enumerate() {
+        match *b {
+            b'\n' => return Verdict::Known(Protocol::Opaque),
+            b'H' | b'h'
+                if line[i..].len() >= 5 && line[i..i + 5].eq_ignore_ascii_case(b"HTTP/") =>
+            {
+                return Verdict::Known(Protocol::Http1);
+            }
+            b if is_binary(b) => return Verdict::Known(Protocol::Opaque),
+            _ => {}
+        }
     }
-    let Some(eol) = buf.iter().position(|b| *b == b'\n') else {
-        return if buf.len() >= MAX_DETECT_BYTES {
-            Verdict::Known(Protocol::Opaque)
-        } else {
-            Verdict::NeedMore
-        };
-    };
-    let line = buf[..eol].strip_suffix(b"\r").unwrap_or(&buf[..eol]);
-    if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+    need_more(buf)
+}
+
+/// A consistent prefix: more is needed, unless it reached the limit.
+fn need_more(buf: &[u8]) -> Verdict {
+    if buf.len() >= MAX_DETECT_BYTES {
         Verdict::Known(Protocol::Http1)
     } else {
-        Verdict::Known(Protocol::Opaque)
+        Verdict::NeedMore
     }
 }
 
 /// What peeking at a raw socket found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sniffed {
-    /// The first bytes decided (an HTTP/1 request line longer than the
-    /// peek, or any other prefix, is `Opaque` here and may be decided again
-    /// on the stream).
+    /// The first bytes decided, or settled at the timeout ([`settle`]).
     Decided(Protocol),
-    /// Nothing decisive arrived before the timeout: opaque, and waiting
-    /// again on the stream would only double the client's wait.
+    /// Not one byte arrived before the timeout: opaque (a server speaks
+    /// first), and waiting again on the stream would only double the
+    /// client's wait.
     TimedOut,
 }
 
 /// Detects the protocol of a raw socket without consuming anything.
-/// Silence or an undecidable prefix until `timeout` is [`Sniffed::TimedOut`]
-/// (counted as a detect timeout of `direction`).
+/// Silence until `timeout` is [`Sniffed::TimedOut`]; a prefix that is
+/// still undecided then is settled ([`settle`]: HTTP if it may be HTTP).
+/// Both count as a detect timeout of `direction`.
 pub async fn detect_socket(
     stream: &TcpStream,
     timeout: Duration,
     direction: Direction,
 ) -> io::Result<Sniffed> {
-    let mut buf = [0u8; 64];
+    // Most first segments decide within 64 bytes; a long request line gets
+    // the whole detection window (allocated only then).
+    let mut small = [0u8; 64];
+    let mut large: Vec<u8> = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut backoff = Duration::from_millis(1);
+    let mut seen = 0;
     loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+        let grown = !large.is_empty();
+        let buf: &mut [u8] = if grown { &mut large } else { &mut small };
+        let n = match tokio::time::timeout_at(deadline, stream.peek(buf)).await {
             Err(_) => {
                 crate::metrics::detect_timeout(direction);
-                return Ok(Sniffed::TimedOut);
+                return Ok(match seen {
+                    0 => Sniffed::TimedOut,
+                    _ => Sniffed::Decided(settle(&buf[..seen])),
+                });
             }
             Ok(r) => r?,
         };
+        seen = n;
         if n == 0 {
             // The client closed without sending anything.
             return Ok(Sniffed::Decided(Protocol::Opaque));
@@ -167,21 +240,24 @@ pub async fn detect_socket(
             Verdict::NeedMore if n < buf.len() => {
                 if tokio::time::Instant::now() + backoff >= deadline {
                     crate::metrics::detect_timeout(direction);
-                    return Ok(Sniffed::TimedOut);
+                    return Ok(Sniffed::Decided(settle(&buf[..n])));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(50));
             }
-            // 64 bytes decide TLS and HTTP/2; an HTTP/1 line this long
-            // without its end is decided on the decrypted path only.
-            Verdict::NeedMore => return Ok(Sniffed::Decided(Protocol::Opaque)),
+            // A long request line: look at up to the detection limit.
+            Verdict::NeedMore if !grown => large = vec![0; MAX_DETECT_BYTES],
+            // Invariant: the limit always decides (`need_more`).
+            Verdict::NeedMore => return Ok(Sniffed::Decided(settle(&buf[..n]))),
         }
     }
 }
 
 /// Detects the protocol of a stream by reading its first bytes, and returns
-/// a stream that replays them. Silence until `timeout` means
-/// [`Protocol::Opaque`] (counted as a detect timeout of `direction`).
+/// a stream that replays them. Silence until `timeout` is
+/// [`Protocol::Opaque`]; an undecided prefix then is settled ([`settle`]),
+/// at the end of the stream it is opaque ([`settle_at_eof`]). Timeouts
+/// count as detect timeouts of `direction`.
 pub async fn detect_stream<S>(
     mut stream: S,
     timeout: Duration,
@@ -197,17 +273,63 @@ where
             Verdict::Known(p) => break p,
             Verdict::NeedMore => {}
         }
-        if buf.len() >= MAX_DETECT_BYTES {
-            break Protocol::Opaque;
-        }
         match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
             Err(_) => {
                 crate::metrics::detect_timeout(direction);
-                break Protocol::Opaque;
+                break settle(&buf);
             }
-            Ok(Ok(0)) => break Protocol::Opaque,
+            // At the end of the stream no header can follow a first line
+            // that has not ended: what is undecided is opaque.
+            Ok(Ok(0)) => break settle_at_eof(&buf),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
+        }
+    };
+    Ok((
+        protocol,
+        Rewind {
+            prefix: buf,
+            inner: stream,
+        },
+    ))
+}
+
+/// Tells HTTP/2 (its connection preface) from HTTP/1 on a stream that is
+/// HTTP either way, and returns a stream that replays what was read. It
+/// waits for the first byte as long as the caller lets it (an idle
+/// connection opened ahead of use is served when its request comes);
+/// after the first byte, `head_timeout` bounds the rest of the preface.
+pub async fn http_version<S>(
+    mut stream: S,
+    head_timeout: Duration,
+) -> io::Result<(Protocol, Rewind<S>)>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    let mut deadline = None;
+    let protocol = loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if !buf.is_empty() && buf[..n] != H2_PREFACE[..n] {
+            break Protocol::Http1;
+        }
+        if n == H2_PREFACE.len() {
+            break Protocol::Http2;
+        }
+        let read = stream.read_buf(&mut buf);
+        let got = match deadline {
+            None => read.await,
+            Some(d) => match tokio::time::timeout_at(d, read).await {
+                Ok(r) => r,
+                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+            },
+        };
+        match got? {
+            // hyper's HTTP/1 side reports a partial head at the end.
+            0 => break Protocol::Http1,
+            _ => {
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + head_timeout);
+            }
         }
     };
     Ok((
@@ -233,6 +355,11 @@ impl<S> Rewind<S> {
             prefix: BytesMut::new(),
             inner,
         }
+    }
+
+    /// Whether nothing was read before (the client was silent).
+    pub fn replays_nothing(&self) -> bool {
+        self.prefix.is_empty()
     }
 
     /// The wrapped stream.
@@ -306,11 +433,24 @@ mod tests {
             (b"GET /", Verdict::NeedMore),
             (b"GET / HTTP/1.1\r\nHost: x\r\n", Verdict::Known(Http1)),
             (b"POST /a HTTP/1.0\n", Verdict::Known(Http1)),
-            (b"GET / HTTP/2.0\r\n", Verdict::Known(Opaque)),
-            (b"get / HTTP/1.1\r\n", Verdict::Known(Opaque)),
+            // What hyper refuses is still HTTP: it answers 400.
+            (b"GET / HTTP/2.0\r\n", Verdict::Known(Http1)),
+            (b"GET / HTTP/1.2\r\n", Verdict::Known(Http1)),
+            (b"get / HTTP/1.1\r\n", Verdict::Known(Http1)),
+            (b"GET\t/\tHTTP/1.1\r\n", Verdict::Known(Http1)),
+            (b"\r\nGET / HTTP/1.1\r\n", Verdict::Known(Http1)),
+            (b"  GET / http/1.1", Verdict::Known(Http1)),
+            (b"GET\xa0/\xa0HTTP/1.1", Verdict::Known(Http1)),
+            (b"PRI * HTTP/2.0\r\n\r\nXX", Verdict::Known(Http1)),
+            (b"\r\n", Verdict::NeedMore),
+            (b"G", Verdict::NeedMore),
+            (b"GET / HT", Verdict::NeedMore),
             (b"SSH-2.0-OpenSSH\r\n", Verdict::Known(Opaque)),
             (b"\x00\x00\x00\x08", Verdict::Known(Opaque)),
+            (b"GET\x00 / HTTP/1.1", Verdict::Known(Opaque)),
             (b"EHLO mail\r\n", Verdict::Known(Opaque)),
+            (b"get key\r\n", Verdict::Known(Opaque)),
+            (b"*1\r\n$4\r\nPING\r\n", Verdict::Known(Opaque)),
         ];
         for (input, want) in cases {
             assert_eq!(
@@ -320,6 +460,49 @@ mod tests {
                 String::from_utf8_lossy(input)
             );
         }
+    }
+
+    #[test]
+    fn long_lines_and_undecided_prefixes_settle_as_http() {
+        let mut long = b"GET /".to_vec();
+        long.resize(MAX_DETECT_BYTES, b'a');
+        assert_eq!(classify(&long), Verdict::Known(Protocol::Http1));
+        assert_eq!(settle(b""), Protocol::Opaque);
+        assert_eq!(settle(b"\x16"), Protocol::Opaque);
+        assert_eq!(settle(b"G"), Protocol::Http1);
+        assert_eq!(settle(b"\r\n"), Protocol::Http1);
+        assert_eq!(settle(b"SSH-2.0\r\n"), Protocol::Opaque);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_byte_then_silence_is_http() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(b"G").await.unwrap();
+        let (p, _) = detect_stream(b, Duration::from_secs(1), Direction::Inbound)
+            .await
+            .unwrap();
+        assert_eq!(p, Protocol::Http1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_http_version_waits_for_a_late_first_byte() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            a.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+            a
+        });
+        let (p, _) = http_version(b, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(p, Protocol::Http1);
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(H2_PREFACE).await.unwrap();
+        let (p, _) = http_version(b, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(p, Protocol::Http2);
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(b"PR").await.unwrap();
+        let e = http_version(b, Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        drop(late.await);
     }
 
     #[tokio::test]

@@ -196,6 +196,9 @@ pub async fn request(
     let (parts, body, permit) = permitted.into_parts(ForwardKey(()));
     let (body, ended) = RequestBody::new(body);
     let req = Request::from_parts(parts, body);
+    let progress = ended.clone();
+    // The client's chunked framing broke mid-body: 400, not 502.
+    let malformed = || progress.as_ref().is_some_and(|p| p.client_failed());
     match route {
         AppRoute::Http1 {
             pool,
@@ -210,6 +213,7 @@ pub async fn request(
             match response_within(timeout, ended, pool.send(&app, req, dial)).await {
                 Err(Waited::NoResponse) => Err(LocalError::AppTimeout),
                 Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
+                Ok(Err(_)) if malformed() => Err(LocalError::MalformedBody),
                 Ok(Err(SendError::Connect(PoolConnectError::App(c)))) => {
                     Err(LocalError::AppConnect(c))
                 }
@@ -221,6 +225,7 @@ pub async fn request(
         {
             Err(Waited::NoResponse) => Err(LocalError::AppTimeout),
             Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
+            Ok(Err(_)) if malformed() => Err(LocalError::MalformedBody),
             Ok(Err(e)) => Err(LocalError::AppUnreachable(Box::new(e))),
             Ok(Ok(r)) => Ok((r.map(UpstreamBody::from), permit)),
         },
@@ -239,10 +244,48 @@ pub async fn peer_request(
 ) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {
     let (parts, body) = req.into_parts();
     let (body, ended) = RequestBody::new(body);
-    let sent = hop.send(endpoint, Request::from_parts(parts, body));
+    send_to_peer(
+        hop,
+        endpoint,
+        Request::from_parts(parts, body),
+        ended,
+        timeout,
+    )
+    .await
+}
+
+/// Sends a request without a body (one rebuilt to go to another endpoint
+/// after the first could not be reached) like [`peer_request`].
+pub async fn peer_request_empty<B>(
+    hop: &OutboundHttp,
+    endpoint: &Endpoint,
+    req: Request<B>,
+    timeout: Duration,
+) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {
+    let (parts, _) = req.into_parts();
+    send_to_peer(
+        hop,
+        endpoint,
+        Request::from_parts(parts, RequestBody::empty()),
+        None,
+        timeout,
+    )
+    .await
+}
+
+async fn send_to_peer(
+    hop: &OutboundHttp,
+    endpoint: &Endpoint,
+    req: Request<RequestBody>,
+    ended: Option<Arc<crate::http::body::Progress>>,
+    timeout: Duration,
+) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {
+    let progress = ended.clone();
+    let sent = hop.send(endpoint, req);
     match response_within(timeout, ended, sent).await {
         Err(Waited::NoResponse) => Err(LocalError::PeerTimeout),
         Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
+        Ok(Err(_)) if progress.is_some_and(|p| p.client_failed()) => Err(LocalError::MalformedBody),
         Ok(Ok(r)) => Ok(r),
         // The pool says why it could not connect.
         Ok(Err(SendError::Connect(c))) => Err(match c {

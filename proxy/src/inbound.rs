@@ -69,6 +69,10 @@ pub async fn serve(listener: Listener, target: AppTarget, shared: Arc<Shared>, m
     }
 }
 
+/// Refusals during an identity outage: one line per 10 s, with a count.
+static NO_IDENTITY_LOG: crate::log_limit::RateLimited =
+    crate::log_limit::RateLimited::new(crate::log_limit::EVERY);
+
 async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watch: Watch) {
     let _gauge = metrics::ConnectionGauge::open(Direction::Inbound);
     let span = tracing::info_span!(
@@ -85,6 +89,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         let limits = &shared.config.limits;
         // Stage: detect on the socket, only where plaintext is allowed.
         // `known`: what the socket already told about a plaintext stream.
+        let mut silent_socket = false;
         let (is_tls, known) = match settings.mode {
             TlsMode::Strict => (true, None),
             TlsMode::PermissiveAllowPlaintext => {
@@ -96,12 +101,11 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 .await
                 {
                     Ok(Sniffed::Decided(Protocol::Tls)) => (true, None),
-                    Ok(Sniffed::Decided(p @ (Protocol::Http1 | Protocol::Http2))) => {
-                        (false, Some(p))
+                    Ok(Sniffed::Decided(p)) => (false, Some(p)),
+                    Ok(Sniffed::TimedOut) => {
+                        silent_socket = true;
+                        (false, Some(Protocol::Opaque))
                     }
-                    // Content that may still be a long HTTP/1 request line.
-                    Ok(Sniffed::Decided(Protocol::Opaque)) => (false, None),
-                    Ok(Sniffed::TimedOut) => (false, Some(Protocol::Opaque)),
                     Err(e) => {
                         tracing::debug!(error = %e, "connection failed before detection");
                         return;
@@ -112,7 +116,9 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         let authn = if is_tls {
             let Some(configs) = shared.identity() else {
                 // No identity yet (or it expired): refuse rather than present nothing.
-                tracing::info!("connection refused: no identity");
+                if let Some(suppressed) = NO_IDENTITY_LOG.hit() {
+                    tracing::info!(suppressed, "connection refused: no identity");
+                }
                 metrics::handshake(Direction::Inbound, HandshakeResult::NoIdentity);
                 return;
             };
@@ -139,15 +145,47 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             tracing::Span::current().record("peer.id", field::display(p.principal()));
         }
         // Stage: detect inside TLS (or on the plaintext stream).
-        let (protocol, authn) = match detect_inner(authn, settings.protocol, known, limits).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "connection failed before detection");
-                return;
-            }
-        };
+        let (protocol, mut authn) =
+            match detect_inner(authn, settings.protocol, known, silent_socket, limits).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed before detection");
+                    return;
+                }
+            };
+        // Handshake and detection done: no longer pending for its source.
+        authn.slot.established();
         metrics::detected(Direction::Inbound, protocol.as_str_protocol());
         tracing::Span::current().record("protocol", protocol.as_str());
+        let (protocol, authn) = if protocol == Inner::Silent
+            && !authz::admits_connection(&authn, port, &shared.config.authorizer)
+        {
+            // Silent, and no policy admits an opaque connection here (they
+            // ask for HTTP): a client that opened its connection ahead of
+            // its first request. Its request is served whenever it comes,
+            // within the idle timeout.
+            match detect::detect_stream(authn.stream, limits.http_idle_timeout, Direction::Inbound)
+                .await
+            {
+                Ok((p, rewound)) => {
+                    let authn = Authenticated {
+                        stream: Box::new(rewound),
+                        ..authn
+                    };
+                    match p {
+                        Protocol::Http1 => (Inner::Http(ServeVersion::Http1), authn),
+                        Protocol::Http2 => (Inner::Http(ServeVersion::Http2), authn),
+                        Protocol::Tls | Protocol::Opaque => (Inner::Opaque, authn),
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed before detection");
+                    return;
+                }
+            }
+        } else {
+            (protocol, authn)
+        };
         if let Some(serve) = protocol.serve_version() {
             let conn = http::server::InboundConn {
                 source: authn.client.0,
@@ -236,13 +274,17 @@ enum Inner {
     Http(ServeVersion),
     /// Opaque TCP.
     Opaque,
+    /// Undeclared, and the client sent nothing within the detect timeout:
+    /// opaque if a policy admits the connection so (a server may speak
+    /// first), else waited on for a late first request.
+    Silent,
 }
 
 impl Inner {
     fn serve_version(self) -> Option<ServeVersion> {
         match self {
             Inner::Http(v) => Some(v),
-            Inner::Opaque => None,
+            Inner::Opaque | Inner::Silent => None,
         }
     }
 
@@ -254,18 +296,20 @@ impl Inner {
         match self {
             Inner::Http(ServeVersion::Http2) => Protocol::Http2,
             Inner::Http(ServeVersion::Http1 | ServeVersion::Auto) => Protocol::Http1,
-            Inner::Opaque => Protocol::Opaque,
+            Inner::Opaque | Inner::Silent => Protocol::Opaque,
         }
     }
 }
 
 /// Declared protocols skip detection; otherwise the first decrypted bytes
-/// decide, replayed afterwards. ALPN `h2` only says the peer is a sidecar
-/// that can speak HTTP/2: it also tunnels other bytes on such connections.
+/// decide, replayed afterwards (leaning towards HTTP: `detect::classify`).
+/// ALPN `h2` only says the peer is a sidecar that can speak HTTP/2: it
+/// also tunnels other bytes on such connections.
 async fn detect_inner(
     mut authn: Authenticated,
     declared: DeclaredProtocol,
     known: Option<Protocol>,
+    silent_socket: bool,
     limits: &crate::config::Limits,
 ) -> std::io::Result<(Inner, Authenticated)> {
     let inner = match declared {
@@ -277,28 +321,17 @@ async fn detect_inner(
             Inner::Http(http::ServeVersion::Http1)
         }
         // A peer sidecar (ALPN `h2`) speaks HTTP/1.1 on its pooled
-        // connections and tunnels, and HTTP/2 when its app does (or when
-        // it is an older version that translated): the first bytes tell
-        // which, whatever the port declares.
-        DeclaredProtocol::Http | DeclaredProtocol::Http2 | DeclaredProtocol::Grpc
-            if authn.alpn_h2 =>
-        {
-            let (p, rewound) =
-                detect::detect_stream(authn.stream, limits.detect_timeout, Direction::Inbound)
-                    .await?;
-            authn.stream = Box::new(rewound);
-            match p {
-                Protocol::Http1 => Inner::Http(ServeVersion::Http1),
-                Protocol::Http2 | Protocol::Tls | Protocol::Opaque => {
-                    Inner::Http(ServeVersion::Http2)
-                }
-            }
+        // connections and tunnels, and HTTP/2 when its app does, whatever
+        // the port declares: the first bytes tell which, however late they
+        // come (`http::server`). An ingress either.
+        DeclaredProtocol::Http2 | DeclaredProtocol::Grpc if authn.alpn_h2 => {
+            Inner::Http(ServeVersion::Auto)
         }
         DeclaredProtocol::Http => Inner::Http(ServeVersion::Auto),
         DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(ServeVersion::Http2),
         DeclaredProtocol::Detect => {
-            let p = match known {
-                Some(p) => p,
+            let (p, silent) = match known {
+                Some(p) => (p, silent_socket),
                 None => {
                     let (p, rewound) = detect::detect_stream(
                         authn.stream,
@@ -306,13 +339,15 @@ async fn detect_inner(
                         Direction::Inbound,
                     )
                     .await?;
+                    let silent = rewound.replays_nothing();
                     authn.stream = Box::new(rewound);
-                    p
+                    (p, silent)
                 }
             };
             match p {
                 Protocol::Http1 => Inner::Http(ServeVersion::Http1),
                 Protocol::Http2 => Inner::Http(ServeVersion::Http2),
+                Protocol::Opaque if silent => Inner::Silent,
                 // TLS inside TLS is the app's own: opaque to us.
                 Protocol::Tls | Protocol::Opaque => Inner::Opaque,
             }

@@ -12,13 +12,25 @@
 //! and when both fields are present it blanks the `Transfer-Encoding` value,
 //! which hyper answers with 400 and a close. Bodies pass through as they
 //! arrive; nothing is buffered beyond one head.
+//!
+//! Since it sees where each head starts and ends, the guard also keeps the
+//! header read timeout ([`SmugglingGuard::with_head_timeout`]): from the
+//! first byte of a head (an empty line before a request counts) to its
+//! blank line. hyper's own timer cannot do this: it runs from the moment
+//! the connection waits for a request, so it would close idle keep-alive
+//! connections too (their idle time is `http_idle_timeout`, kept by the
+//! server, not here).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::future::Future;
+use std::time::Duration;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// Where the guard is in the request stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +61,20 @@ pub struct SmugglingGuard<S> {
     /// Released bytes not yet handed to hyper.
     out: BytesMut,
     max_head: usize,
+    /// Whether a head has started and not yet ended.
+    in_head: bool,
+    /// The header read timeout, when kept.
+    head_timeout: Option<Duration>,
+    /// The running head deadline (made on the first head, then reset).
+    head_deadline: Option<Pin<Box<Sleep>>>,
+    /// Whether `head_deadline` is armed for the current head.
+    head_armed: bool,
 }
+
+/// A request head took longer than the header read timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("request head not complete within {0:?}")]
+pub struct HeadTimeout(pub Duration);
 
 impl<S> SmugglingGuard<S> {
     /// Guards `inner`; heads longer than `max_head` are released unexamined
@@ -61,17 +86,53 @@ impl<S> SmugglingGuard<S> {
             pending: Vec::new(),
             out: BytesMut::new(),
             max_head,
+            in_head: false,
+            head_timeout: None,
+            head_deadline: None,
+            head_armed: false,
         }
+    }
+
+    /// Closes the connection (an `io::ErrorKind::TimedOut` read error)
+    /// when a request head is not complete `timeout` after its first byte.
+    pub fn with_head_timeout(mut self, timeout: Duration) -> Self {
+        self.head_timeout = Some(timeout);
+        self
+    }
+
+    /// Arms the head deadline when a head has started, disarms it when it
+    /// ended; true when it has expired.
+    fn head_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.head_timeout else {
+            return false;
+        };
+        if !self.in_head {
+            self.head_armed = false;
+            return false;
+        }
+        if !self.head_armed {
+            self.head_armed = true;
+            let at = Instant::now() + timeout;
+            match &mut self.head_deadline {
+                Some(d) => d.as_mut().reset(at),
+                None => self.head_deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        self.head_deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
     }
 
     fn process(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match self.state {
                 State::PassThrough => {
+                    self.in_head = false;
                     self.out.extend_from_slice(data);
                     return;
                 }
                 State::Head => {
+                    self.in_head = true;
                     // Empty lines before a request line are ignored (RFC 9112 §2.2).
                     if self.pending.is_empty() {
                         let skip = data
@@ -90,6 +151,7 @@ impl<S> SmugglingGuard<S> {
                     let Some(end) = find(&self.pending[from..], b"\r\n\r\n").map(|i| from + i + 4)
                     else {
                         if self.pending.len() > self.max_head {
+                            self.in_head = false;
                             self.state = State::PassThrough;
                             self.out.extend_from_slice(&self.pending);
                             self.pending.clear();
@@ -98,6 +160,7 @@ impl<S> SmugglingGuard<S> {
                     };
                     let rest = self.pending.split_off(end);
                     let mut head = std::mem::take(&mut self.pending);
+                    self.in_head = false;
                     self.state = framing(&mut head);
                     self.out.extend_from_slice(&head);
                     // `rest` is at most one read's worth; process it in turn.
@@ -211,8 +274,13 @@ fn framing(head: &mut [u8]) -> State {
     }
 }
 
+/// A chunk-size line's size: hex digits only (`from_str_radix` alone would
+/// take a sign), then optional whitespace and extensions.
 fn chunk_size(line: &[u8]) -> Option<u64> {
-    let hex = line.split(|b| *b == b';').next()?.trim_ascii();
+    let hex = line.split(|b| *b == b';').next()?.trim_ascii_end();
+    if hex.is_empty() || hex.len() > 16 || !hex.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
     u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 
@@ -267,6 +335,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for SmugglingGuard<S> {
             let mut chunk = [0u8; 8192];
             let mut rb = ReadBuf::new(&mut chunk);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending if this.head_expired(cx) => {
+                    let timeout = this.head_timeout.unwrap_or_default();
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        HeadTimeout(timeout),
+                    )));
+                }
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => {
@@ -373,6 +448,33 @@ mod tests {
         assert!(
             String::from_utf8_lossy(&run(evil, 4096)).contains("Transfer-Encoding:        \r\n")
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_must_end_within_the_timeout_of_its_first_byte_but_idle_time_is_free() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let timeout = Duration::from_secs(2);
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut g = SmugglingGuard::new(server, 64 * 1024).with_head_timeout(timeout);
+        let mut buf = [0u8; 256];
+        // Idle before the first request: not the guard's business.
+        let idle = tokio::time::timeout(Duration::from_secs(60), g.read(&mut buf)).await;
+        assert!(idle.is_err(), "an idle connection was cut off");
+        // A head that takes 1.5 s to arrive is let through whole.
+        client.write_all(b"GET /a HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client.write_all(b"Host: x\r\n\r\n").await.unwrap();
+        let n = g.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+        // Idle again between requests: free.
+        let idle = tokio::time::timeout(Duration::from_secs(60), g.read(&mut buf)).await;
+        assert!(idle.is_err(), "an idle keep-alive connection was cut off");
+        // A head that never ends is cut off `timeout` after its first byte.
+        client.write_all(b"GET /b HTTP/1.1\r\nX: ").await.unwrap();
+        let start = Instant::now();
+        let e = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), timeout);
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub struct Authenticated {
     /// inbound stage lowers it to its own SVID's).
     pub expires: Option<SystemTime>,
     /// The listener slot.
-    pub slot: tokio::sync::OwnedSemaphorePermit,
+    pub slot: crate::listen::Slot,
 }
 
 impl std::fmt::Debug for Authenticated {

@@ -134,6 +134,12 @@ struct PacketSocket {
 }
 
 impl PacketSocket {
+    // rustix has no `sockaddr_ll` (AF_PACKET) address, so this one socket
+    // is made with libc directly.
+    #[allow(
+        unsafe_code,
+        reason = "AF_PACKET socket, bind to sockaddr_ll and SO_RCVTIMEO through libc"
+    )]
     fn bind(iface: &str) -> std::io::Result<PacketSocket> {
         use std::os::fd::{AsRawFd, FromRawFd};
         let name = std::ffi::CString::new(iface).map_err(std::io::Error::other)?;
@@ -185,17 +191,10 @@ impl PacketSocket {
 
     /// One frame, or None on timeout.
     fn recv(&self, frame: &mut [u8]) -> Option<usize> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: the buffer is valid for `frame.len()` bytes.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                frame.as_mut_ptr().cast(),
-                frame.len(),
-                0,
-            )
-        };
-        usize::try_from(n).ok()
+        // A timeout (EAGAIN) or an interrupted call reads as no frame.
+        rustix::net::recv(&self.fd, frame, rustix::net::RecvFlags::empty())
+            .ok()
+            .map(|(n, _)| n)
     }
 }
 

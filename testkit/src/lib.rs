@@ -60,9 +60,10 @@ mod tmp;
 pub mod wait;
 
 pub use capture::{Capture, Direction, FirstPayloads, Segment, looks_like_tls};
-pub use net::{Net, Pod};
+pub use net::{Net, Pod, enter_netns};
 pub use pki::Pki;
 pub use process::Proc;
+pub use rampart_app::netns::is_root;
 pub use tmp::TempDir;
 
 /// The UID the sidecar runs as (the default of `--proxy-uid`).
@@ -101,13 +102,12 @@ pub fn rampart_bin() -> &'static str {
 /// `#[ignore = "..."]`, so they only run when asked to
 /// (`--include-ignored`), and then a missing prerequisite is a failure.
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let root = rampart_app::netns::is_root();
     let missing: Vec<&str> = ["ip", "iptables", "iptables-save", "setpriv"]
         .into_iter()
         .filter(|tool| !on_path(tool))
         .collect();
-    if euid != 0 {
+    if !root {
         panic!("this end-to-end test needs root (network namespaces, iptables)");
     }
     if !missing.is_empty() {

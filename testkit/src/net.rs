@@ -2,13 +2,17 @@
 //!
 //! A `Net` is a bridge inside a dedicated namespace, so the host's network
 //! is never touched; each `Pod` is a namespace with `lo` up and a veth
-//! `eth0` whose peer is a port of that bridge.
+//! `eth0` whose peer is a port of that bridge. The namespaces themselves
+//! are made by [`rampart_app::netns`], which the transparent demo uses too;
+//! this module adds what tests and benches need on top: processes inside a
+//! pod with their logs, readiness polls and captures.
 
 use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use rampart_app::netns::{self, Namespace};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
@@ -35,7 +39,8 @@ pub struct Net {
 /// with every process still inside, on drop.
 pub struct Pod {
     name: String,
-    ns: String,
+    // Dropped before `switch`: the pod, then (if it was the last) its switch.
+    ns: Namespace,
     ip: Ipv4Addr,
     switch: Arc<Switch>,
 }
@@ -45,22 +50,19 @@ impl Net {
     pub fn new(name: &str) -> Net {
         sweep_stale();
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let ns = unique(name, seq);
-        ip(&["netns", "add", &ns]);
+        let bridge = netns::Switch::create(&unique(name, seq))
+            .unwrap_or_else(|e| panic!("creating switch {name}: {e}"));
         let switch = Switch {
             // Switches are isolated from each other, so equal subnets could
             // not collide; distinct ones just keep logs unambiguous.
             octet: 1 + (seq % 254) as u8,
-            ns,
+            bridge,
             next_host: AtomicU32::new(2),
             logs: tempfile::Builder::new()
                 .prefix(&format!("{PREFIX}{}-logs-", std::process::id()))
                 .tempdir()
                 .expect("a temporary directory for process logs"),
         };
-        ip(&["-n", &switch.ns, "link", "set", "lo", "up"]);
-        ip(&["-n", &switch.ns, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &switch.ns, "link", "set", "br0", "up"]);
         Net {
             inner: Arc::new(switch),
         }
@@ -70,40 +72,25 @@ impl Net {
     pub fn pod(&self, name: &str) -> Pod {
         let host = self.inner.next_host.fetch_add(1, Ordering::Relaxed);
         assert!(host < 255, "too many pods on one Net");
-        let ns = unique(name, SEQ.fetch_add(1, Ordering::Relaxed));
+        let ns = Namespace::create(&unique(name, SEQ.fetch_add(1, Ordering::Relaxed)))
+            .unwrap_or_else(|e| panic!("creating pod {name}: {e}"));
         let ip_addr = Ipv4Addr::new(10, 213, self.inner.octet, host as u8);
-        ip(&["netns", "add", &ns]);
-        // From here on the guard cleans up, even if a step below fails.
-        let pod = Pod {
+        // The namespace guard cleans up if this fails.
+        self.inner
+            .bridge
+            .attach(&ns, &format!("p{host}"), ip_addr)
+            .unwrap_or_else(|e| panic!("plugging pod {name} in: {e}"));
+        Pod {
             name: name.to_owned(),
             ns,
             ip: ip_addr,
             switch: self.inner.clone(),
-        };
-        let sw = &self.inner.ns;
-        let port = format!("p{host}");
-        ip(&["-n", &pod.ns, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-            &pod.ns,
-        ]);
-        ip(&["-n", sw, "link", "set", &port, "master", "br0", "up"]);
-        ip(&[
-            "-n",
-            &pod.ns,
-            "addr",
-            "add",
-            &format!("{ip_addr}/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", &pod.ns, "link", "set", "eth0", "up"]);
-        pod
+        }
     }
 
     /// The switch's namespace.
     pub fn netns(&self) -> &str {
-        &self.inner.ns
+        self.inner.bridge.namespace().name()
     }
 }
 
@@ -113,9 +100,15 @@ impl Pod {
         &self.name
     }
 
-    /// The pod's network namespace (under /var/run/netns).
+    /// The pod's network namespace (under /run/netns).
     pub fn netns(&self) -> &str {
-        &self.ns
+        self.ns.name()
+    }
+
+    /// The file of the pod's network namespace (for threads that join it:
+    /// [`enter_netns`]).
+    pub fn netns_path(&self) -> PathBuf {
+        self.ns.path()
     }
 
     /// The pod's address on `eth0`.
@@ -189,7 +182,7 @@ impl Pod {
     pub fn wait_tcp_listening(&self, port: u16, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let listening = in_netns(&self.ns, move || {
+            let listening = in_netns(self.ns.name(), move || {
                 ["tcp", "tcp6"].iter().any(|table| {
                     std::fs::read_to_string(format!("/proc/thread-self/net/{table}"))
                         .is_ok_and(|text| listens_on(&text, port))
@@ -216,11 +209,7 @@ impl Pod {
     /// Runs `f` on a thread inside the pod's network namespace (sockets it
     /// creates stay in the pod).
     pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        in_netns(&self.ns, f)
-    }
-
-    fn netns_path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.ns)
+        in_netns(self.ns.name(), f)
     }
 
     fn command<I, S>(&self, uid: Option<u32>, cmd: I) -> Command
@@ -229,7 +218,7 @@ impl Pod {
         S: AsRef<OsStr>,
     {
         let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.ns]);
+        command.args(["netns", "exec", self.ns.name()]);
         if let Some(uid) = uid {
             command.args([
                 "setpriv",
@@ -244,29 +233,17 @@ impl Pod {
     }
 }
 
-impl Drop for Pod {
-    fn drop(&mut self) {
-        remove_netns(&self.ns);
-    }
-}
-
-/// The namespace behind a [`Net`]; the last pod or the `Net` removes it.
+/// The switch behind a [`Net`]; the last pod or the `Net` removes it.
 struct Switch {
-    ns: String,
+    bridge: netns::Switch,
     octet: u8,
     next_host: AtomicU32,
     logs: tempfile::TempDir,
 }
 
-impl Drop for Switch {
-    fn drop(&mut self) {
-        remove_netns(&self.ns);
-    }
-}
-
 /// Runs `f` on a fresh thread that first joins namespace `ns`.
 pub(crate) fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = Path::new("/var/run/netns").join(ns);
+    let path = netns::path_of(ns);
     std::thread::spawn(move || {
         enter_netns(&path);
         f()
@@ -275,19 +252,10 @@ pub(crate) fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send
     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
-/// Moves the calling thread (only) into the network namespace at `path`.
-pub(crate) fn enter_netns(path: &Path) {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    // SAFETY: the fd is valid for the call; setns only changes this thread's
-    // network namespace, which is why callers use a thread of their own.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "setns {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
+/// Moves the calling thread (only) into the network namespace at `path`;
+/// panics if it cannot.
+pub fn enter_netns(path: &Path) {
+    netns::enter(path).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Whether `/proc/net/tcp{,6}` text has a listener on `port`.
@@ -309,60 +277,15 @@ fn unique(name: &str, seq: u32) -> String {
     format!("{PREFIX}{}-{seq}-{name}", std::process::id())
 }
 
-/// Runs `ip args`, panicking with its error output when it fails.
-fn ip(args: &[&str]) {
-    let output = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        output.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        process::describe(&output)
-    );
-}
-
-/// Kills every process inside `ns`, then deletes it (and with it its
-/// interfaces and iptables rules). Never panics: it runs in Drop.
-fn remove_netns(ns: &str) {
-    if let Ok(output) = Command::new("ip").args(["netns", "pids", ns]).output() {
-        for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-    let _ = Command::new("ip").args(["netns", "del", ns]).output();
-}
-
 /// Once per test process: removes the namespaces of earlier runs whose
 /// process is gone (a crash or a kill skipped their Drop guards).
 fn sweep_stale() {
     static SWEEP: Once = Once::new();
     SWEEP.call_once(|| {
-        // The first `ip netns add` on a machine sets up the /run/netns mount;
-        // parallel first calls race on it, so one goes first, alone.
-        let warmup = unique("warmup", u32::MAX);
-        ip(&["netns", "add", &warmup]);
-        remove_netns(&warmup);
-
-        let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
-            return;
-        };
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
-            let Some(ns) = line.split_whitespace().next() else {
-                continue;
-            };
-            let Some(pid) = ns
-                .strip_prefix(PREFIX)
-                .and_then(|rest| rest.split('-').next())
-            else {
-                continue;
-            };
-            let alive = Path::new("/proc").join(pid).exists();
-            if !alive {
-                eprintln!("removing stale test namespace {ns}");
-                remove_netns(ns);
-            }
+        let removed =
+            netns::sweep_stale(PREFIX).unwrap_or_else(|e| panic!("sweeping old namespaces: {e}"));
+        for ns in removed {
+            eprintln!("removed stale test namespace {ns}");
         }
     });
 }

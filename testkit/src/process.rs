@@ -174,9 +174,10 @@ fn describe_command(command: &Command) -> String {
 }
 
 fn kill_group(child: &Child) {
-    // SAFETY: kill has no memory-safety preconditions; the group id is the
-    // child's pid because it was spawned with process_group(0).
-    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    // The group id is the child's pid: it was spawned with process_group(0).
+    // An error means the group is gone already.
+    let group = rustix::process::Pid::from_child(child);
+    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
 }
 
 fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {

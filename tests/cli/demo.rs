@@ -34,8 +34,8 @@ fn demo(args: &[&str]) -> Output {
                 return;
             }
         }
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        // Our own child's pid; gone already is fine.
+        kill(pid, rustix::process::Signal::KILL);
     });
     let out = child.wait_with_output().expect("wait for rampart demo");
     let _ = watchdog.join();
@@ -191,8 +191,7 @@ fn demo_keep_running_prints_curl_commands_and_stops_cleanly_on_sigint() {
     let sidecars = children(pid);
     assert_eq!(sidecars.len(), 4, "four sidecar children: {sidecars:?}");
 
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+    kill(pid, rustix::process::Signal::INT);
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -242,8 +241,7 @@ fn pid_of_last_demo(out: &Output) -> String {
 
 #[test]
 fn demo_transparent_refuses_to_run_without_root() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = rustix::process::geteuid().is_root();
     let mut cmd = if root {
         // Drop to nobody, as a user without sudo would be.
         let mut c = Command::new("setpriv");
@@ -263,4 +261,11 @@ fn demo_transparent_refuses_to_run_without_root() {
         "{}",
         describe(&out)
     );
+}
+
+/// Sends `signal` to process `pid` (our child); one already gone is fine.
+fn kill(pid: u32, signal: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
 }

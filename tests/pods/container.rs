@@ -344,6 +344,5 @@ fn sh_ok(mut cmd: impl BorrowMut<Command>) -> String {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }

@@ -62,8 +62,7 @@ impl Pod {
         let dir = TempDir::new();
         // The agent reads the CA from disk, as `rampart ca init` writes it.
         Pki::new("example.org").save_ca(&dir.path().join("ca"));
-        // SAFETY: getuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::getuid() };
+        let uid = rustix::process::getuid().as_raw();
         std::fs::write(
             dir.path().join("registrations.yaml"),
             format!(

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Args;
 use http::StatusCode;
 use std::sync::Arc;
@@ -21,8 +20,9 @@ use std::sync::Arc;
 use rampart_identity::agent::{Agent, Registrations};
 use rampart_proxy::config::{Direction, ListenerConfig, TlsMode};
 
-use crate::config::{Config, IdentityConfig, PortConfig};
-use rampart_identity::ca::DevCa;
+use crate::config::{Config, ConfigError, IdentityConfig, PortConfig};
+use crate::netns::NetnsError;
+use rampart_identity::ca::{CaError, DevCa};
 use rampart_identity::{SpiffeId, TrustDomain};
 
 use apps::App;
@@ -70,8 +70,87 @@ pub struct DemoAppArgs {
     pub peers: Vec<String>,
 }
 
+/// Why `rampart demo` could not run. A row that is not as expected is not
+/// one of these: it is the verdict, and the exit code says so.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A `--policy WORKLOAD=FILE` names a file that cannot be read (the
+    /// caller's fault).
+    #[error("policy override for {workload}: {file}: {source}")]
+    PolicyOverride {
+        /// The workload it was meant for.
+        workload: &'static str,
+        /// The file as given.
+        file: String,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pods of `--transparent` could not be made (the machine: root,
+    /// iproute2).
+    #[error("pods: {0}")]
+    Netns(#[from] NetnsError),
+    /// `rampart init` failed in a pod (the machine: iptables).
+    #[error("rampart init in pod {pod}: {stderr}")]
+    Init {
+        /// The pod.
+        pod: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// A file, socket, runtime or process of the demo's could not be made
+    /// (the machine).
+    #[error("{what}: {source}")]
+    Io {
+        /// What the demo was doing.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A sidecar did not become ready (its log says why).
+    #[error(transparent)]
+    NotReady(#[from] NotReady),
+    /// The development CA could not be made (a bug, or no randomness).
+    #[error("development CA: {0}")]
+    Ca(#[from] CaError),
+    /// A configuration the demo built is invalid (a bug).
+    #[error("the demo built an invalid sidecar configuration (a bug):\n{0}")]
+    Config(#[from] ConfigError),
+}
+
+/// Why `rampart demo-app` could not start (its arguments come from the
+/// demo, so these are bugs of the caller or a busy port).
+#[derive(Debug, thiserror::Error)]
+pub enum DemoAppError {
+    /// `--kind` is neither `backend` nor `web`.
+    #[error("unknown app kind {0:?} (backend or web)")]
+    UnknownKind(String),
+    /// A `--peer` is not `NAME=ADDR` with a socket address.
+    #[error("--peer takes NAME=ADDR (a socket address), not {0:?}")]
+    BadPeer(String),
+    /// A web app was started without `--upstream`.
+    #[error("a web app needs --upstream")]
+    NoUpstream,
+    /// The runtime or the listener could not be made.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the app was doing.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `map_err` adapter: an I/O error while doing `what`.
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
+
 /// Runs one demo app until killed.
-pub fn run_app(args: DemoAppArgs) -> anyhow::Result<std::process::ExitCode> {
+pub fn run_app(args: DemoAppArgs) -> Result<std::process::ExitCode, DemoAppError> {
     // Leaked once per process: the app's names live as long as it does.
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let name = leak(args.name);
@@ -80,23 +159,35 @@ pub fn run_app(args: DemoAppArgs) -> anyhow::Result<std::process::ExitCode> {
         "web" => {
             let mut peers = Vec::new();
             for p in args.peers {
-                let (n, a) = p.split_once('=').context("--peer takes NAME=ADDR")?;
-                peers.push((leak(n.to_owned()), a.parse()?));
+                let peer = p
+                    .split_once('=')
+                    .and_then(|(n, a)| Some((n, a.parse::<SocketAddr>().ok()?)));
+                let Some((n, a)) = peer else {
+                    return Err(DemoAppError::BadPeer(p));
+                };
+                peers.push((leak(n.to_owned()), a));
             }
             App::Web {
                 name,
-                upstream: args.upstream.context("a web app needs --upstream")?,
+                upstream: args.upstream.ok_or(DemoAppError::NoUpstream)?,
                 peers,
             }
         }
-        other => anyhow::bail!("unknown app kind {other:?} (backend or web)"),
+        other => return Err(DemoAppError::UnknownKind(other.to_owned())),
+    };
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |source| DemoAppError::Io { what, source }
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(io("building the runtime"))?;
     rt.block_on(async {
-        apps::start_on(app, args.listen).await?;
-        std::future::pending::<anyhow::Result<std::process::ExitCode>>().await
+        apps::start_on(app, args.listen)
+            .await
+            .map_err(io(&format!("listening on {}", args.listen)))?;
+        std::future::pending::<Result<std::process::ExitCode, DemoAppError>>().await
     })
 }
 
@@ -135,10 +226,12 @@ fn policy_text(workload: &str, rego: bool) -> (&'static str, Option<(&'static st
 /// same twice in this process: the kernel may hand a released port out
 /// again before its first taker binds it. (Another process may still take
 /// it; [`loopback_mesh`] is then started again.)
-fn free_addr() -> anyhow::Result<SocketAddr> {
+fn free_addr() -> Result<SocketAddr, DemoError> {
     static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
-        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(io_error("picking a free loopback port"))?;
         // Poisoning needs a panic while holding the lock, which only pushes.
         let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
         if !taken.contains(&addr.port()) {
@@ -158,11 +251,10 @@ struct Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        // SIGTERM first, so the sidecar drains like in Kubernetes.
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
+        // SIGTERM first, so the sidecar drains like in Kubernetes. (An
+        // error means it is gone already.)
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -196,10 +288,10 @@ struct Row {
 }
 
 /// Runs the demo; returns the exit code.
-pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
+pub fn run(args: DemoArgs) -> Result<std::process::ExitCode, DemoError> {
     let started = Instant::now();
     let pods = if args.transparent {
-        if !transparent::is_root() {
+        if !crate::netns::is_root() {
             eprintln!(
                 "rampart demo --transparent needs root: it creates network namespaces and iptables rules (run it with sudo, or drop --transparent for the loopback demo)"
             );
@@ -228,7 +320,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(io_error("building the runtime"))?;
     let keep_running = args.keep_running;
     let result = rt.block_on(async {
         if keep_running {
@@ -236,7 +329,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
             return demo(args, pods.as_ref(), started).await;
         }
         // Ctrl-C drops the demo, whose guards stop the sidecars and apps.
-        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("handling SIGINT"))?;
         tokio::select! {
             r = demo(args, pods.as_ref(), started) => r,
             _ = interrupt.recv() => {
@@ -255,14 +348,18 @@ async fn demo(
     args: DemoArgs,
     pods: Option<&transparent::Pods>,
     started: Instant,
-) -> anyhow::Result<std::process::ExitCode> {
-    let dir = tempfile::Builder::new().prefix("rampart-demo-").tempdir()?;
+) -> Result<std::process::ExitCode, DemoError> {
+    let dir = tempfile::Builder::new()
+        .prefix("rampart-demo-")
+        .tempdir()
+        .map_err(io_error("making a temporary directory"))?;
     if pods.is_some() {
         // The sidecars run as the proxy UID and read their files here.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .map_err(io_error("opening the temporary directory to the proxy UID"))?;
     }
-    let td = TrustDomain::parse("example.org")?;
+    let td = TrustDomain::parse("example.org").expect("a constant, valid trust domain");
     let ca = DevCa::generate(&td, Duration::from_secs(3600))?;
     // The in-process development Workload API: every sidecar runs as one
     // UID (ours on loopback, the proxy UID in pods), and picks its own
@@ -270,19 +367,19 @@ async fn demo(
     let mut registrations = Registrations::new();
     let uid = match pods {
         Some(_) => transparent::PROXY_UID,
-        // SAFETY: getuid has no preconditions.
-        None => unsafe { libc::getuid() },
+        None => rustix::process::getuid().as_raw(),
     };
     for w in WORKLOADS {
-        registrations.add(uid, SpiffeId::parse(&format!("spiffe://example.org/{w}"))?);
+        registrations.add(uid, workload_id(w));
     }
     let socket = dir.path().join("agent.sock");
     let listener = tokio::net::UnixListener::bind(&socket)
-        .with_context(|| format!("binding {}", socket.display()))?;
+        .map_err(io_error(format!("binding {}", socket.display())))?;
     if pods.is_some() {
         use std::os::unix::fs::PermissionsExt;
         // Sidecars as the proxy UID connect; the agent attests them by UID.
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))
+            .map_err(io_error("opening the Workload API socket to the proxy UID"))?;
     }
     let agent = Agent::new(Arc::new(ca), registrations, SVID_TTL);
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -296,7 +393,7 @@ async fn demo(
         SVID_TTL.as_secs()
     );
 
-    let bin = std::env::current_exe()?;
+    let bin = std::env::current_exe().map_err(io_error("finding the rampart executable"))?;
     let (sidecars, entries, _apps) = match pods {
         Some(pods) => {
             let (mut sidecars, entries, apps) =
@@ -344,8 +441,9 @@ async fn demo(
     if args.keep_running {
         // Handlers first, then the commands: whoever reads them may send
         // SIGINT at once, and it must stop the demo through its guards.
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(io_error("handling SIGINT"))?;
+        let mut terminate =
+            signal(SignalKind::terminate()).map_err(io_error("handling SIGTERM"))?;
         print_try_it(&entries);
         tokio::select! {
             _ = interrupt.recv() => {}
@@ -602,23 +700,27 @@ fn print_try_it(entries: &Entries) {
 /// the port mode: web tiers face viewers outside the mesh, so their port
 /// accepts plaintext (PERMISSIVE); backends accept only mTLS (STRICT).
 fn policy_file(
-    w: &str,
+    w: &'static str,
     dir: &Path,
     rego: bool,
     overrides: &[String],
-) -> anyhow::Result<(PathBuf, TlsMode)> {
+) -> Result<(PathBuf, TlsMode), DemoError> {
     let (policy, module) = policy_text(w, rego);
     let path = match overrides
         .iter()
         .find_map(|o| o.strip_prefix(w).and_then(|r| r.strip_prefix('=')))
     {
-        Some(file) => std::fs::canonicalize(file)
-            .with_context(|| format!("policy override for {w}: {file}"))?,
+        Some(file) => std::fs::canonicalize(file).map_err(|source| DemoError::PolicyOverride {
+            workload: w,
+            file: file.to_owned(),
+            source,
+        })?,
         None => {
             let p = dir.join(format!("{w}.policy.yaml"));
-            std::fs::write(&p, policy)?;
+            std::fs::write(&p, policy).map_err(io_error(format!("writing {}", p.display())))?;
             if let Some((name, text)) = module {
-                std::fs::write(dir.join(name), text)?;
+                std::fs::write(dir.join(name), text)
+                    .map_err(io_error(format!("writing the Rego module {name}")))?;
             }
             p
         }
@@ -642,7 +744,7 @@ async fn loopback_mesh(
     dir: &Path,
     socket: &Path,
     bin: &Path,
-) -> anyhow::Result<(Vec<Sidecar>, Entries)> {
+) -> Result<(Vec<Sidecar>, Entries), DemoError> {
     // Addresses first: sidecars and apps refer to each other.
     let mut addrs = std::collections::HashMap::new();
     for w in WORKLOADS {
@@ -663,14 +765,18 @@ async fn loopback_mesh(
         let app = match w {
             "ec-web" | "news-web" => App::Web {
                 name: w,
-                upstream: a.outbound.context("web tier has an outbound listener")?,
+                upstream: a.outbound.expect("web tiers have an outbound listener"),
                 peers: Vec::new(),
             },
             _ => App::Backend { name: w },
         };
-        let bound = apps::start(app).await?;
+        let bound = apps::start(app)
+            .await
+            .map_err(io_error(format!("starting the {w} app")))?;
         // The app binds its own port; record it.
-        addrs.get_mut(w).context("workload")?.app = bound;
+        if let Some(a) = addrs.get_mut(w) {
+            a.app = bound;
+        }
     }
     // Sidecars.
     let mut sidecars = Vec::new();
@@ -678,16 +784,20 @@ async fn loopback_mesh(
         let cfg = sidecar_config(w, &addrs, dir, socket, args.rego, &args.policy_overrides)?;
         let admin = cfg.admin.address;
         let path = dir.join(format!("{w}.yaml"));
-        std::fs::write(&path, cfg.to_yaml())?;
+        std::fs::write(&path, cfg.to_yaml())
+            .map_err(io_error(format!("writing {}", path.display())))?;
         let log = dir.join(format!("{w}.log"));
         let child = Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
+            .stderr(
+                std::fs::File::create(&log)
+                    .map_err(io_error(format!("creating {}", log.display())))?,
+            )
             .spawn()
-            .with_context(|| format!("starting the {w} sidecar"))?;
+            .map_err(io_error(format!("starting the {w} sidecar")))?;
         sidecars.push(Sidecar {
             name: w,
             child,
@@ -700,7 +810,7 @@ async fn loopback_mesh(
 
 /// Why a sidecar did not become ready.
 #[derive(Debug, thiserror::Error)]
-enum NotReady {
+pub enum NotReady {
     /// It exited because one of its ports was in use.
     #[error("the {0} sidecar could not bind a port: it is in use")]
     PortTaken(&'static str),
@@ -778,12 +888,12 @@ fn sidecar_config(
     socket: &Path,
     rego: bool,
     overrides: &[String],
-) -> anyhow::Result<Config> {
+) -> Result<Config, DemoError> {
     let a = &addrs[w];
     let (policy_path, mode) = policy_file(w, dir, rego, overrides)?;
     let mut cfg = Config::new(IdentityConfig::workload_api(
         format!("unix://{}", socket.display()),
-        workload_id(w)?,
+        workload_id(w),
     ));
     cfg.admin.address = free_addr()?;
     cfg.listeners.push(ListenerConfig {
@@ -812,7 +922,7 @@ fn sidecar_config(
                 listen,
                 target: addrs[backend].inbound,
                 port: None,
-                server_identities: Some(vec![workload_id(backend)?]),
+                server_identities: Some(vec![workload_id(backend)]),
             });
         }
     }
@@ -824,6 +934,8 @@ fn sidecar_config(
     Ok(cfg.check(w)?)
 }
 
-fn workload_id(w: &str) -> anyhow::Result<SpiffeId> {
-    Ok(SpiffeId::parse(&format!("spiffe://example.org/{w}"))?)
+/// The SPIFFE ID of one of the demo's [`WORKLOADS`] (or the viewer).
+fn workload_id(w: &str) -> SpiffeId {
+    SpiffeId::parse(&format!("spiffe://example.org/{w}"))
+        .expect("the demo's workload names are valid SPIFFE ID path segments")
 }

@@ -10,17 +10,17 @@
 //! Workload API and the checks) runs in the sidecar-less viewer pod.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-
-use anyhow::Context;
 
 use ipnet::IpNet;
 use rampart_proxy::config::{ServerRule, TransparentConfig};
 
-use super::{DemoArgs, Entries, Sidecar, VIEWER, WORKLOADS, policy_file, workload_id};
+use super::{
+    DemoArgs, DemoError, Entries, Sidecar, VIEWER, WORKLOADS, io_error, policy_file, workload_id,
+};
 use crate::config::{Config, IdentityConfig, PortConfig};
+use crate::netns::{Namespace, Switch};
 
 /// Every namespace of the demo starts with this, then the demo's pid.
 const PREFIX: &str = "rampart-demo-";
@@ -35,51 +35,31 @@ pub const ADMIN_PORT: u16 = 15000;
 
 /// The pods of the demo, deleted (with whatever still runs in them) on drop.
 pub struct Pods {
-    switch: String,
-    pods: Vec<(String, String, Ipv4Addr)>,
+    // Dropped in this order: the pods, then the switch they hang on.
+    pods: Vec<(String, Namespace, Ipv4Addr)>,
+    _switch: Switch,
 }
 
 impl Pods {
     /// Creates the switch and one pod per name, `.2`, `.3`, ... in order.
-    pub fn new(names: &[&str]) -> anyhow::Result<Pods> {
-        sweep_stale();
+    pub fn new(names: &[&str]) -> Result<Pods, DemoError> {
+        for ns in crate::netns::sweep_stale(PREFIX)? {
+            println!("removed stale demo namespace {ns}");
+        }
         let me = std::process::id();
-        let switch = format!("{PREFIX}{me}-switch");
-        ip(&["netns", "add", &switch])?;
-        let mut pods = Pods {
-            switch,
-            pods: Vec::new(),
-        };
-        let sw = pods.switch.clone();
-        ip(&["-n", &sw, "link", "set", "lo", "up"])?;
-        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        let switch = Switch::create(&format!("{PREFIX}{me}-switch"))?;
+        let mut pods = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let host = 2 + i as u8;
-            let ns = format!("{PREFIX}{me}-{name}");
             let addr = Ipv4Addr::new(10, 214, 0, host);
-            ip(&["netns", "add", &ns])?;
-            // From here on the guard deletes it, even if a step below fails.
-            pods.pods.push((name.to_string(), ns.clone(), addr));
-            let port = format!("p{host}");
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ])?;
-            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            let ns = Namespace::create(&format!("{PREFIX}{me}-{name}"))?;
+            switch.attach(&ns, &format!("p{host}"), addr)?;
+            pods.push((name.to_string(), ns, addr));
         }
-        Ok(pods)
+        Ok(Pods {
+            pods,
+            _switch: switch,
+        })
     }
 
     /// The pod's address.
@@ -89,10 +69,10 @@ impl Pods {
 
     /// The pod's namespace.
     pub fn netns(&self, name: &str) -> &str {
-        &self.find(name).1
+        self.find(name).1.name()
     }
 
-    fn find(&self, name: &str) -> &(String, String, Ipv4Addr) {
+    fn find(&self, name: &str) -> &(String, Namespace, Ipv4Addr) {
         // Invariant: callers only ask for the names they created.
         self.pods
             .iter()
@@ -102,28 +82,24 @@ impl Pods {
 
     /// Moves the calling thread into the pod's namespace; threads it
     /// starts afterwards (the runtime's workers) are born there too.
-    pub fn enter(&self, name: &str) -> anyhow::Result<()> {
-        let path = format!("/run/netns/{}", self.netns(name));
-        let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: setns(2) on a valid namespace fd; it only affects this thread.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns");
-        }
-        Ok(())
+    pub fn enter(&self, name: &str) -> Result<(), DemoError> {
+        Ok(self.find(name).1.enter()?)
     }
 
     /// Runs `rampart init` in the pod.
-    pub fn init(&self, name: &str, bin: &Path) -> anyhow::Result<()> {
+    pub fn init(&self, name: &str, bin: &Path) -> Result<(), DemoError> {
         let out = Command::new("ip")
             .args(["netns", "exec", self.netns(name)])
             .arg(bin)
             .arg("init")
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "rampart init in {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .output()
+            .map_err(io_error(format!("running rampart init in {name}")))?;
+        if !out.status.success() {
+            return Err(DemoError::Init {
+                pod: name.to_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
         Ok(())
     }
 
@@ -135,7 +111,8 @@ impl Pods {
         bin: &Path,
         args: &[&str],
         log: &Path,
-    ) -> anyhow::Result<Child> {
+    ) -> Result<Child, DemoError> {
+        let what = || format!("starting {args:?} in {name}");
         Command::new("ip")
             .args(["netns", "exec", self.netns(name), "setpriv"])
             .arg(format!("--reuid={uid}"))
@@ -145,23 +122,14 @@ impl Pods {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
+            .stderr(std::fs::File::create(log).map_err(io_error(what()))?)
             .spawn()
-            .with_context(|| format!("starting {args:?} in {name}"))
+            .map_err(io_error(what()))
     }
 
     /// `ip:port` in the pod.
     pub fn addr(&self, name: &str, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip(name), port))
-    }
-}
-
-impl Drop for Pods {
-    fn drop(&mut self) {
-        for (_, ns, _) in self.pods.drain(..) {
-            remove_netns(&ns);
-        }
-        remove_netns(&self.switch);
     }
 }
 
@@ -183,10 +151,10 @@ pub(super) fn pod_mesh(
     dir: &Path,
     socket: &Path,
     bin: &Path,
-) -> anyhow::Result<(Vec<Sidecar>, Entries, Vec<AppProc>)> {
+) -> Result<(Vec<Sidecar>, Entries, Vec<AppProc>), DemoError> {
     // A copy the other UIDs may run, whoever built or installed ours.
     let exe = dir.join("rampart");
-    std::fs::copy(bin, &exe).context("copying the rampart binary for the pods")?;
+    std::fs::copy(bin, &exe).map_err(io_error("copying the rampart binary for the pods"))?;
     let port = APP_PORT;
     let mut apps = Vec::new();
     let mut sidecars = Vec::new();
@@ -223,7 +191,7 @@ pub(super) fn pod_mesh(
         let (policy_path, mode) = policy_file(w, dir, args.rego, &args.policy_overrides)?;
         let mut cfg = Config::new(IdentityConfig::workload_api(
             format!("unix://{}", socket.display()),
-            workload_id(w)?,
+            workload_id(w),
         ));
         // Reachable from the viewer pod; the admin port is never captured.
         cfg.admin.address = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT));
@@ -238,14 +206,15 @@ pub(super) fn pod_mesh(
                 cfg.outbound.servers.push(ServerRule {
                     cidrs: vec![IpNet::V4(ipnet::Ipv4Net::from(pods.ip(b)))],
                     ports: vec![port],
-                    identities: vec![workload_id(b)?],
+                    identities: vec![workload_id(b)],
                     trust_domains: Vec::new(),
                 });
             }
         }
         let cfg = cfg.check(w)?;
         let path = dir.join(format!("{w}.yaml"));
-        std::fs::write(&path, cfg.to_yaml())?;
+        std::fs::write(&path, cfg.to_yaml())
+            .map_err(io_error(format!("writing {}", path.display())))?;
         let log = dir.join(format!("{w}.log"));
         let config = path.to_string_lossy().into_owned();
         let child = pods.spawn_as(w, PROXY_UID, &exe, &["run", "--config", &config], &log)?;
@@ -261,60 +230,4 @@ pub(super) fn pod_mesh(
         viewer_netns: pods.netns(VIEWER).to_owned(),
     };
     Ok((sidecars, entries, apps))
-}
-
-/// Whether we may build namespaces: root only.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
-/// Kills whatever runs in `ns`, then deletes it.
-fn remove_netns(ns: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            // The demo itself lives in the viewer pod: spare it.
-            if let Ok(pid) = pid.parse::<i32>()
-                && pid as u32 != std::process::id()
-            {
-                // SAFETY: kill(2) has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-    let _ = Command::new("ip").args(["netns", "del", ns]).output();
-}
-
-/// Removes the namespaces of demo runs whose process is gone (killed
-/// before their guards could run).
-fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(ns) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some(pid) = ns.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            println!("removing stale demo namespace {ns}");
-            remove_netns(ns);
-        }
-    }
 }

@@ -57,9 +57,16 @@ impl SigningAlgorithm {
 pub struct VerificationKey {
     id: String,
     algorithm: SigningAlgorithm,
-    /// RS256: the PKCS#1 `RSAPublicKey`; ES256: the uncompressed point;
-    /// HS256: the secret.
-    material: Vec<u8>,
+    material: Material,
+}
+
+/// What verifies a signature ([`crate::jose`] checks it).
+#[derive(Clone)]
+enum Material {
+    /// RS256, ES256.
+    Public(crate::jose::Key),
+    /// HS256.
+    Secret(Vec<u8>),
 }
 
 impl std::fmt::Debug for VerificationKey {
@@ -100,22 +107,25 @@ impl VerificationKey {
         algorithm: SigningAlgorithm,
         pem: &str,
     ) -> Result<Self, KeyError> {
-        let der = pem_block(pem, "PUBLIC KEY").ok_or(KeyError::NotPem)?;
-        let (alg_id, key) = spki(&der).ok_or(KeyError::Malformed)?;
-        let fits = match algorithm {
-            SigningAlgorithm::Rs256 => contains(alg_id, OID_RSA),
-            SigningAlgorithm::Es256 => contains(alg_id, OID_EC) && contains(alg_id, OID_P256),
+        let want = match algorithm {
+            SigningAlgorithm::Rs256 => crate::jose::KeyType::Rsa,
+            SigningAlgorithm::Es256 => crate::jose::KeyType::P256,
             SigningAlgorithm::Hs256 => {
                 return Err(KeyError::WrongMaterial("HS256", "a shared secret"));
             }
         };
-        if !fits {
+        let der = match crate::jose::pem_block(pem) {
+            Some((label, der)) if label == "PUBLIC KEY" => der,
+            _ => return Err(KeyError::NotPem),
+        };
+        let key = crate::jose::Key::from_spki(&der).map_err(|_| KeyError::Malformed)?;
+        if key.kind != want {
             return Err(KeyError::WrongKeyType(algorithm.as_str()));
         }
         Ok(VerificationKey {
             id: id.into(),
             algorithm,
-            material: key.to_vec(),
+            material: Material::Public(key),
         })
     }
 
@@ -127,7 +137,7 @@ impl VerificationKey {
         Ok(VerificationKey {
             id: id.into(),
             algorithm: SigningAlgorithm::Hs256,
-            material: secret.to_vec(),
+            material: Material::Secret(secret.to_vec()),
         })
     }
 
@@ -137,22 +147,20 @@ impl VerificationKey {
     }
 
     fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
-        use ring::signature::{ECDSA_P256_SHA256_FIXED, RSA_PKCS1_2048_8192_SHA256};
-        match self.algorithm {
-            SigningAlgorithm::Rs256 => {
-                ring::signature::UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &self.material)
-                    .verify(message, signature)
-                    .is_ok()
+        use crate::jose::{Alg, verify_hmac};
+        match (&self.material, self.algorithm) {
+            (Material::Public(k), SigningAlgorithm::Rs256) => {
+                k.verify(Alg::Rs256, message, signature)
             }
-            SigningAlgorithm::Es256 => {
-                ring::signature::UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &self.material)
-                    .verify(message, signature)
-                    .is_ok()
+            (Material::Public(k), SigningAlgorithm::Es256) => {
+                k.verify(Alg::Es256, message, signature)
             }
-            SigningAlgorithm::Hs256 => {
-                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.material);
-                ring::hmac::verify(&key, message, signature).is_ok()
+            (Material::Secret(secret), SigningAlgorithm::Hs256) => {
+                verify_hmac(ring::hmac::HMAC_SHA256, secret, message, signature)
             }
+            // Made only by the constructors above, which pair them.
+            (Material::Public(_), SigningAlgorithm::Hs256)
+            | (Material::Secret(_), SigningAlgorithm::Rs256 | SigningAlgorithm::Es256) => false,
         }
     }
 }
@@ -277,12 +285,10 @@ pub(crate) fn verify(
 
 fn verify_jwt(jwt: &str, v: &Verification) -> Result<JwtPayload, SignatureError> {
     let malformed = |m: &str| SignatureError::Malformed(m.to_owned());
-    let mut parts = jwt.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let Some(compact) = crate::jose::Compact::split(jwt) else {
         return Err(malformed("a JWT has three parts"));
     };
+    let (h, p, s) = (compact.header, compact.payload, compact.signature);
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let header: JwtHeader = b64
         .decode(h)
@@ -311,8 +317,7 @@ fn verify_jwt(jwt: &str, v: &Verification) -> Result<JwtPayload, SignatureError>
             want: key.algorithm.as_str(),
         });
     }
-    let signing_input = &jwt[..h.len() + 1 + p.len()];
-    if !key.verify(signing_input.as_bytes(), &signature) {
+    if !key.verify(compact.signing_input.as_bytes(), &signature) {
         return Err(SignatureError::BadSignature);
     }
     let payload: JwtPayload = serde_json::from_slice(&payload_bytes)
@@ -496,71 +501,4 @@ pub(crate) fn normalize_name(name: &str) -> String {
             return n.to_owned();
         }
     }
-}
-
-const OID_RSA: &[u8] = &[
-    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
-];
-const OID_EC: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// The base64 body of the first PEM block labelled `label`, decoded.
-fn pem_block(pem: &str, label: &str) -> Option<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let start = pem.find(&begin)? + begin.len();
-    let stop = start + pem[start..].find(&end)?;
-    let body: String = pem[start..stop].split_whitespace().collect();
-    base64::engine::general_purpose::STANDARD.decode(body).ok()
-}
-
-/// `SubjectPublicKeyInfo ::= SEQUENCE { algorithm AlgorithmIdentifier,
-/// subjectPublicKey BIT STRING }` (RFC 5280 §4.1): the algorithm's DER and
-/// the key bits.
-fn spki(der: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (outer, rest) = der_tlv(der, 0x30)?;
-    if !rest.is_empty() {
-        return None;
-    }
-    let (alg, rest) = der_tlv(outer, 0x30)?;
-    let (bits, rest) = der_tlv(rest, 0x03)?;
-    if !rest.is_empty() {
-        return None;
-    }
-    // The first octet of a BIT STRING counts unused bits: keys use none.
-    let (&0, key) = bits.split_first()? else {
-        return None;
-    };
-    Some((alg, key))
-}
-
-/// One DER TLV with the expected tag: its contents and what follows.
-fn der_tlv(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    let (&t, rest) = input.split_first()?;
-    if t != tag {
-        return None;
-    }
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let mut len = 0usize;
-        for &b in &rest[..n] {
-            len = (len << 8) | usize::from(b);
-        }
-        rest = &rest[n..];
-        len
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some(rest.split_at(len))
 }

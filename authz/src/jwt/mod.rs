@@ -16,123 +16,50 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use ring::signature as sig;
+
+use crate::jose::{self, Alg, Key, KeyError};
 
 /// Envoy's default clock skew for `exp` and `nbf`.
 pub const CLOCK_SKEW_SECONDS: u64 = 60;
 
-/// A parsed JSON Web Key Set: the keys Rampart can verify with.
+/// A parsed JSON Web Key Set: the keys Rampart can verify with
+/// ([`crate::jose`] parses them and checks the signatures).
 #[derive(Debug, Clone, Default)]
 pub struct Jwks {
-    keys: Vec<Jwk>,
-}
-
-#[derive(Debug, Clone)]
-struct Jwk {
-    kid: Option<String>,
-    key: KeyMaterial,
-}
-
-#[derive(Debug, Clone)]
-enum KeyMaterial {
-    /// RSA modulus and exponent (big-endian).
-    Rsa { n: Vec<u8>, e: Vec<u8> },
-    /// An uncompressed EC point on P-256 or P-384.
-    Ec { curve: Curve, point: Vec<u8> },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Curve {
-    P256,
-    P384,
+    keys: Vec<Key>,
 }
 
 impl Jwks {
-    /// Parses a JWKS document. Keys of types Rampart cannot use (`oct`,
-    /// other curves) are skipped; a set with no usable key is an error.
+    /// Parses a JWKS document. Keys Rampart cannot verify with (`oct`,
+    /// P-521, other key types and curves) are skipped; a malformed key, or
+    /// a set with no usable key, is an error.
     pub fn parse(json: &str) -> Result<Jwks, String> {
-        let doc: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| format!("JWKS is not JSON: {e}"))?;
-        let keys = doc
-            .get("keys")
-            .and_then(serde_json::Value::as_array)
-            .ok_or("JWKS has no `keys` list")?;
-        let b64 = |k: &serde_json::Value, f: &str| -> Result<Vec<u8>, String> {
-            let s = k
-                .get(f)
-                .and_then(serde_json::Value::as_str)
-                .ok_or(format!("a JWK lacks `{f}`"))?;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(s.trim_end_matches('='))
-                .map_err(|_| format!("JWK `{f}` is not base64url"))
-        };
-        let mut out = Vec::new();
-        for k in keys {
-            let kid = k
-                .get("kid")
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_owned);
-            let key = match k.get("kty").and_then(serde_json::Value::as_str) {
-                Some("RSA") => KeyMaterial::Rsa {
-                    n: b64(k, "n")?,
-                    e: b64(k, "e")?,
-                },
-                Some("EC") => {
-                    let curve = match k.get("crv").and_then(serde_json::Value::as_str) {
-                        Some("P-256") => Curve::P256,
-                        Some("P-384") => Curve::P384,
-                        _ => continue,
-                    };
-                    let mut point = vec![4u8];
-                    point.extend(b64(k, "x")?);
-                    point.extend(b64(k, "y")?);
-                    KeyMaterial::Ec { curve, point }
-                }
-                _ => continue,
-            };
-            out.push(Jwk { kid, key });
+        let mut keys = Vec::new();
+        for key in jose::jwk_set(json).map_err(|e| format!("JWKS: {e}"))? {
+            match key {
+                Ok(k) if k.kind.verifiable() => keys.push(k),
+                Ok(_) | Err(KeyError::Unsupported(_)) => {}
+                Err(e) => return Err(format!("JWKS: {e}")),
+            }
         }
-        if out.is_empty() {
-            return Err("JWKS has no RSA or EC (P-256, P-384) key".into());
+        if keys.is_empty() {
+            return Err("JWKS has no RSA, EC (P-256, P-384) or Ed25519 key".into());
         }
-        Ok(Jwks { keys: out })
+        Ok(Jwks { keys })
     }
 
+    /// As Envoy's `jwt_verify_lib` picks keys: a key with a `kid` must
+    /// match the token's (when it has one), a key with an `alg` must match
+    /// the token's; any of the rest may verify.
     fn verify(&self, alg: &str, kid: Option<&str>, message: &[u8], signature: &[u8]) -> bool {
+        let Some(a) = Alg::from_name(alg) else {
+            return false;
+        };
         self.keys
             .iter()
-            .filter(|k| kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid)
-            .any(|k| match (&k.key, alg) {
-                (KeyMaterial::Rsa { n, e }, "RS256" | "RS384" | "RS512") => {
-                    let params = match alg {
-                        "RS256" => &sig::RSA_PKCS1_2048_8192_SHA256,
-                        "RS384" => &sig::RSA_PKCS1_2048_8192_SHA384,
-                        _ => &sig::RSA_PKCS1_2048_8192_SHA512,
-                    };
-                    sig::RsaPublicKeyComponents { n, e }
-                        .verify(params, message, signature)
-                        .is_ok()
-                }
-                (
-                    KeyMaterial::Ec {
-                        curve: Curve::P256,
-                        point,
-                    },
-                    "ES256",
-                ) => sig::UnparsedPublicKey::new(&sig::ECDSA_P256_SHA256_FIXED, point)
-                    .verify(message, signature)
-                    .is_ok(),
-                (
-                    KeyMaterial::Ec {
-                        curve: Curve::P384,
-                        point,
-                    },
-                    "ES384",
-                ) => sig::UnparsedPublicKey::new(&sig::ECDSA_P384_SHA384_FIXED, point)
-                    .verify(message, signature)
-                    .is_ok(),
-                _ => false,
-            })
+            .filter(|k| kid.is_none() || k.kid.is_empty() || Some(k.kid.as_str()) == kid)
+            .filter(|k| k.alg.is_empty() || k.alg == alg)
+            .any(|k| k.verify(a, message, signature))
     }
 }
 
@@ -390,12 +317,7 @@ fn extract(loc: &Location, headers: &http::HeaderMap, query: Option<&str>) -> Op
 
 fn decode(token: &str) -> Result<(serde_json::Value, serde_json::Value), JwtError> {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(JwtError::Malformed);
-    };
+    let t = jose::Compact::split(token).ok_or(JwtError::Malformed)?;
     let json = |s: &str| -> Result<serde_json::Value, JwtError> {
         let bytes = b64.decode(s).map_err(|_| JwtError::Malformed)?;
         let v: serde_json::Value =
@@ -406,7 +328,7 @@ fn decode(token: &str) -> Result<(serde_json::Value, serde_json::Value), JwtErro
             Err(JwtError::Malformed)
         }
     };
-    Ok((json(h)?, json(p)?))
+    Ok((json(t.header)?, json(t.payload)?))
 }
 
 fn check(
@@ -422,8 +344,8 @@ fn check(
         .and_then(serde_json::Value::as_str)
         .ok_or(JwtError::Malformed)?;
     let kid = header.get("kid").and_then(serde_json::Value::as_str);
-    // Invariant: decode checked there are three parts.
-    let (message, signature) = token.rsplit_once('.').ok_or(JwtError::Malformed)?;
+    let t = jose::Compact::split(token).ok_or(JwtError::Malformed)?;
+    let (message, signature) = (t.signing_input, t.signature);
     let signature = b64.decode(signature).map_err(|_| JwtError::Malformed)?;
     let keys = match &rule.keys {
         KeySource::Static(k) => k.clone(),

@@ -183,3 +183,32 @@ fn verified_claims_reach_the_rego_input_as_envoy_jwt_authn_metadata() {
         &input["attributes"]["metadataContext"]["filterMetadata"]["envoy.filters.http.jwt_authn"];
     assert_eq!(md["https://issuer.example"], claims);
 }
+
+#[test]
+fn eddsa_tokens_verify_and_a_key_of_another_alg_is_not_tried() {
+    use ring::signature::Ed25519KeyPair;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let rng = SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let x = b64.encode(key.public_key().as_ref());
+    let token = {
+        let head = b64.encode(br#"{"alg":"EdDSA","typ":"JWT"}"#);
+        let body = b64.encode(r#"{"iss":"https://issuer.example","sub":"bob","aud":"httpbin"}"#);
+        let msg = format!("{head}.{body}");
+        format!("{msg}.{}", b64.encode(key.sign(msg.as_bytes()).as_ref()))
+    };
+    let with = |alg: &str| {
+        let jwks =
+            format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","alg":"{alg}","x":"{x}"}}]}}"#);
+        let mut a = authn(&Signer::new());
+        a.rules[0].keys = KeySource::Static(Arc::new(Jwks::parse(&jwks).unwrap()));
+        a.authenticate(&bearer(&token), None, SystemTime::now())
+    };
+    assert_eq!(
+        with("EdDSA").unwrap().unwrap().principal,
+        "https://issuer.example/bob"
+    );
+    // Envoy's jwt_verify_lib skips a key whose `alg` is not the token's.
+    assert_eq!(with("ES256"), Err(JwtError::BadSignature));
+}

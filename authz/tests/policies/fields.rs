@@ -406,6 +406,36 @@ fn every_field_matched_and_not_matched() {
             false,
         ),
         (
+            "path regex is anchored on the whole path",
+            "to: {paths: [{regex: '/api/v[0-9]+/items'}]}",
+            get("/api/v12/items").from(WEB),
+            true,
+        ),
+        (
+            "path regex miss (no partial match)",
+            "to: {paths: [{regex: '/api/v[0-9]+'}]}",
+            get("/api/v1/items").from(WEB),
+            false,
+        ),
+        (
+            "path regex sees the normalized path, not the query",
+            "to: {paths: [{regex: '/a/b'}]}",
+            get("/a/./b?x=1").from(WEB),
+            true,
+        ),
+        (
+            "path regex ignore_case",
+            "to: {paths: [{regex: '/admin.*', ignore_case: true}]}",
+            get("/ADMIN/x").from(WEB),
+            true,
+        ),
+        (
+            "not path regex",
+            "to: {not_paths: [{regex: '/admin.*'}]}",
+            get("/admin/x").from(WEB),
+            false,
+        ),
+        (
             "grpc service",
             "to: {grpc_services: [pkg.Svc]}",
             get("/pkg.Svc/M").grpc().from(WEB),
@@ -737,6 +767,16 @@ fn invalid_files_are_rejected_whole_with_locations() {
             "bad regex",
             "policies:\n  - name: p\n    action: ALLOW\n    rules:\n      - {when: [{header: a, regex: '('}]}\n",
             "invalid regex",
+        ),
+        (
+            "bad path regex",
+            "policies:\n  - name: p\n    action: ALLOW\n    rules:\n      - {to: {paths: [{regex: '/a('}]}}\n",
+            "invalid path regex",
+        ),
+        (
+            "path and regex",
+            "policies:\n  - name: p\n    action: ALLOW\n    rules:\n      - {to: {paths: [{regex: /a, path: /a}]}}\n",
+            "not both",
         ),
         (
             "two matchers",

@@ -15,7 +15,7 @@ use rampart_authz::{
     ConnectionInfo, Decision, HttpProtocol, PathError, RequestInfo, grpc_method_of, normalize_path,
 };
 
-use super::errors::LocalError;
+use super::errors::{BadRequest, LocalError};
 use super::server::Handler;
 use crate::access::Pending;
 use crate::authz::PermittedRequest;
@@ -47,6 +47,7 @@ impl Handler {
         // as the host and an empty path (as Envoy's ext_authz does), so a
         // rule with `paths` never matches it.
         let connect = req.method() == http::Method::CONNECT && req.version() == Version::HTTP_11;
+        check_host(&req, connect)?;
         let raw = match req.uri().path_and_query() {
             Some(p) => p.as_str(),
             None if connect => "",
@@ -105,6 +106,34 @@ impl Handler {
             Evaluation::Decided(d) => d,
             Evaluation::Consult(c) => self.consult(c, &conn_info, &info).await,
         };
+        // A tunnel is one request and then bytes no policy sees: it must be
+        // allowed by a rule that names its method, not by one that allows
+        // any method (Envoy refuses CONNECT and upgrades unless a route
+        // asks for them). Asked as: would the same request with a method
+        // no policy names be allowed too? Then the method did not matter.
+        let tunnel = if connect {
+            Some("CONNECT")
+        } else {
+            super::tunnel::Tunnel::of(req.method(), req.version(), headers).map(|_| "Upgrade")
+        };
+        if let Some(kind) = tunnel
+            && decision.is_allowed()
+        {
+            // Invariant: a constant token is a valid extension method.
+            let unnamed = http::Method::from_bytes(UNNAMED_METHOD).expect("a valid method token");
+            let probe = RequestInfo {
+                method: &unnamed,
+                ..info
+            };
+            let method_mattered = match authorizer.evaluate_request(&conn_info, &probe) {
+                Evaluation::Decided(d) => !d.is_allowed(),
+                // A CUSTOM rule would be asked: it did not name the method.
+                Evaluation::Consult(_) => false,
+            };
+            if !method_mattered {
+                return Err(LocalError::TunnelNotAllowed(kind));
+            }
+        }
         if let Some(sink) = &self.shared.config.central.decision_log {
             sink.log(&conn_info, &info, &decision);
         }
@@ -127,7 +156,35 @@ impl Handler {
         };
         Ok((permitted, path))
     }
+}
 
+/// A method no policy names (an extension token, inline in `http::Method`:
+/// no allocation), to ask whether a tunnel's own method mattered.
+const UNNAMED_METHOD: &[u8] = b"RAMPART-UNNAMED";
+
+/// RFC 9112 §3.2: a request with more than one `Host` is refused, and so
+/// is an absolute-form target whose authority disagrees with `Host` (the
+/// target wins there, so the policy and the app could read different
+/// hosts). Both 400.
+fn check_host(req: &Request<Incoming>, connect: bool) -> Result<(), LocalError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(LocalError::BadRequest(BadRequest::DuplicateHost));
+    }
+    // HTTP/2 carries `:authority` in the URI always; HTTP/1 only in the
+    // absolute form.
+    let absolute = req.version() < Version::HTTP_2 && !connect;
+    if absolute
+        && let (Some(h), Some(a)) = (host, req.uri().authority())
+        && !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes())
+    {
+        return Err(LocalError::BadRequest(BadRequest::HostMismatch));
+    }
+    Ok(())
+}
+
+impl Handler {
     /// Asks the CUSTOM policy's external authorizer; without one configured
     /// the request is refused (fail closed).
     async fn consult(

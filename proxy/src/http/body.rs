@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// A request body on its way upstream. When it has no end yet (an upload),
+/// A request body on its way upstream, with any identity header removed
+/// from its trailers. When it has no end yet (an upload),
 /// it reports its progress and its end, so that the response timeout can
 /// start at the end, as Envoy's route timeout does (a slow upload to a
 /// healthy app is not a 504), while an upload that stops moving is still
@@ -24,7 +25,8 @@ use tokio::time::Instant;
 /// nothing.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: no body at all (a request rebuilt for a retry).
+    inner: Option<Incoming>,
     progress: Option<Arc<Progress>>,
 }
 
@@ -35,9 +37,17 @@ pub struct Progress {
     epoch: Instant,
     /// Milliseconds after `epoch` of the last frame read.
     last_ms: AtomicU64,
+    /// Whether the client's body failed (its framing broke).
+    failed: AtomicBool,
 }
 
 impl Progress {
+    /// Whether the client's side of the body failed: an exchange that broke
+    /// then is the client's fault (400), not the far end's (502).
+    pub fn client_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     fn last(&self) -> Instant {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Acquire))
     }
@@ -51,10 +61,25 @@ impl RequestBody {
                 ended: Notify::new(),
                 epoch: Instant::now(),
                 last_ms: AtomicU64::new(0),
+                failed: AtomicBool::new(false),
             })
         });
         let watch = progress.clone();
-        (RequestBody { inner, progress }, watch)
+        (
+            RequestBody {
+                inner: Some(inner),
+                progress,
+            },
+            watch,
+        )
+    }
+
+    /// No body (a bodyless request rebuilt to be sent again).
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            progress: None,
+        }
     }
 
     fn finish(&mut self) {
@@ -73,11 +98,26 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None | Some(Err(_))) => self.finish(),
-            Poll::Ready(Some(Ok(_))) => {
-                if self.inner.is_end_stream() {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let mut polled = Pin::new(inner).poll_frame(cx);
+        match &mut polled {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(p) = &self.progress {
+                    p.failed.store(true, Ordering::Release);
+                }
+                self.finish();
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                // Trailers (HTTP/1.1 chunked, HTTP/2) never carry an
+                // identity header on to the app: the sidecar sets none
+                // there, so any is forged.
+                if let Some(t) = frame.trailers_mut() {
+                    super::headers::remove_identity_headers(t, false);
+                }
+                if self.is_end_stream() {
                     self.finish();
                 } else if let Some(p) = &self.progress {
                     let ms = u64::try_from(p.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -90,11 +130,14 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
     }
 }
 
@@ -286,6 +329,7 @@ mod tests {
             ended: Notify::new(),
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
         })
     }
 

@@ -41,6 +41,17 @@ pub enum LocalError {
     /// The client's request body stopped moving (the client's fault).
     #[error("request body stalled")]
     UploadStalled,
+    /// A request whose head is ambiguous (the client's fault).
+    #[error("bad request: {0}")]
+    BadRequest(BadRequest),
+    /// The client's request body broke its own framing (malformed chunked
+    /// encoding) while it was sent on: the client's fault, not the app's.
+    #[error("bad request: malformed body framing")]
+    MalformedBody,
+    /// A `CONNECT` or `Upgrade` request that the policies allow only by a
+    /// rule that does not name its method (see `docs/policy.md`).
+    #[error("{0} is refused unless an ALLOW rule names its method")]
+    TunnelNotAllowed(&'static str),
     /// The app could not be reached for a tunnel.
     #[error("app unreachable: {0}")]
     AppConnect(ConnectError),
@@ -76,9 +87,28 @@ pub enum LocalError {
     /// Outbound: the peer sidecar did not answer in time.
     #[error("upstream sidecar did not answer in time")]
     PeerTimeout,
+    /// Outbound: discovery knows the destination's service, and it has no
+    /// endpoint to send to (none, none with an identity, or none left to
+    /// retry on).
+    #[error("no endpoint available: {0}")]
+    NoEndpoint(rampart_discovery::balance::NoEndpoint),
     /// Outbound: the request cannot be addressed to the destination (a bug).
     #[error("request cannot be addressed to its destination")]
     Unroutable,
+}
+
+/// What makes a request head ambiguous, so that the sidecar and the app
+/// might read it differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// Two `Host` fields (RFC 9112 §3.2: 400).
+    #[error("more than one Host field")]
+    DuplicateHost,
+    /// `Host` disagrees with an absolute-form target (RFC 9112 §3.2.2:
+    /// the target's authority wins, so the policy and the app must not
+    /// see different ones).
+    #[error("Host disagrees with the request target")]
+    HostMismatch,
 }
 
 /// What goes on the wire, and in the metric, for a [`LocalError`].
@@ -128,6 +158,16 @@ impl LocalError {
                 GRPC_DEADLINE_EXCEEDED,
                 LocalReason::UploadStalled,
             ),
+            LocalError::BadRequest(_) | LocalError::MalformedBody => (
+                StatusCode::BAD_REQUEST,
+                GRPC_INTERNAL,
+                LocalReason::BadRequest,
+            ),
+            LocalError::TunnelNotAllowed(_) => (
+                StatusCode::FORBIDDEN,
+                GRPC_PERMISSION_DENIED,
+                LocalReason::TunnelNotAllowed,
+            ),
             LocalError::Tunnel(TunnelError::Exchange(_)) => (
                 StatusCode::BAD_GATEWAY,
                 GRPC_UNAVAILABLE,
@@ -157,6 +197,11 @@ impl LocalError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 GRPC_UNAVAILABLE,
                 LocalReason::PoolFull,
+            ),
+            LocalError::NoEndpoint(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                GRPC_UNAVAILABLE,
+                LocalReason::NoEndpoint,
             ),
             LocalError::PeerConnect(_)
             | LocalError::PeerExchange(_)
@@ -284,6 +329,19 @@ mod tests {
             (LocalError::TunnelToHttp2App, 501, 12, "tunnel_unsupported"),
             (LocalError::UploadStalled, 408, 4, "upload_stalled"),
             (
+                LocalError::BadRequest(BadRequest::DuplicateHost),
+                400,
+                13,
+                "bad_request",
+            ),
+            (LocalError::MalformedBody, 400, 13, "bad_request"),
+            (
+                LocalError::TunnelNotAllowed("CONNECT"),
+                403,
+                7,
+                "tunnel_not_allowed",
+            ),
+            (
                 LocalError::Tunnel(TunnelError::Timeout),
                 504,
                 4,
@@ -291,6 +349,12 @@ mod tests {
             ),
             (LocalError::NoIdentity, 503, 14, "no_identity"),
             (LocalError::PoolFull(3), 503, 14, "pool_full"),
+            (
+                LocalError::NoEndpoint(rampart_discovery::balance::NoEndpoint::Empty("s".into())),
+                503,
+                14,
+                "no_endpoint",
+            ),
             (LocalError::PeerTimeout, 504, 4, "peer_timeout"),
             (
                 LocalError::PeerHandshake(HandshakeError::IdNotAllowed("x".into())),

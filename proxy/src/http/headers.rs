@@ -50,6 +50,80 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Removes the fields a request's `Connection` names (RFC 9110 §7.6.1)
+/// before the sidecar adds its own, so that `Connection: close,
+/// x-request-id` cannot strip a field the sidecar sets (request ID, trace
+/// context, XFCC, a policy's headers) on its way to the app. The tokens
+/// that ask for this hop (`close`, `keep-alive`, `upgrade`) stay, for the
+/// connection and tunnel logic; the `Connection` field then names only
+/// them, and [`strip_hop_by_hop`] removes it later. Allocation-free unless
+/// `Connection` names some other field.
+pub fn remove_connection_named(h: &mut HeaderMap) {
+    let own = |t: &[u8]| {
+        t.is_empty()
+            || t.eq_ignore_ascii_case(b"close")
+            || t.eq_ignore_ascii_case(b"keep-alive")
+            || t.eq_ignore_ascii_case(b"upgrade")
+    };
+    let names_others = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| !own(t.trim_ascii()))
+    });
+    if !names_others {
+        return;
+    }
+    // Rare: a client naming its own hop-by-hop fields.
+    let values: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+    let mut kept = Vec::new();
+    for v in &values {
+        for t in v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            if own(t) {
+                if !t.is_empty() {
+                    kept.push(t);
+                }
+            } else if let Ok(name) = HeaderName::from_bytes(t) {
+                h.remove(name);
+            }
+        }
+    }
+    h.remove(header::CONNECTION);
+    if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b", "[..]))
+        && !v.is_empty()
+    {
+        h.insert(header::CONNECTION, v);
+    }
+}
+
+/// Whether `name` is `x-forwarded-client-cert` in any spelling that some
+/// server reads as it: header names are lower case already, and CGI, WSGI
+/// and many frameworks map `_` onto `-` (`HTTP_X_FORWARDED_CLIENT_CERT`).
+/// Compares bytes in place: no allocation.
+pub fn is_identity_header(name: &HeaderName) -> bool {
+    let n = name.as_str().as_bytes();
+    n.len() == XFCC.len()
+        && n.iter()
+            .zip(XFCC.as_bytes())
+            .all(|(a, b)| a == b || (*a == b'_' && *b == b'-'))
+}
+
+/// Removes every spelling of the identity header ([`is_identity_header`])
+/// but the canonical one, and that one too unless `keep_canonical`. The
+/// common case (no odd spelling) is one pass over the names.
+pub fn remove_identity_headers(h: &mut HeaderMap, keep_canonical: bool) {
+    if !keep_canonical {
+        h.remove(XFCC);
+    }
+    // Rare: a client's `x_forwarded_client_cert`, removed one name at a time.
+    while let Some(name) = h
+        .keys()
+        .find(|k| k.as_str() != XFCC && is_identity_header(k))
+        .cloned()
+    {
+        h.remove(name);
+    }
+}
+
 /// A fresh request ID: 128 bits as 32 hex digits. Unique per process run
 /// (a random key hashes a counter); a correlation handle, not a secret.
 pub fn request_id() -> HeaderValue {
@@ -87,22 +161,26 @@ pub fn xfcc_value(
     HeaderValue::try_from(element).ok()
 }
 
-/// Applies the XFCC mode to a request for the app.
+/// Applies the XFCC mode to a request for the app. Every other spelling
+/// of the header is removed whatever the mode ([`is_identity_header`]).
 pub fn set_xfcc(mode: XfccMode, ours: Option<&HeaderValue>, h: &mut HeaderMap) {
     match mode {
         XfccMode::SanitizeSet => {
-            h.remove(XFCC);
+            remove_identity_headers(h, false);
             if let Some(v) = ours {
                 h.insert(XFCC, v.clone());
             }
         }
+        // The client's chain is kept under its canonical name only: no
+        // other spelling is ever one the sidecar vouches for.
         XfccMode::AppendForward => {
+            remove_identity_headers(h, true);
             if let Some(v) = ours {
                 h.append(XFCC, v.clone());
             }
         }
         XfccMode::Sanitize => {
-            h.remove(XFCC);
+            remove_identity_headers(h, false);
         }
     }
 }
@@ -153,6 +231,65 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(!h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn connection_cannot_name_what_the_sidecar_sets() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-request-id, X-Other"),
+        );
+        h.insert("x-request-id", HeaderValue::from_static("theirs"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        remove_connection_named(&mut h);
+        assert_eq!(h[header::CONNECTION], "close");
+        assert!(!h.contains_key("x-request-id") && !h.contains_key("x-other"));
+        // What the sidecar sets afterwards survives the hop-by-hop strip.
+        h.insert("x-request-id", HeaderValue::from_static("ours"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["x-request-id"], "ours");
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        remove_connection_named(&mut h);
+        assert_eq!(h[header::CONNECTION], "keep-alive");
+    }
+
+    #[test]
+    fn identity_headers_in_any_spelling_are_removed() {
+        for (name, is) in [
+            ("x-forwarded-client-cert", true),
+            ("x_forwarded_client_cert", true),
+            ("x-forwarded_client-cert", true),
+            ("x-forwarded-client-certs", false),
+            ("x-forwarded-client", false),
+            ("x.forwarded.client.cert", false),
+        ] {
+            assert_eq!(
+                is_identity_header(&HeaderName::from_static(name)),
+                is,
+                "{name}"
+            );
+        }
+        for mode in [
+            XfccMode::SanitizeSet,
+            XfccMode::Sanitize,
+            XfccMode::AppendForward,
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "x_forwarded_client_cert",
+                HeaderValue::from_static("forged"),
+            );
+            h.insert(
+                "x-forwarded_client-cert",
+                HeaderValue::from_static("forged"),
+            );
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            set_xfcc(mode, None, &mut h);
+            let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["x-kept"], "{mode:?}");
+        }
     }
 
     #[test]

@@ -8,6 +8,14 @@
 //! `Upgrade` and `CONNECT` requests do not use the pool: each gets its own
 //! HTTP/1.1 connection over mTLS (see `tunnel` for why). Every answer the sidecar gives itself comes
 //! from `http::errors`, as a gRPC status for gRPC callers.
+//!
+//! A destination discovery knows as a service is balanced per request
+//! ([`PeerTarget::Service`]): each request goes to the endpoint the
+//! balancer picks, on that endpoint's pool, the handshake holding it to
+//! the endpoint's own SPIFFE ID. A request that could not be sent at all
+//! (connect or handshake failure) is sent once more to another endpoint
+//! when it has no body to replay (it never reached an app); nothing that
+//! may have reached an app is retried.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,12 +25,17 @@ use http::header::{self, HeaderValue};
 use http::uri::Authority;
 use http::{Request, Response, Uri, Version};
 use http_body_util::Either;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use rampart_discovery::balance::{Balancer, Outcome, Pick, Refusal};
+use rampart_identity::SpiffeId;
 
 use super::ProxyBody;
+use super::body::{Counted, StreamCount};
 use super::errors::LocalError;
 use super::headers::strip_hop_by_hop;
+use super::pool::UpstreamBody;
 use super::pool::{Endpoint, Expect};
 use super::tunnel::{Tunnel, TunnelTask};
 use crate::access::Pending;
@@ -32,13 +45,25 @@ use crate::metrics;
 use crate::server::Shared;
 use crate::tls::Io;
 
+/// Where an app connection's requests go.
+#[derive(Debug, Clone)]
+pub enum PeerTarget {
+    /// The original destination, whose server must match client
+    /// configuration `i` (a server rule).
+    Rule(usize),
+    /// The endpoints of a discovered service, one picked per request.
+    Service(Arc<Balancer>),
+    /// One discovered endpoint (a pod address) and its SPIFFE ID.
+    Endpoint(SocketAddr, SpiffeId),
+}
+
 /// Serves an app's HTTP/1.1 connection from `source` to `dst`, whose
-/// server must match client configuration `index`.
+/// requests go to `target`.
 pub async fn serve<S: Io>(
     stream: S,
     source: SocketAddr,
     dst: SocketAddr,
-    index: usize,
+    target: PeerTarget,
     shared: Arc<Shared>,
     mut watch: Watch,
 ) {
@@ -47,10 +72,15 @@ pub async fn serve<S: Io>(
         return;
     };
     let local_id = shared.identity().map(|c| c.svid.id.clone());
+    // The destination label is the service, once discovery knows it.
+    let dst_label = match &target {
+        PeerTarget::Service(b) => b.name().to_owned(),
+        PeerTarget::Rule(_) | PeerTarget::Endpoint(..) => dst.to_string(),
+    };
     let series = metrics::PerDestination::new(
         Direction::Outbound,
         local_id.as_ref().map(|id| id.as_str()),
-        &dst.to_string(),
+        &dst_label,
     );
     let app = Arc::new(AppConn {
         shared: shared.clone(),
@@ -59,27 +89,34 @@ pub async fn serve<S: Io>(
             source,
             destination: dst,
         },
-        index,
+        target,
         authority,
         tunnel: TunnelTask::default(),
     });
+    // An app's keep-alive connection is closed after `http_idle_timeout`
+    // without a request in flight, not at the header read timeout (which
+    // the guard keeps from the first byte of a head).
+    let limits = &shared.config.limits;
+    let streams = StreamCount::new(limits.http_idle_timeout);
     let a = app.clone();
+    let counts = streams.clone();
     let service = hyper::service::service_fn(move |req| {
         let a = a.clone();
-        async move { Ok::<_, Infallible>(send(&a, req).await) }
+        let stream = Some(counts.open());
+        async move { Ok::<_, Infallible>(send(&a, req).await.map(|b| Counted::new(b, stream))) }
     });
     let conn = shared
         .outbound_http
         .server
         .serve_connection(
-            TokioIo::new(crate::smuggling::SmugglingGuard::new(
-                stream,
-                shared.config.limits.http_max_header_bytes,
-            )),
+            TokioIo::new(
+                crate::smuggling::SmugglingGuard::new(stream, limits.http_max_header_bytes)
+                    .with_head_timeout(limits.http_header_read_timeout),
+            ),
             service,
         )
         .with_upgrades();
-    let result = serve_gracefully!(conn, watch, std::future::pending::<()>());
+    let result = serve_gracefully!(conn, watch, streams.idle_expired());
     if let Err(e) = result {
         tracing::debug!(error = %e, "app http connection ended with an error");
     }
@@ -100,8 +137,8 @@ struct AppConn {
     shared: Arc<Shared>,
     metrics: metrics::PerDestination,
     ends: Ends,
-    /// The client configuration (expected server identity).
-    index: usize,
+    /// Where requests go (and the server identity to expect).
+    target: PeerTarget,
     authority: Authority,
     tunnel: TunnelTask,
 }
@@ -208,21 +245,136 @@ async fn to_peer(
         parts.uri = Uri::from(path);
     }
     parts.version = Version::HTTP_11;
-    let endpoint = Endpoint {
-        addr: app.ends.destination,
-        expect: Expect::Rule(app.index),
-    };
     let timeout = shared.config.limits.http_response_timeout;
-    let (resp, peer) = crate::forward::peer_request(
-        &shared.outbound_http,
-        &endpoint,
-        Request::from_parts(parts, body),
-        timeout,
-    )
-    .await?;
+    let hop = &shared.outbound_http;
+    let (resp, peer) = match &app.target {
+        PeerTarget::Rule(index) => {
+            let endpoint = Endpoint {
+                addr: app.ends.destination,
+                expect: Expect::Rule(*index),
+            };
+            let req = Request::from_parts(parts, body);
+            crate::forward::peer_request(hop, &endpoint, req, timeout).await?
+        }
+        PeerTarget::Endpoint(addr, id) => {
+            let endpoint = Endpoint {
+                addr: *addr,
+                expect: Expect::Id(id.clone()),
+            };
+            let req = Request::from_parts(parts, body);
+            crate::forward::peer_request(hop, &endpoint, req, timeout).await?
+        }
+        PeerTarget::Service(b) => balanced(shared, b, parts, body).await?,
+    };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok((Response::from_parts(parts, Either::Left(body)), peer))
+}
+
+/// Whether a failed exchange never reached the endpoint's app: the
+/// connection could not be opened or its handshake failed. Such a request
+/// may go to another endpoint.
+fn refusal(e: &LocalError) -> Option<Refusal> {
+    match e {
+        LocalError::PeerHandshake(_) => Some(Refusal::Handshake),
+        LocalError::PeerConnect(_) => Some(Refusal::Connect),
+        LocalError::PeerExchange(e) if e.is_connect() => Some(Refusal::Connect),
+        _ => None,
+    }
+}
+
+/// Sends a request to an endpoint of `balancer`'s service, picked per
+/// request; once more to another endpoint when the first could not be
+/// sent to and the request has no body (nothing reached an app, and the
+/// head can be rebuilt).
+async fn balanced(
+    shared: &Shared,
+    balancer: &Balancer,
+    parts: http::request::Parts,
+    body: Incoming,
+) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {
+    let timeout = shared.config.limits.http_response_timeout;
+    let hop = &shared.outbound_http;
+    let endpoint = |p: &Pick| Endpoint {
+        addr: p.endpoint().addr,
+        expect: Expect::Id(p.id().clone()),
+    };
+    let replayable = body.is_end_stream();
+    let mut first = match balancer.pick(&[]) {
+        Ok(p) => p,
+        Err(e) => {
+            balancer.metrics().no_endpoint();
+            return Err(LocalError::NoEndpoint(e));
+        }
+    };
+    // What a second attempt needs of the head (extensions are dropped:
+    // a request without a body carries none the peer needs).
+    let again = replayable.then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
+    let started = tokio::time::Instant::now();
+    let req = Request::from_parts(parts, body);
+    let sent = crate::forward::peer_request(hop, &endpoint(&first), req, timeout).await;
+    let e = match sent {
+        Ok(r) => {
+            first.finish(Outcome::Answered);
+            balancer.metrics().answered(started.elapsed());
+            return Ok(r);
+        }
+        Err(e) => e,
+    };
+    let Some(why) = refusal(&e) else {
+        if !matches!(e, LocalError::PoolFull(_) | LocalError::NoIdentity) {
+            first.finish(Outcome::Failed);
+            balancer.metrics().failed();
+        }
+        return Err(e);
+    };
+    first.finish(Outcome::Refused(why));
+    tracing::info!(
+        endpoint = %first.endpoint().addr,
+        expected.id = %first.id(),
+        error = %e,
+        "endpoint refused"
+    );
+    let Some((method, uri, headers)) = again else {
+        balancer.metrics().failed();
+        return Err(e);
+    };
+    let mut second = match balancer.pick(&[first.state()]) {
+        Ok(p) => p,
+        Err(_) => {
+            balancer.metrics().failed();
+            return Err(e);
+        }
+    };
+    drop(first);
+    balancer.metrics().retried();
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    *req.version_mut() = Version::HTTP_11;
+    let started = tokio::time::Instant::now();
+    match crate::forward::peer_request_empty(hop, &endpoint(&second), req, timeout).await {
+        Ok(r) => {
+            second.finish(Outcome::Answered);
+            balancer.metrics().answered(started.elapsed());
+            Ok(r)
+        }
+        Err(e) => {
+            match refusal(&e) {
+                Some(why) => second.finish(Outcome::Refused(why)),
+                None => second.finish(Outcome::Failed),
+            }
+            balancer.metrics().failed();
+            Err(e)
+        }
+    }
 }
 
 /// Carries a tunnel request (upgrade or CONNECT) to the peer sidecar on a
@@ -233,10 +385,27 @@ async fn tunnel(
     tunnel: Tunnel,
 ) -> Result<(Response<ProxyBody>, Option<metrics::DestinationId>), LocalError> {
     let shared = &*app.shared;
-    let Some(cfg) = shared
-        .identity()
-        .and_then(|c| c.client.get(app.index).cloned())
-    else {
+    let Some(configs) = shared.identity() else {
+        return Err(LocalError::NoIdentity);
+    };
+    // A tunnel is one connection: its endpoint is picked once, held in
+    // flight while the tunnel is being opened.
+    let mut pick = None;
+    let (dst, cfg) = match &app.target {
+        PeerTarget::Rule(i) => (app.ends.destination, configs.client.get(*i).cloned()),
+        PeerTarget::Endpoint(addr, id) => (*addr, configs.endpoints.for_id(id)),
+        PeerTarget::Service(b) => {
+            let p = b.pick(&[]).map_err(|e| {
+                b.metrics().no_endpoint();
+                LocalError::NoEndpoint(e)
+            })?;
+            let target = (p.endpoint().addr, configs.endpoints.for_id(p.id()));
+            pick = Some(p);
+            target
+        }
+    };
+    drop(configs);
+    let Some(cfg) = cfg else {
         return Err(LocalError::NoIdentity);
     };
     let (mut parts, body) = req.into_parts();
@@ -245,15 +414,22 @@ async fn tunnel(
         return Err(LocalError::NotUpgradable);
     };
     tunnel.prepare_request(&mut parts.headers);
-    let (mut resp, task) = crate::forward::peer_tunnel(
+    let opened = crate::forward::peer_tunnel(
         Request::from_parts(parts, body),
-        app.ends.destination,
+        dst,
         cfg,
         &tunnel,
         downstream,
         &shared.config.limits,
     )
-    .await?;
+    .await;
+    if let Some(p) = pick.as_mut() {
+        p.finish(match &opened {
+            Ok(_) => Outcome::Answered,
+            Err(e) => refusal(e).map_or(Outcome::Failed, Outcome::Refused),
+        });
+    }
+    let (mut resp, task) = opened?;
     if let Some(task) = task {
         app.tunnel.set(task);
     }
@@ -282,7 +458,7 @@ mod tests {
                     near,
                     testing::client_addr(),
                     dst,
-                    0,
+                    PeerTarget::Rule(0),
                     shared,
                     drain.watch(),
                 ));

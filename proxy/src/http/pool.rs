@@ -34,6 +34,7 @@ use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rampart_identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -60,6 +61,8 @@ pub enum Expect {
     /// Client configuration `i` of the identity store (an outbound rule's
     /// `server_identities`, or an explicit listener's).
     Rule(usize),
+    /// Exactly this SPIFFE ID (an endpoint discovery found).
+    Id(SpiffeId),
 }
 
 /// Why a pooled connection could not be had.
@@ -96,6 +99,14 @@ pub enum SendError {
     /// A new connection closed before the request could be written.
     #[error("the connection closed before the request was sent")]
     Closed,
+}
+
+impl SendError {
+    /// Whether the request never reached the far end (it may go to
+    /// another endpoint): no connection, or one that closed before it.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_) | SendError::Closed)
+    }
 }
 
 /// A link's shared state, between the lessee and the connection task.
@@ -521,11 +532,11 @@ impl std::fmt::Debug for OutboundHttp {
 }
 
 /// How long a pooled HTTP/1.1 connection may sit idle: the configured
-/// pool idle timeout, but under the far end's keep-alive idle close (the
-/// header read timeout, on a peer sidecar with the same limits), so that
+/// pool idle timeout, but under the far end's keep-alive idle close
+/// (`http_idle_timeout`, on a peer sidecar with the same limits), so that
 /// the far end does not close it while a request is on its way.
 pub(crate) fn link_idle_timeout(l: &Limits) -> Duration {
-    l.http_pool_idle_timeout.min(l.http_header_read_timeout / 2)
+    l.http_pool_idle_timeout.min(l.http_idle_timeout / 2)
 }
 
 impl OutboundHttp {
@@ -538,7 +549,11 @@ impl OutboundHttp {
         let mut server = hyper::server::conn::http1::Builder::new();
         server
             .timer(TokioTimer::new())
-            .header_read_timeout(l.http_header_read_timeout)
+            // The smuggling guard keeps the header read timeout, from the
+            // first byte of each head; hyper's would also close idle
+            // keep-alive connections (`http::outbound` keeps their idle
+            // timeout).
+            .header_read_timeout(None)
             .max_buf_size(l.http_max_header_bytes.max(8192))
             .max_headers(l.http_max_headers);
         OutboundHttp {
@@ -576,6 +591,7 @@ impl OutboundHttp {
             let configs = current.as_ref().ok_or(PoolConnectError::NoIdentity)?;
             let cfg = match &endpoint.expect {
                 Expect::Rule(i) => configs.client.get(*i).cloned(),
+                Expect::Id(id) => configs.endpoints.for_id(id),
             };
             (
                 cfg.ok_or(PoolConnectError::NoIdentity)?,

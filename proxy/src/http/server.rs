@@ -25,15 +25,16 @@ use super::tunnel::TunnelTask;
 use super::{AppVersion, ProxyBody, ServeVersion};
 use crate::access::Pending;
 use crate::config::{Direction, Limits};
+use crate::detect::Protocol;
 use crate::drain::{Watch, serve_gracefully};
 use crate::server::Shared;
 use crate::tls::BoxedIo;
 
-/// Built once per sidecar: the server builder and the app connection pools.
+/// Built once per sidecar: the server builders and the app connection pools.
 pub struct InboundHttp {
-    server: auto::Builder<TokioExecutor>,
-    // hyper's own HTTP/1 builder: auto's upgrade-capable connection would
-    // first read the bytes that tell HTTP/2 apart, a detection already done.
+    // hyper's own HTTP/1 builder, behind the smuggling guard (which keeps
+    // the header read timeout); HTTP/2 and HTTP/1 are told apart before
+    // (`detect`), so that every HTTP/1 connection has the guard.
     server_h1: hyper::server::conn::http1::Builder,
     server_h2: auto::Builder<TokioExecutor>,
     /// HTTP/1.1 app connections, one exchange at a time each.
@@ -53,13 +54,6 @@ impl InboundHttp {
         let l = limits;
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(l.http_header_read_timeout)
-            // hyper answers 431 past either limit. Its buffer minimum is 8 KiB.
-            .max_buf_size(l.http_max_header_bytes.max(8192))
-            .max_headers(l.http_max_headers);
-        server
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(l.http_max_concurrent_streams)
@@ -71,7 +65,11 @@ impl InboundHttp {
         let mut server_h1 = hyper::server::conn::http1::Builder::new();
         server_h1
             .timer(TokioTimer::new())
-            .header_read_timeout(l.http_header_read_timeout)
+            // hyper's timer would also run while a keep-alive connection
+            // waits for its next request: the guard keeps this one, from
+            // the first byte of each head.
+            .header_read_timeout(None)
+            // hyper answers 431 past either limit. Its buffer minimum is 8 KiB.
             .max_buf_size(l.http_max_header_bytes.max(8192))
             .max_headers(l.http_max_headers);
         let mut connector = HttpConnector::new();
@@ -79,8 +77,7 @@ impl InboundHttp {
         connector.set_connect_timeout(Some(limits.connect_timeout));
         InboundHttp {
             server_h1,
-            server_h2: server.clone().http2_only(),
-            server,
+            server_h2: server.http2_only(),
             app_links: Arc::default(),
             h2: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
@@ -120,6 +117,34 @@ pub struct InboundConn {
 
 /// Serves HTTP on `stream` until the peer closes or the drain completes it.
 pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut watch: Watch) {
+    let limits = &shared.config.limits;
+    // A declared HTTP port: the first bytes tell HTTP/2 from HTTP/1, as
+    // late as the idle timeout allows (a client's pool may open the
+    // connection long before its first request).
+    let (stream, serve_version) = match conn.serve {
+        ServeVersion::Auto => {
+            let sniffed = tokio::select! {
+                r = tokio::time::timeout(
+                    limits.http_idle_timeout,
+                    crate::detect::http_version(stream, limits.http_header_read_timeout),
+                ) => r,
+                () = watch.signaled() => return,
+            };
+            match sniffed {
+                Ok(Ok((Protocol::Http2, s))) => (Box::new(s) as BoxedIo, ServeVersion::Http2),
+                Ok(Ok((_, s))) => (Box::new(s) as BoxedIo, ServeVersion::Http1),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "http connection ended before its first request");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("idle connection closed");
+                    return;
+                }
+            }
+        }
+        v => (stream, v),
+    };
     let local_id = shared.identity().map(|c| c.svid.id.clone());
     let Ok(app_authority) = Authority::try_from(conn.app.to_string()) else {
         // Invariant: a socket address is a valid authority.
@@ -150,32 +175,22 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         conn,
         tunnel: TunnelTask::default(),
     });
-    let serve_version = handler.conn.serve;
-    // HTTP/2 connections close after `http_idle_timeout` without a stream:
-    // keep-alive pings keep a silent peer's connection open forever, and
-    // hyper has no idle timeout of its own. (HTTP/1 keep-alive connections
-    // are closed by the header read timeout.)
-    let streams = match serve_version {
-        ServeVersion::Http1 => None,
-        ServeVersion::Http2 | ServeVersion::Auto => {
-            Some(StreamCount::new(shared.config.limits.http_idle_timeout))
-        }
-    };
+    // Connections close after `http_idle_timeout` without a request in
+    // flight (HTTP/1 keep-alive between requests, HTTP/2 without a
+    // stream): hyper has no idle timeout of its own, and HTTP/2 pings
+    // would keep a silent peer's connection open forever. A request head
+    // once started has the header read timeout instead (the guard).
+    let streams = StreamCount::new(limits.http_idle_timeout);
     let h = handler.clone();
     let counts = streams.clone();
     let service = hyper::service::service_fn(move |req| {
         let h = h.clone();
-        let stream = counts.as_ref().map(StreamCount::open);
+        let stream = Some(counts.open());
         async move { Ok::<_, Infallible>(h.handle(req).await.map(|b| Counted::new(b, stream))) }
     });
     let tls = handler.conn.tls;
     let idle = async {
-        let expired = async {
-            match &streams {
-                Some(s) => s.idle_expired().await,
-                None => std::future::pending().await,
-            }
-        };
+        let expired = streams.idle_expired();
         // An mTLS connection also ends (gracefully: in-flight requests
         // finish) when our identity is withdrawn, or when the SVID it was
         // made with or the peer's expires: its peer then reconnects with
@@ -194,11 +209,9 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
     // On drain: GOAWAY on HTTP/2; on HTTP/1 keep-alive is disabled, so the
     // in-flight response carries `connection: close`.
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match serve_version {
-        ServeVersion::Http1 => {
-            let io = crate::smuggling::SmugglingGuard::new(
-                stream,
-                shared.config.limits.http_max_header_bytes,
-            );
+        ServeVersion::Http1 | ServeVersion::Auto => {
+            let io = crate::smuggling::SmugglingGuard::new(stream, limits.http_max_header_bytes)
+                .with_head_timeout(limits.http_header_read_timeout);
             let conn = shared
                 .http
                 .server_h1
@@ -211,13 +224,6 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
                 .http
                 .server_h2
                 .serve_connection(TokioIo::new(stream), service);
-            serve_gracefully!(conn, watch, idle)
-        }
-        ServeVersion::Auto => {
-            let conn = shared
-                .http
-                .server
-                .serve_connection_with_upgrades(TokioIo::new(stream), service);
             serve_gracefully!(conn, watch, idle)
         }
     };
@@ -245,6 +251,9 @@ pub(super) struct Handler {
 
 impl Handler {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        // Before the sidecar adds anything: `Connection` may not name what
+        // it sets (request ID, trace context, XFCC).
+        super::headers::remove_connection_named(req.headers_mut());
         let trace = self.shared.config.observe.tracing.as_ref().map(|t| {
             let span = t.request(
                 Direction::Inbound,
