@@ -606,7 +606,7 @@ mod tests {
             (b"PRI * HTTP/2.0\r\n\r\nXX", Verdict::Known(Http1)),
             (b"\r\n", Verdict::NeedMore),
             (b"G", Verdict::NeedMore),
-            (b"GET / HT", Verdict::NeedMore),
+            (b"POST / HT", Verdict::NeedMore),
             (b"SSH-2.0-OpenSSH\r\n", Verdict::Known(Opaque)),
             (b"\x00\x00\x00\x08", Verdict::Known(Opaque)),
             (b"GET\x00 / HTTP/1.1", Verdict::Known(Opaque)),
