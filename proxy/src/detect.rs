@@ -612,10 +612,16 @@ mod tests {
             (b"GET\x00 / HTTP/1.1", Verdict::Known(Opaque)),
             (b"EHLO mail\r\n", Verdict::Known(Opaque)),
             (b"get key\r\n", Verdict::Known(Http1)),
-            (b"GET /x\r\nX-Forwarded-Client-Cert: f\r\n\r\n", Verdict::Known(Http1)),
+            (
+                b"GET /x\r\nX-Forwarded-Client-Cert: f\r\n\r\n",
+                Verdict::Known(Http1),
+            ),
             (b"GETS key\r\n", Verdict::Known(Opaque)),
             (b"set k 0 0 1\r\n", Verdict::Known(Opaque)),
-            (b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3\r\n", Verdict::Known(Opaque)),
+            (
+                b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3\r\n",
+                Verdict::Known(Opaque),
+            ),
             (b"*1\r\n$4\r\nPING\r\n", Verdict::Known(Opaque)),
         ];
         for (input, want) in cases {

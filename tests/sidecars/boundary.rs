@@ -272,6 +272,13 @@ fn triggers(tag: &str) -> Vec<Trigger> {
             ))],
             reaches_app: true,
         },
+        // Found by the property test: HTTP/0.9's form, after which
+        // Python's `http.server` still reads header fields.
+        Trigger {
+            name: "no version (HTTP/0.9)",
+            parts: vec![bytes(rest(&format!("GET /{tag}9")))],
+            reaches_app: false,
+        },
     ]
 }
 
