@@ -16,6 +16,7 @@
 pub mod central;
 pub mod explain;
 pub mod external;
+pub mod import;
 pub mod input;
 pub mod istio;
 pub mod jose;

@@ -16,6 +16,7 @@ mod netns;
 mod procstat;
 mod report;
 mod topology;
+mod unscraped;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -34,7 +35,8 @@ fn usage() -> ! {
          \x20        [--h2-conns N] [--newconn-rate R] [--many-conns N] [--many-rate R]\n\
          \x20        [--duration SECS] [--reps N] [--out DIR] [--require-all]\n\
          \x20      rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\
-         \x20                                     [--also NAME=RAMPART_BINARY]...\n\n\
+         \x20                                     [--also NAME=RAMPART_BINARY]...\n\
+         \x20      rampart-bench unscraped [--minutes M] [--rate R] [--conns N]\n\n\
          mesh (the default): direct versus Rampart, nginx and HAProxy pairs doing the same\n\
          mTLS hop, --duration ({dur}) s per run, --reps ({reps}) interleaved, in workloads\n\
          (--only, default all):\n\
@@ -57,7 +59,9 @@ fn usage() -> ! {
          through two sidecars with an ALLOW policy checked per request; then\n\
          requests/s over --conns connections (default 16). Each --also adds a pair run by\n\
          another rampart executable (an older build, say), measured in the same run; the\n\
-         pairs take turns in a rotating order so that none always runs right after direct.",
+         pairs take turns in a rotating order so that none always runs right after direct.\n\
+         unscraped: a Rampart HTTP pair at --rate (2000) req/s for --minutes (30), /metrics\n\
+         never scraped; the sidecars' RSS at minute 2 and at the end (issue 19, R2).",
         dur = d.duration.as_secs_f64(),
         reps = d.reps,
         rates = list(&d.rates),
@@ -79,6 +83,20 @@ fn main() {
     };
     if profile == "mesh" {
         mesh::run(mesh_options(args));
+        return;
+    }
+    if profile == "unscraped" {
+        let mut o = unscraped::Options::default();
+        while let Some(a) = args.next() {
+            let v = args.next().unwrap_or_else(|| usage());
+            match a.as_str() {
+                "--minutes" => o.minutes = v.parse().unwrap_or_else(|_| usage()),
+                "--rate" => o.rate = v.parse().unwrap_or_else(|_| usage()),
+                "--conns" => o.conns = v.parse().unwrap_or_else(|_| usage()),
+                _ => usage(),
+            }
+        }
+        unscraped::run(&o);
         return;
     }
     let mut requests = 20_000u64;

@@ -69,6 +69,10 @@ pub async fn serve(listener: Listener, target: AppTarget, shared: Arc<Shared>, m
     }
 }
 
+/// Refusals during an identity outage: one line per 10 s, with a count.
+static NO_IDENTITY_LOG: crate::log_limit::RateLimited =
+    crate::log_limit::RateLimited::new(crate::log_limit::EVERY);
+
 async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watch: Watch) {
     let _gauge = metrics::ConnectionGauge::open(Direction::Inbound);
     let span = tracing::info_span!(
@@ -112,7 +116,9 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         let authn = if is_tls {
             let Some(configs) = shared.identity() else {
                 // No identity yet (or it expired): refuse rather than present nothing.
-                tracing::info!("connection refused: no identity");
+                if let Some(suppressed) = NO_IDENTITY_LOG.hit() {
+                    tracing::info!(suppressed, "connection refused: no identity");
+                }
                 metrics::handshake(Direction::Inbound, HandshakeResult::NoIdentity);
                 return;
             };
@@ -136,7 +142,7 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             tracing::Span::current().record("peer.id", field::display(p.principal()));
         }
         // Stage: detect inside TLS (or on the plaintext stream).
-        let (protocol, authn) =
+        let (protocol, mut authn) =
             match detect_inner(authn, settings.protocol, known, silent_socket, limits).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -144,6 +150,8 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                     return;
                 }
             };
+        // Handshake and detection done: no longer pending for its source.
+        authn.slot.established();
         metrics::detected(Direction::Inbound, protocol.as_str_protocol());
         tracing::Span::current().record("protocol", protocol.as_str());
         let (protocol, authn) = if protocol == Inner::Silent

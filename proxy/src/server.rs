@@ -135,12 +135,16 @@ pub fn bind(
             Role::Outbound(ServerChoice::ByRoute),
         ));
         listeners.push((
-            mk("transparent inbound", t.inbound, DstSource::OriginalDst)?,
+            mk("transparent inbound", t.inbound, DstSource::OriginalDst)?
+                .with_pending_limit(config.limits.max_pending_per_source),
             Role::Inbound(AppTarget::OriginalPort { host: t.app_host }),
         ));
     }
     for (i, l) in config.listeners.iter().enumerate() {
-        let bound = mk(&l.name, l.listen, DstSource::Fixed(l.target))?;
+        let mut bound = mk(&l.name, l.listen, DstSource::Fixed(l.target))?;
+        if matches!(l.direction, Direction::Inbound) {
+            bound = bound.with_pending_limit(config.limits.max_pending_per_source);
+        }
         let role = match l.direction {
             Direction::Inbound => Role::Inbound(AppTarget::Fixed {
                 target: l.target,

@@ -115,7 +115,7 @@ pub struct Authenticated {
     /// The TLS server name the client sent (SNI), if any.
     pub sni: Option<Arc<str>>,
     /// The listener slot.
-    pub slot: tokio::sync::OwnedSemaphorePermit,
+    pub slot: crate::listen::Slot,
 }
 
 impl std::fmt::Debug for Authenticated {

@@ -8,6 +8,7 @@ use rampart_testkit as support;
 mod boundary;
 mod central;
 mod gospiffe;
+mod hostile_policy;
 mod http;
 mod ingress_mtls;
 mod istio;
