@@ -56,6 +56,7 @@ fn a_flood_from_one_source_leaves_the_listener_to_everyone_else() {
                 "-w",
                 "%{http_code}",
                 "-k",
+                "--http1.1",
                 "--max-time",
                 "5",
             ])
