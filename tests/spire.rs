@@ -21,6 +21,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
+use rampart_app::config::{Config, IdentityConfig, PortConfig};
+use rampart_proxy::config::{ServerRule, TlsMode, TransparentConfig};
+use support::pki::parse_id;
 use support::spire::{self, Spire};
 use support::{Net, Pod, Proc, TempDir, apps, rampart_bin};
 
@@ -49,12 +53,26 @@ fn fixture(name: &str) -> Vec<u8> {
 /// Starts the sidecar of `pod` as `uid`: `rampart init` rules that exclude
 /// `uid`, then `rampart run` with its SVID `id` from the Workload API at
 /// `endpoint`. Returns at once: readiness depends on SPIRE.
-fn sidecar(pod: &Pod, dir: &TempDir, uid: u32, endpoint: &str, id: &str, body: &str) -> Proc {
+fn sidecar(
+    pod: &Pod,
+    dir: &TempDir,
+    uid: u32,
+    endpoint: &str,
+    id: &str,
+    edit: impl FnOnce(&mut Config),
+) -> Proc {
     pod.exec_ok([rampart_bin(), "init", &format!("--proxy-uid={uid}")]);
-    let cfg = format!(
-        "identity:\n  workload_api:\n    socket: \"{endpoint}\"\n    spiffe_id: \"{id}\"\n    backoff_initial: 100ms\n    backoff_max: 1s\ntransparent: {{}}\nlog: {{level: \"info,rampart_identity=debug\"}}\n{body}"
-    );
-    let path = dir.write(&format!("{}.yaml", pod.name()), cfg);
+    let mut identity = IdentityConfig::workload_api(endpoint.to_owned(), parse_id(id));
+    if let Some(api) = identity.workload_api.as_mut() {
+        // Retries come quickly: SPIRE's agent may not have the entry yet.
+        api.backoff_initial = Duration::from_millis(100);
+        api.backoff_max = Duration::from_secs(1);
+    }
+    let mut cfg = Config::new(identity);
+    cfg.transparent = Some(TransparentConfig::default());
+    cfg.log.level = "info,rampart_identity=debug".into();
+    edit(&mut cfg);
+    let path = dir.write(&format!("{}.yaml", pod.name()), cfg.to_yaml());
     pod.spawn_as(
         uid,
         [rampart_bin(), "run", "--config", path.to_str().unwrap()],
@@ -247,7 +265,12 @@ struct Pair {
 impl Pair {
     /// Starts both; `web_inbound` is ec-web's own `inbound:` section (empty:
     /// ec-web only calls out).
-    fn start(net: &Net, dir: &TempDir, spire: &Spire, web_inbound: &str) -> Pair {
+    fn start(
+        net: &Net,
+        dir: &TempDir,
+        spire: &Spire,
+        web_inbound: impl FnOnce(&mut Config),
+    ) -> Pair {
         let policy = dir.write("ec-backend.native.yaml", fixture("ec-backend.native.yaml"));
         let backend = net.pod("ec-backend");
         let backend_app = backend.spawn_as(APP_UID, apps::http_app(APP_PORT, "ec-backend"));
@@ -258,19 +281,15 @@ impl Pair {
             EC_BACKEND_UID,
             &spire.endpoint(),
             EC_BACKEND,
-            &format!("inbound:\n  policies: [\"{}\"]\n", policy.display()),
+            |c| c.inbound.policies = vec![policy.clone()],
         );
         let web = net.pod("ec-web");
         let web_app = web.spawn_as(APP_UID, apps::http_app(APP_PORT, "ec-web"));
         web.wait_tcp_listening(APP_PORT, WAIT);
-        let web_sidecar = sidecar(
-            &web,
-            dir,
-            EC_WEB_UID,
-            &spire.endpoint(),
-            EC_WEB,
-            &format!("{web_inbound}{}", outbound_to(&[EC_BACKEND])),
-        );
+        let web_sidecar = sidecar(&web, dir, EC_WEB_UID, &spire.endpoint(), EC_WEB, |c| {
+            web_inbound(c);
+            outbound_to(&[EC_BACKEND])(c);
+        });
         Pair {
             web,
             backend,
@@ -297,15 +316,16 @@ impl Pair {
     }
 }
 
-/// An outbound section: pods of the test network on the app port must be
-/// one of `ids`.
-fn outbound_to(ids: &[&str]) -> String {
-    let ids: Vec<String> = ids.iter().map(|i| format!("\"{i}\"")).collect();
-    format!(
-        "outbound:\n  servers:\n    - cidrs: [\"10.213.0.0/16\"]\n      ports: [{APP_PORT}, {}]\n      identities: [{}]\n",
-        APP_PORT + 1,
-        ids.join(", ")
-    )
+/// The outbound rule: pods of the test network on the app port (and the
+/// next) must be one of `ids`.
+fn outbound_to(ids: &[&str]) -> impl FnOnce(&mut Config) {
+    let rule = ServerRule {
+        cidrs: vec![support::TEST_SUBNET.parse::<IpNet>().unwrap()],
+        ports: vec![APP_PORT, APP_PORT + 1],
+        identities: ids.iter().map(|i| parse_id(i)).collect(),
+        trust_domains: Vec::new(),
+    };
+    move |c| c.outbound.servers = vec![rule]
 }
 
 /// Scenario 1 with identities from the real SPIRE: viewers reach ec-web
@@ -328,15 +348,13 @@ fn scenario_1_requests_with_svids_from_spire() {
     }
     // ec-web also serves viewers (plaintext, permissive) under its policy.
     let web_policy = dir.write("ec-web.native.yaml", fixture("ec-web.native.yaml"));
-    let pair = Pair::start(
-        &net,
-        &dir,
-        &spire,
-        &format!(
-            "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {APP_PORT}, mode: permissive}}\n",
-            web_policy.display()
-        ),
-    );
+    let pair = Pair::start(&net, &dir, &spire, |c| {
+        c.inbound.policies = vec![web_policy.clone()];
+        c.inbound.ports = vec![PortConfig {
+            mode: TlsMode::PermissiveAllowPlaintext,
+            ..PortConfig::new(APP_PORT)
+        }];
+    });
     let news = net.pod("news-web");
     let news_sidecar = sidecar(
         &news,
@@ -344,7 +362,7 @@ fn scenario_1_requests_with_svids_from_spire() {
         NEWS_WEB_UID,
         &spire.endpoint(),
         NEWS_WEB,
-        &outbound_to(&[EC_BACKEND]),
+        outbound_to(&[EC_BACKEND]),
     );
     let viewer = net.pod("viewer");
     let logs = || format!("{}\n{}\n{}", pair.logs(), news_sidecar.logs(), spire.logs());
@@ -408,7 +426,7 @@ fn spire_rotations_under_steady_load_fail_no_request() {
     let spire = Spire::start(net.pod("spire"), &bins, "example.org");
     spire.register("ec-web", EC_WEB, EC_WEB_UID, 16, &[]);
     spire.register("ec-backend", EC_BACKEND, EC_BACKEND_UID, 16, &[]);
-    let pair = Pair::start(&net, &dir, &spire, "");
+    let pair = Pair::start(&net, &dir, &spire, |_| {});
     let logs = || format!("{}\n{}", pair.logs(), spire.logs());
     wait_for("both sidecars ready", WAIT, logs, || pair.both_ready(200));
 
@@ -460,7 +478,7 @@ fn spire_outages_keep_traffic_while_valid_then_fail_closed_and_recover() {
     let mut spire = Spire::start(net.pod("spire"), &bins, "example.org");
     spire.register("ec-web", EC_WEB, EC_WEB_UID, TTL, &[]);
     spire.register("ec-backend", EC_BACKEND, EC_BACKEND_UID, TTL, &[]);
-    let pair = Pair::start(&net, &dir, &spire, "");
+    let pair = Pair::start(&net, &dir, &spire, |_| {});
     let logs = |spire: &Spire| format!("{}\n{}", pair.logs(), spire.logs());
     wait_for(
         "both sidecars ready",
@@ -585,7 +603,7 @@ fn a_deleted_entry_withdraws_the_identity_at_once() {
     let spire = Spire::start(net.pod("spire"), &bins, "example.org");
     spire.register("ec-web", EC_WEB, EC_WEB_UID, TTL, &[]);
     spire.register("ec-backend", EC_BACKEND, EC_BACKEND_UID, TTL, &[]);
-    let pair = Pair::start(&net, &dir, &spire, "");
+    let pair = Pair::start(&net, &dir, &spire, |_| {});
     let logs = || format!("{}\n{}", pair.logs(), spire.logs());
     wait_for("both sidecars ready", WAIT, logs, || pair.both_ready(200));
     assert_eq!(
@@ -662,7 +680,7 @@ fn federated_trust_domains_through_bundle_endpoints() {
         EC_BACKEND_UID,
         &theirs.endpoint(),
         SERVER,
-        &format!("inbound:\n  policies: [\"{}\"]\n", policy.display()),
+        |c| c.inbound.policies = vec![policy.clone()],
     );
     let client = net.pod("client");
     let client_sidecar = sidecar(
@@ -671,7 +689,7 @@ fn federated_trust_domains_through_bundle_endpoints() {
         EC_WEB_UID,
         &ours.endpoint(),
         CLIENT,
-        &outbound_to(&[SERVER]),
+        outbound_to(&[SERVER]),
     );
     let logs = || {
         format!(

@@ -70,6 +70,9 @@ pub struct Config {
     /// Trace spans exported over OTLP; absent means off.
     #[serde(default)]
     pub tracing: Option<TracingSection>,
+    /// Service discovery: endpoints and their identities (docs/discovery.md).
+    #[serde(default)]
+    pub discovery: rampart_discovery::DiscoveryConfig,
 }
 
 /// `tracing`: one span per proxied HTTP request, exported over OTLP/HTTP.
@@ -658,6 +661,7 @@ impl Config {
             ext_authz: ExtAuthzConfig::default(),
             decision_logs: None,
             tracing: None,
+            discovery: rampart_discovery::DiscoveryConfig::default(),
         }
     }
 
@@ -696,6 +700,13 @@ impl Config {
         problems.extend(cfg.validate());
         if let Err(p) = cfg.bundle_verification() {
             problems.push(p);
+        }
+        // The endpoints file must load at start (there is no last good
+        // version to keep yet); its error names its own file and line.
+        if let Some(f) = &cfg.discovery.file
+            && let Err(e) = rampart_discovery::file::load(f)
+        {
+            problems.push(("discovery.file".into(), e.to_string()));
         }
         cfg.accept(&name, Some(&text), problems)
     }
@@ -778,6 +789,9 @@ impl Config {
         }
         if let Some(d) = &mut self.identity.dev_ca {
             fix(&mut d.dir);
+        }
+        if let Some(f) = &mut self.discovery.file {
+            fix(f);
         }
         for p in &mut self.inbound.policies {
             fix(p);

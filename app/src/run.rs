@@ -37,6 +37,9 @@ pub enum StartError {
     /// The trace exporter could not start.
     #[error("tracing: {0}")]
     Tracing(String),
+    /// A discovery source could not start.
+    #[error("discovery: {0}")]
+    Discovery(#[from] rampart_discovery::StartError),
 }
 
 /// Runs `rampart run` with the configuration file at `path` and the app
@@ -191,6 +194,7 @@ impl Sidecar {
             }
         };
         plan.observe.tracing = tracing.clone();
+        plan.discovery = rampart_discovery::start(&cfg.discovery)?;
         let hooks = rampart_proxy::admin::AdminHooks {
             render: telemetry.render,
             config_json: serde_json::to_string_pretty(&cfg)
@@ -245,6 +249,7 @@ fn install_metrics(cfg: &Config) -> Result<rampart_proxy::admin::MetricsRender, 
     spawn_upkeep(METRICS_UPKEEP_INTERVAL, move || upkeep.run_upkeep())
         .map_err(|e| StartError::Metrics(format!("starting the upkeep thread: {e}")))?;
     rampart_proxy::metrics::describe();
+    rampart_discovery::metrics::describe();
     rampart_identity::metrics::describe();
     Ok(Arc::new(move || handle.render()))
 }

@@ -17,6 +17,7 @@ pub mod budget;
 pub mod central;
 pub mod explain;
 pub mod external;
+pub mod import;
 pub mod input;
 pub mod istio;
 pub mod jose;

@@ -66,7 +66,7 @@ keep-alive; gRPC goes through `grpc_pass grpcs://` (h2 on the hop, kept alive).
 - **transparent**: the client pod's connection to the server pod's address is redirected \
 by `rampart init`'s iptables rules to the outbound sidecar, and the server pod's to the \
 inbound sidecar (sidecars as UID 2102); `direct-netns` is the same app on a port both \
-pods exclude from capture, over the same veth pair.";
+pods exclude from capture, over the same switch.";
 
 /// Writes every output into `r.opts.out` and prints the Markdown.
 pub fn write(r: &Results) {

@@ -1,6 +1,7 @@
 //! The admin server, loopback by default: liveness, readiness, metrics, the
 //! effective configuration, the current identity and policies, the log
-//! filter (readable and changeable at runtime) and a drain trigger.
+//! filter (readable and changeable at runtime), a drain trigger, and what
+//! discovery knows about a destination (`/discovery?dst=ADDR:PORT`).
 //!
 //! Whatever `admin.address` is (on Kubernetes it is `0.0.0.0:15000`, so
 //! that the kubelet can probe it), only the probe endpoints (`/live`,
@@ -155,7 +156,9 @@ fn is_loopback(client: std::net::SocketAddr) -> bool {
 /// The methods each path answers, or `None` for an unknown path.
 fn allowed(path: &str) -> Option<&'static str> {
     match path {
-        "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/policy" => Some("GET, HEAD"),
+        "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/policy" | "/discovery" => {
+            Some("GET, HEAD")
+        }
         "/logging" => Some("GET, HEAD, PUT, POST"),
         "/drain" => Some("POST"),
         _ => None,
@@ -213,6 +216,18 @@ async fn handle(
             "application/json",
         ),
         ("/identity", _) => json(&identity_json(shared)),
+        ("/discovery", _) => match &shared.config.discovery {
+            None => json(&serde_json::json!({ "sources": "none" })),
+            Some(d) => {
+                // `?dst=ADDR:PORT` (or `HOST:PORT`, or a service name).
+                let query = req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("dst="))
+                        .map(str::to_owned)
+                });
+                json(&d.describe(query.as_deref()).await)
+            }
+        },
         ("/policy", _) => {
             let mut v = policy_json(shared);
             if let Some(status) = &hooks.central_status {

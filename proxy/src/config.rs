@@ -44,6 +44,9 @@ pub struct ProxyConfig {
     /// Central management: external authorizers, decision logs, and the
     /// TLS client identities of the central servers.
     pub central: CentralConfig,
+    /// What discovery knows (services, endpoints and their identities);
+    /// `None` routes by `outbound` rules only.
+    pub discovery: Option<Arc<rampart_discovery::Registry>>,
 }
 
 /// What the request path uses of central management. Both hooks are

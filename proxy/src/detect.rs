@@ -117,6 +117,15 @@ pub fn settle(buf: &[u8]) -> Protocol {
     }
 }
 
+/// The verdict at the end of the stream: a prefix still undecided has no
+/// line end, hence no header field any parser would read, so it is opaque.
+pub fn settle_at_eof(buf: &[u8]) -> Protocol {
+    match classify(buf) {
+        Verdict::Known(p) => p,
+        Verdict::NeedMore => Protocol::Opaque,
+    }
+}
+
 /// Whether a byte may separate or precede the words of a request line for
 /// some HTTP server: ASCII whitespace, and what lenient parsers split on
 /// too (Python's `str.split` on Latin-1 text: VT, FF, the information
@@ -246,9 +255,9 @@ pub async fn detect_socket(
 
 /// Detects the protocol of a stream by reading its first bytes, and returns
 /// a stream that replays them. Silence until `timeout` is
-/// [`Protocol::Opaque`]; an undecided prefix then, or at the end of the
-/// stream, is settled ([`settle`]). Timeouts count as detect timeouts of
-/// `direction`.
+/// [`Protocol::Opaque`]; an undecided prefix then is settled ([`settle`]),
+/// at the end of the stream it is opaque ([`settle_at_eof`]). Timeouts
+/// count as detect timeouts of `direction`.
 pub async fn detect_stream<S>(
     mut stream: S,
     timeout: Duration,
@@ -269,7 +278,9 @@ where
                 crate::metrics::detect_timeout(direction);
                 break settle(&buf);
             }
-            Ok(Ok(0)) => break settle(&buf),
+            // At the end of the stream no header can follow a first line
+            // that has not ended: what is undecided is opaque.
+            Ok(Ok(0)) => break settle_at_eof(&buf),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
         }

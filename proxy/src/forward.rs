@@ -201,8 +201,40 @@ where
 {
     let (parts, body) = req.into_parts();
     let (body, ended) = RequestBody::new(body);
+    send_to_peer(client, Request::from_parts(parts, body), ended, timeout).await
+}
+
+/// Sends a request without a body (one rebuilt to go to another endpoint
+/// after the first could not be reached) like [`peer_request`].
+pub async fn peer_request_empty<C, B>(
+    client: &Client<C, RequestBody>,
+    req: Request<B>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, LocalError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let (parts, _) = req.into_parts();
+    send_to_peer(
+        client,
+        Request::from_parts(parts, RequestBody::empty()),
+        None,
+        timeout,
+    )
+    .await
+}
+
+async fn send_to_peer<C>(
+    client: &Client<C, RequestBody>,
+    req: Request<RequestBody>,
+    ended: Option<Arc<crate::http::body::Progress>>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, LocalError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     let progress = ended.clone();
-    let sent = client.request(Request::from_parts(parts, body));
+    let sent = client.request(req);
     match response_within(timeout, ended, sent).await {
         Err(Waited::NoResponse) => Err(LocalError::PeerTimeout),
         Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),

@@ -613,6 +613,11 @@ pub enum ForwardFailure {
     ConnectRefused,
     /// The target did not answer in time.
     ConnectTimeout,
+    /// Discovery attributes the destination to a pod whose identity
+    /// cannot be derived (fail closed).
+    UnverifiableEndpoint,
+    /// A discovered service had no endpoint to open the connection to.
+    NoEndpoint,
 }
 
 impl ForwardFailure {
@@ -624,6 +629,8 @@ impl ForwardFailure {
             ForwardFailure::NoServerRule => "no_server_rule",
             ForwardFailure::ConnectRefused => "connect_refused",
             ForwardFailure::ConnectTimeout => "connect_timeout",
+            ForwardFailure::UnverifiableEndpoint => "unverifiable_endpoint",
+            ForwardFailure::NoEndpoint => "no_endpoint",
         }
     }
 }
@@ -674,6 +681,8 @@ pub enum LocalReason {
     PeerTimeout,
     /// Outbound: the pooled connection limit was reached.
     PoolFull,
+    /// Outbound: the destination's service has no endpoint to send to.
+    NoEndpoint,
     /// Outbound: a request the sidecar cannot address to the peer (a bug).
     Internal,
 }
@@ -699,6 +708,7 @@ impl LocalReason {
             LocalReason::PeerHandshakeFailed => "peer_handshake_failed",
             LocalReason::PeerTimeout => "peer_timeout",
             LocalReason::PoolFull => "pool_full",
+            LocalReason::NoEndpoint => "no_endpoint",
             LocalReason::Internal => "internal",
         }
     }

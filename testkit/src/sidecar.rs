@@ -108,18 +108,27 @@ impl Loopback {
         expect: &str,
         extra: &str,
     ) -> (Sidecar, Vec<SocketAddr>) {
-        let mut cfg = with_sections(self.config(id), extra);
+        self.outbound_sidecar_with(id, targets, expect, |cfg| {
+            *cfg = with_sections(cfg.clone(), extra);
+        })
+    }
+
+    /// [`Loopback::outbound_sidecar`] with the configuration `edit` makes
+    /// of [`Loopback::config`] before the outbound listeners are added.
+    pub fn outbound_sidecar_with(
+        &self,
+        id: &str,
+        targets: &[SocketAddr],
+        expect: &str,
+        edit: impl FnOnce(&mut Config),
+    ) -> (Sidecar, Vec<SocketAddr>) {
+        let mut cfg = self.config(id);
+        edit(&mut cfg);
         let mut outs = Vec::new();
         for (i, t) in targets.iter().enumerate() {
             let out = free_addr();
-            cfg.listeners.push(ListenerConfig {
-                name: format!("out{i}"),
-                direction: ProxyDirection::Outbound,
-                listen: out,
-                target: *t,
-                port: None,
-                server_identities: Some(vec![parse_id(expect)]),
-            });
+            cfg.listeners
+                .push(outbound_listener(&format!("out{i}"), out, *t, expect));
             outs.push(out);
         }
         let s = Sidecar::spawn(self.dir.path(), name_of(id), &cfg);
@@ -132,6 +141,51 @@ impl Loopback {
     pub fn sidecar_unready(&self, id: &str, body: &str) -> Sidecar {
         let cfg = with_sections(self.config(id), body);
         Sidecar::spawn(self.dir.path(), name_of(id), &cfg)
+    }
+}
+
+/// An inbound listener `name` on `listen` in front of the app at
+/// `target`; its policies and port settings see the target's port.
+pub fn inbound_listener(name: &str, listen: SocketAddr, target: SocketAddr) -> ListenerConfig {
+    ListenerConfig {
+        name: name.to_owned(),
+        direction: ProxyDirection::Inbound,
+        listen,
+        target,
+        port: None,
+        server_identities: None,
+    }
+}
+
+/// [`inbound_listener`] whose policies and port settings see `port`
+/// instead of the target's (several listeners in front of one app).
+pub fn inbound_listener_as(
+    name: &str,
+    listen: SocketAddr,
+    target: SocketAddr,
+    port: u16,
+) -> ListenerConfig {
+    ListenerConfig {
+        port: Some(port),
+        ..inbound_listener(name, listen, target)
+    }
+}
+
+/// An outbound listener `name` on `listen` to the peer sidecar at
+/// `target`, which must present the SPIFFE ID `expect`.
+pub fn outbound_listener(
+    name: &str,
+    listen: SocketAddr,
+    target: SocketAddr,
+    expect: &str,
+) -> ListenerConfig {
+    ListenerConfig {
+        name: name.to_owned(),
+        direction: ProxyDirection::Outbound,
+        listen,
+        target,
+        port: None,
+        server_identities: Some(vec![parse_id(expect)]),
     }
 }
 

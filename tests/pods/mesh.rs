@@ -9,9 +9,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rampart_app::config::{Config, IdentityConfig};
-use rampart_proxy::config::TransparentConfig;
-use support::sidecar::with_sections;
+use ipnet::IpNet;
+use rampart_app::config::{Config, IdentityConfig, PortConfig};
+use rampart_proxy::config::{ServerRule, TlsMode, TransparentConfig};
+use support::pki::parse_id;
 use support::{Net, PROXY_UID, Pki, Pod, Proc, TempDir, apps, looks_like_tls, rampart_bin};
 
 const APP_PORT: u16 = 8080;
@@ -30,13 +31,14 @@ fn issue(pki: &Pki, dir: &TempDir, label: &str, id: &str) -> PathBuf {
     out
 }
 
-/// A pod with `rampart init` rules and a sidecar running as the proxy UID.
-fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
+/// A pod with `rampart init` rules and a sidecar running as the proxy UID,
+/// transparent, with the configuration `edit` makes.
+fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, edit: impl FnOnce(&mut Config)) -> Proc {
     pod.exec_ok([rampart_bin(), "init"]);
     let mut cfg = Config::new(IdentityConfig::files_in(svid));
     cfg.transparent = Some(TransparentConfig::default());
     cfg.log.level = "debug".into();
-    let cfg = with_sections(cfg, body);
+    edit(&mut cfg);
     let path = dir.write(&format!("{}.yaml", pod.name()), cfg.to_yaml());
     let proc = pod.spawn_as(
         PROXY_UID,
@@ -72,14 +74,35 @@ fn wait_ready(pod: &Pod, proc: &Proc) {
     panic!("sidecar in {} not ready:\n{}", pod.name(), proc.logs());
 }
 
-fn server_body(allowed: &str) -> String {
-    format!("inbound:\n  ports:\n    - port: {APP_PORT}\n      allowed_peers: [\"{allowed}\"]\n")
+/// The server side: the app port admits `allowed` (an allow-list, no policy).
+fn server_config(allowed: &str) -> impl FnOnce(&mut Config) {
+    let allowed = parse_id(allowed);
+    move |c| {
+        c.inbound.ports = vec![PortConfig {
+            allowed_peers: Some(vec![allowed]),
+            ..PortConfig::new(APP_PORT)
+        }]
+    }
 }
 
-fn client_body(external: Ipv4Addr) -> String {
-    format!(
-        "outbound:\n  passthrough_cidrs: [\"{external}/32\"]\n  servers:\n    - cidrs: [\"10.213.0.0/16\"]\n      ports: [{APP_PORT}]\n      identities: [\"spiffe://example.org/server\"]\n"
-    )
+/// The app port of every pod of the test network is in the mesh, with
+/// the server identity `expect`.
+fn mesh_servers(expect: &str) -> Vec<ServerRule> {
+    vec![ServerRule {
+        cidrs: vec![support::TEST_SUBNET.parse::<IpNet>().unwrap()],
+        ports: vec![APP_PORT],
+        identities: vec![parse_id(expect)],
+        trust_domains: Vec::new(),
+    }]
+}
+
+/// The client side: the mesh expects `spiffe://example.org/server`, and
+/// `external` is outside it (plaintext).
+fn client_config(external: Ipv4Addr) -> impl FnOnce(&mut Config) {
+    move |c| {
+        c.outbound.passthrough_cidrs = vec![IpNet::from(std::net::IpAddr::V4(external))];
+        c.outbound.servers = mesh_servers("spiffe://example.org/server");
+    }
 }
 
 /// Sends `payload` from `pod` as the app UID; returns what came back (empty on failure).
@@ -103,7 +126,7 @@ fn server_pod(net: &Net, pki: &Pki, dir: &TempDir) -> ServerPod {
         &pod,
         dir,
         &svid,
-        &server_body("spiffe://example.org/client"),
+        server_config("spiffe://example.org/client"),
     );
     ServerPod {
         pod,
@@ -126,7 +149,7 @@ fn captured_on_both_sides_and_carried_over_mtls() {
         &client,
         &dir,
         &svid,
-        &client_body(Ipv4Addr::new(192, 0, 2, 1)),
+        client_config(Ipv4Addr::new(192, 0, 2, 1)),
     );
 
     let capture = server.pod.capture("eth0", APP_PORT);
@@ -197,7 +220,7 @@ fn sidecar_with_an_id_not_allowed_is_refused() {
         &intruder,
         &dir,
         &svid,
-        &client_body(Ipv4Addr::new(192, 0, 2, 1)),
+        client_config(Ipv4Addr::new(192, 0, 2, 1)),
     );
     let reply = send(&intruder, server.pod.addr(APP_PORT), "hello");
     assert_eq!(reply, "");
@@ -227,7 +250,7 @@ fn sidecar_with_an_svid_from_another_ca_is_refused() {
         &client,
         &dir,
         &svid,
-        &client_body(Ipv4Addr::new(192, 0, 2, 1)),
+        client_config(Ipv4Addr::new(192, 0, 2, 1)),
     );
     let reply = send(&client, server.pod.addr(APP_PORT), "hello");
     assert_eq!(reply, "");
@@ -245,7 +268,7 @@ fn destination_outside_the_mesh_passes_through_in_plaintext() {
     external.wait_tcp_listening(APP_PORT, WAIT);
     let client = net.pod("client");
     let svid = issue(&pki, &dir, "ca", "spiffe://example.org/client");
-    let _s = sidecar(&client, &dir, &svid, &client_body(external.ip()));
+    let _s = sidecar(&client, &dir, &svid, client_config(external.ip()));
     let capture = external.capture("eth0", APP_PORT);
     let reply = send(&client, external.addr(APP_PORT), "plain hello");
     assert_eq!(reply, "plain hello");
@@ -278,16 +301,14 @@ fn http_requests_are_authorized_per_request_between_captured_pods() {
         &server,
         &dir,
         &issue(&pki, &dir, "ca", "spiffe://example.org/ec-backend"),
-        &format!("inbound:\n  policies: [\"{}\"]\n", policy.display()),
+        |c| c.inbound.policies = vec![policy.clone()],
     );
     let client = net.pod("ec-web");
     let _client_sidecar = sidecar(
         &client,
         &dir,
         &issue(&pki, &dir, "ca", "spiffe://example.org/ec-web"),
-        &format!(
-            "outbound:\n  servers:\n    - cidrs: [\"10.213.0.0/16\"]\n      ports: [{APP_PORT}]\n      identities: [\"spiffe://example.org/ec-backend\"]\n"
-        ),
+        |c| c.outbound.servers = mesh_servers("spiffe://example.org/ec-backend"),
     );
     let get = |path: &str| {
         let url = format!("http://{}{path}", server.addr(APP_PORT));
@@ -343,15 +364,13 @@ fn ingress_reaches_a_permissive_port_by_source_address_only() {
         ),
     );
     let svid = issue(&pki, &dir, "ca", "spiffe://example.org/app2");
-    let _s = sidecar(
-        &app2,
-        &dir,
-        &svid,
-        &format!(
-            "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {APP_PORT}, mode: permissive}}\n",
-            policy.display()
-        ),
-    );
+    let _s = sidecar(&app2, &dir, &svid, |c| {
+        c.inbound.policies = vec![policy.clone()];
+        c.inbound.ports = vec![PortConfig {
+            mode: TlsMode::PermissiveAllowPlaintext,
+            ..PortConfig::new(APP_PORT)
+        }];
+    });
     let url = format!("http://{}/data", app2.addr(APP_PORT));
     let status = |pod: &Pod| {
         pod.exec_ok([

@@ -5,7 +5,7 @@
 //! served throughout; the sidecar's RSS is sampled before, at the peak and
 //! 60 s after the flood.
 
-use crate::observability::{get, pair_with_files, sample};
+use crate::observability::{get, pair_with_files, same, sample};
 
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
@@ -38,8 +38,8 @@ fn a_flood_from_one_source_leaves_the_listener_to_everyone_else() {
     let p = pair_with_files(
         "policies:\n  - name: backend\n    action: ALLOW\n    rules:\n      - name: web-gets\n        from: {principals: [\"spiffe://example.org/ec-web\"]}\n        to: {methods: [GET], paths: [\"/data\"]}\n",
         &[],
-        "",
-        "",
+        &same,
+        &same,
     );
     assert_eq!(get(p.out, "/data", &[]).0, 200, "{}", p.backend.logs());
     let svid = p.pki.issue(WEB, "curl-client");

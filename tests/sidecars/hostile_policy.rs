@@ -3,7 +3,7 @@
 //! present at start, never stalls the data plane or the admin API.
 
 use crate::observability::{
-    eventually, get, pair_with_files, rego_allow_get, sample, write_atomically,
+    eventually, get, pair_with_files, rego_allow_get, same, sample, write_atomically,
 };
 use crate::support;
 
@@ -62,8 +62,8 @@ fn a_bracket_bomb_written_under_traffic_changes_nothing_and_a_later_edit_applies
     let p = pair_with_files(
         "policies:\n  - name: backend\n    kind: rego\n    modules: [backend.rego]\n",
         &[("backend.rego", &rego_allow_get("/data"))],
-        "",
-        "",
+        &same,
+        &same,
     );
     assert_eq!(get(p.out, "/data", &[]).0, 200, "{}", p.backend.logs());
     let module = p.policy.with_file_name("backend.rego");

@@ -14,9 +14,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use rampart_app::config::{Config, PortConfig};
+use rampart_proxy::config::{DeclaredProtocol, Limits, TlsMode};
 use support::apps;
 use support::curl::curl;
-use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, wait_listening};
+use support::sidecar::{
+    LocalProc, Loopback, Sidecar, free_addr, inbound_listener, inbound_listener_as, wait_listening,
+};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -40,18 +44,62 @@ fn client(
     targets: &[SocketAddr],
     expect: &str,
 ) -> (Sidecar, Vec<SocketAddr>) {
-    client_with(pki, id, targets, expect, "")
+    client_with(pki, id, targets, expect, |_| {})
 }
 
-/// [`client`] with more configuration after the listeners.
+/// [`client`] with the configuration `edit` makes of the default.
 fn client_with(
     pki: &Loopback,
     id: &str,
     targets: &[SocketAddr],
     expect: &str,
-    extra: &str,
+    edit: impl FnOnce(&mut Config),
 ) -> (Sidecar, Vec<SocketAddr>) {
-    pki.outbound_sidecar(id, targets, expect, extra)
+    pki.outbound_sidecar_with(id, targets, expect, edit)
+}
+
+/// A sidecar for `id` with one inbound listener on `listen` in front of
+/// the app at `app`, authorizing with the policy file `policy`.
+fn server(
+    pki: &Loopback,
+    id: &str,
+    listen: SocketAddr,
+    app: SocketAddr,
+    policy: &std::path::Path,
+) -> Sidecar {
+    server_with(pki, id, listen, app, policy, |_| {})
+}
+
+/// [`server`] with the configuration `edit` makes of it.
+fn server_with(
+    pki: &Loopback,
+    id: &str,
+    listen: SocketAddr,
+    app: SocketAddr,
+    policy: &std::path::Path,
+    edit: impl FnOnce(&mut Config),
+) -> Sidecar {
+    pki.sidecar_with(id, |c| {
+        c.listeners.push(inbound_listener("in", listen, app));
+        c.inbound.policies = vec![policy.to_owned()];
+        edit(c);
+    })
+}
+
+/// Port `port` accepting plaintext beside mTLS.
+fn permissive(port: u16) -> PortConfig {
+    PortConfig {
+        mode: TlsMode::PermissiveAllowPlaintext,
+        ..PortConfig::new(port)
+    }
+}
+
+/// Port `port` declared to speak `protocol`.
+fn declared(port: u16, protocol: DeclaredProtocol) -> PortConfig {
+    PortConfig {
+        protocol,
+        ..PortConfig::new(port)
+    }
 }
 
 struct Scenario1 {
@@ -68,12 +116,12 @@ fn scenario1(policy: &str) -> Scenario1 {
     let pki = Loopback::new();
     let (app, app_addr) = http_app(&pki, "ec-backend");
     let inbound = free_addr();
-    let backend = pki.sidecar(
+    let backend = server(
+        &pki,
         "spiffe://example.org/ec-backend",
-        &format!(
-            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n",
-            fixture(policy).display()
-        ),
+        inbound,
+        app_addr,
+        &fixture(policy),
     );
     let backend_id = "spiffe://example.org/ec-backend";
     let (ec, ec_out) = client(&pki, "spiffe://example.org/ec-web", &[inbound], backend_id);
@@ -231,20 +279,25 @@ fn color() -> Color {
         (banner_addr, 18004),
         (banner_addr, 18005),
     ];
-    let mut body = String::from("listeners:\n");
-    let mut listen = Vec::new();
-    for (i, (t, port)) in targets.iter().enumerate() {
-        let l = free_addr();
-        body.push_str(&format!(
-            "  - {{name: in{i}, direction: inbound, listen: \"{l}\", target: \"{t}\", port: {port}}}\n"
-        ));
-        listen.push(l);
-    }
-    body.push_str(&format!(
-        "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: 18001, mode: permissive}}\n    - {{port: 18002, mode: strict}}\n    - {{port: 18003, mode: permissive}}\n    - {{port: 18004, protocol: opaque}}\nlimits: {{http_header_read_timeout: 1s, http_response_timeout: 2s}}\n",
-        policy.display()
-    ));
-    let sidecar = pki.sidecar("spiffe://example.org/color", &body);
+    let listen: Vec<SocketAddr> = targets.iter().map(|_| free_addr()).collect();
+    let sidecar = pki.sidecar_with("spiffe://example.org/color", |c| {
+        for (i, ((t, port), l)) in targets.iter().zip(&listen).enumerate() {
+            c.listeners
+                .push(inbound_listener_as(&format!("in{i}"), *l, *t, *port));
+        }
+        c.inbound.policies = vec![policy.clone()];
+        c.inbound.ports = vec![
+            permissive(18001),
+            PortConfig {
+                mode: TlsMode::Strict,
+                ..PortConfig::new(18002)
+            },
+            permissive(18003),
+            declared(18004, DeclaredProtocol::Opaque),
+        ];
+        c.limits.http_header_read_timeout = Duration::from_secs(1);
+        c.limits.http_response_timeout = Duration::from_secs(2);
+    });
     Color {
         pki,
         app,
@@ -466,7 +519,7 @@ fn opaque_server_speaks_first_through_two_sidecars() {
         "spiffe://example.org/ec-web",
         &c.listen[3..5],
         "spiffe://example.org/color",
-        &format!("outbound: {{opaque_ports: [{}]}}\n", c.listen[3].port()),
+        |cfg| cfg.outbound.opaque_ports = vec![c.listen[3].port()],
     );
     // Declared opaque: the greeting comes at once. Undeclared: after the
     // detect timeout (1 s), still correct.
@@ -527,12 +580,12 @@ fn grpc_through_two_sidecars_is_authorized_per_method() {
     )
     .unwrap();
     let inbound = free_addr();
-    let server = pki.sidecar(
+    let server = server(
+        &pki,
         "spiffe://example.org/greeter",
-        &format!(
-            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n",
-            policy.display()
-        ),
+        inbound,
+        app_addr,
+        &policy,
     );
     let (_client, outs) = client(
         &pki,
@@ -582,13 +635,13 @@ fn grpc_streaming_calls_through_two_sidecars_keep_status_trailers_and_metadata()
     )
     .unwrap();
     let inbound = free_addr();
-    let server = pki.sidecar(
+    let server = server_with(
+        &pki,
         "spiffe://example.org/greeter",
-        &format!(
-            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: {}, protocol: grpc}}\n",
-            policy.display(),
-            app_addr.port()
-        ),
+        inbound,
+        app_addr,
+        &policy,
+        |c| c.inbound.ports = vec![declared(app_addr.port(), DeclaredProtocol::Grpc)],
     );
     let (_client, outs) = client(
         &pki,
@@ -705,14 +758,15 @@ fn curl_h2c_and_h2_over_mtls_reach_an_http2_app() {
     wait_listening(app_addr);
     let policy = pki.dir.path().join("open.yaml");
     std::fs::write(&policy, OPEN_POLICY).unwrap();
-    let (permissive, strict) = (free_addr(), free_addr());
-    let _server = pki.sidecar(
-        "spiffe://example.org/greeter",
-        &format!(
-            "listeners:\n  - {{name: p, direction: inbound, listen: \"{permissive}\", target: \"{app_addr}\", port: 18001}}\n  - {{name: s, direction: inbound, listen: \"{strict}\", target: \"{app_addr}\", port: 18002}}\ninbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: 18001, mode: permissive}}\n",
-            policy.display()
-        ),
-    );
+    let (permissive_addr, strict) = (free_addr(), free_addr());
+    let _server = pki.sidecar_with("spiffe://example.org/greeter", |c| {
+        c.listeners.extend([
+            inbound_listener_as("p", permissive_addr, app_addr, 18001),
+            inbound_listener_as("s", strict, app_addr, 18002),
+        ]);
+        c.inbound.policies = vec![policy.clone()];
+        c.inbound.ports = vec![permissive(18001)];
+    });
     let (_client, outs) = client(
         &pki,
         "spiffe://example.org/ec-web",
@@ -740,7 +794,7 @@ fn curl_h2c_and_h2_over_mtls_reach_an_http2_app() {
     let cases: [Case; 3] = [
         (
             "h2c to a permissive port: no identity",
-            format!("http://{permissive}"),
+            format!("http://{permissive_addr}"),
             &["--http2-prior-knowledge"],
             &|x| x == "-",
         ),
@@ -883,12 +937,12 @@ fn tunnels() -> Tunnels {
     let policy = pki.dir.path().join("tunnels.yaml");
     std::fs::write(&policy, TUNNEL_POLICY).unwrap();
     let inbound = free_addr();
-    let server = pki.sidecar(
+    let server = server(
+        &pki,
         "spiffe://example.org/tunnel",
-        &format!(
-            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n",
-            policy.display()
-        ),
+        inbound,
+        app_addr,
+        &policy,
     );
     let (client, outs) = client(
         &pki,
@@ -1091,31 +1145,31 @@ struct Limited {
     outs: Vec<SocketAddr>,
 }
 
-fn limited(listeners: usize, limits: &str, client_limits: &str) -> Limited {
+fn limited(
+    listeners: usize,
+    limits: impl FnOnce(&mut Limits),
+    client_limits: impl FnOnce(&mut Limits),
+) -> Limited {
     let pki = Loopback::new();
     let (app, app_addr) = http_app(&pki, "color");
     let policy = pki.dir.path().join("open.yaml");
     std::fs::write(&policy, OPEN_POLICY).unwrap();
-    let mut body = String::from("listeners:\n");
-    let mut inbound = Vec::new();
-    for i in 0..listeners {
-        let l = free_addr();
-        body.push_str(&format!(
-            "  - {{name: in{i}, direction: inbound, listen: \"{l}\", target: \"{app_addr}\", port: 18001}}\n"
-        ));
-        inbound.push(l);
-    }
-    body.push_str(&format!(
-        "inbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: 18001, mode: permissive}}\nlimits: {{{limits}}}\n",
-        policy.display()
-    ));
-    let server = pki.sidecar("spiffe://example.org/color", &body);
+    let inbound: Vec<SocketAddr> = (0..listeners).map(|_| free_addr()).collect();
+    let server = pki.sidecar_with("spiffe://example.org/color", |c| {
+        for (i, l) in inbound.iter().enumerate() {
+            c.listeners
+                .push(inbound_listener_as(&format!("in{i}"), *l, app_addr, 18001));
+        }
+        c.inbound.policies = vec![policy.clone()];
+        c.inbound.ports = vec![permissive(18001)];
+        limits(&mut c.limits);
+    });
     let (client, outs) = client_with(
         &pki,
         "spiffe://example.org/ec-web",
         &inbound,
         "spiffe://example.org/color",
-        &format!("limits: {{{client_limits}}}\n"),
+        |c| client_limits(&mut c.limits),
     );
     Limited {
         _pki: pki,
@@ -1141,8 +1195,12 @@ fn pooled_connection_cap_waits_then_answers_503() {
     // try is 503 and a later one gets the freed slot.
     let l = limited(
         2,
-        "",
-        "http_pool_max_connections: 1, http_pool_idle_timeout: 2s, connect_timeout: 1s",
+        |_| {},
+        |c| {
+            c.http_pool_max_connections = 1;
+            c.http_pool_idle_timeout = Duration::from_secs(2);
+            c.connect_timeout = Duration::from_secs(1);
+        },
     );
     let r = curl(&format!("http://{}/a", l.outs[0]), &[]);
     assert_eq!(r.status, 200, "{r:?}");
@@ -1186,7 +1244,7 @@ fn pooled_connection_cap_waits_then_answers_503() {
 
 #[test]
 fn idle_http2_connections_are_closed_but_not_while_a_stream_is_open() {
-    let l = limited(1, "http_idle_timeout: 1s", "");
+    let l = limited(1, |c| c.http_idle_timeout = Duration::from_secs(1), |_| {});
     let handshakes = |l: &Limited| {
         metric(
             &l.server.metrics(),
@@ -1229,7 +1287,12 @@ fn idle_http2_connections_are_closed_but_not_while_a_stream_is_open() {
 fn response_timeout_starts_when_the_upload_ends() {
     // 1 s response timeout on both sidecars; an upload that takes 3 s to a
     // healthy app is answered, while an app that then stays silent gets 504.
-    let l = limited(1, "http_response_timeout: 1s", "http_response_timeout: 1s");
+    let second = Duration::from_secs(1);
+    let l = limited(
+        1,
+        |c| c.http_response_timeout = second,
+        |c| c.http_response_timeout = second,
+    );
     let body = b"0123456789";
     let mut s = TcpStream::connect(l.outs[0]).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -12,8 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rampart_app::config::PortConfig;
+use rampart_proxy::config::DeclaredProtocol;
 use support::apps;
-use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, rampart, wait_listening};
+use support::sidecar::{
+    LocalProc, Loopback, Sidecar, free_addr, inbound_listener_as, rampart, wait_listening,
+};
 
 const INGRESS: &str = "ingress-nginx.ext.cluster.local";
 /// The port that accepts DNS-SAN clients, and one that does not.
@@ -77,21 +81,24 @@ fn setup() -> Setup {
     )
     .unwrap();
     let (opted_in, strict) = (free_addr(), free_addr());
-    let sidecar = pki.sidecar(
-        "spiffe://example.org/app2",
-        &format!(
-            "listeners:
-  - {{name: ingress, direction: inbound, listen: \"{opted_in}\", target: \"{app_addr}\", port: {OPTED_IN}}}
-  - {{name: mesh, direction: inbound, listen: \"{strict}\", target: \"{app_addr}\", port: {STRICT}}}
-inbound:
-  policies: [\"{}\"]
-  ports:
-    - {{port: {OPTED_IN}, protocol: http, allow_dns_san_clients: true}}
-    - {{port: {STRICT}, protocol: http}}
-",
-            policy.display()
-        ),
-    );
+    let sidecar = pki.sidecar_with("spiffe://example.org/app2", |c| {
+        c.listeners.extend([
+            inbound_listener_as("ingress", opted_in, app_addr, OPTED_IN),
+            inbound_listener_as("mesh", strict, app_addr, STRICT),
+        ]);
+        c.inbound.policies = vec![policy.clone()];
+        let http = |port| PortConfig {
+            protocol: DeclaredProtocol::Http,
+            ..PortConfig::new(port)
+        };
+        c.inbound.ports = vec![
+            PortConfig {
+                allow_dns_san_clients: true,
+                ..http(OPTED_IN)
+            },
+            http(STRICT),
+        ];
+    });
     let ingress = pki.dir.path().join("ingress");
     issue_dns(&pki.dir.path().join("ca"), INGRESS, &ingress);
     let rogue_ca = pki.dir.path().join("rogue-ca");

@@ -5,6 +5,7 @@
 
 use rampart_testkit as support;
 
+mod boundary;
 mod central;
 mod flood;
 mod gospiffe;

@@ -11,8 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rampart_app::config::{Config, PortConfig, TracingSection};
+use rampart_proxy::config::TlsMode;
 use support::apps;
-use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, wait_listening};
+use support::sidecar::{
+    LocalProc, Loopback, Sidecar, free_addr, inbound_listener, outbound_listener, wait_listening,
+};
 
 const BACKEND: &str = "spiffe://example.org/ec-backend";
 const WEB: &str = "spiffe://example.org/ec-web";
@@ -37,18 +41,24 @@ fn allow_get(path: &str) -> String {
     )
 }
 
-fn pair(policy: &str, backend_extra: &str, web_extra: &str) -> Pair {
-    pair_with_files(policy, &[], backend_extra, web_extra)
+/// A configuration change for one side of a [`Pair`].
+type Edit<'a> = &'a dyn Fn(&mut Config);
+
+/// No change.
+pub(crate) fn same(_: &mut Config) {}
+
+fn pair(policy: &str, backend_edit: Edit, web_edit: Edit) -> Pair {
+    pair_with_files(policy, &[], backend_edit, web_edit)
 }
 
 /// As [`pair`], with `files` (name, contents) written beside the policy.
 pub(crate) fn pair_with_files(
     policy: &str,
     files: &[(&str, &str)],
-    backend_extra: &str,
-    web_extra: &str,
+    backend_edit: Edit,
+    web_edit: Edit,
 ) -> Pair {
-    pair_at(free_addr(), policy, files, backend_extra, web_extra)
+    pair_at(free_addr(), policy, files, backend_edit, web_edit)
 }
 
 /// As [`pair_with_files`], with ec-backend's app on `app_addr`.
@@ -56,8 +66,8 @@ fn pair_at(
     app_addr: SocketAddr,
     policy: &str,
     files: &[(&str, &str)],
-    backend_extra: &str,
-    web_extra: &str,
+    backend_edit: Edit,
+    web_edit: Edit,
 ) -> Pair {
     let pki = Loopback::new();
     for (name, text) in files {
@@ -72,20 +82,17 @@ fn pair_at(
     let policy_file = pki.dir.path().join("policy.yaml");
     std::fs::write(&policy_file, policy).unwrap();
     let inbound = free_addr();
-    let backend = pki.sidecar(
-        BACKEND,
-        &format!(
-            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n{backend_extra}",
-            policy_file.display()
-        ),
-    );
+    let backend = pki.sidecar_with(BACKEND, |c| {
+        c.listeners.push(inbound_listener("in", inbound, app_addr));
+        c.inbound.policies = vec![policy_file.clone()];
+        backend_edit(c);
+    });
     let out = free_addr();
-    let web = pki.sidecar(
-        WEB,
-        &format!(
-            "listeners:\n  - {{name: out, direction: outbound, listen: \"{out}\", target: \"{inbound}\", server_identities: [\"{BACKEND}\"]}}\n{web_extra}"
-        ),
-    );
+    let web = pki.sidecar_with(WEB, |c| {
+        c.listeners
+            .push(outbound_listener("out", out, inbound, BACKEND));
+        web_edit(c);
+    });
     Pair {
         pki,
         _app: app,
@@ -152,7 +159,7 @@ pub(crate) fn write_atomically(path: &Path, text: &str) {
 
 #[test]
 fn policy_file_changes_apply_and_broken_files_keep_the_last_good_version() {
-    let p = pair(&allow_get("/data"), "", "");
+    let p = pair(&allow_get("/data"), &same, &same);
     assert_eq!(get(p.out, "/data", &[]).0, 200, "{}", p.backend.logs());
     assert_eq!(get(p.out, "/other", &[]).0, 403);
 
@@ -206,8 +213,8 @@ fn a_changed_rego_module_is_reloaded() {
     let p = pair_with_files(
         "policies:\n  - name: backend\n    kind: rego\n    modules: [backend.rego]\n",
         &[("backend.rego", &rego_allow_get("/data"))],
-        "",
-        "",
+        &same,
+        &same,
     );
     assert_eq!(get(p.out, "/data", &[]).0, 200, "{}", p.backend.logs());
     assert_eq!(get(p.out, "/other", &[]).0, 403);
@@ -253,7 +260,7 @@ fn pem_body_lines(path: &Path) -> Vec<String> {
 
 #[test]
 fn admin_api_shows_config_identity_and_policies_without_key_material() {
-    let p = pair(&allow_get("/data"), "", "");
+    let p = pair(&allow_get("/data"), &same, &same);
     let b = &p.backend;
     let (status, config) = b.admin("GET", "/config", "");
     assert_eq!(status, 200, "{config}");
@@ -296,7 +303,7 @@ fn admin_api_shows_config_identity_and_policies_without_key_material() {
 
 #[test]
 fn log_filter_changes_at_runtime() {
-    let p = pair(&allow_get("/data"), "", "");
+    let p = pair(&allow_get("/data"), &same, &same);
     let b = &p.backend;
     let forwarded = || b.logs().matches("request forwarded").count();
     let (status, _) = b.admin("PUT", "/logging", "info");
@@ -322,7 +329,7 @@ fn log_filter_changes_at_runtime() {
 
 #[test]
 fn admin_drain_turns_the_sidecar_not_ready_and_exits() {
-    let p = pair(&allow_get("/data"), "", "");
+    let p = pair(&allow_get("/data"), &same, &same);
     assert_eq!(p.backend.admin("POST", "/drain", "").0, 202);
     assert!(
         eventually(Duration::from_secs(10), || p.backend.get("/ready")
@@ -343,8 +350,11 @@ fn access_events(s: &Sidecar) -> Vec<serde_json::Value> {
 fn access_events_name_peer_decision_and_path_but_no_header_values() {
     let p = pair(
         &allow_get("/data"),
-        "log: {level: debug, access: true, access_headers: [x-tenant]}\n",
-        "log: {level: debug, access: true}\n",
+        &|c| {
+            c.log.access = true;
+            c.log.access_headers = vec!["x-tenant".into()];
+        },
+        &|c| c.log.access = true,
     );
     let secret = "Bearer s3cr3t-t0ken";
     assert_eq!(
@@ -464,7 +474,7 @@ fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, key: &st
 #[ignore = "needs python3 with prometheus_client (pip install -r tests/requirements.txt)"]
 fn metrics_move_exactly_and_random_traffic_adds_no_series() {
     require_prometheus_client();
-    let p = pair(&allow_get("/data"), "", "");
+    let p = pair(&allow_get("/data"), &same, &same);
     // Warm up every series the traffic below can touch.
     assert_eq!(get(p.out, "/data", &[]).0, 200);
     assert_eq!(get(p.out, "/warm", &[]).0, 403);
@@ -550,7 +560,9 @@ fn metrics_move_exactly_and_random_traffic_adds_no_series() {
 #[ignore = "needs python3 with prometheus_client (pip install -r tests/requirements.txt)"]
 fn outbound_requests_are_counted_and_a_silent_client_is_a_detect_timeout() {
     require_prometheus_client();
-    let p = pair(&allow_get("/data"), "", "limits: {detect_timeout: 300ms}\n");
+    let p = pair(&allow_get("/data"), &same, &|c| {
+        c.limits.detect_timeout = Duration::from_millis(300)
+    });
     assert_eq!(get(p.out, "/data", &[]).0, 200);
     let before = scrape(&p.web);
     assert_eq!(get(p.out, "/data", &[]).0, 200);
@@ -599,11 +611,14 @@ fn a_silent_plaintext_client_on_a_permissive_port_waits_for_one_detect_timeout()
         app,
         &allow_get("/data"),
         &[],
-        &format!(
-            "  ports:\n    - {{port: {}, mode: permissive}}\nlimits: {{detect_timeout: 300ms}}\n",
-            app.port()
-        ),
-        "",
+        &|c| {
+            c.inbound.ports = vec![PortConfig {
+                mode: TlsMode::PermissiveAllowPlaintext,
+                ..PortConfig::new(app.port())
+            }];
+            c.limits.detect_timeout = Duration::from_millis(300);
+        },
+        &same,
     );
     let before = scrape(&p.backend);
     let denials = |m: &BTreeMap<String, f64>| -> f64 {
@@ -630,7 +645,7 @@ fn a_silent_plaintext_client_on_a_permissive_port_waits_for_one_detect_timeout()
 
 #[test]
 fn metrics_can_be_turned_off() {
-    let p = pair(&allow_get("/data"), "admin: {metrics: false}\n", "");
+    let p = pair(&allow_get("/data"), &|c| c.admin.metrics = false, &same);
     assert_eq!(get(p.out, "/data", &[]).0, 200);
     assert_eq!(get(p.out, "/nope", &[]).0, 403);
     let (status, resp) = p.backend.admin("GET", "/metrics", "");
@@ -705,7 +720,7 @@ fn a_broken_policy_at_start_exits_64_and_is_never_ready() {
 #[ignore = "needs python3 with prometheus_client (pip install -r tests/requirements.txt)"]
 fn the_grafana_dashboard_queries_only_exported_series() {
     require_prometheus_client();
-    let p = pair(&allow_get("/data"), "", "");
+    let p = pair(&allow_get("/data"), &same, &same);
     assert_eq!(get(p.out, "/data", &[]).0, 200);
     assert_eq!(get(p.out, "/nope", &[]).0, 403);
     let mut exported: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -849,15 +864,16 @@ fn spans_reach_an_otlp_receiver_and_continue_the_callers_trace() {
         "otlp",
     );
     wait_listening(receiver_addr);
-    let tracing = |service: &str| {
-        format!(
-            "tracing: {{otlp_endpoint: \"http://{receiver_addr}/v1/traces\", service_name: {service}, flush_interval: 200ms}}\n"
-        )
+    let tracing = |service: &str| TracingSection {
+        otlp_endpoint: format!("http://{receiver_addr}/v1/traces"),
+        service_name: service.into(),
+        sampling: 1.0,
+        flush_interval: Duration::from_millis(200),
     };
     let p = pair(
         &allow_get("/data"),
-        &tracing("ec-backend"),
-        &tracing("ec-web"),
+        &|c| c.tracing = Some(tracing("ec-backend")),
+        &|c| c.tracing = Some(tracing("ec-web")),
     );
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";

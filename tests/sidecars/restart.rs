@@ -3,7 +3,7 @@
 //! the old one still serves; the old one then drains and exits, and no
 //! request fails on the way.
 
-use crate::observability::{eventually, get, pair_with_files};
+use crate::observability::{eventually, get, pair_with_files, same};
 use crate::support;
 
 use std::sync::Arc;
@@ -18,8 +18,8 @@ fn a_replacement_binds_the_same_ports_and_the_old_one_drains_without_a_failed_re
     let mut p = pair_with_files(
         "policies:\n  - name: backend\n    action: ALLOW\n    rules:\n      - name: web-gets\n        from: {principals: [\"spiffe://example.org/ec-web\"]}\n        to: {methods: [GET], paths: [\"/data\"]}\n",
         &[],
-        "",
-        "",
+        &same,
+        &same,
     );
     assert_eq!(get(p.out, "/data", &[]).0, 200, "{}", p.backend.logs());
 

@@ -87,6 +87,11 @@ pub enum LocalError {
     /// Outbound: the peer sidecar did not answer in time.
     #[error("upstream sidecar did not answer in time")]
     PeerTimeout,
+    /// Outbound: discovery knows the destination's service, and it has no
+    /// endpoint to send to (none, none with an identity, or none left to
+    /// retry on).
+    #[error("no endpoint available: {0}")]
+    NoEndpoint(rampart_discovery::balance::NoEndpoint),
     /// Outbound: the request cannot be addressed to the destination (a bug).
     #[error("request cannot be addressed to its destination")]
     Unroutable,
@@ -192,6 +197,11 @@ impl LocalError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 GRPC_UNAVAILABLE,
                 LocalReason::PoolFull,
+            ),
+            LocalError::NoEndpoint(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                GRPC_UNAVAILABLE,
+                LocalReason::NoEndpoint,
             ),
             LocalError::PeerConnect(_)
             | LocalError::PeerExchange(_)
@@ -339,6 +349,12 @@ mod tests {
             ),
             (LocalError::NoIdentity, 503, 14, "no_identity"),
             (LocalError::PoolFull(3), 503, 14, "pool_full"),
+            (
+                LocalError::NoEndpoint(rampart_discovery::balance::NoEndpoint::Empty("s".into())),
+                503,
+                14,
+                "no_endpoint",
+            ),
             (LocalError::PeerTimeout, 504, 4, "peer_timeout"),
             (
                 LocalError::PeerHandshake(HandshakeError::IdNotAllowed("x".into())),

@@ -1,16 +1,19 @@
 //! The outbound HTTP pool: one pooled HTTP/2 mTLS connection per
 //! (destination, expected server identity), shared by every app
-//! connection. It is hyper-util's client: HTTP/2 only, keep-alive pings,
+//! connection. A destination is the original destination with a server
+//! rule's identities, or an endpoint discovery found (pod IP:port) with
+//! that endpoint's own SPIFFE ID ([`OutboundHttp::endpoint_client`]). It is hyper-util's client: HTTP/2 only, keep-alive pings,
 //! idle connections closed after `limits.http_pool_idle_timeout`, at most
 //! `limits.http_pool_max_connections` of them over all destinations. Its
 //! connector dials with `forward::dial_peer`, with the identity store's
 //! current configuration; nothing is built per connection.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +22,7 @@ use http::uri::Authority;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rampart_identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -33,7 +37,18 @@ use crate::tls::ClientTls;
 pub struct OutboundHttp {
     pub(super) server: hyper::server::conn::http1::Builder,
     pub(super) clients: Vec<Client<MeshConnector, RequestBody>>,
+    /// Pools expecting one exact server ID each (discovered endpoints),
+    /// keyed inside by the endpoint's address; made on first use.
+    endpoints: Mutex<HashMap<SpiffeId, Client<MeshConnector, RequestBody>>>,
+    /// Makes the pools of `endpoints`.
+    builder: hyper_util::client::legacy::Builder,
+    /// The connector settings the endpoint pools share with the others.
+    connector: MeshConnector,
 }
+
+/// How many endpoint identities get a pool of their own before the
+/// table starts over (idle connections of dropped pools close).
+const MAX_ENDPOINT_POOLS: usize = 1024;
 
 impl std::fmt::Debug for OutboundHttp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,27 +77,58 @@ impl OutboundHttp {
             .max_headers(l.http_max_headers);
         // One cap over every pool: a connection holds a permit until it closes.
         let slots = Arc::new(Semaphore::new(l.http_pool_max_connections));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(l.http_pool_idle_timeout)
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .http2_max_concurrent_reset_streams(l.http_max_concurrent_streams as usize);
+        let connector = MeshConnector {
+            expect: Expect::Rule(0),
+            identity: identity.clone(),
+            connect_timeout: limits.connect_timeout,
+            handshake_timeout: limits.handshake_timeout,
+            slots: slots.clone(),
+            max_pooled: l.http_pool_max_connections,
+        };
         let clients = (0..client_configs)
             .map(|index| {
-                Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(l.http_pool_idle_timeout)
-                    .http2_only(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .http2_keep_alive_timeout(Duration::from_secs(10))
-                    .http2_max_concurrent_reset_streams(l.http_max_concurrent_streams as usize)
-                    .build(MeshConnector {
-                        index,
-                        identity: identity.clone(),
-                        connect_timeout: limits.connect_timeout,
-                        handshake_timeout: limits.handshake_timeout,
-                        slots: slots.clone(),
-                        max_pooled: l.http_pool_max_connections,
-                    })
+                builder.build(MeshConnector {
+                    expect: Expect::Rule(index),
+                    ..connector.clone()
+                })
             })
             .collect();
-        OutboundHttp { server, clients }
+        OutboundHttp {
+            server,
+            clients,
+            endpoints: Mutex::new(HashMap::new()),
+            builder,
+            connector,
+        }
+    }
+
+    /// The pool for endpoints whose server must present `id` (requests
+    /// name the endpoint's address as their authority).
+    pub fn endpoint_client(&self, id: &SpiffeId) -> Client<MeshConnector, RequestBody> {
+        // Poisoning needs a panic while holding the lock, which only
+        // clones and inserts.
+        let mut pools = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = pools.get(id) {
+            return c.clone();
+        }
+        if pools.len() >= MAX_ENDPOINT_POOLS {
+            pools.clear();
+        }
+        let c = self.builder.build(MeshConnector {
+            expect: Expect::Id(id.clone()),
+            ..self.connector.clone()
+        });
+        pools.insert(id.clone(), c.clone());
+        c
     }
 }
 
@@ -99,10 +145,19 @@ pub(crate) fn pool_failure(e: &hyper_util::client::legacy::Error) -> Option<&Poo
     None
 }
 
+/// Which server identity a pool's connections expect.
+#[derive(Debug, Clone)]
+enum Expect {
+    /// Client configuration `i` of the plan (a server rule's identities).
+    Rule(usize),
+    /// Exactly this SPIFFE ID (a discovered endpoint).
+    Id(SpiffeId),
+}
+
 /// Dials a peer sidecar and originates mTLS for the pool.
 #[derive(Clone)]
 pub struct MeshConnector {
-    index: usize,
+    expect: Expect,
     identity: tokio::sync::watch::Receiver<Option<Arc<rampart_identity::store::TlsConfigs>>>,
     connect_timeout: Duration,
     handshake_timeout: Duration,
@@ -148,11 +203,11 @@ impl tower_service::Service<Uri> for MeshConnector {
             let cfg = {
                 let current = this.identity.borrow();
                 let configs = current.as_ref().ok_or(PoolConnectError::NoIdentity)?;
-                configs
-                    .client
-                    .get(this.index)
-                    .cloned()
-                    .ok_or(PoolConnectError::NoIdentity)?
+                match &this.expect {
+                    Expect::Rule(i) => configs.client.get(*i).cloned(),
+                    Expect::Id(id) => configs.endpoints.for_id(id),
+                }
+                .ok_or(PoolConnectError::NoIdentity)?
             };
             // Wait (bounded) for a pooled connection to close rather than
             // fail at once: idle ones expire, busy ones end.
