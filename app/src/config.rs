@@ -839,6 +839,7 @@ impl Config {
         if let Some(w) = &self.identity.workload_api {
             p.extend(w.validate());
         }
+        p.extend(self.discovery.validate());
         if let Some(f) = &self.identity.files
             && f.poll_interval < Duration::from_millis(10)
         {
