@@ -122,7 +122,10 @@ pub fn settle(buf: &[u8]) -> Protocol {
 /// too (Python's `str.split` on Latin-1 text: VT, FF, the information
 /// separators 0x1c-0x1f, NEL and NBSP).
 fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0)
+    matches!(
+        b,
+        b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
+    )
 }
 
 /// Bytes no text request line contains: the other control characters.
@@ -153,7 +156,9 @@ fn classify_http1(buf: &[u8]) -> Verdict {
     for (i, b) in line.iter().enumerate() {
         match *b {
             b'\n' => return Verdict::Known(Protocol::Opaque),
-            b'H' | b'h' if line[i..].len() >= 5 && line[i..i + 5].eq_ignore_ascii_case(b"HTTP/") => {
+            b'H' | b'h'
+                if line[i..].len() >= 5 && line[i..i + 5].eq_ignore_ascii_case(b"HTTP/") =>
+            {
                 return Verdict::Known(Protocol::Http1);
             }
             b if is_binary(b) => return Verdict::Known(Protocol::Opaque),
@@ -283,7 +288,10 @@ where
 /// waits for the first byte as long as the caller lets it (an idle
 /// connection opened ahead of use is served when its request comes);
 /// after the first byte, `head_timeout` bounds the rest of the preface.
-pub async fn http_version<S>(mut stream: S, head_timeout: Duration) -> io::Result<(Protocol, Rewind<S>)>
+pub async fn http_version<S>(
+    mut stream: S,
+    head_timeout: Duration,
+) -> io::Result<(Protocol, Rewind<S>)>
 where
     S: AsyncRead + Unpin,
 {

@@ -183,9 +183,7 @@ where
         Err(Waited::NoResponse) => Err(LocalError::AppTimeout),
         Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
         // The client's chunked framing broke mid-body: 400, not 502.
-        Ok(Err(_)) if progress.is_some_and(|p| p.client_failed()) => {
-            Err(LocalError::MalformedBody)
-        }
+        Ok(Err(_)) if progress.is_some_and(|p| p.client_failed()) => Err(LocalError::MalformedBody),
         Ok(Err(e)) => Err(LocalError::AppUnreachable(e)),
         Ok(Ok(r)) => Ok((r, permit)),
     }
@@ -208,9 +206,7 @@ where
     match response_within(timeout, ended, sent).await {
         Err(Waited::NoResponse) => Err(LocalError::PeerTimeout),
         Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
-        Ok(Err(_)) if progress.is_some_and(|p| p.client_failed()) => {
-            Err(LocalError::MalformedBody)
-        }
+        Ok(Err(_)) if progress.is_some_and(|p| p.client_failed()) => Err(LocalError::MalformedBody),
         Ok(Ok(r)) => Ok(r),
         // The pool's connector says why it could not connect.
         Ok(Err(e)) => Err(match pool_failure(&e) {

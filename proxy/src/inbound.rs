@@ -136,13 +136,14 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             tracing::Span::current().record("peer.id", field::display(p.principal()));
         }
         // Stage: detect inside TLS (or on the plaintext stream).
-        let (protocol, authn) = match detect_inner(authn, settings.protocol, known, silent_socket, limits).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "connection failed before detection");
-                return;
-            }
-        };
+        let (protocol, authn) =
+            match detect_inner(authn, settings.protocol, known, silent_socket, limits).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed before detection");
+                    return;
+                }
+            };
         metrics::detected(Direction::Inbound, protocol.as_str_protocol());
         tracing::Span::current().record("protocol", protocol.as_str());
         let (protocol, authn) = if protocol == Inner::Silent

@@ -156,7 +156,6 @@ impl Handler {
         };
         Ok((permitted, path))
     }
-
 }
 
 /// A method no policy names (an extension token, inline in `http::Method`:

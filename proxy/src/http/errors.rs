@@ -325,7 +325,12 @@ mod tests {
                 "bad_request",
             ),
             (LocalError::MalformedBody, 400, 13, "bad_request"),
-            (LocalError::TunnelNotAllowed("CONNECT"), 403, 7, "tunnel_not_allowed"),
+            (
+                LocalError::TunnelNotAllowed("CONNECT"),
+                403,
+                7,
+                "tunnel_not_allowed",
+            ),
             (
                 LocalError::Tunnel(TunnelError::Timeout),
                 504,

@@ -102,8 +102,7 @@ pub fn remove_connection_named(h: &mut HeaderMap) {
 pub fn is_identity_header(name: &HeaderName) -> bool {
     let n = name.as_str().as_bytes();
     n.len() == XFCC.len()
-        && n
-            .iter()
+        && n.iter()
             .zip(XFCC.as_bytes())
             .all(|(a, b)| a == b || (*a == b'_' && *b == b'-'))
 }
@@ -272,10 +271,20 @@ mod tests {
                 "{name}"
             );
         }
-        for mode in [XfccMode::SanitizeSet, XfccMode::Sanitize, XfccMode::AppendForward] {
+        for mode in [
+            XfccMode::SanitizeSet,
+            XfccMode::Sanitize,
+            XfccMode::AppendForward,
+        ] {
             let mut h = HeaderMap::new();
-            h.insert("x_forwarded_client_cert", HeaderValue::from_static("forged"));
-            h.insert("x-forwarded_client-cert", HeaderValue::from_static("forged"));
+            h.insert(
+                "x_forwarded_client_cert",
+                HeaderValue::from_static("forged"),
+            );
+            h.insert(
+                "x-forwarded_client-cert",
+                HeaderValue::from_static("forged"),
+            );
             h.insert("x-kept", HeaderValue::from_static("1"));
             set_xfcc(mode, None, &mut h);
             let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
