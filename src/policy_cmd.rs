@@ -23,6 +23,54 @@ enum PolicyCommand {
     Check(CheckArgs),
     /// Decide one request and explain every rule on its port.
     Explain(Box<ExplainArgs>),
+    /// Turn Istio, SMI, OSM or App Mesh resources into native policies and
+    /// sidecar configuration, with a report of what could not be expressed.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ImportFrom {
+    /// security.istio.io AuthorizationPolicy, PeerAuthentication,
+    /// RequestAuthentication (checked, then kept as they are).
+    Istio,
+    /// SMI TrafficTarget, HTTPRouteGroup, TCPRoute (the SMI specification).
+    Smi,
+    /// OSM: SMI as OSM implements it, and IngressBackend.
+    Osm,
+    /// App Mesh VirtualNode (appmesh.k8s.aws/v1beta2).
+    Appmesh,
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// The source format.
+    #[arg(long = "from", value_enum)]
+    from: ImportFrom,
+    /// YAML files (multi-document, or `kind: List`).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Trust domain of the SPIFFE IDs service accounts become
+    /// (`spiffe://TD/ns/NS/sa/SA`).
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Accept this DNS SAN as a peer identity (repeat for several); a
+    /// source naming another DNS SAN is not imported.
+    #[arg(long = "allow-dns-san", value_name = "NAME")]
+    allow_dns_san: Vec<String>,
+    /// Addresses of an object the sources name (an OSM source Service, an
+    /// App Mesh virtual service): `NAMESPACE/NAME=CIDR[,CIDR...]`.
+    #[arg(long = "address", value_name = "NS/NAME=CIDRS")]
+    addresses: Vec<String>,
+    /// Istio: the workload's namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Istio: a workload label `KEY=VALUE` (repeat for several).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Write `<workload>.policy.yaml` and `<workload>.config.yaml` files
+    /// here instead of printing them.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -131,7 +179,130 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<()> {
     match args.command {
         PolicyCommand::Check(a) => check(a),
         PolicyCommand::Explain(a) => explain(*a),
+        PolicyCommand::Import(a) => import(a),
     }
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<()> {
+    use rampart_authz::import::{ImportOptions, Source};
+    let mut options = ImportOptions {
+        trust_domain: args.trust_domain.clone(),
+        dns_san_identities: args.allow_dns_san.clone(),
+        istio_namespace: args.namespace.clone(),
+        ..ImportOptions::default()
+    };
+    rampart_identity::TrustDomain::parse(&args.trust_domain)
+        .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+    for a in &args.addresses {
+        let Some((key, cidrs)) = a.split_once('=') else {
+            bail!("--address {a:?}: expected NAMESPACE/NAME=CIDR[,CIDR...]");
+        };
+        if key.split('/').count() != 2 && !key.starts_with("arn:") {
+            bail!("--address {a:?}: name the object as NAMESPACE/NAME");
+        }
+        let mut nets = Vec::new();
+        for c in cidrs.split(',') {
+            let c = c.trim();
+            let net = match c.parse::<ipnet::IpNet>() {
+                Ok(n) => n,
+                Err(_) => ipnet::IpNet::from(c.parse::<IpAddr>().with_context(|| {
+                    format!("--address {a:?}: {c:?} is not an address or CIDR")
+                })?),
+            };
+            nets.push(net);
+        }
+        options
+            .addresses
+            .entry(key.to_owned())
+            .or_default()
+            .extend(nets);
+    }
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--label {l:?}: expected KEY=VALUE");
+        };
+        options.istio_labels.insert(k.to_owned(), v.to_owned());
+    }
+    let source = match args.from {
+        ImportFrom::Istio => Source::Istio,
+        ImportFrom::Smi => Source::Smi,
+        ImportFrom::Osm => Source::Osm,
+        ImportFrom::Appmesh => Source::AppMesh,
+    };
+    let imported = rampart_authz::import::import(source, &args.files, &options)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("import failed")?;
+    let mut stdout = String::new();
+    for t in &imported.targets {
+        check_config_fragment(&t.config).with_context(|| {
+            format!(
+                "the configuration for {} does not validate (an importer bug)",
+                t.workload
+            )
+        })?;
+        let has_policies = t.policies["policies"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty());
+        let policies = serde_yaml::to_string(&t.policies)?;
+        let config = serde_yaml::to_string(&t.config)?;
+        match &args.out_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+                if has_policies {
+                    let f = dir.join(format!("{}.policy.yaml", t.file_stem));
+                    std::fs::write(&f, &policies).with_context(|| format!("{}", f.display()))?;
+                    eprintln!("{}: wrote {}", t.workload, f.display());
+                }
+                if !t.config.is_empty() {
+                    let f = dir.join(format!("{}.config.yaml", t.file_stem));
+                    std::fs::write(&f, &config).with_context(|| format!("{}", f.display()))?;
+                    eprintln!("{}: wrote {}", t.workload, f.display());
+                }
+            }
+            None => {
+                stdout.push_str(&format!("# ---- for the sidecar of {}\n", t.workload));
+                if has_policies {
+                    stdout.push_str("# policy file (list it under inbound.policies):\n---\n");
+                    stdout.push_str(&policies);
+                }
+                if !t.config.is_empty() {
+                    stdout.push_str("# merge into its `rampart run` configuration:\n---\n");
+                    stdout.push_str(&config);
+                }
+            }
+        }
+    }
+    print!("{stdout}");
+    for n in &imported.report {
+        eprintln!("{n}");
+    }
+    if imported.incomplete() {
+        eprintln!(
+            "some parts were not imported (listed above): the policies printed admit less than the source"
+        );
+    }
+    Ok(())
+}
+
+/// The sidecar configuration an importer prints must be what `rampart run`
+/// accepts: each section is read with the configuration's own types.
+fn check_config_fragment(
+    config: &serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    let yaml = serde_yaml::to_value(config)?;
+    if let Some(ports) = yaml.get("inbound").and_then(|i| i.get("ports")) {
+        let _: Vec<rampart_app::config::PortConfig> =
+            serde_yaml::from_value(ports.clone()).context("inbound.ports")?;
+    }
+    if let Some(istio) = yaml.get("inbound").and_then(|i| i.get("istio")) {
+        let _: rampart_app::config::IstioConfig =
+            serde_yaml::from_value(istio.clone()).context("inbound.istio")?;
+    }
+    if let Some(servers) = yaml.get("outbound").and_then(|o| o.get("servers")) {
+        let _: Vec<rampart_proxy::config::ServerRule> =
+            serde_yaml::from_value(servers.clone()).context("outbound.servers")?;
+    }
+    Ok(())
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {

@@ -70,6 +70,9 @@ pub struct Config {
     /// Trace spans exported over OTLP; absent means off.
     #[serde(default)]
     pub tracing: Option<TracingSection>,
+    /// Service discovery: endpoints and their identities (docs/discovery.md).
+    #[serde(default)]
+    pub discovery: rampart_discovery::DiscoveryConfig,
 }
 
 /// `tracing`: one span per proxied HTTP request, exported over OTLP/HTTP.
@@ -238,6 +241,11 @@ pub struct InboundConfig {
     /// semantics (docs/policy.md#istio-resources).
     #[serde(default)]
     pub istio: Option<IstioConfig>,
+    /// How long, and over how many source bytes, one version of the
+    /// policies (files, Rego modules, data, Istio files, bundles) may
+    /// compile, at start and on reload.
+    #[serde(default)]
+    pub policy_budget: rampart_proxy::policy::CompileBudget,
 }
 
 /// Istio resources for this workload: where they are and who it is.
@@ -261,6 +269,11 @@ pub struct IstioConfig {
     /// Mesh config `trustDomainAliases`.
     #[serde(default)]
     pub trust_domain_aliases: Vec<String>,
+    /// CA certificates (PEM) that `https://` `jwksUri` servers are verified
+    /// against; default: the system bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt`).
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
     /// JWKS fetched for RequestAuthentication, shared by every (re)load.
     #[serde(skip)]
     pub jwks_cache: std::sync::Arc<rampart_authz::jwt::JwksCache>,
@@ -653,6 +666,7 @@ impl Config {
             ext_authz: ExtAuthzConfig::default(),
             decision_logs: None,
             tracing: None,
+            discovery: rampart_discovery::DiscoveryConfig::default(),
         }
     }
 
@@ -691,6 +705,13 @@ impl Config {
         problems.extend(cfg.validate());
         if let Err(p) = cfg.bundle_verification() {
             problems.push(p);
+        }
+        // The endpoints file must load at start (there is no last good
+        // version to keep yet); its error names its own file and line.
+        if let Some(f) = &cfg.discovery.file
+            && let Err(e) = rampart_discovery::file::load(f)
+        {
+            problems.push(("discovery.file".into(), e.to_string()));
         }
         cfg.accept(&name, Some(&text), problems)
     }
@@ -774,6 +795,9 @@ impl Config {
         if let Some(d) = &mut self.identity.dev_ca {
             fix(&mut d.dir);
         }
+        if let Some(f) = &mut self.discovery.file {
+            fix(f);
+        }
         for p in &mut self.inbound.policies {
             fix(p);
         }
@@ -820,6 +844,7 @@ impl Config {
         if let Some(w) = &self.identity.workload_api {
             p.extend(w.validate());
         }
+        p.extend(self.discovery.validate());
         if let Some(f) = &self.identity.files
             && f.poll_interval < Duration::from_millis(10)
         {

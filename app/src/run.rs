@@ -37,6 +37,9 @@ pub enum StartError {
     /// The trace exporter could not start.
     #[error("tracing: {0}")]
     Tracing(String),
+    /// A discovery source could not start.
+    #[error("discovery: {0}")]
+    Discovery(#[from] rampart_discovery::StartError),
 }
 
 /// Runs `rampart run` with the configuration file at `path` and the app
@@ -154,35 +157,42 @@ impl Sidecar {
         if let Some(istio) = plan.authorizer.current().authorizer.istio()
             && !istio.jwks_uris().is_empty()
         {
+            let tls = if istio.jwks_uris().iter().any(|u| u.starts_with("https://")) {
+                let ca = cfg
+                    .inbound
+                    .istio
+                    .as_ref()
+                    .and_then(|i| i.jwks_ca_file.clone())
+                    .unwrap_or_else(|| rampart_central::jwks::SYSTEM_CA_FILE.into());
+                let client = rampart_central::jwks::https_client(&ca).map_err(|message| {
+                    crate::central::CentralStartError::Field {
+                        field: "inbound.istio.jwks_ca_file".into(),
+                        message,
+                    }
+                })?;
+                Some(client)
+            } else {
+                None
+            };
             rampart_central::jwks::spawn(
                 istio.jwks_uris().to_vec(),
                 istio.jwks_cache().clone(),
                 rampart_central::jwks::DEFAULT_REFRESH,
+                tls,
             );
         }
         // With a bundle, the policy files are the fallback until the first
         // bundle: a reload must not replace a bundle in force.
-        let istio_files = cfg
-            .inbound
-            .istio
-            .iter()
-            .flat_map(|i| i.files.iter().cloned());
         if (!cfg.inbound.policies.is_empty() || cfg.inbound.istio.is_some())
             && cfg.inbound.bundle.is_none()
         {
-            let files = cfg
-                .inbound
-                .policies
-                .iter()
-                .cloned()
-                .chain(istio_files)
-                .collect();
             let for_loader = cfg.clone();
             let loader: rampart_proxy::policy::PolicyLoader =
-                Box::new(move || for_loader.authorizer().map_err(|e| e.to_string()));
+                Arc::new(move || for_loader.authorizer().map_err(|e| e.to_string()));
             tokio::spawn(rampart_proxy::policy::watch(
-                files,
+                cfg.policy_files(),
                 rampart_proxy::policy::DEFAULT_POLL_INTERVAL,
+                cfg.inbound.policy_budget,
                 loader,
                 plan.authorizer.clone(),
             ));
@@ -202,6 +212,7 @@ impl Sidecar {
             }
         };
         plan.observe.tracing = tracing.clone();
+        plan.discovery = rampart_discovery::start(&cfg.discovery)?;
         let hooks = rampart_proxy::admin::AdminHooks {
             render: telemetry.render,
             config_json: serde_json::to_string_pretty(&cfg)
@@ -249,9 +260,36 @@ fn install_metrics(cfg: &Config) -> Result<rampart_proxy::admin::MetricsRender, 
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| StartError::Metrics(format!("installing the recorder: {e}")))?;
+    // `build_recorder` spawns no upkeep: without it, histogram samples pile
+    // up until a scrape drains them (issue 19, R2: ~19 bytes per request
+    // with nobody scraping). A thread, so that it runs whatever the runtime.
+    let upkeep = handle.clone();
+    spawn_upkeep(METRICS_UPKEEP_INTERVAL, move || upkeep.run_upkeep())
+        .map_err(|e| StartError::Metrics(format!("starting the upkeep thread: {e}")))?;
     rampart_proxy::metrics::describe();
+    rampart_discovery::metrics::describe();
     rampart_identity::metrics::describe();
     Ok(Arc::new(move || handle.render()))
+}
+
+/// How often the metrics recorder drains histogram samples into their
+/// buckets (metrics-exporter-prometheus's own default for its upkeep task).
+pub const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `upkeep` every `every` on a thread of its own, for the life of the
+/// process.
+pub fn spawn_upkeep(
+    every: std::time::Duration,
+    upkeep: impl Fn() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("rampart-metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                upkeep();
+            }
+        })
 }
 
 fn init_logging(cfg: &Config) -> Arc<ReloadableLog> {
@@ -327,5 +365,39 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// R2: the recorder's upkeep runs on a timer, with nobody scraping.
+    /// (That memory then stays flat is measured, not tested: the
+    /// `rampart-bench unscraped` mode.)
+    #[test]
+    fn the_metrics_upkeep_runs_on_a_timer_without_scrapes() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (h, r) = (handle.clone(), runs.clone());
+        spawn_upkeep(Duration::from_millis(20), move || {
+            h.run_upkeep();
+            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+        .unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            for i in 0..10_000 {
+                metrics::histogram!("rampart_test_duration").record(f64::from(i));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+            assert!(Instant::now() < deadline, "the upkeep never ran");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let text = handle.render();
+        assert!(text.contains("rampart_test_duration_count 10000"), "{text}");
     }
 }

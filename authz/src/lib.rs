@@ -13,9 +13,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod central;
 pub mod explain;
 pub mod external;
+pub mod import;
 pub mod input;
 pub mod istio;
 pub mod jose;

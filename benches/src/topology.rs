@@ -241,6 +241,22 @@ impl Env {
         )
     }
 
+    /// The pair with the app's port declared opaque on both sides (the L4
+    /// reference): one mTLS connection per client connection, authorized
+    /// once by an allowlist; no HTTP parsing.
+    pub fn rampart_opaque_pair(&self, app: SocketAddr) -> Pair {
+        self.sidecar_pair(
+            &self.bin,
+            ServerSvid::Genuine,
+            app,
+            &format!(
+                "inbound:\n  ports:\n    - {{port: {}, protocol: opaque, allowed_peers: [\"{CLIENT_ID}\"]}}\n",
+                app.port()
+            ),
+            "outbound:\n  opaque_ports: [{inbound}]\n",
+        )
+    }
+
     /// The same pair in front of an HTTP app, with an ALLOW policy that is
     /// evaluated on every request (principal, method and path).
     pub fn rampart_http_pair(&self, app: SocketAddr) -> Pair {

@@ -3,16 +3,17 @@
 //! rotation swaps every listener's configuration atomically while in-flight
 //! connections keep the configuration they started with.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 
 use crate::bundle::BundleSet;
-use crate::id::TrustDomain;
+use crate::id::{SpiffeId, TrustDomain};
 use crate::svid::{LeafInfo, Svid};
 use crate::tls::{self, ServerSpec, TlsConfigError};
-use crate::verify::IdMatcher;
+use crate::verify::{IdMatcher, SpiffeServerVerifier};
 
 /// What TLS configurations the proxy needs; fixed at start from its config.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +40,80 @@ pub struct TlsConfigs {
     pub server: Vec<Arc<ServerConfig>>,
     /// Client configurations, indexed like [`ConfigSpec::client`].
     pub client: Vec<Arc<ClientConfig>>,
+    /// Client configurations expecting one exact server ID each (the
+    /// endpoints discovery finds), made on first use.
+    pub endpoints: EndpointClients,
+}
+
+/// Client configurations that accept exactly one server SPIFFE ID, made
+/// on first use from the SVID and bundles they were published with, and
+/// kept until the next publication (at most [`EndpointClients::MAX`]
+/// identities; the cache starts over beyond that). Each has its own
+/// session-resumption store: a TLS 1.3 resumption skips the server's
+/// certificate, so a session the server of one identity issued must never
+/// be offered where another identity is expected.
+pub struct EndpointClients {
+    template: Option<Arc<ClientConfig>>,
+    bundles: BundleSet,
+    cache: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl std::fmt::Debug for EndpointClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.cache.lock().map(|c| c.len()).unwrap_or(0);
+        f.debug_struct("EndpointClients")
+            .field("cached", &n)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EndpointClients {
+    /// How many identities are cached before the cache starts over.
+    pub const MAX: usize = 1024;
+
+    /// Configurations cloned from `template` (the SVID, ALPN and TLS
+    /// settings), verifying servers against `bundles`.
+    pub fn new(template: Arc<ClientConfig>, bundles: BundleSet) -> Self {
+        EndpointClients {
+            template: Some(template),
+            bundles,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// None at all (stage tests that bring their own configurations).
+    pub fn none() -> Self {
+        EndpointClients {
+            template: None,
+            bundles: BundleSet::new(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The configuration that accepts only a server presenting `id`.
+    pub fn for_id(&self, id: &SpiffeId) -> Option<Arc<ClientConfig>> {
+        let template = self.template.as_ref()?;
+        // Poisoning needs a panic while holding the lock, which only
+        // clones and inserts.
+        let mut cache = self.cache.lock().ok()?;
+        if let Some(c) = cache.get(id) {
+            return Some(c.clone());
+        }
+        if cache.len() >= Self::MAX {
+            cache.clear();
+        }
+        let mut cfg = (**template).clone();
+        let verifier = SpiffeServerVerifier::new(
+            self.bundles.clone(),
+            IdMatcher::ids([id.clone()]),
+            &tls::provider(),
+        );
+        cfg.dangerous().set_certificate_verifier(Arc::new(verifier));
+        cfg.resumption = rustls::client::Resumption::default();
+        let cfg = Arc::new(cfg);
+        cache.insert(id.clone(), cfg.clone());
+        Some(cfg)
+    }
 }
 
 /// Publishes the current TLS configurations.
@@ -78,6 +153,7 @@ impl IdentityStore {
             .iter()
             .map(|m| tls::client_config(svid, bundles, m.clone(), &self.spec.alpn))
             .collect::<Result<Vec<_>, _>>()?;
+        let template = tls::client_config(svid, bundles, IdMatcher::ids([]), &self.spec.alpn)?;
         let mut trust_domains: Vec<_> = bundles.trust_domains().cloned().collect();
         trust_domains.sort();
         let configs = TlsConfigs {
@@ -85,6 +161,7 @@ impl IdentityStore {
             trust_domains,
             server,
             client,
+            endpoints: EndpointClients::new(template, bundles.clone()),
         };
         tracing::info!(
             spiffe.id = %svid.id(),

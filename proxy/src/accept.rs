@@ -7,9 +7,8 @@
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
-pub use crate::listen::{DstSource, Listener};
+pub use crate::listen::{DstSource, Listener, Slot};
 use crate::metrics::ForwardFailure;
 use crate::orig_dst::{NoOriginalDst, original_dst};
 
@@ -32,8 +31,9 @@ pub struct Accepted<S = TcpStream> {
     pub orig_dst: OrigDstAddr,
     /// The socket.
     pub stream: S,
-    /// Holds the listener's connection slot until the connection ends.
-    pub slot: OwnedSemaphorePermit,
+    /// Holds the listener's connection slot until the connection ends (and
+    /// its source's pending place until it is established).
+    pub slot: Slot,
 }
 
 /// Why an accepted connection could not be classified.
@@ -62,15 +62,51 @@ impl Listener {
     /// example running out of file descriptors) are returned to the caller,
     /// which backs off; classification errors come with the socket so the
     /// caller can log and close it.
+    /// A full listener is logged (once per 10 s) and counted; so is a
+    /// connection over its source's pending limit, which is closed here.
     pub async fn accept(&self) -> std::io::Result<Result<Accepted, (AcceptError, ClientAddr)>> {
-        // Invariant: the semaphore is never closed.
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore open");
-        let (stream, peer) = self.listener.accept().await?;
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                crate::metrics::listener_full();
+                if let Some(suppressed) = self.full_log.hit() {
+                    tracing::warn!(
+                        listener = %self.local,
+                        max_connections = self.max_connections,
+                        suppressed,
+                        "listener full: new connections wait until one closes"
+                    );
+                }
+                // Invariant: the semaphore is never closed.
+                self.slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore open")
+            }
+        };
+        let (stream, peer, pending) = loop {
+            let (stream, peer) = self.listener.accept().await?;
+            let Some(table) = &self.pending else {
+                break (stream, peer, None);
+            };
+            match table.admit(peer.ip()) {
+                Some(g) => break (stream, peer, Some(g)),
+                None => {
+                    crate::metrics::source_pending_refused();
+                    if let Some(suppressed) = self.source_log.hit() {
+                        tracing::warn!(
+                            listener = %self.local,
+                            src.addr = %peer,
+                            suppressed,
+                            "connection closed: its source has too many connections in handshake"
+                        );
+                    }
+                    drop(stream);
+                }
+            }
+        };
+        let slot = Slot::new(permit, pending);
         let _ = stream.set_nodelay(true);
         let client = ClientAddr(peer);
         let dst = match self.dst {

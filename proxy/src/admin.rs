@@ -1,6 +1,15 @@
 //! The admin server, loopback by default: liveness, readiness, metrics, the
 //! effective configuration, the current identity and policies, the log
-//! filter (readable and changeable at runtime) and a drain trigger.
+//! filter (readable and changeable at runtime), a drain trigger, and what
+//! discovery knows about a destination (`/discovery?dst=ADDR:PORT`).
+//!
+//! Whatever `admin.address` is (on Kubernetes it is `0.0.0.0:15000`, so
+//! that the kubelet can probe it), only the probe endpoints (`/live`,
+//! `/ready`, `/metrics` and the app's rewritten probes under
+//! `/app-health/`) answer clients outside the pod; every other path, and
+//! any path added later, answers loopback clients only ([`Exposure`]), as
+//! linkerd2-proxy serves its mutating endpoints to localhost only. A
+//! remote client gets 403 (counted, logged at debug).
 //!
 //! Nothing here prints key material: `/identity` shows certificate facts
 //! (ID, serial, validity) only, and `/config` is the configuration file's
@@ -64,7 +73,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, client) = tokio::select! {
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -81,7 +90,7 @@ pub async fn serve(
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 let hooks = hooks.clone();
-                async move { Ok::<_, Infallible>(handle(req, &shared, &hooks).await) }
+                async move { Ok::<_, Infallible>(handle(req, client, &shared, &hooks).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -114,10 +123,42 @@ fn with_type(
     r
 }
 
+/// Who may call an admin path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// Any client that reaches the admin address: the kubelet's probes and
+    /// the metrics scraper.
+    Probe,
+    /// Loopback clients only (the pod's own containers, an operator with
+    /// `kubectl exec` or `port-forward`).
+    LoopbackOnly,
+}
+
+impl Exposure {
+    /// The exposure of `path` (the app's probes, served before this
+    /// question is asked, are probes too): only the probe paths are
+    /// [`Exposure::Probe`], so a path added later is loopback-only until
+    /// someone decides otherwise here.
+    pub fn of(path: &str) -> Exposure {
+        match path {
+            "/live" | "/ready" | "/metrics" => Exposure::Probe,
+            _ => Exposure::LoopbackOnly,
+        }
+    }
+}
+
+/// Whether `client` is on this host's loopback (an IPv4-mapped `::ffff:127.x`
+/// included, as a dual-stack listener reports IPv4 clients).
+fn is_loopback(client: std::net::SocketAddr) -> bool {
+    client.ip().to_canonical().is_loopback()
+}
+
 /// The methods each path answers, or `None` for an unknown path.
 fn allowed(path: &str) -> Option<&'static str> {
     match path {
-        "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/policy" => Some("GET, HEAD"),
+        "/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/policy" | "/discovery" => {
+            Some("GET, HEAD")
+        }
         "/logging" => Some("GET, HEAD, PUT, POST"),
         "/drain" => Some("POST"),
         _ => None,
@@ -126,6 +167,7 @@ fn allowed(path: &str) -> Option<&'static str> {
 
 async fn handle(
     req: Request<Incoming>,
+    client: std::net::SocketAddr,
     shared: &Shared,
     hooks: &AdminHooks,
 ) -> Response<Full<Bytes>> {
@@ -135,6 +177,14 @@ async fn handle(
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         }
         return probe.run(req.headers()).await;
+    }
+    if Exposure::of(&path) == Exposure::LoopbackOnly && !is_loopback(client) {
+        tracing::debug!(src.addr = %client, path = %path, "admin request from outside the pod refused");
+        crate::metrics::admin_refused();
+        return text(
+            StatusCode::FORBIDDEN,
+            "forbidden: this admin endpoint answers loopback clients only\n",
+        );
     }
     let Some(allow) = allowed(&path) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
@@ -166,6 +216,18 @@ async fn handle(
             "application/json",
         ),
         ("/identity", _) => json(&identity_json(shared)),
+        ("/discovery", _) => match &shared.config.discovery {
+            None => json(&serde_json::json!({ "sources": "none" })),
+            Some(d) => {
+                // `?dst=ADDR:PORT` (or `HOST:PORT`, or a service name).
+                let query = req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("dst="))
+                        .map(str::to_owned)
+                });
+                json(&d.describe(query.as_deref()).await)
+            }
+        },
         ("/policy", _) => {
             let mut v = policy_json(shared);
             if let Some(status) = &hooks.central_status {

@@ -274,7 +274,7 @@ pub struct Standing {
     cell: Arc<PolicyCell>,
     changes: tokio::sync::watch::Receiver<u64>,
     /// The listener slot, held while the connection lives.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: crate::listen::Slot,
 }
 
 impl Standing {

@@ -44,6 +44,9 @@ pub struct ProxyConfig {
     /// Central management: external authorizers, decision logs, and the
     /// TLS client identities of the central servers.
     pub central: CentralConfig,
+    /// What discovery knows (services, endpoints and their identities);
+    /// `None` routes by `outbound` rules only.
+    pub discovery: Option<Arc<rampart_discovery::Registry>>,
 }
 
 /// What the request path uses of central management. Both hooks are
@@ -272,6 +275,10 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Open connections per listener.
     pub max_connections: usize,
+    /// Connections per source address (per /64 for IPv6) still in their
+    /// TLS handshake or protocol detection, per inbound listener; more are
+    /// closed at accept, so that one client cannot fill `max_connections`.
+    pub max_pending_per_source: usize,
     /// Looking at the first bytes of a connection of undeclared protocol.
     #[serde(with = "duration")]
     pub detect_timeout: Duration,
@@ -307,6 +314,9 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
             max_connections: 10_000,
+            // Far above what a peer sidecar opens at once (its HTTP is
+            // pooled), far below `max_connections`.
+            max_pending_per_source: 128,
             // Long enough for a slow first segment, short enough that a
             // server-speaks-first app on an undeclared port only sees a
             // one-second delay before its greeting.

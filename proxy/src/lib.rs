@@ -32,6 +32,7 @@ pub mod forward;
 pub mod http;
 pub mod inbound;
 pub mod listen;
+pub mod log_limit;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;

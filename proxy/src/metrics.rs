@@ -59,6 +59,14 @@ pub const DETECT_TIMEOUTS: &str = "rampart_detect_timeouts_total";
 pub const CONNECTIONS_REVOKED: &str = "rampart_authz_connections_revoked_total";
 /// Access events dropped because the writer fell behind.
 pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_total";
+/// Admin API requests refused because a loopback-only path was asked from
+/// outside the pod.
+pub const ADMIN_REFUSED: &str = "rampart_admin_requests_refused_total";
+/// Times a listener had no free connection slot (`limits.max_connections`).
+pub const LISTENER_FULL: &str = "rampart_tcp_listener_full_total";
+/// Connections closed at accept because their source had
+/// `limits.max_pending_per_source` connections in handshake or detection.
+pub const SOURCE_PENDING_REFUSED: &str = "rampart_tcp_source_pending_refused_total";
 
 /// How many distinct workload identities get a label value of their own
 /// (in `source_id` and `destination_id` together); later ones share
@@ -363,7 +371,9 @@ pub struct PerDestination {
     direction: Direction,
     source: Option<String>,
     service: String,
-    last: Mutex<Option<(Arc<str>, Arc<RequestMetrics>)>>,
+    /// The last destination's series: read without a lock on every
+    /// request (an atomic load), replaced when the destination changes.
+    last: arc_swap::ArcSwapOption<(Arc<str>, Arc<RequestMetrics>)>,
     unknown: OnceLock<Arc<RequestMetrics>>,
 }
 
@@ -374,7 +384,7 @@ impl PerDestination {
             direction,
             source: source.map(str::to_owned),
             service: service.to_owned(),
-            last: Mutex::new(None),
+            last: arc_swap::ArcSwapOption::empty(),
             unknown: OnceLock::new(),
         }
     }
@@ -388,15 +398,13 @@ impl PerDestination {
                 .get_or_init(|| RequestMetrics::for_request(self.direction, self.labels(None)))
                 .clone();
         };
-        // Poisoning needs a panic while cloning an Arc.
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((id, m)) = last.as_ref()
-            && (Arc::ptr_eq(id, dst) || **id == **dst)
+        if let Some(last) = self.last.load().as_deref()
+            && (Arc::ptr_eq(&last.0, dst) || *last.0 == **dst)
         {
-            return m.clone();
+            return last.1.clone();
         }
         let m = RequestMetrics::for_request(self.direction, self.labels(Some(dst)));
-        *last = Some((dst.clone(), m.clone()));
+        self.last.store(Some(Arc::new((dst.clone(), m.clone()))));
         m
     }
 
@@ -605,6 +613,11 @@ pub enum ForwardFailure {
     ConnectRefused,
     /// The target did not answer in time.
     ConnectTimeout,
+    /// Discovery attributes the destination to a pod whose identity
+    /// cannot be derived (fail closed).
+    UnverifiableEndpoint,
+    /// A discovered service had no endpoint to open the connection to.
+    NoEndpoint,
 }
 
 impl ForwardFailure {
@@ -616,6 +629,8 @@ impl ForwardFailure {
             ForwardFailure::NoServerRule => "no_server_rule",
             ForwardFailure::ConnectRefused => "connect_refused",
             ForwardFailure::ConnectTimeout => "connect_timeout",
+            ForwardFailure::UnverifiableEndpoint => "unverifiable_endpoint",
+            ForwardFailure::NoEndpoint => "no_endpoint",
         }
     }
 }
@@ -666,6 +681,8 @@ pub enum LocalReason {
     PeerTimeout,
     /// Outbound: the pooled connection limit was reached.
     PoolFull,
+    /// Outbound: the destination's service has no endpoint to send to.
+    NoEndpoint,
     /// Outbound: a request the sidecar cannot address to the peer (a bug).
     Internal,
 }
@@ -691,6 +708,7 @@ impl LocalReason {
             LocalReason::PeerHandshakeFailed => "peer_handshake_failed",
             LocalReason::PeerTimeout => "peer_timeout",
             LocalReason::PoolFull => "pool_full",
+            LocalReason::NoEndpoint => "no_endpoint",
             LocalReason::Internal => "internal",
         }
     }
@@ -720,6 +738,9 @@ pub enum ReloadResult {
     Ok,
     /// The new version was refused; the last good one stays.
     Error,
+    /// The new version was over the compile budget (time, size or Rego
+    /// nesting depth); the last good one stays.
+    OverBudget,
 }
 
 /// Counts a policy reload.
@@ -727,8 +748,24 @@ pub fn policy_reload(result: ReloadResult) {
     let r = match result {
         ReloadResult::Ok => "ok",
         ReloadResult::Error => "error",
+        ReloadResult::OverBudget => "over_budget",
     };
     counter!(POLICY_RELOADS, "result" => r).increment(1);
+}
+
+/// Counts a listener found full.
+pub fn listener_full() {
+    counter!(LISTENER_FULL).increment(1);
+}
+
+/// Counts a connection closed over its source's pending limit.
+pub fn source_pending_refused() {
+    counter!(SOURCE_PENDING_REFUSED).increment(1);
+}
+
+/// Counts an admin request refused to a client outside the pod.
+pub fn admin_refused() {
+    counter!(ADMIN_REFUSED).increment(1);
 }
 
 #[cfg(test)]

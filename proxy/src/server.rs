@@ -49,6 +49,29 @@ impl Shared {
         let _ = identity.wait_for(Option::is_none).await;
     }
 
+    /// Resolves when an mTLS connection must end: the sidecar's identity
+    /// is withdrawn, or `expires` (the earlier of the SVID it was made
+    /// with and the peer's certificate) has passed (issue 19 R5). The
+    /// caller lets in-flight requests finish where it can.
+    pub async fn mtls_ends(&self, expires: Option<std::time::SystemTime>) {
+        let expired = async {
+            match expires {
+                Some(t) => {
+                    let left = t
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    tokio::time::sleep(left).await;
+                    tracing::info!("certificates of this mTLS connection expired: closing it");
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = self.identity_withdrawn() => {}
+            () = expired => {}
+        }
+    }
+
     /// Starts a graceful drain, as SIGTERM does (the admin API's `/drain`).
     pub fn request_drain(&self) {
         // notify_one stores a permit, so a request before `run` waits is kept.
@@ -75,11 +98,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             http: crate::http::server::InboundHttp::new(&config.limits),
-            outbound_http: crate::http::pool::OutboundHttp::new(
-                &config.limits,
-                config.tls_spec().client.len(),
-                identity.clone(),
-            ),
+            outbound_http: crate::http::pool::OutboundHttp::new(&config.limits, identity.clone()),
             access: crate::access::AccessLog::new(false, 10),
             config,
             identity,
@@ -135,12 +154,16 @@ pub fn bind(
             Role::Outbound(ServerChoice::ByRoute),
         ));
         listeners.push((
-            mk("transparent inbound", t.inbound, DstSource::OriginalDst)?,
+            mk("transparent inbound", t.inbound, DstSource::OriginalDst)?
+                .with_pending_limit(config.limits.max_pending_per_source),
             Role::Inbound(AppTarget::OriginalPort { host: t.app_host }),
         ));
     }
     for (i, l) in config.listeners.iter().enumerate() {
-        let bound = mk(&l.name, l.listen, DstSource::Fixed(l.target))?;
+        let mut bound = mk(&l.name, l.listen, DstSource::Fixed(l.target))?;
+        if matches!(l.direction, Direction::Inbound) {
+            bound = bound.with_pending_limit(config.limits.max_pending_per_source);
+        }
         let role = match l.direction {
             Direction::Inbound => Role::Inbound(AppTarget::Fixed {
                 target: l.target,
@@ -161,11 +184,7 @@ pub fn bind(
     Ok(BoundProxy {
         shared: Arc::new(Shared {
             http: crate::http::server::InboundHttp::new(&config.limits),
-            outbound_http: crate::http::pool::OutboundHttp::new(
-                &config.limits,
-                config.client_config_count(),
-                identity.clone(),
-            ),
+            outbound_http: crate::http::pool::OutboundHttp::new(&config.limits, identity.clone()),
             access: crate::access::AccessLog::new(
                 config.observe.access_log,
                 config.observe.denials_per_second,

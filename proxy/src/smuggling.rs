@@ -450,6 +450,33 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_head_must_end_within_the_timeout_of_its_first_byte_but_idle_time_is_free() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let timeout = Duration::from_secs(2);
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut g = SmugglingGuard::new(server, 64 * 1024).with_head_timeout(timeout);
+        let mut buf = [0u8; 256];
+        // Idle before the first request: not the guard's business.
+        let idle = tokio::time::timeout(Duration::from_secs(60), g.read(&mut buf)).await;
+        assert!(idle.is_err(), "an idle connection was cut off");
+        // A head that takes 1.5 s to arrive is let through whole.
+        client.write_all(b"GET /a HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client.write_all(b"Host: x\r\n\r\n").await.unwrap();
+        let n = g.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+        // Idle again between requests: free.
+        let idle = tokio::time::timeout(Duration::from_secs(60), g.read(&mut buf)).await;
+        assert!(idle.is_err(), "an idle keep-alive connection was cut off");
+        // A head that never ends is cut off `timeout` after its first byte.
+        client.write_all(b"GET /b HTTP/1.1\r\nX: ").await.unwrap();
+        let start = Instant::now();
+        let e = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), timeout);
+    }
+
     #[test]
     fn body_bytes_that_look_like_heads_are_not_examined() {
         let body = b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";

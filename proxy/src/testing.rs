@@ -96,7 +96,7 @@ pub fn accepted(dst: SocketAddr) -> (Accepted<DuplexStream>, DuplexStream) {
         client: ClientAddr(client_addr()),
         orig_dst: OrigDstAddr(dst),
         stream: near,
-        slot,
+        slot: slot.into(),
     };
     (a, far)
 }
@@ -137,6 +137,7 @@ pub fn identity(path: &str) -> Arc<rampart_identity::store::TlsConfigs> {
         trust_domains: vec![TrustDomain::parse(TD).expect("valid trust domain")],
         server: vec![],
         client: vec![],
+        endpoints: rampart_identity::store::EndpointClients::none(),
     })
 }
 
@@ -155,6 +156,7 @@ pub fn config(authorizer: rampart_authz::Authorizer) -> crate::config::ProxyConf
         limits: Limits::default(),
         observe: ObserveConfig::default(),
         central: CentralConfig::default(),
+        discovery: None,
     }
 }
 

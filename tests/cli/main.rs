@@ -9,3 +9,4 @@ mod demo;
 mod fuzz_seeds;
 mod inject;
 mod kubernetes;
+mod policy_import;

@@ -6,7 +6,9 @@
 
 use rampart_testkit as support;
 
+mod admin;
 mod container;
+mod discovery;
 mod dsl;
 mod init;
 mod mesh;

@@ -5,13 +5,17 @@
 
 use rampart_testkit as support;
 
+mod boundary;
 mod central;
+mod flood;
 mod gospiffe;
+mod hostile_policy;
 mod http;
 mod ingress_mtls;
 mod istio;
 mod kube_api;
 mod loopback;
 mod observability;
+mod restart;
 mod wl_support;
 mod workload_api;

@@ -23,16 +23,16 @@ const BACKEND: &str = "spiffe://example.org/ec-backend";
 const WEB: &str = "spiffe://example.org/ec-web";
 
 /// ec-web's sidecar -> ec-backend's sidecar (with a policy file) -> an app.
-struct Pair {
-    pki: Loopback,
+pub(crate) struct Pair {
+    pub(crate) pki: Loopback,
     _app: LocalProc,
-    backend: Sidecar,
-    web: Sidecar,
+    pub(crate) backend: Sidecar,
+    pub(crate) web: Sidecar,
     /// ec-web's outbound listener.
-    out: SocketAddr,
+    pub(crate) out: SocketAddr,
     /// ec-backend's inbound listener.
-    inbound: SocketAddr,
-    policy: std::path::PathBuf,
+    pub(crate) inbound: SocketAddr,
+    pub(crate) policy: std::path::PathBuf,
 }
 
 /// An ALLOW policy letting ec-web GET exactly `path`.
@@ -46,14 +46,14 @@ fn allow_get(path: &str) -> String {
 type Edit<'a> = &'a dyn Fn(&mut Config);
 
 /// No change.
-fn same(_: &mut Config) {}
+pub(crate) fn same(_: &mut Config) {}
 
 fn pair(policy: &str, backend_edit: Edit, web_edit: Edit) -> Pair {
     pair_with_files(policy, &[], backend_edit, web_edit)
 }
 
 /// As [`pair`], with `files` (name, contents) written beside the policy.
-fn pair_with_files(
+pub(crate) fn pair_with_files(
     policy: &str,
     files: &[(&str, &str)],
     backend_edit: Edit,
@@ -106,7 +106,7 @@ fn pair_at(
 }
 
 /// The status of a GET through ec-web's sidecar (0 when it failed).
-fn get(out: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+pub(crate) fn get(out: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "-i", "--max-time", "10"]);
     for h in headers {
@@ -126,7 +126,7 @@ fn get(out: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
 }
 
 /// Polls `cond` every 50 ms until it holds or `within` passes.
-fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub(crate) fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if cond() {
@@ -139,7 +139,7 @@ fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// The value of a sample in Prometheus text, 0 when absent. `series` is
 /// the name with its labels exactly as rendered, e.g. `x_total{result="ok"}`.
-fn sample(metrics: &str, series: &str) -> f64 {
+pub(crate) fn sample(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
         .find_map(|l| {
@@ -152,7 +152,7 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn write_atomically(path: &Path, text: &str) {
+pub(crate) fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
@@ -202,7 +202,7 @@ fn policy_file_changes_apply_and_broken_files_keep_the_last_good_version() {
 }
 
 /// A Rego module allowing GET of exactly `path` (OPA-Envoy's input).
-fn rego_allow_get(path: &str) -> String {
+pub(crate) fn rego_allow_get(path: &str) -> String {
     format!(
         "package envoy.authz\n\ndefault allow := false\n\nallow if {{\n  input.attributes.request.http.method == \"GET\"\n  input.parsed_path == [\"{}\"]\n}}\n",
         path.trim_start_matches('/')

@@ -98,6 +98,8 @@ impl Config {
                 // Started by `run` inside its runtime.
                 tracing: None,
             },
+            // Started by `run` inside its runtime.
+            discovery: None,
             central: pc::CentralConfig {
                 tls_clients: self.central_tls_clients(),
                 ..pc::CentralConfig::default()

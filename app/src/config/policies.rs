@@ -92,13 +92,35 @@ impl Config {
         Some(ports)
     }
 
+    /// The policy files and Istio files, as the policy watcher polls them.
+    pub fn policy_files(&self) -> Vec<std::path::PathBuf> {
+        let istio = self
+            .inbound
+            .istio
+            .iter()
+            .flat_map(|i| i.files.iter().cloned());
+        self.inbound.policies.iter().cloned().chain(istio).collect()
+    }
+
     /// The policies in force at start: the policy files (or allowlists);
     /// with a bundle, the local fallback if there are policy files, else
-    /// `None` (nothing is in force until the first bundle).
+    /// `None` (nothing is in force until the first bundle). Compiled on a
+    /// thread of its own within `inbound.policy_budget`: a file over budget
+    /// is a configuration error, as a broken one is, rather than a sidecar
+    /// that never starts.
     pub fn initial_policies(&self) -> Result<Option<Authorizer>, ConfigError> {
         if self.inbound.bundle.is_some() && self.inbound.policies.is_empty() {
             return Ok(None);
         }
-        self.authorizer().map(Some)
+        let budget = self.inbound.policy_budget;
+        let files = self.policy_files();
+        let cfg = self.clone();
+        let loader: rampart_proxy::policy::PolicyLoader =
+            std::sync::Arc::new(move || cfg.authorizer().map_err(|e| e.to_string()));
+        rampart_proxy::policy::load_within(&budget, &files, &loader)
+            .map(Some)
+            .map_err(|e| ConfigError {
+                problems: e.to_string().lines().map(str::to_owned).collect(),
+            })
     }
 }

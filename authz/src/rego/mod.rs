@@ -17,9 +17,11 @@ use crate::model::{RegoVersion, ResultForm};
 
 mod builtins;
 mod check;
+mod depth;
 
 use crate::{ConnectionInfo, DenyResponse, HttpEffects, RequestInfo};
 pub use check::MissingBuiltin;
+pub use depth::{MAX_REGO_NESTING, TooDeep, check_nesting};
 
 /// One Rego module: its name (file) in errors, its source, its syntax.
 #[derive(Debug, Clone)]
@@ -48,8 +50,11 @@ pub fn missing_builtins(modules: &[RegoModule]) -> Vec<MissingBuiltin> {
     check::missing_builtins(&modules, &extensions)
 }
 
-/// The package of a module (`envoy.authz`), `None` when it does not parse.
+/// The package of a module (`envoy.authz`), `None` when it does not parse
+/// (or nests deeper than [`MAX_REGO_NESTING`], which is not handed to the
+/// parser; [`RegoEngine::new`] reports it).
 pub fn package_of(name: &str, source: &str, version: RegoVersion) -> Option<String> {
+    check_nesting(source, MAX_REGO_NESTING).ok()?;
     check::package_of(name, source, version)
 }
 
@@ -123,6 +128,12 @@ impl RegoEngine {
         form: ResultForm,
         timeout: Duration,
     ) -> Result<RegoEngine, String> {
+        // Before any parse (the builtin check below parses too): regorus's
+        // parser is exponential in nesting depth (depth.rs).
+        for m in modules {
+            check_nesting(&m.source, MAX_REGO_NESTING)
+                .map_err(|e| format!("module {}:{e}", m.name))?;
+        }
         let missing = missing_builtins(modules);
         if !missing.is_empty() {
             let lines: Vec<String> = missing.iter().map(ToString::to_string).collect();

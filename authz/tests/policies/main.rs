@@ -8,6 +8,7 @@ mod support;
 mod bundle;
 mod custom;
 mod fields;
+mod import_table;
 mod istio_table;
 mod opa_differential;
 mod rego_limits;

@@ -25,7 +25,8 @@ use tokio::time::Instant;
 /// nothing.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: no body at all (a request rebuilt for a retry).
+    inner: Option<Incoming>,
     progress: Option<Arc<Progress>>,
 }
 
@@ -64,7 +65,21 @@ impl RequestBody {
             })
         });
         let watch = progress.clone();
-        (RequestBody { inner, progress }, watch)
+        (
+            RequestBody {
+                inner: Some(inner),
+                progress,
+            },
+            watch,
+        )
+    }
+
+    /// No body (a bodyless request rebuilt to be sent again).
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            progress: None,
+        }
     }
 
     fn finish(&mut self) {
@@ -83,7 +98,10 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let mut polled = Pin::new(inner).poll_frame(cx);
         match &mut polled {
             Poll::Ready(None) => self.finish(),
             Poll::Ready(Some(Err(_))) => {
@@ -99,7 +117,7 @@ impl Body for RequestBody {
                 if let Some(t) = frame.trailers_mut() {
                     super::headers::remove_identity_headers(t, false);
                 }
-                if self.inner.is_end_stream() {
+                if self.is_end_stream() {
                     self.finish();
                 } else if let Some(p) = &self.progress {
                     let ms = u64::try_from(p.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -112,11 +130,14 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
     }
 }
 

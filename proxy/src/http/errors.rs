@@ -34,7 +34,7 @@ pub enum LocalError {
     Unauthenticated(rampart_authz::jwt::JwtError),
     /// The app refused, reset or broke the exchange.
     #[error("app unreachable: {0}")]
-    AppUnreachable(hyper_util::client::legacy::Error),
+    AppUnreachable(Box<dyn std::error::Error + Send + Sync>),
     /// The app did not answer in time.
     #[error("app did not answer in time")]
     AppTimeout,
@@ -80,13 +80,18 @@ pub enum LocalError {
     PeerHandshake(HandshakeError),
     /// Outbound: the exchange with the peer sidecar failed.
     #[error("upstream sidecar unreachable: {0}")]
-    PeerExchange(hyper_util::client::legacy::Error),
+    PeerExchange(crate::http::pool::SendError),
     /// Outbound: a tunnel request to the peer sidecar failed or timed out.
     #[error("upstream sidecar: {0}")]
     PeerTunnel(TunnelError),
     /// Outbound: the peer sidecar did not answer in time.
     #[error("upstream sidecar did not answer in time")]
     PeerTimeout,
+    /// Outbound: discovery knows the destination's service, and it has no
+    /// endpoint to send to (none, none with an identity, or none left to
+    /// retry on).
+    #[error("no endpoint available: {0}")]
+    NoEndpoint(rampart_discovery::balance::NoEndpoint),
     /// Outbound: the request cannot be addressed to the destination (a bug).
     #[error("request cannot be addressed to its destination")]
     Unroutable,
@@ -192,6 +197,11 @@ impl LocalError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 GRPC_UNAVAILABLE,
                 LocalReason::PoolFull,
+            ),
+            LocalError::NoEndpoint(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                GRPC_UNAVAILABLE,
+                LocalReason::NoEndpoint,
             ),
             LocalError::PeerConnect(_)
             | LocalError::PeerExchange(_)
@@ -339,6 +349,12 @@ mod tests {
             ),
             (LocalError::NoIdentity, 503, 14, "no_identity"),
             (LocalError::PoolFull(3), 503, 14, "pool_full"),
+            (
+                LocalError::NoEndpoint(rampart_discovery::balance::NoEndpoint::Empty("s".into())),
+                503,
+                14,
+                "no_endpoint",
+            ),
             (LocalError::PeerTimeout, 504, 4, "peer_timeout"),
             (
                 LocalError::PeerHandshake(HandshakeError::IdNotAllowed("x".into())),

@@ -1,0 +1,415 @@
+//! `rampart policy import`: each upstream example imported, its policies
+//! loaded, and the requests of the example decided as the source mesh
+//! documents them (`tests/fixtures/import/README.md` names the sources).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rampart_authz::import::{ImportOptions, Imported, Source, import};
+use rampart_authz::{Authorizer, ConnectionInfo, Decision, Options};
+use rampart_identity::SpiffeId;
+
+use super::support::get;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/import")
+        .join(name)
+}
+
+fn run(source: Source, file: &str, options: &ImportOptions) -> Imported {
+    match import(source, &[fixture(file)], options) {
+        Ok(i) => i,
+        Err(e) => panic!("{file}: {e}"),
+    }
+}
+
+/// The authorizer of one target's printed policy file.
+fn authorizer(i: &Imported, workload: &str) -> Authorizer {
+    let t = i
+        .targets
+        .iter()
+        .find(|t| t.workload == workload)
+        .unwrap_or_else(|| {
+            panic!(
+                "no target {workload}: {:?}",
+                i.targets.iter().map(|t| &t.workload).collect::<Vec<_>>()
+            )
+        });
+    let yaml = serde_yaml::to_string(&t.policies).unwrap();
+    Authorizer::from_yaml("imported.yaml", &yaml, Path::new("/"), &Options::default()).unwrap()
+}
+
+fn report(i: &Imported) -> String {
+    i.report.iter().map(|n| format!("{n}\n")).collect()
+}
+
+fn sa(ns: &str, name: &str) -> String {
+    format!("spiffe://cluster.local/ns/{ns}/sa/{name}")
+}
+
+#[test]
+fn smi_l7_example_decides_the_specs_table() {
+    let i = run(Source::Smi, "smi-l7.yaml", &ImportOptions::default());
+    let a = authorizer(&i, "ServiceAccount default/api-service");
+    let website = sa("default", "website-service");
+    let payments = sa("default", "payments-service");
+    let prometheus = sa("default", "prometheus");
+    // (source, method, path, port, allowed): the spec's table, then what
+    // it does not list.
+    let cases = [
+        (&website, "GET", "/api", 8080, true),
+        (&website, "DELETE", "/api", 8080, true),
+        (&payments, "POST", "/api", 8080, true),
+        (&prometheus, "GET", "/metrics", 8080, true),
+        (&prometheus, "POST", "/metrics", 8080, false),
+        (&prometheus, "GET", "/api", 8080, false),
+        (&website, "GET", "/metrics", 8080, false),
+        // Anchored at the start only (the spec): /api/books is /api...
+        (&website, "GET", "/api/books", 8080, true),
+        // ... but the TCPRoute bounds the HTTP rules to its port.
+        (&website, "GET", "/api", 9090, false),
+        (&sa("default", "other"), "GET", "/api", 8080, false),
+    ];
+    for (who, m, path, port, want) in cases {
+        let r = get(path).from(who).method(m).port(port);
+        assert_eq!(
+            r.allowed(&a),
+            want,
+            "{who} {m} {path} :{port}\n{}",
+            report(&i)
+        );
+    }
+    // Unauthenticated callers and bare TCP connections never get through.
+    assert!(!get("/api").port(8080).allowed(&a));
+    let web = SpiffeId::parse(&website).unwrap();
+    let conn = ConnectionInfo::new(Some(&web), "10.0.0.1".parse().unwrap(), 8080);
+    assert!(matches!(a.check_connection(&conn), Decision::Deny(_)));
+    assert!(report(&i).contains("native regex path matcher anchored at the start"));
+    assert!(!i.incomplete(), "{}", report(&i));
+
+    // OSM's reading: the whole path, so /api/books is not /api.
+    let osm = run(Source::Osm, "smi-l7.yaml", &ImportOptions::default());
+    let a = authorizer(&osm, "ServiceAccount default/api-service");
+    assert!(get("/api").from(&website).allowed(&a));
+    assert!(!get("/api/books").from(&website).allowed(&a));
+    assert!(report(&osm).contains("on the whole path"));
+}
+
+#[test]
+fn smi_l4_example_admits_tcp_on_its_ports_and_reports_udp() {
+    let i = run(Source::Smi, "smi-l4.yaml", &ImportOptions::default());
+    let a = authorizer(&i, "ServiceAccount default/server");
+    let client = SpiffeId::parse(&sa("default", "client")).unwrap();
+    let other = SpiffeId::parse(&sa("default", "other")).unwrap();
+    for (who, port, want) in [
+        (&client, 8301, true),
+        (&client, 8300, true),
+        (&client, 8303, false),
+        (&other, 8301, false),
+    ] {
+        let conn = ConnectionInfo::new(Some(who), "10.0.0.1".parse().unwrap(), port);
+        assert_eq!(
+            matches!(a.check_connection(&conn), Decision::Allow(_)),
+            want,
+            "{who} :{port}"
+        );
+    }
+    let r = report(&i);
+    assert!(
+        r.contains("UDPRoute default/udp-ports: not imported"),
+        "{r}"
+    );
+    assert!(i.incomplete());
+}
+
+#[test]
+fn smi_header_filters_and_v1alpha2_groups() {
+    let i = run(Source::Smi, "smi-headers.yaml", &ImportOptions::default());
+    let a = authorizer(&i, "ServiceAccount default/web");
+    let gw = sa("default", "gateway");
+    let android = "Mozilla/5.0 (Linux; Android 14)";
+    assert!(
+        get("/x")
+            .from(&gw)
+            .header("user-agent", android)
+            .header("cookie", "a=1;type=insider")
+            .allowed(&a)
+    );
+    assert!(
+        !get("/x")
+            .from(&gw)
+            .header("user-agent", android)
+            .header("cookie", "type=public")
+            .allowed(&a)
+    );
+    assert!(
+        get("/x")
+            .method("POST")
+            .from(&gw)
+            .header("user-agent", "Firefox/120")
+            .allowed(&a)
+    );
+    assert!(
+        get("/api/v1")
+            .method("HEAD")
+            .from(&gw)
+            .header("user-agent", "iPhone")
+            .allowed(&a)
+    );
+    assert!(
+        !get("/api/v1")
+            .method("POST")
+            .from(&gw)
+            .header("user-agent", "iPhone")
+            .allowed(&a)
+    );
+    assert!(!get("/x").from(&gw).header("user-agent", "curl").allowed(&a));
+
+    let b = authorizer(&i, "ServiceAccount bookstore/bookstore");
+    let buyer = sa("bookbuyer", "bookbuyer");
+    assert!(get("/books-bought").from(&buyer).allowed(&b));
+    assert!(get("/buy-a-book/new").from(&buyer).allowed(&b));
+    assert!(!get("/books-bought").method("POST").from(&buyer).allowed(&b));
+    assert!(
+        !get("/books-bought")
+            .from(&sa("bookstore", "bookstore"))
+            .allowed(&b)
+    );
+}
+
+#[test]
+fn osm_ingress_backends_with_services_resolved_or_reported() {
+    // Without the Service's addresses the http backend is not imported:
+    // only the IPRange backend admits anything.
+    let bare = run(Source::Osm, "osm-ingress.yaml", &ImportOptions::default());
+    let r = report(&bare);
+    assert!(
+        r.contains("--address ingress-nginx/ingress-nginx-controller=CIDR"),
+        "{r}"
+    );
+    assert!(
+        r.contains("--allow-dns-san ingress-nginx.ingress-nginx.cluster.local"),
+        "{r}"
+    );
+    let a = authorizer(&bare, "Service httpbin/httpbin");
+    assert!(get("/get").source("10.1.2.3").port(14001).allowed(&a));
+    assert!(!get("/get").source("192.168.1.9").port(14001).allowed(&a));
+    assert!(!get("/get").source("10.1.2.3").port(14443).allowed(&a));
+
+    let options = ImportOptions {
+        addresses: BTreeMap::from([(
+            "ingress-nginx/ingress-nginx-controller".to_owned(),
+            vec!["192.168.1.0/28".parse().unwrap()],
+        )]),
+        dns_san_identities: vec!["ingress-nginx.ingress-nginx.cluster.local".into()],
+        ..ImportOptions::default()
+    };
+    let i = run(Source::Osm, "osm-ingress.yaml", &options);
+    let a = authorizer(&i, "Service httpbin/httpbin");
+    // http: plaintext from the Service's pods (or the IPRange).
+    assert!(get("/get").source("192.168.1.9").port(14001).allowed(&a));
+    assert!(!get("/get").source("192.168.1.99").port(14001).allowed(&a));
+    // https: the ingress's DNS-SAN certificate, and from the Service's pods.
+    let ingress = get("/get")
+        .port(14443)
+        .with_dns_san("ingress-nginx.ingress-nginx.cluster.local");
+    assert!(ingress.clone().source("192.168.1.9").allowed(&a));
+    assert!(!ingress.clone().source("192.168.1.99").allowed(&a));
+    assert!(
+        !get("/get")
+            .port(14443)
+            .source("192.168.1.9")
+            .with_dns_san("other.example")
+            .allowed(&a)
+    );
+    assert!(!get("/get").port(14443).source("192.168.1.9").allowed(&a));
+    // The ports the sidecar needs: plaintext on 14001, DNS-SAN clients on 14443.
+    let cfg = &i
+        .targets
+        .iter()
+        .find(|t| t.workload == "Service httpbin/httpbin")
+        .unwrap()
+        .config;
+    let ports = cfg["inbound"]["ports"].as_array().unwrap();
+    assert_eq!(ports.len(), 2, "{ports:?}");
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["port"] == 14001 && p["mode"] == "permissive")
+    );
+    assert!(ports.iter().any(|p| p["port"] == 14443
+        && p["mode"] == "strict"
+        && p["allow_dns_san_clients"] == true));
+    assert!(!i.incomplete(), "{}", report(&i));
+}
+
+#[test]
+fn appmesh_san_pinning_becomes_exact_server_identities_and_listener_principals() {
+    let options = ImportOptions {
+        addresses: BTreeMap::from([(
+            "howto-k8s-mtls-sds-based/green".to_owned(),
+            vec!["10.100.0.0/16".parse().unwrap()],
+        )]),
+        ..ImportOptions::default()
+    };
+    let i = run(Source::AppMesh, "appmesh-mtls.yaml", &options);
+    let front = "spiffe://howto-k8s-mtls-sds-based.aws/front";
+    // blue's STRICT listener: only front.
+    let blue = authorizer(&i, "VirtualNode howto-k8s-mtls-sds-based/blue");
+    assert!(get("/").from(front).port(8080).allowed(&blue));
+    assert!(
+        !get("/")
+            .from("spiffe://howto-k8s-mtls-sds-based.aws/colorred")
+            .port(8080)
+            .allowed(&blue)
+    );
+    assert!(!get("/").port(8080).allowed(&blue));
+    // red's PERMISSIVE listener admits plaintext; its DNS-SAN listener
+    // needs the opt-in, so without it port 9080 admits nothing.
+    let red = authorizer(&i, "VirtualNode howto-k8s-mtls-sds-based/red");
+    assert!(get("/").port(8080).allowed(&red));
+    let dns_peer = |port| ConnectionInfo::new(None, "10.0.0.1".parse().unwrap(), port);
+    let names = vec!["front.howto-k8s-mtls-sds-based.svc.cluster.local".to_owned()];
+    assert!(matches!(
+        red.check_connection(&dns_peer(9080).with_peer_dns(&names)),
+        Decision::Deny(_)
+    ));
+    assert!(
+        report(&i).contains("--allow-dns-san front.howto-k8s-mtls-sds-based.svc.cluster.local")
+    );
+    // front's client policies: the green backend's addresses must present
+    // exactly its pinned ID, then the defaults (color has no policy of its
+    // own) for every other backend.
+    let f = &i
+        .targets
+        .iter()
+        .find(|t| t.workload == "VirtualNode howto-k8s-mtls-sds-based/front")
+        .unwrap()
+        .config;
+    let servers = f["outbound"]["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{servers:?}");
+    assert_eq!(servers[0]["cidrs"], serde_json::json!(["10.100.0.0/16"]));
+    assert_eq!(
+        servers[0]["identities"],
+        serde_json::json!(["spiffe://howto-k8s-mtls-sds-based.aws/colorgreen"])
+    );
+    assert_eq!(servers[0]["ports"], serde_json::json!([8080]));
+    assert_eq!(
+        servers[1]["identities"],
+        serde_json::json!([
+            "spiffe://howto-k8s-mtls-sds-based.aws/colorblue",
+            "spiffe://howto-k8s-mtls-sds-based.aws/colorred"
+        ])
+    );
+    assert!(servers[1].get("cidrs").is_none());
+
+    // Opted in by name, the DNS-SAN client is admitted on 9080.
+    let opted = ImportOptions {
+        dns_san_identities: names.clone(),
+        ..options
+    };
+    let i = run(Source::AppMesh, "appmesh-mtls.yaml", &opted);
+    let red = authorizer(&i, "VirtualNode howto-k8s-mtls-sds-based/red");
+    assert!(matches!(
+        red.check_connection(&dns_peer(9080).with_peer_dns(&names)),
+        Decision::Allow(_)
+    ));
+    let r = &i
+        .targets
+        .iter()
+        .find(|t| t.workload == "VirtualNode howto-k8s-mtls-sds-based/red")
+        .unwrap()
+        .config;
+    assert!(
+        r["inbound"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 9080
+                && p["allow_dns_san_clients"] == true
+                && p["protocol"] == "opaque")
+    );
+}
+
+#[test]
+fn bad_sources_are_refused_with_the_object_and_field() {
+    let dir = std::env::temp_dir().join(format!("rampart-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.yaml");
+    std::fs::write(
+        &f,
+        "kind: HTTPRouteGroup\nmetadata: {name: g}\nspec:\n  matches:\n  - name: m\n    pathRegex: '/a('\n---\nkind: TrafficTarget\nmetadata: {name: t}\nspec:\n  destination: {kind: ServiceAccount, name: d}\n  rules: [{kind: HTTPRouteGroup, name: g}]\n  sources: [{kind: ServiceAccount, name: s}]\n",
+    )
+    .unwrap();
+    let e = import(
+        Source::Smi,
+        std::slice::from_ref(&f),
+        &ImportOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("pathRegex") && e.to_string().contains("invalid path regex"),
+        "{e}"
+    );
+    std::fs::write(
+        &f,
+        "kind: TrafficTarget\nmetadata: {name: t}\nspec:\n  destinaton: {}\n",
+    )
+    .unwrap();
+    let e = import(
+        Source::Smi,
+        std::slice::from_ref(&f),
+        &ImportOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("TrafficTarget default/t") && e.to_string().contains("destinaton"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn istio_resources_are_checked_and_kept_as_they_are() {
+    let dir = std::env::temp_dir().join(format!("rampart-import-istio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("authz.yaml");
+    // Istio's "HTTP traffic" task: GET from the bookinfo product page.
+    std::fs::write(
+        &f,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: foo}\nspec:\n  selector: {matchLabels: {app: httpbin}}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/foo/sa/sleep]}}]\n    to: [{operation: {methods: [GET]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: other, namespace: bar}\nspec: {}\n",
+    )
+    .unwrap();
+    let options = ImportOptions {
+        istio_namespace: Some("foo".into()),
+        istio_labels: BTreeMap::from([("app".to_owned(), "httpbin".to_owned())]),
+        ..ImportOptions::default()
+    };
+    let i = import(Source::Istio, std::slice::from_ref(&f), &options).unwrap();
+    let istio = &i.targets[0].config["inbound"]["istio"];
+    assert_eq!(istio["namespace"], "foo");
+    assert_eq!(istio["labels"]["app"], "httpbin");
+    let r = report(&i);
+    assert!(
+        r.contains("AuthorizationPolicy foo/get-only: mapped"),
+        "{r}"
+    );
+    assert!(
+        r.contains("AuthorizationPolicy bar/other: not imported"),
+        "{r}"
+    );
+    // The workload's namespace is required; a field Istio lacks is refused.
+    assert!(
+        import(
+            Source::Istio,
+            std::slice::from_ref(&f),
+            &ImportOptions::default()
+        )
+        .is_err()
+    );
+    std::fs::write(&f, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: foo}\nspec: {rulez: []}\n").unwrap();
+    let e = import(Source::Istio, std::slice::from_ref(&f), &options).unwrap_err();
+    assert!(e.to_string().contains("rulez"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

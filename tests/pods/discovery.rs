@@ -1,0 +1,557 @@
+//! Discovery end to end with the static file source, in network
+//! namespaces: a client pod whose app dials a service's virtual IP, its
+//! captured connection balanced per request over the backend pods the
+//! endpoints file names, each backend's sidecar held to the SPIFFE ID the
+//! file gives it.
+
+use crate::support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rampart_app::config::{Config, IdentityConfig};
+use rampart_proxy::config::TransparentConfig;
+use support::sidecar::with_sections;
+use support::{Net, PROXY_UID, Pki, Pod, Proc, TempDir, apps, rampart_bin};
+
+const APP_PORT: u16 = 8080;
+const APP_UID: u32 = 1000;
+const WAIT: Duration = Duration::from_secs(15);
+const BACKEND_ID: &str = "spiffe://example.org/backend";
+const CLIENT_ID: &str = "spiffe://example.org/client";
+
+fn issue(pki: &Pki, dir: &TempDir, id: &str) -> PathBuf {
+    let leaf = id.rsplit('/').next().unwrap();
+    let out = pki.issue_into(id, &dir.path().join(format!("svid-{leaf}")));
+    for f in ["", "svid.pem", "svid.key", "bundle.pem"] {
+        std::os::unix::fs::chown(out.join(f), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+    }
+    out
+}
+
+fn admin_get(pod: &Pod, path: String) -> Option<String> {
+    pod.in_netns(move || {
+        let mut c = TcpStream::connect("127.0.0.1:15000").ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut s = String::new();
+        c.read_to_string(&mut s).ok()?;
+        Some(s)
+    })
+}
+
+fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
+    pod.exec_ok([rampart_bin(), "init"]);
+    let mut cfg = Config::new(IdentityConfig::files_in(svid));
+    cfg.transparent = Some(TransparentConfig::default());
+    cfg.log.level = "info".into();
+    let cfg = with_sections(cfg, body);
+    let path = dir.write(&format!("{}.yaml", pod.name()), cfg.to_yaml());
+    let proc = pod.spawn_as(
+        PROXY_UID,
+        [rampart_bin(), "run", "--config", path.to_str().unwrap()],
+    );
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if admin_get(pod, "/ready".into()).is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            return proc;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("sidecar in {} not ready:\n{}", pod.name(), proc.logs());
+}
+
+/// An HTTP/1.1 backend answering every GET with its name; while the file
+/// `<slow>` exists, each answer waits 20 ms first.
+const BACKEND: &str = r#"
+import os, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, name, slow = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if os.path.exists(slow):
+            time.sleep(0.02)
+        body = name.encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("0.0.0.0", port), H).serve_forever()
+"#;
+
+/// Sends `n` GETs on ONE keep-alive connection to `host:port` and prints
+/// a JSON object: answers per body, failures per status or error.
+const LOAD: &str = r#"
+import http.client, json, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+counts, failures = {}, {}
+conn = http.client.HTTPConnection(host, port, timeout=10)
+for i in range(n):
+    try:
+        conn.request("GET", "/")
+        r = conn.getresponse()
+        body = r.read().decode()
+        if r.status == 200:
+            counts[body] = counts.get(body, 0) + 1
+        else:
+            key = "%d %s" % (r.status, body[:120])
+            failures[key] = failures.get(key, 0) + 1
+    except Exception as e:
+        key = type(e).__name__
+        failures[key] = failures.get(key, 0) + 1
+        conn.close()
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+print(json.dumps({"counts": counts, "failures": failures}))
+"#;
+
+fn python(script: &str, args: &[String]) -> Vec<String> {
+    let mut v = vec![
+        apps::python().expect("python3"),
+        "-u".into(),
+        "-c".into(),
+        script.into(),
+    ];
+    v.extend(args.iter().cloned());
+    v
+}
+
+struct Load {
+    counts: BTreeMap<String, u64>,
+    failures: BTreeMap<String, u64>,
+}
+
+fn load(client: &Pod, to: SocketAddr, n: usize) -> Load {
+    let mut proc = client.spawn_as(
+        APP_UID,
+        python(
+            LOAD,
+            &[to.ip().to_string(), to.port().to_string(), n.to_string()],
+        ),
+    );
+    // Debug builds on a shared machine: a few ms per request.
+    let status = proc.wait_exit(Duration::from_secs(300));
+    let text = proc.stdout();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "load ({status}) output {text:?}: {e}; stderr: {}",
+            proc.stderr()
+        )
+    });
+    let map = |k: &str| {
+        v[k].as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+            .collect()
+    };
+    Load {
+        counts: map("counts"),
+        failures: map("failures"),
+    }
+}
+
+struct Backend {
+    pod: Pod,
+    _app: Proc,
+    sidecar: Proc,
+    slow: PathBuf,
+}
+
+fn backend(net: &Net, pki: &Pki, dir: &TempDir, name: &str, id: &str) -> Backend {
+    let pod = net.pod(name);
+    let slow = dir.path().join(format!("slow-{name}"));
+    let app = pod.spawn_as(
+        APP_UID,
+        python(
+            BACKEND,
+            &[
+                APP_PORT.to_string(),
+                name.to_owned(),
+                slow.display().to_string(),
+            ],
+        ),
+    );
+    pod.wait_tcp_listening(APP_PORT, WAIT);
+    let svid = issue(pki, dir, id);
+    let sidecar = sidecar(
+        &pod,
+        dir,
+        &svid,
+        &format!(
+            "inbound:\n  ports:\n    - port: {APP_PORT}\n      allowed_peers: [\"{CLIENT_ID}\"]\n"
+        ),
+    );
+    Backend {
+        pod,
+        _app: app,
+        sidecar,
+        slow,
+    }
+}
+
+/// The endpoints file: service `backend` at `vip`, with `endpoints`
+/// (address, expected identity).
+fn endpoints_file(vip: SocketAddr, endpoints: &[(SocketAddr, &str)]) -> String {
+    let mut s =
+        format!("services:\n  - name: backend\n    destinations: [\"{vip}\"]\n    endpoints:\n");
+    if endpoints.is_empty() {
+        s = format!(
+            "services:\n  - name: backend\n    destinations: [\"{vip}\"]\n    endpoints: []\n"
+        );
+    }
+    for (a, id) in endpoints {
+        s.push_str(&format!("      - address: {a}\n        identity: {id}\n"));
+    }
+    s
+}
+
+struct Mesh {
+    _net: Net,
+    dir: TempDir,
+    backends: Vec<Backend>,
+    client: Pod,
+    client_sidecar: Proc,
+    vip: SocketAddr,
+    file: PathBuf,
+}
+
+/// `n` backends named b0.. presenting `ids[i]` (default: the backend ID),
+/// listed in the file as expecting the backend ID; a client pod whose
+/// sidecar reads the file.
+fn mesh(name: &str, ids: &[&str]) -> Mesh {
+    support::require_root();
+    let net = Net::new(name);
+    let dir = TempDir::new();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let pki = Pki::new("example.org");
+    let backends: Vec<Backend> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| backend(&net, &pki, &dir, &format!("b{i}"), id))
+        .collect();
+    let client = net.pod("client");
+    // An address on the pods' subnet that nothing answers: only the
+    // sidecar knows where it leads.
+    let vip = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+            u32::from(client.ip()) & 0xffff_ff00 | 200,
+        )),
+        80,
+    );
+    let eps: Vec<_> = backends
+        .iter()
+        .map(|b| (b.pod.addr(APP_PORT), BACKEND_ID))
+        .collect();
+    let file = dir.write("endpoints.yaml", endpoints_file(vip, &eps));
+    let client_sidecar = sidecar(
+        &client,
+        &dir,
+        &issue(&pki, &dir, CLIENT_ID),
+        &format!("discovery:\n  file: {}\n", file.display()),
+    );
+    Mesh {
+        _net: net,
+        dir,
+        backends,
+        client,
+        client_sidecar,
+        vip,
+        file,
+    }
+}
+
+fn share(l: &Load, name: &str) -> f64 {
+    let total: u64 = l.counts.values().sum();
+    *l.counts.get(name).unwrap_or(&0) as f64 / total.max(1) as f64
+}
+
+fn metric(pod: &Pod, series: &str) -> f64 {
+    let text = admin_get(pod, "/metrics".into()).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
+fn file_source_balances_requests_of_one_connection_and_avoids_a_slow_backend() {
+    let m = mesh("disc-lb", &[BACKEND_ID, BACKEND_ID, BACKEND_ID]);
+    let first = load(&m.client, m.vip, 3000);
+    eprintln!("3 equal backends, 3000 requests: {:?}", first.counts);
+    assert!(
+        first.failures.is_empty(),
+        "{:?}\n{}",
+        first.failures,
+        m.client_sidecar.logs()
+    );
+    for b in ["b0", "b1", "b2"] {
+        let s = share(&first, b);
+        assert!((0.28..=0.38).contains(&s), "{b}: {s} of {:?}", first.counts);
+    }
+    std::fs::write(&m.backends[0].slow, b"").unwrap();
+    let slowed = load(&m.client, m.vip, 3000);
+    eprintln!("b0 slowed by 20 ms, 3000 requests: {:?}", slowed.counts);
+    assert!(slowed.failures.is_empty(), "{:?}", slowed.failures);
+    let s = share(&slowed, "b0");
+    assert!(s < 0.15, "slow b0 got {s} of {:?}", slowed.counts);
+    // The admin listing names the service, its endpoints and their IDs.
+    let listing = admin_get(&m.client, format!("/discovery?dst={}", m.vip)).unwrap();
+    assert!(listing.contains("\"service\": \"backend\""), "{listing}");
+    for b in &m.backends {
+        assert!(
+            listing.contains(&format!("\"address\": \"{}\"", b.pod.addr(APP_PORT))),
+            "{listing}"
+        );
+    }
+    assert!(listing.contains(BACKEND_ID), "{listing}");
+    assert!(
+        metric(
+            &m.client,
+            "rampart_discovery_requests_total{service=\"backend\",result=\"answered\"}"
+        ) >= 6000.0
+    );
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
+fn file_source_endpoint_presenting_another_identity_is_refused_in_the_handshake() {
+    // b2's sidecar has a valid SVID of the trust domain, but not the
+    // backend's: the file says b2 must be the backend.
+    let m = mesh(
+        "disc-id",
+        &[BACKEND_ID, BACKEND_ID, "spiffe://example.org/intruder"],
+    );
+    let l = load(&m.client, m.vip, 300);
+    eprintln!(
+        "with an intruder endpoint, 300 requests: {:?} failed {:?}",
+        l.counts, l.failures
+    );
+    assert!(
+        l.failures.is_empty(),
+        "{:?}\n{}",
+        l.failures,
+        m.client_sidecar.logs()
+    );
+    assert_eq!(l.counts.get("b2"), None, "{:?}", l.counts);
+    assert_eq!(l.counts.values().sum::<u64>(), 300);
+    let refused = metric(
+        &m.client,
+        "rampart_discovery_ejections_total{service=\"backend\",reason=\"handshake\"}",
+    );
+    assert!(
+        refused >= 1.0,
+        "{}",
+        admin_get(&m.client, "/metrics".into()).unwrap()
+    );
+    let handshakes = metric(
+        &m.client,
+        "rampart_tls_handshakes_total{direction=\"outbound\",result=\"id_not_allowed\"}",
+    );
+    assert!(handshakes >= 1.0);
+    let logs = m.client_sidecar.logs();
+    assert!(logs.contains("endpoint ejected"), "{logs}");
+    // The intruder's app never saw a request; its sidecar saw no mTLS
+    // session complete for the client.
+    assert!(
+        !m.backends[2]
+            .sidecar
+            .logs()
+            .contains("peer.id=spiffe://example.org/client")
+    );
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
+fn file_source_service_without_endpoints_answers_503_and_reloads() {
+    let m = mesh("disc-empty", &[BACKEND_ID]);
+    std::fs::write(&m.file, endpoints_file(m.vip, &[])).unwrap();
+    // Reloaded within the poll interval.
+    let deadline = Instant::now() + WAIT;
+    let mut last;
+    loop {
+        let started = Instant::now();
+        last = load(&m.client, m.vip, 1);
+        if last.failures.keys().any(|k| k.starts_with("503")) {
+            // At once: no connect attempt, no timeout.
+            assert!(started.elapsed() < Duration::from_secs(2));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", last.failures);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let reason = last.failures.keys().next().unwrap().clone();
+    assert!(
+        reason.contains("service backend has no endpoints"),
+        "{reason}"
+    );
+    // A broken file keeps the last good version (still no endpoints).
+    std::fs::write(&m.file, "services:\n  - name: [\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(m.client_sidecar.logs().contains("endpoints file rejected"));
+    // A good one with the endpoint back is served again.
+    let eps = [(m.backends[0].pod.addr(APP_PORT), BACKEND_ID)];
+    std::fs::write(&m.file, endpoints_file(m.vip, &eps)).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let l = load(&m.client, m.vip, 1);
+        if l.counts.get("b0") == Some(&1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", l.failures);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = &m.dir;
+}
+
+/// A DNS server (UDP, port 53): answers A queries from the JSON file
+/// `<records>` (`{"name.": ["10.0.0.1", ...]}`, read on every query), TTL
+/// 1 s; an unknown name is NXDOMAIN; other types get no answer.
+const DNS: &str = r#"
+import json, socket, struct, sys
+records = sys.argv[1]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 53))
+while True:
+    q, peer = sock.recvfrom(512)
+    try:
+        qid, flags = struct.unpack("!HH", q[:4])
+        i, labels = 12, []
+        while q[i]:
+            labels.append(q[i + 1 : i + 1 + q[i]].decode().lower())
+            i += 1 + q[i]
+        qtype, qclass = struct.unpack("!HH", q[i + 1 : i + 5])
+        question = q[12 : i + 5]
+        name = ".".join(labels) + "."
+        with open(records) as f:
+            table = json.load(f)
+        answers = []
+        rcode = 0
+        if name not in table:
+            rcode = 3
+        elif qtype == 1:
+            for ip in table[name]:
+                answers.append(struct.pack("!HHHIH", 0xC00C, 1, 1, 1, 4) + socket.inet_aton(ip))
+        header = struct.pack("!HHHHHH", qid, 0x8180 | (flags & 0x0100) | rcode, 1, len(answers), 0, 0)
+        sock.sendto(header + question + b"".join(answers), peer)
+    except Exception as e:
+        print("bad query", e, file=sys.stderr)
+"#;
+
+#[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
+fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
+    support::require_root();
+    let net = Net::new("disc-dns");
+    let dir = TempDir::new();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let pki = Pki::new("example.org");
+    let ids = [
+        BACKEND_ID,
+        BACKEND_ID,
+        BACKEND_ID,
+        "spiffe://example.org/intruder",
+    ];
+    let backends: Vec<Backend> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| backend(&net, &pki, &dir, &format!("b{i}"), id))
+        .collect();
+    let name = "backend.mesh.test";
+    let records = dir.write("records.json", "{}");
+    let set_records = |pods: &[usize]| {
+        let ips: Vec<String> = pods
+            .iter()
+            .map(|&i| backends[i].pod.ip().to_string())
+            .collect();
+        let tmp = dir.write(
+            "records.tmp",
+            serde_json::json!({ format!("{name}."): ips }).to_string(),
+        );
+        std::fs::rename(tmp, &records).unwrap();
+    };
+    set_records(&[0, 1, 2]);
+    let dns = net.pod("dns");
+    let _dns = dns.spawn(python(DNS, &[records.display().to_string()]));
+    let client = net.pod("client");
+    let vip = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+            u32::from(client.ip()) & 0xffff_ff00 | 200,
+        )),
+        80,
+    );
+    let client_sidecar = sidecar(
+        &client,
+        &dir,
+        &issue(&pki, &dir, CLIENT_ID),
+        &format!(
+            "discovery:\n  dns:\n    servers: [\"{}\"]\n    names:\n      - name: {name}\n        port: {APP_PORT}\n        identity: {BACKEND_ID}\n        destinations: [\"{vip}\"]\n",
+            dns.ip()
+        ),
+    );
+    // The first lookup may still be under way: wait for the endpoints.
+    let deadline = Instant::now() + WAIT;
+    while !admin_get(&client, format!("/discovery?dst={vip}"))
+        .unwrap_or_default()
+        .contains(&backends[2].pod.addr(APP_PORT).to_string())
+    {
+        assert!(Instant::now() < deadline, "{}", client_sidecar.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first = load(&client, vip, 3000);
+    eprintln!("DNS, 3 equal backends, 3000 requests: {:?}", first.counts);
+    assert!(first.failures.is_empty(), "{:?}", first.failures);
+    for b in ["b0", "b1", "b2"] {
+        let s = share(&first, b);
+        assert!((0.28..=0.38).contains(&s), "{b}: {s} of {:?}", first.counts);
+    }
+    // The records change: b0 leaves, the intruder's address comes.
+    set_records(&[1, 2, 3]);
+    let deadline = Instant::now() + WAIT;
+    while !admin_get(&client, format!("/discovery?dst={vip}"))
+        .unwrap_or_default()
+        .contains(&backends[3].pod.addr(APP_PORT).to_string())
+    {
+        assert!(Instant::now() < deadline, "{}", client_sidecar.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = load(&client, vip, 600);
+    eprintln!(
+        "DNS after the change, 600 requests: {:?} failed {:?}",
+        after.counts, after.failures
+    );
+    assert!(after.failures.is_empty(), "{:?}", after.failures);
+    assert_eq!(after.counts.get("b0"), None, "{:?}", after.counts);
+    assert_eq!(after.counts.get("b3"), None, "{:?}", after.counts);
+    assert_eq!(after.counts.values().sum::<u64>(), 600);
+    assert!(
+        metric(
+            &client,
+            &format!(
+                "rampart_discovery_ejections_total{{service=\"{name}:{APP_PORT}\",reason=\"handshake\"}}"
+            )
+        ) >= 1.0
+    );
+    // By name: an explicit destination `name:port` resolves to the service.
+    let listing = admin_get(&client, format!("/discovery?dst={name}:{APP_PORT}")).unwrap();
+    assert!(listing.contains("\"source\": \"dns\""), "{listing}");
+}
