@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rampart_app::config::{Config, PortConfig};
+use rampart_proxy::config::DeclaredProtocol;
 use rampart_testkit::Pki;
 use rampart_testkit::pki::parse_id;
 use rampart_testkit::sidecar::{base_config, inbound_listener, outbound_listener};
@@ -249,11 +250,14 @@ impl Env {
             &self.bin,
             ServerSvid::Genuine,
             app,
-            &format!(
-                "inbound:\n  ports:\n    - {{port: {}, protocol: opaque, allowed_peers: [\"{CLIENT_ID}\"]}}\n",
-                app.port()
-            ),
-            "outbound:\n  opaque_ports: [{inbound}]\n",
+            |c| {
+                c.inbound.ports = vec![PortConfig {
+                    protocol: DeclaredProtocol::Opaque,
+                    allowed_peers: Some(vec![parse_id(CLIENT_ID)]),
+                    ..PortConfig::new(app.port())
+                }]
+            },
+            true,
         )
     }
 
