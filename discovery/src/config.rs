@@ -15,6 +15,9 @@ pub struct DiscoveryConfig {
     /// A static endpoints file, reloaded on change.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// Names resolved through DNS, refreshed by TTL.
+    #[serde(default)]
+    pub dns: Option<crate::dns::DnsConfig>,
     /// How long the first connection to an address no source knows waits
     /// for a demand-driven source (Kubernetes) to look it up.
     #[serde(default = "d_demand_wait", with = "duration_ms")]
@@ -25,6 +28,7 @@ impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
             file: None,
+            dns: None,
             demand_wait_ms: d_demand_wait(),
         }
     }
@@ -51,6 +55,12 @@ mod duration_ms {
 impl DiscoveryConfig {
     /// Whether any source is configured.
     pub fn any(&self) -> bool {
-        self.file.is_some()
+        self.file.is_some() || self.dns.is_some()
+    }
+
+    /// Every problem of the fields, as (field path, reason); the file
+    /// itself is checked by [`crate::file::load`].
+    pub fn validate(&self) -> Vec<(String, String)> {
+        self.dns.as_ref().map(|d| d.validate()).unwrap_or_default()
     }
 }

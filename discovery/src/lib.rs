@@ -7,7 +7,7 @@
 //! - [`registry`]: the one writer; sources publish into it, the proxy's
 //!   route stage reads from it ([`registry::Registry::resolve`]);
 //! - sources, each a worker that only publishes: [`file`] (static file,
-//!   reloaded on change);
+//!   reloaded on change), [`dns`] (A/AAAA, refreshed by TTL);
 //! - [`balance`]: power of two choices over peak-EWMA, ejection with
 //!   backoff;
 //! - [`metrics`]: the per-service series.
@@ -15,6 +15,7 @@
 
 pub mod balance;
 pub mod config;
+pub mod dns;
 pub mod file;
 pub mod metrics;
 pub mod model;
@@ -31,6 +32,9 @@ pub enum StartError {
     /// The endpoints file is unusable at start.
     #[error(transparent)]
     File(#[from] file::FileError),
+    /// The DNS resolver could not be built.
+    #[error(transparent)]
+    Dns(#[from] dns::DnsStartError),
 }
 
 /// Starts the configured sources on the current runtime; `None` when no
@@ -43,6 +47,10 @@ pub fn start(cfg: &DiscoveryConfig) -> Result<Option<Arc<Registry>>, StartError>
     if let Some(path) = &cfg.file {
         let publisher = registry.source(model::SourceKind::File);
         tokio::spawn(file::start(path.clone(), publisher, file::POLL_INTERVAL)?);
+    }
+    if let Some(dns) = &cfg.dns {
+        let publisher = registry.source(model::SourceKind::Dns);
+        tokio::spawn(dns::start(dns.clone(), publisher)?);
     }
     Ok(Some(registry))
 }

@@ -187,28 +187,34 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             (protocol, authn)
         };
         if let Some(serve) = protocol.serve_version() {
-            let conn = http::server::InboundConn {
-                source: authn.client.0,
-                destination: authn.orig_dst.0,
-                tls: authn.peer.is_some(),
-                peer: authn.peer,
-                port,
-                app,
-                serve,
-                app_version: match settings.protocol {
-                    DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => AppVersion::Http2,
-                    DeclaredProtocol::Http => AppVersion::Http1,
-                    DeclaredProtocol::Detect | DeclaredProtocol::Opaque => AppVersion::AsReceived,
-                },
-                grpc_port: settings.protocol == DeclaredProtocol::Grpc,
-                sni: authn.sni.clone(),
-                expires: authn.expires,
-            };
+            let conn = inbound_conn(
+                (authn.client.0, authn.orig_dst.0),
+                authn.peer,
+                authn.sni.clone(),
+                (port, app, serve),
+                settings.protocol,
+                authn.expires,
+            );
             let slot = authn.slot;
             http::server::serve(authn.stream, conn, shared.clone(), watch).await;
             drop(slot);
             return;
         }
+        // A silent client on a detect port that a policy admits as opaque:
+        // spliced, but if it, not the app, speaks first and may speak HTTP,
+        // it is served as HTTP instead (`detect::LateWatch`).
+        let (authn, late) = if protocol == Inner::Silent {
+            let ends = (authn.client.0, authn.orig_dst.0);
+            let (peer, sni, expires) = (authn.peer.clone(), authn.sni.clone(), authn.expires);
+            let (watched, handle) = detect::LateWatch::new(authn.stream);
+            let authn = Authenticated {
+                stream: Box::new(watched),
+                ..authn
+            };
+            (authn, Some((handle, ends, peer, sni, expires)))
+        } else {
+            (authn, None)
+        };
         // Stage: authz, once for the connection, then forward.
         let expires = authn.expires;
         let mut event = Pending::open(
@@ -262,9 +268,53 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             // Logged and counted by the authz stage.
             Err(forward::ForwardError::Revoked) => {}
         }
+        if let Some((handle, ends, peer, sni, expires)) = late
+            && let Some(stream) = handle.take_http()
+        {
+            tracing::debug!("a silent client spoke HTTP first: served as HTTP");
+            metrics::detected(Direction::Inbound, Protocol::Http1);
+            let conn = inbound_conn(
+                ends,
+                peer,
+                sni,
+                (port, app, ServeVersion::Auto),
+                settings.protocol,
+                expires,
+            );
+            http::server::serve(Box::new(stream), conn, shared.clone(), watch).await;
+        }
     }
     .instrument(span)
     .await
+}
+
+/// What the HTTP stage is told about a connection: its ends, peer and SNI,
+/// and (port, app, server-side versions).
+fn inbound_conn(
+    (source, destination): (SocketAddr, SocketAddr),
+    peer: Option<rampart_identity::PeerIdentity>,
+    sni: Option<Arc<str>>,
+    (port, app, serve): (u16, SocketAddr, ServeVersion),
+    declared: DeclaredProtocol,
+    expires: Option<std::time::SystemTime>,
+) -> http::server::InboundConn {
+    http::server::InboundConn {
+        source,
+        destination,
+        tls: peer.is_some(),
+        peer,
+        port,
+        app,
+        serve,
+        app_version: match declared {
+            DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => AppVersion::Http2,
+            DeclaredProtocol::Http => AppVersion::Http1,
+            DeclaredProtocol::Detect | DeclaredProtocol::Opaque => AppVersion::AsReceived,
+        },
+        grpc_port: declared == DeclaredProtocol::Grpc,
+        sni,
+        expires,
+    }
 }
 
 /// What the decrypted stream carries, after declarations and detection.

@@ -418,3 +418,140 @@ fn file_source_service_without_endpoints_answers_503_and_reloads() {
     }
     let _ = &m.dir;
 }
+
+/// A DNS server (UDP, port 53): answers A queries from the JSON file
+/// `<records>` (`{"name.": ["10.0.0.1", ...]}`, read on every query), TTL
+/// 1 s; an unknown name is NXDOMAIN; other types get no answer.
+const DNS: &str = r#"
+import json, socket, struct, sys
+records = sys.argv[1]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 53))
+while True:
+    q, peer = sock.recvfrom(512)
+    try:
+        qid, flags = struct.unpack("!HH", q[:4])
+        i, labels = 12, []
+        while q[i]:
+            labels.append(q[i + 1 : i + 1 + q[i]].decode().lower())
+            i += 1 + q[i]
+        qtype, qclass = struct.unpack("!HH", q[i + 1 : i + 5])
+        question = q[12 : i + 5]
+        name = ".".join(labels) + "."
+        with open(records) as f:
+            table = json.load(f)
+        answers = []
+        rcode = 0
+        if name not in table:
+            rcode = 3
+        elif qtype == 1:
+            for ip in table[name]:
+                answers.append(struct.pack("!HHHIH", 0xC00C, 1, 1, 1, 4) + socket.inet_aton(ip))
+        header = struct.pack("!HHHHHH", qid, 0x8180 | (flags & 0x0100) | rcode, 1, len(answers), 0, 0)
+        sock.sendto(header + question + b"".join(answers), peer)
+    except Exception as e:
+        print("bad query", e, file=sys.stderr)
+"#;
+
+#[test]
+#[ignore = "needs root, network namespaces and iptables (as root: cargo test -- --include-ignored)"]
+fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
+    support::require_root();
+    let net = Net::new("disc-dns");
+    let dir = TempDir::new();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let pki = Pki::new("example.org");
+    let ids = [
+        BACKEND_ID,
+        BACKEND_ID,
+        BACKEND_ID,
+        "spiffe://example.org/intruder",
+    ];
+    let backends: Vec<Backend> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| backend(&net, &pki, &dir, &format!("b{i}"), id))
+        .collect();
+    let name = "backend.mesh.test";
+    let records = dir.write("records.json", "{}");
+    let set_records = |pods: &[usize]| {
+        let ips: Vec<String> = pods
+            .iter()
+            .map(|&i| backends[i].pod.ip().to_string())
+            .collect();
+        let tmp = dir.write(
+            "records.tmp",
+            serde_json::json!({ format!("{name}."): ips }).to_string(),
+        );
+        std::fs::rename(tmp, &records).unwrap();
+    };
+    set_records(&[0, 1, 2]);
+    let dns = net.pod("dns");
+    let _dns = dns.spawn(python(DNS, &[records.display().to_string()]));
+    let client = net.pod("client");
+    let vip = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+            u32::from(client.ip()) & 0xffff_ff00 | 200,
+        )),
+        80,
+    );
+    let client_sidecar = sidecar(
+        &client,
+        &dir,
+        &issue(&pki, &dir, CLIENT_ID),
+        &format!(
+            "discovery:\n  dns:\n    servers: [\"{}\"]\n    names:\n      - name: {name}\n        port: {APP_PORT}\n        identity: {BACKEND_ID}\n        destinations: [\"{vip}\"]\n",
+            dns.ip()
+        ),
+    );
+    // The first lookup may still be under way: wait for the endpoints.
+    let deadline = Instant::now() + WAIT;
+    while !admin_get(&client, format!("/discovery?dst={vip}"))
+        .unwrap_or_default()
+        .contains(&backends[2].pod.addr(APP_PORT).to_string())
+    {
+        assert!(Instant::now() < deadline, "{}", client_sidecar.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first = load(&client, vip, 3000);
+    eprintln!("DNS, 3 equal backends, 3000 requests: {:?}", first.counts);
+    assert!(first.failures.is_empty(), "{:?}", first.failures);
+    for b in ["b0", "b1", "b2"] {
+        let s = share(&first, b);
+        assert!((0.28..=0.38).contains(&s), "{b}: {s} of {:?}", first.counts);
+    }
+    // The records change: b0 leaves, the intruder's address comes.
+    set_records(&[1, 2, 3]);
+    let deadline = Instant::now() + WAIT;
+    while !admin_get(&client, format!("/discovery?dst={vip}"))
+        .unwrap_or_default()
+        .contains(&backends[3].pod.addr(APP_PORT).to_string())
+    {
+        assert!(Instant::now() < deadline, "{}", client_sidecar.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = load(&client, vip, 600);
+    eprintln!(
+        "DNS after the change, 600 requests: {:?} failed {:?}",
+        after.counts, after.failures
+    );
+    assert!(after.failures.is_empty(), "{:?}", after.failures);
+    assert_eq!(after.counts.get("b0"), None, "{:?}", after.counts);
+    assert_eq!(after.counts.get("b3"), None, "{:?}", after.counts);
+    assert_eq!(after.counts.values().sum::<u64>(), 600);
+    assert!(
+        metric(
+            &client,
+            &format!(
+                "rampart_discovery_ejections_total{{service=\"{name}:{APP_PORT}\",reason=\"handshake\"}}"
+            )
+        ) >= 1.0
+    );
+    // By name: an explicit destination `name:port` resolves to the service.
+    let listing = admin_get(&client, format!("/discovery?dst={name}:{APP_PORT}")).unwrap();
+    assert!(listing.contains("\"source\": \"dns\""), "{listing}");
+}

@@ -272,6 +272,13 @@ fn triggers(tag: &str) -> Vec<Trigger> {
             ))],
             reaches_app: true,
         },
+        // Found by the property test: HTTP/0.9's form, after which
+        // Python's `http.server` still reads header fields.
+        Trigger {
+            name: "no version (HTTP/0.9)",
+            parts: vec![bytes(rest(&format!("GET /{tag}9")))],
+            reaches_app: false,
+        },
     ]
 }
 
@@ -684,4 +691,39 @@ fn connect_and_upgrades_need_a_rule_that_names_their_method() {
     assert!(!seen.contains("CONNECT") && !seen.contains("/ws"), "{seen}");
     let m = server.metrics();
     assert!(m.contains("reason=\"tunnel_not_allowed\"} 2"), "{m}");
+}
+
+/// F1 and R4 where a policy admits the connection as opaque: a client
+/// silent past the detect timeout is spliced (a server may speak first),
+/// but when it speaks first and in HTTP, it is served as HTTP: the forged
+/// identity never reaches the app. A server that speaks first is still
+/// spliced (`http::opaque_server_speaks_first_through_two_sidecars`).
+#[test]
+fn a_silent_client_that_then_speaks_http_is_served_as_http_where_opaque_is_admitted() {
+    let e = edge(OPEN_POLICY, "http_header_read_timeout: 1s");
+    for (entry, via) in [(e.plain, "plaintext"), (e.out, "mesh")] {
+        let mut s = connect(entry);
+        std::thread::sleep(Duration::from_millis(2000));
+        write!(
+            s,
+            "GET /late-{via} HTTP/1.1\r\nHost: edge\r\nX-Forwarded-Client-Cert: By=x;URI={FORGED}\r\n\r\n"
+        )
+        .unwrap();
+        let reply = read_response(&mut s);
+        assert!(
+            reply.starts_with("HTTP/1.1 200"),
+            "{via}: {reply:?}\n{}",
+            e.server.logs()
+        );
+        // The same connection goes on as HTTP.
+        write!(s, "GET /late-{via}-again HTTP/1.1\r\nHost: edge\r\n\r\n").unwrap();
+        let reply = read_response(&mut s);
+        assert!(reply.starts_with("HTTP/1.1 200"), "{via}: {reply:?}");
+    }
+    let seen = e.app.stdout();
+    assert!(seen.contains("/late-mesh-again"), "{seen}");
+    assert!(
+        !seen.to_ascii_uppercase().contains(FORGED),
+        "a forged identity reached the app:\n{seen}"
+    );
 }
