@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// Where endpoints and their identities come from; every source is
 /// optional, and with none the sidecar routes by `outbound` rules only.
 /// A destination two sources claim goes to the first in this order:
-/// `file`, `kubernetes`, `dns`.
+/// `file`, `dns`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
