@@ -280,7 +280,7 @@ fn triggers(tag: &str) -> Vec<Trigger> {
             reaches_app: true,
         },
         Trigger {
-            name: "HTTP/1.1 chunked trailer (HTTP/2 trailers between the sidecars)",
+            name: "HTTP/1.1 chunked trailer",
             parts: vec![bytes(format!(
                 "POST /{tag}8 HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\nTrailer: x-forwarded-client-cert, x_forwarded_client_cert\r\n\r\n3\r\nabc\r\n0\r\n{xfcc}\r\nx_forwarded_client_cert: {FORGED}\r\n\r\n"
             ))],
