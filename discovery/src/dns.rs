@@ -67,7 +67,9 @@ impl DnsConfig {
             p.push(("discovery.dns.names".into(), "names no name".into()));
         }
         for (i, n) in self.names.iter().enumerate() {
-            if format!("{}:{}", n.name, n.port).parse::<Destination>().is_err()
+            if format!("{}:{}", n.name, n.port)
+                .parse::<Destination>()
+                .is_err()
                 || n.name.parse::<IpAddr>().is_ok()
             {
                 p.push((
@@ -242,7 +244,9 @@ mod tests {
 
     #[test]
     fn configuration_is_checked() {
-        let c = cfg("servers: [\"10.0.0.1\", \"10.0.0.1:5353\", \"nope\"]\nnames:\n  - name: backend.example\n    port: 80\n    identity: spiffe://td/b\n    destinations: [\"10.96.0.1:80\", \"bad\"]\n  - name: 10.0.0.9\n    port: 80\n    identity: spiffe://td/b\n");
+        let c = cfg(
+            "servers: [\"10.0.0.1\", \"10.0.0.1:5353\", \"nope\"]\nnames:\n  - name: backend.example\n    port: 80\n    identity: spiffe://td/b\n    destinations: [\"10.96.0.1:80\", \"bad\"]\n  - name: 10.0.0.9\n    port: 80\n    identity: spiffe://td/b\n",
+        );
         let p = c.validate();
         let fields: Vec<_> = p.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(
@@ -258,7 +262,9 @@ mod tests {
 
     #[test]
     fn a_name_is_a_service_of_its_addresses_with_the_name_s_identity() {
-        let c = cfg("names:\n  - name: Backend.Example\n    port: 8080\n    identity: spiffe://td/b\n    destinations: [\"10.96.0.1:80\"]\n");
+        let c = cfg(
+            "names:\n  - name: Backend.Example\n    port: 8080\n    identity: spiffe://td/b\n    destinations: [\"10.96.0.1:80\"]\n",
+        );
         let s = state(
             &c,
             &[Known {
@@ -272,10 +278,17 @@ mod tests {
         };
         assert_eq!(svc.name, "backend.example:8080");
         assert_eq!(
-            svc.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+            svc.endpoints
+                .iter()
+                .map(|e| e.addr.to_string())
+                .collect::<Vec<_>>(),
             ["10.0.0.1:8080", "10.0.0.2:8080"]
         );
-        assert!(svc.endpoints.iter().all(|e| e.identity.id().unwrap().as_str() == "spiffe://td/b"));
+        assert!(
+            svc.endpoints
+                .iter()
+                .all(|e| e.identity.id().unwrap().as_str() == "spiffe://td/b")
+        );
         assert!(matches!(
             snap.lookup_dest(&"backend.example:8080".parse().unwrap(), None),
             crate::model::Lookup::Service(_)

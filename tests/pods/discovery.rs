@@ -465,7 +465,12 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
     )
     .unwrap();
     let pki = Pki::new("example.org");
-    let ids = [BACKEND_ID, BACKEND_ID, BACKEND_ID, "spiffe://example.org/intruder"];
+    let ids = [
+        BACKEND_ID,
+        BACKEND_ID,
+        BACKEND_ID,
+        "spiffe://example.org/intruder",
+    ];
     let backends: Vec<Backend> = ids
         .iter()
         .enumerate()
@@ -474,8 +479,14 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
     let name = "backend.mesh.test";
     let records = dir.write("records.json", "{}");
     let set_records = |pods: &[usize]| {
-        let ips: Vec<String> = pods.iter().map(|&i| backends[i].pod.ip().to_string()).collect();
-        let tmp = dir.write("records.tmp", serde_json::json!({ format!("{name}."): ips }).to_string());
+        let ips: Vec<String> = pods
+            .iter()
+            .map(|&i| backends[i].pod.ip().to_string())
+            .collect();
+        let tmp = dir.write(
+            "records.tmp",
+            serde_json::json!({ format!("{name}."): ips }).to_string(),
+        );
         std::fs::rename(tmp, &records).unwrap();
     };
     set_records(&[0, 1, 2]);
@@ -524,7 +535,10 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let after = load(&client, vip, 600);
-    eprintln!("DNS after the change, 600 requests: {:?} failed {:?}", after.counts, after.failures);
+    eprintln!(
+        "DNS after the change, 600 requests: {:?} failed {:?}",
+        after.counts, after.failures
+    );
     assert!(after.failures.is_empty(), "{:?}", after.failures);
     assert_eq!(after.counts.get("b0"), None, "{:?}", after.counts);
     assert_eq!(after.counts.get("b3"), None, "{:?}", after.counts);
@@ -532,7 +546,9 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
     assert!(
         metric(
             &client,
-            &format!("rampart_discovery_ejections_total{{service=\"{name}:{APP_PORT}\",reason=\"handshake\"}}")
+            &format!(
+                "rampart_discovery_ejections_total{{service=\"{name}:{APP_PORT}\",reason=\"handshake\"}}"
+            )
         ) >= 1.0
     );
     // By name: an explicit destination `name:port` resolves to the service.
