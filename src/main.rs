@@ -5,6 +5,7 @@
 mod agent;
 mod ca_cmd;
 mod inject_cmd;
+mod memory;
 mod policy_cmd;
 mod run;
 

@@ -23,5 +23,6 @@ pub struct RunArgs {
 
 /// Runs the sidecar. Returns the process exit code (64 for a bad configuration).
 pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
+    crate::memory::configure();
     Ok(rampart_app::run::run(&args.config, &args.app_probes)?)
 }

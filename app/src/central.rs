@@ -82,6 +82,7 @@ pub fn start(
                 poll_interval: b.poll_interval,
                 timeout: b.timeout,
                 max_download_bytes: b.max_download_bytes,
+                compile_timeout: cfg.inbound.policy_budget.time,
             };
             let verification = cfg
                 .bundle_verification()

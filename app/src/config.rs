@@ -269,6 +269,11 @@ pub struct IstioConfig {
     /// Mesh config `trustDomainAliases`.
     #[serde(default)]
     pub trust_domain_aliases: Vec<String>,
+    /// CA certificates (PEM) that `https://` `jwksUri` servers are verified
+    /// against; default: the system bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt`).
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
     /// JWKS fetched for RequestAuthentication, shared by every (re)load.
     #[serde(skip)]
     pub jwks_cache: std::sync::Arc<rampart_authz::jwt::JwksCache>,

@@ -43,7 +43,8 @@ pub struct WorkloadApiIdentity {
     /// First delay before reconnecting to the endpoint.
     #[serde(default = "d_backoff_initial", with = "duration")]
     pub backoff_initial: Duration,
-    /// Longest delay before reconnecting.
+    /// Longest delay before reconnecting (1 s: a returned agent is used
+    /// within a second).
     #[serde(default = "d_backoff_max", with = "duration")]
     pub backoff_max: Duration,
 }
@@ -65,8 +66,12 @@ impl Default for WorkloadApiIdentity {
 fn d_backoff_initial() -> Duration {
     Duration::from_millis(200)
 }
+/// A returned agent is used within a second (issue 19, item 12): the agent
+/// is local (a Unix socket), so a retry a second costs nothing, and every
+/// second without it is a second of refused connections once the SVID has
+/// expired.
 fn d_backoff_max() -> Duration {
-    Duration::from_secs(10)
+    Duration::from_secs(1)
 }
 
 impl WorkloadApiIdentity {
@@ -224,6 +229,17 @@ mod tests {
 
     fn parse(identity: &str) -> Result<Config, crate::config::ConfigError> {
         Config::parse("t.yaml", &format!("identity:\n{identity}{LISTENERS}"))
+    }
+
+    /// Item 12: with the defaults, no reconnection waits more than 1 s,
+    /// however long the agent was away.
+    #[test]
+    fn a_returned_agent_is_retried_within_a_second_by_default() {
+        let w = WorkloadApiIdentity::default();
+        let mut b = rampart_identity::rotation::Backoff::new(w.backoff_initial, w.backoff_max);
+        for _ in 0..64 {
+            assert!(b.next_delay() <= Duration::from_secs(1));
+        }
     }
 
     #[test]

@@ -157,10 +157,28 @@ impl Sidecar {
         if let Some(istio) = plan.authorizer.current().authorizer.istio()
             && !istio.jwks_uris().is_empty()
         {
+            let tls = if istio.jwks_uris().iter().any(|u| u.starts_with("https://")) {
+                let ca = cfg
+                    .inbound
+                    .istio
+                    .as_ref()
+                    .and_then(|i| i.jwks_ca_file.clone())
+                    .unwrap_or_else(|| rampart_central::jwks::SYSTEM_CA_FILE.into());
+                let client = rampart_central::jwks::https_client(&ca).map_err(|message| {
+                    crate::central::CentralStartError::Field {
+                        field: "inbound.istio.jwks_ca_file".into(),
+                        message,
+                    }
+                })?;
+                Some(client)
+            } else {
+                None
+            };
             rampart_central::jwks::spawn(
                 istio.jwks_uris().to_vec(),
                 istio.jwks_cache().clone(),
                 rampart_central::jwks::DEFAULT_REFRESH,
+                tls,
             );
         }
         // With a bundle, the policy files are the fallback until the first

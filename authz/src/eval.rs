@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use crate::compile::{CRule, DataTable, MethodSet, PathSet, PrincipalSet, method_bit};
 use crate::explain::Miss;
 use crate::model::{
-    ConditionSubject, DataKey, HostPattern, TemplateSegment, ValueMatcher, split_host_port,
+    AuthKey, ConditionSubject, DataKey, HostPattern, TemplateSegment, ValueMatcher, split_host_port,
 };
 use crate::request::grpc_service;
 use crate::{ConnectionInfo, RequestInfo};
@@ -45,7 +45,7 @@ impl CRule {
             return Err(Miss::NotPort);
         }
         match req {
-            Some(req) => self.check_http(req),
+            Some(req) => self.check_http(conn, req),
             None => Ok(()),
         }
     }
@@ -103,7 +103,7 @@ impl CRule {
         Ok(())
     }
 
-    fn check_http(&self, req: &RequestInfo<'_>) -> Result<(), Miss> {
+    fn check_http(&self, conn: &ConnectionInfo<'_>, req: &RequestInfo<'_>) -> Result<(), Miss> {
         if let Some(hosts) = &self.hosts
             && !hosts.iter().any(|h| host_matches(h, req.authority))
         {
@@ -158,6 +158,7 @@ impl CRule {
                     let values = query_values(req.query.unwrap_or(""), name);
                     query_matches(&cond.matcher, values)
                 }
+                ConditionSubject::Auth(key) => auth_matches(&cond.matcher, key, conn.jwt),
             };
             if hit == cond.invert {
                 return Err(Miss::When(i));
@@ -333,6 +334,43 @@ fn value_matches<'v>(m: &ValueMatcher, mut values: impl Iterator<Item = &'v [u8]
         ValueMatcher::Prefix(s) => values.any(|v| v.starts_with(s.as_bytes())),
         ValueMatcher::Suffix(s) => values.any(|v| v.ends_with(s.as_bytes())),
         ValueMatcher::Regex(r) => values.any(|v| r.regex.is_match(v)),
+    }
+}
+
+/// A `request.auth` attribute of the verified claims (none without a
+/// verified token): strings, or each string of a list, as Istio reads them.
+fn auth_matches(m: &ValueMatcher, key: &AuthKey, jwt: Option<&serde_json::Value>) -> bool {
+    fn strings(v: Option<&serde_json::Value>) -> impl Iterator<Item = &[u8]> {
+        let items: &[serde_json::Value] = match v {
+            Some(serde_json::Value::Array(a)) => a,
+            Some(other) => std::slice::from_ref(other),
+            None => &[],
+        };
+        items.iter().filter_map(|x| x.as_str()).map(str::as_bytes)
+    }
+    let Some(claims) = jwt else {
+        return value_matches(m, std::iter::empty());
+    };
+    match key {
+        AuthKey::Principal => {
+            let part = |k: &str| claims.get(k).and_then(serde_json::Value::as_str);
+            match part("iss") {
+                Some(iss) => {
+                    let p = format!("{iss}/{}", part("sub").unwrap_or(""));
+                    value_matches(m, std::iter::once(p.as_bytes()))
+                }
+                None => value_matches(m, std::iter::empty()),
+            }
+        }
+        AuthKey::Audiences => value_matches(m, strings(claims.get("aud"))),
+        AuthKey::Presenter => value_matches(m, strings(claims.get("azp"))),
+        AuthKey::Claim(path) => {
+            let mut at = Some(claims);
+            for k in path {
+                at = at.and_then(|v| v.get(k.as_str()));
+            }
+            value_matches(m, strings(at))
+        }
     }
 }
 

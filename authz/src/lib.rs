@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod central;
 pub mod explain;
 pub mod external;

@@ -801,6 +801,55 @@ pub enum ConditionSubject {
     Header(http::HeaderName),
     /// A query parameter (name as sent, compared after percent-decoding).
     Query(String),
+    /// An attribute of the request's verified JWT (a RequestAuthentication
+    /// verified it); without one it has no value.
+    Auth(AuthKey),
+}
+
+/// Istio's `request.auth.*` attributes, in native `when` conditions
+/// (`auth: principal`, `auth: "claims[groups]"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthKey {
+    /// `iss/sub`.
+    Principal,
+    /// `aud` (a string or each element of a list).
+    Audiences,
+    /// `azp`.
+    Presenter,
+    /// `claims[a][b]`: a nested claim; a string, or each string of a list.
+    Claim(Vec<String>),
+}
+
+impl AuthKey {
+    /// Parses `principal`, `audiences`, `presenter` or `claims[a][b]...`.
+    pub fn parse(s: &str) -> Result<AuthKey, String> {
+        match s {
+            "principal" => return Ok(AuthKey::Principal),
+            "audiences" => return Ok(AuthKey::Audiences),
+            "presenter" => return Ok(AuthKey::Presenter),
+            _ => {}
+        }
+        let bad = || {
+            format!(
+                "{s:?}: expected principal, audiences, presenter or claims[NAME] (nested claims[a][b])"
+            )
+        };
+        let mut rest = s.strip_prefix("claims").ok_or_else(bad)?;
+        let mut path = Vec::new();
+        while !rest.is_empty() {
+            let inner = rest.strip_prefix('[').ok_or_else(bad)?;
+            let end = inner.find(']').ok_or_else(bad)?;
+            if end == 0 {
+                return Err(bad());
+            }
+            path.push(inner[..end].to_owned());
+            rest = &inner[end + 1..];
+        }
+        if path.is_empty() {
+            return Err(bad());
+        }
+        Ok(AuthKey::Claim(path))
+    }
 }
 
 /// How a value is matched. With several values (repeated header or
@@ -874,6 +923,8 @@ struct RawCondition {
     #[serde(default)]
     query: Option<String>,
     #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
     exact: Option<String>,
     #[serde(default)]
     prefix: Option<String>,
@@ -892,15 +943,16 @@ struct RawCondition {
 impl TryFrom<RawCondition> for Condition {
     type Error = String;
     fn try_from(r: RawCondition) -> Result<Self, String> {
-        let subject = match (r.header, r.query) {
-            (Some(h), None) => ConditionSubject::Header(
+        let subject = match (r.header, r.query, r.auth) {
+            (Some(h), None, None) => ConditionSubject::Header(
                 http::HeaderName::from_bytes(h.as_bytes())
                     .map_err(|_| format!("{h:?} is not a header name"))?,
             ),
-            (None, Some(q)) if !q.is_empty() => ConditionSubject::Query(q),
-            (None, Some(_)) => return Err("query parameter name is empty".into()),
-            (Some(_), Some(_)) | (None, None) => {
-                return Err("a condition needs exactly one of `header` or `query`".into());
+            (None, Some(q), None) if !q.is_empty() => ConditionSubject::Query(q),
+            (None, Some(_), None) => return Err("query parameter name is empty".into()),
+            (None, None, Some(a)) => ConditionSubject::Auth(AuthKey::parse(&a)?),
+            _ => {
+                return Err("a condition needs exactly one of `header`, `query` or `auth`".into());
             }
         };
         let mut matchers = Vec::new();

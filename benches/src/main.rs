@@ -31,7 +31,8 @@ fn usage() -> ! {
     let d = mesh::Options::default();
     let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     eprintln!(
-        "usage: rampart-bench [mesh] [--only W1,W2] [--rates R1,R2] [--conns N] [--h2-rates R1,R2]\n\
+        "usage: rampart-bench [mesh] [--only W1,W2] [--rates R1,R2] [--conns N] [--sat-conns C1,C2]\n\
+         \x20        [--h2-rates R1,R2]\n\
          \x20        [--h2-conns N] [--newconn-rate R] [--many-conns N] [--many-rate R]\n\
          \x20        [--duration SECS] [--reps N] [--out DIR] [--require-all]\n\
          \x20      rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\
@@ -40,8 +41,10 @@ fn usage() -> ! {
          mesh (the default): direct versus Rampart, nginx and HAProxy pairs doing the same\n\
          mTLS hop, --duration ({dur}) s per run, --reps ({reps}) interleaved, in workloads\n\
          (--only, default all):\n\
-         \x20 http1        keep-alive HTTP/1.1, open loop at --rates ({rates}) req/s and closed-loop\n\
-         \x20              saturation, over --conns ({conns}) connections\n\
+         \x20 http1        keep-alive HTTP/1.1, open loop at --rates ({rates}) req/s over --conns\n\
+         \x20              ({conns}) connections, and closed-loop saturation over each of\n\
+         \x20              --sat-conns ({sat}) connections; also against the Rampart pair\n\
+         \x20              with the port declared opaque (rampart-opaque, the L4 reference)\n\
          \x20 newconn      a fresh connection per request at --newconn-rate ({newconn}) req/s, also\n\
          \x20              against pairs that do not reuse connections on the hop (-nopool)\n\
          \x20 concurrency  --many-conns ({many}) keep-alive connections at --many-rate ({many_rate}) req/s\n\
@@ -66,6 +69,12 @@ fn usage() -> ! {
         reps = d.reps,
         rates = list(&d.rates),
         conns = d.conns,
+        sat = d
+            .sat_conns
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         newconn = d.newconn_rate,
         many = d.many_conns,
         many_rate = d.many_rate,
@@ -158,6 +167,7 @@ fn mesh_options(mut args: impl Iterator<Item = String>) -> mesh::Options {
             }
             "--rates" => o.rates = rates(&v),
             "--conns" => o.conns = num(&v) as usize,
+            "--sat-conns" => o.sat_conns = rates(&v).into_iter().map(|c| c as usize).collect(),
             "--h2-rates" => o.h2_rates = rates(&v),
             "--h2-conns" => o.h2_conns = num(&v) as usize,
             "--newconn-rate" => o.newconn_rate = num(&v),
@@ -172,7 +182,13 @@ fn mesh_options(mut args: impl Iterator<Item = String>) -> mesh::Options {
             _ => usage(),
         }
     }
-    if o.reps == 0 || o.conns == 0 || o.h2_conns == 0 || o.many_conns == 0 {
+    if o.reps == 0
+        || o.conns == 0
+        || o.h2_conns == 0
+        || o.many_conns == 0
+        || o.sat_conns.is_empty()
+        || o.sat_conns.contains(&0)
+    {
         usage()
     }
     o

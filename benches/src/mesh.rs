@@ -76,8 +76,10 @@ impl Workload {
 pub struct Options {
     /// Keep-alive HTTP/1.1 rates, requests/s (also the transparent mode's).
     pub rates: Vec<u64>,
-    /// Keep-alive HTTP/1.1 connections.
+    /// Keep-alive HTTP/1.1 connections at fixed rates.
     pub conns: usize,
+    /// Keep-alive HTTP/1.1 connections of the closed-loop runs, one run each.
+    pub sat_conns: Vec<usize>,
     /// HTTP/2 and gRPC rates.
     pub h2_rates: Vec<u64>,
     /// HTTP/2 connections.
@@ -106,6 +108,7 @@ impl Default for Options {
         Options {
             rates: vec![1_000, 5_000, 10_000],
             conns: 16,
+            sat_conns: vec![1, 16, 64],
             h2_rates: vec![1_000],
             h2_conns: 4,
             newconn_rate: 500,
@@ -256,22 +259,59 @@ pub fn run(opts: Options) {
                 .zip(&pairs)
                 .map(|(k, p)| Target::pair(k.name().into(), p)),
         );
+        // The L4 reference: the same sidecars with the port declared opaque.
+        let opaque = kinds
+            .contains(&Kind::Rampart)
+            .then(|| env.rampart_opaque_pair(app.addr));
+        let opaque_idle = opaque.as_ref().map(|p| rss_by_side(&p.sides()));
+        let mut http1_targets: Vec<Target> = Vec::new();
+        for t in &targets {
+            http1_targets.push(Target {
+                name: t.name.clone(),
+                addr: t.addr,
+                sides: t.sides.clone(),
+                netns: None,
+            });
+            if t.name == "rampart"
+                && let Some(p) = &opaque
+            {
+                http1_targets.push(Target::pair("rampart-opaque".into(), p));
+            }
+        }
         if has(Workload::Http1) {
             let loads = opts
                 .rates
                 .iter()
-                .map(|r| (Load::Rate(*r), format!("{r}rps")))
-                .chain([(Load::Saturate, "saturation".to_string())]);
-            for (l, slug) in loads {
-                let name = format!("http1 {} ({} conns)", load_name(l), opts.conns);
+                .map(|r| (Load::Rate(*r), opts.conns, format!("{r}rps")))
+                .chain(
+                    opts.sat_conns
+                        .iter()
+                        .map(|c| (Load::Saturate, *c, format!("saturation-c{c}"))),
+                );
+            for (l, conns, slug) in loads {
+                let name = format!("http1 {} ({conns} conns)", load_name(l));
                 phases.push(run_phase(
                     &name,
                     slug,
                     Workload::Http1,
                     l,
-                    &targets,
+                    &http1_targets,
                     reps,
-                    |t| load::run(t.addr, l, opts.conns, d, Reuse::KeepAlive, None),
+                    |t| load::run(t.addr, l, conns, d, Reuse::KeepAlive, None),
+                ));
+            }
+            if let (Some(p), Some(idle)) = (&opaque, &opaque_idle) {
+                let peak = p
+                    .sides()
+                    .iter()
+                    .map(|s| procstat::status_kib(s, "VmHWM"))
+                    .collect();
+                memory.push((
+                    "rampart-opaque".to_string(),
+                    Memory {
+                        idle_rss_kib: idle.clone(),
+                        peak_rss_kib: peak,
+                    },
                 ));
             }
             for ((k, p), idle) in kinds.iter().zip(&pairs).zip(idle) {

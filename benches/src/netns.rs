@@ -10,9 +10,13 @@
 //! over the same switch (the baseline). Root only; everything is removed on
 //! drop.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
+use rampart_app::config::{Config, IdentityConfig};
+use rampart_proxy::config::{ServerRule, TransparentConfig};
+use rampart_testkit::pki::parse_id;
 use rampart_testkit::{Net, PROXY_UID, Pod, Proc};
 
 use crate::apps::HttpApp;
@@ -100,35 +104,20 @@ impl Transparent {
             d
         };
         let (csvid, ssvid) = (svid("client"), svid("server"));
-        let client_cfg = format!(
-            "transparent: {{}}\noutbound:\n  servers:\n    - {{cidrs: [\"{}/32\"], identities: [\"{SERVER_ID}\"]}}\n",
-            server.ip()
-        );
-        let server_cfg = format!(
-            "transparent: {{}}\ninbound:\n  policies: [\"{}\"]\n",
-            policy.display()
-        );
-        let mut procs = Vec::new();
-        for (pod, svid, body) in [(&client, &csvid, client_cfg), (&server, &ssvid, server_cfg)] {
-            let cfg = dir.join(format!("{}.yaml", pod.name()));
-            write_owned(
-                &cfg,
-                &format!(
-                    "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"127.0.0.1:15000\"}}\nlog: {{level: warn}}\n{body}",
-                    s = svid.display()
-                ),
-            );
-            procs.push(pod.spawn_as(
-                PROXY_UID,
-                [
-                    bin.as_os_str(),
-                    "run".as_ref(),
-                    "--config".as_ref(),
-                    cfg.as_os_str(),
-                ],
-            ));
-            pod.in_netns(|| wait_admin_ready(SocketAddr::from(([127, 0, 0, 1], 15000))));
-        }
+        let server_ip = server.ip();
+        let procs = vec![
+            start_sidecar(&client, bin, dir, &csvid, |c| {
+                c.outbound.servers = vec![ServerRule {
+                    cidrs: vec![IpNet::from(IpAddr::V4(server_ip))],
+                    ports: Vec::new(),
+                    identities: vec![parse_id(SERVER_ID)],
+                    trust_domains: Vec::new(),
+                }]
+            }),
+            start_sidecar(&server, bin, dir, &ssvid, |c| {
+                c.inbound.policies = vec![policy.clone()]
+            }),
+        ];
         Transparent {
             client_ns: client.netns_path(),
             direct: server.addr(DIRECT_PORT),
@@ -145,6 +134,37 @@ impl Transparent {
     pub fn pids(&self) -> Vec<Vec<u32>> {
         self.procs.iter().map(|p| vec![p.pid()]).collect()
     }
+}
+
+/// Starts `pod`'s transparent sidecar as [`PROXY_UID`] with the SVID in
+/// `svid`, its admin on the pod's loopback, and what `edit` adds; its
+/// configuration is written into `dir`. Returns once it is ready.
+fn start_sidecar(
+    pod: &Pod,
+    bin: &Path,
+    dir: &Path,
+    svid: &Path,
+    edit: impl FnOnce(&mut Config),
+) -> Proc {
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let mut config = Config::new(IdentityConfig::files_in(svid));
+    config.admin.address = admin;
+    config.log.level = "warn".into();
+    config.transparent = Some(TransparentConfig::default());
+    edit(&mut config);
+    let cfg = dir.join(format!("{}.yaml", pod.name()));
+    write_owned(&cfg, &config.to_yaml());
+    let proc = pod.spawn_as(
+        PROXY_UID,
+        [
+            bin.as_os_str(),
+            "run".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+        ],
+    );
+    pod.in_netns(move || wait_admin_ready(admin));
+    proc
 }
 
 /// A scratch directory that [`PROXY_UID`] can read (configs, SVIDs, policy).

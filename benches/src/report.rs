@@ -33,6 +33,9 @@ fn checks(topology: &str) -> &'static str {
         "nginx" => {
             "chain against the bundle, and proxy_ssl_name against the DNS SAN / CN only: nginx cannot match a URI SAN, so any SVID from the bundle carrying that DNS name passes; the server side (ssl_verify_client on) checks the chain only"
         }
+        "rampart-opaque" => {
+            "the same SPIFFE checks as rampart during the handshake; the server side authorizes each connection (allowed_peers), not each request: the L4 reference"
+        }
         "haproxy" => {
             "chain against the bundle (verify required); verifyhost would match DNS SAN / CN, never a SPIFFE URI, so any SVID from the bundle passes; the server side (verify required) checks the chain only"
         }
@@ -43,10 +46,14 @@ fn checks(topology: &str) -> &'static str {
 /// What each topology does between the proxies, per workload: what the
 /// comparison is fair about and what it is not.
 const HOP_NOTES: &str = "\
-- **http1, concurrency**: Rampart carries every client connection's requests as HTTP/2 \
-streams over one pooled mTLS connection between the sidecars; nginx (upstream `keepalive 32`) \
-and HAProxy (`http-reuse always`) reuse idle HTTP/1.1 mTLS connections, one request at a \
-time each.
+- **http1, concurrency**: Rampart carries each client connection's requests as they are, \
+HTTP/1.1, on a pooled mTLS connection that the client connection holds until it closes \
+(then it goes back to the pool for the next one); the server sidecar parses and \
+authorizes every request. nginx (upstream `keepalive 32`) and HAProxy (`http-reuse \
+always`) reuse idle HTTP/1.1 mTLS connections, one request at a time each. \
+`rampart-opaque` is the same pair with the port declared opaque on both sides (L4: one \
+mTLS connection per client connection, authorized once), the reference the HTTP-aware \
+pair is measured against.
 - **newconn**: the client opens a TCP connection per request and closes it after the \
 response. `rampart`, `nginx` and `haproxy` keep reusing their hop connections, so the \
 cost is the client-side accept plus the proxies' per-connection work, and no mTLS \
@@ -305,7 +312,7 @@ fn ratio(a: f64, b: f64) -> String {
 /// Rampart against nginx and HAProxy in each phase where they all ran.
 fn summary(j: &Value) -> String {
     let mut md = String::from(
-        "### Summary (ratios are rampart / other; lower is better except throughput)\n\n| phase | metric | rampart | nginx | haproxy | rampart / nginx | rampart / haproxy |\n|---|---|---|---|---|---|---|\n",
+        "### Summary (ratios are rampart / other; lower is better except throughput)\n\n| phase | metric | rampart | rampart-opaque | nginx | haproxy | rampart / rampart-opaque | rampart / nginx | rampart / haproxy |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for phase in j["phases"].as_array().into_iter().flatten() {
         let results = phase["results"].as_array().cloned().unwrap_or_default();
@@ -319,29 +326,39 @@ fn summary(j: &Value) -> String {
             &[
                 ("added p50 µs", "added_p50_us"),
                 ("added p99 µs", "added_p99_us"),
+                ("added p99.9 µs", "added_p999_us"),
+                ("CPU s / 10k req", "cpu_s_per_10k_requests"),
             ]
         } else {
             &[
                 ("throughput req/s", "throughput_rps"),
                 ("added p50 µs", "added_p50_us"),
+                ("CPU s / 10k req", "cpu_s_per_10k_requests"),
             ]
         };
         for (label, key) in metrics {
             let Some(r) = get("rampart", key) else {
                 continue;
             };
-            let (n, h) = (get("nginx", key), get("haproxy", key));
-            if n.is_none() && h.is_none() {
+            let (o, n, h) = (
+                get("rampart-opaque", key),
+                get("nginx", key),
+                get("haproxy", key),
+            );
+            if o.is_none() && n.is_none() && h.is_none() {
                 continue;
             }
             let show = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v}"));
+            let rat = |v: Option<f64>| v.map_or("-".into(), |v| ratio(r, v));
             md += &format!(
-                "| {} | {label} | {r} | {} | {} | {} | {} |\n",
+                "| {} | {label} | {r} | {} | {} | {} | {} | {} | {} |\n",
                 phase["name"].as_str().unwrap_or(""),
+                show(o),
                 show(n),
                 show(h),
-                n.map_or("-".into(), |n| ratio(r, n)),
-                h.map_or("-".into(), |h| ratio(r, h)),
+                rat(o),
+                rat(n),
+                rat(h),
             );
         }
         // Memory per sidecar: the larger side, while the phase ran.
@@ -357,8 +374,7 @@ fn summary(j: &Value) -> String {
                     phase["name"].as_str().unwrap_or(""),
                     "larger side's RSS MiB",
                     r,
-                    side("nginx"),
-                    side("haproxy"),
+                    [side("rampart-opaque"), side("nginx"), side("haproxy")],
                 );
             }
         }
@@ -381,21 +397,24 @@ fn summary(j: &Value) -> String {
             "idle, after start",
             "larger side's RSS MiB",
             r,
-            idle("nginx"),
-            idle("haproxy"),
+            [idle("rampart-opaque"), idle("nginx"), idle("haproxy")],
         );
     }
     md
 }
 
-fn memory_row(phase: &str, label: &str, r: u64, n: Option<u64>, h: Option<u64>) -> String {
+/// `others`: rampart-opaque, nginx, haproxy.
+fn memory_row(phase: &str, label: &str, r: u64, others: [Option<u64>; 3]) -> String {
     let show = |v: Option<u64>| v.map_or("-".into(), |k| format!("{}", mib(k)));
     let rat = |v: Option<u64>| v.map_or("-".into(), |k| ratio(r as f64, k as f64));
+    let [o, n, h] = others;
     format!(
-        "| {phase} | {label} | {} | {} | {} | {} | {} |\n",
+        "| {phase} | {label} | {} | {} | {} | {} | {} | {} | {} |\n",
         mib(r),
+        show(o),
         show(n),
         show(h),
+        rat(o),
         rat(n),
         rat(h)
     )
@@ -492,6 +511,7 @@ fn color(name: &str) -> RGBColor {
     match name {
         "rampart" => RGBColor(200, 30, 30),
         "rampart-nopool" => RGBColor(240, 130, 20),
+        "rampart-opaque" => RGBColor(120, 20, 20),
         "rampart-transparent" => RGBColor(140, 60, 170),
         "nginx" => RGBColor(30, 90, 200),
         "nginx-nopool" => RGBColor(0, 170, 200),

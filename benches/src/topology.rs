@@ -1,6 +1,7 @@
 //! Topologies under test, as real processes on loopback: pairs of proxies
 //! (outbound -> mTLS -> inbound) in front of an app from `apps`, with SVIDs
-//! from the development CA: Rampart sidecars, and nginx and HAProxy doing the
+//! from the test kit's PKI: Rampart sidecars (configured with typed
+//! [`Config`] values, written by serde), and nginx and HAProxy doing the
 //! same hop with the same certificates (see [`Kind`] and [`Flavor`]).
 
 use std::cell::Cell;
@@ -9,6 +10,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use rampart_app::config::{Config, PortConfig};
+use rampart_proxy::config::DeclaredProtocol;
+use rampart_testkit::Pki;
+use rampart_testkit::pki::parse_id;
+use rampart_testkit::sidecar::{base_config, inbound_listener, outbound_listener};
 
 use crate::apps::GRPC_PATH;
 pub use crate::apps::{EchoApp, H2App, HttpApp};
@@ -27,9 +34,10 @@ pub fn rampart_bin() -> PathBuf {
     bin
 }
 
-/// A scratch directory with a development CA.
+/// A scratch directory with the SVIDs of a development CA.
 pub struct Env {
     dir: tempfile::TempDir,
+    pki: Pki,
     bin: PathBuf,
     seq: Cell<u32>,
 }
@@ -111,12 +119,13 @@ impl Flavor {
         }
     }
 
-    /// Extra outbound configuration of a Rampart client side.
-    fn rampart_outbound(self) -> &'static str {
+    /// Whether a Rampart client side declares the server side's port
+    /// opaque (`outbound.opaque_ports`).
+    fn rampart_opaque(self) -> bool {
         match self {
             // HTTP/2 from the app is tunneled on its own connection anyway.
-            Flavor::Http1 | Flavor::Http2 => "",
-            Flavor::Http1NoPool => "outbound:\n  opaque_ports: [{inbound}]\n",
+            Flavor::Http1 | Flavor::Http2 => false,
+            Flavor::Http1NoPool => true,
         }
     }
 }
@@ -146,19 +155,10 @@ fn free_port() -> u16 {
 impl Env {
     /// Creates the CA.
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let bin = rampart_bin();
-        let ok = Command::new(&bin)
-            .args(["ca", "init", "--dir"])
-            .arg(dir.path().join("ca"))
-            .stdout(Stdio::null())
-            .status()
-            .expect("rampart ca init")
-            .success();
-        assert!(ok, "rampart ca init failed");
         let env = Env {
-            dir,
-            bin,
+            dir: tempfile::tempdir().expect("tempdir"),
+            pki: Pki::new("example.org"),
+            bin: rampart_bin(),
             seq: Cell::new(0),
         };
         env.issue(SERVER_ID, "server", &[SERVER_DNS]);
@@ -175,19 +175,8 @@ impl Env {
     }
 
     fn issue(&self, id: &str, name: &str, dns: &[&str]) -> PathBuf {
-        let out = self.dir.path().join(name);
-        let ok = Command::new(&self.bin)
-            .args(["ca", "issue", "--spiffe-id", id, "--dir"])
-            .arg(self.dir.path().join("ca"))
-            .args(dns.iter().flat_map(|d| ["--dns", d]))
-            .arg("--out")
-            .arg(&out)
-            .stdout(Stdio::null())
-            .status()
-            .expect("rampart ca issue")
-            .success();
-        assert!(ok, "rampart ca issue failed");
-        out
+        self.pki
+            .issue_into_with_dns(id, dns, &self.dir.path().join(name))
     }
 
     /// The `rampart` binary.
@@ -215,14 +204,15 @@ impl Env {
         format!("{name}-{n}")
     }
 
-    fn sidecar(&self, bin: &Path, name: &str, svid: &Path, body: &str) -> Proc {
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let cfg = format!(
-            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{admin}\"}}\nlog: {{level: warn}}\n{body}",
-            s = svid.display()
-        );
+    /// Starts `bin run` with the SVID in `svid`, a free admin address,
+    /// warnings only, and what `edit` adds; returns once it is ready.
+    fn sidecar(&self, bin: &Path, name: &str, svid: &Path, edit: impl FnOnce(&mut Config)) -> Proc {
+        let mut cfg = base_config(svid);
+        cfg.log.level = "warn".into();
+        edit(&mut cfg);
+        let admin = cfg.admin.address;
         let path = self.dir.path().join(format!("{}.yaml", self.unique(name)));
-        std::fs::write(&path, cfg).expect("write config");
+        std::fs::write(&path, cfg.to_yaml()).expect("write config");
         let child = Command::new(bin)
             .arg("run")
             .arg("--config")
@@ -242,11 +232,32 @@ impl Env {
             &self.bin,
             ServerSvid::Genuine,
             app,
-            &format!(
-                "inbound:\n  ports:\n    - port: {}\n      allowed_peers: [\"{CLIENT_ID}\"]\n",
-                app.port()
-            ),
-            "",
+            |c| {
+                c.inbound.ports = vec![PortConfig {
+                    allowed_peers: Some(vec![parse_id(CLIENT_ID)]),
+                    ..PortConfig::new(app.port())
+                }]
+            },
+            false,
+        )
+    }
+
+    /// The pair with the app's port declared opaque on both sides (the L4
+    /// reference): one mTLS connection per client connection, authorized
+    /// once by an allowlist; no HTTP parsing.
+    pub fn rampart_opaque_pair(&self, app: SocketAddr) -> Pair {
+        self.sidecar_pair(
+            &self.bin,
+            ServerSvid::Genuine,
+            app,
+            |c| {
+                c.inbound.ports = vec![PortConfig {
+                    protocol: DeclaredProtocol::Opaque,
+                    allowed_peers: Some(vec![parse_id(CLIENT_ID)]),
+                    ..PortConfig::new(app.port())
+                }]
+            },
+            true,
         )
     }
 
@@ -260,15 +271,21 @@ impl Env {
     /// older build, to compare two versions in one run). It must read the
     /// same configuration schema as the one beside this harness.
     pub fn rampart_http_pair_with(&self, bin: &Path, app: SocketAddr) -> Pair {
-        let inbound = self.rampart_policy_inbound();
-        self.sidecar_pair(bin, ServerSvid::Genuine, app, &inbound, "")
+        let policy = self.policy_file();
+        self.sidecar_pair(
+            bin,
+            ServerSvid::Genuine,
+            app,
+            |c| c.inbound.policies = vec![policy],
+            false,
+        )
     }
 
-    /// The `inbound:` section that loads [`Env::policy_text`] from a file.
-    fn rampart_policy_inbound(&self) -> String {
+    /// [`Env::policy_text`] written to a file, for `inbound.policies`.
+    pub fn policy_file(&self) -> PathBuf {
         let policy = self.dir.path().join("allow.yaml");
         std::fs::write(&policy, self.policy_text()).expect("write policy");
-        format!("inbound:\n  policies: [\"{}\"]\n", policy.display())
+        policy
     }
 
     /// A pair of `kind` in front of the HTTP app at `app`; the server side
@@ -289,13 +306,13 @@ impl Env {
     ) -> Pair {
         match kind {
             Kind::Rampart => {
-                let inbound = self.rampart_policy_inbound();
+                let policy = self.policy_file();
                 self.sidecar_pair(
                     &self.bin,
                     server_svid,
                     app,
-                    &inbound,
-                    flavor.rampart_outbound(),
+                    |c| c.inbound.policies = vec![policy],
+                    flavor.rampart_opaque(),
                 )
             }
             Kind::Nginx => self.nginx_pair(flavor, app, server_svid),
@@ -303,36 +320,32 @@ impl Env {
         }
     }
 
-    /// `outbound_cfg` may use `{inbound}`, the server side's address.
+    /// The server side with an inbound listener in front of `app` and what
+    /// `inbound_edit` adds; the client side with an outbound listener to
+    /// it, which with `opaque` declares the server side's port opaque.
     fn sidecar_pair(
         &self,
         bin: &Path,
         server_svid: ServerSvid,
         app: SocketAddr,
-        inbound_cfg: &str,
-        outbound_cfg: &str,
+        inbound_edit: impl FnOnce(&mut Config),
+        opaque: bool,
     ) -> Pair {
         let server_svid = self.svid(server_svid);
         let client_svid = self.dir.path().join("client");
         let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let entry = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let server = self.sidecar(
-            bin,
-            "server",
-            &server_svid,
-            &format!(
-                "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app}\"}}\n{inbound_cfg}"
-            ),
-        );
-        let client = self.sidecar(
-            bin,
-            "client",
-            &client_svid,
-            &format!(
-                "listeners:\n  - {{name: out, direction: outbound, listen: \"{entry}\", target: \"{inbound}\", server_identities: [\"{SERVER_ID}\"]}}\n{}",
-                outbound_cfg.replace("{inbound}", &inbound.port().to_string())
-            ),
-        );
+        let server = self.sidecar(bin, "server", &server_svid, |c| {
+            c.listeners.push(inbound_listener("in", inbound, app));
+            inbound_edit(c);
+        });
+        let client = self.sidecar(bin, "client", &client_svid, |c| {
+            c.listeners
+                .push(outbound_listener("out", entry, inbound, SERVER_ID));
+            if opaque {
+                c.outbound.opaque_ports = vec![inbound.port()];
+            }
+        });
         Pair {
             entry,
             procs: vec![client, server],

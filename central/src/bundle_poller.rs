@@ -35,16 +35,21 @@ pub struct BundleSource {
     pub timeout: Duration,
     /// Largest compressed bundle accepted.
     pub max_download_bytes: usize,
+    /// Longest compile of one bundle (on a thread of its own); a bundle
+    /// over it is refused (`over_budget`) and the last good one stays.
+    pub compile_timeout: Duration,
 }
 
 impl BundleSource {
-    /// A source with Rampart's defaults: every 30 s, 10 s timeout, 8 MiB.
+    /// A source with Rampart's defaults: every 30 s, 10 s timeout, 8 MiB,
+    /// 5 s to compile.
     pub fn new(url: http::Uri) -> Self {
         BundleSource {
             url,
             poll_interval: Duration::from_secs(30),
             timeout: Duration::from_secs(10),
             max_download_bytes: 8 << 20,
+            compile_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -179,11 +184,20 @@ impl Poller {
         self.last_digest = Some(digest);
         let options = self.options.clone();
         let body: Bytes = resp.body;
-        let loaded = tokio::task::spawn_blocking(move || bundle::load(&body, &options)).await;
+        let budget = self.source.compile_timeout;
+        let loaded = tokio::task::spawn_blocking(move || {
+            rampart_authz::budget::run_within(budget, move || bundle::load(&body, &options))
+        })
+        .await;
         // A new ETag, good or bad, is not fetched again until it changes.
         self.etag = etag;
         match loaded {
-            Ok(Ok(b)) => {
+            Ok(Err(over)) => {
+                tracing::warn!(bundle.url = %url, error = %over, "policy bundle refused; previous policies stay in force");
+                self.set_error(over.to_string());
+                BundleLoad::Refused("over_budget")
+            }
+            Ok(Ok(Ok(b))) => {
                 tracing::info!(bundle.url = %url, bundle.revision = %b.revision, bundle.verified = b.verified, policies = b.authorizer.policies().len(), "policy bundle activated");
                 {
                     let mut s = self.lock_status();
@@ -194,7 +208,7 @@ impl Poller {
                 self.tx.send_replace(Some(Arc::new(b.authorizer)));
                 BundleLoad::Success
             }
-            Ok(Err(e)) => {
+            Ok(Ok(Err(e))) => {
                 tracing::warn!(bundle.url = %url, error = %e, "policy bundle refused; previous policies stay in force");
                 self.set_error(e.to_string());
                 BundleLoad::Refused(e.as_str())

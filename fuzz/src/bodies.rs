@@ -30,6 +30,8 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("detect", detect),
     ("smuggling", smuggling),
     ("policy_file", policy_file),
+    ("http_detect", http_detect),
+    ("admin_inputs", admin_inputs),
 ];
 
 /// SPIFFE ID and trust domain parsing: a parsed ID is canonical (it prints
@@ -214,6 +216,96 @@ pub fn policy_file(data: &[u8]) {
     {
         assert!(e.to_string().contains("fuzz.yaml"), "{e}");
     }
+}
+
+/// The HTTP-detect boundary (issue 19, F1): bytes that begin with what an
+/// HTTP/1 server would take for a request line (after optional empty lines,
+/// whatever the method's case or the version's digits) are never opaque,
+/// however they continue and wherever the stream stops. An opaque verdict
+/// would splice them, forged identity headers and all, to the app.
+pub fn http_detect(data: &[u8]) {
+    let data = &data[..data.len().min(MAX_DETECT_BYTES)];
+    let Some(line_end) = request_line_end(data) else {
+        return;
+    };
+    for end in line_end..=data.len() {
+        let prefix = &data[..end];
+        assert_ne!(
+            detect::settle(prefix),
+            Protocol::Opaque,
+            "a request line then {:?} settled as opaque",
+            String::from_utf8_lossy(&prefix[line_end..])
+        );
+        assert_ne!(
+            detect::classify(prefix),
+            Verdict::Known(Protocol::Opaque),
+            "a request line classified as opaque"
+        );
+    }
+}
+
+/// Where a request line ends (after its LF) if `data` starts with one, by
+/// an independent, deliberately lenient reading: empty lines, a method of
+/// ASCII letters in any case, one space, a target without spaces or
+/// controls, one space, `HTTP/` digit `.` digit, CRLF or LF.
+fn request_line_end(data: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while data.get(i..i + 2) == Some(b"\r\n") {
+        i += 2;
+    }
+    let method = data[i..]
+        .iter()
+        .take_while(|b| b.is_ascii_alphabetic())
+        .count();
+    if method == 0 || method > 16 {
+        return None;
+    }
+    i += method;
+    if data.get(i) != Some(&b' ') {
+        return None;
+    }
+    i += 1;
+    let target = data[i..]
+        .iter()
+        .take_while(|b| b.is_ascii_graphic())
+        .count();
+    if target == 0 {
+        return None;
+    }
+    i += target;
+    let rest = data.get(i..i + 10)?;
+    let version_ok = rest.starts_with(b" HTTP/")
+        && rest[6].is_ascii_digit()
+        && rest[7] == b'.'
+        && rest[8].is_ascii_digit();
+    if !version_ok {
+        return None;
+    }
+    i += 9;
+    match (data.get(i), data.get(i + 1)) {
+        (Some(b'\n'), _) => Some(i + 1),
+        (Some(b'\r'), Some(b'\n')) => Some(i + 2),
+        _ => None,
+    }
+}
+
+/// The admin API's inputs (issue 19, S1): which paths answer clients outside
+/// the pod (exactly the three probes, whatever else the path holds: a
+/// query, a dot segment, a trailing slash, a case change is loopback-only),
+/// and the app-probe JSON that injection writes, which must parse or be
+/// refused without a panic.
+pub fn admin_inputs(data: &[u8]) {
+    use rampart_proxy::admin::Exposure;
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let probe = matches!(s, "/live" | "/ready" | "/metrics");
+    assert_eq!(
+        Exposure::of(s) == Exposure::Probe,
+        probe,
+        "{s:?} is exposed outside the pod"
+    );
+    let _ = rampart_proxy::probe::AppProbes::parse(s);
 }
 
 /// Feeds `input` through a guard in reads of `sizes` (cycled) into read

@@ -112,6 +112,13 @@ pub fn validate_leaf(der: &[u8]) -> Result<LeafInfo, SvidError> {
     })
 }
 
+/// The end of validity of a DER certificate (`None` if it does not
+/// parse). Connections made with a certificate are closed when it expires.
+pub fn leaf_not_after(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(asn1_to_system(cert.validity().not_after.timestamp()))
+}
+
 /// Validates the leaf of a DNS-SAN client certificate (an ingress that is
 /// not a SPIFFE workload, `SCENARIOS.md` §3.2): no URI SAN at all, at least
 /// one DNS SAN, not a CA, and, when keyUsage is present, digitalSignature

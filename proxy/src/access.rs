@@ -72,6 +72,9 @@ pub struct Event<'a> {
     /// Values of the request headers the operator chose to log
     /// (`log.access_headers`), as received.
     pub headers: &'a [(http::HeaderName, String)],
+    /// The `dynamic_metadata` a Rego (OPA-Envoy) result set, written as
+    /// Envoy's ext_authz filter leaves it (`envoy.filters.http.ext_authz`).
+    pub dynamic_metadata: Option<&'a serde_json::Value>,
 }
 
 /// The values of `names` in `headers`, for an access event (lossy UTF-8;
@@ -189,6 +192,7 @@ pub struct Pending<'a> {
     bytes_in: Option<u64>,
     bytes_out: Option<u64>,
     headers: Vec<(http::HeaderName, String)>,
+    dynamic_metadata: Option<serde_json::Value>,
 }
 
 /// [`Verdict`] with owned names.
@@ -229,6 +233,7 @@ impl<'a> Pending<'a> {
             bytes_in: None,
             bytes_out: None,
             headers: Vec::new(),
+            dynamic_metadata: None,
         }
     }
 
@@ -280,6 +285,10 @@ impl<'a> Pending<'a> {
     /// The authorization decision (copied only when the event will be
     /// written; a denial always is).
     pub fn decided(&mut self, decision: &rampart_authz::Decision) {
+        let recorded = self.log.enabled || matches!(decision, rampart_authz::Decision::Deny(_));
+        if recorded {
+            self.dynamic_metadata = decision.dynamic_metadata().cloned();
+        }
         match decision {
             rampart_authz::Decision::Allow(p) if self.log.enabled => {
                 self.verdict = OwnedVerdict::Allow {
@@ -347,6 +356,7 @@ impl Drop for Pending<'_> {
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             headers: &self.headers,
+            dynamic_metadata: self.dynamic_metadata.as_ref(),
         });
     }
 }
@@ -455,6 +465,9 @@ fn render(e: &Event<'_>) -> serde_json::Value {
             .collect();
         v["headers"] = headers.into();
     }
+    if let Some(m) = e.dynamic_metadata {
+        v["dynamic_metadata"] = serde_json::json!({"envoy.filters.http.ext_authz": m});
+    }
     v
 }
 
@@ -464,6 +477,7 @@ mod tests {
 
     #[test]
     fn events_carry_no_query() {
+        let md = serde_json::json!({"decision_id": "d1", "tenant": "a"});
         let e = Event {
             direction: Direction::Inbound,
             peer: Some("spiffe://example.org/a"),
@@ -480,11 +494,14 @@ mod tests {
             bytes_in: None,
             bytes_out: Some(3),
             headers: &[],
+            dynamic_metadata: Some(&md),
         };
         let v = render(&e);
         assert_eq!(v["authz.policy"], "p");
         assert_eq!(v["path"], "/data");
         assert_eq!(v["event"], "http");
+        // A Rego result's dynamic_metadata, where Envoy's ext_authz puts it.
+        assert_eq!(v["dynamic_metadata"]["envoy.filters.http.ext_authz"], md);
     }
 
     #[test]
@@ -508,7 +525,9 @@ mod tests {
             bytes_in: None,
             bytes_out: None,
             headers: &[],
+            dynamic_metadata: None,
         };
+        assert!(render(&e).get("dynamic_metadata").is_none());
         for _ in 0..5 {
             log.record(&e);
         }

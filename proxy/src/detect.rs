@@ -15,6 +15,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -151,9 +152,10 @@ fn is_tchar(b: u8) -> bool {
 /// might: empty lines and whitespace before it are skipped (RFC 9112 §2.2
 /// and beyond), the method is any token in any case, and a first line that
 /// names `HTTP/` (any case, any version, any separators) is HTTP, even one
-/// that hyper then refuses (`HTTP/1.2`, tabs). A line that ends without
-/// naming `HTTP/`, a first byte that cannot start a method, or a control
-/// byte that no request line holds is opaque.
+/// that hyper then refuses (`HTTP/1.2`, tabs); so is `GET` and a space (an
+/// HTTP/0.9 request, after which some servers still read header fields).
+/// A line that ends without naming `HTTP/`, a first byte that cannot start
+/// a method, or a control byte that no request line holds is opaque.
 fn classify_http1(buf: &[u8]) -> Verdict {
     let Some(start) = buf.iter().position(|b| !is_space(*b)) else {
         return need_more(buf);
@@ -162,6 +164,11 @@ fn classify_http1(buf: &[u8]) -> Verdict {
         return Verdict::Known(Protocol::Opaque);
     }
     let line = &buf[start..];
+    // HTTP/0.9's simple request, `GET target`: Python's `http.server`
+    // still reads header fields after it.
+    if line.len() > 3 && line[..3].eq_ignore_ascii_case(b"GET") && is_space(line[3]) {
+        return Verdict::Known(Protocol::Http1);
+    }
     for (i, b) in line.iter().enumerate() {
         match *b {
             b'\n' => return Verdict::Known(Protocol::Opaque),
@@ -341,6 +348,160 @@ where
     ))
 }
 
+/// A silent client's stream on its way into an opaque splice, watched for
+/// who speaks first. If the app does (a server-speaks-first protocol), the
+/// splice goes on untouched. If the client does, and its first bytes may be
+/// HTTP, reading fails ([`LateHttp`]) before a byte reaches the app, so the
+/// splice ends and the caller serves the stream as HTTP from its handle
+/// ([`LateWatchHandle::take_http`]): a client pool's connection opened ahead
+/// of use then gets the sidecar's header rules like any other request,
+/// where the detect timeout alone would have spliced it with the client's
+/// headers intact.
+pub struct LateWatch<S> {
+    shared: Arc<Mutex<Late<S>>>,
+}
+
+/// The caller's side of a [`LateWatch`].
+pub struct LateWatchHandle<S> {
+    shared: Arc<Mutex<Late<S>>>,
+}
+
+struct Late<S> {
+    stream: Option<S>,
+    /// Who spoke first is known (pass-through from then on).
+    decided: bool,
+    /// The client's first bytes, kept when they may be HTTP.
+    first: BytesMut,
+    /// The client spoke first, and may speak HTTP.
+    http: bool,
+}
+
+/// The client of a silent connection spoke first, in what may be HTTP.
+#[derive(Debug, thiserror::Error)]
+#[error("a silent client's first bytes may be HTTP")]
+pub struct LateHttp;
+
+impl<S> LateWatch<S> {
+    /// Watches `stream`; the handle gets it back when the client spoke HTTP.
+    pub fn new(stream: S) -> (Self, LateWatchHandle<S>) {
+        let shared = Arc::new(Mutex::new(Late {
+            stream: Some(stream),
+            decided: false,
+            first: BytesMut::new(),
+            http: false,
+        }));
+        (
+            LateWatch {
+                shared: shared.clone(),
+            },
+            LateWatchHandle { shared },
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Late<S>> {
+        // A poisoned lock only means a panic elsewhere; the state is intact.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<S> LateWatchHandle<S> {
+    /// The stream, replaying the client's first bytes, when the client
+    /// spoke first in what may be HTTP; `None` otherwise (or while the
+    /// splice still holds the watch).
+    pub fn take_http(self) -> Option<Rewind<S>> {
+        let mut late = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if !late.http {
+            return None;
+        }
+        let inner = late.stream.take()?;
+        Some(Rewind {
+            prefix: std::mem::take(&mut late.first),
+            inner,
+        })
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "stream taken back")
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for LateWatch<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut guard = self.lock();
+        let late = &mut *guard;
+        let Some(stream) = late.stream.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        if late.decided {
+            return Pin::new(stream).poll_read(cx, out);
+        }
+        let mut chunk = [0u8; 1024];
+        let mut rb = ReadBuf::new(&mut chunk);
+        match Pin::new(stream).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                let got = rb.filled();
+                late.decided = true;
+                // The first segment decides: what cannot be HTTP is spliced
+                // on; anything else (HTTP, or a prefix too short to tell)
+                // is for hyper to judge.
+                let opaque = got.is_empty()
+                    || matches!(
+                        classify(got),
+                        Verdict::Known(Protocol::Opaque | Protocol::Tls)
+                    );
+                if opaque {
+                    out.put_slice(got);
+                    return Poll::Ready(Ok(()));
+                }
+                late.first.extend_from_slice(got);
+                late.http = true;
+                Poll::Ready(Err(io::Error::other(LateHttp)))
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for LateWatch<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut late = self.lock();
+        // The app spoke first: a server-speaks-first protocol.
+        late.decided = true;
+        match late.stream.as_mut() {
+            Some(s) => Pin::new(s).poll_write(cx, buf),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.lock().stream.as_mut() {
+            Some(s) => Pin::new(s).poll_flush(cx),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut late = self.lock();
+        // Never half-close a stream that is about to be served as HTTP.
+        if late.http {
+            return Poll::Ready(Ok(()));
+        }
+        match late.stream.as_mut() {
+            Some(s) => Pin::new(s).poll_shutdown(cx),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
 /// A stream that first yields bytes already read from it.
 #[derive(Debug)]
 pub struct Rewind<S> {
@@ -430,7 +591,8 @@ mod tests {
             (b"PRI * HTTP/2.0\r\n", Verdict::NeedMore),
             (H2_PREFACE, Verdict::Known(Http2)),
             (b"GE", Verdict::NeedMore),
-            (b"GET /", Verdict::NeedMore),
+            (b"GET /", Verdict::Known(Http1)),
+            (b"POST /", Verdict::NeedMore),
             (b"GET / HTTP/1.1\r\nHost: x\r\n", Verdict::Known(Http1)),
             (b"POST /a HTTP/1.0\n", Verdict::Known(Http1)),
             // What hyper refuses is still HTTP: it answers 400.
@@ -444,12 +606,22 @@ mod tests {
             (b"PRI * HTTP/2.0\r\n\r\nXX", Verdict::Known(Http1)),
             (b"\r\n", Verdict::NeedMore),
             (b"G", Verdict::NeedMore),
-            (b"GET / HT", Verdict::NeedMore),
+            (b"POST / HT", Verdict::NeedMore),
             (b"SSH-2.0-OpenSSH\r\n", Verdict::Known(Opaque)),
             (b"\x00\x00\x00\x08", Verdict::Known(Opaque)),
             (b"GET\x00 / HTTP/1.1", Verdict::Known(Opaque)),
             (b"EHLO mail\r\n", Verdict::Known(Opaque)),
-            (b"get key\r\n", Verdict::Known(Opaque)),
+            (b"get key\r\n", Verdict::Known(Http1)),
+            (
+                b"GET /x\r\nX-Forwarded-Client-Cert: f\r\n\r\n",
+                Verdict::Known(Http1),
+            ),
+            (b"GETS key\r\n", Verdict::Known(Opaque)),
+            (b"set k 0 0 1\r\n", Verdict::Known(Opaque)),
+            (
+                b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3\r\n",
+                Verdict::Known(Opaque),
+            ),
             (b"*1\r\n$4\r\nPING\r\n", Verdict::Known(Opaque)),
         ];
         for (input, want) in cases {

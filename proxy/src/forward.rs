@@ -4,8 +4,9 @@
 //! Per connection: [`connection`] (inbound opaque TCP, from a
 //! [`Permitted`]), [`passthrough`] (outbound, outside the mesh), [`to_peer`]
 //! over a connection from [`dial_peer`] (outbound, mTLS). Per request:
-//! [`request`] (inbound, from a [`PermittedRequest`]), [`peer_request`]
-//! (outbound, on the pool), and the tunnels [`app_tunnel`] and
+//! [`request`] (inbound, from a [`PermittedRequest`], on the app
+//! connection pool of `http::pool` or hyper's HTTP/2 pool),
+//! [`peer_request`] (outbound, on the hop pool), and the tunnels [`app_tunnel`] and
 //! [`peer_tunnel`]. The raw building blocks, `connect` and `splice`, are
 //! private to this module: nothing else opens a socket to a target or
 //! moves bytes between two streams.
@@ -22,7 +23,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::Connect;
+use hyper_util::client::legacy::connect::HttpConnector;
 use rampart_authz::Permit;
 use rampart_identity::PeerIdentity;
 use rustls::ClientConfig;
@@ -35,7 +36,9 @@ use crate::config::Direction;
 use crate::http::ProxyBody;
 use crate::http::body::{RequestBody, Waited, response_within};
 use crate::http::errors::LocalError;
-use crate::http::pool::{PoolConnectError, pool_failure};
+use crate::http::pool::{
+    Endpoint, IdleLinks, Link, OutboundHttp, PoolConnectError, SendError, UpstreamBody,
+};
 use crate::http::tunnel::{self, Tunnel};
 use crate::metrics::{self, ForwardFailure, HandshakeResult};
 use crate::tls::{self, ClientTls, HandshakeError};
@@ -163,60 +166,106 @@ where
     splice(stream, peer).await
 }
 
-/// Sends a permitted request to the app on `client`'s pool and waits (up
-/// to `timeout` after the body ended) for its response head. Taking
-/// [`PermittedRequest`] makes forwarding an unauthorized request a type
-/// error. The permit comes back for the response's header effects.
-pub async fn request<C>(
-    client: &Client<C, RequestBody>,
+/// How a permitted request goes to the app.
+pub enum AppRoute<'a> {
+    /// HTTP/1.1 at `app` on an idle pooled app connection or a new one.
+    Http1 {
+        /// The app connection pool.
+        pool: &'a Arc<IdleLinks<SocketAddr>>,
+        /// The app.
+        app: SocketAddr,
+        /// Bounds a new connection.
+        connect_timeout: Duration,
+        /// How long an app connection may stay idle in the pool.
+        idle_timeout: Duration,
+    },
+    /// HTTP/2 on hyper's pool (ports declared `http2` or `grpc`, or
+    /// HTTP/2 callers).
+    Http2(&'a Client<HttpConnector, RequestBody>),
+}
+
+/// Sends a permitted request to the app and waits (up to `timeout` after
+/// the body ended) for its response head. Taking [`PermittedRequest`]
+/// makes forwarding an unauthorized request a type error. The permit
+/// comes back for the response's header effects.
+pub async fn request(
+    route: AppRoute<'_>,
     permitted: PermittedRequest,
     timeout: Duration,
-) -> Result<(Response<Incoming>, Permit), LocalError>
-where
-    C: Connect + Clone + Send + Sync + 'static,
-{
+) -> Result<(Response<UpstreamBody>, Permit), LocalError> {
     let (parts, body, permit) = permitted.into_parts(ForwardKey(()));
     let (body, ended) = RequestBody::new(body);
+    let req = Request::from_parts(parts, body);
     let progress = ended.clone();
-    let sent = client.request(Request::from_parts(parts, body));
-    match response_within(timeout, ended, sent).await {
-        Err(Waited::NoResponse) => Err(LocalError::AppTimeout),
-        Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
-        // The client's chunked framing broke mid-body: 400, not 502.
-        Ok(Err(_)) if progress.is_some_and(|p| p.client_failed()) => Err(LocalError::MalformedBody),
-        Ok(Err(e)) => Err(LocalError::AppUnreachable(e)),
-        Ok(Ok(r)) => Ok((r, permit)),
+    // The client's chunked framing broke mid-body: 400, not 502.
+    let malformed = || progress.as_ref().is_some_and(|p| p.client_failed());
+    match route {
+        AppRoute::Http1 {
+            pool,
+            app,
+            connect_timeout,
+            idle_timeout,
+        } => {
+            let dial = || async move {
+                let tcp = connect(app, connect_timeout).await?;
+                Ok(Link::establish(tcp, None, idle_timeout, None, None).await?)
+            };
+            match response_within(timeout, ended, pool.send(&app, req, dial)).await {
+                Err(Waited::NoResponse) => Err(LocalError::AppTimeout),
+                Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
+                Ok(Err(_)) if malformed() => Err(LocalError::MalformedBody),
+                Ok(Err(SendError::Connect(PoolConnectError::App(c)))) => {
+                    Err(LocalError::AppConnect(c))
+                }
+                Ok(Err(e)) => Err(LocalError::AppUnreachable(Box::new(e))),
+                Ok(Ok((r, _))) => Ok((r, permit)),
+            }
+        }
+        AppRoute::Http2(client) => match response_within(timeout, ended, client.request(req)).await
+        {
+            Err(Waited::NoResponse) => Err(LocalError::AppTimeout),
+            Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
+            Ok(Err(_)) if malformed() => Err(LocalError::MalformedBody),
+            Ok(Err(e)) => Err(LocalError::AppUnreachable(Box::new(e))),
+            Ok(Ok(r)) => Ok((r.map(UpstreamBody::from), permit)),
+        },
     }
 }
 
-/// Sends an app's request to the peer sidecar on the pooled HTTP/2
-/// connection of `client` (its connector dials with [`dial_peer`]).
-pub async fn peer_request<C>(
-    client: &Client<C, RequestBody>,
+/// Sends an app's request to the peer sidecar at `endpoint` as HTTP/1.1,
+/// on an idle pooled mTLS connection or a new one from [`dial_peer`];
+/// waits (up to `timeout` after the body ended) for the response head.
+/// Returns it with the verified peer.
+pub async fn peer_request(
+    hop: &OutboundHttp,
+    endpoint: &Endpoint,
     req: Request<Incoming>,
     timeout: Duration,
-) -> Result<Response<Incoming>, LocalError>
-where
-    C: Connect + Clone + Send + Sync + 'static,
-{
+) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {
     let (parts, body) = req.into_parts();
     let (body, ended) = RequestBody::new(body);
-    send_to_peer(client, Request::from_parts(parts, body), ended, timeout).await
+    send_to_peer(
+        hop,
+        endpoint,
+        Request::from_parts(parts, body),
+        ended,
+        timeout,
+    )
+    .await
 }
 
 /// Sends a request without a body (one rebuilt to go to another endpoint
 /// after the first could not be reached) like [`peer_request`].
-pub async fn peer_request_empty<C, B>(
-    client: &Client<C, RequestBody>,
+pub async fn peer_request_empty<B>(
+    hop: &OutboundHttp,
+    endpoint: &Endpoint,
     req: Request<B>,
     timeout: Duration,
-) -> Result<Response<Incoming>, LocalError>
-where
-    C: Connect + Clone + Send + Sync + 'static,
-{
+) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {
     let (parts, _) = req.into_parts();
     send_to_peer(
-        client,
+        hop,
+        endpoint,
         Request::from_parts(parts, RequestBody::empty()),
         None,
         timeout,
@@ -224,34 +273,31 @@ where
     .await
 }
 
-async fn send_to_peer<C>(
-    client: &Client<C, RequestBody>,
+async fn send_to_peer(
+    hop: &OutboundHttp,
+    endpoint: &Endpoint,
     req: Request<RequestBody>,
     ended: Option<Arc<crate::http::body::Progress>>,
     timeout: Duration,
-) -> Result<Response<Incoming>, LocalError>
-where
-    C: Connect + Clone + Send + Sync + 'static,
-{
+) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {
     let progress = ended.clone();
-    let sent = client.request(req);
+    let sent = hop.send(endpoint, req);
     match response_within(timeout, ended, sent).await {
         Err(Waited::NoResponse) => Err(LocalError::PeerTimeout),
         Err(Waited::UploadStalled) => Err(LocalError::UploadStalled),
         Ok(Err(_)) if progress.is_some_and(|p| p.client_failed()) => Err(LocalError::MalformedBody),
         Ok(Ok(r)) => Ok(r),
-        // The pool's connector says why it could not connect.
-        Ok(Err(e)) => Err(match pool_failure(&e) {
-            Some(PoolConnectError::NoIdentity) => LocalError::NoIdentity,
-            Some(PoolConnectError::PoolFull(max)) => LocalError::PoolFull(*max),
-            Some(PoolConnectError::BadDestination(_)) => LocalError::Unroutable,
-            Some(PoolConnectError::Peer(PeerError::Handshake(h))) => {
-                LocalError::PeerHandshake(h.clone())
+        // The pool says why it could not connect.
+        Ok(Err(SendError::Connect(c))) => Err(match c {
+            PoolConnectError::NoIdentity => LocalError::NoIdentity,
+            PoolConnectError::PoolFull(max) => LocalError::PoolFull(max),
+            PoolConnectError::Peer(PeerError::Handshake(h)) => LocalError::PeerHandshake(h),
+            PoolConnectError::Peer(PeerError::Connect(c)) | PoolConnectError::App(c) => {
+                LocalError::PeerConnect(c)
             }
-            Some(PoolConnectError::Peer(PeerError::Connect(_))) | None => {
-                LocalError::PeerExchange(e)
-            }
+            e @ PoolConnectError::Http(_) => LocalError::PeerExchange(SendError::Connect(e)),
         }),
+        Ok(Err(e)) => Err(LocalError::PeerExchange(e)),
     }
 }
 

@@ -123,10 +123,13 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
                 return;
             };
             let server_cfg = ProxyConfig::server_config(&settings).of(&configs).clone();
+            let own_expiry = configs.svid.not_after;
             drop(configs);
             match tls::terminate(accepted, server_cfg, limits.handshake_timeout).await {
-                Ok(a) => {
+                Ok(mut a) => {
                     metrics::handshake(Direction::Inbound, HandshakeResult::Ok);
+                    // The connection ends with the SVID it was made with.
+                    a.expires = tls::earlier(a.expires, Some(own_expiry));
                     a
                 }
                 Err(e) => {
@@ -184,28 +187,36 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             (protocol, authn)
         };
         if let Some(serve) = protocol.serve_version() {
-            let conn = http::server::InboundConn {
-                source: authn.client.0,
-                destination: authn.orig_dst.0,
-                tls: authn.peer.is_some(),
-                peer: authn.peer,
-                port,
-                app,
-                serve,
-                app_version: match settings.protocol {
-                    DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => AppVersion::Http2,
-                    DeclaredProtocol::Http => AppVersion::Http1,
-                    DeclaredProtocol::Detect | DeclaredProtocol::Opaque => AppVersion::AsReceived,
-                },
-                grpc_port: settings.protocol == DeclaredProtocol::Grpc,
-                sni: authn.sni.clone(),
-            };
+            let conn = inbound_conn(
+                (authn.client.0, authn.orig_dst.0),
+                authn.peer,
+                authn.sni.clone(),
+                (port, app, serve),
+                settings.protocol,
+                authn.expires,
+            );
             let slot = authn.slot;
             http::server::serve(authn.stream, conn, shared.clone(), watch).await;
             drop(slot);
             return;
         }
+        // A silent client on a detect port that a policy admits as opaque:
+        // spliced, but if it, not the app, speaks first and may speak HTTP,
+        // it is served as HTTP instead (`detect::LateWatch`).
+        let (authn, late) = if protocol == Inner::Silent {
+            let ends = (authn.client.0, authn.orig_dst.0);
+            let (peer, sni, expires) = (authn.peer.clone(), authn.sni.clone(), authn.expires);
+            let (watched, handle) = detect::LateWatch::new(authn.stream);
+            let authn = Authenticated {
+                stream: Box::new(watched),
+                ..authn
+            };
+            (authn, Some((handle, ends, peer, sni, expires)))
+        } else {
+            (authn, None)
+        };
         // Stage: authz, once for the connection, then forward.
+        let expires = authn.expires;
         let mut event = Pending::open(
             &shared.access,
             Direction::Inbound,
@@ -229,8 +240,8 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
         let forwarded = if tls {
             tokio::select! {
                 r = forwarded => r,
-                () = shared.identity_withdrawn() => {
-                    tracing::info!("identity withdrawn: mTLS connection closed");
+                () = shared.mtls_ends(expires) => {
+                    tracing::info!("identity withdrawn or certificates expired: mTLS connection closed");
                     return;
                 }
             }
@@ -257,9 +268,53 @@ async fn handle(accepted: Accepted, target: AppTarget, shared: Arc<Shared>, watc
             // Logged and counted by the authz stage.
             Err(forward::ForwardError::Revoked) => {}
         }
+        if let Some((handle, ends, peer, sni, expires)) = late
+            && let Some(stream) = handle.take_http()
+        {
+            tracing::debug!("a silent client spoke HTTP first: served as HTTP");
+            metrics::detected(Direction::Inbound, Protocol::Http1);
+            let conn = inbound_conn(
+                ends,
+                peer,
+                sni,
+                (port, app, ServeVersion::Auto),
+                settings.protocol,
+                expires,
+            );
+            http::server::serve(Box::new(stream), conn, shared.clone(), watch).await;
+        }
     }
     .instrument(span)
     .await
+}
+
+/// What the HTTP stage is told about a connection: its ends, peer and SNI,
+/// and (port, app, server-side versions).
+fn inbound_conn(
+    (source, destination): (SocketAddr, SocketAddr),
+    peer: Option<rampart_identity::PeerIdentity>,
+    sni: Option<Arc<str>>,
+    (port, app, serve): (u16, SocketAddr, ServeVersion),
+    declared: DeclaredProtocol,
+    expires: Option<std::time::SystemTime>,
+) -> http::server::InboundConn {
+    http::server::InboundConn {
+        source,
+        destination,
+        tls: peer.is_some(),
+        peer,
+        port,
+        app,
+        serve,
+        app_version: match declared {
+            DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => AppVersion::Http2,
+            DeclaredProtocol::Http => AppVersion::Http1,
+            DeclaredProtocol::Detect | DeclaredProtocol::Opaque => AppVersion::AsReceived,
+        },
+        grpc_port: declared == DeclaredProtocol::Grpc,
+        sni,
+        expires,
+    }
 }
 
 /// What the decrypted stream carries, after declarations and detection.
@@ -315,10 +370,13 @@ async fn detect_inner(
         {
             Inner::Http(http::ServeVersion::Http1)
         }
-        // A peer sidecar speaks HTTP/2 on its pooled connections and
-        // HTTP/1.1 on a tunnel's own connection (`tunnel`), an ingress
-        // either: the first bytes tell which, however late they come
-        // (`http::server`).
+        // A peer sidecar (ALPN `h2`) speaks HTTP/1.1 on its pooled
+        // connections and tunnels, and HTTP/2 when its app does, whatever
+        // the port declares: the first bytes tell which, however late they
+        // come (`http::server`). An ingress either.
+        DeclaredProtocol::Http2 | DeclaredProtocol::Grpc if authn.alpn_h2 => {
+            Inner::Http(ServeVersion::Auto)
+        }
         DeclaredProtocol::Http => Inner::Http(ServeVersion::Auto),
         DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => Inner::Http(ServeVersion::Http2),
         DeclaredProtocol::Detect => {

@@ -371,7 +371,9 @@ pub struct PerDestination {
     direction: Direction,
     source: Option<String>,
     service: String,
-    last: Mutex<Option<(Arc<str>, Arc<RequestMetrics>)>>,
+    /// The last destination's series: read without a lock on every
+    /// request (an atomic load), replaced when the destination changes.
+    last: arc_swap::ArcSwapOption<(Arc<str>, Arc<RequestMetrics>)>,
     unknown: OnceLock<Arc<RequestMetrics>>,
 }
 
@@ -382,7 +384,7 @@ impl PerDestination {
             direction,
             source: source.map(str::to_owned),
             service: service.to_owned(),
-            last: Mutex::new(None),
+            last: arc_swap::ArcSwapOption::empty(),
             unknown: OnceLock::new(),
         }
     }
@@ -396,15 +398,13 @@ impl PerDestination {
                 .get_or_init(|| RequestMetrics::for_request(self.direction, self.labels(None)))
                 .clone();
         };
-        // Poisoning needs a panic while cloning an Arc.
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((id, m)) = last.as_ref()
-            && (Arc::ptr_eq(id, dst) || **id == **dst)
+        if let Some(last) = self.last.load().as_deref()
+            && (Arc::ptr_eq(&last.0, dst) || *last.0 == **dst)
         {
-            return m.clone();
+            return last.1.clone();
         }
         let m = RequestMetrics::for_request(self.direction, self.labels(Some(dst)));
-        *last = Some((dst.clone(), m.clone()));
+        self.last.store(Some(Arc::new((dst.clone(), m.clone()))));
         m
     }
 

@@ -138,8 +138,10 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
             metrics::handshake(Direction::Outbound, HandshakeResult::NoIdentity);
             return;
         };
-        // Stage: detect. HTTP/1.1 from the app rides the pooled HTTP/2
-        // connection to the peer sidecar; everything else is tunneled.
+        // The SVID connections are made with: they end when it expires.
+        let own_expiry = configs.svid.not_after;
+        // Stage: detect. HTTP/1.1 from the app rides pooled HTTP/1.1 mTLS
+        // connections to the peer sidecar; everything else is tunneled.
         if !shared.config.outbound.opaque_ports.contains(&dst.port()) {
             match detect::detect_socket(
                 &accepted.stream,
@@ -207,12 +209,17 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
         };
         drop(configs);
         tracing::Span::current().record("peer.id", field::display(peer.principal()));
+        // The connection ends with the SVID it was made with, or the peer's.
+        let expires = crate::tls::earlier(
+            crate::tls::peer_expiry(tls_stream.get_ref().1.peer_certificates()),
+            Some(own_expiry),
+        );
         let mut event = Pending::open(&shared.access, Direction::Outbound, accepted.client.0, dst);
         event.peer_copied(Some(peer.principal()));
         let spliced = tokio::select! {
             r = forward::to_peer(accepted.stream, tls_stream) => r,
-            () = shared.identity_withdrawn() => {
-                tracing::info!("identity withdrawn: mTLS connection closed");
+            () = shared.mtls_ends(expires) => {
+                tracing::info!("identity withdrawn or certificates expired: mTLS connection closed");
                 return;
             }
         };

@@ -22,8 +22,7 @@
 //! and keeps the sidecar not ready.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -58,11 +57,7 @@ impl Default for CompileBudget {
     }
 }
 
-/// Compiles abandoned over time that may still run at once (each holds a
-/// thread and a core until it ends by itself).
-pub const MAX_ABANDONED: usize = 2;
-
-static ABANDONED: AtomicUsize = AtomicUsize::new(0);
+pub use rampart_authz::budget::MAX_ABANDONED;
 
 /// Why a version of the policies was not put in force.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,48 +116,15 @@ pub fn compile_within<T: Send + 'static>(
     files: &[PathBuf],
     compile: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, LoadRefused> {
-    if ABANDONED.load(Ordering::SeqCst) >= MAX_ABANDONED {
-        return Err(LoadRefused::Busy);
-    }
-    // Whether the waiter gave up; the thread reads it under the same lock
-    // when it ends, so exactly one of them releases the slot.
-    let abandoned = Arc::new(Mutex::new(false));
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let flag = abandoned.clone();
-    let spawned = std::thread::Builder::new()
-        .name("rampart-policy-compile".into())
-        .spawn(move || {
-            let result = compile();
-            // Poisoning needs a panic while holding the lock, which only
-            // reads or sets a bool.
-            let gave_up = flag.lock().map(|g| *g).unwrap_or(true);
-            if gave_up {
-                ABANDONED.fetch_sub(1, Ordering::SeqCst);
-                tracing::info!("a policy compile over budget ended; its result was dropped");
-            } else {
-                let _ = tx.send(result);
-            }
-        });
-    if let Err(e) = spawned {
-        return Err(LoadRefused::Invalid(format!(
-            "starting the policy compile thread: {e}"
-        )));
-    }
-    match rx.recv_timeout(budget.time) {
+    use rampart_authz::budget::{BudgetExceeded, run_within};
+    match run_within(budget.time, compile) {
         Ok(r) => r.map_err(LoadRefused::Invalid),
-        Err(_) => {
-            let mut gave_up = abandoned.lock().unwrap_or_else(|p| p.into_inner());
-            // The result may have arrived between the timeout and the lock.
-            if let Ok(r) = rx.try_recv() {
-                return r.map_err(LoadRefused::Invalid);
-            }
-            *gave_up = true;
-            ABANDONED.fetch_add(1, Ordering::SeqCst);
-            Err(LoadRefused::OverTime {
-                budget: budget.time,
-                files: names(files),
-            })
-        }
+        Err(BudgetExceeded::OverTime(_)) => Err(LoadRefused::OverTime {
+            budget: budget.time,
+            files: names(files),
+        }),
+        Err(BudgetExceeded::Busy) => Err(LoadRefused::Busy),
+        Err(e @ BudgetExceeded::NoThread) => Err(LoadRefused::Invalid(e.to_string())),
     }
 }
 
@@ -514,7 +476,7 @@ mod tests {
         // The abandoned compile ends by itself and frees its slot.
         done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while ABANDONED.load(Ordering::SeqCst) != 0 {
+        while rampart_authz::budget::abandoned() != 0 {
             assert!(std::time::Instant::now() < deadline, "slot never released");
             std::thread::sleep(Duration::from_millis(10));
         }

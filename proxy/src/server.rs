@@ -49,6 +49,29 @@ impl Shared {
         let _ = identity.wait_for(Option::is_none).await;
     }
 
+    /// Resolves when an mTLS connection must end: the sidecar's identity
+    /// is withdrawn, or `expires` (the earlier of the SVID it was made
+    /// with and the peer's certificate) has passed (issue 19 R5). The
+    /// caller lets in-flight requests finish where it can.
+    pub async fn mtls_ends(&self, expires: Option<std::time::SystemTime>) {
+        let expired = async {
+            match expires {
+                Some(t) => {
+                    let left = t
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    tokio::time::sleep(left).await;
+                    tracing::info!("certificates of this mTLS connection expired: closing it");
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = self.identity_withdrawn() => {}
+            () = expired => {}
+        }
+    }
+
     /// Starts a graceful drain, as SIGTERM does (the admin API's `/drain`).
     pub fn request_drain(&self) {
         // notify_one stores a permit, so a request before `run` waits is kept.
@@ -75,11 +98,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             http: crate::http::server::InboundHttp::new(&config.limits),
-            outbound_http: crate::http::pool::OutboundHttp::new(
-                &config.limits,
-                config.tls_spec().client.len(),
-                identity.clone(),
-            ),
+            outbound_http: crate::http::pool::OutboundHttp::new(&config.limits, identity.clone()),
             access: crate::access::AccessLog::new(false, 10),
             config,
             identity,
@@ -165,11 +184,7 @@ pub fn bind(
     Ok(BoundProxy {
         shared: Arc::new(Shared {
             http: crate::http::server::InboundHttp::new(&config.limits),
-            outbound_http: crate::http::pool::OutboundHttp::new(
-                &config.limits,
-                config.client_config_count(),
-                identity.clone(),
-            ),
+            outbound_http: crate::http::pool::OutboundHttp::new(&config.limits, identity.clone()),
             access: crate::access::AccessLog::new(
                 config.observe.access_log,
                 config.observe.denials_per_second,

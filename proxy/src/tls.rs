@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rampart_identity::PeerIdentity;
 use rampart_identity::verify::{PeerRejection, peer_identity};
@@ -114,6 +114,10 @@ pub struct Authenticated {
     pub alpn_http1: bool,
     /// The TLS server name the client sent (SNI), if any.
     pub sni: Option<Arc<str>>,
+    /// When the connection must end: the earlier of the peer's
+    /// certificate's and our SVID's `notAfter` (`None` for plaintext; the
+    /// inbound stage lowers it to its own SVID's).
+    pub expires: Option<SystemTime>,
     /// The listener slot.
     pub slot: crate::listen::Slot,
 }
@@ -145,6 +149,7 @@ pub fn allow_plaintext<S: Io>(accepted: Accepted<S>) -> Authenticated {
         alpn_h2: false,
         alpn_http1: false,
         sni: None,
+        expires: None,
         slot,
     }
 }
@@ -170,6 +175,7 @@ pub async fn terminate<S: Io>(
     let alpn = tls.get_ref().1.alpn_protocol();
     let (alpn_h2, alpn_http1) = (alpn == Some(b"h2"), alpn == Some(b"http/1.1"));
     let sni = tls.get_ref().1.server_name().map(Arc::from);
+    let expires = peer_expiry(tls.get_ref().1.peer_certificates());
     Ok(Authenticated {
         client,
         orig_dst,
@@ -178,8 +184,22 @@ pub async fn terminate<S: Io>(
         alpn_h2,
         alpn_http1,
         sni,
+        expires,
         slot,
     })
+}
+
+/// The `notAfter` of a verified peer's leaf certificate.
+pub fn peer_expiry(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Option<SystemTime> {
+    rampart_identity::svid::leaf_not_after(certs?.first()?)
+}
+
+/// The earlier of two optional expiries.
+pub fn earlier(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Originates mTLS over a connected socket; the server's identity is checked

@@ -63,7 +63,17 @@ impl Pki {
     /// Writes an SVID for `id` into `dir` (created), as `rampart ca issue`
     /// does: `svid.pem`, `svid.key` (0600) and `bundle.pem`; returns `dir`.
     pub fn issue_into(&self, id: &str, dir: &Path) -> PathBuf {
-        let issued = self.svid(id);
+        self.issue_into_with_dns(id, &[], dir)
+    }
+
+    /// [`Pki::issue_into`] with extra DNS SANs on the SVID (for peers that
+    /// check names, not SPIFFE IDs: nginx, HAProxy).
+    pub fn issue_into_with_dns(&self, id: &str, dns: &[&str], dir: &Path) -> PathBuf {
+        let dns: Vec<String> = dns.iter().map(|d| d.to_string()).collect();
+        let issued = self
+            .ca
+            .issue_with(&parse_id(id), TTL, &dns)
+            .unwrap_or_else(|e| panic!("issue {id}: {e}"));
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         write(&dir.join("svid.pem"), &issued.chain_pem, 0o644);
         write(&dir.join("svid.key"), &issued.key_pem, 0o600);

@@ -80,4 +80,26 @@ proptest! {
     fn policy_file(data in texty("policies:\n - name: p\n action: ALLOW DENY\n rules: [{to: {paths: [/a]}}]\n kind: rego\n", 200)) {
         bodies::policy_file(&data);
     }
+
+    #[test]
+    fn http_detect(
+        method in "[A-Za-z]{1,8}",
+        target in "/[!-~]{0,20}",
+        version in "[0-9]\\.[0-9]",
+        lead in 0usize..3,
+        rest in texty("Host: a\r\nx-forwarded-client-cert: By=\r\n\t ", 64),
+    ) {
+        let mut data = "\r\n".repeat(lead).into_bytes();
+        data.extend_from_slice(format!("{method} {target} HTTP/{version}\r\n").as_bytes());
+        data.extend_from_slice(&rest);
+        bodies::http_detect(&data);
+    }
+
+    #[test]
+    fn admin_inputs(data in prop_oneof![
+        texty("/liveradymtcsg.?%2e", 24),
+        texty("{\"/app-health/a/livez\": {\"httpGet\": {\"port\": 1, \"path\": \"/\"}}}", 80),
+    ]) {
+        bodies::admin_inputs(&data);
+    }
 }

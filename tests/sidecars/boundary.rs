@@ -16,8 +16,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use rampart_app::config::PortConfig;
+use rampart_proxy::config::{Limits, TlsMode};
 use support::apps;
-use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, wait_listening};
+use support::sidecar::{
+    LocalProc, Loopback, Sidecar, free_addr, inbound_listener, inbound_listener_as, wait_listening,
+};
 
 /// The forged identity every test sends; the sidecar's own XFCC never
 /// contains it.
@@ -135,12 +139,12 @@ struct Edge {
     out: SocketAddr,
 }
 
-fn edge(policy: &str, limits: &str) -> Edge {
+fn edge(policy: &str, limits: impl Fn(&mut Limits)) -> Edge {
     edge_with(RECORDER, policy, limits)
 }
 
 /// [`edge`] with another app script (its one argument: the port).
-fn edge_with(app: &str, policy: &str, limits: &str) -> Edge {
+fn edge_with(app: &str, policy: &str, limits: impl Fn(&mut Limits)) -> Edge {
     let pki = Loopback::new();
     let app_addr = free_addr();
     let python = apps::python().expect("python3 is installed");
@@ -153,18 +157,23 @@ fn edge_with(app: &str, policy: &str, limits: &str) -> Edge {
     let policy_file = pki.dir.path().join("policy.yaml");
     std::fs::write(&policy_file, policy).unwrap();
     let (plain, strict) = (free_addr(), free_addr());
-    let server = pki.sidecar(
-        "spiffe://example.org/edge",
-        &format!(
-            "listeners:\n  - {{name: p, direction: inbound, listen: \"{plain}\", target: \"{app_addr}\", port: 18101}}\n  - {{name: s, direction: inbound, listen: \"{strict}\", target: \"{app_addr}\", port: 18102}}\ninbound:\n  policies: [\"{}\"]\n  ports:\n    - {{port: 18101, mode: permissive}}\nlimits: {{{limits}}}\n",
-            policy_file.display()
-        ),
-    );
-    let (client, outs) = pki.outbound_sidecar(
+    let server = pki.sidecar_with("spiffe://example.org/edge", |c| {
+        c.listeners
+            .push(inbound_listener_as("p", plain, app_addr, 18101));
+        c.listeners
+            .push(inbound_listener_as("s", strict, app_addr, 18102));
+        c.inbound.policies = vec![policy_file.clone()];
+        c.inbound.ports = vec![PortConfig {
+            mode: TlsMode::PermissiveAllowPlaintext,
+            ..PortConfig::new(18101)
+        }];
+        limits(&mut c.limits);
+    });
+    let (client, outs) = pki.outbound_sidecar_with(
         "spiffe://example.org/ec-web",
         &[strict],
         "spiffe://example.org/edge",
-        &format!("limits: {{{limits}}}\n"),
+        |c| limits(&mut c.limits),
     );
     Edge {
         pki,
@@ -174,6 +183,11 @@ fn edge_with(app: &str, policy: &str, limits: &str) -> Edge {
         plain,
         out: outs[0],
     }
+}
+
+/// Limits with the header read timeout `secs` seconds.
+fn header_timeout(secs: u64) -> impl Fn(&mut Limits) {
+    move |l| l.http_header_read_timeout = Duration::from_secs(secs)
 }
 
 /// What a client sends: bytes, or a pause.
@@ -272,6 +286,13 @@ fn triggers(tag: &str) -> Vec<Trigger> {
             ))],
             reaches_app: true,
         },
+        // Found by the property test: HTTP/0.9's form, after which
+        // Python's `http.server` still reads header fields.
+        Trigger {
+            name: "no version (HTTP/0.9)",
+            parts: vec![bytes(rest(&format!("GET /{tag}9")))],
+            reaches_app: false,
+        },
     ]
 }
 
@@ -281,7 +302,7 @@ fn triggers(tag: &str) -> Vec<Trigger> {
 /// never spliced with the client's headers.
 #[test]
 fn forged_identity_headers_never_reach_the_app_whatever_the_detector_is_fed() {
-    let e = edge(OPEN_POLICY, "http_header_read_timeout: 4s");
+    let e = edge(OPEN_POLICY, header_timeout(4));
     for (entry, via) in [(e.plain, "plaintext"), (e.out, "mesh")] {
         let tag = format!("row-{via}-");
         for t in triggers(&tag) {
@@ -334,7 +355,7 @@ fn forged_identity_headers_never_reach_the_app_whatever_the_detector_is_fed() {
 fn random_request_prefixes_never_deliver_a_forged_identity() {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
-    let e = edge_with(PARSING_APP, OPEN_POLICY, "http_header_read_timeout: 2s");
+    let e = edge_with(PARSING_APP, OPEN_POLICY, header_timeout(2));
     // Byte strings: 0xa0 and 0x85 are single Latin-1 bytes, which some
     // servers split words on.
     type B = &'static [u8];
@@ -485,7 +506,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 /// long as the client kept sending.
 #[test]
 fn slowloris_from_the_first_byte_is_cut_off_on_detect_ports() {
-    let e = edge(OPEN_POLICY, "http_header_read_timeout: 2s");
+    let e = edge(OPEN_POLICY, header_timeout(2));
     for (entry, via) in [(e.plain, "plaintext"), (e.out, "mesh")] {
         let mut s = connect(entry);
         let start = Instant::now();
@@ -521,7 +542,7 @@ fn slowloris_from_the_first_byte_is_cut_off_on_detect_ports() {
 /// `Connection` cannot take away the request ID the sidecar sets.
 #[test]
 fn ambiguous_heads_and_broken_framing_are_400() {
-    let e = edge(OPEN_POLICY, "");
+    let e = edge(OPEN_POLICY, |_| {});
     let plain_only = [
         (
             "duplicate Host",
@@ -579,7 +600,7 @@ fn ambiguous_heads_and_broken_framing_are_400() {
 /// the client sidecar and on a plaintext port alike.
 #[test]
 fn keep_alive_connections_outlive_the_header_read_timeout() {
-    let e = edge(OPEN_POLICY, "http_header_read_timeout: 1s");
+    let e = edge(OPEN_POLICY, header_timeout(1));
     for (entry, via) in [(e.plain, "plaintext"), (e.out, "mesh")] {
         let mut s = connect(entry);
         for i in 0..2 {
@@ -598,7 +619,7 @@ fn keep_alive_connections_outlive_the_header_read_timeout() {
 /// closed connection without an answer.
 #[test]
 fn pre_opened_silent_connections_are_served_as_http_when_their_request_comes() {
-    let e = edge(PATH_POLICY, "http_header_read_timeout: 1s");
+    let e = edge(PATH_POLICY, header_timeout(1));
     for (entry, via) in [(e.plain, "plaintext"), (e.out, "mesh")] {
         let mut ok = connect(entry);
         let mut denied = connect(entry);
@@ -647,18 +668,15 @@ fn connect_and_upgrades_need_a_rule_that_names_their_method() {
     )
     .unwrap();
     let inbound = free_addr();
-    let server = pki.sidecar(
-        "spiffe://example.org/tunnel",
-        &format!(
-            "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\"}}\ninbound:\n  policies: [\"{}\"]\n",
-            policy.display()
-        ),
-    );
-    let (_client, outs) = pki.outbound_sidecar(
+    let server = pki.sidecar_with("spiffe://example.org/tunnel", |c| {
+        c.listeners.push(inbound_listener("in", inbound, app_addr));
+        c.inbound.policies = vec![policy.clone()];
+    });
+    let (_client, outs) = pki.outbound_sidecar_with(
         "spiffe://example.org/ec-web",
         &[inbound],
         "spiffe://example.org/tunnel",
-        "",
+        |_| {},
     );
     let mut s = connect(outs[0]);
     s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
@@ -684,4 +702,39 @@ fn connect_and_upgrades_need_a_rule_that_names_their_method() {
     assert!(!seen.contains("CONNECT") && !seen.contains("/ws"), "{seen}");
     let m = server.metrics();
     assert!(m.contains("reason=\"tunnel_not_allowed\"} 2"), "{m}");
+}
+
+/// F1 and R4 where a policy admits the connection as opaque: a client
+/// silent past the detect timeout is spliced (a server may speak first),
+/// but when it speaks first and in HTTP, it is served as HTTP: the forged
+/// identity never reaches the app. A server that speaks first is still
+/// spliced (`http::opaque_server_speaks_first_through_two_sidecars`).
+#[test]
+fn a_silent_client_that_then_speaks_http_is_served_as_http_where_opaque_is_admitted() {
+    let e = edge(OPEN_POLICY, header_timeout(1));
+    for (entry, via) in [(e.plain, "plaintext"), (e.out, "mesh")] {
+        let mut s = connect(entry);
+        std::thread::sleep(Duration::from_millis(2000));
+        write!(
+            s,
+            "GET /late-{via} HTTP/1.1\r\nHost: edge\r\nX-Forwarded-Client-Cert: By=x;URI={FORGED}\r\n\r\n"
+        )
+        .unwrap();
+        let reply = read_response(&mut s);
+        assert!(
+            reply.starts_with("HTTP/1.1 200"),
+            "{via}: {reply:?}\n{}",
+            e.server.logs()
+        );
+        // The same connection goes on as HTTP.
+        write!(s, "GET /late-{via}-again HTTP/1.1\r\nHost: edge\r\n\r\n").unwrap();
+        let reply = read_response(&mut s);
+        assert!(reply.starts_with("HTTP/1.1 200"), "{via}: {reply:?}");
+    }
+    let seen = e.app.stdout();
+    assert!(seen.contains("/late-mesh-again"), "{seen}");
+    assert!(
+        !seen.to_ascii_uppercase().contains(FORGED),
+        "a forged identity reached the app:\n{seen}"
+    );
 }

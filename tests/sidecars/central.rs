@@ -597,7 +597,9 @@ ext_authz:
     // refuses bare connections (fail closed).
     let mut c = TcpStream::connect(outs[1]).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = c.write_all(b"hello");
+    // A line that cannot be an HTTP request line (a lone word could still
+    // become one, and is served as HTTP after the detect timeout).
+    let _ = c.write_all(b"hello\n");
     let mut got = Vec::new();
     let _ = c.read_to_end(&mut got);
     assert!(got.is_empty(), "opaque bytes passed: {got:?}");

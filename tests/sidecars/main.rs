@@ -7,6 +7,7 @@ use rampart_testkit as support;
 
 mod boundary;
 mod central;
+mod flood;
 mod gospiffe;
 mod hostile_policy;
 mod http;
@@ -15,5 +16,6 @@ mod istio;
 mod kube_api;
 mod loopback;
 mod observability;
+mod restart;
 mod wl_support;
 mod workload_api;

@@ -15,7 +15,8 @@ use rampart_app::config::{Config, PortConfig, TracingSection};
 use rampart_proxy::config::TlsMode;
 use support::apps;
 use support::sidecar::{
-    LocalProc, Loopback, Sidecar, free_addr, inbound_listener, outbound_listener, wait_listening,
+    LocalProc, Loopback, Sidecar, base_config, free_addr, inbound_listener, outbound_listener,
+    wait_listening,
 };
 
 const BACKEND: &str = "spiffe://example.org/ec-backend";
@@ -689,19 +690,13 @@ fn a_broken_policy_at_start_exits_64_and_is_never_ready() {
     let svid = pki.issue(BACKEND, "ec-backend");
     let policy = pki.dir.path().join("policy.yaml");
     std::fs::write(&policy, allow_get("/data").replace("action:", "acton:")).unwrap();
+    let mut config = base_config(&svid);
+    config
+        .listeners
+        .push(inbound_listener("in", free_addr(), free_addr()));
+    config.inbound.policies = vec![policy.clone()];
     let cfg = pki.dir.path().join("broken.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "identity:\n  files: {{cert: {s}/svid.pem, key: {s}/svid.key, bundle: {s}/bundle.pem}}\nadmin: {{address: \"{a}\"}}\nlisteners:\n  - {{name: in, direction: inbound, listen: \"{l}\", target: \"{t}\"}}\ninbound:\n  policies: [\"{p}\"]\n",
-            s = svid.display(),
-            a = free_addr(),
-            l = free_addr(),
-            t = free_addr(),
-            p = policy.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, config.to_yaml()).unwrap();
     let out = Command::new(support::rampart_bin())
         .args(["run", "--config", cfg.to_str().unwrap()])
         .output()

@@ -154,6 +154,44 @@ impl EchoApp {
     }
 }
 
+/// A keep-alive HTTP/1.1 app on 127.0.0.1 that answers every request
+/// `200 ok`.
+pub struct HttpOk {
+    pub addr: SocketAddr,
+}
+
+impl HttpOk {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut w = stream.try_clone().unwrap();
+                    let mut r = BufReader::new(stream);
+                    loop {
+                        // Requests without a body: read the head, answer.
+                        let mut line = String::new();
+                        loop {
+                            line.clear();
+                            match r.read_line(&mut line) {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) if line == "\r\n" => break,
+                                Ok(_) => {}
+                            }
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if w.write_all(ok).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        HttpOk { addr }
+    }
+}
+
 /// A `rampart run` process.
 pub struct Sidecar {
     _proc: Proc,
@@ -167,19 +205,24 @@ impl Sidecar {
     /// server side (inbound listener, SVID `SERVER_ID`) in front of `app`,
     /// which only admits `CLIENT_ID`.
     pub fn pair(pod: &Pod, app: &EchoApp) -> (Sidecar, Sidecar) {
+        Self::pair_to(pod, app.addr)
+    }
+
+    /// A client-side and a server-side sidecar in front of the app at `app`.
+    pub fn pair_to(pod: &Pod, app: SocketAddr) -> (Sidecar, Sidecar) {
         let inbound = free_addr();
         let mut server = Self::config(pod, SERVER_ID);
         server.listeners.push(ListenerConfig {
             name: "in".into(),
             direction: Direction::Inbound,
             listen: inbound,
-            target: app.addr,
+            target: app,
             port: None,
             server_identities: None,
         });
         server.inbound.ports.push(PortConfig {
             allowed_peers: Some(vec![parse_id(CLIENT_ID)]),
-            ..PortConfig::new(app.addr.port())
+            ..PortConfig::new(app.port())
         });
         let server = Self::start(pod, "server", &server, None);
         let outbound = free_addr();
@@ -330,6 +373,63 @@ impl Conn {
             Ok(())
         } else {
             Err(format!("echo mismatch: {back:?}"))
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection through the client-side sidecar.
+pub struct HttpConn {
+    stream: BufReader<TcpStream>,
+}
+
+impl HttpConn {
+    pub fn open(port: u16) -> Result<Self, String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        Ok(HttpConn {
+            stream: BufReader::new(s),
+        })
+    }
+
+    /// `GET /n`; Ok if the app's `200 ok` came back.
+    pub fn get(&mut self, n: u64) -> Result<(), String> {
+        // One write: several small ones would meet Nagle and delayed ACKs.
+        let req = format!("GET /{n} HTTP/1.1\r\nHost: app\r\n\r\n");
+        self.stream
+            .get_mut()
+            .write_all(req.as_bytes())
+            .map_err(|e| format!("write: {e}"))?;
+        let mut status = String::new();
+        self.stream
+            .read_line(&mut status)
+            .map_err(|e| format!("read: {e}"))?;
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            match self.stream.read_line(&mut line) {
+                Ok(0) => return Err(format!("closed after {status:?}")),
+                Err(e) => return Err(format!("read: {e}")),
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => {
+                    if let Some((k, v)) = line.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        length = v.trim().parse().map_err(|_| format!("bad {line:?}"))?;
+                    }
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream
+            .read_exact(&mut body)
+            .map_err(|e| format!("body: {e}"))?;
+        if status.starts_with("HTTP/1.1 200") && body == b"ok" {
+            Ok(())
+        } else {
+            Err(format!("{status:?} {:?}", String::from_utf8_lossy(&body)))
         }
     }
 }

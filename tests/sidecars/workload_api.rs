@@ -8,7 +8,7 @@ use crate::wl_support;
 
 use std::time::{Duration, Instant};
 
-use wl_support::{Agent, Client, EchoApp, Pod, Sidecar, wait_for};
+use wl_support::{Agent, Client, EchoApp, HttpConn, HttpOk, Pod, Sidecar, wait_for};
 
 /// SVID lifetime for the rotation test: the agent pushes a new SVID every
 /// half-life, so a 4s TTL rotates every 2s.
@@ -100,7 +100,13 @@ fn svids_rotate_under_steady_traffic_with_zero_failed_requests() {
     );
 
     let client = Client::new(client_side.outbound_port());
+    // A long-lived opaque connection lives as long as the certificates it
+    // was made with (issue 19 R5): it is closed when the client's SVID or
+    // the server's expires (at most the TTL after it opened), and the
+    // next one works.
     let mut long_lived = client.open().expect("long-lived connection");
+    let mut opened = Instant::now();
+    let mut lifetimes = Vec::new();
     let before = client_side.rotations();
     let deadline = Instant::now() + Duration::from_secs(9);
     let mut sent = 0;
@@ -109,23 +115,81 @@ fn svids_rotate_under_steady_traffic_with_zero_failed_requests() {
         if let Err(e) = client.request(sent) {
             failures.push(format!("request {sent}: {e}"));
         }
-        if sent % 25 == 0
-            && let Err(e) = long_lived.ping(sent)
-        {
-            failures.push(format!("long-lived connection at {sent}: {e}"));
+        if sent % 25 == 0 && long_lived.ping(sent).is_err() {
+            lifetimes.push(opened.elapsed());
+            long_lived = client.open().expect("a new long-lived connection");
+            opened = Instant::now();
+            if let Err(e) = long_lived.ping(sent) {
+                failures.push(format!("new long-lived connection at {sent}: {e}"));
+            }
         }
         sent += 1;
         std::thread::sleep(Duration::from_millis(10));
     }
     let rotations = client_side.rotations() - before;
-    eprintln!("{sent} requests, {rotations} rotations of the client sidecar");
+    eprintln!(
+        "{sent} requests, {rotations} rotations of the client sidecar, long-lived connections closed after {lifetimes:?}"
+    );
     assert!(
         failures.is_empty(),
         "{} failures: {failures:#?}",
         failures.len()
     );
+    assert!(
+        !lifetimes.is_empty(),
+        "a connection outlived the 4 s certificates it was made with"
+    );
+    // Pings every ~250 ms: a close is seen within that of the expiry.
+    for l in &lifetimes {
+        assert!(*l <= Duration::from_millis(5_000), "{lifetimes:?}");
+    }
     assert!(rotations >= 3, "only {rotations} rotations in 9s");
     assert!(server_side.rotations() >= 3);
+}
+
+/// Issue 19 R5: under steady traffic on one keep-alive app connection,
+/// the pooled mTLS connection between the sidecars is replaced when the
+/// SVID it was made with (or the peer's) expires, with no failed request.
+/// Before, that one connection carried traffic past both certificates.
+#[test]
+fn pooled_connections_end_with_their_certificates_and_requests_move_on() {
+    let pod = Pod::new();
+    let app = HttpOk::start();
+    let (client_side, server_side) = Sidecar::pair_to(&pod, app.addr);
+    let _agent = Agent::start(&pod, SHORT_TTL);
+    wait_for("both sidecars ready", Duration::from_secs(20), || {
+        client_side.ready_status() == Some(200) && server_side.ready_status() == Some(200)
+    });
+    let handshakes = || {
+        server_side
+            .metric("rampart_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}")
+            .unwrap_or(0.0)
+    };
+    let mut conn = HttpConn::open(client_side.outbound_port()).expect("app connection");
+    let first = handshakes();
+    let deadline = Instant::now() + Duration::from_secs(9);
+    let mut sent = 0;
+    let mut failures = Vec::new();
+    while Instant::now() < deadline {
+        if let Err(e) = conn.get(sent) {
+            failures.push(format!("request {sent}: {e}"));
+            conn = HttpConn::open(client_side.outbound_port()).expect("app connection");
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let made = handshakes() - first;
+    eprintln!("{sent} requests on one app connection; {made} new mTLS connections");
+    assert!(
+        failures.is_empty(),
+        "{} failures: {failures:#?}",
+        failures.len()
+    );
+    // 4 s certificates over 9 s: at least two replacements.
+    assert!(
+        made >= 2.0,
+        "the pooled connection outlived its certificates ({made} new connections)"
+    );
 }
 
 #[test]

@@ -616,16 +616,18 @@ fn jwt_rules(
                     .map_err(|m| errs.push((at("jwksUri"), m)))
                     .ok()
             }
-            (None, Some(uri)) if uri.starts_with("http://") => Some(KeySource::Fetched {
-                uri: uri.clone(),
-                cache: cache.clone(),
-            }),
+            (None, Some(uri)) if uri.starts_with("http://") || uri.starts_with("https://") => {
+                Some(KeySource::Fetched {
+                    uri: uri.clone(),
+                    cache: cache.clone(),
+                })
+            }
             (None, Some(uri)) => {
                 errs.push((
                     at("jwksUri"),
                     format!(
-                        "{uri:?}: Rampart fetches JWKS over http:// (inside the cluster) or reads \
-                         file:// (a mounted copy); https:// needs public CA roots it does not carry"
+                        "{uri:?}: Rampart fetches JWKS over http:// or https://, or reads file:// \
+                         (a mounted copy)"
                     ),
                 ));
                 None

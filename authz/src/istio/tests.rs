@@ -221,9 +221,11 @@ fn request_authentication_rules_load_or_are_refused_by_name() {
     assert_eq!(ok.request_authn().rules.len(), 1);
     let fetched = load(&ra("foo", "{issuer: a, jwksUri: \"http://keys/jwks\"}")).unwrap();
     assert_eq!(fetched.jwks_uris(), ["http://keys/jwks"]);
+    let https = load(&ra("foo", "{issuer: a, jwksUri: \"https://keys/jwks\"}")).unwrap();
+    assert_eq!(https.jwks_uris(), ["https://keys/jwks"]);
     for (rule, want) in [
         ("{issuer: a}", "jwksUri"),
-        ("{issuer: a, jwksUri: \"https://keys/jwks\"}", "https://"),
+        ("{issuer: a, jwksUri: \"ftp://keys/jwks\"}", "https://"),
         (
             "{issuer: a, jwksUri: \"file:///nonexistent\"}",
             "nonexistent",

@@ -436,6 +436,74 @@ fn every_field_matched_and_not_matched() {
             false,
         ),
         (
+            "auth principal",
+            "when: [{auth: principal, exact: 'https://issuer.example/alice'}]",
+            get("/")
+                .from(WEB)
+                .claims(serde_json::json!({"iss": "https://issuer.example", "sub": "alice"})),
+            true,
+        ),
+        (
+            "auth principal miss",
+            "when: [{auth: principal, exact: 'https://issuer.example/alice'}]",
+            get("/")
+                .from(WEB)
+                .claims(serde_json::json!({"iss": "https://issuer.example", "sub": "bob"})),
+            false,
+        ),
+        (
+            "auth without a token has no value",
+            "when: [{auth: principal, present: true}]",
+            get("/").from(WEB),
+            false,
+        ),
+        (
+            "auth absent without a token",
+            "when: [{auth: principal, absent: true}]",
+            get("/").from(WEB),
+            true,
+        ),
+        (
+            "auth list claim: one element",
+            "when: [{auth: 'claims[groups]', exact: admin}]",
+            get("/")
+                .from(WEB)
+                .claims(serde_json::json!({"iss": "i", "groups": ["dev", "admin"]})),
+            true,
+        ),
+        (
+            "auth nested claim",
+            "when: [{auth: 'claims[realm][role]', prefix: ops}]",
+            get("/")
+                .from(WEB)
+                .claims(serde_json::json!({"iss": "i", "realm": {"role": "ops-lead"}})),
+            true,
+        ),
+        (
+            "auth non-string claim never matches",
+            "when: [{auth: 'claims[level]', present: true}]",
+            get("/")
+                .from(WEB)
+                .claims(serde_json::json!({"iss": "i", "level": 3})),
+            false,
+        ),
+        (
+            "auth audiences and presenter",
+            "when: [{auth: audiences, exact: api}, {auth: presenter, exact: web}]",
+            get("/")
+                .from(WEB)
+                .claims(serde_json::json!({"iss": "i", "aud": ["x", "api"], "azp": "web"})),
+            true,
+        ),
+        (
+            "not auth claim",
+            "when: [{auth: 'claims[groups]', exact: banned, not: true}]",
+            get("/")
+                .from(WEB)
+                .claims(serde_json::json!({"iss": "i", "groups": ["banned"]})),
+            false,
+        ),
+        (
             "grpc service",
             "to: {grpc_services: [pkg.Svc]}",
             get("/pkg.Svc/M").grpc().from(WEB),
@@ -777,6 +845,16 @@ fn invalid_files_are_rejected_whole_with_locations() {
             "path and regex",
             "policies:\n  - name: p\n    action: ALLOW\n    rules:\n      - {to: {paths: [{regex: /a, path: /a}]}}\n",
             "not both",
+        ),
+        (
+            "bad auth key",
+            "policies:\n  - name: p\n    action: ALLOW\n    rules:\n      - {when: [{auth: 'claims[]', present: true}]}\n",
+            "claims[NAME]",
+        ),
+        (
+            "auth and header",
+            "policies:\n  - name: p\n    action: ALLOW\n    rules:\n      - {when: [{auth: principal, header: a, present: true}]}\n",
+            "exactly one of `header`, `query` or `auth`",
         ),
         (
             "two matchers",

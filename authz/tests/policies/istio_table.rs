@@ -148,7 +148,15 @@ fn outcome(a: &Authorizer, c: &Case) -> String {
     }
     let sni = c.sni.clone();
     r.with_info(a, |conn, req| {
-        let conn = conn.with_sni(sni.as_deref());
+        // RequestAuthentication first, as the sidecar does: a token that
+        // does not verify is answered 401 before any policy.
+        let verified = match a.authenticate_request(req.headers, req.query) {
+            Ok(v) => v,
+            Err(_) => return "deny".to_owned(),
+        };
+        let conn = conn
+            .with_sni(sni.as_deref())
+            .with_jwt(verified.as_ref().map(|v| &v.claims));
         describe(a.evaluate_request(&conn, req))
     })
     .unwrap_or_else(|| "bad_request".into())

@@ -41,6 +41,8 @@ pub struct Req {
     pub target: String,
     pub headers: http::HeaderMap,
     pub local: Option<SpiffeId>,
+    /// Verified JWT claims (as a RequestAuthentication leaves them).
+    pub jwt: Option<serde_json::Value>,
 }
 
 /// `GET target` on port 8080 from 10.0.0.1, unauthenticated.
@@ -55,6 +57,7 @@ pub fn get(target: &str) -> Req {
         target: target.into(),
         headers: http::HeaderMap::new(),
         local: Some(SpiffeId::parse("spiffe://example.org/self").unwrap()),
+        jwt: None,
     }
 }
 
@@ -90,6 +93,10 @@ impl Req {
         );
         self
     }
+    pub fn claims(mut self, claims: serde_json::Value) -> Self {
+        self.jwt = Some(claims);
+        self
+    }
     pub fn grpc(self) -> Self {
         self.method("POST")
             .header("content-type", "application/grpc")
@@ -119,7 +126,8 @@ impl Req {
     ) -> Option<T> {
         let n = normalize_path(&self.target, a.normalize_options()).ok()?;
         let conn = ConnectionInfo::new(self.peer.as_ref(), self.source.ip(), self.dest.port())
-            .with_peer_dns(&self.peer_dns);
+            .with_peer_dns(&self.peer_dns)
+            .with_jwt(self.jwt.as_ref());
         let req = RequestInfo {
             method: &self.method,
             authority: &self.authority,

@@ -6,3 +6,4 @@ mod bundle_mtls;
 mod bundle_poller;
 mod decision_logs;
 mod ext_authz;
+mod jwks_https;

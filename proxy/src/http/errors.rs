@@ -34,7 +34,7 @@ pub enum LocalError {
     Unauthenticated(rampart_authz::jwt::JwtError),
     /// The app refused, reset or broke the exchange.
     #[error("app unreachable: {0}")]
-    AppUnreachable(hyper_util::client::legacy::Error),
+    AppUnreachable(Box<dyn std::error::Error + Send + Sync>),
     /// The app did not answer in time.
     #[error("app did not answer in time")]
     AppTimeout,
@@ -80,7 +80,7 @@ pub enum LocalError {
     PeerHandshake(HandshakeError),
     /// Outbound: the exchange with the peer sidecar failed.
     #[error("upstream sidecar unreachable: {0}")]
-    PeerExchange(hyper_util::client::legacy::Error),
+    PeerExchange(crate::http::pool::SendError),
     /// Outbound: a tunnel request to the peer sidecar failed or timed out.
     #[error("upstream sidecar: {0}")]
     PeerTunnel(TunnelError),

@@ -17,6 +17,7 @@ use super::server::Handler;
 use super::tunnel::Tunnel;
 use super::{AppVersion, ProxyBody};
 use crate::authz::PermittedRequest;
+use crate::forward::AppRoute;
 
 impl Handler {
     /// Sends a permitted request to the app, with `path` (the normalized
@@ -65,11 +66,6 @@ impl Handler {
         }
         set_xfcc(self.shared.config.inbound.xfcc, self.xfcc.as_ref(), h);
         apply_request_effects(permit, h);
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(self.app_authority.clone());
-        uri.path_and_query = Some(path);
-        parts.uri = Uri::from_parts(uri).map_err(|_| LocalError::NoPath)?;
         // Requests an outbound sidecar carried over HTTP/2 say what the
         // calling app spoke.
         let was_h1 = parts
@@ -81,18 +77,31 @@ impl Handler {
             AppVersion::Http1 => false,
             AppVersion::AsReceived => parts.version == Version::HTTP_2 && !was_h1,
         };
-        let client = if h2 {
+        let limits = &self.shared.config.limits;
+        let route = if h2 {
             parts.version = Version::HTTP_2;
             // HTTP/2 carries the authority in the URI; a Host beside it
             // would disagree with it.
             parts.headers.remove(header::HOST);
-            &self.shared.http.h2
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(self.app_authority.clone());
+            uri.path_and_query = Some(path);
+            parts.uri = Uri::from_parts(uri).map_err(|_| LocalError::NoPath)?;
+            AppRoute::Http2(&self.shared.http.h2)
         } else {
             parts.version = Version::HTTP_11;
-            &self.shared.http.h1
+            // Origin form, with the Host set above.
+            parts.uri = Uri::from(path);
+            AppRoute::Http1 {
+                pool: &self.shared.http.app_links,
+                app: self.conn.app,
+                connect_timeout: limits.connect_timeout,
+                idle_timeout: crate::http::pool::link_idle_timeout(limits),
+            }
         };
-        let timeout = self.shared.config.limits.http_response_timeout;
-        let (resp, permit) = crate::forward::request(client, permitted, timeout).await?;
+        let timeout = limits.http_response_timeout;
+        let (resp, permit) = crate::forward::request(route, permitted, timeout).await?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         apply_response_effects(&permit, &mut parts.headers);

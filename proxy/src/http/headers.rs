@@ -11,6 +11,10 @@ use rampart_identity::{PeerIdentity, SpiffeId};
 
 use crate::config::XfccMode;
 
+/// `x-forwarded-client-cert` as a `HeaderName` constant: inserting by
+/// `&str` would copy the name into a new allocation per request.
+const XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
+
 /// Set by the outbound sidecar on requests that were HTTP/1.1 at the app,
 /// so the inbound sidecar sends them to its app as HTTP/1.1 again.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("rampart-orig-proto");
@@ -19,20 +23,24 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("rampart-orig-proto")
 /// field it names, plus the fields that are hop-by-hop by definition. `TE`
 /// survives only as `trailers`, which gRPC requires.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if h.contains_key(header::CONNECTION) {
-        // Rare on the hot path (HTTP/2 forbids it): allocation is fine here.
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
+    // Allocation-free: each `Connection` value is cloned (a reference
+    // count, not a copy) so that the fields it names can be removed while
+    // it is read, and names are looked up as `&str` (no `HeaderName` made).
+    let values = h.get_all(header::CONNECTION).iter().count();
+    for i in 0..values {
+        let Some(v) = h.get_all(header::CONNECTION).iter().nth(i).cloned() else {
+            break;
+        };
+        for token in v.as_bytes().split(|b| *b == b',') {
+            if let Ok(name) = std::str::from_utf8(token.trim_ascii())
+                && !name.is_empty()
+                && !name.eq_ignore_ascii_case("connection")
+            {
+                h.remove(name);
+            }
         }
-        h.remove(header::CONNECTION);
     }
+    h.remove(header::CONNECTION);
     for name in [
         header::TRANSFER_ENCODING,
         header::UPGRADE,
@@ -168,7 +176,7 @@ pub fn set_xfcc(mode: XfccMode, ours: Option<&HeaderValue>, h: &mut HeaderMap) {
         XfccMode::SanitizeSet => {
             remove_identity_headers(h, false);
             if let Some(v) = ours {
-                h.insert(XFCC, v.clone());
+                h.insert(XFCC_NAME, v.clone());
             }
         }
         // The client's chain is kept under its canonical name only: no
@@ -176,7 +184,7 @@ pub fn set_xfcc(mode: XfccMode, ours: Option<&HeaderValue>, h: &mut HeaderMap) {
         XfccMode::AppendForward => {
             remove_identity_headers(h, true);
             if let Some(v) = ours {
-                h.append(XFCC, v.clone());
+                h.append(XFCC_NAME, v.clone());
             }
         }
         XfccMode::Sanitize => {

@@ -7,8 +7,8 @@
 //! and hands the decision to the `authz` stage, [`forward`] rewrites the
 //! permitted request's head for the app and hands it to the `forward`
 //! stage. Outbound (the app's HTTP/1.1 after `detect`): [`outbound`] serves
-//! the app's connection and carries each request over a pooled HTTP/2 mTLS
-//! connection ([`pool`]) to the peer sidecar.
+//! the app's connection and carries each request as it is, HTTP/1.1, over a
+//! pooled mTLS connection ([`pool`]) to the peer sidecar.
 //!
 //! Shared by both: [`headers`] (hop-by-hop fields, XFCC, request IDs, the
 //! original-protocol marker), [`errors`] (every answer the sidecar makes
@@ -32,10 +32,9 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http::header;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 /// Response bodies: the far end's, streamed, or a short local one.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<pool::UpstreamBody, Full<Bytes>>;
 
 /// Which HTTP versions the server side accepts on a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,9 +1,12 @@
 //! Outbound HTTP: serves an app's HTTP/1.1 connection (after `detect`) and
-//! carries each request over HTTP/2 to the peer sidecar, on the pooled mTLS
-//! connection of `http::pool`. The peer sidecar turns them back into
-//! HTTP/1.1 for its app (`headers::ORIG_PROTO`). `Upgrade` and `CONNECT`
-//! requests do not use the pool: each gets its own HTTP/1.1 connection over
-//! mTLS (see `tunnel` for why). Every answer the sidecar gives itself comes
+//! carries each request as it is, HTTP/1.1 with its hop-by-hop fields
+//! removed, to the peer sidecar on a pooled mTLS connection of
+//! `http::pool` (one exchange at a time per connection, as nginx and
+//! HAProxy do), so no request waits for another's, and nothing is
+//! translated (the peer parses and authorizes each request, as from any
+//! HTTP/1.1 client).
+//! `Upgrade` and `CONNECT` requests do not use the pool: each gets its own
+//! HTTP/1.1 connection over mTLS (see `tunnel` for why). Every answer the sidecar gives itself comes
 //! from `http::errors`, as a gRPC status for gRPC callers.
 //!
 //! A destination discovery knows as a service is balanced per request
@@ -18,20 +21,22 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::HeaderValue;
-use http::uri::{Authority, Scheme};
+use http::header::{self, HeaderValue};
+use http::uri::Authority;
 use http::{Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use rampart_discovery::balance::{Balancer, Outcome, Refusal};
+use rampart_discovery::balance::{Balancer, Outcome, Pick, Refusal};
 use rampart_identity::SpiffeId;
 
 use super::ProxyBody;
 use super::body::{Counted, StreamCount};
 use super::errors::LocalError;
-use super::headers::{ORIG_PROTO, strip_hop_by_hop};
+use super::headers::strip_hop_by_hop;
+use super::pool::UpstreamBody;
+use super::pool::{Endpoint, Expect};
 use super::tunnel::{Tunnel, TunnelTask};
 use crate::access::Pending;
 use crate::config::Direction;
@@ -177,7 +182,7 @@ async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> 
         None => tracing::Instrument::instrument(to_peer(app, req), span).await,
         Some(t) => tracing::Instrument::instrument(tunnel(app, req, t), span).await,
     };
-    let mut resp = match result {
+    let (mut resp, destination) = match result {
         Ok(r) => r,
         Err(e) => {
             let wire = e.wire();
@@ -193,13 +198,13 @@ async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> 
                 ),
             }
             metrics::http_local_error(Direction::Outbound, wire.reason);
-            e.into_response(grpc, None)
+            (e.into_response(grpc, None), None)
         }
     };
     if may_switch {
         super::tunnel::close_unless_switched(connect, &mut resp);
     }
-    let destination = resp.extensions().get::<metrics::DestinationId>();
+    let destination = destination.as_ref();
     app.metrics
         .get(destination)
         .record(resp.status(), event.elapsed());
@@ -210,10 +215,13 @@ async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> 
     resp
 }
 
-/// Rewrites an app's request for the peer sidecar (HTTP/2, absolute URI,
-/// hop-by-hop fields removed, the original protocol marked) and sends it
-/// on the pool through the forward stage.
-async fn to_peer(app: &AppConn, req: Request<Incoming>) -> Result<Response<ProxyBody>, LocalError> {
+/// Readies an app's request for the peer sidecar (HTTP/1.1, origin form,
+/// `Host` kept or set, hop-by-hop fields removed) and sends it on the pool
+/// through the forward stage.
+async fn to_peer(
+    app: &AppConn,
+    req: Request<Incoming>,
+) -> Result<(Response<ProxyBody>, Option<metrics::DestinationId>), LocalError> {
     let shared = &*app.shared;
     // A pooled connection outlives the identity it was made with: without
     // one now, send nothing on it (fail closed).
@@ -222,45 +230,45 @@ async fn to_peer(app: &AppConn, req: Request<Incoming>) -> Result<Response<Proxy
     }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts
-        .headers
-        .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-    parts.version = Version::HTTP_2;
+    if !parts.headers.contains_key(header::HOST) {
+        // HTTP/1.0 without Host: name the destination the app dialed.
+        let host = HeaderValue::from_str(app.authority.as_str()).map_err(|_| LocalError::NoPath)?;
+        parts.headers.insert(header::HOST, host);
+    }
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        // Absolute form (a proxy-style client): the peer gets origin form.
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .ok_or(LocalError::NoPath)?;
+        parts.uri = Uri::from(path);
+    }
+    parts.version = Version::HTTP_11;
     let timeout = shared.config.limits.http_response_timeout;
-    let resp = match &app.target {
+    let hop = &shared.outbound_http;
+    let (resp, peer) = match &app.target {
         PeerTarget::Rule(index) => {
-            let Some(client) = shared.outbound_http.clients.get(*index) else {
-                tracing::error!(index, "no pool for this client configuration");
-                return Err(LocalError::Unroutable);
+            let endpoint = Endpoint {
+                addr: app.ends.destination,
+                expect: Expect::Rule(*index),
             };
-            parts.uri = peer_uri(app.authority.clone(), &parts.uri)?;
-            crate::forward::peer_request(client, Request::from_parts(parts, body), timeout).await?
+            let req = Request::from_parts(parts, body);
+            crate::forward::peer_request(hop, &endpoint, req, timeout).await?
         }
         PeerTarget::Endpoint(addr, id) => {
-            let client = shared.outbound_http.endpoint_client(id);
-            parts.uri = peer_uri(authority_of(*addr)?, &parts.uri)?;
-            crate::forward::peer_request(&client, Request::from_parts(parts, body), timeout).await?
+            let endpoint = Endpoint {
+                addr: *addr,
+                expect: Expect::Id(id.clone()),
+            };
+            let req = Request::from_parts(parts, body);
+            crate::forward::peer_request(hop, &endpoint, req, timeout).await?
         }
         PeerTarget::Service(b) => balanced(shared, b, parts, body).await?,
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(parts, Either::Left(body)))
-}
-
-/// The absolute URI of a request to the peer sidecar at `authority`.
-fn peer_uri(authority: Authority, uri: &Uri) -> Result<Uri, LocalError> {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority);
-    parts.path_and_query = uri.path_and_query().cloned();
-    Uri::from_parts(parts).map_err(|_| LocalError::NoPath)
-}
-
-fn authority_of(addr: SocketAddr) -> Result<Authority, LocalError> {
-    // Invariant: a socket address is a valid authority.
-    Authority::try_from(addr.to_string()).map_err(|_| LocalError::Unroutable)
+    Ok((Response::from_parts(parts, Either::Left(body)), peer))
 }
 
 /// Whether a failed exchange never reached the endpoint's app: the
@@ -284,8 +292,13 @@ async fn balanced(
     balancer: &Balancer,
     parts: http::request::Parts,
     body: Incoming,
-) -> Result<Response<Incoming>, LocalError> {
+) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), LocalError> {
     let timeout = shared.config.limits.http_response_timeout;
+    let hop = &shared.outbound_http;
+    let endpoint = |p: &Pick| Endpoint {
+        addr: p.endpoint().addr,
+        expect: Expect::Id(p.id().clone()),
+    };
     let replayable = body.is_end_stream();
     let mut first = match balancer.pick(&[]) {
         Ok(p) => p,
@@ -303,12 +316,9 @@ async fn balanced(
             parts.headers.clone(),
         )
     });
-    let mut parts = parts;
-    parts.uri = peer_uri(authority_of(first.endpoint().addr)?, &parts.uri)?;
-    let client = shared.outbound_http.endpoint_client(first.id());
     let started = tokio::time::Instant::now();
-    let sent =
-        crate::forward::peer_request(&client, Request::from_parts(parts, body), timeout).await;
+    let req = Request::from_parts(parts, body);
+    let sent = crate::forward::peer_request(hop, &endpoint(&first), req, timeout).await;
     let e = match sent {
         Ok(r) => {
             first.finish(Outcome::Answered);
@@ -346,12 +356,11 @@ async fn balanced(
     balancer.metrics().retried();
     let mut req = Request::new(());
     *req.method_mut() = method;
-    *req.uri_mut() = peer_uri(authority_of(second.endpoint().addr)?, &uri)?;
+    *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    *req.version_mut() = Version::HTTP_2;
-    let client = shared.outbound_http.endpoint_client(second.id());
+    *req.version_mut() = Version::HTTP_11;
     let started = tokio::time::Instant::now();
-    match crate::forward::peer_request_empty(&client, req, timeout).await {
+    match crate::forward::peer_request_empty(hop, &endpoint(&second), req, timeout).await {
         Ok(r) => {
             second.finish(Outcome::Answered);
             balancer.metrics().answered(started.elapsed());
@@ -374,7 +383,7 @@ async fn tunnel(
     app: &AppConn,
     req: Request<Incoming>,
     tunnel: Tunnel,
-) -> Result<Response<ProxyBody>, LocalError> {
+) -> Result<(Response<ProxyBody>, Option<metrics::DestinationId>), LocalError> {
     let shared = &*app.shared;
     let Some(configs) = shared.identity() else {
         return Err(LocalError::NoIdentity);
@@ -420,11 +429,12 @@ async fn tunnel(
             Err(e) => refusal(e).map_or(Outcome::Failed, Outcome::Refused),
         });
     }
-    let (resp, task) = opened?;
+    let (mut resp, task) = opened?;
     if let Some(task) = task {
         app.tunnel.set(task);
     }
-    Ok(resp)
+    let peer = resp.extensions_mut().remove::<metrics::DestinationId>();
+    Ok((resp, peer))
 }
 
 #[cfg(test)]

@@ -1,54 +1,529 @@
-//! The outbound HTTP pool: one pooled HTTP/2 mTLS connection per
-//! (destination, expected server identity), shared by every app
-//! connection. A destination is the original destination with a server
-//! rule's identities, or an endpoint discovery found (pod IP:port) with
-//! that endpoint's own SPIFFE ID ([`OutboundHttp::endpoint_client`]). It is hyper-util's client: HTTP/2 only, keep-alive pings,
-//! idle connections closed after `limits.http_pool_idle_timeout`, at most
-//! `limits.http_pool_max_connections` of them over all destinations. Its
-//! connector dials with `forward::dial_peer`, with the identity store's
-//! current configuration; nothing is built per connection.
+//! HTTP/1.1 connection pools without translation, as nginx and HAProxy
+//! keep them: the outbound hop to peer sidecars (mTLS, keyed by
+//! [`Endpoint`]), and the inbound sidecar's connections to its app.
+//!
+//! A pooled connection ([`Link`]) carries one exchange at a time: a
+//! request takes the most recently used idle one (or dials), and the link
+//! travels with the response body, back to the pool when the body is
+//! dropped. So connections on the hop number the requests in flight, not
+//! the client connections open (1,000 idle keep-alive clients hold no hop
+//! connection), and nothing is spawned per request. Each link's hyper
+//! connection runs in a task of its own (`drive`), which also closes it
+//! when idle for the idle timeout or, once its in-flight request has
+//! finished, when the certificates it was made with expire (issue 19 R5:
+//! no request is sent on a connection past its SVID's or its peer's
+//! `notAfter`; requests move to a new connection made with the current
+//! SVID, or fail closed without one).
+//!
+//! The outbound pool ([`OutboundHttp`]) dials with `forward::dial_peer`
+//! and the identity store's current configuration (nothing is built per
+//! connection); at most `limits.http_pool_max_connections` hop connections
+//! are open over all endpoints.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use http::Uri;
-use http::uri::Authority;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rampart_identity::SpiffeId;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use super::body::RequestBody;
 use crate::config::Limits;
 use crate::forward::{self, PeerError};
 use crate::metrics;
-use crate::tls::ClientTls;
 
-/// The h2 pools, one per client configuration index (expected identity),
-/// keyed inside by destination.
-pub struct OutboundHttp {
-    pub(super) server: hyper::server::conn::http1::Builder,
-    pub(super) clients: Vec<Client<MeshConnector, RequestBody>>,
-    /// Pools expecting one exact server ID each (discovered endpoints),
-    /// keyed inside by the endpoint's address; made on first use.
-    endpoints: Mutex<HashMap<SpiffeId, Client<MeshConnector, RequestBody>>>,
-    /// Makes the pools of `endpoints`.
-    builder: hyper_util::client::legacy::Builder,
-    /// The connector settings the endpoint pools share with the others.
-    connector: MeshConnector,
+/// Where a hop connection goes: the peer sidecar's socket address and the
+/// server identity it must prove during the handshake. The routing stage
+/// chooses it per request; connections are pooled under it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// The peer sidecar.
+    pub addr: SocketAddr,
+    /// The server identity to expect.
+    pub expect: Expect,
 }
 
-/// How many endpoint identities get a pool of their own before the
-/// table starts over (idle connections of dropped pools close).
-const MAX_ENDPOINT_POOLS: usize = 1024;
+/// Which server identity a hop connection expects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Expect {
+    /// Client configuration `i` of the identity store (an outbound rule's
+    /// `server_identities`, or an explicit listener's).
+    Rule(usize),
+    /// Exactly this SPIFFE ID (an endpoint discovery found).
+    Id(SpiffeId),
+}
+
+/// Why a pooled connection could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolConnectError {
+    /// The sidecar has no identity (yet, or any more).
+    #[error("no identity")]
+    NoIdentity,
+    /// Every one of the pools' connections is in use, and none closed
+    /// within the connect timeout.
+    #[error("pooled connection limit ({0}) reached")]
+    PoolFull(usize),
+    /// The peer could not be reached, or its handshake failed.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// The app could not be reached (inbound pool).
+    #[error(transparent)]
+    App(#[from] forward::ConnectError),
+    /// The HTTP/1.1 client handshake failed (local, no bytes exchanged:
+    /// a bug or a closed socket).
+    #[error("http/1.1 client: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// Why a request on a pooled connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be had.
+    #[error(transparent)]
+    Connect(#[from] PoolConnectError),
+    /// The exchange failed after the request was handed to a connection.
+    #[error(transparent)]
+    Exchange(hyper::Error),
+    /// A new connection closed before the request could be written.
+    #[error("the connection closed before the request was sent")]
+    Closed,
+}
+
+impl SendError {
+    /// Whether the request never reached the far end (it may go to
+    /// another endpoint): no connection, or one that closed before it.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_) | SendError::Closed)
+    }
+}
+
+/// A link's shared state, between the lessee and the connection task.
+#[derive(Debug)]
+struct LinkState {
+    /// A request is on the link (until its response body is dropped).
+    in_flight: AtomicBool,
+    /// The connection task decided to close: send nothing more on it.
+    closing: AtomicBool,
+    /// Milliseconds after `epoch` of the end of the last exchange.
+    last_used_ms: AtomicU64,
+    epoch: Instant,
+    /// Signalled when an exchange ends while `closing`.
+    idle: Notify,
+}
+
+impl LinkState {
+    fn new() -> Arc<Self> {
+        Arc::new(LinkState {
+            in_flight: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            last_used_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            idle: Notify::new(),
+        })
+    }
+
+    /// Claims the link for one exchange; false if it is closing. The
+    /// connection task sets `closing` before it reads `in_flight`, and this
+    /// sets `in_flight` before it reads `closing`: one of them sees the other.
+    fn begin(&self) -> bool {
+        self.in_flight.store(true, Ordering::SeqCst);
+        if self.closing.load(Ordering::SeqCst) {
+            self.end();
+            return false;
+        }
+        true
+    }
+
+    fn end(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_used_ms.store(ms, Ordering::Relaxed);
+        self.in_flight.store(false, Ordering::SeqCst);
+        if self.closing.load(Ordering::SeqCst) {
+            self.idle.notify_one();
+        }
+    }
+
+    fn last_used(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A link during one exchange, carried by its response body: when the
+/// body is dropped (read to its end, usually), the exchange ends and the
+/// link goes back to its pool.
+#[derive(Debug)]
+struct InFlight(Option<Link>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(link) = self.0.take() {
+            link.state.end();
+            if let Some(home) = link.home.clone() {
+                home(link);
+            }
+        }
+    }
+}
+
+/// A response body from upstream (the peer sidecar or the app). From a
+/// pooled connection, that connection counts as busy until it is dropped.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    _in_flight: Option<InFlight>,
+}
+
+impl From<Incoming> for UpstreamBody {
+    fn from(inner: Incoming) -> Self {
+        UpstreamBody {
+            inner,
+            _in_flight: None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How long before its certificates expire a pooled connection stops
+/// taking new requests (the far end closes it at expiry).
+const REUSE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Where a link goes back after an exchange (its pool, under its key).
+type Home = Arc<dyn Fn(Link) + Send + Sync>;
+
+/// One pooled HTTP/1.1 connection: one exchange at a time, back to its
+/// pool between exchanges.
+pub struct Link {
+    sender: SendRequest<RequestBody>,
+    /// Set by the pool that first sends on it.
+    home: Option<Home>,
+    state: Arc<LinkState>,
+    /// When the certificates it was made with expire (`None`: plaintext).
+    expires: Option<Instant>,
+    /// Whether it already carried a request (a fresh connection that
+    /// fails is not retried).
+    reused: bool,
+    /// The verified peer, for the request metrics.
+    peer: Option<metrics::DestinationId>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("peer", &self.peer)
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Whether a new request may go on it: open, not closing, certificates
+    /// not expired.
+    fn usable(&self) -> bool {
+        // A connection already used stops taking requests a little before
+        // its certificates expire, so that none races the far end's close.
+        let margin = if self.reused {
+            REUSE_MARGIN
+        } else {
+            Duration::ZERO
+        };
+        !self.sender.is_closed()
+            && !self.state.closing.load(Ordering::Relaxed)
+            && self.expires.is_none_or(|e| Instant::now() + margin < e)
+    }
+
+    /// The verified peer of a mesh connection.
+    pub fn peer(&self) -> Option<&metrics::DestinationId> {
+        self.peer.as_ref()
+    }
+
+    /// Runs HTTP/1.1 over `io` in a task of its own, closed when idle for
+    /// `idle_timeout` or (after its in-flight request) at `expires`.
+    /// `slot` is held until the connection closes.
+    pub async fn establish<S>(
+        io: S,
+        expires: Option<SystemTime>,
+        idle_timeout: Duration,
+        peer: Option<metrics::DestinationId>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<Link, hyper::Error>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        let state = LinkState::new();
+        let expires = expires.map(instant_of);
+        tokio::spawn(drive(conn, state.clone(), expires, idle_timeout, slot));
+        Ok(Link {
+            sender,
+            home: None,
+            state,
+            expires,
+            reused: false,
+            peer,
+        })
+    }
+
+    /// Sends `req` and waits for the response head (the caller bounds the
+    /// wait). The link travels with the response body, back to its pool
+    /// when the body is dropped.
+    async fn send(mut self, req: Request<RequestBody>) -> Result<Response<UpstreamBody>, Attempt> {
+        if self.sender.ready().await.is_err() || !self.state.begin() {
+            // Closed or closing before anything was written.
+            return Err(Attempt::Retry(Box::new(req)));
+        }
+        self.reused = true;
+        let sent = self.sender.try_send_request(req);
+        // The exchange ends (and the link goes home) with the body, or
+        // here on failure.
+        let mut in_flight = InFlight(None);
+        match sent.await {
+            Ok(resp) => {
+                in_flight.0 = Some(self);
+                Ok(resp.map(|inner| UpstreamBody {
+                    inner,
+                    _in_flight: Some(in_flight),
+                }))
+            }
+            Err(mut e) => {
+                self.state.end();
+                match e.take_message() {
+                    // hyper gave it back: the connection closed before writing it.
+                    Some(req) => Err(Attempt::Retry(Box::new(req))),
+                    None => Err(Attempt::Failed(e.into_error())),
+                }
+            }
+        }
+    }
+}
+
+/// How a request on a link failed.
+enum Attempt {
+    /// Nothing was written: the request can go on another connection
+    /// (boxed: the rare path, and it keeps the hot `Result` small).
+    Retry(Box<Request<RequestBody>>),
+    /// The exchange failed after the request was handed over.
+    Failed(hyper::Error),
+}
+
+/// The connection task of a link.
+async fn drive<S>(
+    conn: hyper::client::conn::http1::Connection<TokioIo<S>, RequestBody>,
+    state: Arc<LinkState>,
+    expires: Option<Instant>,
+    idle_timeout: Duration,
+    _slot: Option<OwnedSemaphorePermit>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    tokio::pin!(conn);
+    loop {
+        // An exchange in progress counts as use.
+        let idle_at = match state.in_flight.load(Ordering::SeqCst) {
+            true => Instant::now() + idle_timeout,
+            false => state.last_used() + idle_timeout,
+        };
+        let wake = expires.map_or(idle_at, |e| e.min(idle_at));
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "pooled connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        let now = Instant::now();
+        let expired = expires.is_some_and(|e| now >= e);
+        if !expired && state.last_used() + idle_timeout > now {
+            continue;
+        }
+        state.closing.store(true, Ordering::SeqCst);
+        if !state.in_flight.load(Ordering::SeqCst) {
+            tracing::debug!(
+                expired,
+                "pooled connection closed (idle or certificates expired)"
+            );
+            return;
+        }
+        if !expired {
+            // Busy after all: not idle.
+            state.closing.store(false, Ordering::SeqCst);
+            continue;
+        }
+        // Expired with a request in flight: let it finish, then close.
+        loop {
+            let notified = state.idle.notified();
+            if !state.in_flight.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "pooled connection ended with an error");
+                    }
+                    return;
+                }
+                () = notified => {}
+            }
+        }
+        tracing::debug!("pooled connection closed: its certificates expired");
+        return;
+    }
+}
+
+/// `t` on tokio's clock (a time already past is now).
+fn instant_of(t: SystemTime) -> Instant {
+    let now = Instant::now();
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => now + d,
+        Err(_) => now,
+    }
+}
+
+/// The idle connections of a pool, by key.
+#[derive(Debug)]
+pub struct IdleLinks<K> {
+    links: Mutex<HashMap<K, Vec<Link>>>,
+}
+
+impl<K> Default for IdleLinks<K> {
+    fn default() -> Self {
+        IdleLinks {
+            links: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
+    /// The most recently used idle connection to `key` that can take a
+    /// request (closed ones are dropped on the way).
+    fn take(&self, key: &K) -> Option<Link> {
+        // Poisoning needs a panic while moving a Vec element.
+        let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let v = map.get_mut(key)?;
+        let found = std::iter::from_fn(|| v.pop()).find(Link::usable);
+        if v.is_empty() {
+            map.remove(key);
+        }
+        found
+    }
+
+    /// Puts a connection back if it can still take requests (it is
+    /// closed otherwise, as it drops). hyper may not have seen the end of
+    /// the last response yet; the next exchange waits for it.
+    fn put(&self, key: K, link: Link) {
+        if !link.usable() {
+            return;
+        }
+        let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let v = map.entry(key).or_default();
+        // Connections that closed while idle go now, not at the next take.
+        v.retain(Link::usable);
+        v.push(link);
+    }
+
+    /// Idle connections open now.
+    pub fn len(&self) -> usize {
+        let map = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().map(Vec::len).sum()
+    }
+
+    /// Whether no idle connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> IdleLinks<K> {
+    /// Sends `req` to `key` on an idle connection of the pool or a new one
+    /// from `dial`; the connection comes back to the pool when the
+    /// response body is dropped. A request that a reused connection closed
+    /// before writing goes on another one; a new connection that closes at
+    /// once is an error. Returns the response and the verified peer of the
+    /// connection. [`SendError::Connect`] and [`SendError::Closed`] mean
+    /// the request never reached the far end.
+    pub async fn send<D, F>(
+        self: &Arc<Self>,
+        key: &K,
+        mut req: Request<RequestBody>,
+        dial: D,
+    ) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), SendError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = Result<Link, PoolConnectError>>,
+    {
+        // Reused connections that closed under the request: a few, then a
+        // new one, whose failure is final.
+        for _ in 0..4 {
+            let mut link = match self.take(key) {
+                Some(l) => l,
+                None => dial().await?,
+            };
+            if link.home.is_none() {
+                let (pool, k) = (Arc::downgrade(self), key.clone());
+                link.home = Some(Arc::new(move |l| {
+                    if let Some(pool) = pool.upgrade() {
+                        pool.put(k.clone(), l);
+                    }
+                }));
+            }
+            let fresh = !link.reused;
+            let peer = link.peer.clone();
+            match link.send(req).await {
+                Ok(resp) => return Ok((resp, peer)),
+                Err(Attempt::Retry(_)) if fresh => return Err(SendError::Closed),
+                Err(Attempt::Retry(r)) => req = *r,
+                Err(Attempt::Failed(e)) => return Err(SendError::Exchange(e)),
+            }
+        }
+        Err(SendError::Closed)
+    }
+}
+
+/// The outbound hop: HTTP/1.1 to peer sidecars over pooled mTLS
+/// connections, and the server side for the app's connections.
+pub struct OutboundHttp {
+    pub(super) server: hyper::server::conn::http1::Builder,
+    pub(super) hop: Arc<IdleLinks<Endpoint>>,
+    identity: tokio::sync::watch::Receiver<Option<Arc<rampart_identity::store::TlsConfigs>>>,
+    /// `limits.http_pool_max_connections` permits, one per open hop connection.
+    slots: Arc<Semaphore>,
+    max_pooled: usize,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+}
 
 impl std::fmt::Debug for OutboundHttp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,12 +531,18 @@ impl std::fmt::Debug for OutboundHttp {
     }
 }
 
+/// How long a pooled HTTP/1.1 connection may sit idle: the configured
+/// pool idle timeout, but under the far end's keep-alive idle close
+/// (`http_idle_timeout`, on a peer sidecar with the same limits), so that
+/// the far end does not close it while a request is on its way.
+pub(crate) fn link_idle_timeout(l: &Limits) -> Duration {
+    l.http_pool_idle_timeout.min(l.http_idle_timeout / 2)
+}
+
 impl OutboundHttp {
-    /// Pools for `client_configs` client configurations; the connectors
-    /// read the identity from `identity`.
+    /// The hop pool; connections read the identity from `identity`.
     pub fn new(
         limits: &Limits,
-        client_configs: usize,
         identity: tokio::sync::watch::Receiver<Option<Arc<rampart_identity::store::TlsConfigs>>>,
     ) -> Self {
         let l = limits;
@@ -75,212 +556,267 @@ impl OutboundHttp {
             .header_read_timeout(None)
             .max_buf_size(l.http_max_header_bytes.max(8192))
             .max_headers(l.http_max_headers);
-        // One cap over every pool: a connection holds a permit until it closes.
-        let slots = Arc::new(Semaphore::new(l.http_pool_max_connections));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(l.http_pool_idle_timeout)
-            .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .http2_max_concurrent_reset_streams(l.http_max_concurrent_streams as usize);
-        let connector = MeshConnector {
-            expect: Expect::Rule(0),
-            identity: identity.clone(),
-            connect_timeout: limits.connect_timeout,
-            handshake_timeout: limits.handshake_timeout,
-            slots: slots.clone(),
-            max_pooled: l.http_pool_max_connections,
-        };
-        let clients = (0..client_configs)
-            .map(|index| {
-                builder.build(MeshConnector {
-                    expect: Expect::Rule(index),
-                    ..connector.clone()
-                })
-            })
-            .collect();
         OutboundHttp {
             server,
-            clients,
-            endpoints: Mutex::new(HashMap::new()),
-            builder,
-            connector,
+            hop: Arc::default(),
+            identity,
+            slots: Arc::new(Semaphore::new(l.http_pool_max_connections)),
+            max_pooled: l.http_pool_max_connections,
+            connect_timeout: l.connect_timeout,
+            handshake_timeout: l.handshake_timeout,
+            idle_timeout: link_idle_timeout(l),
         }
     }
 
-    /// The pool for endpoints whose server must present `id` (requests
-    /// name the endpoint's address as their authority).
-    pub fn endpoint_client(&self, id: &SpiffeId) -> Client<MeshConnector, RequestBody> {
-        // Poisoning needs a panic while holding the lock, which only
-        // clones and inserts.
-        let mut pools = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = pools.get(id) {
-            return c.clone();
-        }
-        if pools.len() >= MAX_ENDPOINT_POOLS {
-            pools.clear();
-        }
-        let c = self.builder.build(MeshConnector {
-            expect: Expect::Id(id.clone()),
-            ..self.connector.clone()
-        });
-        pools.insert(id.clone(), c.clone());
-        c
-    }
-}
-
-/// The connector's error behind a pool failure, if it was one (no
-/// identity or pool full: 503, not 502).
-pub(crate) fn pool_failure(e: &hyper_util::client::legacy::Error) -> Option<&PoolConnectError> {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(p) = s.downcast_ref::<PoolConnectError>() {
-            return Some(p);
-        }
-        source = s.source();
-    }
-    None
-}
-
-/// Which server identity a pool's connections expect.
-#[derive(Debug, Clone)]
-enum Expect {
-    /// Client configuration `i` of the plan (a server rule's identities).
-    Rule(usize),
-    /// Exactly this SPIFFE ID (a discovered endpoint).
-    Id(SpiffeId),
-}
-
-/// Dials a peer sidecar and originates mTLS for the pool.
-#[derive(Clone)]
-pub struct MeshConnector {
-    expect: Expect,
-    identity: tokio::sync::watch::Receiver<Option<Arc<rampart_identity::store::TlsConfigs>>>,
-    connect_timeout: Duration,
-    handshake_timeout: Duration,
-    /// `limits.http_pool_max_connections` permits, shared by every pool.
-    slots: Arc<Semaphore>,
-    max_pooled: usize,
-}
-
-/// Why the pool could not open a connection.
-#[derive(Debug, thiserror::Error)]
-pub enum PoolConnectError {
-    /// The sidecar has no identity (yet, or any more).
-    #[error("no identity")]
-    NoIdentity,
-    /// Every one of the pools' connections is in use, and none closed
-    /// within the connect timeout.
-    #[error("pooled connection limit ({0}) reached")]
-    PoolFull(usize),
-    /// The pool key was not a socket address (a bug).
-    #[error("pool destination {0} is not an address")]
-    BadDestination(String),
-    /// The peer could not be reached, or its handshake failed.
-    #[error(transparent)]
-    Peer(#[from] PeerError),
-}
-
-impl tower_service::Service<Uri> for MeshConnector {
-    type Response = TokioIo<MeshStream>;
-    type Error = PoolConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    /// Sends `req` to `endpoint` on a pooled hop connection or a new one.
+    pub async fn send(
+        &self,
+        endpoint: &Endpoint,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<UpstreamBody>, Option<metrics::DestinationId>), SendError> {
+        self.hop.send(endpoint, req, || self.dial(endpoint)).await
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let authority = uri.authority().map(Authority::as_str).unwrap_or("");
-            let dst: SocketAddr = authority
-                .parse()
-                .map_err(|_| PoolConnectError::BadDestination(authority.to_owned()))?;
-            let cfg = {
-                let current = this.identity.borrow();
-                let configs = current.as_ref().ok_or(PoolConnectError::NoIdentity)?;
-                match &this.expect {
-                    Expect::Rule(i) => configs.client.get(*i).cloned(),
-                    Expect::Id(id) => configs.endpoints.for_id(id),
-                }
-                .ok_or(PoolConnectError::NoIdentity)?
+    /// Open hop connections (idle or leased).
+    pub fn open_connections(&self) -> usize {
+        self.max_pooled - self.slots.available_permits()
+    }
+
+    /// Opens a hop connection to `endpoint` with the current SVID: mTLS,
+    /// the server's SPIFFE ID checked during the handshake. It is closed
+    /// when its SVID or the peer's expires.
+    pub(crate) async fn dial(&self, endpoint: &Endpoint) -> Result<Link, PoolConnectError> {
+        let (cfg, own_expiry) = {
+            let current = self.identity.borrow();
+            let configs = current.as_ref().ok_or(PoolConnectError::NoIdentity)?;
+            let cfg = match &endpoint.expect {
+                Expect::Rule(i) => configs.client.get(*i).cloned(),
+                Expect::Id(id) => configs.endpoints.for_id(id),
             };
-            // Wait (bounded) for a pooled connection to close rather than
-            // fail at once: idle ones expire, busy ones end.
-            let max = this.max_pooled;
-            let slot =
-                tokio::time::timeout(this.connect_timeout, this.slots.clone().acquire_owned())
-                    .await
-                    .map_err(|_| PoolConnectError::PoolFull(max))?
-                    // Invariant: the semaphore is never closed.
-                    .map_err(|_| PoolConnectError::PoolFull(max))?;
-            let (tls, peer) =
-                forward::dial_peer(dst, cfg, this.connect_timeout, this.handshake_timeout).await?;
-            tracing::debug!(dst.addr = %dst, peer.id = %peer.principal(), "pooled connection opened");
-            let peer = metrics::DestinationId(peer.principal().into());
-            Ok(TokioIo::new(MeshStream {
-                tls,
-                peer,
-                _slot: slot,
-            }))
-        })
+            (
+                cfg.ok_or(PoolConnectError::NoIdentity)?,
+                configs.svid.not_after,
+            )
+        };
+        // Wait (bounded) for a pooled connection to close rather than
+        // fail at once: idle ones expire, busy ones end.
+        let max = self.max_pooled;
+        let slot = tokio::time::timeout(self.connect_timeout, self.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| PoolConnectError::PoolFull(max))?
+            // Invariant: the semaphore is never closed.
+            .map_err(|_| PoolConnectError::PoolFull(max))?;
+        let (tls, peer) = forward::dial_peer(
+            endpoint.addr,
+            cfg,
+            self.connect_timeout,
+            self.handshake_timeout,
+        )
+        .await?;
+        let peer_expiry = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| rampart_identity::svid::leaf_not_after(leaf));
+        // A peer certificate without a readable expiry was refused by the
+        // verifier; never keep a connection longer than our own SVID.
+        let expires = match peer_expiry {
+            Some(p) => p.min(own_expiry),
+            None => own_expiry,
+        };
+        tracing::debug!(dst.addr = %endpoint.addr, peer.id = %peer.principal(), "pooled connection opened");
+        let peer = metrics::DestinationId(peer.principal().into());
+        Ok(Link::establish(
+            tls,
+            Some(expires),
+            self.idle_timeout,
+            Some(peer),
+            Some(slot),
+        )
+        .await?)
     }
 }
 
-/// A pooled mTLS stream, holding its slot under the pool cap.
-pub struct MeshStream {
-    tls: ClientTls,
-    /// The peer sidecar's verified identity, for the request metrics.
-    peer: metrics::DestinationId,
-    _slot: OwnedSemaphorePermit,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-impl Connection for MeshStream {
-    fn connected(&self) -> Connected {
-        Connected::new().negotiated_h2().extra(self.peer.clone())
-    }
-}
-
-impl AsyncRead for MeshStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for MeshStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write(cx, buf)
+    /// An HTTP/1.1 app on loopback that answers each request with the
+    /// number of the connection it came on (after `delay`), and closes
+    /// after `per_conn` requests without saying so. Counts closed
+    /// connections.
+    struct App {
+        addr: SocketAddr,
+        closed: Arc<AtomicUsize>,
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
+    async fn app(delay: Duration, per_conn: usize) -> App {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let c = closed.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = l.accept().await {
+                n += 1;
+                let (id, closed) = (n, c.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut served = 0;
+                    'conn: while served < per_conn {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => break 'conn,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        buf.drain(..end);
+                        tokio::time::sleep(delay).await;
+                        let body = id.to_string();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            break;
+                        }
+                        served += 1;
+                    }
+                    if served < per_conn {
+                        // The client closed it.
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        App { addr, closed }
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
+    /// Connections made with certificates that expire `ttl` after dialing.
+    fn dialer(
+        addr: SocketAddr,
+        ttl: Duration,
+    ) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Link, PoolConnectError>>>> {
+        move || {
+            Box::pin(async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let expires = SystemTime::now() + ttl;
+                Ok(
+                    Link::establish(tcp, Some(expires), Duration::from_secs(30), None, None)
+                        .await?,
+                )
+            })
+        }
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    /// An empty request body as hyper hands it over (hyper makes no
+    /// `Incoming` otherwise): from a request served over a duplex.
+    async fn empty_body() -> Incoming {
+        let (mut near, far) = tokio::io::duplex(4096);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = Mutex::new(Some(tx));
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(req.into_body());
+            }
+            async {
+                Ok::<_, std::convert::Infallible>(Response::new(
+                    http_body_util::Empty::<Bytes>::new(),
+                ))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(far), service),
+        );
+        near.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let body = rx.await.unwrap();
+        tokio::spawn(async move {
+            let mut sink = [0; 256];
+            while near.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        body
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
+    async fn get(slot: &Arc<IdleLinks<SocketAddr>>, addr: SocketAddr, ttl: Duration) -> String {
+        let (body, _) = RequestBody::new(empty_body().await);
+        let req = Request::get("/").header("host", "app").body(body).unwrap();
+        let (resp, _) = slot.send(&addr, req, dialer(addr, ttl)).await.unwrap();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_go_back_to_the_pool_with_their_response_bodies() {
+        let app = app(Duration::ZERO, usize::MAX).await;
+        let pool = Arc::new(IdleLinks::default());
+        let ttl = Duration::from_secs(600);
+        assert_eq!(get(&pool, app.addr, ttl).await, "1");
+        assert_eq!(get(&pool, app.addr, ttl).await, "1");
+        assert_eq!(pool.len(), 1);
+        // Two exchanges at once need two connections; both come back.
+        let (a, b) = tokio::join!(get(&pool, app.addr, ttl), get(&pool, app.addr, ttl));
+        let mut got = [a, b];
+        got.sort();
+        assert_eq!(got, ["1".to_string(), "2".to_string()]);
+        assert_eq!(pool.len(), 2);
+        assert_eq!(app.closed.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_move_to_a_new_connection_before_the_certificates_expire() {
+        let app = app(Duration::ZERO, usize::MAX).await;
+        let slot = Arc::new(IdleLinks::default());
+        // 1.5 s certificates: reuse stops a second before they expire.
+        let ttl = Duration::from_millis(1_500);
+        assert_eq!(get(&slot, app.addr, ttl).await, "1");
+        assert_eq!(get(&slot, app.addr, ttl).await, "1");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(get(&slot, app.addr, ttl).await, "2");
+        // The first is closed at its expiry, though nothing was sent on it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while app.closed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the expired connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(get(&slot, app.addr, ttl).await, "2");
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_at_expiry_finishes_then_the_connection_closes() {
+        let app = app(Duration::from_millis(800), usize::MAX).await;
+        let slot = Arc::new(IdleLinks::default());
+        // Expires 300 ms in, while the app takes 800 ms to answer.
+        assert_eq!(get(&slot, app.addr, Duration::from_millis(300)).await, "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while app.closed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the expired connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_the_far_end_closed_goes_on_a_new_one() {
+        // The app closes every connection after one response, unannounced.
+        let app = app(Duration::ZERO, 1).await;
+        let slot = Arc::new(IdleLinks::default());
+        let ttl = Duration::from_secs(600);
+        assert_eq!(get(&slot, app.addr, ttl).await, "1");
+        // Let the close arrive.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(get(&slot, app.addr, ttl).await, "2");
     }
 }

@@ -37,7 +37,8 @@ pub struct InboundHttp {
     // (`detect`), so that every HTTP/1 connection has the guard.
     server_h1: hyper::server::conn::http1::Builder,
     server_h2: auto::Builder<TokioExecutor>,
-    pub(super) h1: Client<HttpConnector, RequestBody>,
+    /// HTTP/1.1 app connections, one exchange at a time each.
+    pub(super) app_links: Arc<super::pool::IdleLinks<SocketAddr>>,
     pub(super) h2: Client<HttpConnector, RequestBody>,
 }
 
@@ -74,18 +75,15 @@ impl InboundHttp {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(limits.connect_timeout));
-        let client = |h2: bool| {
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(l.http_pool_idle_timeout)
-                .http2_only(h2)
-                .build(connector.clone())
-        };
         InboundHttp {
             server_h1,
             server_h2: server.http2_only(),
-            h1: client(false),
-            h2: client(true),
+            app_links: Arc::default(),
+            h2: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(l.http_pool_idle_timeout)
+                .http2_only(true)
+                .build(connector),
         }
     }
 }
@@ -113,6 +111,8 @@ pub struct InboundConn {
     pub grpc_port: bool,
     /// The TLS server name the client sent (Istio's `connection.sni`).
     pub sni: Option<Arc<str>>,
+    /// When the mTLS connection must end (its certificates expire).
+    pub expires: Option<std::time::SystemTime>,
 }
 
 /// Serves HTTP on `stream` until the peer closes or the drain completes it.
@@ -191,13 +191,15 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
     let tls = handler.conn.tls;
     let idle = async {
         let expired = streams.idle_expired();
-        // An mTLS connection also ends (gracefully) when our identity is
-        // withdrawn: its peer then reconnects, and is refused.
+        // An mTLS connection also ends (gracefully: in-flight requests
+        // finish) when our identity is withdrawn, or when the SVID it was
+        // made with or the peer's expires: its peer then reconnects with
+        // current certificates, or is refused.
         if tls {
             tokio::select! {
                 () = expired => {}
-                () = shared.identity_withdrawn() => {
-                    tracing::info!("identity withdrawn: closing the mTLS connection");
+                () = shared.mtls_ends(handler.conn.expires) => {
+                    tracing::info!("identity withdrawn or certificates expired: closing the mTLS connection");
                 }
             }
         } else {
@@ -351,6 +353,7 @@ mod tests {
             app_version: AppVersion::AsReceived,
             grpc_port: false,
             sni: None,
+            expires: authn.expires,
         };
         let drain = crate::drain::Drain::new();
         tokio::spawn(serve(authn.stream, conn, shared.clone(), drain.watch()));

@@ -172,7 +172,7 @@ where
         // Refused or not switched: an ordinary response.
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        return Ok((Response::from_parts(parts, Either::Left(body)), None));
+        return Ok((Response::from_parts(parts, Either::Left(body.into())), None));
     }
     let upstream = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();

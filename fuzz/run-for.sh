@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for HOURS hours in total (split evenly, one target
+# after the other, in rounds of at most 30 minutes each so that every target
+# is fuzzed early even in a long run), each on its own growing corpus.
+#
+#   fuzz/run-for.sh HOURS [JOBS]
+#
+# HOURS may be fractional (0.5). JOBS (default 1) is libFuzzer's -jobs/-workers
+# count per target. Needs cargo-fuzz (`cargo install cargo-fuzz`) and a
+# nightly toolchain (or RAMPART_FUZZ_TOOLCHAIN=stable, which sets
+# RUSTC_BOOTSTRAP=1). Corpora grow in fuzz/corpus/<target>/ (seeded from
+# fuzz/seeds/<target>/), crashes land in fuzz/artifacts/<target>/, and a
+# summary (seconds and crashes per target) is written to
+# fuzz/artifacts/run-for-summary.txt and printed. Exits 1 when any target
+# crashed. Meant for a scheduled job: it stops by itself.
+set -euo pipefail
+
+hours=${1:?usage: fuzz/run-for.sh HOURS [JOBS]}
+jobs=${2:-1}
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here"
+
+toolchain=${RAMPART_FUZZ_TOOLCHAIN:-nightly}
+cargo_fuzz=(cargo "+$toolchain" fuzz)
+if [ "$toolchain" = stable ]; then
+    export RUSTC_BOOTSTRAP=1
+fi
+command -v cargo-fuzz >/dev/null || {
+    echo "cargo-fuzz is missing: cargo install cargo-fuzz" >&2
+    exit 2
+}
+
+mapfile -t targets < <("${cargo_fuzz[@]}" list)
+[ "${#targets[@]}" -gt 0 ] || { echo "no fuzz targets" >&2; exit 2; }
+
+total=$(awk -v h="$hours" 'BEGIN { printf "%d", h * 3600 }')
+per_target=$((total / ${#targets[@]}))
+[ "$per_target" -gt 0 ] || { echo "HOURS too small for ${#targets[@]} targets" >&2; exit 2; }
+round=$((per_target < 1800 ? per_target : 1800))
+rounds=$(((per_target + round - 1) / round))
+
+echo "fuzzing ${#targets[@]} targets for ${hours} h: ${per_target} s each, in ${rounds} round(s) of ${round} s"
+"${cargo_fuzz[@]}" build --release >/dev/null
+
+declare -A spent crashes
+for t in "${targets[@]}"; do
+    spent[$t]=0
+    crashes[$t]=0
+    mkdir -p "corpus/$t" "artifacts/$t"
+done
+
+for ((r = 1; r <= rounds; r++)); do
+    for t in "${targets[@]}"; do
+        left=$((per_target - spent[$t]))
+        [ "$left" -gt 0 ] || continue
+        slice=$((left < round ? left : round))
+        echo "round $r/$rounds: $t for ${slice} s"
+        start=$(date +%s)
+        before=$(find "artifacts/$t" -type f ! -name '*.log' | wc -l)
+        # A crash stops this slice; -fork mode keeps going after one and
+        # writes every crash to artifacts/.
+        set +e
+        "${cargo_fuzz[@]}" run --release "$t" "corpus/$t" "seeds/$t" -- \
+            -max_total_time="$slice" -fork="$jobs" -ignore_crashes=1 -ignore_timeouts=1 \
+            -ignore_ooms=1 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+            >"artifacts/$t/round-$r.log" 2>&1
+        set -e
+        after=$(find "artifacts/$t" -type f ! -name '*.log' | wc -l)
+        spent[$t]=$((spent[$t] + $(date +%s) - start))
+        crashes[$t]=$((crashes[$t] + after - before))
+    done
+done
+
+summary=artifacts/run-for-summary.txt
+{
+    echo "fuzz/run-for.sh $hours (finished $(date -u +%FT%TZ))"
+    printf '%-16s %10s %8s\n' target seconds crashes
+    for t in "${targets[@]}"; do
+        printf '%-16s %10s %8s\n' "$t" "${spent[$t]}" "${crashes[$t]}"
+    done
+} | tee "$summary"
+found=0
+for t in "${targets[@]}"; do
+    found=$((found + crashes[$t]))
+done
+[ "$found" -eq 0 ] || { echo "crashes: see fuzz/artifacts/<target>/" >&2; exit 1; }
