@@ -255,7 +255,7 @@ mod tests {
         );
         assert_eq!(w.spiffe_id.unwrap().as_str(), "spiffe://example.org/web");
         assert_eq!(w.backoff_initial, Duration::from_millis(200));
-        assert_eq!(w.backoff_max, Duration::from_secs(10));
+        assert_eq!(w.backoff_max, Duration::from_secs(1));
     }
 
     #[test]

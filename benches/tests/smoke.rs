@@ -89,9 +89,18 @@ fn mesh_profile_writes_results_and_plots() {
         .chain(kinds.clone())
         .map(String::from)
         .collect();
+    // Keep-alive HTTP/1.1 also runs the pair with the port declared opaque
+    // (the L4 reference), closed loop at 1, 16 and 64 connections.
+    let with_opaque: Vec<String> = ["direct", "rampart", "rampart-opaque"]
+        .into_iter()
+        .map(String::from)
+        .chain(kinds[1..].iter().map(|k| k.to_string()))
+        .collect();
     let mut expected = vec![
-        ("http1", "200rps", plain.clone()),
-        ("http1", "saturation", plain.clone()),
+        ("http1", "200rps", with_opaque.clone()),
+        ("http1", "saturation-c1", with_opaque.clone()),
+        ("http1", "saturation-c16", with_opaque.clone()),
+        ("http1", "saturation-c64", with_opaque.clone()),
         (
             "newconn",
             "newconn-100rps",
@@ -163,8 +172,9 @@ fn mesh_profile_writes_results_and_plots() {
             }
         }
     }
+    // Memory is sampled for every proxy pair, the opaque reference included.
     let memory = json["memory"].as_array().unwrap();
-    assert_eq!(memory.len(), kinds.len());
+    assert_eq!(memory.len(), kinds.len() + 1, "{memory:?}");
     assert!(
         memory
             .iter()

@@ -605,7 +605,7 @@ fn outbound_requests_are_counted_and_a_silent_client_is_a_detect_timeout() {
 
 #[test]
 #[ignore = "needs python3 with prometheus_client (pip install -r tests/requirements.txt)"]
-fn a_silent_plaintext_client_on_a_permissive_port_waits_for_one_detect_timeout() {
+fn a_silent_plaintext_client_on_a_permissive_port_waits_for_one_detect_timeout_then_its_request() {
     require_prometheus_client();
     let app = free_addr();
     let p = pair_at(
@@ -630,17 +630,32 @@ fn a_silent_plaintext_client_on_a_permissive_port_waits_for_one_detect_timeout()
             .map(|(_, v)| v)
             .sum()
     };
-    // Sends nothing: after one detect timeout it is opaque plaintext, which
-    // the HTTP-only policy refuses. Before, the stream was sniffed a second
-    // time and the client waited (and was counted) twice.
-    let silent = std::net::TcpStream::connect(p.inbound).unwrap();
+    // Sends nothing for longer than one detect timeout. No policy admits an
+    // opaque connection here (the policy is HTTP-only), so the sidecar keeps
+    // waiting for the request of a client that opened its connection ahead
+    // of use (issue 19, R4) and answers it as HTTP when it comes; it counts
+    // one detect timeout, not two, and refuses nothing before the request.
+    let timeouts = "rampart_detect_timeouts_total{direction=\"inbound\"}";
+    let mut silent = std::net::TcpStream::connect(p.inbound).unwrap();
     let mut after = BTreeMap::new();
     assert!(eventually(Duration::from_secs(5), || {
         after = scrape(&p.backend);
-        denials(&after) - denials(&before) >= 1.0
+        delta(&before, &after, timeouts) >= 1.0
     }));
-    drop(silent);
-    let timeouts = "rampart_detect_timeouts_total{direction=\"inbound\"}";
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(denials(&scrape(&p.backend)) - denials(&before), 0.0);
+    silent
+        .write_all(b"GET /data HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = silent.read_to_string(&mut answer);
+    // Plaintext carries no principal: the policy's answer, as HTTP.
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    after = scrape(&p.backend);
+    assert_eq!(denials(&after) - denials(&before), 1.0, "{after:#?}");
     assert_eq!(delta(&before, &after, timeouts), 1.0, "{after:#?}");
 }
 
