@@ -263,7 +263,10 @@ fn jwt(c: &mut Criterion) {
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: https://issuer.example\n    audiences: [api]\n    jwks: '{jwks}'\n---\n{}",
         ap("requestPrincipals: [\"https://issuer.example/*\"]")
     ));
+    // The caller and path the policies above name.
     let mut f = Fixture::new(2);
+    f.peer = SpiffeId::parse("spiffe://example.org/ns/ns2/sa/svc2").unwrap();
+    f.path = "/data2".into();
     f.headers.insert(
         http::header::AUTHORIZATION,
         http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
