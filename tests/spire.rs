@@ -16,8 +16,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -82,20 +81,10 @@ fn sidecar(
 /// `GET path` on the sidecar's admin port (127.0.0.1:15000 in the pod):
 /// the status and the body, or None when it does not answer.
 fn admin(pod: &Pod, path: &'static str) -> Option<(u16, String)> {
-    pod.in_netns(move || {
-        let mut c = TcpStream::connect("127.0.0.1:15000").ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(
-            c,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut s = String::new();
-        c.read_to_string(&mut s).ok()?;
-        let status = s.split(' ').nth(1)?.parse().ok()?;
-        let (_, body) = s.split_once("\r\n\r\n")?;
-        Some((status, body.to_owned()))
-    })
+    let s = pod.admin_get(path)?;
+    let status = s.split(' ').nth(1)?.parse().ok()?;
+    let (_, body) = s.split_once("\r\n\r\n")?;
+    Some((status, body.to_owned()))
 }
 
 fn ready(pod: &Pod) -> Option<u16> {

@@ -212,6 +212,22 @@ impl Pod {
         in_netns(self.ns.name(), f)
     }
 
+    /// `GET path` on the pod's sidecar admin port (127.0.0.1:15000 inside
+    /// the pod): the whole response (status line, fields and body), or None
+    /// when nothing answers within 5 s.
+    pub fn admin_get(&self, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        self.in_netns(move || {
+            let mut c = std::net::TcpStream::connect("127.0.0.1:15000").ok()?;
+            c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            c.write_all(request.as_bytes()).ok()?;
+            let mut s = String::new();
+            c.read_to_string(&mut s).ok()?;
+            Some(s)
+        })
+    }
+
     fn command<I, S>(&self, uid: Option<u32>, cmd: I) -> Command
     where
         I: IntoIterator<Item = S>,

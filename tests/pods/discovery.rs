@@ -7,8 +7,8 @@
 use crate::support;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -32,21 +32,6 @@ fn issue(pki: &Pki, dir: &TempDir, id: &str) -> PathBuf {
     out
 }
 
-fn admin_get(pod: &Pod, path: String) -> Option<String> {
-    pod.in_netns(move || {
-        let mut c = TcpStream::connect("127.0.0.1:15000").ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            c,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut s = String::new();
-        c.read_to_string(&mut s).ok()?;
-        Some(s)
-    })
-}
-
 fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
     pod.exec_ok([rampart_bin(), "init"]);
     let mut cfg = Config::new(IdentityConfig::files_in(svid));
@@ -60,7 +45,10 @@ fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
     );
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
-        if admin_get(pod, "/ready".into()).is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        if pod
+            .admin_get("/ready")
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
             return proc;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -281,7 +269,7 @@ fn share(l: &Load, name: &str) -> f64 {
 }
 
 fn metric(pod: &Pod, series: &str) -> f64 {
-    let text = admin_get(pod, "/metrics".into()).unwrap_or_default();
+    let text = pod.admin_get("/metrics").unwrap_or_default();
     text.lines()
         .filter(|l| l.starts_with(series))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -311,7 +299,10 @@ fn file_source_balances_requests_of_one_connection_and_avoids_a_slow_backend() {
     let s = share(&slowed, "b0");
     assert!(s < 0.15, "slow b0 got {s} of {:?}", slowed.counts);
     // The admin listing names the service, its endpoints and their IDs.
-    let listing = admin_get(&m.client, format!("/discovery?dst={}", m.vip)).unwrap();
+    let listing = m
+        .client
+        .admin_get(&format!("/discovery?dst={}", m.vip))
+        .unwrap();
     assert!(listing.contains("\"service\": \"backend\""), "{listing}");
     for b in &m.backends {
         assert!(
@@ -357,7 +348,7 @@ fn file_source_endpoint_presenting_another_identity_is_refused_in_the_handshake(
     assert!(
         refused >= 1.0,
         "{}",
-        admin_get(&m.client, "/metrics".into()).unwrap()
+        m.client.admin_get("/metrics").unwrap()
     );
     let handshakes = metric(
         &m.client,
@@ -510,7 +501,8 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
     );
     // The first lookup may still be under way: wait for the endpoints.
     let deadline = Instant::now() + WAIT;
-    while !admin_get(&client, format!("/discovery?dst={vip}"))
+    while !client
+        .admin_get(&format!("/discovery?dst={vip}"))
         .unwrap_or_default()
         .contains(&backends[2].pod.addr(APP_PORT).to_string())
     {
@@ -527,7 +519,8 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
     // The records change: b0 leaves, the intruder's address comes.
     set_records(&[1, 2, 3]);
     let deadline = Instant::now() + WAIT;
-    while !admin_get(&client, format!("/discovery?dst={vip}"))
+    while !client
+        .admin_get(&format!("/discovery?dst={vip}"))
         .unwrap_or_default()
         .contains(&backends[3].pod.addr(APP_PORT).to_string())
     {
@@ -552,6 +545,8 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
         ) >= 1.0
     );
     // By name: an explicit destination `name:port` resolves to the service.
-    let listing = admin_get(&client, format!("/discovery?dst={name}:{APP_PORT}")).unwrap();
+    let listing = client
+        .admin_get(&format!("/discovery?dst={name}:{APP_PORT}"))
+        .unwrap();
     assert!(listing.contains("\"source\": \"dns\""), "{listing}");
 }

@@ -4,8 +4,7 @@
 
 use crate::support;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -48,25 +47,13 @@ fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, edit: impl FnOnce(&mut Config)
     proc
 }
 
-fn admin_get(pod: &Pod, path: &'static str) -> Option<String> {
-    pod.in_netns(move || {
-        let mut c = TcpStream::connect("127.0.0.1:15000").ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(
-            c,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut s = String::new();
-        c.read_to_string(&mut s).ok()?;
-        Some(s)
-    })
-}
-
 fn wait_ready(pod: &Pod, proc: &Proc) {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
-        if admin_get(pod, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        if pod
+            .admin_get("/ready")
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -230,7 +217,7 @@ fn sidecar_with_an_id_not_allowed_is_refused() {
     let logs = server.sidecar.logs();
     assert!(logs.contains("connection denied"), "{logs}");
     assert!(logs.contains("spiffe://example.org/intruder"), "{logs}");
-    let metrics = admin_get(&server.pod, "/metrics").unwrap();
+    let metrics = server.pod.admin_get("/metrics").unwrap();
     // The allowlist compiles to policy `port-<port>`; no rule decided.
     let series = format!(
         "rampart_authz_decisions_total{{action=\"deny\",reason=\"not_allowed\",policy=\"port-{APP_PORT}\",rule=\"-\"}} 1"
