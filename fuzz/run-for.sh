@@ -10,10 +10,11 @@
 # nightly toolchain (or RAMPART_FUZZ_TOOLCHAIN=stable, which sets
 # RUSTC_BOOTSTRAP=1). Corpora grow in fuzz/corpus/<target>/ (seeded from
 # fuzz/seeds/<target>/), crashes land in fuzz/artifacts/<target>/, and a
-# summary (seconds fuzzed, executions and crashes per target, as libFuzzer
-# counted them) is written to fuzz/artifacts/run-for-summary.txt and
-# printed. Exits 1 when any target crashed. Meant for a scheduled job: it
-# stops by itself.
+# summary (seconds fuzzed, executions, crashes (with leaks and inputs over
+# 2 GB of RSS) and timeouts per target, as libFuzzer counted them; a timeout is an input over 10 s, which on a
+# starved machine may only mean that the fuzzer got no CPU: rerun it) is
+# written to fuzz/artifacts/run-for-summary.txt and printed. Exits 1 when
+# any target crashed. Meant for a scheduled job: it stops by itself.
 #
 # The targets are built once, at the start; the rounds then run the built
 # binaries, so the sources may change (a developer keeps working in the
@@ -60,9 +61,10 @@ executions() {
     sed -n 's/^#\([0-9][0-9]*\): cov:.*/\1/p' "$1" | tail -n 1
 }
 
-declare -A spent crashes execs
+declare -A spent crashes execs timeouts
 for t in "${targets[@]}"; do
     spent[$t]=0
+    timeouts[$t]=0
     crashes[$t]=0
     execs[$t]=0
     mkdir -p "corpus/$t" "artifacts/$t"
@@ -75,7 +77,8 @@ for ((r = 1; r <= rounds; r++)); do
         slice=$((left < round ? left : round))
         echo "round $r/$rounds: $t for ${slice} s"
         start=$(date +%s)
-        before=$(find "artifacts/$t" -type f ! -name '*.log' | wc -l)
+        before=$(find "artifacts/$t" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'oom-*' \) | wc -l)
+        slow_before=$(find "artifacts/$t" -type f -name 'timeout-*' | wc -l)
         # A crash stops this slice; -fork mode keeps going after one and
         # writes every crash to artifacts/.
         set +e
@@ -84,7 +87,9 @@ for ((r = 1; r <= rounds; r++)); do
             -ignore_ooms=1 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
             >"artifacts/$t/round-$r.log" 2>&1
         set -e
-        after=$(find "artifacts/$t" -type f ! -name '*.log' | wc -l)
+        after=$(find "artifacts/$t" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'oom-*' \) | wc -l)
+        slow_after=$(find "artifacts/$t" -type f -name 'timeout-*' | wc -l)
+        timeouts[$t]=$((timeouts[$t] + slow_after - slow_before))
         spent[$t]=$((spent[$t] + $(date +%s) - start))
         n=$(executions "artifacts/$t/round-$r.log")
         execs[$t]=$((execs[$t] + ${n:-0}))
@@ -95,9 +100,9 @@ done
 summary=artifacts/run-for-summary.txt
 {
     echo "fuzz/run-for.sh $hours (finished $(date -u +%FT%TZ))"
-    printf '%-16s %10s %14s %8s\n' target seconds executions crashes
+    printf '%-16s %10s %14s %8s %9s\n' target seconds executions crashes timeouts
     for t in "${targets[@]}"; do
-        printf '%-16s %10s %14s %8s\n' "$t" "${spent[$t]}" "${execs[$t]}" "${crashes[$t]}"
+        printf '%-16s %10s %14s %8s %9s\n' "$t" "${spent[$t]}" "${execs[$t]}" "${crashes[$t]}" "${timeouts[$t]}"
     done
 } | tee "$summary"
 found=0
