@@ -31,7 +31,10 @@ pub mod rego;
 mod compile;
 mod decide;
 mod eval;
+mod reach;
 mod request;
+
+pub use reach::RequestReach;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -484,6 +487,21 @@ impl Authorizer {
             // Invariant: evaluate never consults without a request.
             external::Evaluation::Consult(_) => unreachable!("consult without a request"),
         }
+    }
+
+    /// Whether any request from this connection's peer could be allowed on
+    /// its port (see [`RequestReach`]): [`RequestReach::None`] only when
+    /// none could, whatever the request; anything that depends on the
+    /// request reads as possible. Asked of live HTTP connections when the
+    /// policies are reloaded.
+    pub fn request_reach(&self, conn: &ConnectionInfo<'_>) -> RequestReach {
+        if self.istio.is_some() && self.inner.policies.is_empty() {
+            // Istio resources alone decide: not analysed (see `reach`).
+            return RequestReach::Possible;
+        }
+        // With Istio resources too, a request must pass both: the native
+        // half refusing every request is enough.
+        reach::reach(&self.inner, conn)
     }
 
     /// Decides whether an HTTP request may proceed, in-process only. A

@@ -17,5 +17,6 @@ mod kube_api;
 mod loopback;
 mod observability;
 mod restart;
+mod revocation;
 mod wl_support;
 mod workload_api;
