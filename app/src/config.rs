@@ -327,6 +327,29 @@ impl IstioConfig {
     }
 }
 
+impl IstioConfig {
+    /// The resources in `files` for the workload in `namespace` with
+    /// `labels`, in the mesh of `trust_domain`; every other setting at its
+    /// default.
+    pub fn new(
+        files: Vec<PathBuf>,
+        namespace: &str,
+        labels: std::collections::BTreeMap<String, String>,
+        trust_domain: &str,
+    ) -> IstioConfig {
+        IstioConfig {
+            files,
+            namespace: namespace.to_owned(),
+            labels,
+            root_namespace: d_istio_root(),
+            trust_domain: trust_domain.to_owned(),
+            trust_domain_aliases: Vec::new(),
+            jwks_ca_file: None,
+            jwks_cache: Default::default(),
+        }
+    }
+}
+
 fn d_istio_root() -> String {
     "istio-system".into()
 }
@@ -361,6 +384,21 @@ pub struct BundleConfig {
     /// of the sidecar's trust domain).
     #[serde(default)]
     pub server_identities: Option<Vec<SpiffeId>>,
+}
+
+impl BundleConfig {
+    /// The bundle at `url`, unsigned, with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> BundleConfig {
+        BundleConfig {
+            url: url.into(),
+            poll_interval: d_bundle_poll(),
+            timeout: d_central_timeout(),
+            max_download_bytes: d_bundle_max_bytes(),
+            query: d_bundle_query(),
+            verification: None,
+            server_identities: None,
+        }
+    }
 }
 
 fn d_bundle_poll() -> Duration {
@@ -429,6 +467,19 @@ pub struct ExtAuthzProviderConfig {
     pub failure_mode_allow_i_understand_the_risk: bool,
 }
 
+impl ExtAuthzProviderConfig {
+    /// The provider `name` at `endpoint`, with Envoy's default timeout,
+    /// failing closed.
+    pub fn new(name: &str, endpoint: impl Into<String>) -> ExtAuthzProviderConfig {
+        ExtAuthzProviderConfig {
+            name: name.to_owned(),
+            endpoint: endpoint.into(),
+            timeout: d_ext_authz_timeout(),
+            failure_mode_allow_i_understand_the_risk: false,
+        }
+    }
+}
+
 fn d_ext_authz_timeout() -> Duration {
     Duration::from_millis(200)
 }
@@ -461,6 +512,22 @@ pub struct DecisionLogsConfig {
     /// sidecar's trust domain).
     #[serde(default)]
     pub server_identities: Option<Vec<SpiffeId>>,
+}
+
+impl DecisionLogsConfig {
+    /// Decision logs to `url`, with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> DecisionLogsConfig {
+        DecisionLogsConfig {
+            url: url.into(),
+            max_queued: d_dl_max_queued(),
+            max_batch: d_dl_max_batch(),
+            flush_interval: d_dl_flush(),
+            timeout: d_central_timeout(),
+            labels: Default::default(),
+            redact: Vec::new(),
+            server_identities: None,
+        }
+    }
 }
 
 fn d_dl_max_queued() -> usize {
