@@ -233,6 +233,11 @@ pub struct InboundConfig {
     /// `x-forwarded-client-cert` handling.
     #[serde(default)]
     pub xfcc: XfccMode,
+    /// The peer certificate fields of the XFCC element the sidecar sets
+    /// (Envoy's `set_current_client_cert_details`: `subject`, `uri`, `dns`,
+    /// `cert`, `chain`; default `uri` only).
+    #[serde(default)]
+    pub set_current_client_cert_details: rampart_authz::input::XfccDetails,
     /// A policy bundle polled from a central server. `policies` are then
     /// the local fallback, in force until the first bundle arrives.
     #[serde(default)]

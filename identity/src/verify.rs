@@ -360,6 +360,9 @@ pub struct PeerIdentity {
     pub dns_names: Vec<String>,
     /// SHA-256 of the peer's leaf certificate, lower-case hex (XFCC `Hash`).
     pub cert_sha256: String,
+    /// The certificates the peer presented, leaf first (XFCC `Cert` and
+    /// `Chain`, Envoy's `include_peer_certificate`).
+    pub chain: std::sync::Arc<[CertificateDer<'static>]>,
 }
 
 impl PeerIdentity {
@@ -380,7 +383,8 @@ impl PeerIdentity {
 /// without a URI SAN is read as a DNS-SAN client, which only a verifier
 /// built with [`SpiffeClientVerifier::allow_dns_san_clients`] accepts.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentity> {
-    let leaf = certs?.first()?;
+    let certs = certs?;
+    let leaf = certs.first()?;
     let (id, dns_names) = match validate_leaf(leaf) {
         // An SVID's extra DNS SANs are not checked by the verifier; keep
         // only host names, the only ones a `dns:` rule or XFCC can carry.
@@ -402,5 +406,6 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentit
         id,
         dns_names,
         cert_sha256: hex,
+        chain: certs.iter().map(|c| c.clone().into_owned()).collect(),
     })
 }

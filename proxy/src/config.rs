@@ -348,6 +348,9 @@ pub struct InboundServing {
     pub default_mode: TlsMode,
     /// What the inbound sidecar does with `x-forwarded-client-cert`.
     pub xfcc: XfccMode,
+    /// Which peer certificate fields our XFCC element carries (Envoy's
+    /// `set_current_client_cert_details`).
+    pub xfcc_details: rampart_authz::input::XfccDetails,
 }
 
 /// How one inbound (app) port is served.

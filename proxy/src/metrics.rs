@@ -659,6 +659,8 @@ pub enum LocalReason {
     AppTimeout,
     /// The client's request body stopped moving.
     UploadStalled,
+    /// A body over a Rego policy's `with_request_body.max_request_bytes`: 413.
+    BodyTooLarge,
     /// A request head or body whose framing or fields are ambiguous
     /// (duplicate `Host`, `Host` beside another authority, malformed
     /// chunked framing): 400.
@@ -698,6 +700,7 @@ impl LocalReason {
             LocalReason::AppUnreachable => "app_unreachable",
             LocalReason::AppTimeout => "app_timeout",
             LocalReason::UploadStalled => "upload_stalled",
+            LocalReason::BodyTooLarge => "body_too_large",
             LocalReason::BadRequest => "bad_request",
             LocalReason::TunnelNotAllowed => "tunnel_not_allowed",
             LocalReason::TunnelUnsupported => "tunnel_unsupported",

@@ -16,6 +16,7 @@ mod istio;
 mod kube_api;
 mod loopback;
 mod observability;
+mod opa_body;
 mod restart;
 mod revocation;
 mod wl_support;

@@ -76,6 +76,7 @@ impl Config {
                     .and_then(|m| m.workload)
                     .map_or(pc::TlsMode::Strict, mode),
                 xfcc: self.inbound.xfcc,
+                xfcc_details: self.inbound.set_current_client_cert_details,
             },
             limits: self.limits.clone(),
             observe: pc::ObserveConfig {

@@ -159,6 +159,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         conn.source.ip(),
         conn.port,
         local_id.as_ref(),
+        shared.config.inbound.xfcc_details,
     );
     let service = conn.destination.to_string();
     let metrics = crate::metrics::RequestMetrics::for_request(
@@ -173,6 +174,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         shared: shared.clone(),
         local_id,
         xfcc,
+        peer_pem: std::sync::OnceLock::new(),
         metrics,
         app_authority,
         conn,
@@ -257,6 +259,9 @@ pub(super) struct Handler {
     pub(super) local_id: Option<SpiffeId>,
     /// Our XFCC element for this connection, computed once.
     pub(super) xfcc: Option<HeaderValue>,
+    /// The peer's leaf as URL-encoded PEM, made on the first request whose
+    /// policy asks for it (`include_peer_certificate`).
+    pub(super) peer_pem: std::sync::OnceLock<Option<String>>,
     /// The request series of this connection's peer.
     pub(super) metrics: Arc<crate::metrics::RequestMetrics>,
     pub(super) app_authority: Authority,
