@@ -396,6 +396,18 @@ pub enum TlsMode {
     PermissiveAllowPlaintext,
 }
 
+impl TlsMode {
+    /// How an Istio PeerAuthentication mode is served: STRICT is strict;
+    /// PERMISSIVE and DISABLE accept plaintext (a DISABLE port still
+    /// accepts mTLS, since Rampart's peers always dial with it).
+    pub fn of_peer_mode(mode: rampart_authz::istio::PeerMode) -> TlsMode {
+        match mode.allows_plaintext() {
+            true => TlsMode::PermissiveAllowPlaintext,
+            false => TlsMode::Strict,
+        }
+    }
+}
+
 /// Handling of `x-forwarded-client-cert` on requests sent to the app
 /// (`inbound.xfcc`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -512,9 +524,13 @@ impl ProxyConfig {
         }
     }
 
-    /// How inbound app port `port` is served.
+    /// How inbound app port `port` is served. The mTLS mode is the one the
+    /// Istio PeerAuthentication of the policies in force gives the port,
+    /// if any (read per connection, so a policy reload changes it for
+    /// every later connection), else the configured one.
     pub fn inbound_port(&self, port: u16) -> InboundPort {
-        self.inbound
+        let mut settings = self
+            .inbound
             .ports
             .iter()
             .find(|p| p.port == port)
@@ -523,7 +539,11 @@ impl ProxyConfig {
                 port,
                 mode: self.inbound.default_mode,
                 ..InboundPort::default()
-            })
+            });
+        if let Some(mode) = self.authorizer.current().authorizer.peer_mode(port) {
+            settings.mode = TlsMode::of_peer_mode(mode);
+        }
+        settings
     }
 
     /// The client configuration of explicit listener `listener_index`, if
