@@ -967,11 +967,22 @@ impl Config {
             ));
         }
         for (i, s) in self.outbound.servers.iter().enumerate() {
-            if s.identities.is_empty() && s.trust_domains.is_empty() {
+            if s.identities.is_empty()
+                && s.trust_domains.is_empty()
+                && s.allow_dns_san_servers.is_empty()
+            {
                 p.push((
                     format!("outbound.servers[{i}]"),
-                    "must list `identities` or `trust_domains`".into(),
+                    "must list `identities`, `trust_domains` or `allow_dns_san_servers`".into(),
                 ));
+            }
+            for (j, name) in s.allow_dns_san_servers.iter().enumerate() {
+                if !rampart_identity::svid::is_host_name(name) {
+                    p.push((
+                        format!("outbound.servers[{i}].allow_dns_san_servers[{j}]"),
+                        format!("{name:?} is not a DNS host name"),
+                    ));
+                }
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -231,6 +231,14 @@ pub struct ServerRule {
     /// Accepted server trust domains (any ID in them).
     #[serde(default)]
     pub trust_domains: Vec<TrustDomain>,
+    /// Accepted servers whose certificate has no SPIFFE ID, only DNS SANs
+    /// (ACM PCA or file certificates, App Mesh's SAN pinning): one of these
+    /// names must be among its DNS SANs (exact, case-insensitive) and its
+    /// chain must lead to the bundle of the sidecar's own trust domain.
+    /// Checked in the handshake. A name is weaker than a SPIFFE ID, hence
+    /// the opt-in by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_dns_san_servers: Vec<String>,
 }
 
 impl ServerRule {
@@ -242,9 +250,13 @@ impl ServerRule {
 
     /// The server identities it accepts.
     pub fn expect(&self) -> IdMatcher {
-        IdMatcher::ids(self.identities.iter().cloned()).union(&IdMatcher::trust_domains(
-            self.trust_domains.iter().cloned(),
-        ))
+        IdMatcher::ids(self.identities.iter().cloned())
+            .union(&IdMatcher::trust_domains(
+                self.trust_domains.iter().cloned(),
+            ))
+            .union(&IdMatcher::dns_names(
+                self.allow_dns_san_servers.iter().cloned(),
+            ))
     }
 }
 
