@@ -285,6 +285,22 @@ pub struct IstioConfig {
 }
 
 impl IstioConfig {
+    /// The resources in `files` for a workload of `namespace`, with every
+    /// other setting at its default (no labels, root namespace
+    /// `istio-system`, trust domain `cluster.local`).
+    pub fn new(files: Vec<PathBuf>, namespace: &str) -> IstioConfig {
+        IstioConfig {
+            files,
+            namespace: namespace.to_owned(),
+            labels: Default::default(),
+            root_namespace: d_istio_root(),
+            trust_domain: d_istio_td(),
+            trust_domain_aliases: Vec::new(),
+            jwks_ca_file: None,
+            jwks_cache: Default::default(),
+        }
+    }
+
     /// Who this sidecar is, for attaching the resources.
     pub fn workload(&self, cfg: &Config) -> rampart_authz::istio::Workload {
         rampart_authz::istio::Workload {
@@ -1023,11 +1039,22 @@ impl Config {
             ));
         }
         for (i, s) in self.outbound.servers.iter().enumerate() {
-            if s.identities.is_empty() && s.trust_domains.is_empty() {
+            if s.identities.is_empty()
+                && s.trust_domains.is_empty()
+                && s.allow_dns_san_servers.is_empty()
+            {
                 p.push((
                     format!("outbound.servers[{i}]"),
-                    "must list `identities` or `trust_domains`".into(),
+                    "must list `identities`, `trust_domains` or `allow_dns_san_servers`".into(),
                 ));
+            }
+            for (j, name) in s.allow_dns_san_servers.iter().enumerate() {
+                if !rampart_identity::svid::is_host_name(name) {
+                    p.push((
+                        format!("outbound.servers[{i}].allow_dns_san_servers[{j}]"),
+                        format!("{name:?} is not a DNS host name"),
+                    ));
+                }
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -621,6 +621,12 @@ impl Authorizer {
         self.istio.as_deref()
     }
 
+    /// The mTLS mode an Istio PeerAuthentication of these policies gives
+    /// inbound `port`; `None` when none applies (the configured mode holds).
+    pub fn peer_mode(&self, port: u16) -> Option<istio::PeerMode> {
+        self.istio.as_deref()?.peer_modes().mode(port)
+    }
+
     fn evaluate(
         &self,
         conn: &ConnectionInfo<'_>,

@@ -13,6 +13,8 @@ mod hostile_policy;
 mod http;
 mod ingress_mtls;
 mod istio;
+mod istio_interop;
+mod istio_reload;
 mod kube_api;
 mod loopback;
 mod observability;

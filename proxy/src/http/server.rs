@@ -371,7 +371,7 @@ mod tests {
             port,
             app,
             serve: ServeVersion::Http1,
-            app_version: AppVersion::AsReceived,
+            app_version: AppVersion::Http1ExceptGrpc,
             grpc_port: false,
             sni: None,
             expires: authn.expires,
