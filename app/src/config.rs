@@ -801,6 +801,15 @@ impl Config {
         {
             problems.push(("discovery.file".into(), e.to_string()));
         }
+        if let Some(k) = cfg.discovery.kubernetes.as_ref()
+            && let Some(path) = &k.kubeconfig
+            && let Err(e) = rampart_discovery::kubernetes::check_kubeconfig(path)
+        {
+            problems.push((
+                "discovery.kubernetes.kubeconfig".into(),
+                format!("{}: {e}", path.display()),
+            ));
+        }
         cfg.accept(&name, Some(&text), problems)
     }
 
@@ -885,6 +894,14 @@ impl Config {
         }
         if let Some(f) = &mut self.discovery.file {
             fix(f);
+        }
+        if let Some(k) = self
+            .discovery
+            .kubernetes
+            .as_mut()
+            .and_then(|k| k.kubeconfig.as_mut())
+        {
+            fix(k);
         }
         for p in &mut self.inbound.policies {
             fix(p);
@@ -1502,5 +1519,42 @@ inbound:
                 "{keys}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn kubernetes_discovery_problems_name_their_line_and_field() {
+        let text = format!(
+            "{MINIMAL}discovery:\n  kubernetes:\n    resync_ms: 10\n    identities:\n      - template: 'spiffe://{{{{ .TrustDomain }}}}/{{{{ .PodSpec.Containers }}}}'\n      - template: 'spiffe://{{{{ .TrustDomain }}}}/x'\n        pod_selector:\n          match_expressions: [{{key: a, operator: In}}]\n"
+        );
+        let e = Config::parse("pod.yaml", &text).unwrap_err().to_string();
+        assert!(
+            at(&e, "pod.yaml", 7, "discovery.kubernetes.resync_ms"),
+            "{e}"
+        );
+        assert!(
+            at(
+                &e,
+                "pod.yaml",
+                9,
+                "discovery.kubernetes.identities[0].template"
+            ),
+            "{e}"
+        );
+        assert!(e.contains(".PodSpec.Containers"), "{e}");
+        assert!(
+            e.contains(
+                "discovery.kubernetes.identities[1].pod_selector.match_expressions[0].values"
+            ),
+            "{e}"
+        );
+        // The defaults: in-cluster, the service-account rule.
+        let c = Config::parse(
+            "pod.yaml",
+            &format!("{MINIMAL}discovery:\n  kubernetes: {{}}\n"),
+        )
+        .unwrap();
+        let k = c.discovery.kubernetes.unwrap();
+        assert!(k.kubeconfig.is_none());
+        assert_eq!(k.identities.len(), 1);
     }
 }
