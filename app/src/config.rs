@@ -343,29 +343,6 @@ impl IstioConfig {
     }
 }
 
-impl IstioConfig {
-    /// The resources in `files` for the workload in `namespace` with
-    /// `labels`, in the mesh of `trust_domain`; every other setting at its
-    /// default.
-    pub fn new(
-        files: Vec<PathBuf>,
-        namespace: &str,
-        labels: std::collections::BTreeMap<String, String>,
-        trust_domain: &str,
-    ) -> IstioConfig {
-        IstioConfig {
-            files,
-            namespace: namespace.to_owned(),
-            labels,
-            root_namespace: d_istio_root(),
-            trust_domain: trust_domain.to_owned(),
-            trust_domain_aliases: Vec::new(),
-            jwks_ca_file: None,
-            jwks_cache: Default::default(),
-        }
-    }
-}
-
 fn d_istio_root() -> String {
     "istio-system".into()
 }

@@ -122,12 +122,11 @@ fn istio_sidecar(
                 ..PortConfig::new(port)
             });
         }
-        cfg.inbound.istio = Some(IstioConfig::new(
-            vec![file],
-            "foo",
-            [("app".to_owned(), "httpbin".to_owned())].into(),
-            "example.org",
-        ));
+        cfg.inbound.istio = Some(IstioConfig {
+            labels: [("app".to_owned(), "httpbin".to_owned())].into(),
+            trust_domain: "example.org".into(),
+            ..IstioConfig::new(vec![file], "foo")
+        });
     }
 }
 
