@@ -31,7 +31,10 @@ pub mod rego;
 mod compile;
 mod decide;
 mod eval;
+mod reach;
 mod request;
+
+pub use reach::RequestReach;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -532,6 +535,21 @@ impl Authorizer {
         }
     }
 
+    /// Whether any request from this connection's peer could be allowed on
+    /// its port (see [`RequestReach`]): [`RequestReach::None`] only when
+    /// none could, whatever the request; anything that depends on the
+    /// request reads as possible. Asked of live HTTP connections when the
+    /// policies are reloaded.
+    pub fn request_reach(&self, conn: &ConnectionInfo<'_>) -> RequestReach {
+        if self.istio.is_some() && self.inner.policies.is_empty() {
+            // Istio resources alone decide: not analysed (see `reach`).
+            return RequestReach::Possible;
+        }
+        // With Istio resources too, a request must pass both: the native
+        // half refusing every request is enough.
+        reach::reach(&self.inner, conn)
+    }
+
     /// Decides whether an HTTP request may proceed, in-process only. A
     /// request that a CUSTOM policy sends to an external authorizer is
     /// refused here (`ProviderFailed`, fail closed): callers that support
@@ -601,6 +619,12 @@ impl Authorizer {
     /// The Istio resources in force, if any.
     pub fn istio(&self) -> Option<&istio::IstioPolicies> {
         self.istio.as_deref()
+    }
+
+    /// The mTLS mode an Istio PeerAuthentication of these policies gives
+    /// inbound `port`; `None` when none applies (the configured mode holds).
+    pub fn peer_mode(&self, port: u16) -> Option<istio::PeerMode> {
+        self.istio.as_deref()?.peer_modes().mode(port)
     }
 
     fn evaluate(
