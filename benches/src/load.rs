@@ -204,9 +204,21 @@ impl HttpConn {
 
     /// Sends one `GET /bench` and returns the response's status.
     pub fn get_status(&mut self) -> std::io::Result<u16> {
-        use std::io::{Error, ErrorKind};
+        self.send_get()?;
+        self.read_status()
+    }
+
+    /// Writes one `GET /bench` without waiting for its response (several
+    /// connections can then have a request in flight at once).
+    pub fn send_get(&mut self) -> std::io::Result<()> {
         self.s
-            .write_all(b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+            .write_all(b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n")
+    }
+
+    /// Reads the whole response to a request sent before and returns its
+    /// status.
+    pub fn read_status(&mut self) -> std::io::Result<u16> {
+        use std::io::{Error, ErrorKind};
         let mut chunk = [0u8; 4096];
         loop {
             if let Some(end) = crate::apps::find_head_end(&self.buf) {

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod apps;
+mod footprint;
 mod h2load;
 mod load;
 mod mesh;
@@ -37,7 +38,8 @@ fn usage() -> ! {
          \x20        [--duration SECS] [--reps N] [--out DIR] [--require-all]\n\
          \x20      rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\
          \x20                                     [--also NAME=RAMPART_BINARY]...\n\
-         \x20      rampart-bench unscraped [--minutes M] [--rate R] [--conns N]\n\n\
+         \x20      rampart-bench unscraped [--minutes M] [--rate R] [--conns N]\n\
+         \x20      rampart-bench footprint [--conns N] [--requests N] [--strace] [--also NAME=BIN]...\n\n\
          mesh (the default): direct versus Rampart, nginx and HAProxy pairs doing the same\n\
          mTLS hop, --duration ({dur}) s per run, --reps ({reps}) interleaved, in workloads\n\
          (--only, default all):\n\
@@ -64,7 +66,11 @@ fn usage() -> ! {
          another rampart executable (an older build, say), measured in the same run; the\n\
          pairs take turns in a rotating order so that none always runs right after direct.\n\
          unscraped: a Rampart HTTP pair at --rate (2000) req/s for --minutes (30), /metrics\n\
-         never scraped; the sidecars' RSS at minute 2 and at the end (issue 19, R2).",
+         never scraped; the sidecars' RSS at minute 2 and at the end (issue 19, R2).\n\
+         footprint: per sidecar of the HTTP-aware pair, idle RSS (anonymous and file),\n\
+         memory per idle keep-alive connection with --conns (1000) open, after a burst with\n\
+         a request in flight on each, and per request on one connection (--requests, 2000):\n\
+         context switches, read/write system calls, CPU, and with --strace every system call.",
         dur = d.duration.as_secs_f64(),
         reps = d.reps,
         rates = list(&d.rates),
@@ -94,6 +100,27 @@ fn main() {
         mesh::run(mesh_options(args));
         return;
     }
+    if profile == "footprint" {
+        let mut o = footprint::Options::default();
+        while let Some(a) = args.next() {
+            if a == "--strace" {
+                o.strace = true;
+                continue;
+            }
+            let v = args.next().unwrap_or_else(|| usage());
+            match a.as_str() {
+                "--conns" => o.conns = v.parse().unwrap_or_else(|_| usage()),
+                "--requests" => o.requests = v.parse().unwrap_or_else(|_| usage()),
+                "--also" => o.also.push(also_binary(&v)),
+                _ => usage(),
+            }
+        }
+        if o.conns == 0 || o.requests == 0 {
+            usage()
+        }
+        footprint::run(&o);
+        return;
+    }
     if profile == "unscraped" {
         let mut o = unscraped::Options::default();
         while let Some(a) = args.next() {
@@ -116,17 +143,7 @@ fn main() {
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
-            "--also" => {
-                let (name, bin) = v.split_once('=').unwrap_or_else(|| usage());
-                let bin = PathBuf::from(bin);
-                if name.is_empty() || name == "direct" || name == "rampart" || !bin.is_file() {
-                    eprintln!(
-                        "--also {v}: want NAME=PATH of an executable, NAME not direct/rampart"
-                    );
-                    std::process::exit(2);
-                }
-                also.push((name.to_string(), bin));
-            }
+            "--also" => also.push(also_binary(&v)),
             "--requests" => requests = v.parse().unwrap_or_else(|_| usage()),
             "--reps" => reps = v.parse().unwrap_or_else(|_| usage()),
             "--size" => size = v.parse().unwrap_or_else(|_| usage()),
@@ -139,6 +156,17 @@ fn main() {
         "http-rtt" => http_rtt(requests, reps, conns, &also),
         _ => usage(),
     }
+}
+
+/// `NAME=PATH` of another `rampart` executable, or exits with why not.
+fn also_binary(v: &str) -> (String, PathBuf) {
+    let (name, bin) = v.split_once('=').unwrap_or_else(|| usage());
+    let bin = PathBuf::from(bin);
+    if name.is_empty() || name == "direct" || name == "rampart" || !bin.is_file() {
+        eprintln!("--also {v}: want NAME=PATH of an executable, NAME not direct/rampart");
+        std::process::exit(2);
+    }
+    (name.to_string(), bin)
 }
 
 fn mesh_options(mut args: impl Iterator<Item = String>) -> mesh::Options {
