@@ -38,6 +38,9 @@ use serde_json::Value as Json;
 use crate::sidecar::free_addr;
 use crate::{Pod, Proc};
 
+/// The Services' ClusterIP range.
+pub const SERVICE_CIDR: &str = "10.213.240.0/20";
+
 /// How long the API server may take to become ready (2 shared cores).
 const READY_WITHIN: Duration = Duration::from_secs(120);
 
@@ -256,7 +259,9 @@ impl ControlPlane {
                 path(&d.join("sa.key"))
             ))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg("--service-cluster-ip-range=10.213.252.0/24")
+            // ClusterIPs: the top /20 of the test subnet (4,094 Services; a
+            // `Net` takes the /24s from the bottom).
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
             .arg("--authorization-mode=Node,RBAC")
             .arg(format!("--cert-dir={}", path(&d.join("apiserver-certs"))))
             .arg("--v=1");

@@ -89,7 +89,14 @@ impl Cluster {
         let client = net.pod("client");
         // ClusterIPs are virtual: on-link, so the captured connection is
         // redirected to the sidecar before anything is sent.
-        client.exec_ok(["ip", "route", "add", "10.213.252.0/24", "dev", "eth0"]);
+        client.exec_ok([
+            "ip",
+            "route",
+            "add",
+            support::kube::SERVICE_CIDR,
+            "dev",
+            "eth0",
+        ]);
         let relay = api.relay_into(&client);
         let client_sidecar = sidecar(
             &client,
@@ -430,7 +437,7 @@ fn load_average() -> String {
 /// Services `s0..` (port 80, selector `app: sN`), each with one
 /// EndpointSlice of `per` endpoints and their `per` Pods; the pods of the
 /// first `running` Services get a Running status at their slice address
-/// (10.212.S.E, never dialled). Prints the ClusterIPs of those, one a line.
+/// (in 10.213.200.0 to 10.213.239.255, below the ClusterIPs; never dialled). Prints the ClusterIPs of those, one a line.
 const BULK: &str = r#"
 import http.client, json, ssl, sys
 url, ca, cert, key, ns = sys.argv[1:6]
@@ -454,7 +461,7 @@ for s in range(services):
     eps = []
     for e in range(per):
         pod = "%s-p%d" % (name, e)
-        addr = "10.212.%d.%d" % (s % 250, (s // 250) * per + e + 1)
+        addr = "10.213.%d.%d" % (200 + s % 40, 1 + (s // 40) % 25 * per + e)
         p = call("POST", "/api/v1/namespaces/%s/pods" % ns, {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod, "labels": {"app": name}},
             "spec": {"serviceAccountName": "backend", "containers": [{"name": "app", "image": "registry.example/x:1"}]}})
