@@ -10,9 +10,15 @@
 # nightly toolchain (or RAMPART_FUZZ_TOOLCHAIN=stable, which sets
 # RUSTC_BOOTSTRAP=1). Corpora grow in fuzz/corpus/<target>/ (seeded from
 # fuzz/seeds/<target>/), crashes land in fuzz/artifacts/<target>/, and a
-# summary (seconds and crashes per target) is written to
-# fuzz/artifacts/run-for-summary.txt and printed. Exits 1 when any target
-# crashed. Meant for a scheduled job: it stops by itself.
+# summary (seconds fuzzed, executions, crashes (with leaks and inputs over
+# 2 GB of RSS) and timeouts per target, as libFuzzer counted them; a timeout is an input over 10 s, which on a
+# starved machine may only mean that the fuzzer got no CPU: rerun it) is
+# written to fuzz/artifacts/run-for-summary.txt and printed. Exits 1 when
+# any target crashed. Meant for a scheduled job: it stops by itself.
+#
+# The targets are built once, at the start; the rounds then run the built
+# binaries, so the sources may change (a developer keeps working in the
+# tree) without rebuilding or breaking a long run.
 set -euo pipefail
 
 hours=${1:?usage: fuzz/run-for.sh HOURS [JOBS]}
@@ -41,11 +47,26 @@ rounds=$(((per_target + round - 1) / round))
 
 echo "fuzzing ${#targets[@]} targets for ${hours} h: ${per_target} s each, in ${rounds} round(s) of ${round} s"
 "${cargo_fuzz[@]}" build --release >/dev/null
+triple=$(rustc "+$toolchain" -vV | sed -n 's/^host: //p')
+bin_dir=${CARGO_TARGET_DIR:-$here/target}/$triple/release
+for t in "${targets[@]}"; do
+    [ -x "$bin_dir/$t" ] || { echo "built target missing: $bin_dir/$t" >&2; exit 2; }
+done
+# As `cargo fuzz run` runs them (ASan's ODR check trips on Rust's
+# duplicated symbols).
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_odr_violation=0}
+# The last fork-mode status line (`#N: cov: ...`) of a round's log: N is
+# the number of inputs libFuzzer executed in that round.
+executions() {
+    sed -n 's/^#\([0-9][0-9]*\): cov:.*/\1/p' "$1" | tail -n 1
+}
 
-declare -A spent crashes
+declare -A spent crashes execs timeouts
 for t in "${targets[@]}"; do
     spent[$t]=0
+    timeouts[$t]=0
     crashes[$t]=0
+    execs[$t]=0
     mkdir -p "corpus/$t" "artifacts/$t"
 done
 
@@ -56,17 +77,22 @@ for ((r = 1; r <= rounds; r++)); do
         slice=$((left < round ? left : round))
         echo "round $r/$rounds: $t for ${slice} s"
         start=$(date +%s)
-        before=$(find "artifacts/$t" -type f ! -name '*.log' | wc -l)
+        before=$(find "artifacts/$t" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'oom-*' \) | wc -l)
+        slow_before=$(find "artifacts/$t" -type f -name 'timeout-*' | wc -l)
         # A crash stops this slice; -fork mode keeps going after one and
         # writes every crash to artifacts/.
         set +e
-        "${cargo_fuzz[@]}" run --release "$t" "corpus/$t" "seeds/$t" -- \
+        "$bin_dir/$t" -artifact_prefix="$here/artifacts/$t/" "corpus/$t" "seeds/$t" \
             -max_total_time="$slice" -fork="$jobs" -ignore_crashes=1 -ignore_timeouts=1 \
             -ignore_ooms=1 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
             >"artifacts/$t/round-$r.log" 2>&1
         set -e
-        after=$(find "artifacts/$t" -type f ! -name '*.log' | wc -l)
+        after=$(find "artifacts/$t" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'oom-*' \) | wc -l)
+        slow_after=$(find "artifacts/$t" -type f -name 'timeout-*' | wc -l)
+        timeouts[$t]=$((timeouts[$t] + slow_after - slow_before))
         spent[$t]=$((spent[$t] + $(date +%s) - start))
+        n=$(executions "artifacts/$t/round-$r.log")
+        execs[$t]=$((execs[$t] + ${n:-0}))
         crashes[$t]=$((crashes[$t] + after - before))
     done
 done
@@ -74,9 +100,9 @@ done
 summary=artifacts/run-for-summary.txt
 {
     echo "fuzz/run-for.sh $hours (finished $(date -u +%FT%TZ))"
-    printf '%-16s %10s %8s\n' target seconds crashes
+    printf '%-16s %10s %14s %8s %9s\n' target seconds executions crashes timeouts
     for t in "${targets[@]}"; do
-        printf '%-16s %10s %8s\n' "$t" "${spent[$t]}" "${crashes[$t]}"
+        printf '%-16s %10s %14s %8s %9s\n' "$t" "${spent[$t]}" "${execs[$t]}" "${crashes[$t]}" "${timeouts[$t]}"
     done
 } | tee "$summary"
 found=0

@@ -473,3 +473,90 @@ fn a_bare_pod_mounts_no_config_map() {
         .expect("the default configuration");
     assert!(config.contains("workload_api"), "{config}");
 }
+
+/// The identity rules by which the example sidecars derive each endpoint's
+/// expected SPIFFE ID (`discovery.kubernetes.identities`) are the
+/// ClusterSPIFFEIDs by which SPIRE issues the SVIDs
+/// (deploy/spire/registration): the same templates, character for
+/// character, with the same pod selectors. Were they to drift, a sidecar
+/// would expect an ID its peer never gets (every request refused) or,
+/// worse, accept one it should not.
+#[test]
+fn discovery_identity_rules_are_the_registration_s_cluster_spiffe_ids() {
+    let text = std::fs::read_to_string(root().join("deploy/spire/registration/registration.yaml"))
+        .unwrap();
+    // (template, selector) in the sidecar's spelling.
+    let mut registered: Vec<(String, Value)> = documents(&text)
+        .iter()
+        .filter(|d| kind(d) == "ClusterSPIFFEID")
+        .map(|d| {
+            let spec = &d["spec"];
+            let sel = &spec["podSelector"];
+            let exprs: Vec<Value> = sel["matchExpressions"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            let mut ours = serde_yaml::Mapping::new();
+            if let Some(labels) = sel.get("matchLabels") {
+                ours.insert("match_labels".into(), labels.clone());
+            }
+            if !exprs.is_empty() {
+                ours.insert("match_expressions".into(), Value::Sequence(exprs));
+            }
+            (
+                spec["spiffeIDTemplate"].as_str().unwrap().to_owned(),
+                Value::Mapping(ours),
+            )
+        })
+        .collect();
+    registered.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(registered.len(), 2, "{registered:?}");
+    let mut checked = 0;
+    let mut stack = vec![root().join("deploy/examples")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            for doc in documents(&std::fs::read_to_string(&path).unwrap()) {
+                let Some(config) = doc["data"]["config.yaml"].as_str() else {
+                    continue;
+                };
+                let config: Value = serde_yaml::from_str(config).unwrap();
+                let Some(rules) = config["discovery"]["kubernetes"]["identities"].as_sequence()
+                else {
+                    continue;
+                };
+                let mut ours: Vec<(String, Value)> = rules
+                    .iter()
+                    .map(|r| {
+                        (
+                            r["template"].as_str().unwrap().to_owned(),
+                            r["pod_selector"].clone(),
+                        )
+                    })
+                    .collect();
+                ours.sort_by(|a, b| a.0.cmp(&b.0));
+                assert_eq!(
+                    ours,
+                    registered,
+                    "{}: {} identity rules differ from deploy/spire/registration",
+                    path.display(),
+                    name(&doc)
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 4,
+        "only {checked} sidecar configurations use discovery"
+    );
+}

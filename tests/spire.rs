@@ -313,6 +313,7 @@ fn outbound_to(ids: &[&str]) -> impl FnOnce(&mut Config) {
         ports: vec![APP_PORT, APP_PORT + 1],
         identities: ids.iter().map(|i| parse_id(i)).collect(),
         trust_domains: Vec::new(),
+        allow_dns_san_servers: Vec::new(),
     };
     move |c| c.outbound.servers = vec![rule]
 }

@@ -233,6 +233,11 @@ pub struct InboundConfig {
     /// `x-forwarded-client-cert` handling.
     #[serde(default)]
     pub xfcc: XfccMode,
+    /// The peer certificate fields of the XFCC element the sidecar sets
+    /// (Envoy's `set_current_client_cert_details`: `subject`, `uri`, `dns`,
+    /// `cert`, `chain`; default `uri` only).
+    #[serde(default)]
+    pub set_current_client_cert_details: rampart_authz::input::XfccDetails,
     /// A policy bundle polled from a central server. `policies` are then
     /// the local fallback, in force until the first bundle arrives.
     #[serde(default)]
@@ -280,6 +285,22 @@ pub struct IstioConfig {
 }
 
 impl IstioConfig {
+    /// The resources in `files` for a workload of `namespace`, with every
+    /// other setting at its default (no labels, root namespace
+    /// `istio-system`, trust domain `cluster.local`).
+    pub fn new(files: Vec<PathBuf>, namespace: &str) -> IstioConfig {
+        IstioConfig {
+            files,
+            namespace: namespace.to_owned(),
+            labels: Default::default(),
+            root_namespace: d_istio_root(),
+            trust_domain: d_istio_td(),
+            trust_domain_aliases: Vec::new(),
+            jwks_ca_file: None,
+            jwks_cache: Default::default(),
+        }
+    }
+
     /// Who this sidecar is, for attaching the resources.
     pub fn workload(&self, cfg: &Config) -> rampart_authz::istio::Workload {
         rampart_authz::istio::Workload {
@@ -322,6 +343,29 @@ impl IstioConfig {
     }
 }
 
+impl IstioConfig {
+    /// The resources in `files` for the workload in `namespace` with
+    /// `labels`, in the mesh of `trust_domain`; every other setting at its
+    /// default.
+    pub fn new(
+        files: Vec<PathBuf>,
+        namespace: &str,
+        labels: std::collections::BTreeMap<String, String>,
+        trust_domain: &str,
+    ) -> IstioConfig {
+        IstioConfig {
+            files,
+            namespace: namespace.to_owned(),
+            labels,
+            root_namespace: d_istio_root(),
+            trust_domain: trust_domain.to_owned(),
+            trust_domain_aliases: Vec::new(),
+            jwks_ca_file: None,
+            jwks_cache: Default::default(),
+        }
+    }
+}
+
 fn d_istio_root() -> String {
     "istio-system".into()
 }
@@ -356,6 +400,21 @@ pub struct BundleConfig {
     /// of the sidecar's trust domain).
     #[serde(default)]
     pub server_identities: Option<Vec<SpiffeId>>,
+}
+
+impl BundleConfig {
+    /// The bundle at `url`, unsigned, with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> BundleConfig {
+        BundleConfig {
+            url: url.into(),
+            poll_interval: d_bundle_poll(),
+            timeout: d_central_timeout(),
+            max_download_bytes: d_bundle_max_bytes(),
+            query: d_bundle_query(),
+            verification: None,
+            server_identities: None,
+        }
+    }
 }
 
 fn d_bundle_poll() -> Duration {
@@ -424,6 +483,19 @@ pub struct ExtAuthzProviderConfig {
     pub failure_mode_allow_i_understand_the_risk: bool,
 }
 
+impl ExtAuthzProviderConfig {
+    /// The provider `name` at `endpoint`, with Envoy's default timeout,
+    /// failing closed.
+    pub fn new(name: &str, endpoint: impl Into<String>) -> ExtAuthzProviderConfig {
+        ExtAuthzProviderConfig {
+            name: name.to_owned(),
+            endpoint: endpoint.into(),
+            timeout: d_ext_authz_timeout(),
+            failure_mode_allow_i_understand_the_risk: false,
+        }
+    }
+}
+
 fn d_ext_authz_timeout() -> Duration {
     Duration::from_millis(200)
 }
@@ -456,6 +528,22 @@ pub struct DecisionLogsConfig {
     /// sidecar's trust domain).
     #[serde(default)]
     pub server_identities: Option<Vec<SpiffeId>>,
+}
+
+impl DecisionLogsConfig {
+    /// Decision logs to `url`, with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> DecisionLogsConfig {
+        DecisionLogsConfig {
+            url: url.into(),
+            max_queued: d_dl_max_queued(),
+            max_batch: d_dl_max_batch(),
+            flush_interval: d_dl_flush(),
+            timeout: d_central_timeout(),
+            labels: Default::default(),
+            redact: Vec::new(),
+            server_identities: None,
+        }
+    }
 }
 
 fn d_dl_max_queued() -> usize {
@@ -713,6 +801,15 @@ impl Config {
         {
             problems.push(("discovery.file".into(), e.to_string()));
         }
+        if let Some(k) = cfg.discovery.kubernetes.as_ref()
+            && let Some(path) = &k.kubeconfig
+            && let Err(e) = rampart_discovery::kubernetes::check_kubeconfig(path)
+        {
+            problems.push((
+                "discovery.kubernetes.kubeconfig".into(),
+                format!("{}: {e}", path.display()),
+            ));
+        }
         cfg.accept(&name, Some(&text), problems)
     }
 
@@ -797,6 +894,14 @@ impl Config {
         }
         if let Some(f) = &mut self.discovery.file {
             fix(f);
+        }
+        if let Some(k) = self
+            .discovery
+            .kubernetes
+            .as_mut()
+            .and_then(|k| k.kubeconfig.as_mut())
+        {
+            fix(k);
         }
         for p in &mut self.inbound.policies {
             fix(p);
@@ -951,11 +1056,22 @@ impl Config {
             ));
         }
         for (i, s) in self.outbound.servers.iter().enumerate() {
-            if s.identities.is_empty() && s.trust_domains.is_empty() {
+            if s.identities.is_empty()
+                && s.trust_domains.is_empty()
+                && s.allow_dns_san_servers.is_empty()
+            {
                 p.push((
                     format!("outbound.servers[{i}]"),
-                    "must list `identities` or `trust_domains`".into(),
+                    "must list `identities`, `trust_domains` or `allow_dns_san_servers`".into(),
                 ));
+            }
+            for (j, name) in s.allow_dns_san_servers.iter().enumerate() {
+                if !rampart_identity::svid::is_host_name(name) {
+                    p.push((
+                        format!("outbound.servers[{i}].allow_dns_san_servers[{j}]"),
+                        format!("{name:?} is not a DNS host name"),
+                    ));
+                }
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
@@ -1403,5 +1519,42 @@ inbound:
                 "{keys}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn kubernetes_discovery_problems_name_their_line_and_field() {
+        let text = format!(
+            "{MINIMAL}discovery:\n  kubernetes:\n    resync_ms: 10\n    identities:\n      - template: 'spiffe://{{{{ .TrustDomain }}}}/{{{{ .PodSpec.Containers }}}}'\n      - template: 'spiffe://{{{{ .TrustDomain }}}}/x'\n        pod_selector:\n          match_expressions: [{{key: a, operator: In}}]\n"
+        );
+        let e = Config::parse("pod.yaml", &text).unwrap_err().to_string();
+        assert!(
+            at(&e, "pod.yaml", 7, "discovery.kubernetes.resync_ms"),
+            "{e}"
+        );
+        assert!(
+            at(
+                &e,
+                "pod.yaml",
+                9,
+                "discovery.kubernetes.identities[0].template"
+            ),
+            "{e}"
+        );
+        assert!(e.contains(".PodSpec.Containers"), "{e}");
+        assert!(
+            e.contains(
+                "discovery.kubernetes.identities[1].pod_selector.match_expressions[0].values"
+            ),
+            "{e}"
+        );
+        // The defaults: in-cluster, the service-account rule.
+        let c = Config::parse(
+            "pod.yaml",
+            &format!("{MINIMAL}discovery:\n  kubernetes: {{}}\n"),
+        )
+        .unwrap();
+        let k = c.discovery.kubernetes.unwrap();
+        assert!(k.kubeconfig.is_none());
+        assert_eq!(k.identities.len(), 1);
     }
 }

@@ -212,7 +212,7 @@ impl Sidecar {
             }
         };
         plan.observe.tracing = tracing.clone();
-        plan.discovery = rampart_discovery::start(&cfg.discovery)?;
+        plan.discovery = rampart_discovery::start(&cfg.discovery, &plan.trust_domain)?;
         let hooks = rampart_proxy::admin::AdminHooks {
             render: telemetry.render,
             config_json: serde_json::to_string_pretty(&cfg)

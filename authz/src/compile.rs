@@ -40,6 +40,11 @@ pub(crate) struct PortIndex {
     pub custom: Vec<u32>,
     /// Dry-run policies of any kind.
     pub dry_run: Vec<u32>,
+    /// The `with_request_body` of a Rego policy on this port, if any asks
+    /// (they all ask the same: `load` refuses a mix).
+    pub request_body: Option<crate::model::WithRequestBody>,
+    /// Whether a Rego policy on this port asks for the peer certificate.
+    pub peer_certificate: bool,
 }
 
 #[derive(Debug)]
@@ -385,6 +390,14 @@ impl Compiled {
                     .collect()
             };
             for t in targets {
+                if let CKind::Rego(engine) = &p.kind
+                    && let Some(body) = engine.request_body()
+                {
+                    t.request_body = Some(body);
+                }
+                if let CKind::Rego(engine) = &p.kind {
+                    t.peer_certificate |= engine.includes_peer_certificate();
+                }
                 let list = match (&p.kind, p.dry_run) {
                     (_, true) => &mut t.dry_run,
                     (CKind::Rego(_), false) => &mut t.rego,

@@ -35,7 +35,35 @@ impl CRule {
         if req.is_none() && self.needs_http && side == Side::Admit {
             return Err(Miss::NotHttp);
         }
-        self.check_from(conn, req, side)?;
+        self.check_source(conn, side, |t| t.matches(conn, req))?;
+        self.check_port(conn)?;
+        match req {
+            Some(req) => self.check_http(conn, req),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether some request on `conn` could match this ALLOW rule: its
+    /// source and port conditions match, and its HTTP conditions are taken
+    /// as satisfiable (a `from_data` table keyed by a request attribute:
+    /// some entry admits the peer). Never false for a connection one of
+    /// whose requests the rule would match (`reach`).
+    pub(crate) fn may_match_some_request(&self, conn: &ConnectionInfo<'_>) -> bool {
+        self.check_source(conn, Side::Admit, |t| t.may_match(conn))
+            .is_ok()
+            && self.check_port(conn).is_ok()
+    }
+
+    /// Whether this DENY rule matches every request on `conn`: it has no
+    /// HTTP condition and its source and port conditions match. Never true
+    /// for a connection one of whose requests would escape it (`reach`).
+    pub(crate) fn matches_every_request(&self, conn: &ConnectionInfo<'_>) -> bool {
+        // A `from_data` table keyed by a request attribute misses here
+        // (no request), which reads as "some request may escape".
+        !self.needs_http && self.check(conn, None, Side::Refuse).is_ok()
+    }
+
+    fn check_port(&self, conn: &ConnectionInfo<'_>) -> Result<(), Miss> {
         if let Some(ports) = &self.ports
             && !ports.contains(&conn.dest_port)
         {
@@ -44,17 +72,15 @@ impl CRule {
         if self.not_ports.contains(&conn.dest_port) {
             return Err(Miss::NotPort);
         }
-        match req {
-            Some(req) => self.check_http(conn, req),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
-    fn check_from(
+    /// The `from` conditions; `data` decides a `from_data` table.
+    fn check_source(
         &self,
         conn: &ConnectionInfo<'_>,
-        req: Option<&RequestInfo<'_>>,
         side: Side,
+        data: impl FnOnce(&DataTable) -> bool,
     ) -> Result<(), Miss> {
         if conn.is_authenticated() {
             // A peer known only by DNS SANs (an ingress admitted by
@@ -81,7 +107,7 @@ impl CRule {
                 return Err(Miss::NotPrincipal);
             }
             if let Some(table) = &self.from_data
-                && !table.matches(conn, req)
+                && !data(table)
             {
                 return Err(Miss::PrincipalFromData);
             }
@@ -208,6 +234,15 @@ impl PrincipalSet {
 }
 
 impl DataTable {
+    /// Whether some request could find the peer in the table: the entry
+    /// without a key, or any entry when keyed by a request attribute.
+    fn may_match(&self, conn: &ConnectionInfo<'_>) -> bool {
+        match self.key {
+            None => self.table.get("").is_some_and(|set| set.matches(conn)),
+            Some(_) => self.table.values().any(|set| set.matches(conn)),
+        }
+    }
+
     fn matches(&self, conn: &ConnectionInfo<'_>, req: Option<&RequestInfo<'_>>) -> bool {
         let key = match (self.key, req) {
             (None, _) => "",

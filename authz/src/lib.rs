@@ -31,7 +31,10 @@ pub mod rego;
 mod compile;
 mod decide;
 mod eval;
+mod reach;
 mod request;
+
+pub use reach::RequestReach;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -63,6 +66,28 @@ pub struct ConnectionInfo<'a> {
     /// The claims of the request's verified JWT (set per request, after
     /// [`Authorizer::authenticate_request`]).
     pub jwt: Option<&'a serde_json::Value>,
+    /// The request body read for the policies (`with_request_body`), set
+    /// per request; `None` when no policy asked or the request has none.
+    pub request_body: Option<BufferedBody<'a>>,
+    /// The peer's leaf certificate as Envoy's `include_peer_certificate`
+    /// shows it (URL-encoded PEM), when configured.
+    pub peer_certificate: Option<&'a str>,
+    /// The XFCC element the sidecar sends the app for this connection, when
+    /// it made one ([`input::xfcc_element_with`]); else the input builds
+    /// the default one.
+    pub xfcc: Option<&'a str>,
+}
+
+/// A request body as read for the policies: at most `max_request_bytes`
+/// of it, and whether there was more (Envoy's `x-envoy-auth-partial-body`).
+#[derive(Debug, Clone, Copy)]
+pub struct BufferedBody<'a> {
+    /// The bytes the policies see.
+    pub bytes: &'a [u8],
+    /// Whether the body is longer than `bytes` (`allow_partial_message`).
+    pub partial: bool,
+    /// As bytes (`rawBody`) rather than as a string (`body`).
+    pub pack_as_bytes: bool,
 }
 
 impl<'a> ConnectionInfo<'a> {
@@ -77,6 +102,30 @@ impl<'a> ConnectionInfo<'a> {
             dest_ip: None,
             sni: None,
             jwt: None,
+            request_body: None,
+            peer_certificate: None,
+            xfcc: None,
+        }
+    }
+
+    /// The same connection, with the XFCC element the app is sent.
+    pub fn with_xfcc(self, xfcc: Option<&'a str>) -> Self {
+        ConnectionInfo { xfcc, ..self }
+    }
+
+    /// The same request, with the body read for the policies.
+    pub fn with_request_body(self, request_body: Option<BufferedBody<'a>>) -> Self {
+        ConnectionInfo {
+            request_body,
+            ..self
+        }
+    }
+
+    /// The same connection, with the peer certificate the input shows.
+    pub fn with_peer_certificate(self, peer_certificate: Option<&'a str>) -> Self {
+        ConnectionInfo {
+            peer_certificate,
+            ..self
         }
     }
 
@@ -486,6 +535,21 @@ impl Authorizer {
         }
     }
 
+    /// Whether any request from this connection's peer could be allowed on
+    /// its port (see [`RequestReach`]): [`RequestReach::None`] only when
+    /// none could, whatever the request; anything that depends on the
+    /// request reads as possible. Asked of live HTTP connections when the
+    /// policies are reloaded.
+    pub fn request_reach(&self, conn: &ConnectionInfo<'_>) -> RequestReach {
+        if self.istio.is_some() && self.inner.policies.is_empty() {
+            // Istio resources alone decide: not analysed (see `reach`).
+            return RequestReach::Possible;
+        }
+        // With Istio resources too, a request must pass both: the native
+        // half refusing every request is enough.
+        reach::reach(&self.inner, conn)
+    }
+
     /// Decides whether an HTTP request may proceed, in-process only. A
     /// request that a CUSTOM policy sends to an external authorizer is
     /// refused here (`ProviderFailed`, fail closed): callers that support
@@ -557,6 +621,12 @@ impl Authorizer {
         self.istio.as_deref()
     }
 
+    /// The mTLS mode an Istio PeerAuthentication of these policies gives
+    /// inbound `port`; `None` when none applies (the configured mode holds).
+    pub fn peer_mode(&self, port: u16) -> Option<istio::PeerMode> {
+        self.istio.as_deref()?.peer_modes().mode(port)
+    }
+
     fn evaluate(
         &self,
         conn: &ConnectionInfo<'_>,
@@ -611,6 +681,18 @@ impl Authorizer {
     /// The path normalization options these policies were loaded with.
     pub fn normalize_options(&self) -> &NormalizeOptions {
         &self.inner.normalize
+    }
+
+    /// Whether a Rego policy on `port` asks for the request body, and how
+    /// much of it: `None` (the common case) reads nothing.
+    pub fn request_body(&self, port: u16) -> Option<model::WithRequestBody> {
+        self.inner.port(port).request_body
+    }
+
+    /// Whether a Rego policy on `port` asks for the peer certificate
+    /// (`include_peer_certificate`).
+    pub fn include_peer_certificate(&self, port: u16) -> bool {
+        self.inner.port(port).peer_certificate
     }
 }
 

@@ -295,6 +295,7 @@ fn compile_all(
             }
         }
     }
+    errors.extend(request_body_conflict(&compiled));
     if !errors.is_empty() {
         return Err(LoadErrors(errors));
     }
@@ -347,11 +348,41 @@ pub(crate) fn compile_built(
             }),
         }
     }
+    errors.extend(request_body_conflict(&compiled));
     if !errors.is_empty() {
         return Err(LoadErrors(errors));
     }
     compiled.index();
     Ok(compiled)
+}
+
+/// One sidecar reads one request body, as Envoy has one ext_authz filter:
+/// the Rego policies that set `with_request_body` must set the same.
+fn request_body_conflict(compiled: &Compiled) -> Option<LoadError> {
+    let mut first: Option<(&str, crate::model::WithRequestBody)> = None;
+    for (p, info) in compiled.policies.iter().zip(&compiled.infos) {
+        let CKind::Rego(engine) = &p.kind else {
+            continue;
+        };
+        let Some(body) = engine.request_body() else {
+            continue;
+        };
+        match first {
+            None => first = Some((&p.name, body)),
+            Some((_, b)) if b == body => {}
+            Some((name, _)) => {
+                return Some(LoadError::Rego {
+                    file: info.file.clone(),
+                    policy: p.name.to_string(),
+                    message: format!(
+                        "with_request_body differs from policy {name:?}'s: the sidecar reads \
+                         one request body for all Rego policies (one ext_authz filter)"
+                    ),
+                });
+            }
+        }
+    }
+    None
 }
 
 fn info(policy: &Policy, file: &Path, dir: &Path, hasher: Sha256) -> PolicyInfo {
@@ -440,7 +471,9 @@ fn compile_policy(
                 &spec.query,
                 spec.result,
                 options.rego_timeout,
-            )?;
+            )?
+            .with_request_body(spec.with_request_body)
+            .with_peer_certificate(spec.include_peer_certificate);
             Ok(CKind::Rego(Arc::new(engine)))
         }
     }

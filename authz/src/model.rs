@@ -216,6 +216,31 @@ pub struct RegoPolicySpec {
     pub rego_version: RegoVersion,
     /// How the query's value is read.
     pub result: ResultForm,
+    /// Whether, and how much of, the request body the policy sees.
+    pub with_request_body: Option<WithRequestBody>,
+    /// Envoy's ext_authz `include_peer_certificate`: the peer's leaf as
+    /// `input.attributes.source.certificate` (URL-encoded PEM).
+    pub include_peer_certificate: bool,
+}
+
+/// Envoy's ext_authz `with_request_body`: the request body is read (once,
+/// at most `max_request_bytes` of it) before the decision, shown to Rego
+/// as `input.attributes.request.http.body` (or `rawBody`) and
+/// `input.parsed_body`, then forwarded to the app unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WithRequestBody {
+    /// The most bytes read before deciding (more than 0). A longer body
+    /// is refused with 413, unless `allow_partial_message`.
+    pub max_request_bytes: u32,
+    /// Decide on the first `max_request_bytes` of a longer body (the input
+    /// then has `x-envoy-auth-partial-body: true`) instead of refusing it.
+    #[serde(default)]
+    pub allow_partial_message: bool,
+    /// The body as bytes (`rawBody`, base64 in the input) rather than as a
+    /// string (`body`).
+    #[serde(default)]
+    pub pack_as_bytes: bool,
 }
 
 /// The default Rego query, OPA-Envoy's default decision path.
@@ -1025,6 +1050,14 @@ struct RawPolicy {
     #[serde(default)]
     result: Option<ResultForm>,
     #[serde(default)]
+    with_request_body: Option<WithRequestBody>,
+    #[serde(default)]
+    include_peer_certificate: Option<bool>,
+    /// OPA-Envoy's protobuf descriptor set for gRPC `parsed_body`: refused
+    /// by name (Rampart does not decode gRPC messages).
+    #[serde(default)]
+    proto_descriptor: Option<serde_yaml::Value>,
+    #[serde(default)]
     provider: Option<ProviderName>,
 }
 
@@ -1051,6 +1084,12 @@ impl TryFrom<RawPolicy> for Policy {
                     (r.query.is_some(), "query"),
                     (r.rego_version.is_some(), "rego_version"),
                     (r.result.is_some(), "result"),
+                    (r.with_request_body.is_some(), "with_request_body"),
+                    (
+                        r.include_peer_certificate.is_some(),
+                        "include_peer_certificate",
+                    ),
+                    (r.proto_descriptor.is_some(), "proto_descriptor"),
                 ];
                 if let Some((_, field)) = rego_only.iter().find(|(set, _)| *set) {
                     return Err(format!("`{field}` is only valid with `kind: rego`"));
@@ -1097,6 +1136,18 @@ impl TryFrom<RawPolicy> for Policy {
                 if r.modules.is_empty() && r.rego.is_none() {
                     return Err("a Rego policy needs `modules` or inline `rego`".into());
                 }
+                if r.proto_descriptor.is_some() {
+                    return Err(
+                        "`proto_descriptor` is not supported: Rampart does not decode \
+                                gRPC messages, so `parsed_body` of a gRPC request is null"
+                            .into(),
+                    );
+                }
+                if r.with_request_body
+                    .is_some_and(|b| b.max_request_bytes == 0)
+                {
+                    return Err("with_request_body.max_request_bytes must be more than 0".into());
+                }
                 let query = r.query.unwrap_or_else(|| DEFAULT_REGO_QUERY.to_owned());
                 if !query.starts_with("data.") {
                     return Err(format!("query {query:?} must be a rule path under data."));
@@ -1109,6 +1160,8 @@ impl TryFrom<RawPolicy> for Policy {
                     query,
                     rego_version: r.rego_version.unwrap_or_default(),
                     result: r.result.unwrap_or_default(),
+                    with_request_body: r.with_request_body,
+                    include_peer_certificate: r.include_peer_certificate.unwrap_or(false),
                 })
             }
         };

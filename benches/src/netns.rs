@@ -112,6 +112,7 @@ impl Transparent {
                     ports: Vec::new(),
                     identities: vec![parse_id(SERVER_ID)],
                     trust_domains: Vec::new(),
+                    allow_dns_san_servers: Vec::new(),
                 }]
             }),
             start_sidecar(&server, bin, dir, &ssvid, |c| {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// Where endpoints and their identities come from; every source is
 /// optional, and with none the sidecar routes by `outbound` rules only.
 /// A destination two sources claim goes to the first in this order:
-/// `file`, `dns`.
+/// `file`, `kubernetes`, `dns`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
@@ -18,6 +18,10 @@ pub struct DiscoveryConfig {
     /// Names resolved through DNS, refreshed by TTL.
     #[serde(default)]
     pub dns: Option<crate::dns::DnsConfig>,
+    /// Services, EndpointSlices and Pods through the Kubernetes API server,
+    /// followed from the first dial of each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::kubernetes::KubernetesConfig>,
     /// How long the first connection to an address no source knows waits
     /// for a demand-driven source (Kubernetes) to look it up.
     #[serde(default = "d_demand_wait", with = "duration_ms")]
@@ -29,6 +33,7 @@ impl Default for DiscoveryConfig {
         DiscoveryConfig {
             file: None,
             dns: None,
+            kubernetes: None,
             demand_wait_ms: d_demand_wait(),
         }
     }
@@ -38,7 +43,7 @@ fn d_demand_wait() -> Duration {
     Duration::from_secs(2)
 }
 
-mod duration_ms {
+pub(crate) mod duration_ms {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -55,12 +60,16 @@ mod duration_ms {
 impl DiscoveryConfig {
     /// Whether any source is configured.
     pub fn any(&self) -> bool {
-        self.file.is_some() || self.dns.is_some()
+        self.file.is_some() || self.dns.is_some() || self.kubernetes.is_some()
     }
 
     /// Every problem of the fields, as (field path, reason); the file
     /// itself is checked by [`crate::file::load`].
     pub fn validate(&self) -> Vec<(String, String)> {
-        self.dns.as_ref().map(|d| d.validate()).unwrap_or_default()
+        let mut p = self.dns.as_ref().map(|d| d.validate()).unwrap_or_default();
+        if let Some(k) = &self.kubernetes {
+            p.extend(k.validate());
+        }
+        p
     }
 }

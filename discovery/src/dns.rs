@@ -1,7 +1,10 @@
 //! The DNS source (names outside Kubernetes, as in Linkerd): each
-//! configured name is resolved (A and AAAA) and its addresses, with the
-//! configured port, are the endpoints of service `NAME:PORT`, every one
-//! held to the SPIFFE ID the configuration gives the name. A name is
+//! configured name is resolved and its addresses are the endpoints of
+//! service `NAME:PORT`, every one held to the SPIFFE ID the configuration
+//! gives the name. SRV records first, where the name has them (RFC 2782:
+//! the targets of the lowest priority, each with its own port; a target
+//! of `.` means none; weights are left to the balancer, which measures),
+//! else A and AAAA with the configured port. A name is
 //! resolved again when its records' TTL runs out (at least every
 //! [`MIN_REFRESH`], at most [`MAX_REFRESH`] apart). A failed lookup keeps
 //! the last good endpoints (logged, counted); a name that does not exist
@@ -12,6 +15,7 @@ use std::time::Duration;
 
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 use rampart_identity::SpiffeId;
 use serde::{Deserialize, Serialize};
@@ -136,7 +140,71 @@ fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, DnsStartError> {
 /// What is known of one name.
 #[derive(Debug, Clone, Default)]
 struct Known {
-    addrs: Vec<IpAddr>,
+    addrs: Vec<SocketAddr>,
+}
+
+/// Why a name has no addresses.
+enum Missing {
+    /// It does not exist, or has no usable records: no endpoints.
+    NoRecords,
+    /// The lookup failed: keep what was known.
+    Failed(hickory_resolver::net::NetError),
+}
+
+/// The endpoints of `fqdn`: its SRV targets' addresses with their ports,
+/// or (no SRV records) its A/AAAA addresses with `port`; and until when
+/// the answer holds.
+async fn resolve(
+    resolver: &TokioResolver,
+    fqdn: &str,
+    port: u16,
+) -> Result<(Vec<SocketAddr>, std::time::Instant), Missing> {
+    let none = |e: &hickory_resolver::net::NetError| e.is_no_records_found() || e.is_nx_domain();
+    match resolver.lookup(fqdn, RecordType::SRV).await {
+        Ok(srv) => {
+            let records: Vec<_> = srv
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::SRV(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect();
+            if let Some(best) = records.iter().map(|s| s.priority).min() {
+                let mut addrs = Vec::new();
+                let mut until = srv.valid_until();
+                for s in records.iter().filter(|s| s.priority == best) {
+                    if s.target.is_root() {
+                        continue;
+                    }
+                    match resolver.lookup_ip(s.target.clone()).await {
+                        Ok(ips) => {
+                            until = until.min(ips.valid_until());
+                            addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, s.port)));
+                        }
+                        Err(e) if none(&e) => {}
+                        Err(e) => return Err(Missing::Failed(e)),
+                    }
+                }
+                return if addrs.is_empty() {
+                    Err(Missing::NoRecords)
+                } else {
+                    Ok((addrs, until))
+                };
+            }
+        }
+        // No SRV records: the name's own addresses.
+        Err(e) if none(&e) => {}
+        Err(e) => return Err(Missing::Failed(e)),
+    }
+    match resolver.lookup_ip(fqdn).await {
+        Ok(found) => Ok((
+            found.iter().map(|ip| SocketAddr::new(ip, port)).collect(),
+            found.valid_until(),
+        )),
+        Err(e) if none(&e) => Err(Missing::NoRecords),
+        Err(e) => Err(Missing::Failed(e)),
+    }
 }
 
 fn state(cfg: &DnsConfig, known: &[Known]) -> SourceState {
@@ -161,8 +229,8 @@ fn state(cfg: &DnsConfig, known: &[Known]) -> SourceState {
                 source: SourceKind::Dns,
                 endpoints: addrs
                     .into_iter()
-                    .map(|ip| Endpoint {
-                        addr: SocketAddr::new(ip, n.port),
+                    .map(|addr| Endpoint {
+                        addr,
                         identity: EndpointIdentity::Id(n.identity.clone()),
                         owner: Some(n.name.clone()),
                     })
@@ -195,13 +263,10 @@ pub fn start(
                 }
                 // Absolute: no search domain is appended.
                 let fqdn = format!("{}.", n.name.trim_end_matches('.'));
-                match resolver.lookup_ip(fqdn.as_str()).await {
-                    Ok(found) => {
-                        let ttl = found
-                            .valid_until()
-                            .saturating_duration_since(std::time::Instant::now());
+                match resolve(&resolver, &fqdn, n.port).await {
+                    Ok((addrs, valid_until)) => {
+                        let ttl = valid_until.saturating_duration_since(std::time::Instant::now());
                         next[i] = now + ttl.clamp(MIN_REFRESH, MAX_REFRESH);
-                        let addrs: Vec<IpAddr> = found.iter().collect();
                         if addrs != known[i].addrs {
                             tracing::info!(name = %n.name, addresses = ?addrs, "DNS endpoints changed");
                             known[i].addrs = addrs;
@@ -209,7 +274,7 @@ pub fn start(
                         }
                         crate::metrics::source_update(SourceKind::Dns, true);
                     }
-                    Err(e) if e.is_no_records_found() || e.is_nx_domain() => {
+                    Err(Missing::NoRecords) => {
                         next[i] = now + MIN_REFRESH;
                         if !known[i].addrs.is_empty() {
                             tracing::info!(name = %n.name, "DNS name has no address any more");
@@ -218,7 +283,7 @@ pub fn start(
                         }
                         crate::metrics::source_update(SourceKind::Dns, true);
                     }
-                    Err(e) => {
+                    Err(Missing::Failed(e)) => {
                         next[i] = now + MIN_REFRESH;
                         tracing::warn!(name = %n.name, error = %e, "DNS lookup failed; keeping the last endpoints");
                         crate::metrics::source_update(SourceKind::Dns, false);
@@ -268,7 +333,10 @@ mod tests {
         let s = state(
             &c,
             &[Known {
-                addrs: vec!["10.0.0.2".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+                addrs: vec![
+                    "10.0.0.2:8080".parse().unwrap(),
+                    "10.0.0.1:8080".parse().unwrap(),
+                ],
             }],
         );
         let snap = crate::model::Snapshot::merge([&s], 1);

@@ -7,7 +7,9 @@
 //! - [`registry`]: the one writer; sources publish into it, the proxy's
 //!   route stage reads from it ([`registry::Registry::resolve`]);
 //! - sources, each a worker that only publishes: [`file`] (static file,
-//!   reloaded on change), [`dns`] (A/AAAA, refreshed by TTL);
+//!   reloaded on change), [`kubernetes`] (Services, EndpointSlices and
+//!   Pods, followed from the first dial), [`dns`] (A/AAAA, refreshed by
+//!   TTL);
 //! - [`balance`]: power of two choices over peak-EWMA, ejection with
 //!   backoff;
 //! - [`metrics`]: the per-service series.
@@ -17,6 +19,7 @@ pub mod balance;
 pub mod config;
 pub mod dns;
 pub mod file;
+pub mod kubernetes;
 pub mod metrics;
 pub mod model;
 pub mod registry;
@@ -35,11 +38,18 @@ pub enum StartError {
     /// The DNS resolver could not be built.
     #[error(transparent)]
     Dns(#[from] dns::DnsStartError),
+    /// The Kubernetes client could not be built.
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubeStartError),
 }
 
 /// Starts the configured sources on the current runtime; `None` when no
-/// source is configured (routing by `outbound` rules only).
-pub fn start(cfg: &DiscoveryConfig) -> Result<Option<Arc<Registry>>, StartError> {
+/// source is configured (routing by `outbound` rules only). `trust_domain`
+/// is the sidecar's (`{{ .TrustDomain }}` in Kubernetes identity templates).
+pub fn start(
+    cfg: &DiscoveryConfig,
+    trust_domain: &rampart_identity::TrustDomain,
+) -> Result<Option<Arc<Registry>>, StartError> {
     if !cfg.any() {
         return Ok(None);
     }
@@ -47,6 +57,15 @@ pub fn start(cfg: &DiscoveryConfig) -> Result<Option<Arc<Registry>>, StartError>
     if let Some(path) = &cfg.file {
         let publisher = registry.source(model::SourceKind::File);
         tokio::spawn(file::start(path.clone(), publisher, file::POLL_INTERVAL)?);
+    }
+    if let Some(k) = &cfg.kubernetes {
+        let (publisher, demands) = registry.demand_source(model::SourceKind::Kubernetes);
+        tokio::spawn(kubernetes::start(
+            k.clone(),
+            trust_domain.clone(),
+            publisher,
+            demands,
+        )?);
     }
     if let Some(dns) = &cfg.dns {
         let publisher = registry.source(model::SourceKind::Dns);

@@ -29,6 +29,11 @@ pub const UNVERIFIABLE: &str = "rampart_discovery_unverifiable_total";
 /// Source updates, by `source` and `result` (`applied`, `rejected`).
 pub const SOURCE_UPDATES: &str = "rampart_discovery_source_updates_total";
 
+/// Open list+watch requests of a source to its API server (`source`:
+/// `kubernetes`): three per Service in use, one per pod address dialled
+/// directly.
+pub const WATCHES: &str = "rampart_discovery_watches";
+
 /// Distinct `service` label values per process.
 pub const MAX_SERVICES: usize = 256;
 
@@ -53,6 +58,10 @@ pub fn describe() {
         "Connections refused: the address belongs to a pod whose identity cannot be derived"
     );
     metrics::describe_counter!(SOURCE_UPDATES, "Discovery source updates, by result");
+    metrics::describe_gauge!(
+        WATCHES,
+        "Watches a discovery source keeps open on its API server"
+    );
 }
 
 /// The label for `name`, capped.
@@ -157,4 +166,9 @@ pub fn unverifiable() {
 pub fn source_update(source: crate::model::SourceKind, applied: bool) {
     let result = if applied { "applied" } else { "rejected" };
     metrics::counter!(SOURCE_UPDATES, "source" => source.as_str(), "result" => result).increment(1);
+}
+
+/// A source now keeps `n` watches open.
+pub fn watches(source: crate::model::SourceKind, n: usize) {
+    metrics::gauge!(WATCHES, "source" => source.as_str()).set(n as f64);
 }

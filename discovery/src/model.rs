@@ -132,7 +132,8 @@ impl std::str::FromStr for Destination {
         if host.is_empty()
             || !host
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                // `_` for SRV names (`_http._tcp.backend.example`).
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
         {
             return Err(format!("`{host}` in `{s}` is not a host name"));
         }

@@ -23,6 +23,11 @@ use crate::model::{Destination, Endpoint, Lookup, Snapshot, SourceKind, SourceSt
 /// How many distinct addresses are remembered as asked before the memory
 /// starts over (each is asked again then).
 const MAX_ASKED: usize = 4096;
+/// An address a demand-driven source found nothing for (or could not look
+/// up: the API server was unreachable) is asked again when dialled after
+/// this long, so a Service created later, or an outage, is not remembered
+/// for ever.
+pub const REASK_AFTER: Duration = Duration::from_secs(10);
 
 /// Where an outbound connection goes, by discovery.
 #[derive(Debug, Clone)]
@@ -59,7 +64,7 @@ pub struct Registry {
     inner: Mutex<Inner>,
     tx: watch::Sender<Arc<Snapshot>>,
     demand: Mutex<Option<mpsc::UnboundedSender<Demand>>>,
-    asked: Mutex<HashMap<IpAddr, watch::Receiver<bool>>>,
+    asked: Mutex<HashMap<IpAddr, (watch::Receiver<bool>, tokio::time::Instant)>>,
     demand_wait: Duration,
 }
 
@@ -257,8 +262,12 @@ impl Registry {
     fn ask(&self, dst: SocketAddr) -> Option<watch::Receiver<bool>> {
         let demand = self.demand.lock().ok()?.clone()?;
         let mut asked = self.asked.lock().ok()?;
-        if let Some(rx) = asked.get(&dst.ip()) {
-            return Some(rx.clone());
+        if let Some((rx, at)) = asked.get(&dst.ip()) {
+            // Still unknown after an answer, long enough ago: ask again.
+            let stale = *rx.borrow() && at.elapsed() >= REASK_AFTER;
+            if !stale {
+                return Some(rx.clone());
+            }
         }
         if asked.len() >= MAX_ASKED {
             asked.clear();
@@ -268,7 +277,7 @@ impl Registry {
             // The source is gone: nothing to wait for.
             return None;
         }
-        asked.insert(dst.ip(), rx.clone());
+        asked.insert(dst.ip(), (rx.clone(), tokio::time::Instant::now()));
         Some(rx)
     }
 }
@@ -438,7 +447,18 @@ mod tests {
             r.resolve("10.96.0.1:81".parse().unwrap()).await,
             Resolved::Unknown
         ));
-        // The same IP is not asked again (another port).
+        // The same IP is not asked again (another port)...
         assert!(demands.try_recv().is_err());
+        // ... until it has stayed unknown for a while.
+        tokio::time::pause();
+        tokio::time::advance(REASK_AFTER).await;
+        let again = tokio::spawn({
+            let r = r.clone();
+            async move { r.resolve("10.96.0.1:81".parse().unwrap()).await }
+        });
+        let d = demands.recv().await.unwrap();
+        assert_eq!(d.addr, "10.96.0.1:81".parse().unwrap());
+        d.done.send_replace(true);
+        assert!(matches!(again.await.unwrap(), Resolved::Unknown));
     }
 }

@@ -75,10 +75,12 @@ pub fn xfcc(data: &[u8]) {
     let parsed = parse_xfcc(&element).unwrap_or_else(|e| panic!("{element:?}: {e}"));
     assert_eq!(parsed.len(), 1, "{element:?} split into several elements");
     // Envoy's default element is `By;Hash;URI`: a peer known only by DNS
-    // names adds no field, whatever those names hold.
+    // names has an empty `URI` (as Envoy writes it) and no other field,
+    // whatever those names hold.
     let want = vec![
         ("By".to_owned(), local.as_str().to_owned()),
         ("Hash".to_owned(), "00ff".to_owned()),
+        ("URI".to_owned(), String::new()),
     ];
     assert_eq!(parsed[0], want, "{element:?}");
 }

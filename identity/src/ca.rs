@@ -239,6 +239,39 @@ impl DevCa {
         })
     }
 
+    /// Issues a server certificate whose only SANs are `dns_names` (no
+    /// SPIFFE ID), for server and client auth: what a server with an ACM
+    /// PCA or file certificate presents to an outbound rule that names it
+    /// (`allow_dns_san_servers`).
+    pub fn issue_dns_server(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        if dns_names.is_empty() {
+            return Err(CaError::Svid(SvidError::NoDnsSan));
+        }
+        let sans = dns_names
+            .iter()
+            .map(|d| Ok(SanType::DnsName(d.as_str().try_into()?)))
+            .collect::<Result<Vec<_>, rcgen::Error>>()?;
+        let leaf = self.sign_leaf(
+            sans,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            SystemTime::now(),
+            ttl,
+        )?;
+        crate::svid::validate_dns_client_leaf(&leaf.cert_der)?;
+        Ok(IssuedCert {
+            cert_der: leaf.cert_der,
+            chain_pem: leaf.chain_pem,
+            key_pem: leaf.key_pem,
+        })
+    }
+
     /// Signs a leaf (ECDSA P-256, CA false, digitalSignature) with `sans`.
     fn sign_leaf(
         &self,

@@ -75,7 +75,8 @@ pub fn client_config(
     alpn: &[Vec<u8>],
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let provider = provider();
-    let verifier = SpiffeServerVerifier::new(bundles.clone(), expected, &provider);
+    let verifier = SpiffeServerVerifier::new(bundles.clone(), expected, &provider)
+        .with_own_trust_domain(svid.id().trust_domain().clone());
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous() // Not a weakening: the SPIFFE verifier replaces hostname checks.

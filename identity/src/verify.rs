@@ -18,11 +18,14 @@ use crate::bundle::BundleSet;
 use crate::id::{SpiffeId, TrustDomain};
 use crate::svid::{SvidError, is_host_name, validate_dns_client_leaf, validate_leaf};
 
-/// Which peer SPIFFE IDs are acceptable.
+/// Which peer SPIFFE IDs are acceptable, and, for servers only, which DNS
+/// names a certificate without a SPIFFE ID may carry instead.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdMatcher {
     ids: HashSet<SpiffeId>,
     trust_domains: HashSet<TrustDomain>,
+    /// Lowercase, without a trailing dot.
+    dns_names: HashSet<String>,
 }
 
 impl IdMatcher {
@@ -30,15 +33,29 @@ impl IdMatcher {
     pub fn ids(ids: impl IntoIterator<Item = SpiffeId>) -> Self {
         IdMatcher {
             ids: ids.into_iter().collect(),
-            trust_domains: HashSet::new(),
+            ..IdMatcher::default()
         }
     }
 
     /// Matches any ID of these trust domains.
     pub fn trust_domains(tds: impl IntoIterator<Item = TrustDomain>) -> Self {
         IdMatcher {
-            ids: HashSet::new(),
             trust_domains: tds.into_iter().collect(),
+            ..IdMatcher::default()
+        }
+    }
+
+    /// Matches servers whose certificate has no URI SAN and carries one of
+    /// these DNS names as a DNS SAN (an ACM PCA or file certificate, App
+    /// Mesh's SAN pinning), compared exactly, case-insensitively. Such a
+    /// server must chain to the bundle of the client's own trust domain
+    /// ([`SpiffeServerVerifier::with_own_trust_domain`]). A name is a
+    /// weaker identity than a SPIFFE ID, so only a configuration that names
+    /// it accepts one (`allow_dns_san_servers`); client verifiers ignore it.
+    pub fn dns_names(names: impl IntoIterator<Item = String>) -> Self {
+        IdMatcher {
+            dns_names: names.into_iter().map(|n| normalize_dns(&n)).collect(),
+            ..IdMatcher::default()
         }
     }
 
@@ -47,6 +64,7 @@ impl IdMatcher {
         self.ids.extend(other.ids.iter().cloned());
         self.trust_domains
             .extend(other.trust_domains.iter().cloned());
+        self.dns_names.extend(other.dns_names.iter().cloned());
         self
     }
 
@@ -55,10 +73,27 @@ impl IdMatcher {
         self.ids.contains(id) || self.trust_domains.contains(id.trust_domain())
     }
 
+    /// True when one of a DNS-SAN certificate's `names` is acceptable.
+    pub fn matches_dns(&self, names: &[String]) -> bool {
+        names
+            .iter()
+            .any(|n| self.dns_names.contains(&normalize_dns(n)))
+    }
+
+    /// True when some DNS-SAN server certificates are acceptable.
+    pub fn accepts_dns_names(&self) -> bool {
+        !self.dns_names.is_empty()
+    }
+
     /// True when nothing is acceptable.
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty() && self.trust_domains.is_empty()
+        self.ids.is_empty() && self.trust_domains.is_empty() && self.dns_names.is_empty()
     }
+}
+
+/// DNS names compare case-insensitively (RFC 4343), a trailing dot aside.
+fn normalize_dns(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 /// A peer's SPIFFE ID was valid but not one the caller accepts.
@@ -112,11 +147,16 @@ impl PeerRejection {
             CertificateError::UnknownIssuer | CertificateError::BadSignature => {
                 PeerRejection::UnknownCa
             }
-            CertificateError::BadEncoding => PeerRejection::InvalidSvid,
+            // A wrong extended key usage (a client-only certificate as a
+            // server) breaks the leaf rules as well.
+            CertificateError::BadEncoding
+            | CertificateError::InvalidPurpose
+            | CertificateError::InvalidPurposeContext { .. } => PeerRejection::InvalidSvid,
             CertificateError::Other(o) => {
                 let inner = &*o.0;
                 if inner.downcast_ref::<PeerNotAllowed>().is_some()
                     || inner.downcast_ref::<DnsPeerNotAllowed>().is_some()
+                    || inner.downcast_ref::<DnsServerNotAllowed>().is_some()
                 {
                     PeerRejection::NotAllowed
                 } else if inner.downcast_ref::<UnknownTrustDomain>().is_some() {
@@ -145,10 +185,17 @@ fn leaf_error(e: SvidError) -> Error {
 
 /// Verifies servers (used by the outbound side): chain to the bundle of the
 /// server's trust domain, then the server's ID against `expected`.
+///
+/// When `expected` names DNS names ([`IdMatcher::dns_names`]), a server
+/// certificate without a URI SAN is accepted too if one of its DNS SANs is
+/// among them and its chain leads to the bundle of the client's own trust
+/// domain (the mesh CA): the check happens in the handshake, as for SPIFFE
+/// IDs. An SVID is always judged by its SPIFFE ID, never by its DNS SANs.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     bundles: BundleSet,
     expected: IdMatcher,
+    own_trust_domain: Option<TrustDomain>,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -158,10 +205,54 @@ impl SpiffeServerVerifier {
         SpiffeServerVerifier {
             bundles,
             expected,
+            own_trust_domain: None,
             algs: provider.signature_verification_algorithms,
         }
     }
+
+    /// The client's own trust domain, whose bundle DNS-SAN servers must
+    /// chain to. Without it no DNS-SAN server is accepted.
+    pub fn with_own_trust_domain(mut self, td: TrustDomain) -> Self {
+        self.own_trust_domain = Some(td);
+        self
+    }
+
+    fn verify_dns_server(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        // The leaf rules of a DNS-SAN client hold for a server as well.
+        let names = validate_dns_client_leaf(end_entity).map_err(leaf_error)?;
+        let Some(td) = &self.own_trust_domain else {
+            return Err(other(DnsServerNotAllowed(names.join(","))));
+        };
+        let bundle = self
+            .bundles
+            .get(td)
+            .ok_or_else(|| other(UnknownTrustDomain(td.clone())))?;
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        // WebPKI also checks the serverAuth extended key usage here.
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            bundle.roots(),
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        if !self.expected.matches_dns(&names) {
+            return Err(other(DnsServerNotAllowed(names.join(","))));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
 }
+
+/// A server certificate with DNS SANs only was verified, but none of its
+/// names is an accepted one (`allow_dns_san_servers`).
+#[derive(Debug, thiserror::Error)]
+#[error("server with DNS SANs {0} is not an accepted identity")]
+pub struct DnsServerNotAllowed(pub String);
 
 impl ServerCertVerifier for SpiffeServerVerifier {
     fn verify_server_cert(
@@ -172,7 +263,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let leaf = validate_leaf(end_entity).map_err(leaf_error)?;
+        let leaf = match validate_leaf(end_entity) {
+            Ok(leaf) => leaf,
+            // No URI SAN at all: a DNS-SAN server, if the caller names some.
+            Err(SvidError::UriSanCount(0)) if self.expected.accepts_dns_names() => {
+                return self.verify_dns_server(end_entity, intermediates, now);
+            }
+            Err(e) => return Err(leaf_error(e)),
+        };
         let td = leaf.id.trust_domain();
         let bundle = self
             .bundles
@@ -360,6 +458,9 @@ pub struct PeerIdentity {
     pub dns_names: Vec<String>,
     /// SHA-256 of the peer's leaf certificate, lower-case hex (XFCC `Hash`).
     pub cert_sha256: String,
+    /// The certificates the peer presented, leaf first (XFCC `Cert` and
+    /// `Chain`, Envoy's `include_peer_certificate`).
+    pub chain: std::sync::Arc<[CertificateDer<'static>]>,
 }
 
 impl PeerIdentity {
@@ -380,7 +481,8 @@ impl PeerIdentity {
 /// without a URI SAN is read as a DNS-SAN client, which only a verifier
 /// built with [`SpiffeClientVerifier::allow_dns_san_clients`] accepts.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentity> {
-    let leaf = certs?.first()?;
+    let certs = certs?;
+    let leaf = certs.first()?;
     let (id, dns_names) = match validate_leaf(leaf) {
         // An SVID's extra DNS SANs are not checked by the verifier; keep
         // only host names, the only ones a `dns:` rule or XFCC can carry.
@@ -402,5 +504,6 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentit
         id,
         dns_names,
         cert_sha256: hex,
+        chain: certs.iter().map(|c| c.clone().into_owned()).collect(),
     })
 }

@@ -56,10 +56,15 @@
 //! }
 //! ```
 //!
-//! A live opaque connection stays bound to the policies: when they are
-//! reloaded, [`Standing::revoked`] decides it again and the connection is
-//! closed if the new policies refuse it (counted in
-//! `rampart_authz_connections_revoked_total`, logged).
+//! A live connection stays bound to the policies: when they are reloaded,
+//! an opaque one is decided again ([`Standing::revoked`]) and an HTTP one
+//! is asked whether its peer could still be allowed any request on its
+//! port ([`HttpStanding::revoked`]); a connection the new policies refuse
+//! is closed (an HTTP one after its in-flight requests), counted in
+//! `rampart_authz_connections_revoked_total` by protocol, and logged. The
+//! HTTP question errs towards keeping a connection: closing it is tidiness
+//! and prompt notice to the peer, not enforcement, since every request on
+//! it is decided with the policies in force when it arrives.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -281,27 +286,101 @@ impl Standing {
     /// Resolves when a policy reload refuses this connection (counted and
     /// logged here); pending for as long as the policies in force allow it.
     pub async fn revoked(&mut self) {
-        loop {
-            if self.changes.changed().await.is_err() {
-                // The cell is gone (shutdown): nothing will change any more.
-                return std::future::pending().await;
+        let (peer, source, port) = (self.peer.as_ref(), self.source, self.port);
+        let watched = (&mut self.changes, &*self.cell, peer, port);
+        until_refused(watched, Carried::Opaque, |authorizer| {
+            match authorizer.check_connection(&connection_info(peer, source, port)) {
+                Decision::Allow(_) => None,
+                Decision::Deny(denial) => Some(denial),
             }
-            let policies = self.cell.current();
-            let info = connection_info(self.peer.as_ref(), self.source, self.port);
-            match policies.authorizer.check_connection(&info) {
-                Decision::Allow(_) => continue,
-                Decision::Deny(denial) => {
-                    tracing::info!(
-                        peer.id = self.peer.as_ref().map(|p| p.principal()).unwrap_or("-"),
-                        dst.port = self.port,
-                        reason = denial.reason.as_str(),
-                        authz.policy = denial.policy.as_deref().unwrap_or("-"),
-                        "connection revoked by a policy reload"
-                    );
-                    crate::metrics::connection_revoked();
-                    return;
-                }
+        })
+        .await;
+    }
+}
+
+/// A live HTTP connection's standing with the policies: its requests are
+/// each decided with the policies in force when they arrive; this only
+/// watches for a reload after which none of them could be allowed.
+#[derive(Debug)]
+pub struct HttpStanding {
+    cell: Arc<PolicyCell>,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl HttpStanding {
+    /// Starts watching the policies in `cell` for one HTTP connection.
+    pub fn new(cell: &Arc<PolicyCell>) -> Self {
+        HttpStanding {
+            changes: cell.subscribe(),
+            cell: cell.clone(),
+        }
+    }
+
+    /// Resolves when a policy reload leaves the connection's peer (`peer`
+    /// from `source`, on `port`) no request it could be allowed
+    /// (`Authorizer::request_reach`: exact when it refuses, so a connection
+    /// a later request could use stays open); counted and logged here, and
+    /// the caller closes the connection after its in-flight requests.
+    pub async fn revoked(&mut self, peer: Option<&PeerIdentity>, source: IpAddr, port: u16) {
+        let watched = (&mut self.changes, &*self.cell, peer, port);
+        until_refused(watched, Carried::Http, |authorizer| {
+            match authorizer.request_reach(&connection_info(peer, source, port)) {
+                rampart_authz::RequestReach::Possible => None,
+                rampart_authz::RequestReach::None(denial) => Some(denial),
             }
+        })
+        .await;
+    }
+}
+
+/// What a revoked connection carried, for its log line and metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carried {
+    /// Opaque TCP, authorized once for the connection.
+    Opaque,
+    /// HTTP, authorized per request.
+    Http,
+}
+
+impl Carried {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Carried::Opaque => "opaque",
+            Carried::Http => "http",
+        }
+    }
+}
+
+/// Waits for policy replacements until `refuses` finds a reason in the new
+/// policies; then logs and counts the revocation. Pending forever once the
+/// cell is gone (shutdown: nothing will change any more).
+async fn until_refused(
+    (changes, cell, peer, port): (
+        &mut tokio::sync::watch::Receiver<u64>,
+        &PolicyCell,
+        Option<&PeerIdentity>,
+        u16,
+    ),
+    carried: Carried,
+    refuses: impl Fn(&rampart_authz::Authorizer) -> Option<Denial>,
+) {
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let policies = cell.current();
+        if let Some(denial) = refuses(&policies.authorizer) {
+            tracing::info!(
+                peer.id = peer.map(|p| p.principal()).unwrap_or("-"),
+                dst.port = port,
+                protocol = carried.as_str(),
+                reason = denial.reason.as_str(),
+                authz.policy = denial.policy.as_deref().unwrap_or("-"),
+                "connection revoked by a policy reload"
+            );
+            crate::metrics::connection_revoked(carried);
+            return;
         }
     }
 }

@@ -231,6 +231,14 @@ pub struct ServerRule {
     /// Accepted server trust domains (any ID in them).
     #[serde(default)]
     pub trust_domains: Vec<TrustDomain>,
+    /// Accepted servers whose certificate has no SPIFFE ID, only DNS SANs
+    /// (ACM PCA or file certificates, App Mesh's SAN pinning): one of these
+    /// names must be among its DNS SANs (exact, case-insensitive) and its
+    /// chain must lead to the bundle of the sidecar's own trust domain.
+    /// Checked in the handshake. A name is weaker than a SPIFFE ID, hence
+    /// the opt-in by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_dns_san_servers: Vec<String>,
 }
 
 impl ServerRule {
@@ -242,9 +250,13 @@ impl ServerRule {
 
     /// The server identities it accepts.
     pub fn expect(&self) -> IdMatcher {
-        IdMatcher::ids(self.identities.iter().cloned()).union(&IdMatcher::trust_domains(
-            self.trust_domains.iter().cloned(),
-        ))
+        IdMatcher::ids(self.identities.iter().cloned())
+            .union(&IdMatcher::trust_domains(
+                self.trust_domains.iter().cloned(),
+            ))
+            .union(&IdMatcher::dns_names(
+                self.allow_dns_san_servers.iter().cloned(),
+            ))
     }
 }
 
@@ -348,6 +360,9 @@ pub struct InboundServing {
     pub default_mode: TlsMode,
     /// What the inbound sidecar does with `x-forwarded-client-cert`.
     pub xfcc: XfccMode,
+    /// Which peer certificate fields our XFCC element carries (Envoy's
+    /// `set_current_client_cert_details`).
+    pub xfcc_details: rampart_authz::input::XfccDetails,
 }
 
 /// How one inbound (app) port is served.
@@ -394,6 +409,18 @@ pub enum TlsMode {
     /// plaintext carries no peer identity. For migrations.
     #[serde(rename = "permissive")]
     PermissiveAllowPlaintext,
+}
+
+impl TlsMode {
+    /// How an Istio PeerAuthentication mode is served: STRICT is strict;
+    /// PERMISSIVE and DISABLE accept plaintext (a DISABLE port still
+    /// accepts mTLS, since Rampart's peers always dial with it).
+    pub fn of_peer_mode(mode: rampart_authz::istio::PeerMode) -> TlsMode {
+        match mode.allows_plaintext() {
+            true => TlsMode::PermissiveAllowPlaintext,
+            false => TlsMode::Strict,
+        }
+    }
 }
 
 /// Handling of `x-forwarded-client-cert` on requests sent to the app
@@ -512,9 +539,13 @@ impl ProxyConfig {
         }
     }
 
-    /// How inbound app port `port` is served.
+    /// How inbound app port `port` is served. The mTLS mode is the one the
+    /// Istio PeerAuthentication of the policies in force gives the port,
+    /// if any (read per connection, so a policy reload changes it for
+    /// every later connection), else the configured one.
     pub fn inbound_port(&self, port: u16) -> InboundPort {
-        self.inbound
+        let mut settings = self
+            .inbound
             .ports
             .iter()
             .find(|p| p.port == port)
@@ -523,7 +554,11 @@ impl ProxyConfig {
                 port,
                 mode: self.inbound.default_mode,
                 ..InboundPort::default()
-            })
+            });
+        if let Some(mode) = self.authorizer.current().authorizer.peer_mode(port) {
+            settings.mode = TlsMode::of_peer_mode(mode);
+        }
+        settings
     }
 
     /// The client configuration of explicit listener `listener_index`, if

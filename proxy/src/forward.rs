@@ -193,9 +193,11 @@ pub async fn request(
     permitted: PermittedRequest,
     timeout: Duration,
 ) -> Result<(Response<UpstreamBody>, Permit), LocalError> {
-    let (parts, body, permit) = permitted.into_parts(ForwardKey(()));
+    let (mut parts, body, permit) = permitted.into_parts(ForwardKey(()));
+    // The start of the body, read for the policies (`with_request_body`).
+    let ahead = parts.extensions.remove::<crate::http::body::ReadAhead>();
     let (body, ended) = RequestBody::new(body);
-    let req = Request::from_parts(parts, body);
+    let req = Request::from_parts(parts, body.after(ahead));
     let progress = ended.clone();
     // The client's chunked framing broke mid-body: 400, not 502.
     let malformed = || progress.as_ref().is_some_and(|p| p.client_failed());

@@ -309,7 +309,7 @@ fn inbound_conn(
         app_version: match declared {
             DeclaredProtocol::Http2 | DeclaredProtocol::Grpc => AppVersion::Http2,
             DeclaredProtocol::Http => AppVersion::Http1,
-            DeclaredProtocol::Detect | DeclaredProtocol::Opaque => AppVersion::AsReceived,
+            DeclaredProtocol::Detect | DeclaredProtocol::Opaque => AppVersion::Http1ExceptGrpc,
         },
         grpc_port: declared == DeclaredProtocol::Grpc,
         sni,

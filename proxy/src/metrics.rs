@@ -55,7 +55,7 @@ pub const DETECTED: &str = "rampart_detected_protocol_total";
 pub const POLICY_RELOADS: &str = "rampart_policy_reloads_total";
 /// Connections whose first bytes did not arrive within the detect timeout.
 pub const DETECT_TIMEOUTS: &str = "rampart_detect_timeouts_total";
-/// Live opaque connections closed because a reloaded policy refuses them.
+/// Live connections closed because a reloaded policy refuses them.
 pub const CONNECTIONS_REVOKED: &str = "rampart_authz_connections_revoked_total";
 /// Access events dropped because the writer fell behind.
 pub const ACCESS_LOG_DROPPED: &str = "rampart_access_log_dropped_total";
@@ -119,7 +119,7 @@ pub fn describe() {
     describe_counter!(
         CONNECTIONS_REVOKED,
         Unit::Count,
-        "Live opaque connections closed because a reloaded policy no longer allows them"
+        "Live connections closed because a reloaded policy no longer allows them (protocol: opaque, or http when it allows the peer no request)"
     );
     describe_counter!(
         ACCESS_LOG_DROPPED,
@@ -659,6 +659,8 @@ pub enum LocalReason {
     AppTimeout,
     /// The client's request body stopped moving.
     UploadStalled,
+    /// A body over a Rego policy's `with_request_body.max_request_bytes`: 413.
+    BodyTooLarge,
     /// A request head or body whose framing or fields are ambiguous
     /// (duplicate `Host`, `Host` beside another authority, malformed
     /// chunked framing): 400.
@@ -698,6 +700,7 @@ impl LocalReason {
             LocalReason::AppUnreachable => "app_unreachable",
             LocalReason::AppTimeout => "app_timeout",
             LocalReason::UploadStalled => "upload_stalled",
+            LocalReason::BodyTooLarge => "body_too_large",
             LocalReason::BadRequest => "bad_request",
             LocalReason::TunnelNotAllowed => "tunnel_not_allowed",
             LocalReason::TunnelUnsupported => "tunnel_unsupported",
@@ -720,10 +723,10 @@ pub fn http_local_error(direction: Direction, reason: LocalReason) {
         .increment(1);
 }
 
-/// Counts an opaque connection closed because a reloaded policy no longer
-/// allows it.
-pub fn connection_revoked() {
-    counter!(CONNECTIONS_REVOKED).increment(1);
+/// Counts a live connection closed because a reloaded policy no longer
+/// allows it (opaque) or allows its peer no request (HTTP).
+pub fn connection_revoked(carried: crate::authz::Carried) {
+    counter!(CONNECTIONS_REVOKED, "protocol" => carried.as_str()).increment(1);
 }
 
 /// Counts a connection's detected protocol.

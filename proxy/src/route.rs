@@ -120,6 +120,7 @@ mod tests {
                     ports: vec![8080],
                     identities: vec![SpiffeId::parse("spiffe://example.org/s").unwrap()],
                     trust_domains: vec![],
+                    allow_dns_san_servers: Vec::new(),
                 }],
                 unknown_server: UnknownServer::Deny,
             },

@@ -217,10 +217,10 @@ pub async fn originate<S: Io>(
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(HandshakeError::classify)?;
-    // A server is always a SPIFFE workload (the verifier refuses others).
-    let peer = peer_identity(tls.get_ref().1.peer_certificates())
-        .filter(|p| p.id.is_some())
-        .ok_or(HandshakeError::NoPeerId)?;
+    // A server is a SPIFFE workload, or a DNS-SAN server that the
+    // verifier accepted because `config` names it (`allow_dns_san_servers`).
+    let peer =
+        peer_identity(tls.get_ref().1.peer_certificates()).ok_or(HandshakeError::NoPeerId)?;
     Ok((tls, peer))
 }
 

@@ -13,17 +13,30 @@
 //!
 //! Authentication is by client certificate: the admin's has
 //! `O=system:masters`. [`ControlPlane::kubeconfig`] is a kubeconfig with it,
-//! for any client (the discovery tests read it too).
+//! for any client; [`ControlPlane::kubeconfig_for`] makes one for another
+//! user (whose rights RBAC decides, as for a sidecar's service account).
+//!
+//! The API server listens on the host's loopback, which a pod (a network
+//! namespace of [`crate::Net`]) cannot reach. [`ControlPlane::relay_into`]
+//! gives a pod the same address on its own loopback: a relay in the test
+//! process accepts there, inside the pod's namespace, and connects from
+//! the host's. So one kubeconfig (`https://127.0.0.1:PORT`, the serving
+//! certificate's IP SAN) works on the host and in every relayed pod, and
+//! the pod's sidecar reaches the API server as a kubelet-run pod reaches
+//! `kubernetes.default` (its own traffic, not captured).
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use crate::Proc;
 use crate::sidecar::free_addr;
+use crate::{Pod, Proc};
 
 /// How long the API server may take to become ready (2 shared cores).
 const READY_WITHIN: Duration = Duration::from_secs(120);
@@ -176,6 +189,7 @@ pub struct ControlPlane {
     pub kubeconfig: PathBuf,
     /// The working directory (certificates, logs, etcd data).
     pub dir: tempfile::TempDir,
+    issuer: TestCa,
 }
 
 impl ControlPlane {
@@ -250,20 +264,7 @@ impl ControlPlane {
         let url = format!("https://{secure}");
 
         let kubeconfig = d.join("kubeconfig");
-        let b64 = |p: &Path| {
-            use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap())
-        };
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: test\n  context: {{cluster: test, user: admin}}\ncurrent-context: test\n",
-                b64(&ca_file),
-                b64(&admin.cert),
-                b64(&admin.key)
-            ),
-        )
-        .unwrap();
+        write_kubeconfig(&kubeconfig, &url, &ca_file, &admin);
 
         let plane = ControlPlane {
             _etcd: etcd,
@@ -273,11 +274,186 @@ impl ControlPlane {
             admin,
             kubeconfig,
             dir,
+            issuer: ca,
         };
         plane.wait_ready();
         plane
     }
 
+    /// A kubeconfig (readable by any user: sidecars run as the proxy UID)
+    /// for `user` in group `group`, by client certificate (CN and O). What
+    /// it may do is up to RBAC.
+    pub fn kubeconfig_for(&self, user: &str, group: Option<&str>) -> PathBuf {
+        let dir = self.dir.path().join(format!("user-{user}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = self.issuer.issue(&dir, user, &[], group);
+        let path = dir.join("kubeconfig");
+        write_kubeconfig(&path, &self.url, &self.ca, &cert);
+        // The working directory is private to root: let the proxy UID
+        // through (not list) to the files it is given.
+        std::fs::set_permissions(
+            self.dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .unwrap();
+        for p in [&dir, &path] {
+            let mode = if p.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .unwrap();
+        }
+        path
+    }
+
+    /// The API server's socket address on the host's loopback.
+    pub fn addr(&self) -> SocketAddr {
+        // Invariant: `url` is `https://` and the address `start_with` bound.
+        self.url.trim_start_matches("https://").parse().unwrap()
+    }
+
+    /// Relays the API server's address (`127.0.0.1:PORT`) on `pod`'s own
+    /// loopback to the API server, until the relay drops.
+    pub fn relay_into(&self, pod: &Pod) -> Relay {
+        Relay::start(pod, self.addr())
+    }
+
+    /// The objects of a multi-document YAML text (a file of deploy/, say),
+    /// each created at the collection its `apiVersion`, `kind` and
+    /// `metadata.namespace` name (the core and named groups' plural
+    /// resource names of the kinds deploy/ uses).
+    pub fn apply_yaml(&self, text: &str) {
+        for doc in text.split("\n---") {
+            let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+            if v.is_null() {
+                continue;
+            }
+            let json: Json = serde_json::to_value(v).unwrap();
+            self.create(&collection_of(&json), &json);
+        }
+    }
+}
+
+/// The collection path of `object` (its kind's plural: lower case plus
+/// `s`, which holds for every kind deploy/ ships).
+pub fn collection_of(object: &Json) -> String {
+    let api = object["apiVersion"].as_str().unwrap_or("v1");
+    let kind = object["kind"].as_str().unwrap_or("");
+    let plural = format!("{}s", kind.to_ascii_lowercase());
+    let root = if api.contains('/') {
+        format!("/apis/{api}")
+    } else {
+        format!("/api/{api}")
+    };
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{root}/namespaces/{ns}/{plural}"),
+        None => format!("{root}/{plural}"),
+    }
+}
+
+fn write_kubeconfig(path: &Path, url: &str, ca: &Path, user: &CertFiles) {
+    let b64 = |p: &Path| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap())
+    };
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority-data: {}\nusers:\n- name: user\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: test\n  context: {{cluster: test, user: user}}\ncurrent-context: test\n",
+            b64(ca),
+            b64(&user.cert),
+            b64(&user.key)
+        ),
+    )
+    .unwrap();
+}
+
+/// A TCP relay from a pod's loopback to the host's: accepts inside the
+/// pod's network namespace, connects from the host's, copies both ways.
+/// Every relayed connection is shut down when it drops.
+pub struct Relay {
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+    /// Connections relayed so far.
+    pub accepted: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    /// Listens on `to`'s address inside `pod` and relays to `to` from the
+    /// calling thread's namespace (the host's, in a test).
+    pub fn start(pod: &Pod, to: SocketAddr) -> Relay {
+        let listener = pod.in_netns(move || TcpListener::bind(to));
+        let listener = listener.unwrap_or_else(|e| panic!("relay on {to} in {}: {e}", pod.name()));
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let accept = {
+            let (stop, conns, accepted) = (stop.clone(), conns.clone(), accepted.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let down = match listener.accept() {
+                        Ok((c, _)) => c,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                        Err(_) => continue,
+                    };
+                    let Ok(up) = TcpStream::connect(to) else {
+                        continue;
+                    };
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    let _ = down.set_nonblocking(false);
+                    if let (Ok(d2), Ok(u2)) = (down.try_clone(), up.try_clone()) {
+                        if let Ok(mut c) = conns.lock() {
+                            c.extend(down.try_clone().ok());
+                            c.extend(up.try_clone().ok());
+                        }
+                        std::thread::spawn(move || copy(down, u2));
+                        std::thread::spawn(move || copy(up, d2));
+                    }
+                }
+            })
+        };
+        Relay {
+            stop,
+            conns,
+            accept: Some(accept),
+            accepted,
+        }
+    }
+}
+
+fn copy(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        if let Ok(c) = self.conns.lock() {
+            for s in c.iter() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl ControlPlane {
     fn wait_ready(&self) {
         let deadline = Instant::now() + READY_WITHIN;
         loop {

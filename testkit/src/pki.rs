@@ -60,6 +60,15 @@ impl Pki {
             .expect("issue a DNS-SAN client certificate")
     }
 
+    /// A server certificate with only DNS SANs (an ACM PCA or file
+    /// certificate), for server and client auth.
+    pub fn dns_server(&self, names: &[&str]) -> IssuedCert {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        self.ca
+            .issue_dns_server(&names, TTL)
+            .expect("issue a DNS-SAN server certificate")
+    }
+
     /// Writes an SVID for `id` into `dir` (created), as `rampart ca issue`
     /// does: `svid.pem`, `svid.key` (0600) and `bundle.pem`; returns `dir`.
     pub fn issue_into(&self, id: &str, dir: &Path) -> PathBuf {

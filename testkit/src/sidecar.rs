@@ -98,6 +98,14 @@ impl Loopback {
         s
     }
 
+    /// Like [`Loopback::sidecar_with`], but returns as soon as the process
+    /// runs, ready or not.
+    pub fn sidecar_unready_with(&self, id: &str, edit: impl FnOnce(&mut Config)) -> Sidecar {
+        let mut cfg = self.config(id);
+        edit(&mut cfg);
+        Sidecar::spawn(self.dir.path(), name_of(id), &cfg)
+    }
+
     /// A sidecar for `id` with one outbound listener per target, each
     /// expecting the server identity `expect`, then `extra` configuration;
     /// returns it and the listeners' addresses, in order.

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use rampart_app::config::{Config, IdentityConfig};
-use support::sidecar::with_sections;
+use support::sidecar::inbound_listener;
 use support::{Net, Pki, Pod, TempDir, rampart_bin};
 
 const ADMIN_PORT: u16 = 15000;
@@ -54,10 +54,12 @@ fn admin_api_serves_only_probes_outside_the_pod() {
     let pod = net.pod("app");
     let outsider = net.pod("outsider");
 
-    let mut cfg = with_sections(
-        Config::new(IdentityConfig::files_in(&svid)),
-        "listeners:\n  - {name: in, direction: inbound, listen: \"0.0.0.0:15006\", target: \"127.0.0.1:8080\"}\n",
-    );
+    let mut cfg = Config::new(IdentityConfig::files_in(&svid));
+    cfg.listeners.push(inbound_listener(
+        "in",
+        SocketAddr::from(([0, 0, 0, 0], 15006)),
+        SocketAddr::from(([127, 0, 0, 1], 8080)),
+    ));
     // What injection writes on Kubernetes: the kubelet must reach it.
     cfg.admin.address = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT));
     let path = dir.write("app.yaml", cfg.to_yaml());

@@ -12,10 +12,14 @@
 
 use std::borrow::BorrowMut;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+use rampart_app::config::{Config, IdentityConfig, PortConfig};
+use rampart_proxy::config::{ServerRule, TransparentConfig};
+use rampart_testkit::pki::parse_id;
 
 const BASE_IMAGE: &str = "localhost/rampart-ci/debian:bookworm";
 const SUBNET: &str = "10.213.250.0/24";
@@ -75,14 +79,21 @@ fn init_and_sidecar_carry_an_apps_traffic_in_podman_pods() {
             "--out",
             dir.to_str().unwrap(),
         ]);
-        let config = format!(
-            "identity:\n  files: {{cert: /etc/rampart/svid.pem, key: /etc/rampart/svid.key, bundle: /etc/rampart/bundle.pem}}\n\
-             admin: {{address: \"0.0.0.0:15000\"}}\n\
-             transparent: {{}}\n\
-             inbound:\n  ports:\n    - port: {APP_PORT}\n      allowed_peers: [\"spiffe://example.org/{peer}\"]\n\
-             outbound:\n  servers:\n    - cidrs: [\"{SUBNET}\"]\n      identities: [\"spiffe://example.org/{peer}\"]\n"
-        );
-        std::fs::write(dir.join("config.yaml"), config).unwrap();
+        let peer = parse_id(&format!("spiffe://example.org/{peer}"));
+        let mut config = Config::new(IdentityConfig::files_in(Path::new("/etc/rampart")));
+        config.admin.address = SocketAddr::from(([0, 0, 0, 0], 15000));
+        config.transparent = Some(TransparentConfig::default());
+        config.inbound.ports.push(PortConfig {
+            allowed_peers: Some(vec![peer.clone()]),
+            ..PortConfig::new(APP_PORT)
+        });
+        config.outbound.servers.push(ServerRule {
+            cidrs: vec![SUBNET.parse().unwrap()],
+            ports: Vec::new(),
+            identities: vec![peer],
+            trust_domains: Vec::new(),
+        });
+        std::fs::write(dir.join("config.yaml"), config.to_yaml()).unwrap();
         for file in ["", "svid.pem", "svid.key", "bundle.pem", "config.yaml"] {
             std::os::unix::fs::chown(dir.join(file), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
         }

@@ -17,13 +17,13 @@ use rampart_proxy::config::TransparentConfig;
 use support::sidecar::with_sections;
 use support::{Net, PROXY_UID, Pki, Pod, Proc, TempDir, apps, rampart_bin};
 
-const APP_PORT: u16 = 8080;
-const APP_UID: u32 = 1000;
-const WAIT: Duration = Duration::from_secs(15);
+pub(crate) const APP_PORT: u16 = 8080;
+pub(crate) const APP_UID: u32 = 1000;
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
 const BACKEND_ID: &str = "spiffe://example.org/backend";
 const CLIENT_ID: &str = "spiffe://example.org/client";
 
-fn issue(pki: &Pki, dir: &TempDir, id: &str) -> PathBuf {
+pub(crate) fn issue(pki: &Pki, dir: &TempDir, id: &str) -> PathBuf {
     let leaf = id.rsplit('/').next().unwrap();
     let out = pki.issue_into(id, &dir.path().join(format!("svid-{leaf}")));
     for f in ["", "svid.pem", "svid.key", "bundle.pem"] {
@@ -32,7 +32,7 @@ fn issue(pki: &Pki, dir: &TempDir, id: &str) -> PathBuf {
     out
 }
 
-fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
+pub(crate) fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
     pod.exec_ok([rampart_bin(), "init"]);
     let mut cfg = Config::new(IdentityConfig::files_in(svid));
     cfg.transparent = Some(TransparentConfig::default());
@@ -58,7 +58,7 @@ fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
 
 /// An HTTP/1.1 backend answering every GET with its name; while the file
 /// `<slow>` exists, each answer waits 20 ms first.
-const BACKEND: &str = r#"
+pub(crate) const BACKEND: &str = r#"
 import os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 port, name, slow = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -78,20 +78,28 @@ ThreadingHTTPServer.daemon_threads = True
 ThreadingHTTPServer(("0.0.0.0", port), H).serve_forever()
 "#;
 
-/// Sends `n` GETs on ONE keep-alive connection to `host:port` and prints
-/// a JSON object: answers per body, failures per status or error.
-const LOAD: &str = r#"
-import http.client, json, sys
+/// Sends `n` GETs on ONE keep-alive connection to `host:port` (with a 4th
+/// argument, for that many seconds instead) and prints a JSON object:
+/// answers per body, failures per status or error, and the wall-clock
+/// time of each body's first and last answer.
+pub(crate) const LOAD: &str = r#"
+import http.client, json, sys, time
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-counts, failures = {}, {}
+until = time.time() + float(sys.argv[4]) if len(sys.argv) > 4 else None
+counts, failures, first, last = {}, {}, {}, {}
 conn = http.client.HTTPConnection(host, port, timeout=10)
-for i in range(n):
+i = 0
+while (i < n) if until is None else (time.time() < until):
+    i += 1
     try:
         conn.request("GET", "/")
         r = conn.getresponse()
         body = r.read().decode()
         if r.status == 200:
             counts[body] = counts.get(body, 0) + 1
+            now = time.time()
+            first.setdefault(body, now)
+            last[body] = now
         else:
             key = "%d %s" % (r.status, body[:120])
             failures[key] = failures.get(key, 0) + 1
@@ -100,10 +108,10 @@ for i in range(n):
         failures[key] = failures.get(key, 0) + 1
         conn.close()
         conn = http.client.HTTPConnection(host, port, timeout=10)
-print(json.dumps({"counts": counts, "failures": failures}))
+print(json.dumps({"counts": counts, "failures": failures, "first": first, "last": last}))
 "#;
 
-fn python(script: &str, args: &[String]) -> Vec<String> {
+pub(crate) fn python(script: &str, args: &[String]) -> Vec<String> {
     let mut v = vec![
         apps::python().expect("python3"),
         "-u".into(),
@@ -114,19 +122,27 @@ fn python(script: &str, args: &[String]) -> Vec<String> {
     v
 }
 
-struct Load {
-    counts: BTreeMap<String, u64>,
-    failures: BTreeMap<String, u64>,
+pub(crate) struct Load {
+    pub(crate) counts: BTreeMap<String, u64>,
+    pub(crate) failures: BTreeMap<String, u64>,
+    /// Wall-clock seconds of the first and last answer of each backend.
+    pub(crate) first: BTreeMap<String, f64>,
+    pub(crate) last: BTreeMap<String, f64>,
 }
 
-fn load(client: &Pod, to: SocketAddr, n: usize) -> Load {
-    let mut proc = client.spawn_as(
-        APP_UID,
-        python(
-            LOAD,
-            &[to.ip().to_string(), to.port().to_string(), n.to_string()],
-        ),
-    );
+pub(crate) fn load(client: &Pod, to: SocketAddr, n: usize) -> Load {
+    finish_load(start_load(client, to, n, None))
+}
+
+/// Starts the load client in `client`: `n` requests, or `seconds` of them.
+pub(crate) fn start_load(client: &Pod, to: SocketAddr, n: usize, seconds: Option<f64>) -> Proc {
+    let mut args = vec![to.ip().to_string(), to.port().to_string(), n.to_string()];
+    args.extend(seconds.map(|s| s.to_string()));
+    client.spawn_as(APP_UID, python(LOAD, &args))
+}
+
+/// Waits for a load client and reads its report.
+pub(crate) fn finish_load(mut proc: Proc) -> Load {
     // Debug builds on a shared machine: a few ms per request.
     let status = proc.wait_exit(Duration::from_secs(300));
     let text = proc.stdout();
@@ -143,20 +159,38 @@ fn load(client: &Pod, to: SocketAddr, n: usize) -> Load {
             .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
             .collect()
     };
+    let times = |k: &str| {
+        v[k].as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+            .collect()
+    };
     Load {
         counts: map("counts"),
         failures: map("failures"),
+        first: times("first"),
+        last: times("last"),
     }
 }
 
-struct Backend {
-    pod: Pod,
-    _app: Proc,
-    sidecar: Proc,
-    slow: PathBuf,
+pub(crate) struct Backend {
+    pub(crate) pod: Pod,
+    pub(crate) app: Proc,
+    pub(crate) sidecar: Proc,
+    pub(crate) slow: PathBuf,
 }
 
-fn backend(net: &Net, pki: &Pki, dir: &TempDir, name: &str, id: &str) -> Backend {
+/// Backend pod `name`: the app and a sidecar presenting `id`, admitting
+/// only `client`.
+pub(crate) fn backend(
+    net: &Net,
+    pki: &Pki,
+    dir: &TempDir,
+    name: &str,
+    id: &str,
+    client: &str,
+) -> Backend {
     let pod = net.pod(name);
     let slow = dir.path().join(format!("slow-{name}"));
     let app = pod.spawn_as(
@@ -177,12 +211,12 @@ fn backend(net: &Net, pki: &Pki, dir: &TempDir, name: &str, id: &str) -> Backend
         dir,
         &svid,
         &format!(
-            "inbound:\n  ports:\n    - port: {APP_PORT}\n      allowed_peers: [\"{CLIENT_ID}\"]\n"
+            "inbound:\n  ports:\n    - port: {APP_PORT}\n      allowed_peers: [\"{client}\"]\n"
         ),
     );
     Backend {
         pod,
-        _app: app,
+        app,
         sidecar,
         slow,
     }
@@ -230,7 +264,7 @@ fn mesh(name: &str, ids: &[&str]) -> Mesh {
     let backends: Vec<Backend> = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| backend(&net, &pki, &dir, &format!("b{i}"), id))
+        .map(|(i, id)| backend(&net, &pki, &dir, &format!("b{i}"), id, CLIENT_ID))
         .collect();
     let client = net.pod("client");
     // An address on the pods' subnet that nothing answers: only the
@@ -263,12 +297,12 @@ fn mesh(name: &str, ids: &[&str]) -> Mesh {
     }
 }
 
-fn share(l: &Load, name: &str) -> f64 {
+pub(crate) fn share(l: &Load, name: &str) -> f64 {
     let total: u64 = l.counts.values().sum();
     *l.counts.get(name).unwrap_or(&0) as f64 / total.max(1) as f64
 }
 
-fn metric(pod: &Pod, series: &str) -> f64 {
+pub(crate) fn metric(pod: &Pod, series: &str) -> f64 {
     let text = pod.admin_get("/metrics").unwrap_or_default();
     text.lines()
         .filter(|l| l.starts_with(series))
@@ -410,9 +444,11 @@ fn file_source_service_without_endpoints_answers_503_and_reloads() {
     let _ = &m.dir;
 }
 
-/// A DNS server (UDP, port 53): answers A queries from the JSON file
-/// `<records>` (`{"name.": ["10.0.0.1", ...]}`, read on every query), TTL
-/// 1 s; an unknown name is NXDOMAIN; other types get no answer.
+/// A DNS server (UDP, port 53): answers A and SRV queries from the JSON
+/// file `<records>` (read on every query; `{"name.": ["10.0.0.1", ...]}`
+/// for A records, `{"_http._tcp.name.": [{"priority": 0, "port": 8080,
+/// "target": "host."}, ...]}` for SRV), TTL 1 s; an unknown name is
+/// NXDOMAIN; a known name asked for another type has no answer (NODATA).
 const DNS: &str = r#"
 import json, socket, struct, sys
 records = sys.argv[1]
@@ -437,7 +473,14 @@ while True:
             rcode = 3
         elif qtype == 1:
             for ip in table[name]:
-                answers.append(struct.pack("!HHHIH", 0xC00C, 1, 1, 1, 4) + socket.inet_aton(ip))
+                if isinstance(ip, str):
+                    answers.append(struct.pack("!HHHIH", 0xC00C, 1, 1, 1, 4) + socket.inet_aton(ip))
+        elif qtype == 33:
+            for srv in table[name]:
+                if isinstance(srv, dict):
+                    target = b"".join(bytes([len(l)]) + l.encode() for l in srv["target"].rstrip(".").split(".")) + b"\0"
+                    rdata = struct.pack("!HHH", srv["priority"], 1, srv["port"]) + target
+                    answers.append(struct.pack("!HHHIH", 0xC00C, 33, 1, 1, len(rdata)) + rdata)
         header = struct.pack("!HHHHHH", qid, 0x8180 | (flags & 0x0100) | rcode, 1, len(answers), 0, 0)
         sock.sendto(header + question + b"".join(answers), peer)
     except Exception as e:
@@ -465,7 +508,7 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
     let backends: Vec<Backend> = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| backend(&net, &pki, &dir, &format!("b{i}"), id))
+        .map(|(i, id)| backend(&net, &pki, &dir, &format!("b{i}"), id, CLIENT_ID))
         .collect();
     let name = "backend.mesh.test";
     let records = dir.write("records.json", "{}");
@@ -474,10 +517,16 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
             .iter()
             .map(|&i| backends[i].pod.ip().to_string())
             .collect();
-        let tmp = dir.write(
-            "records.tmp",
-            serde_json::json!({ format!("{name}."): ips }).to_string(),
-        );
+        // SRV records: b1 and b2 at the lowest priority, b0 a fallback.
+        let srv = |target: &str, priority: u16| serde_json::json!({"priority": priority, "port": APP_PORT, "target": format!("{target}.mesh.test.")});
+        let mut table = serde_json::json!({
+            format!("{name}."): ips,
+            "_http._tcp.srv.mesh.test.": [srv("b1", 0), srv("b2", 0), srv("b0", 10)],
+        });
+        for (i, b) in backends.iter().enumerate().take(3) {
+            table[format!("b{i}.mesh.test.")] = serde_json::json!([b.pod.ip().to_string()]);
+        }
+        let tmp = dir.write("records.tmp", table.to_string());
         std::fs::rename(tmp, &records).unwrap();
     };
     set_records(&[0, 1, 2]);
@@ -490,12 +539,13 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
         )),
         80,
     );
+    let srv_vip = SocketAddr::new(vip.ip(), 81);
     let client_sidecar = sidecar(
         &client,
         &dir,
         &issue(&pki, &dir, CLIENT_ID),
         &format!(
-            "discovery:\n  dns:\n    servers: [\"{}\"]\n    names:\n      - name: {name}\n        port: {APP_PORT}\n        identity: {BACKEND_ID}\n        destinations: [\"{vip}\"]\n",
+            "discovery:\n  dns:\n    servers: [\"{}\"]\n    names:\n      - name: {name}\n        port: {APP_PORT}\n        identity: {BACKEND_ID}\n        destinations: [\"{vip}\"]\n      - name: _http._tcp.srv.mesh.test\n        port: 9\n        identity: {BACKEND_ID}\n        destinations: [\"{srv_vip}\"]\n",
             dns.ip()
         ),
     );
@@ -549,4 +599,34 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
         .admin_get(&format!("/discovery?dst={name}:{APP_PORT}"))
         .unwrap();
     assert!(listing.contains("\"source\": \"dns\""), "{listing}");
+
+    // SRV records: the targets of the lowest priority, each at the port
+    // its record gives (the configured port, 9, answers nothing); b0 at a
+    // higher priority is only a fallback, so it gets nothing.
+    let deadline = Instant::now() + WAIT;
+    while !client
+        .admin_get(&format!("/discovery?dst={srv_vip}"))
+        .unwrap_or_default()
+        .contains(&backends[2].pod.addr(APP_PORT).to_string())
+    {
+        assert!(Instant::now() < deadline, "{}", client_sidecar.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let by_srv = load(&client, srv_vip, 300);
+    eprintln!(
+        "DNS SRV, 300 requests: {:?} failed {:?}",
+        by_srv.counts, by_srv.failures
+    );
+    assert!(by_srv.failures.is_empty(), "{:?}", by_srv.failures);
+    assert_eq!(by_srv.counts.get("b0"), None, "{:?}", by_srv.counts);
+    assert!(
+        by_srv.counts.get("b1").is_some_and(|n| *n > 50),
+        "{:?}",
+        by_srv.counts
+    );
+    assert!(
+        by_srv.counts.get("b2").is_some_and(|n| *n > 50),
+        "{:?}",
+        by_srv.counts
+    );
 }

@@ -11,4 +11,5 @@ mod container;
 mod discovery;
 mod dsl;
 mod init;
+mod kubernetes;
 mod mesh;

@@ -80,6 +80,7 @@ fn mesh_servers(expect: &str) -> Vec<ServerRule> {
         ports: vec![APP_PORT],
         identities: vec![parse_id(expect)],
         trust_domains: Vec::new(),
+        allow_dns_san_servers: Vec::new(),
     }]
 }
 

@@ -28,13 +28,21 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use rampart_app::config::{
+    BundleConfig, Config, DecisionLogsConfig, ExtAuthzProviderConfig, PortConfig,
+    VerificationConfig, VerificationKeyConfig,
+};
 use rampart_authz::central::bundle;
+use rampart_authz::central::signature::SigningAlgorithm;
 use rampart_authz::central::signature::{self, SIGNATURES_FILE, SigningKey};
+use rampart_proxy::config::DeclaredProtocol;
 use support::apps;
 use support::curl::curl;
 use support::ext_authz::start_server;
 use support::nginx::Nginx;
-use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, wait_listening};
+use support::sidecar::{
+    LocalProc, Loopback, Sidecar, free_addr, inbound_listener, inbound_listener_as, wait_listening,
+};
 
 const CLIENT: &str = "spiffe://example.org/client";
 const BACKEND: &str = "spiffe://example.org/backend";
@@ -131,35 +139,52 @@ fn http_app(pki: &Loopback, name: &str) -> (LocalProc, SocketAddr) {
 /// The client's sidecar: one outbound listener per backend inbound
 /// listener, each expecting the backend's identity.
 fn client_sidecar(pki: &Loopback, targets: &[SocketAddr]) -> (Sidecar, Vec<SocketAddr>) {
-    pki.outbound_sidecar(CLIENT, targets, BACKEND, "")
+    pki.outbound_sidecar_with(CLIENT, targets, BACKEND, |_| {})
 }
 
-/// The backend's inbound listener in front of `app`, then `rest`.
-fn backend_config(inbound: SocketAddr, app: SocketAddr, rest: &str) -> String {
-    format!(
-        "listeners:\n  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app}\"}}\n{rest}"
-    )
+/// The backend's configuration `edit` makes, with its inbound listener
+/// `inbound` in front of `app`.
+fn backend_config(
+    inbound: SocketAddr,
+    app: SocketAddr,
+    edit: impl FnOnce(&mut Config),
+) -> impl FnOnce(&mut Config) {
+    move |cfg| {
+        cfg.listeners.push(inbound_listener("in", inbound, app));
+        edit(cfg);
+    }
 }
 
 /// The backend's sidecar in front of `app` with the policy file
-/// `policy_yaml` (written as `<name>.policy.yaml`) and `extra` configuration;
-/// returns it and its inbound listener.
+/// `policy_yaml` (written as `<name>.policy.yaml`) and the configuration
+/// `extra` makes; returns it and its inbound listener.
 fn backend_with_policies(
     pki: &Loopback,
     app: SocketAddr,
     name: &str,
     policy_yaml: &str,
-    extra: &str,
+    extra: impl FnOnce(&mut Config),
 ) -> (Sidecar, SocketAddr) {
     let policies = pki.dir.path().join(format!("{name}.policy.yaml"));
     std::fs::write(&policies, policy_yaml).unwrap();
     let inbound = free_addr();
-    let rest = format!(
-        "inbound:\n  policies: [\"{}\"]\n{extra}",
-        policies.display()
+    let backend = pki.sidecar_with(
+        BACKEND,
+        backend_config(inbound, app, |cfg| {
+            cfg.inbound.policies = vec![policies];
+            extra(cfg);
+        }),
     );
-    let backend = pki.sidecar(BACKEND, &backend_config(inbound, app, &rest));
     (backend, inbound)
+}
+
+/// A bundle at `url` polled every 200 ms, each download within 2 s.
+fn quick_bundle(url: String) -> BundleConfig {
+    BundleConfig {
+        poll_interval: Duration::from_millis(200),
+        timeout: Duration::from_secs(2),
+        ..BundleConfig::new(url)
+    }
 }
 
 /// The admin API's `/policy` document.
@@ -232,17 +257,22 @@ fn bundles_from_nginx_drive_a_running_sidecars_decisions() {
     );
     let (_app, app) = http_app(&pki, "backend");
     let inbound = free_addr();
-    let backend = pki.sidecar(
+    let backend = pki.sidecar_with(
         BACKEND,
-        &backend_config(
-            inbound,
-            app,
-            &format!(
-                "inbound:\n  bundle:\n    url: {}\n    poll_interval: 200ms\n    timeout: 2s\n    verification:\n      keys:\n        - {{key_id: central, algorithm: ES256, public_key_file: {}}}\n",
-                nginx.url_string("backend.tar.gz"),
-                keys.public_pem.display()
-            ),
-        ),
+        backend_config(inbound, app, |cfg| {
+            cfg.inbound.bundle = Some(BundleConfig {
+                verification: Some(VerificationConfig {
+                    keys: vec![VerificationKeyConfig {
+                        key_id: "central".into(),
+                        algorithm: SigningAlgorithm::Es256,
+                        public_key_file: Some(keys.public_pem.clone()),
+                        secret_file: None,
+                    }],
+                    scope: None,
+                }),
+                ..quick_bundle(nginx.url_string("backend.tar.gz"))
+            });
+        }),
     );
     let (_client, outs) = client_sidecar(&pki, &[inbound]);
     let base = format!("http://{}", outs[0]);
@@ -341,19 +371,12 @@ fn without_a_bundle_a_sidecar_is_not_ready_and_refuses_unless_it_has_a_fallback(
     // No bundle yet (nginx answers 404) and no fallback: not ready, and
     // requests that reach it anyway are refused.
     let inbound = free_addr();
-    let bundle = |file: &str| {
-        format!(
-            "  bundle: {{url: {}, poll_interval: 200ms, timeout: 2s}}\n",
-            nginx.url_string(file)
-        )
-    };
-    let backend = pki.sidecar_unready(
+    let bundle = |file: &str| Some(quick_bundle(nginx.url_string(file)));
+    let backend = pki.sidecar_unready_with(
         BACKEND,
-        &backend_config(
-            inbound,
-            app,
-            &format!("inbound:\n{}", bundle("first.tar.gz")),
-        ),
+        backend_config(inbound, app, |cfg| {
+            cfg.inbound.bundle = bundle("first.tar.gz");
+        }),
     );
     let (_client, outs) = client_sidecar(&pki, &[inbound]);
     let base = format!("http://{}", outs[0]);
@@ -387,17 +410,12 @@ fn without_a_bundle_a_sidecar_is_not_ready_and_refuses_unless_it_has_a_fallback(
     // (A second CA, so the second pair's files stay apart from the first's.)
     let pki2 = Loopback::new();
     let inbound2 = free_addr();
-    let backend2 = pki2.sidecar(
+    let backend2 = pki2.sidecar_with(
         BACKEND,
-        &backend_config(
-            inbound2,
-            app,
-            &format!(
-                "inbound:\n  policies: [\"{}\"]\n{}",
-                fallback.display(),
-                bundle("second.tar.gz")
-            ),
-        ),
+        backend_config(inbound2, app, |cfg| {
+            cfg.inbound.policies = vec![fallback.clone()];
+            cfg.inbound.bundle = bundle("second.tar.gz");
+        }),
     );
     assert_eq!(policy(&backend2)["origin"], "fallback");
     let (_client2, outs2) = client_sidecar(&pki2, &[inbound2]);
@@ -454,24 +472,27 @@ fn custom_policies_reach_the_client_as_envoy_delivers_them() {
     )
     .unwrap();
     let (http_in, tcp_in) = (free_addr(), free_addr());
-    let backend = pki.sidecar(
-        BACKEND,
-        &format!(
-            "listeners:
-  - {{name: in, direction: inbound, listen: \"{http_in}\", target: \"{app}\"}}
-  - {{name: tcp, direction: inbound, listen: \"{tcp_in}\", target: \"{echo}\", port: 9000}}
-inbound:
-  policies: [\"{}\"]
-  ports:
-    - {{port: 9000, protocol: opaque}}
-ext_authz:
-  providers:
-    - {{name: opa, endpoint: \"http://{authz_addr}\", timeout: 300ms}}
-    - {{name: opa-open, endpoint: \"http://{authz_addr}\", timeout: 300ms, failure_mode_allow_i_understand_the_risk: true}}
-",
-            policies.display()
-        ),
-    );
+    let backend = pki.sidecar_with(BACKEND, |cfg| {
+        cfg.listeners.push(inbound_listener("in", http_in, app));
+        cfg.listeners
+            .push(inbound_listener_as("tcp", tcp_in, echo, 9000));
+        cfg.inbound.policies = vec![policies.clone()];
+        cfg.inbound.ports.push(PortConfig {
+            protocol: DeclaredProtocol::Opaque,
+            ..PortConfig::new(9000)
+        });
+        let provider = |name| ExtAuthzProviderConfig {
+            timeout: Duration::from_millis(300),
+            ..ExtAuthzProviderConfig::new(name, format!("http://{authz_addr}"))
+        };
+        cfg.ext_authz.providers = vec![
+            provider("opa"),
+            ExtAuthzProviderConfig {
+                failure_mode_allow_i_understand_the_risk: true,
+                ..provider("opa-open")
+            },
+        ];
+    });
     let (_client, outs) = client_sidecar(&pki, &[http_in, tcp_in]);
     let base = format!("http://{}", outs[0]);
 
@@ -632,12 +653,18 @@ class H(BaseHTTPRequestHandler):
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 "#;
 
-/// The backend with decision logs to `url`, and the client in front.
-fn logged_backend(pki: &Loopback, app: SocketAddr, dl: &str) -> (Sidecar, Sidecar, String) {
+/// The backend with the decision logs `dl`, and the client in front.
+fn logged_backend(
+    pki: &Loopback,
+    app: SocketAddr,
+    dl: DecisionLogsConfig,
+) -> (Sidecar, Sidecar, String) {
     let policy = format!(
         "policies:\n  - name: mesh\n    action: ALLOW\n    rules:\n      - name: v1\n        from: {{principals: [\"{CLIENT}\"]}}\n        to: {{paths: [/v1]}}\n"
     );
-    let (backend, inbound) = backend_with_policies(pki, app, "logged", &policy, dl);
+    let (backend, inbound) = backend_with_policies(pki, app, "logged", &policy, |cfg| {
+        cfg.decision_logs = Some(dl);
+    });
     let (client, outs) = client_sidecar(pki, &[inbound]);
     (backend, client, format!("http://{}", outs[0]))
 }
@@ -660,9 +687,12 @@ fn decision_logs_reach_a_collector_with_redactions() {
     let (backend, _client, base) = logged_backend(
         &pki,
         app,
-        &format!(
-            "decision_logs:\n  url: http://{collector}/logs\n  flush_interval: 100ms\n  labels: {{app: backend}}\n  redact: [/input/attributes/request/http/headers/authorization]\n"
-        ),
+        DecisionLogsConfig {
+            flush_interval: Duration::from_millis(100),
+            labels: [("app".to_owned(), "backend".to_owned())].into(),
+            redact: vec!["/input/attributes/request/http/headers/authorization".into()],
+            ..DecisionLogsConfig::new(format!("http://{collector}/logs"))
+        },
     );
     let r = curl(
         &format!("{base}/v1"),
@@ -727,9 +757,13 @@ fn a_slow_or_absent_collector_leaves_the_queue_bounded() {
         let (backend, _client, base) = logged_backend(
             &pki,
             app,
-            &format!(
-                "decision_logs:\n  url: http://{addr}/logs\n  max_queued: 5\n  max_batch: 2\n  flush_interval: 50ms\n  timeout: 500ms\n"
-            ),
+            DecisionLogsConfig {
+                max_queued: 5,
+                max_batch: 2,
+                flush_interval: Duration::from_millis(50),
+                timeout: Duration::from_millis(500),
+                ..DecisionLogsConfig::new(format!("http://{addr}/logs"))
+            },
         );
         let requests = 30;
         let codes = curl_many(&format!("{base}/v1"), requests, "%{http_code}");
@@ -776,10 +810,13 @@ fn measure_custom_against_in_process_through_two_sidecars() {
     let policy = format!(
         "policies:\n  - name: mesh\n    action: ALLOW\n    rules:\n      - from: {{principals: [\"{CLIENT}\"]}}\n  - name: central\n    action: CUSTOM\n    provider: opa\n    rules:\n      - to: {{paths: [/allow]}}\n"
     );
-    let providers = format!(
-        "ext_authz:\n  providers:\n    - {{name: opa, endpoint: \"http://{authz_addr}\", timeout: 1s}}\nlog: {{level: warn}}\n"
-    );
-    let (_backend, inbound) = backend_with_policies(&pki, app, "measure", &policy, &providers);
+    let (_backend, inbound) = backend_with_policies(&pki, app, "measure", &policy, |cfg| {
+        cfg.ext_authz.providers = vec![ExtAuthzProviderConfig {
+            timeout: Duration::from_secs(1),
+            ..ExtAuthzProviderConfig::new("opa", format!("http://{authz_addr}"))
+        }];
+        cfg.log.level = "warn".into();
+    });
     let (_client, outs) = client_sidecar(&pki, &[inbound]);
     let base = format!("http://{}", outs[0]);
     // Per-request times in microseconds from one curl on one connection.

@@ -1289,13 +1289,16 @@ fn idle_pooled_connections_are_closed_but_not_while_a_request_is_in_flight() {
 
 #[test]
 fn response_timeout_starts_when_the_upload_ends() {
-    // 1 s response timeout on both sidecars; an upload that takes 3 s to a
-    // healthy app is answered, while an app that then stays silent gets 504.
-    let second = Duration::from_secs(1);
+    // 2 s response timeout on both sidecars; an upload that takes 3 s to a
+    // healthy app is answered, while an app that then stays silent (3 s)
+    // gets 504. Each gap of the upload (300 ms) stays far below the
+    // timeout, which also bounds an upload's silences, so a loaded machine
+    // cannot turn a moving upload into a stalled one.
+    let timeout = Duration::from_secs(2);
     let l = limited(
         1,
-        |c| c.http_response_timeout = second,
-        |c| c.http_response_timeout = second,
+        |c| c.http_response_timeout = timeout,
+        |c| c.http_response_timeout = timeout,
     );
     let body = b"0123456789";
     let mut s = TcpStream::connect(l.outs[0]).unwrap();

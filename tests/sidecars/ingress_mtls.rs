@@ -205,8 +205,8 @@ fn ingress_with_a_dns_san_certificate_reaches_app2_by_dns_principal() {
     let hash = cert_sha256(&s.ingress.join("cert.pem"));
     assert_eq!(
         ok.header("x-app-xfcc"),
-        Some(format!("By=spiffe://example.org/app2;Hash={hash}").as_str()),
-        "XFCC is Envoy's default (By, Hash; no URI for a DNS-only peer) and replaces the client's"
+        Some(format!("By=spiffe://example.org/app2;Hash={hash};URI=").as_str()),
+        "XFCC is the seed's Envoy's (By, Hash, URI: empty for a DNS-only peer) and replaces the client's"
     );
     assert_eq!(
         curl(&s.ingress, s.opted_in, "GET", "/public/a", &[]).status,

@@ -10,8 +10,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use rampart_app::config::{Config, IstioConfig, PortConfig};
+use rampart_proxy::config::DeclaredProtocol;
 use support::apps;
-use support::sidecar::{LocalProc, Loopback, Sidecar, free_addr, wait_listening};
+use support::sidecar::{
+    LocalProc, Loopback, Sidecar, free_addr, inbound_listener_as, wait_listening,
+};
 
 /// Two app ports: STRICT and (per port) PERMISSIVE by PeerAuthentication.
 const STRICT: u16 = 8080;
@@ -87,9 +91,9 @@ fn setup(resources: &str) -> Setup {
     let file = pki.dir.path().join("istio.yaml");
     std::fs::write(&file, resources).unwrap();
     let (strict, permissive) = (free_addr(), free_addr());
-    let sidecar = pki.sidecar(
+    let sidecar = pki.sidecar_with(
         "spiffe://example.org/ns/foo/sa/httpbin",
-        &config(strict, permissive, app_addr, &file),
+        config(strict, permissive, app_addr, &file),
     );
     Setup {
         pki,
@@ -100,23 +104,41 @@ fn setup(resources: &str) -> Setup {
     }
 }
 
-fn config(strict: SocketAddr, permissive: SocketAddr, app: SocketAddr, file: &Path) -> String {
-    format!(
-        "listeners:
-  - {{name: strict, direction: inbound, listen: \"{strict}\", target: \"{app}\", port: {STRICT}}}
-  - {{name: permissive, direction: inbound, listen: \"{permissive}\", target: \"{app}\", port: {PERMISSIVE}}}
-inbound:
-  ports:
-    - {{port: {STRICT}, protocol: http}}
-    - {{port: {PERMISSIVE}, protocol: http}}
-  istio:
-    files: [\"{}\"]
-    namespace: foo
-    labels: {{app: httpbin}}
-    trust_domain: example.org
-",
-        file.display()
-    )
+/// The sidecar of `httpbin` in namespace `foo`: one inbound listener per
+/// `(listen, port)` in front of `app`, each port declared HTTP, decided by
+/// the Istio resources in `file`.
+fn istio_sidecar(
+    listeners: Vec<(SocketAddr, u16)>,
+    app: SocketAddr,
+    file: &Path,
+) -> impl FnOnce(&mut Config) {
+    let file = file.to_owned();
+    move |cfg| {
+        for (i, (listen, port)) in listeners.into_iter().enumerate() {
+            cfg.listeners
+                .push(inbound_listener_as(&format!("in{i}"), listen, app, port));
+            cfg.inbound.ports.push(PortConfig {
+                protocol: DeclaredProtocol::Http,
+                ..PortConfig::new(port)
+            });
+        }
+        cfg.inbound.istio = Some(IstioConfig::new(
+            vec![file],
+            "foo",
+            [("app".to_owned(), "httpbin".to_owned())].into(),
+            "example.org",
+        ));
+    }
+}
+
+/// [`istio_sidecar`] with the STRICT and PERMISSIVE ports.
+fn config(
+    strict: SocketAddr,
+    permissive: SocketAddr,
+    app: SocketAddr,
+    file: &Path,
+) -> impl FnOnce(&mut Config) {
+    istio_sidecar(vec![(strict, STRICT), (permissive, PERMISSIVE)], app, file)
 }
 
 /// curl's status (0 when the exchange failed) for `GET url`, with the SVID
@@ -262,9 +284,9 @@ spec:
     )
     .unwrap();
     let (a, b, app) = (free_addr(), free_addr(), free_addr());
-    let mut sidecar = pki.sidecar_unready(
+    let mut sidecar = pki.sidecar_unready_with(
         "spiffe://example.org/ns/foo/sa/httpbin",
-        &config(a, b, app, &file),
+        config(a, b, app, &file),
     );
     let exit = sidecar.wait_exit(Duration::from_secs(20)).expect("exits");
     assert_eq!(exit.code(), Some(64), "{}", sidecar.logs());
@@ -435,28 +457,15 @@ spec:
     )
     .unwrap();
     let inbound = free_addr();
-    let server = pki.sidecar(
+    let server = pki.sidecar_with(
         "spiffe://example.org/ns/foo/sa/httpbin",
-        &format!(
-            "listeners:
-  - {{name: in, direction: inbound, listen: \"{inbound}\", target: \"{app_addr}\", port: {STRICT}}}
-inbound:
-  ports:
-    - {{port: {STRICT}, protocol: http}}
-  istio:
-    files: [\"{}\"]
-    namespace: foo
-    labels: {{app: httpbin}}
-    trust_domain: example.org
-",
-            file.display()
-        ),
+        istio_sidecar(vec![(inbound, STRICT)], app_addr, &file),
     );
-    let (_client, outs) = pki.outbound_sidecar(
+    let (_client, outs) = pki.outbound_sidecar_with(
         "spiffe://example.org/ns/foo/sa/curl",
         &[inbound],
         "spiffe://example.org/ns/foo/sa/httpbin",
-        "",
+        |_| {},
     );
     let out = outs[0];
     let get = |path: &str, token: Option<&str>| -> support::curl::Reply {

@@ -35,15 +35,9 @@ impl Config {
     /// `authorizer` the policies in force at start ([`Config::initial_policies`]).
     pub fn proxy_config(&self, td: TrustDomain, authorizer: Option<Authorizer>) -> pc::ProxyConfig {
         use rampart_proxy::policy::{PolicyCell, PolicyOrigin};
-        // PeerAuthentication decides the ports' mTLS modes (read at start).
-        let peer = authorizer
-            .as_ref()
-            .and_then(|a| a.istio())
-            .map(|i| i.peer_modes().clone());
-        let mode = |m: rampart_authz::istio::PeerMode| match m.allows_plaintext() {
-            true => pc::TlsMode::PermissiveAllowPlaintext,
-            false => pc::TlsMode::Strict,
-        };
+        // An Istio PeerAuthentication's modes are not baked in here: the
+        // proxy reads them from the policies in force for each connection
+        // (`ProxyConfig::inbound_port`), so a reload applies them.
         let cell = match (authorizer, self.inbound.bundle.is_some()) {
             (Some(a), false) => PolicyCell::new(a),
             (Some(a), true) => PolicyCell::with_origin(a, PolicyOrigin::Fallback),
@@ -64,18 +58,13 @@ impl Config {
                     .map(|p| pc::InboundPort {
                         port: p.port,
                         protocol: p.protocol,
-                        mode: peer
-                            .as_ref()
-                            .and_then(|m| m.mode(p.port))
-                            .map_or(p.mode, mode),
+                        mode: p.mode,
                         allow_dns_san_clients: p.allow_dns_san_clients,
                     })
                     .collect(),
-                default_mode: peer
-                    .as_ref()
-                    .and_then(|m| m.workload)
-                    .map_or(pc::TlsMode::Strict, mode),
+                default_mode: pc::TlsMode::Strict,
                 xfcc: self.inbound.xfcc,
+                xfcc_details: self.inbound.set_current_client_cert_details,
             },
             limits: self.limits.clone(),
             observe: pc::ObserveConfig {

@@ -208,6 +208,7 @@ pub(super) fn pod_mesh(
                     ports: vec![port],
                     identities: vec![workload_id(b)],
                     trust_domains: Vec::new(),
+                    allow_dns_san_servers: Vec::new(),
                 });
             }
         }

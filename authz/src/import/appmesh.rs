@@ -9,9 +9,12 @@
 //! - A backend's (or `backendDefaults`') `clientPolicy.tls.validation`
 //!   SANs become an `outbound.servers` rule whose `identities` are exactly
 //!   those SANs: the server's SPIFFE ID is checked **in the handshake**,
-//!   before any request is sent (App Mesh's Envoy did the same). A
-//!   backend's addresses come from `--address ns/name=CIDR`; the defaults
-//!   apply to every other meshed destination.
+//!   before any request is sent (App Mesh's Envoy did the same). A DNS SAN
+//!   (an ACM PCA or file certificate) becomes an `allow_dns_san_servers`
+//!   name of the rule when `--allow-dns-san NAME` names it, and is left
+//!   out and reported otherwise. A backend's addresses come from
+//!   `--address ns/name=CIDR`; the defaults apply to every other meshed
+//!   destination.
 
 use serde::Deserialize;
 use serde_json::json;
@@ -271,7 +274,7 @@ fn virtual_node(
             });
             continue;
         };
-        if let Some(rule) = server_rule(&at, &key, tls, Some(cidrs), out) {
+        if let Some(rule) = server_rule(&at, &key, tls, Some(cidrs), options, out) {
             servers.push(rule);
         }
     }
@@ -282,7 +285,7 @@ fn virtual_node(
         .and_then(|c| c.tls.as_ref())
     {
         let at = format!("{}: spec.backendDefaults.clientPolicy.tls", o.at());
-        if let Some(rule) = server_rule(&at, "every other backend", tls, None, out) {
+        if let Some(rule) = server_rule(&at, "every other backend", tls, None, options, out) {
             servers.push(rule);
         }
     }
@@ -312,12 +315,14 @@ fn virtual_node(
     Ok(())
 }
 
-/// An `outbound.servers` rule pinning exactly the client policy's SANs.
+/// An `outbound.servers` rule pinning exactly the client policy's SANs
+/// (DNS SANs only those the user opted into by name).
 fn server_rule(
     at: &str,
     what: &str,
     tls: &ClientTls,
     cidrs: Option<&Vec<ipnet::IpNet>>,
+    options: &ImportOptions,
     out: &mut Imported,
 ) -> Option<serde_json::Value> {
     let Some(sans) = &tls.validation.subject_alternative_names else {
@@ -329,30 +334,44 @@ fn server_rule(
         return None;
     };
     let mut ids = Vec::new();
+    let mut dns = Vec::new();
     for san in &sans.matcher.exact {
-        if san.starts_with("spiffe://") && rampart_identity::SpiffeId::parse(san).is_ok() {
-            ids.push(san.clone());
-        } else {
-            out.report.push(Note {
+        match super::principal_of_san(options, san) {
+            Ok(p) => match p.strip_prefix("dns:") {
+                Some(name) => dns.push(name.to_owned()),
+                None => ids.push(p),
+            },
+            Err(e) => out.report.push(Note {
                 at: at.to_owned(),
                 kind: NoteKind::NotImported,
-                text: format!("{what}: SAN {san:?}: an expected server identity must be a SPIFFE ID (DNS-SAN servers are not supported on the outbound side)"),
-            });
+                text: format!("{what}: SAN {e}"),
+            }),
         }
     }
-    if ids.is_empty() {
+    if ids.is_empty() && dns.is_empty() {
         return None;
     }
-    let mut rule = json!({"identities": ids});
+    let mut rule = json!({});
+    if !ids.is_empty() {
+        rule["identities"] = json!(ids);
+    }
+    if !dns.is_empty() {
+        rule["allow_dns_san_servers"] = json!(dns);
+    }
     if let Some(c) = cidrs {
         rule["cidrs"] = json!(c.iter().map(ToString::to_string).collect::<Vec<_>>());
     }
     if !tls.ports.is_empty() {
         rule["ports"] = json!(tls.ports);
     }
+    let named: Vec<String> = ids
+        .iter()
+        .cloned()
+        .chain(dns.iter().map(|d| format!("DNS SAN {d}")))
+        .collect();
     let mut text = format!(
         "{what}: outbound server rule, the server must present one of {} (checked in the handshake)",
-        ids.join(", ")
+        named.join(", ")
     );
     if !tls.enforce {
         text.push_str(

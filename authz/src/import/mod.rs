@@ -324,6 +324,6 @@ pub(crate) fn principal_of_san(options: &ImportOptions, san: &str) -> Result<Str
         return Ok(format!("dns:{san}"));
     }
     Err(format!(
-        "{san:?} is a DNS name, not a SPIFFE ID: accept it as an identity with `--allow-dns-san {san}` (the port then takes DNS-SAN client certificates)"
+        "{san:?} is a DNS name, not a SPIFFE ID: accept it as an identity with `--allow-dns-san {san}` (a listener then takes DNS-SAN client certificates; a backend, DNS-SAN server certificates)"
     ))
 }

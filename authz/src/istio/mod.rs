@@ -468,6 +468,20 @@ impl IstioPolicies {
         jwt: Option<&serde_json::Value>,
     ) -> Evaluation {
         let a = Attrs { conn, req, jwt };
+        if conn.peer.is_none()
+            && conn.peer_dns.is_empty()
+            && self.peer.mode(conn.dest_port) == Some(PeerMode::Strict)
+        {
+            // Plaintext on a STRICT port: only a connection accepted while
+            // the port was PERMISSIVE, before a reload made it STRICT (new
+            // ones fail the handshake). Its requests are refused, and a
+            // re-decided opaque connection closed, as Envoy drains them.
+            let name = self.peer.from.last().map(|n| Arc::from(n.as_str()));
+            return Evaluation::Decided(Decision::Deny(Denial::new(
+                DenyReason::Unauthenticated,
+                name,
+            )));
+        }
         let mut notes = Notes::default();
         self.dry_run(&a, &mut notes);
         for p in self.enforced(IstioAction::Audit) {

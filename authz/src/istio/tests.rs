@@ -209,6 +209,49 @@ fn peer_authentication_composes_mesh_namespace_workload_and_ports() {
     );
 }
 
+/// A plaintext connection can only meet a STRICT port when a reload made
+/// it STRICT after accepting it: refused, naming the PeerAuthentication.
+#[test]
+fn plaintext_on_a_strict_port_is_refused_naming_the_peer_authentication() {
+    let p = load(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: wl, namespace: foo}\nspec:\n  selector: {matchLabels: {app: httpbin}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    \"8081\": {mode: PERMISSIVE}\n",
+    )
+    .unwrap();
+    let id = rampart_identity::SpiffeId::parse("spiffe://cluster.local/ns/foo/sa/sleep").unwrap();
+    let dns = vec!["ingress.example".to_owned()];
+    let src = "10.0.0.1".parse().unwrap();
+    let decide = |c: ConnectionInfo<'_>| match p.evaluate(&c, None, None) {
+        Evaluation::Decided(Decision::Allow(_)) => Ok(()),
+        Evaluation::Decided(Decision::Deny(d)) => Err((d.reason, d.policy)),
+        Evaluation::Consult(_) => panic!("no CUSTOM policy here"),
+    };
+    assert_eq!(
+        decide(ConnectionInfo::new(None, src, 8080)),
+        Err((DenyReason::Unauthenticated, Some(Arc::from("foo/wl"))))
+    );
+    assert_eq!(
+        decide(ConnectionInfo::new(None, src, 8081)),
+        Ok(()),
+        "PERMISSIVE"
+    );
+    assert_eq!(
+        decide(ConnectionInfo::new(Some(&id), src, 8080)),
+        Ok(()),
+        "mTLS"
+    );
+    let dns_peer = ConnectionInfo {
+        peer_dns: &dns,
+        ..ConnectionInfo::new(None, src, 8080)
+    };
+    assert_eq!(decide(dns_peer), Ok(()), "a DNS-SAN peer is authenticated");
+    // Without PeerAuthentication the configured mode decides, not Istio.
+    let none = load("").unwrap();
+    assert!(matches!(
+        none.evaluate(&ConnectionInfo::new(None, src, 8080), None, None),
+        Evaluation::Decided(Decision::Allow(_))
+    ));
+}
+
 #[test]
 fn request_authentication_rules_load_or_are_refused_by_name() {
     let ra = |ns: &str, rule: &str| {

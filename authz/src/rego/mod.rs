@@ -13,7 +13,7 @@ use regorus::Engine;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::{RegoVersion, ResultForm};
+use crate::model::{RegoVersion, ResultForm, WithRequestBody};
 
 mod builtins;
 mod check;
@@ -100,6 +100,10 @@ pub struct RegoEngine {
     rule: Arc<str>,
     form: ResultForm,
     timeout: Duration,
+    /// The policy's `with_request_body`.
+    request_body: Option<WithRequestBody>,
+    /// The policy's `include_peer_certificate`.
+    peer_certificate: bool,
     template: Mutex<Engine>,
     idle: Mutex<Vec<Engine>>,
 }
@@ -194,9 +198,37 @@ impl RegoEngine {
             rule: Arc::from(rule),
             form,
             timeout,
+            request_body: None,
+            peer_certificate: false,
             template: Mutex::new(engine),
             idle: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The same policy, shown the request body as `with_request_body` says.
+    pub fn with_request_body(self, body: Option<WithRequestBody>) -> Self {
+        RegoEngine {
+            request_body: body,
+            ..self
+        }
+    }
+
+    /// The policy's `with_request_body`.
+    pub fn request_body(&self) -> Option<WithRequestBody> {
+        self.request_body
+    }
+
+    /// The same policy, shown the peer certificate (`include_peer_certificate`).
+    pub fn with_peer_certificate(self, include: bool) -> Self {
+        RegoEngine {
+            peer_certificate: include,
+            ..self
+        }
+    }
+
+    /// Whether the policy asks for the peer certificate.
+    pub fn includes_peer_certificate(&self) -> bool {
+        self.peer_certificate
     }
 
     /// The query, reported as the deciding "rule".

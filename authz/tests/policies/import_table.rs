@@ -413,3 +413,46 @@ fn istio_resources_are_checked_and_kept_as_they_are() {
     assert!(e.to_string().contains("rulez"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn appmesh_dns_san_backends_are_pinned_by_name_only_when_opted_in() {
+    let color = "color.howto-k8s-mtls-file-based.svc.cluster.local";
+    let addresses = BTreeMap::from([(
+        "howto-k8s-mtls-file-based/color".to_owned(),
+        vec!["10.100.0.0/16".parse().unwrap()],
+    )]);
+    let servers = |i: &Imported| {
+        i.targets
+            .iter()
+            .find(|t| t.workload == "VirtualNode howto-k8s-mtls-file-based/front")
+            .unwrap()
+            .config["outbound"]["servers"]
+            .clone()
+    };
+    // Without the opt-in: the SPIFFE SAN only, the DNS SAN reported.
+    let plain = ImportOptions {
+        addresses: addresses.clone(),
+        ..ImportOptions::default()
+    };
+    let i = run(Source::AppMesh, "appmesh-dns-backend.yaml", &plain);
+    let s = servers(&i);
+    assert_eq!(
+        s[0]["identities"],
+        serde_json::json!(["spiffe://howto-k8s-mtls-file-based.aws/color"])
+    );
+    assert!(s[0].get("allow_dns_san_servers").is_none(), "{s:?}");
+    assert!(report(&i).contains(&format!("--allow-dns-san {color}")));
+    assert!(i.incomplete(), "a left-out SAN is reported");
+    // Opted in by name: the DNS SAN is an accepted server name too.
+    let opted = ImportOptions {
+        addresses,
+        dns_san_identities: vec![color.to_owned()],
+        ..ImportOptions::default()
+    };
+    let i = run(Source::AppMesh, "appmesh-dns-backend.yaml", &opted);
+    let s = servers(&i);
+    assert_eq!(s[0]["allow_dns_san_servers"], serde_json::json!([color]));
+    assert_eq!(s[0]["cidrs"], serde_json::json!(["10.100.0.0/16"]));
+    assert_eq!(s[0]["ports"], serde_json::json!([8080]));
+    assert!(!i.incomplete(), "{}", report(&i));
+}

@@ -12,4 +12,5 @@ mod import_table;
 mod istio_table;
 mod opa_differential;
 mod rego_limits;
+mod request_body;
 mod scenarios;

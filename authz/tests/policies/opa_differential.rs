@@ -588,6 +588,7 @@ fn requests(jwt: &Jwt) -> Vec<(String, Req)> {
     for (name, r) in header_cases {
         out.push((name.to_owned(), r));
     }
+    out.extend(body_requests());
     for (name, token) in jwt.tokens() {
         for target in ["/people", "/people/x", "/other"] {
             for method in ["GET", "POST"] {
@@ -599,6 +600,198 @@ fn requests(jwt: &Jwt) -> Vec<(String, Req)> {
             }
         }
     }
+    out
+}
+
+/// Requests with bodies as `with_request_body` reads them (JSON, forms,
+/// multipart, bytes, partial, truncated by `content-length`, odd and
+/// broken ones), from peers with and without a certificate in the input.
+fn body_requests() -> Vec<(String, Req)> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["app1.example.org".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let pem = rampart_authz::input::url_encoded_pem(&[cert.der().as_ref()]);
+    let mp = |parts: &[(&str, Option<&str>, &str)]| {
+        let mut s = String::from("preamble\r\n");
+        for (name, ct, v) in parts {
+            s.push_str("--B0und\r\n");
+            s.push_str(&format!(
+                "Content-Disposition: form-data; name=\"{name}\"\r\n"
+            ));
+            if let Some(ct) = ct {
+                s.push_str(&format!("Content-Type: {ct}\r\n"));
+            }
+            s.push_str(&format!("\r\n{v}\r\n"));
+        }
+        s.push_str("--B0und--\r\n");
+        s
+    };
+    let bodies: Vec<(&str, &str, String, bool, bool)> = vec![
+        (
+            "json admin",
+            "application/json",
+            r#"{"role":"admin","amount":50}"#.into(),
+            false,
+            false,
+        ),
+        (
+            "json admin big",
+            "application/json",
+            r#"{"role":"admin","amount":500}"#.into(),
+            false,
+            false,
+        ),
+        (
+            "json guest",
+            "application/json; charset=utf-8",
+            r#" {"role":"guest","tags":["a",1,2.5,null,true],"n":{"deep":{"x":[]}}} "#.into(),
+            false,
+            false,
+        ),
+        (
+            "json dup keys",
+            "application/json",
+            r#"{"role":"guest","role":"admin","amount":1}"#.into(),
+            false,
+            false,
+        ),
+        (
+            "json unicode",
+            "application/json",
+            r#"{"role":"\u00e9t\u00e9","s":"€ \" \\"}"#.into(),
+            false,
+            false,
+        ),
+        (
+            "json number",
+            "application/json",
+            "1e3".into(),
+            false,
+            false,
+        ),
+        (
+            "json array",
+            "application/json",
+            "[1,2,3]".into(),
+            false,
+            false,
+        ),
+        (
+            "json packed",
+            "application/json",
+            r#"{"role":"admin","amount":5}"#.into(),
+            false,
+            true,
+        ),
+        (
+            "json partial",
+            "application/json",
+            r#"{"role":"adm"#.into(),
+            true,
+            false,
+        ),
+        (
+            "form alice",
+            "application/x-www-form-urlencoded",
+            "user=bob&user=alice&x=%41+b".into(),
+            false,
+            false,
+        ),
+        (
+            "form empty pairs",
+            "application/x-www-form-urlencoded",
+            "&&user=&=v&k".into(),
+            false,
+            false,
+        ),
+        (
+            "form packed",
+            "application/x-www-form-urlencoded",
+            "user=alice".into(),
+            false,
+            true,
+        ),
+        (
+            "multipart",
+            "multipart/form-data; boundary=B0und",
+            mp(&[
+                ("file", None, "hello, world"),
+                ("meta", Some("application/json"), r#"{"public":true}"#),
+                ("file", None, "again"),
+            ]),
+            false,
+            false,
+        ),
+        (
+            "multipart quoted boundary",
+            "multipart/form-data; boundary=\"B0und\"",
+            mp(&[("meta", Some("application/json"), r#"{"public":false}"#)]),
+            false,
+            false,
+        ),
+        (
+            "multipart no boundary",
+            "multipart/form-data",
+            "x".into(),
+            false,
+            false,
+        ),
+        ("text", "text/plain", "hello".into(), false, false),
+        (
+            "bytes hello",
+            "application/octet-stream",
+            "hello".into(),
+            false,
+            true,
+        ),
+        (
+            "grpc",
+            "application/grpc",
+            "\0\0\0\0\x02\x08\x01".into(),
+            false,
+            true,
+        ),
+        (
+            "no type",
+            "",
+            r#"{"role":"admin","amount":1}"#.into(),
+            false,
+            false,
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, ct, body, partial, packed) in bodies {
+        for with_cert in [false, true] {
+            let mut r = get("/orders")
+                .method("POST")
+                .from("spiffe://example.org/ec-web")
+                .body(body.as_bytes(), partial, packed);
+            if !ct.is_empty() {
+                r = r.header("content-type", ct);
+            }
+            if with_cert {
+                r = r.peer_certificate(&pem);
+            }
+            let label = if with_cert { " cert" } else { "" };
+            out.push((format!("body {name}{label}"), r.clone()));
+            // A declared length above what was read: truncated.
+            if !partial && !with_cert {
+                let r = r.header("content-length", &(body.len() + 10).to_string());
+                out.push((format!("body {name} truncated"), r));
+            }
+        }
+    }
+    // A client-sent partial-body header without a body read: Envoy passes
+    // it on, and the plugin believes it.
+    out.push((
+        "body forged partial header".into(),
+        get("/orders")
+            .method("POST")
+            .header("content-type", "application/json")
+            .header("x-envoy-auth-partial-body", "true"),
+    ));
     out
 }
 

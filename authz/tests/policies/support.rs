@@ -43,6 +43,10 @@ pub struct Req {
     pub local: Option<SpiffeId>,
     /// Verified JWT claims (as a RequestAuthentication leaves them).
     pub jwt: Option<serde_json::Value>,
+    /// The body read for the policies: bytes, partial, packed as bytes.
+    pub body: Option<(Vec<u8>, bool, bool)>,
+    /// The peer certificate as the input shows it (URL-encoded PEM).
+    pub peer_certificate: Option<String>,
 }
 
 /// `GET target` on port 8080 from 10.0.0.1, unauthenticated.
@@ -58,6 +62,8 @@ pub fn get(target: &str) -> Req {
         headers: http::HeaderMap::new(),
         local: Some(SpiffeId::parse("spiffe://example.org/self").unwrap()),
         jwt: None,
+        body: None,
+        peer_certificate: None,
     }
 }
 
@@ -97,6 +103,16 @@ impl Req {
         self.jwt = Some(claims);
         self
     }
+    /// The body as `with_request_body` read it (`partial`: there was more;
+    /// `packed`: `pack_as_bytes`).
+    pub fn body(mut self, bytes: &[u8], partial: bool, packed: bool) -> Self {
+        self.body = Some((bytes.to_vec(), partial, packed));
+        self
+    }
+    pub fn peer_certificate(mut self, pem: &str) -> Self {
+        self.peer_certificate = Some(pem.into());
+        self
+    }
     pub fn grpc(self) -> Self {
         self.method("POST")
             .header("content-type", "application/grpc")
@@ -127,7 +143,15 @@ impl Req {
         let n = normalize_path(&self.target, a.normalize_options()).ok()?;
         let conn = ConnectionInfo::new(self.peer.as_ref(), self.source.ip(), self.dest.port())
             .with_peer_dns(&self.peer_dns)
-            .with_jwt(self.jwt.as_ref());
+            .with_jwt(self.jwt.as_ref())
+            .with_request_body(self.body.as_ref().map(|(bytes, partial, packed)| {
+                rampart_authz::BufferedBody {
+                    bytes,
+                    partial: *partial,
+                    pack_as_bytes: *packed,
+                }
+            }))
+            .with_peer_certificate(self.peer_certificate.as_deref());
         let req = RequestInfo {
             method: &self.method,
             authority: &self.authority,

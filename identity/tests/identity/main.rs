@@ -3,6 +3,7 @@
 //! Workload API. One binary, one module per topic.
 
 mod dns_san_clients;
+mod dns_san_servers;
 mod file_source;
 mod handshake;
 mod svid_rules;

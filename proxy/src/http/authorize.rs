@@ -7,14 +7,16 @@
 use http::header;
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use rampart_authz::external::{
     CheckAttributes, Consult, Evaluation, ProviderFailure, ProviderVerdict,
 };
 use rampart_authz::{
-    ConnectionInfo, Decision, HttpProtocol, PathError, RequestInfo, grpc_method_of, normalize_path,
+    BufferedBody, ConnectionInfo, Decision, HttpProtocol, PathError, RequestInfo, grpc_method_of,
+    normalize_path,
 };
 
+use super::body::{ReadError, read_for_policies};
 use super::errors::{BadRequest, LocalError};
 use super::server::Handler;
 use crate::access::Pending;
@@ -38,24 +40,51 @@ impl Handler {
             req.headers_mut()
                 .insert(name.clone(), super::headers::request_id());
         }
-        // Request smuggling (Content-Length with Transfer-Encoding) is
-        // settled by hyper before we see the request, as RFC 9112 §6.3
-        // allows: chunked wins, Content-Length is dropped and the
-        // connection closes after this exchange.
-        let headers = req.headers();
         // CONNECT names an authority, not a path: policies see its target
         // as the host and an empty path (as Envoy's ext_authz does), so a
         // rule with `paths` never matches it.
         let connect = req.method() == http::Method::CONNECT && req.version() == Version::HTTP_11;
         check_host(&req, connect)?;
+        // One atomic load: a reload mid-request does not change this one.
+        let policies = self.shared.config.authorizer.current();
+        let authorizer = &policies.authorizer;
+        // A Rego policy's `with_request_body`: the body is read now, once
+        // and bounded, and sent on to the app after the decision. Nothing
+        // is read when no policy asks, when there is no body, or for a
+        // tunnel, whose bytes are not a body (Envoy skips upgrades too).
+        let read_ahead = match authorizer.request_body(self.conn.port) {
+            Some(spec)
+                if !req.body().is_end_stream()
+                    && !connect
+                    && super::tunnel::Tunnel::of(req.method(), req.version(), req.headers())
+                        .is_none() =>
+            {
+                let declared = req
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let timeout = self.shared.config.limits.http_response_timeout;
+                let ahead = read_for_policies(req.body_mut(), declared, spec, timeout)
+                    .await
+                    .map_err(|e| match e {
+                        ReadError::TooLarge => LocalError::BodyTooLarge(spec.max_request_bytes),
+                        ReadError::Stalled => LocalError::UploadStalled,
+                        ReadError::Malformed => LocalError::MalformedBody,
+                    })?;
+                Some((ahead, spec))
+            }
+            _ => None,
+        };
+        // Request smuggling (Content-Length with Transfer-Encoding) is
+        // settled by hyper before we see the request, as RFC 9112 §6.3
+        // allows: chunked wins, Content-Length is dropped and the
+        // connection closes after this exchange.
+        let headers = req.headers();
         let raw = match req.uri().path_and_query() {
             Some(p) => p.as_str(),
             None if connect => "",
             None => return Err(LocalError::NoPath),
         };
-        // One atomic load: a reload mid-request does not change this one.
-        let policies = self.shared.config.authorizer.current();
-        let authorizer = &policies.authorizer;
         let norm = if connect {
             rampart_authz::NormalizedPath {
                 path: "".into(),
@@ -84,7 +113,25 @@ impl Handler {
             self.conn.port,
         )
         .with_jwt(jwt.as_ref().map(|j| &j.claims))
-        .with_sni(self.conn.sni.as_deref());
+        .with_sni(self.conn.sni.as_deref())
+        .with_request_body(read_ahead.as_ref().and_then(|(a, spec)| {
+            // Envoy shows at most `max_request_bytes`, and says whether
+            // there was more; a body with no byte shows nothing.
+            let max = usize::try_from(spec.max_request_bytes).unwrap_or(usize::MAX);
+            let data = a.data();
+            (!data.is_empty()).then(|| BufferedBody {
+                bytes: &data[..data.len().min(max)],
+                partial: data.len() > max,
+                pack_as_bytes: spec.pack_as_bytes,
+            })
+        }))
+        .with_peer_certificate(
+            authorizer
+                .include_peer_certificate(self.conn.port)
+                .then(|| self.peer_pem())
+                .flatten(),
+        )
+        .with_xfcc(self.xfcc.as_ref().and_then(|v| v.to_str().ok()));
         let info = RequestInfo {
             method: req.method(),
             authority,
@@ -148,6 +195,9 @@ impl Handler {
         if let (Some(j), true) = (&jwt, decision.is_allowed()) {
             j.rewrite.apply(req.headers_mut());
         }
+        if let Some((ahead, _)) = read_ahead {
+            req.extensions_mut().insert(ahead);
+        }
         let permitted = crate::authz::request(req, decision, event).map_err(LocalError::Denied)?;
         let path = match rewritten {
             None => None,
@@ -155,6 +205,19 @@ impl Handler {
             Some(Err(_)) => return Err(LocalError::BadPath(PathError::Empty)),
         };
         Ok((permitted, path))
+    }
+}
+
+impl Handler {
+    /// The peer's leaf certificate as the input shows it, made once per
+    /// connection.
+    fn peer_pem(&self) -> Option<&str> {
+        self.peer_pem
+            .get_or_init(|| {
+                let leaf = self.conn.peer.as_ref()?.chain.first()?;
+                Some(rampart_authz::input::url_encoded_pem(&[leaf]))
+            })
+            .as_deref()
     }
 }
 

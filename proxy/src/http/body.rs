@@ -3,7 +3,10 @@
 //! cut off), and response bodies that keep an HTTP/2 connection's stream
 //! count (its idle timeout runs only at zero).
 //!
-//! Both delegate every frame untouched; neither buffers.
+//! Both delegate every frame untouched. The one buffer is
+//! [`read_for_policies`]: when a Rego policy asks for the body
+//! (`with_request_body`), at most `max_request_bytes` of it is read before
+//! the decision, and [`RequestBody`] sends those bytes on first.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,8 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use rampart_authz::model::WithRequestBody;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -25,9 +30,84 @@ use tokio::time::Instant;
 /// nothing.
 #[derive(Debug)]
 pub struct RequestBody {
+    /// What was read for the policies, sent before `inner`.
+    ahead: Option<ReadAhead>,
     /// `None`: no body at all (a request rebuilt for a retry).
     inner: Option<Incoming>,
     progress: Option<Arc<Progress>>,
+}
+
+/// The start of a request body (or all of it, with its trailers) read for
+/// the policies before the decision; it rides in the request's extensions
+/// to `forward`, which sends it first, unchanged.
+#[derive(Debug, Clone)]
+pub struct ReadAhead {
+    data: Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl ReadAhead {
+    /// The bytes read.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// Why the body could not be read for the policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadError {
+    /// Longer than `max_request_bytes` without `allow_partial_message`
+    /// (Envoy's 413).
+    TooLarge,
+    /// No frame for the timeout.
+    Stalled,
+    /// The client's framing broke.
+    Malformed,
+}
+
+/// Reads the body for the policies, as Envoy's ext_authz buffers it: until
+/// its end or, with `allow_partial_message`, until `max_request_bytes` are
+/// in; a longer body without it is [`ReadError::TooLarge`] (a declared
+/// `content-length` over the limit is refused before any byte is read).
+/// At most one frame past the limit is ever held. `timeout` bounds the wait
+/// for each frame.
+pub async fn read_for_policies(
+    body: &mut Incoming,
+    content_length: Option<u64>,
+    spec: WithRequestBody,
+    timeout: Duration,
+) -> Result<ReadAhead, ReadError> {
+    let max = usize::try_from(spec.max_request_bytes).unwrap_or(usize::MAX);
+    if !spec.allow_partial_message && content_length.is_some_and(|n| n > max as u64) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut data = BytesMut::new();
+    let mut trailers = None;
+    while !spec.allow_partial_message || data.len() < max {
+        let frame = match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => return Err(ReadError::Stalled),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(ReadError::Malformed),
+            Ok(Some(Ok(f))) => f,
+        };
+        match frame.into_data() {
+            Ok(d) => data.extend_from_slice(&d),
+            Err(f) => {
+                trailers = f.into_trailers().ok();
+                break;
+            }
+        }
+        if !spec.allow_partial_message && data.len() > max {
+            return Err(ReadError::TooLarge);
+        }
+        if body.is_end_stream() {
+            break;
+        }
+    }
+    Ok(ReadAhead {
+        data: data.freeze(),
+        trailers,
+    })
 }
 
 /// How far a request body got: the time of its last frame, and its end.
@@ -67,6 +147,7 @@ impl RequestBody {
         let watch = progress.clone();
         (
             RequestBody {
+                ahead: None,
                 inner: Some(inner),
                 progress,
             },
@@ -74,9 +155,16 @@ impl RequestBody {
         )
     }
 
+    /// The same body, with what was read for the policies sent first.
+    pub fn after(mut self, ahead: Option<ReadAhead>) -> Self {
+        self.ahead = ahead;
+        self
+    }
+
     /// No body (a bodyless request rebuilt to be sent again).
     pub fn empty() -> Self {
         RequestBody {
+            ahead: None,
             inner: None,
             progress: None,
         }
@@ -98,6 +186,21 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(ahead) = &mut self.ahead {
+            if !ahead.data.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut ahead.data)))));
+            }
+            let trailers = ahead.trailers.take();
+            self.ahead = None;
+            if let Some(t) = trailers {
+                // Identity headers in trailers go, as below.
+                let mut frame = Frame::trailers(t);
+                if let Some(t) = frame.trailers_mut() {
+                    super::headers::remove_identity_headers(t, false);
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+        }
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -130,14 +233,24 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.ahead.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        let mut hint = match &self.inner {
             Some(b) => b.size_hint(),
             None => SizeHint::with_exact(0),
+        };
+        if let Some(a) = &self.ahead {
+            let n = a.data.len() as u64;
+            let lower = hint.lower() + n;
+            // The upper bound first: a lower bound above it panics.
+            if let Some(u) = hint.upper() {
+                hint.set_upper(u + n);
+            }
+            hint.set_lower(lower);
         }
+        hint
     }
 }
 

@@ -41,6 +41,11 @@ pub enum LocalError {
     /// The client's request body stopped moving (the client's fault).
     #[error("request body stalled")]
     UploadStalled,
+    /// A Rego policy reads the body (`with_request_body`) and it is longer
+    /// than `max_request_bytes`, without `allow_partial_message` (Envoy's
+    /// 413).
+    #[error("Payload Too Large: the request body is over {0} bytes")]
+    BodyTooLarge(u32),
     /// A request whose head is ambiguous (the client's fault).
     #[error("bad request: {0}")]
     BadRequest(BadRequest),
@@ -124,6 +129,8 @@ pub struct Wire {
     pub reason: LocalReason,
 }
 
+/// What Envoy maps an HTTP status without a gRPC meaning to (413).
+const GRPC_UNKNOWN: u8 = 2;
 const GRPC_DEADLINE_EXCEEDED: u8 = 4;
 const GRPC_PERMISSION_DENIED: u8 = 7;
 const GRPC_UNIMPLEMENTED: u8 = 12;
@@ -157,6 +164,11 @@ impl LocalError {
                 StatusCode::REQUEST_TIMEOUT,
                 GRPC_DEADLINE_EXCEEDED,
                 LocalReason::UploadStalled,
+            ),
+            LocalError::BodyTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                GRPC_UNKNOWN,
+                LocalReason::BodyTooLarge,
             ),
             LocalError::BadRequest(_) | LocalError::MalformedBody => (
                 StatusCode::BAD_REQUEST,
@@ -328,6 +340,7 @@ mod tests {
             (LocalError::AppTimeout, 504, 4, "app_timeout"),
             (LocalError::TunnelToHttp2App, 501, 12, "tunnel_unsupported"),
             (LocalError::UploadStalled, 408, 4, "upload_stalled"),
+            (LocalError::BodyTooLarge(10), 413, 2, "body_too_large"),
             (
                 LocalError::BadRequest(BadRequest::DuplicateHost),
                 400,

@@ -75,7 +75,9 @@ impl Handler {
         let h2 = match self.conn.app_version {
             AppVersion::Http2 => true,
             AppVersion::Http1 => false,
-            AppVersion::AsReceived => parts.version == Version::HTTP_2 && !was_h1,
+            AppVersion::Http1ExceptGrpc => {
+                parts.version == Version::HTTP_2 && !was_h1 && super::is_grpc(&parts.headers)
+            }
         };
         let limits = &self.shared.config.limits;
         let route = if h2 {

@@ -162,10 +162,17 @@ pub fn xfcc_value(
     source: std::net::IpAddr,
     port: u16,
     local_id: Option<&SpiffeId>,
+    details: rampart_authz::input::XfccDetails,
 ) -> Option<HeaderValue> {
     let peer = peer?;
     let info = crate::authz::connection_info(Some(peer), source, port);
-    let element = rampart_authz::input::xfcc_element(&info, local_id, Some(&peer.cert_sha256))?;
+    let element = rampart_authz::input::xfcc_element_with(
+        &info,
+        local_id,
+        Some(&peer.cert_sha256),
+        details,
+        &peer.chain[..],
+    )?;
     HeaderValue::try_from(element).ok()
 }
 

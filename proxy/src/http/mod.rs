@@ -50,8 +50,11 @@ pub enum ServeVersion {
 /// Which HTTP version requests are sent to the app with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppVersion {
-    /// The version the request arrived with.
-    AsReceived,
+    /// Undeclared ports: HTTP/1.1, since an app is taken to speak HTTP/1.1
+    /// unless its port is declared `http2` or `grpc` (an HTTP/1.1-only app
+    /// must never get HTTP/2 because a client chose it); except gRPC
+    /// requests that arrived as HTTP/2, which only HTTP/2 can carry.
+    Http1ExceptGrpc,
     /// Always HTTP/2 (declared `http2` and `grpc` ports).
     Http2,
     /// Always HTTP/1.1 (declared `http` ports: the app speaks HTTP/1.1,

@@ -118,6 +118,9 @@ pub struct InboundConn {
 /// Serves HTTP on `stream` until the peer closes or the drain completes it.
 pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut watch: Watch) {
     let limits = &shared.config.limits;
+    // Subscribed before the first request is decided: every reload from
+    // now on is seen (`idle` below).
+    let mut standing = crate::authz::HttpStanding::new(&shared.config.authorizer);
     // A declared HTTP port: the first bytes tell HTTP/2 from HTTP/1, as
     // late as the idle timeout allows (a client's pool may open the
     // connection long before its first request).
@@ -156,6 +159,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         conn.source.ip(),
         conn.port,
         local_id.as_ref(),
+        shared.config.inbound.xfcc_details,
     );
     let service = conn.destination.to_string();
     let metrics = crate::metrics::RequestMetrics::for_request(
@@ -170,6 +174,7 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         shared: shared.clone(),
         local_id,
         xfcc,
+        peer_pem: std::sync::OnceLock::new(),
         metrics,
         app_authority,
         conn,
@@ -191,6 +196,10 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
     let tls = handler.conn.tls;
     let idle = async {
         let expired = streams.idle_expired();
+        // A reload after which the peer could be allowed no request here
+        // ends the connection too, gracefully (logged and counted there).
+        let c = &handler.conn;
+        let revoked = standing.revoked(c.peer.as_ref(), c.source.ip(), c.port);
         // An mTLS connection also ends (gracefully: in-flight requests
         // finish) when our identity is withdrawn, or when the SVID it was
         // made with or the peer's expires: its peer then reconnects with
@@ -198,12 +207,16 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         if tls {
             tokio::select! {
                 () = expired => {}
+                () = revoked => {}
                 () = shared.mtls_ends(handler.conn.expires) => {
                     tracing::info!("identity withdrawn or certificates expired: closing the mTLS connection");
                 }
             }
         } else {
-            expired.await;
+            tokio::select! {
+                () = expired => {}
+                () = revoked => {}
+            }
         }
     };
     // On drain: GOAWAY on HTTP/2; on HTTP/1 keep-alive is disabled, so the
@@ -231,8 +244,13 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
         tracing::debug!(error = %e, "http connection ended with an error");
     }
     // A connection that became a tunnel keeps its slot (and the drain
-    // waiting) until the tunnel closes.
-    handler.tunnel.finished().await;
+    // waiting) until the tunnel closes, or until a reload allows its peer
+    // no request here (a tunnel is bytes no policy sees after its opening
+    // request; one the reloaded policies would still allow some request
+    // stays, whether or not they would allow its opening request).
+    let c = &handler.conn;
+    let revoked = standing.revoked(c.peer.as_ref(), c.source.ip(), c.port);
+    handler.tunnel.finished_unless(revoked).await;
 }
 
 /// One inbound HTTP connection's state, shared by its requests.
@@ -241,6 +259,9 @@ pub(super) struct Handler {
     pub(super) local_id: Option<SpiffeId>,
     /// Our XFCC element for this connection, computed once.
     pub(super) xfcc: Option<HeaderValue>,
+    /// The peer's leaf as URL-encoded PEM, made on the first request whose
+    /// policy asks for it (`include_peer_certificate`).
+    pub(super) peer_pem: std::sync::OnceLock<Option<String>>,
     /// The request series of this connection's peer.
     pub(super) metrics: Arc<crate::metrics::RequestMetrics>,
     pub(super) app_authority: Authority,
@@ -350,7 +371,7 @@ mod tests {
             port,
             app,
             serve: ServeVersion::Http1,
-            app_version: AppVersion::AsReceived,
+            app_version: AppVersion::Http1ExceptGrpc,
             grpc_port: false,
             sni: None,
             expires: authn.expires,
@@ -358,6 +379,66 @@ mod tests {
         let drain = crate::drain::Drain::new();
         tokio::spawn(serve(authn.stream, conn, shared.clone(), drain.watch()));
         testing::http1_exchange(peer_tls, req).await
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_connection_lives_until_a_reload_allows_its_peer_nothing() {
+        let pki = Pki::new();
+        let app = testing::http_app().await;
+        let allow = |peers: &[&str]| {
+            Authorizer::from_port_allowlist(
+                [(8080, peers.iter().map(|p| id(p)).collect())],
+                DefaultAction::Deny,
+            )
+        };
+        let (_tx, identity) = tokio::sync::watch::channel(Some(testing::identity("server")));
+        let shared = Shared::for_tests(testing::config(allow(&["client"])), identity);
+        let dst: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let (authn, peer_tls) = testing::authenticated(&pki, "server", "client", dst).await;
+        let conn = InboundConn {
+            source: authn.client.0,
+            destination: dst,
+            tls: true,
+            peer: authn.peer,
+            port: 8080,
+            app,
+            serve: ServeVersion::Http1,
+            app_version: AppVersion::AsReceived,
+            grpc_port: false,
+            sni: None,
+            expires: authn.expires,
+        };
+        let drain = crate::drain::Drain::new();
+        let served = tokio::spawn(serve(authn.stream, conn, shared.clone(), drain.watch()));
+        let (mut send, client_conn) = hyper::client::conn::http1::handshake(TokioIo::new(peer_tls))
+            .await
+            .unwrap();
+        let client_conn = tokio::spawn(client_conn);
+        let get = || {
+            Request::get("/data")
+                .header("host", "backend")
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        assert_eq!(send.send_request(get()).await.unwrap().status(), 200);
+        // A reload that still allows the peer keeps the connection.
+        shared
+            .config
+            .authorizer
+            .replace(allow(&["client", "other"]));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(send.send_request(get()).await.unwrap().status(), 200);
+        // One that allows it nothing on this port closes it.
+        shared.config.authorizer.replace(allow(&["other"]));
+        tokio::time::timeout(std::time::Duration::from_secs(5), served)
+            .await
+            .expect("the server side ended")
+            .unwrap();
+        // Closed under it (TLS without close_notify reads as an error).
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client_conn)
+            .await
+            .expect("the client saw the close")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -220,9 +220,21 @@ impl TunnelTask {
 
     /// Waits for the tunnel, if there is one.
     pub async fn finished(&self) {
+        self.finished_unless(std::future::pending()).await;
+    }
+
+    /// Waits for the tunnel, if there is one, and ends it (both sides
+    /// closed) if `stop` resolves first.
+    pub async fn finished_unless(&self, stop: impl std::future::Future<Output = ()>) {
         let task = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = task {
-            let _ = t.await;
+        if let Some(mut t) = task {
+            tokio::select! {
+                _ = &mut t => {}
+                () = stop => {
+                    t.abort();
+                    let _ = t.await;
+                }
+            }
         }
     }
 }
