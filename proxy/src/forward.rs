@@ -293,6 +293,8 @@ async fn send_to_peer(
         Ok(Err(SendError::Connect(c))) => Err(match c {
             PoolConnectError::NoIdentity => LocalError::NoIdentity,
             PoolConnectError::PoolFull(max) => LocalError::PoolFull(max),
+            // Waited a connect timeout for a connection to be opened.
+            PoolConnectError::DialBacklog(_) => LocalError::PeerTimeout,
             PoolConnectError::Peer(PeerError::Handshake(h)) => LocalError::PeerHandshake(h),
             PoolConnectError::Peer(PeerError::Connect(c)) | PoolConnectError::App(c) => {
                 LocalError::PeerConnect(c)

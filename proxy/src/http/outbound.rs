@@ -180,7 +180,9 @@ async fn send(app: &AppConn, mut req: Request<Incoming>) -> Response<ProxyBody> 
     let connect = req.method() == http::Method::CONNECT;
     let result = match Tunnel::of(req.method(), req.version(), req.headers()) {
         None => tracing::Instrument::instrument(to_peer(app, req), span).await,
-        Some(t) => tracing::Instrument::instrument(tunnel(app, req, t), span).await,
+        // Boxed: a tunnel dials and handshakes in place, and hyper
+        // allocates room for this future once per app connection.
+        Some(t) => tracing::Instrument::instrument(Box::pin(tunnel(app, req, t)), span).await,
     };
     let (mut resp, destination) = match result {
         Ok(r) => r,

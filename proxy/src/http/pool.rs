@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -75,6 +75,10 @@ pub enum PoolConnectError {
     /// within the connect timeout.
     #[error("pooled connection limit ({0}) reached")]
     PoolFull(usize),
+    /// `max_dials` connections to the same key were being opened for the
+    /// whole wait, and none came back to the pool.
+    #[error("{0} connections to the destination were being opened for the whole wait")]
+    DialBacklog(usize),
     /// The peer could not be reached, or its handshake failed.
     #[error(transparent)]
     Peer(#[from] PeerError),
@@ -414,29 +418,105 @@ fn instant_of(t: SystemTime) -> Instant {
 /// The idle connections of a pool, by key.
 #[derive(Debug)]
 pub struct IdleLinks<K> {
-    links: Mutex<HashMap<K, Vec<Link>>>,
+    links: Mutex<HashMap<K, Idle>>,
+    /// Signalled when a connection comes back or a dial ends, while
+    /// `waiting` requests wait for that.
+    changed: Notify,
+    waiting: AtomicUsize,
+    /// At most this many connections are being opened per key at once.
+    max_dials: usize,
+    /// How long a request waits for a connection to come back or a dial
+    /// to end when `max_dials` are under way.
+    dial_wait: Duration,
+}
+
+/// One key's idle connections and dials under way.
+#[derive(Debug, Default)]
+struct Idle {
+    links: Vec<Link>,
+    dialing: usize,
 }
 
 impl<K> Default for IdleLinks<K> {
+    /// A pool that opens as many connections at once as requests need.
     fn default() -> Self {
+        Self::with_dial_limit(usize::MAX, Duration::ZERO)
+    }
+}
+
+impl<K> IdleLinks<K> {
+    /// A pool that opens at most `max_dials` connections per key at once:
+    /// further requests wait, up to `dial_wait`, for one to come back or a
+    /// dial to end ([`PoolConnectError::PoolFull`] after that).
+    pub fn with_dial_limit(max_dials: usize, dial_wait: Duration) -> Self {
         IdleLinks {
             links: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            max_dials: max_dials.max(1),
+            dial_wait,
         }
+    }
+}
+
+/// What a request gets from the pool.
+enum Lease<'a, K: std::hash::Hash + Eq + Clone> {
+    /// An idle connection.
+    Idle(Link),
+    /// Leave to open a new one (counted until dropped).
+    Dial(DialGuard<'a, K>),
+    /// Wait: `max_dials` are under way.
+    Wait,
+}
+
+/// A dial under way, counted against `max_dials` until dropped.
+struct DialGuard<'a, K: std::hash::Hash + Eq + Clone> {
+    pool: &'a IdleLinks<K>,
+    key: &'a K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for DialGuard<'_, K> {
+    fn drop(&mut self) {
+        let mut map = self.pool.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(idle) = map.get_mut(self.key) {
+            idle.dialing = idle.dialing.saturating_sub(1);
+            if idle.links.is_empty() && idle.dialing == 0 {
+                map.remove(self.key);
+            }
+        }
+        drop(map);
+        self.pool.signal();
     }
 }
 
 impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
     /// The most recently used idle connection to `key` that can take a
-    /// request (closed ones are dropped on the way).
-    fn take(&self, key: &K) -> Option<Link> {
+    /// request (closed ones are dropped on the way), else leave to dial
+    /// unless `max_dials` are under way.
+    fn lease<'a>(&'a self, key: &'a K) -> Lease<'a, K> {
         // Poisoning needs a panic while moving a Vec element.
         let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        let v = map.get_mut(key)?;
-        let found = std::iter::from_fn(|| v.pop()).find(Link::usable);
-        if v.is_empty() {
-            map.remove(key);
+        let Some(idle) = map.get_mut(key) else {
+            map.insert(
+                key.clone(),
+                Idle {
+                    links: Vec::new(),
+                    dialing: 1,
+                },
+            );
+            return Lease::Dial(DialGuard { pool: self, key });
+        };
+        if let Some(link) = std::iter::from_fn(|| idle.links.pop()).find(Link::usable) {
+            if idle.links.is_empty() && idle.dialing == 0 {
+                map.remove(key);
+            }
+            return Lease::Idle(link);
         }
-        found
+        if idle.dialing >= self.max_dials {
+            return Lease::Wait;
+        }
+        idle.dialing += 1;
+        Lease::Dial(DialGuard { pool: self, key })
     }
 
     /// Puts a connection back if it can still take requests (it is
@@ -447,16 +527,68 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
             return;
         }
         let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        let v = map.entry(key).or_default();
+        let v = &mut map.entry(key).or_default().links;
         // Connections that closed while idle go now, not at the next take.
         v.retain(Link::usable);
         v.push(link);
+        drop(map);
+        self.signal();
+    }
+
+    /// Wakes the requests waiting for a connection, if any (the common
+    /// case, none, costs a load).
+    fn signal(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// An idle connection to `key`, or a new one from `dial`, waiting (up
+    /// to `dial_wait`) while `max_dials` are under way.
+    async fn link<D, F>(&self, key: &K, dial: &D) -> Result<Link, PoolConnectError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = Result<Link, PoolConnectError>>,
+    {
+        let deadline = Instant::now() + self.dial_wait;
+        loop {
+            // Registered, and counted as waiting, before looking: a
+            // connection put back or a dial ended after this look signals
+            // `changed` (`put` and `DialGuard` read `waiting` after their
+            // change, under the same lock `lease` takes).
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let lease = self.lease(key);
+            if !matches!(lease, Lease::Wait) {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+            match lease {
+                Lease::Idle(link) => return Ok(link),
+                Lease::Dial(guard) => {
+                    // Boxed: the handshake's state is large and only a
+                    // new connection needs it, so the request's future
+                    // (which hyper allocates per connection) stays small.
+                    let link = Box::pin(dial()).await;
+                    drop(guard);
+                    return link;
+                }
+                Lease::Wait => {
+                    let waited = tokio::time::timeout_at(deadline, changed).await;
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    if waited.is_err() {
+                        return Err(PoolConnectError::DialBacklog(self.max_dials));
+                    }
+                }
+            }
+        }
     }
 
     /// Idle connections open now.
     pub fn len(&self) -> usize {
         let map = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        map.values().map(Vec::len).sum()
+        map.values().map(|i| i.links.len()).sum()
     }
 
     /// Whether no idle connection is open.
@@ -486,10 +618,7 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> IdleLinks<K> {
         // Reused connections that closed under the request: a few, then a
         // new one, whose failure is final.
         for _ in 0..4 {
-            let mut link = match self.take(key) {
-                Some(l) => l,
-                None => dial().await?,
-            };
+            let mut link = self.link(key, &dial).await?;
             if link.home.is_none() {
                 let (pool, k) = (Arc::downgrade(self), key.clone());
                 link.home = Some(Arc::new(move |l| {
@@ -510,6 +639,10 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> IdleLinks<K> {
         Err(SendError::Closed)
     }
 }
+
+/// At most this many hop connections to one peer sidecar are opened at
+/// once (`OutboundHttp::new`).
+const MAX_HOP_DIALS: usize = 32;
 
 /// The outbound hop: HTTP/1.1 to peer sidecars over pooled mTLS
 /// connections, and the server side for the app's connections.
@@ -558,7 +691,16 @@ impl OutboundHttp {
             .max_headers(l.http_max_headers);
         OutboundHttp {
             server,
-            hop: Arc::default(),
+            // A burst of requests with no idle connection would otherwise
+            // open one connection each at the same moment: the peer closes
+            // those past its `max_pending_per_source` still in their
+            // handshake (128 by default, assumed the same as ours), and
+            // every one opened stays in both pools after the burst.
+            // Waiting requests take a connection that comes back first.
+            hop: Arc::new(IdleLinks::with_dial_limit(
+                (l.max_pending_per_source / 4).clamp(1, MAX_HOP_DIALS),
+                l.connect_timeout,
+            )),
             identity,
             slots: Arc::new(Semaphore::new(l.http_pool_max_connections)),
             max_pooled: l.http_pool_max_connections,
@@ -768,6 +910,68 @@ mod tests {
         assert_eq!(got, ["1".to_string(), "2".to_string()]);
         assert_eq!(pool.len(), 2);
         assert_eq!(app.closed.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_burst_opens_at_most_max_dials_connections_at_once_and_reuses_those() {
+        let app = app(Duration::from_millis(50), usize::MAX).await;
+        let opened = Arc::new(AtomicUsize::new(0));
+        let (dialing, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let pool = Arc::new(IdleLinks::with_dial_limit(2, Duration::from_secs(5)));
+        let ttl = Duration::from_secs(600);
+        // A dial that takes a while (as a TLS handshake does) and counts.
+        let dial = || {
+            let (opened, dialing, most) = (opened.clone(), dialing.clone(), most.clone());
+            let inner = dialer(app.addr, ttl);
+            async move {
+                opened.fetch_add(1, Ordering::SeqCst);
+                let now = dialing.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                dialing.fetch_sub(1, Ordering::SeqCst);
+                inner().await
+            }
+        };
+        let one = || async {
+            let (body, _) = RequestBody::new(empty_body().await);
+            let req = Request::get("/").header("host", "app").body(body).unwrap();
+            let (resp, _) = pool.send(&app.addr, req, dial).await.unwrap();
+            resp.into_body().collect().await.unwrap().to_bytes()
+        };
+        let answers = futures_join_all((0..12).map(|_| one()).collect::<Vec<_>>()).await;
+        assert_eq!(answers.len(), 12);
+        // Never more than two dials at once, and the waiting requests took
+        // connections that came back instead of opening one each.
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        let opened = opened.load(Ordering::SeqCst);
+        assert!((2..12).contains(&opened), "{opened} connections opened");
+        assert_eq!(pool.len(), opened);
+    }
+
+    /// Polls every future to its end, concurrently (no `futures` crate here).
+    async fn futures_join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+        let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+        let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+                if o.is_none() {
+                    match f.as_mut().poll(cx) {
+                        Poll::Ready(v) => *o = Some(v),
+                        Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        out.into_iter()
+            .map(|o| o.expect("polled to its end"))
+            .collect()
     }
 
     #[tokio::test]
