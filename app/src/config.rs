@@ -285,22 +285,6 @@ pub struct IstioConfig {
 }
 
 impl IstioConfig {
-    /// The resources in `files` for a workload of `namespace`, with every
-    /// other setting at its default (no labels, root namespace
-    /// `istio-system`, trust domain `cluster.local`).
-    pub fn new(files: Vec<PathBuf>, namespace: &str) -> IstioConfig {
-        IstioConfig {
-            files,
-            namespace: namespace.to_owned(),
-            labels: Default::default(),
-            root_namespace: d_istio_root(),
-            trust_domain: d_istio_td(),
-            trust_domain_aliases: Vec::new(),
-            jwks_ca_file: None,
-            jwks_cache: Default::default(),
-        }
-    }
-
     /// Who this sidecar is, for attaching the resources.
     pub fn workload(&self, cfg: &Config) -> rampart_authz::istio::Workload {
         rampart_authz::istio::Workload {

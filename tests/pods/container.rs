@@ -92,6 +92,7 @@ fn init_and_sidecar_carry_an_apps_traffic_in_podman_pods() {
             ports: Vec::new(),
             identities: vec![peer],
             trust_domains: Vec::new(),
+            allow_dns_san_servers: Vec::new(),
         });
         std::fs::write(dir.join("config.yaml"), config.to_yaml()).unwrap();
         for file in ["", "svid.pem", "svid.key", "bundle.pem", "config.yaml"] {

@@ -115,7 +115,12 @@ fn a_peer_authentication_edited_under_a_pair_applies_without_a_restart() {
             protocol: DeclaredProtocol::Http,
             ..PortConfig::new(APP_PORT)
         }];
-        c.inbound.istio = Some(IstioConfig::new(vec![file.clone()], "foo"));
+        c.inbound.istio = Some(IstioConfig::new(
+            vec![file.clone()],
+            "foo",
+            Default::default(),
+            "cluster.local",
+        ));
     });
     let (_client, outs) = pki.outbound_sidecar_with(CLIENT, &[inbound], SERVER, |_| {});
     let mesh = format!("http://{}/data", outs[0]);
