@@ -223,7 +223,7 @@ fn rfc2253_escape(v: &str, out: &mut String) {
         if edge || b",+\"\\<>;".contains(&b) {
             out.push('\\');
             out.push(char::from(b));
-        } else if b < 0x20 || b >= 0x7f {
+        } else if !(0x20..0x7f).contains(&b) {
             out.push_str(&format!("\\{b:02X}"));
         } else {
             out.push(char::from(b));

@@ -180,7 +180,9 @@ policies:
       - name: loopback
         from: { unauthenticated: true, source_cidrs: ["127.0.0.0/8"] }
 "#;
-        let rows: &[(&str, &str, Option<&str>, u16, Option<DenyReason>)] = &[
+        // (name, policy file, peer, port, the reason every request is refused)
+        type Row<'a> = (&'a str, &'a str, Option<&'a str>, u16, Option<DenyReason>);
+        let rows: &[Row] = &[
             ("allow: peer named", allow_web_get, Some(web), 8080, None),
             (
                 "allow: peer not named",

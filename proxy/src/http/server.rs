@@ -403,7 +403,7 @@ mod tests {
             port: 8080,
             app,
             serve: ServeVersion::Http1,
-            app_version: AppVersion::AsReceived,
+            app_version: AppVersion::Http1ExceptGrpc,
             grpc_port: false,
             sni: None,
             expires: authn.expires,
