@@ -50,6 +50,7 @@ pub fn run(o: &Options) {
         )
     });
     let start = Instant::now();
+    let load_at_start = loadavg();
     let at_start = [rss(0), rss(1)];
     let mut at_two: Option<[u64; 2]> = None;
     let mut samples = Vec::new();
@@ -80,6 +81,11 @@ pub fn run(o: &Options) {
         run.errors,
         run.hist.value_at_quantile(0.99) as f64 / 1e6
     );
+    // The machine's load, since RSS and p99 mean little on a busy host.
+    println!(
+        "# load average (1/5/15 min) at start {load_at_start}, at the end {}",
+        loadavg()
+    );
     println!(
         "| side | RSS at start (KiB) | RSS at minute 2 (KiB) | RSS at the end (KiB) | end / minute 2 |"
     );
@@ -100,4 +106,11 @@ pub fn run(o: &Options) {
         }
     }
     drop(mesh);
+}
+
+/// The first three fields of /proc/loadavg, or `?` off Linux.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".to_owned())
 }
