@@ -311,7 +311,18 @@ impl Env {
                     &self.bin,
                     server_svid,
                     app,
-                    |c| c.inbound.policies = vec![policy],
+                    |c| {
+                        c.inbound.policies = vec![policy];
+                        if flavor == Flavor::Http2 {
+                            // The HTTP/2 app, as the nginx and HAProxy
+                            // pairs speak to it: an undeclared port talks
+                            // HTTP/1.1 to its app (gRPC aside).
+                            c.inbound.ports = vec![PortConfig {
+                                protocol: DeclaredProtocol::Http2,
+                                ..PortConfig::new(app.port())
+                            }];
+                        }
+                    },
                     flavor.rampart_opaque(),
                 )
             }
