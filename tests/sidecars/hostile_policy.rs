@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::sidecar::{Loopback, Sidecar, free_addr};
+use rampart_proxy::policy::CompileBudget;
+use support::sidecar::{Loopback, Sidecar, free_addr, inbound_listener};
 
 /// The module that took a sidecar down (R1): 26 nested brackets, which
 /// regorus 0.14 parses in time exponential in their depth (20 take 23 s).
@@ -153,41 +154,41 @@ fn a_policy_over_budget_at_start_exits_with_the_reason() {
         "policies:\n  - name: backend\n    kind: rego\n    modules: [backend.rego]\n",
     )
     .unwrap();
-    let listeners = format!(
-        "listeners:\n  - {{name: in, direction: inbound, listen: \"{}\", target: \"{}\"}}\n",
-        free_addr(),
-        free_addr()
-    );
+    let (listen, target) = (free_addr(), free_addr());
+    let default = CompileBudget::default();
     let cases = [
         // The nesting guard: refused before regorus sees it.
         (
             bracket_bomb(26),
-            String::new(),
+            default,
             "brackets nest deeper than 12 levels",
         ),
         // The time budget: within the nesting limit (11 levels), but 10 nested objects
         // take regorus far more than a millisecond (tens of ms and up).
         (
             object_nest(10),
-            "  policy_budget: {time: 1ms}\n".to_owned(),
+            CompileBudget {
+                time: Duration::from_millis(1),
+                ..default
+            },
             "took longer than the 1ms budget",
         ),
         // The size budget.
         (
             rego_allow_get("/data"),
-            "  policy_budget: {max_bytes: 64}\n".to_owned(),
+            CompileBudget {
+                max_bytes: 64,
+                ..default
+            },
             "over the 64-byte budget",
         ),
     ];
     for (i, (source, budget, reason)) in cases.into_iter().enumerate() {
         std::fs::write(&module, source).unwrap();
-        let cfg = support::sidecar::with_sections(
-            pki.config("spiffe://example.org/ec-backend"),
-            &format!(
-                "{listeners}inbound:\n  policies: [\"{}\"]\n{budget}",
-                policy.display()
-            ),
-        );
+        let mut cfg = pki.config("spiffe://example.org/ec-backend");
+        cfg.listeners.push(inbound_listener("in", listen, target));
+        cfg.inbound.policies = vec![policy.clone()];
+        cfg.inbound.policy_budget = budget;
         let mut s = Sidecar::spawn(pki.dir.path(), &format!("start-{i}"), &cfg);
         let status = s.wait_exit(Duration::from_secs(30));
         let logs = s.logs();
