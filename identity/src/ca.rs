@@ -217,26 +217,7 @@ impl DevCa {
         dns_names: &[String],
         ttl: Duration,
     ) -> Result<IssuedCert, CaError> {
-        if dns_names.is_empty() {
-            return Err(CaError::Svid(SvidError::NoDnsSan));
-        }
-        let sans = dns_names
-            .iter()
-            .map(|d| Ok(SanType::DnsName(d.as_str().try_into()?)))
-            .collect::<Result<Vec<_>, rcgen::Error>>()?;
-        let leaf = self.sign_leaf(
-            sans,
-            &[ExtendedKeyUsagePurpose::ClientAuth],
-            SystemTime::now(),
-            ttl,
-        )?;
-        // Our own check, as for SVIDs: what we issue must be what we accept.
-        crate::svid::validate_dns_client_leaf(&leaf.cert_der)?;
-        Ok(IssuedCert {
-            cert_der: leaf.cert_der,
-            chain_pem: leaf.chain_pem,
-            key_pem: leaf.key_pem,
-        })
+        self.issue_dns(dns_names, &[ExtendedKeyUsagePurpose::ClientAuth], ttl)
     }
 
     /// Issues a server certificate whose only SANs are `dns_names` (no
@@ -248,6 +229,23 @@ impl DevCa {
         dns_names: &[String],
         ttl: Duration,
     ) -> Result<IssuedCert, CaError> {
+        self.issue_dns(
+            dns_names,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            ttl,
+        )
+    }
+
+    /// A certificate whose only SANs are `dns_names`, for `eku`.
+    fn issue_dns(
+        &self,
+        dns_names: &[String],
+        eku: &[ExtendedKeyUsagePurpose],
+        ttl: Duration,
+    ) -> Result<IssuedCert, CaError> {
         if dns_names.is_empty() {
             return Err(CaError::Svid(SvidError::NoDnsSan));
         }
@@ -255,15 +253,8 @@ impl DevCa {
             .iter()
             .map(|d| Ok(SanType::DnsName(d.as_str().try_into()?)))
             .collect::<Result<Vec<_>, rcgen::Error>>()?;
-        let leaf = self.sign_leaf(
-            sans,
-            &[
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-            SystemTime::now(),
-            ttl,
-        )?;
+        let leaf = self.sign_leaf(sans, eku, SystemTime::now(), ttl)?;
+        // Our own check, as for SVIDs: what we issue must be what we accept.
         crate::svid::validate_dns_client_leaf(&leaf.cert_der)?;
         Ok(IssuedCert {
             cert_der: leaf.cert_der,

@@ -228,23 +228,34 @@ impl SpiffeServerVerifier {
         let Some(td) = &self.own_trust_domain else {
             return Err(other(DnsServerNotAllowed(names.join(","))));
         };
+        self.verify_chain(td, end_entity, intermediates, now)?;
+        if !self.expected.matches_dns(&names) {
+            return Err(other(DnsServerNotAllowed(names.join(","))));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    /// The chain of `end_entity` up to the bundle of `td` (WebPKI also
+    /// checks the serverAuth extended key usage).
+    fn verify_chain(
+        &self,
+        td: &TrustDomain,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), Error> {
         let bundle = self
             .bundles
             .get(td)
             .ok_or_else(|| other(UnknownTrustDomain(td.clone())))?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        // WebPKI also checks the serverAuth extended key usage here.
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             bundle.roots(),
             intermediates,
             now,
             self.algs.all,
-        )?;
-        if !self.expected.matches_dns(&names) {
-            return Err(other(DnsServerNotAllowed(names.join(","))));
-        }
-        Ok(ServerCertVerified::assertion())
+        )
     }
 }
 
@@ -271,19 +282,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             }
             Err(e) => return Err(leaf_error(e)),
         };
-        let td = leaf.id.trust_domain();
-        let bundle = self
-            .bundles
-            .get(td)
-            .ok_or_else(|| other(UnknownTrustDomain(td.clone())))?;
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            bundle.roots(),
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        self.verify_chain(leaf.id.trust_domain(), end_entity, intermediates, now)?;
         if !self.expected.matches(&leaf.id) {
             return Err(other(PeerNotAllowed(leaf.id)));
         }
