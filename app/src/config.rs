@@ -974,6 +974,26 @@ impl Config {
                     "must list at least one SPIFFE ID".into(),
                 ));
             }
+            // A name is resolved by discovery, which also says who must
+            // answer at each endpoint (docs/discovery.md).
+            if l.target_addr().is_none() {
+                let why = if l.direction == Direction::Inbound {
+                    Some("an inbound listener's target is the app's address, not a name")
+                } else if l.server_identities.is_some() {
+                    Some(
+                        "a name's server identities come from discovery: give an address to use server_identities",
+                    )
+                } else if !self.discovery.any() {
+                    Some(
+                        "a name needs a discovery source (discovery.kubernetes, discovery.dns or discovery.file)",
+                    )
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    p.push((format!("listeners[{i}].target"), why.into()));
+                }
+            }
         }
         let mut ports = std::collections::HashSet::new();
         for (i, port) in self.inbound.ports.iter().enumerate() {
@@ -1328,6 +1348,50 @@ listeners:
         assert!(
             e.problems[2].starts_with("x.yaml:5:6: field `listeners[1].name`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_named_target_is_outbound_with_discovery_and_no_server_identities() {
+        let listeners = "
+identity:
+  files: {cert: a, key: b, bundle: c}
+listeners:
+  - {name: a, direction: outbound, listen: 127.0.0.1:1, target: web.shop.svc.cluster.local:80}
+  - {name: b, direction: inbound, listen: 127.0.0.1:2, target: web.shop:80}
+  - {name: c, direction: outbound, listen: 127.0.0.1:3, target: web.shop:80, server_identities: [spiffe://example.org/w]}
+";
+        let e = Config::parse("x.yaml", listeners).unwrap_err();
+        let fields: Vec<&str> = e
+            .problems
+            .iter()
+            .filter_map(|p| p.split('`').nth(1))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "listeners[0].target",
+                "listeners[1].target",
+                "listeners[2].target"
+            ],
+            "{e}"
+        );
+        assert!(e.problems[0].contains("needs a discovery source"), "{e}");
+        assert!(e.problems[1].contains("inbound"), "{e}");
+        assert!(e.problems[2].contains("server_identities"), "{e}");
+        let ok = format!(
+            "{}discovery:\n  kubernetes: {{}}\n",
+            listeners.lines().take(5).collect::<Vec<_>>().join("\n") + "\n"
+        );
+        let c = Config::parse("x.yaml", &ok).unwrap();
+        assert_eq!(
+            c.listeners[0].target,
+            rampart_discovery::model::Destination::Name("web.shop.svc.cluster.local".into(), 80)
+        );
+        // It reads back as written.
+        assert!(
+            c.to_yaml()
+                .contains("target: web.shop.svc.cluster.local:80")
         );
     }
 

@@ -443,12 +443,13 @@ pub fn inject_pod(
     let spec = child_mapping(pod, "spec", object, &mut status.created)?;
     let app_probes =
         crate::probes::rewrite(spec, ADMIN_PORT, &settings.exclude_inbound_ports, object)?;
-    let init = child_sequence(spec, "initContainers", object, &mut status.created)?;
     // Our init container runs first, so that every later container's traffic
     // is captured, and the sidecar (a native sidecar: an init container with
     // `restartPolicy: Always`) starts before later init containers and the
     // app, and stops after them, which lets its drain finish.
-    init.insert(0, settings.proxy_container(opts, app_probes));
+    let token = service_account_mount(spec);
+    let init = child_sequence(spec, "initContainers", object, &mut status.created)?;
+    init.insert(0, settings.proxy_container(opts, app_probes, token));
     init.insert(0, settings.init_container(opts));
     let volumes = child_sequence(spec, "volumes", object, &mut status.created)?;
     volumes.extend(settings.volumes(opts));
@@ -779,7 +780,12 @@ impl Settings {
         ])
     }
 
-    fn proxy_container(&self, opts: &InjectOptions, app_probes: Option<String>) -> Value {
+    fn proxy_container(
+        &self,
+        opts: &InjectOptions,
+        app_probes: Option<String>,
+        token: Option<Value>,
+    ) -> Value {
         let probe = |path: &str, period: u64, failures: u64| {
             map([
                 (
@@ -805,6 +811,8 @@ impl Settings {
         if self.policy.is_some() {
             mounts.push(mount("rampart-policy", POLICY_DIR));
         }
+        // The Kubernetes discovery source's in-cluster credentials.
+        mounts.extend(token);
         let mut container = map([
             ("name", s(PROXY_CONTAINER)),
             ("image", s(&opts.image)),
@@ -931,6 +939,40 @@ impl Settings {
         }
         volumes
     }
+}
+
+/// Where the ServiceAccount admission plugin mounts a pod's API token.
+pub const SERVICE_ACCOUNT_DIR: &str = rampart_discovery::kubernetes::SERVICE_ACCOUNT_DIR;
+
+/// The app containers' mount of the pod's service-account token, for the
+/// sidecar. At admission the ServiceAccount plugin runs before the
+/// webhooks: it has added the projected `kube-api-access-*` volume and
+/// mounted it into every container present then, but not into the sidecar
+/// the webhook adds (only a reinvocation of the plugin would). Without
+/// such a mount (a template from `rampart inject`, where the plugin runs
+/// later and mounts it into every container, the sidecar too; or
+/// `automountServiceAccountToken: false`, where nothing is mounted and the
+/// sidecar's in-cluster discovery fails at start with the reason) there is
+/// nothing to copy.
+fn service_account_mount(spec: &Mapping) -> Option<Value> {
+    spec.get("containers")?
+        .as_sequence()?
+        .iter()
+        .filter_map(|c| c.get("volumeMounts")?.as_sequence())
+        .flatten()
+        .find(|m| {
+            m.get("mountPath")
+                .and_then(Value::as_str)
+                .is_some_and(|p| p.trim_end_matches('/') == SERVICE_ACCOUNT_DIR)
+        })
+        .map(|m| {
+            let mut m = m.clone();
+            if let Value::Mapping(fields) = &mut m {
+                // The sidecar reads it only.
+                fields.insert(s("readOnly"), Value::from(true));
+            }
+            m
+        })
 }
 
 /// `Kind/name` for messages (`Pod/<generateName>` for pods not yet named).
@@ -1169,6 +1211,43 @@ mod tests {
         );
         let out = inject(&yaml).unwrap();
         assert!(out.contains("--exclude-inbound-ports=9090"), "{out}");
+    }
+
+    #[test]
+    fn the_sidecar_gets_the_service_account_token_mount_the_app_has() {
+        let proxy_mounts = |injected: &str| -> Vec<Value> {
+            let pod: Value = serde_yaml::from_str(injected).unwrap();
+            let init = pod["spec"]["initContainers"].as_sequence().unwrap();
+            let proxy = init
+                .iter()
+                .find(|c| name_of(c) == Some(PROXY_CONTAINER))
+                .unwrap();
+            proxy["volumeMounts"].as_sequence().unwrap().clone()
+        };
+        let token = |mounts: &[Value]| {
+            mounts
+                .iter()
+                .find(|m| m["mountPath"] == SERVICE_ACCOUNT_DIR)
+                .cloned()
+        };
+        // As the webhook sees a pod: the ServiceAccount plugin has mounted
+        // the projected token into the app.
+        let admitted = POD.replace(
+            "    image: nginx\n",
+            "    image: nginx\n    volumeMounts:\n    - name: kube-api-access-x7k2p\n      mountPath: /var/run/secrets/kubernetes.io/serviceaccount\n      readOnly: true\n",
+        );
+        let injected = inject(&admitted).unwrap();
+        let mount = token(&proxy_mounts(&injected)).expect("the token mount");
+        assert_eq!(mount["name"], "kube-api-access-x7k2p");
+        assert_eq!(mount["readOnly"], true);
+        // Uninjection takes it away with the sidecar; the app keeps its own.
+        let back = mutate_documents(&injected, &InjectOptions::default(), Mode::Uninject).unwrap();
+        assert_eq!(back, admitted);
+        // A template (no mount yet: the plugin mounts it into every
+        // container at creation) and an opted-out pod get none.
+        assert_eq!(token(&proxy_mounts(&inject(POD).unwrap())), None);
+        let opted_out = POD.replace("spec:\n", "spec:\n  automountServiceAccountToken: false\n");
+        assert_eq!(token(&proxy_mounts(&inject(&opted_out).unwrap())), None);
     }
 
     #[test]

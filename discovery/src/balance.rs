@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rampart_identity::SpiffeId;
 use tokio::time::Instant;
 
@@ -51,6 +51,8 @@ pub const EJECT_MAX: Duration = Duration::from_secs(30);
 pub struct Balancer {
     name: String,
     endpoints: ArcSwap<Vec<Arc<EndpointState>>>,
+    /// Why the service does not exist, when its source says so.
+    missing: ArcSwapOption<String>,
     metrics: ServiceMetrics,
 }
 
@@ -85,6 +87,10 @@ pub enum NoEndpoint {
     /// The service has no endpoints at all.
     #[error("service {0} has no endpoints")]
     Empty(String),
+    /// The service does not exist (the source follows it, by name, and
+    /// says why: `no Service demo/web in the cluster`).
+    #[error("{0}")]
+    Missing(String),
     /// Its endpoints exist but none has an identity that could be derived.
     #[error("no endpoint of service {0} has a derivable identity")]
     NoIdentity(String),
@@ -312,6 +318,7 @@ impl Balancer {
         let b = Balancer {
             name: service.name.clone(),
             endpoints: ArcSwap::from_pointee(Vec::new()),
+            missing: ArcSwapOption::empty(),
             metrics,
         };
         b.update(service);
@@ -348,6 +355,7 @@ impl Balancer {
             .filter(|s| s.endpoint.identity.id().is_some())
             .count();
         self.metrics.endpoints(usable, next.len() - usable);
+        self.missing.store(service.missing.clone().map(Arc::new));
         self.endpoints.store(Arc::new(next));
     }
 
@@ -361,6 +369,9 @@ impl Balancer {
         let all = self.endpoints.load();
         let now = Instant::now();
         if all.is_empty() {
+            if let Some(why) = self.missing.load_full() {
+                return Err(NoEndpoint::Missing(why.to_string()));
+            }
             return Err(NoEndpoint::Empty(self.name.clone()));
         }
         let with_id: Vec<&Arc<EndpointState>> = all
@@ -457,6 +468,7 @@ mod tests {
                     owner: None,
                 })
                 .collect(),
+            missing: None,
         }
     }
 

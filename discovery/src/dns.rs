@@ -235,6 +235,7 @@ fn state(cfg: &DnsConfig, known: &[Known]) -> SourceState {
                         owner: Some(n.name.clone()),
                     })
                     .collect(),
+                missing: None,
             },
         ));
     }

@@ -217,6 +217,7 @@ pub fn parse(path: &Path, text: &str) -> Result<SourceState, FileError> {
                 name: svc.name,
                 source: SourceKind::File,
                 endpoints,
+                missing: None,
             },
         ));
     }

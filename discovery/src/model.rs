@@ -76,6 +76,10 @@ pub struct Service {
     pub source: SourceKind,
     /// Where requests go, in a stable order.
     pub endpoints: Vec<Endpoint>,
+    /// Set when the source follows this service but it does not exist (a
+    /// Kubernetes Service an explicit listener names, not or no longer in
+    /// the cluster): why, for the 503 its requests get.
+    pub missing: Option<String>,
 }
 
 /// A pod (or host) address a source attributes to a workload.
@@ -97,7 +101,8 @@ pub struct SourceState {
     pub pods: Vec<(IpAddr, PodAddr)>,
 }
 
-/// What an app dials.
+/// What an app dials; in the configuration (an explicit listener's
+/// `target`), `ADDR:PORT` or `HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Destination {
     /// A ClusterIP (or any virtual IP) and port.
@@ -112,6 +117,43 @@ impl std::fmt::Display for Destination {
             Destination::Addr(a) => write!(f, "{a}"),
             Destination::Name(h, p) => write!(f, "{h}:{p}"),
         }
+    }
+}
+
+impl Destination {
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        match self {
+            Destination::Addr(a) => a.port(),
+            Destination::Name(_, p) => *p,
+        }
+    }
+
+    /// The socket address, when it is one.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Destination::Addr(a) => Some(*a),
+            Destination::Name(..) => None,
+        }
+    }
+}
+
+impl From<SocketAddr> for Destination {
+    fn from(a: SocketAddr) -> Self {
+        Destination::Addr(a)
+    }
+}
+
+impl serde::Serialize for Destination {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -282,6 +324,7 @@ mod tests {
                     name: "a".into(),
                     source: SourceKind::File,
                     endpoints: vec![ep("10.1.0.1:8080", "spiffe://td/a")],
+                    missing: None,
                 },
             )],
             pods: vec![(
@@ -299,6 +342,7 @@ mod tests {
                     name: "b".into(),
                     source: SourceKind::Dns,
                     endpoints: vec![],
+                    missing: None,
                 },
             )],
             pods: vec![],

@@ -42,14 +42,32 @@ pub enum Resolved {
     Unknown,
 }
 
-/// A request to a demand-driven source to look an address up.
+/// A request to a demand-driven source to look a destination up.
 #[derive(Debug)]
 pub struct Demand {
-    /// The address the app dialled.
-    pub addr: SocketAddr,
+    /// What the app dialled: an address, or the name an explicit listener
+    /// targets.
+    pub dest: Destination,
     /// Set to `true` once the source has published what it found (or
     /// found nothing).
     pub done: watch::Sender<bool>,
+}
+
+/// What is remembered as asked: an address by its IP (any port), a name
+/// with its port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Asked {
+    Ip(IpAddr),
+    Name(String, u16),
+}
+
+impl Asked {
+    fn of(dest: &Destination) -> Asked {
+        match dest {
+            Destination::Addr(a) => Asked::Ip(a.ip()),
+            Destination::Name(h, p) => Asked::Name(h.clone(), *p),
+        }
+    }
 }
 
 struct Inner {
@@ -64,7 +82,7 @@ pub struct Registry {
     inner: Mutex<Inner>,
     tx: watch::Sender<Arc<Snapshot>>,
     demand: Mutex<Option<mpsc::UnboundedSender<Demand>>>,
-    asked: Mutex<HashMap<IpAddr, (watch::Receiver<bool>, tokio::time::Instant)>>,
+    asked: Mutex<HashMap<Asked, (watch::Receiver<bool>, tokio::time::Instant)>>,
     demand_wait: Duration,
 }
 
@@ -172,6 +190,7 @@ impl Registry {
                     name: name.clone(),
                     source: SourceKind::File,
                     endpoints: Vec::new(),
+                    missing: None,
                 });
             }
         }
@@ -243,26 +262,34 @@ impl Registry {
     /// the demand-driven source (if any) is asked, and this waits for its
     /// answer up to the registry's demand wait.
     pub async fn resolve(&self, dst: SocketAddr) -> Resolved {
-        let known = self.lookup(dst);
+        self.resolve_dest(&Destination::Addr(dst)).await
+    }
+
+    /// [`Registry::resolve`] for any destination: an address, or a name an
+    /// explicit listener targets (`web.shop.svc.cluster.local:80`), which
+    /// a demand-driven source looks up by name.
+    pub async fn resolve_dest(&self, dest: &Destination) -> Resolved {
+        let known = self.lookup_dest(dest);
         if !matches!(known, Resolved::Unknown) {
             return known;
         }
-        let Some(mut done) = self.ask(dst) else {
+        let Some(mut done) = self.ask(dest) else {
             return known;
         };
         if tokio::time::timeout(self.demand_wait, done.wait_for(|d| *d))
             .await
             .is_err()
         {
-            tracing::debug!(dst.addr = %dst, "discovery did not answer in time; routing by rules");
+            tracing::debug!(destination = %dest, "discovery did not answer in time");
         }
-        self.lookup(dst)
+        self.lookup_dest(dest)
     }
 
-    fn ask(&self, dst: SocketAddr) -> Option<watch::Receiver<bool>> {
+    fn ask(&self, dest: &Destination) -> Option<watch::Receiver<bool>> {
         let demand = self.demand.lock().ok()?.clone()?;
         let mut asked = self.asked.lock().ok()?;
-        if let Some((rx, at)) = asked.get(&dst.ip()) {
+        let key = Asked::of(dest);
+        if let Some((rx, at)) = asked.get(&key) {
             // Still unknown after an answer, long enough ago: ask again.
             let stale = *rx.borrow() && at.elapsed() >= REASK_AFTER;
             if !stale {
@@ -273,11 +300,15 @@ impl Registry {
             asked.clear();
         }
         let (done, rx) = watch::channel(false);
-        if demand.send(Demand { addr: dst, done }).is_err() {
+        let d = Demand {
+            dest: dest.clone(),
+            done,
+        };
+        if demand.send(d).is_err() {
             // The source is gone: nothing to wait for.
             return None;
         }
-        asked.insert(dst.ip(), (rx.clone(), tokio::time::Instant::now()));
+        asked.insert(key, (rx.clone(), tokio::time::Instant::now()));
         Some(rx)
     }
 }
@@ -313,7 +344,7 @@ impl Registry {
         };
         let resolved = match q.parse::<Destination>() {
             Ok(Destination::Addr(a)) => self.resolve(a).await,
-            Ok(d @ Destination::Name(..)) => self.lookup_dest(&d),
+            Ok(d @ Destination::Name(..)) => self.resolve_dest(&d).await,
             Err(_) => match self.balancer(q) {
                 Some(b) => Resolved::Service(b),
                 None => Resolved::Unknown,
@@ -367,14 +398,21 @@ impl Registry {
                         v
                     })
                     .collect();
-                let source = self.snapshot().service(b.name()).map(|s| s.source.as_str());
-                json!({
+                let snap = self.snapshot();
+                let svc = snap.service(b.name());
+                let mut v = json!({
                     "destination": q,
                     "kind": "service",
                     "service": b.name(),
-                    "source": source,
+                    "source": svc.map(|s| s.source.as_str()),
                     "endpoints": endpoints,
-                })
+                });
+                if let (Some(o), Some(why)) =
+                    (v.as_object_mut(), svc.and_then(|s| s.missing.clone()))
+                {
+                    o.insert("missing".into(), why.into());
+                }
+                v
             }
         }
     }
@@ -403,6 +441,7 @@ mod tests {
                             owner: None,
                         })
                         .collect(),
+                    missing: None,
                 },
             )],
             pods: vec![],
@@ -433,7 +472,7 @@ mod tests {
         let (p, mut demands) = r.demand_source(SourceKind::Kubernetes);
         let answer = tokio::spawn(async move {
             let d = demands.recv().await.unwrap();
-            assert_eq!(d.addr, "10.96.0.1:80".parse().unwrap());
+            assert_eq!(d.dest, Destination::Addr("10.96.0.1:80".parse().unwrap()));
             p.publish(state("10.96.0.1:80", &["10.1.0.1:80"]));
             d.done.send_replace(true);
             demands
@@ -457,7 +496,7 @@ mod tests {
             async move { r.resolve("10.96.0.1:81".parse().unwrap()).await }
         });
         let d = demands.recv().await.unwrap();
-        assert_eq!(d.addr, "10.96.0.1:81".parse().unwrap());
+        assert_eq!(d.dest, Destination::Addr("10.96.0.1:81".parse().unwrap()));
         d.done.send_replace(true);
         assert!(matches!(again.await.unwrap(), Resolved::Unknown));
     }

@@ -169,8 +169,12 @@ pub struct ListenerConfig {
     pub direction: Direction,
     /// Address to bind.
     pub listen: SocketAddr,
-    /// Where to forward (the peer sidecar for outbound, the app for inbound).
-    pub target: SocketAddr,
+    /// Where to forward: the app (inbound; an address), the peer sidecar
+    /// or a service's virtual address (outbound), or, outbound only, a
+    /// name discovery resolves (`web.shop.svc.cluster.local:80`,
+    /// `web.shop:80`, a DNS name of `discovery.dns`), whose requests go to
+    /// that service's endpoints, each held to its own SPIFFE ID.
+    pub target: rampart_discovery::model::Destination,
     /// Inbound only: the port policies see (default: the target's port,
     /// [`ListenerConfig::policy_port`]).
     #[serde(default)]
@@ -185,6 +189,11 @@ impl ListenerConfig {
     /// The port inbound policies see for this listener's connections.
     pub fn policy_port(&self) -> u16 {
         self.port.unwrap_or(self.target.port())
+    }
+
+    /// The address to dial, when the target is one (it is not a name).
+    pub fn target_addr(&self) -> Option<SocketAddr> {
+        self.target.addr()
     }
 }
 

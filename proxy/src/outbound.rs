@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rampart_discovery::balance::{Balancer, Outcome, Pick, Refusal};
+use rampart_discovery::model::Destination;
 use rampart_identity::store::TlsConfigs;
 use rustls::ClientConfig;
 
@@ -31,12 +32,16 @@ use crate::server::Shared;
 use crate::{forward, metrics};
 
 /// How an outbound listener picks the server identity to expect.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum ServerChoice {
     /// By the outbound routing rules, from the destination.
     ByRoute,
     /// A fixed client configuration (explicit listener with its own identities).
     Fixed(ClientConfigId),
+    /// By discovery, from the name an explicit listener targets: its
+    /// service's endpoints, each with its own identity; a name discovery
+    /// does not know is refused.
+    ByName(Destination),
 }
 
 /// Serves an outbound listener until the drain starts.
@@ -55,7 +60,7 @@ pub async fn serve(
             Ok(Ok(a)) => {
                 let shared = shared.clone();
                 let w = watch.clone();
-                tokio::spawn(handle(a, choice, shared, w));
+                tokio::spawn(handle(a, choice.clone(), shared, w));
             }
             Ok(Err((e, client))) => {
                 tracing::info!(src.addr = %client.0, error = %e, "outbound connection refused");
@@ -84,6 +89,9 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
         let limits = &shared.config.limits;
         let route = match choice {
             ServerChoice::Fixed(i) => OutboundRoute::Mesh(i),
+            ServerChoice::ByName(name) => {
+                route::resolve_name(shared.config.discovery.as_deref(), &name).await
+            }
             ServerChoice::ByRoute => {
                 route::resolve(
                     &shared.config.outbound,
@@ -111,6 +119,11 @@ async fn handle(accepted: Accepted, choice: ServerChoice, shared: Arc<Shared>, w
                     "connection refused: no server identity configured for this destination"
                 );
                 metrics::forward_error(Direction::Outbound, ForwardFailure::NoServerRule);
+                return;
+            }
+            OutboundRoute::UnknownName(name) => {
+                tracing::warn!(destination = %name, "connection refused: no discovery source knows this name");
+                metrics::forward_error(Direction::Outbound, ForwardFailure::NoEndpoint);
                 return;
             }
             OutboundRoute::Unverifiable(e) => {

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rampart_discovery::balance::Balancer;
-use rampart_discovery::model::Endpoint;
+use rampart_discovery::model::{Destination, Endpoint};
 use rampart_discovery::{Registry, Resolved};
 
 use crate::config::{ClientConfigId, OutboundConfig, UnknownServer};
@@ -40,6 +40,9 @@ pub enum OutboundRoute {
     /// A pod address whose identity discovery cannot derive: refused
     /// (fail closed).
     Unverifiable(Endpoint),
+    /// A name (an explicit listener's target) no discovery source knows,
+    /// or not yet (the source did not answer in time): refused.
+    UnknownName(Destination),
 }
 
 /// Routes an outbound destination by the rules alone: passthrough ports
@@ -72,6 +75,21 @@ pub async fn resolve(
         }
     }
     by_rules(o, dst)
+}
+
+/// Routes the name an explicit listener targets: only discovery knows
+/// where it leads (the rules match addresses); a Service that does not
+/// exist is a service without endpoints whose 503 says why.
+pub async fn resolve_name(discovery: Option<&Registry>, name: &Destination) -> OutboundRoute {
+    let Some(d) = discovery else {
+        return OutboundRoute::UnknownName(name.clone());
+    };
+    match d.resolve_dest(name).await {
+        Resolved::Service(b) => OutboundRoute::Service(b),
+        Resolved::Pod(e) => OutboundRoute::Endpoint(e),
+        Resolved::Unverifiable(e) => OutboundRoute::Unverifiable(e),
+        Resolved::Unknown => OutboundRoute::UnknownName(name.clone()),
+    }
 }
 
 fn passthrough(o: &OutboundConfig, dst: SocketAddr) -> bool {
@@ -142,6 +160,7 @@ mod tests {
         Service(String),
         Endpoint(String),
         Unverifiable(String),
+        UnknownName(String),
     }
 
     impl Shape {
@@ -153,6 +172,7 @@ mod tests {
                 OutboundRoute::Service(b) => Shape::Service(b.name().to_owned()),
                 OutboundRoute::Endpoint(e) => Shape::Endpoint(e.addr.to_string()),
                 OutboundRoute::Unverifiable(e) => Shape::Unverifiable(e.addr.to_string()),
+                OutboundRoute::UnknownName(n) => Shape::UnknownName(n.to_string()),
             }
         }
     }
@@ -169,11 +189,13 @@ mod tests {
                 vec![
                     Destination::Addr("10.1.2.3:8080".parse().unwrap()),
                     Destination::Addr("10.1.2.3:5432".parse().unwrap()),
+                    Destination::Name("svc.example".into(), 80),
                 ],
                 Service {
                     name: "svc".into(),
                     source: SourceKind::File,
                     endpoints: vec![],
+                    missing: None,
                 },
             )],
             pods: vec![
@@ -214,6 +236,20 @@ mod tests {
             Shape::of(route(&c.outbound, "10.1.2.4:8080".parse().unwrap()))
         );
         assert_eq!(r("10.2.2.3:8080").await, Shape::NoServerRule);
+        // A name (an explicit listener's target): discovery alone.
+        let name = |s: &str| s.parse::<Destination>().unwrap();
+        assert_eq!(
+            Shape::of(resolve_name(Some(&registry), &name("svc.example:80")).await),
+            Shape::Service("svc".into())
+        );
+        assert_eq!(
+            Shape::of(resolve_name(Some(&registry), &name("other.example:80")).await),
+            Shape::UnknownName("other.example:80".into())
+        );
+        assert_eq!(
+            Shape::of(resolve_name(None, &name("svc.example:80")).await),
+            Shape::UnknownName("svc.example:80".into())
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::drain::Drain;
 use crate::inbound::{self, AppTarget};
 use crate::listen::{self, DstSource, Listener};
 use crate::outbound::{self, ServerChoice};
+use rampart_discovery::model::Destination;
 
 /// State shared by every connection.
 #[derive(Debug)]
@@ -160,19 +161,27 @@ pub fn bind(
         ));
     }
     for (i, l) in config.listeners.iter().enumerate() {
-        let mut bound = mk(&l.name, l.listen, DstSource::Fixed(l.target))?;
+        // A name has no address: its connections' destination (for logs,
+        // access events, an HTTP/1.0 request's Host) is the listener's own.
+        let dst = l.target_addr().unwrap_or(l.listen);
+        let mut bound = mk(&l.name, l.listen, DstSource::Fixed(dst))?;
         if matches!(l.direction, Direction::Inbound) {
             bound = bound.with_pending_limit(config.limits.max_pending_per_source);
         }
-        let role = match l.direction {
-            Direction::Inbound => Role::Inbound(AppTarget::Fixed {
-                target: l.target,
+        let role = match (l.direction, &l.target) {
+            (Direction::Inbound, _) => Role::Inbound(AppTarget::Fixed {
+                target: dst,
                 port: l.policy_port(),
             }),
-            Direction::Outbound => Role::Outbound(match config.listener_client(i) {
-                Some(idx) => ServerChoice::Fixed(idx),
-                None => ServerChoice::ByRoute,
-            }),
+            (Direction::Outbound, Destination::Name(..)) => {
+                Role::Outbound(ServerChoice::ByName(l.target.clone()))
+            }
+            (Direction::Outbound, Destination::Addr(_)) => {
+                Role::Outbound(match config.listener_client(i) {
+                    Some(idx) => ServerChoice::Fixed(idx),
+                    None => ServerChoice::ByRoute,
+                })
+            }
         };
         listeners.push((bound, role));
     }

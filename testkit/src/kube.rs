@@ -38,8 +38,12 @@ use serde_json::Value as Json;
 use crate::sidecar::free_addr;
 use crate::{Pod, Proc};
 
-/// The Services' ClusterIP range.
+/// The Services' ClusterIP range (IPv4, the primary family).
 pub const SERVICE_CIDR: &str = "10.213.240.0/20";
+/// The IPv6 ClusterIP range: the API server is dual-stack, so a Service
+/// with `ipFamilyPolicy: RequireDualStack` has a ClusterIP of each family
+/// (single-stack Services, the default, keep IPv4 only).
+pub const SERVICE_CIDR_V6: &str = "fd00:10:213:240::/108";
 
 /// How long the API server may take to become ready (2 shared cores).
 const READY_WITHIN: Duration = Duration::from_secs(120);
@@ -261,7 +265,9 @@ impl ControlPlane {
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             // ClusterIPs: the top /20 of the test subnet (4,094 Services; a
             // `Net` takes the /24s from the bottom).
-            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg(format!(
+                "--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR_V6}"
+            ))
             .arg("--authorization-mode=Node,RBAC")
             .arg(format!("--cert-dir={}", path(&d.join("apiserver-certs"))))
             .arg("--v=1");

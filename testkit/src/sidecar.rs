@@ -78,16 +78,6 @@ impl Loopback {
         base_config(&svid)
     }
 
-    /// Issues an SVID for `id` and starts a sidecar with it; `body` holds
-    /// the configuration's sections besides `identity` (YAML, deserialized
-    /// into the typed [`Config`]: its `admin` and `log` sections are merged
-    /// over the defaults of [`Loopback::config`]).
-    pub fn sidecar(&self, id: &str, body: &str) -> Sidecar {
-        let s = self.sidecar_unready(id, body);
-        s.wait_ready();
-        s
-    }
-
     /// Starts a sidecar for `id` with the configuration `edit` makes of
     /// [`Loopback::config`]; returns once it is ready.
     pub fn sidecar_with(&self, id: &str, edit: impl FnOnce(&mut Config)) -> Sidecar {
@@ -107,22 +97,9 @@ impl Loopback {
     }
 
     /// A sidecar for `id` with one outbound listener per target, each
-    /// expecting the server identity `expect`, then `extra` configuration;
+    /// expecting the server identity `expect`, and the configuration `edit`
+    /// makes of [`Loopback::config`] before the listeners are added;
     /// returns it and the listeners' addresses, in order.
-    pub fn outbound_sidecar(
-        &self,
-        id: &str,
-        targets: &[SocketAddr],
-        expect: &str,
-        extra: &str,
-    ) -> (Sidecar, Vec<SocketAddr>) {
-        self.outbound_sidecar_with(id, targets, expect, |cfg| {
-            *cfg = with_sections(cfg.clone(), extra);
-        })
-    }
-
-    /// [`Loopback::outbound_sidecar`] with the configuration `edit` makes
-    /// of [`Loopback::config`] before the outbound listeners are added.
     pub fn outbound_sidecar_with(
         &self,
         id: &str,
@@ -143,13 +120,6 @@ impl Loopback {
         s.wait_ready();
         (s, outs)
     }
-
-    /// Like [`Loopback::sidecar`], but returns as soon as the process runs,
-    /// ready or not.
-    pub fn sidecar_unready(&self, id: &str, body: &str) -> Sidecar {
-        let cfg = with_sections(self.config(id), body);
-        Sidecar::spawn(self.dir.path(), name_of(id), &cfg)
-    }
 }
 
 /// An inbound listener `name` on `listen` in front of the app at
@@ -159,7 +129,7 @@ pub fn inbound_listener(name: &str, listen: SocketAddr, target: SocketAddr) -> L
         name: name.to_owned(),
         direction: ProxyDirection::Inbound,
         listen,
-        target,
+        target: target.into(),
         port: None,
         server_identities: None,
     }
@@ -191,7 +161,7 @@ pub fn outbound_listener(
         name: name.to_owned(),
         direction: ProxyDirection::Outbound,
         listen,
-        target,
+        target: target.into(),
         port: None,
         server_identities: Some(vec![parse_id(expect)]),
     }
@@ -208,34 +178,6 @@ pub fn base_config(svid: &Path) -> Config {
     cfg.admin.address = free_addr();
     cfg.log.level = "debug".into();
     cfg
-}
-
-/// `cfg` with the sections of `body` (YAML) put in: `admin` and `log` are
-/// merged key by key over `cfg`'s, the others replace `cfg`'s. The result
-/// is deserialized into the typed [`Config`], so a misspelt field fails here.
-pub fn with_sections(cfg: Config, body: &str) -> Config {
-    use serde_yaml::Value;
-    let mut base = match serde_yaml::to_value(&cfg).expect("a Config is a YAML value") {
-        Value::Mapping(m) => m,
-        _ => unreachable!("a Config serializes to a mapping"),
-    };
-    let sections: serde_yaml::Mapping = if body.trim().is_empty() {
-        serde_yaml::Mapping::new()
-    } else {
-        serde_yaml::from_str(body).unwrap_or_else(|e| panic!("test configuration: {e}\n{body}"))
-    };
-    for (key, value) in sections {
-        let merged = match (key.as_str(), base.get_mut(&key), value) {
-            (Some("admin" | "log"), Some(Value::Mapping(old)), Value::Mapping(new)) => {
-                old.extend(new);
-                continue;
-            }
-            (_, _, value) => value,
-        };
-        base.insert(key, merged);
-    }
-    serde_yaml::from_value(Value::Mapping(base))
-        .unwrap_or_else(|e| panic!("test configuration does not fit the Config types: {e}\n{body}"))
 }
 
 /// A running sidecar, killed on drop.
@@ -430,36 +372,6 @@ pub fn wait_listening(addr: SocketAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sections_merge_admin_and_log_and_replace_the_rest() {
-        let base = base_config(Path::new("/svid"));
-        let admin = base.admin.address;
-        let cfg = with_sections(
-            base,
-            "admin: {metrics: false}\nlog: {access: true}\nlisteners:\n  - {name: in, direction: inbound, listen: \"127.0.0.1:1\", target: \"127.0.0.1:2\"}\n",
-        );
-        assert_eq!(cfg.admin.address, admin, "the free admin address is kept");
-        assert!(!cfg.admin.metrics);
-        assert_eq!(cfg.log.level, "debug", "the kit's log level is kept");
-        assert!(cfg.log.access);
-        assert_eq!(cfg.listeners.len(), 1);
-        assert_eq!(cfg.listeners[0].policy_port(), 2);
-        let files = cfg.identity.files.as_ref().unwrap();
-        assert_eq!(files.cert, Path::new("/svid/svid.pem"));
-        // What the sidecar will read back.
-        let again = Config::parse("again.yaml", &cfg.to_yaml()).unwrap();
-        assert_eq!(again.to_yaml(), cfg.to_yaml());
-    }
-
-    #[test]
-    #[should_panic(expected = "does not fit the Config types")]
-    fn a_misspelt_section_fails_in_the_test() {
-        with_sections(
-            base_config(Path::new("/svid")),
-            "limits: {conect_timeout: 1s}\n",
-        );
-    }
 
     #[test]
     fn free_addresses_are_never_handed_out_twice() {

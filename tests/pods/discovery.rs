@@ -12,9 +12,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rampart_app::config::{Config, IdentityConfig};
+use rampart_app::config::{Config, IdentityConfig, PortConfig};
+use rampart_discovery::dns::{DnsConfig, DnsName};
 use rampart_proxy::config::TransparentConfig;
-use support::sidecar::with_sections;
+use support::pki::parse_id;
 use support::{Net, PROXY_UID, Pki, Pod, Proc, TempDir, apps, rampart_bin};
 
 pub(crate) const APP_PORT: u16 = 8080;
@@ -32,12 +33,20 @@ pub(crate) fn issue(pki: &Pki, dir: &TempDir, id: &str) -> PathBuf {
     out
 }
 
-pub(crate) fn sidecar(pod: &Pod, dir: &TempDir, svid: &Path, body: &str) -> Proc {
+/// Runs `rampart init` in `pod`, then its sidecar (capturing, with the
+/// SVID in `svid`) as the proxy UID, with the configuration `edit` makes;
+/// returns once it is ready.
+pub(crate) fn sidecar(
+    pod: &Pod,
+    dir: &TempDir,
+    svid: &Path,
+    edit: impl FnOnce(&mut Config),
+) -> Proc {
     pod.exec_ok([rampart_bin(), "init"]);
     let mut cfg = Config::new(IdentityConfig::files_in(svid));
     cfg.transparent = Some(TransparentConfig::default());
     cfg.log.level = "info".into();
-    let cfg = with_sections(cfg, body);
+    edit(&mut cfg);
     let path = dir.write(&format!("{}.yaml", pod.name()), cfg.to_yaml());
     let proc = pod.spawn_as(
         PROXY_UID,
@@ -206,14 +215,12 @@ pub(crate) fn backend(
     );
     pod.wait_tcp_listening(APP_PORT, WAIT);
     let svid = issue(pki, dir, id);
-    let sidecar = sidecar(
-        &pod,
-        dir,
-        &svid,
-        &format!(
-            "inbound:\n  ports:\n    - port: {APP_PORT}\n      allowed_peers: [\"{client}\"]\n"
-        ),
-    );
+    let sidecar = sidecar(&pod, dir, &svid, |c| {
+        c.inbound.ports = vec![PortConfig {
+            allowed_peers: Some(vec![parse_id(client)]),
+            ..PortConfig::new(APP_PORT)
+        }]
+    });
     Backend {
         pod,
         app,
@@ -280,12 +287,9 @@ fn mesh(name: &str, ids: &[&str]) -> Mesh {
         .map(|b| (b.pod.addr(APP_PORT), BACKEND_ID))
         .collect();
     let file = dir.write("endpoints.yaml", endpoints_file(vip, &eps));
-    let client_sidecar = sidecar(
-        &client,
-        &dir,
-        &issue(&pki, &dir, CLIENT_ID),
-        &format!("discovery:\n  file: {}\n", file.display()),
-    );
+    let client_sidecar = sidecar(&client, &dir, &issue(&pki, &dir, CLIENT_ID), |c| {
+        c.discovery.file = Some(file.clone())
+    });
     Mesh {
         _net: net,
         dir,
@@ -540,15 +544,21 @@ fn dns_source_balances_follows_record_changes_and_refuses_another_identity() {
         80,
     );
     let srv_vip = SocketAddr::new(vip.ip(), 81);
-    let client_sidecar = sidecar(
-        &client,
-        &dir,
-        &issue(&pki, &dir, CLIENT_ID),
-        &format!(
-            "discovery:\n  dns:\n    servers: [\"{}\"]\n    names:\n      - name: {name}\n        port: {APP_PORT}\n        identity: {BACKEND_ID}\n        destinations: [\"{vip}\"]\n      - name: _http._tcp.srv.mesh.test\n        port: 9\n        identity: {BACKEND_ID}\n        destinations: [\"{srv_vip}\"]\n",
-            dns.ip()
-        ),
-    );
+    let client_sidecar = sidecar(&client, &dir, &issue(&pki, &dir, CLIENT_ID), |c| {
+        let named = |name: &str, port: u16, dst: SocketAddr| DnsName {
+            name: name.into(),
+            port,
+            identity: parse_id(BACKEND_ID),
+            destinations: vec![dst.to_string()],
+        };
+        c.discovery.dns = Some(DnsConfig {
+            servers: vec![dns.ip().to_string()],
+            names: vec![
+                named(name, APP_PORT, vip),
+                named("_http._tcp.srv.mesh.test", 9, srv_vip),
+            ],
+        });
+    });
     // The first lookup may still be under way: wait for the endpoints.
     let deadline = Instant::now() + WAIT;
     while !client

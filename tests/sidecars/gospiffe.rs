@@ -135,7 +135,7 @@ fn go_spiffe_and_rampart_sidecars_authenticate_each_other() {
         name: "in".into(),
         direction: Direction::Inbound,
         listen: inbound,
-        target: app.addr,
+        target: app.addr.into(),
         port: None,
         server_identities: None,
     });
@@ -197,7 +197,7 @@ fn go_spiffe_and_rampart_sidecars_authenticate_each_other() {
         name: "out".into(),
         direction: Direction::Outbound,
         listen: outbound,
-        target: go_addr,
+        target: go_addr.into(),
         port: None,
         server_identities: Some(vec![parse_id(SERVER_ID)]),
     });

@@ -213,6 +213,152 @@ fn the_api_server_calls_the_webhook_and_stores_injected_pods() {
     assert_eq!(pods["items"].as_array().unwrap().len(), 3);
 }
 
+/// What a pod created through the API gets for its service-account token,
+/// and what the injected sidecar gets: the ServiceAccount admission plugin
+/// (on by default; the test's API server has the signing key it needs)
+/// adds the projected `kube-api-access-*` volume and mounts it into the
+/// containers present when it runs, before the webhook adds the sidecar;
+/// injection gives the sidecar the same mount, which its in-cluster
+/// discovery reads. A pod with `automountServiceAccountToken: false` gets
+/// no token at all, the sidecar neither.
+#[test]
+#[ignore = "needs kube-apiserver and etcd (tests/peers/peer-kube.sh)"]
+fn the_injected_sidecar_mounts_the_service_account_token_the_app_gets() {
+    let api = ControlPlane::start();
+    let dir = api.dir.path().join("webhook");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = TestCa::new("webhook-ca");
+    install(&dir, &ca.issue(&dir, "issued", &["127.0.0.1"], None));
+    let addr = free_addr();
+    let mut webhook = std::process::Command::new(support::rampart_bin());
+    webhook
+        .args(["webhook", "--image", IMAGE, "--listen", &addr.to_string()])
+        .arg("--tls-cert")
+        .arg(dir.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.join("tls.key"));
+    let _webhook = Proc::spawn(webhook, "webhook", api.dir.path());
+    support::sidecar::wait_listening(addr);
+    let mut config = shipped_webhook_configuration();
+    config["webhooks"][0]["clientConfig"] = json!({
+        "url": format!("https://{addr}/inject"),
+        "caBundle": b64(&ca.cert_pem),
+    });
+    api.create(
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+        &config,
+    );
+    api.namespace(NS, &json!({"rampart.io/inject": "enabled"}));
+    wait_injecting(&api, "the certificate");
+
+    let pod = |name: &str, automount: Option<bool>| {
+        let mut spec = json!({"containers": [{"name": "app", "image": "registry.example/web:1"}]});
+        if let Some(a) = automount {
+            spec["automountServiceAccountToken"] = json!(a);
+        }
+        api.create(
+            &format!("/api/v1/namespaces/{NS}/pods"),
+            &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}),
+        )
+    };
+    let token_mount = |container: &Json| -> Option<Json> {
+        container["volumeMounts"]
+            .as_array()?
+            .iter()
+            .find(|m| m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount")
+            .cloned()
+    };
+    let stored = pod("web", None);
+    let spec = &stored["spec"];
+    let app = token_mount(&spec["containers"][0])
+        .unwrap_or_else(|| panic!("the API server mounted no token into the app: {stored}"));
+    let volume = app["name"].as_str().unwrap();
+    assert!(volume.starts_with("kube-api-access-"), "{app}");
+    let projected = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == volume)
+        .unwrap_or_else(|| panic!("no volume {volume}: {stored}"));
+    assert!(
+        projected["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token",
+        "{projected}"
+    );
+    let proxy = &spec["initContainers"][1];
+    assert_eq!(proxy["name"], "rampart-proxy");
+    eprintln!(
+        "stored pod: app mounts {app}; the sidecar mounts {:?}; the init container {:?}",
+        token_mount(proxy),
+        token_mount(&spec["initContainers"][0])
+    );
+    let mount = token_mount(proxy).unwrap_or_else(|| panic!("the sidecar has no token: {proxy}"));
+    assert_eq!(mount["name"], volume);
+    assert_eq!(mount["readOnly"], true);
+    let mounts_of_volume = proxy["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == volume)
+        .count();
+    assert_eq!(mounts_of_volume, 1, "mounted once: {proxy}");
+
+    // Opted out: no token in the pod, none in the sidecar.
+    let stored = pod("no-token", Some(false));
+    let spec = &stored["spec"];
+    assert!(
+        spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| !v["name"].as_str().unwrap().starts_with("kube-api-access-")),
+        "{stored}"
+    );
+    assert_eq!(token_mount(&spec["containers"][0]), None);
+    assert_eq!(token_mount(&spec["initContainers"][1]), None);
+}
+
+/// A sidecar whose Kubernetes discovery is in-cluster (no kubeconfig) in a
+/// container without a service-account token (a pod with
+/// `automountServiceAccountToken: false`) refuses to start, saying why,
+/// rather than running without discovery.
+#[test]
+fn in_cluster_discovery_without_a_token_fails_at_start_with_the_reason() {
+    let token = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token");
+    assert!(!token.exists(), "this machine has a token at {token:?}");
+    let pki = support::sidecar::Loopback::new();
+    let mut cfg = pki.config("spiffe://example.org/client");
+    cfg.transparent = None;
+    let app = free_addr();
+    cfg.listeners.push(support::sidecar::outbound_listener(
+        "out",
+        free_addr(),
+        app,
+        "spiffe://example.org/s",
+    ));
+    cfg.discovery.kubernetes = Some(rampart_discovery::kubernetes::KubernetesConfig::default());
+    let mut sidecar = support::sidecar::Sidecar::spawn_with_env(
+        pki.dir.path(),
+        "client",
+        &cfg,
+        &[
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+        ],
+    );
+    let status = sidecar
+        .wait_exit(Duration::from_secs(20))
+        .expect("the sidecar exits");
+    assert!(!status.success(), "{status}");
+    let log = sidecar.logs();
+    assert!(
+        log.contains(
+            "no service-account token at /var/run/secrets/kubernetes.io/serviceaccount/token"
+        ) && log.contains("automountServiceAccountToken: false"),
+        "{log}"
+    );
+    assert_eq!(sidecar.get("/ready"), None, "never served");
+}
+
 /// What the stored pod must hold: the init container and the native
 /// sidecar first, the app's probes on the admin port with the originals in
 /// the sidecar's environment, the `exec` probe untouched, and the quoted
@@ -460,7 +606,7 @@ fn rewritten_probes_reach_the_app_through_the_admin_port() {
         name: "in".into(),
         direction: rampart_proxy::config::Direction::Inbound,
         listen: inbound,
-        target: http_app,
+        target: http_app.into(),
         port: None,
         server_identities: None,
     });

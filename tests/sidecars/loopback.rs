@@ -89,7 +89,7 @@ fn server_side() -> Mesh {
         name: "in".into(),
         direction: Direction::Inbound,
         listen: inbound,
-        target: app.addr,
+        target: app.addr.into(),
         port: None,
         server_identities: None,
     });
@@ -121,7 +121,7 @@ fn client_side(
         name: "out".into(),
         direction: Direction::Outbound,
         listen: outbound,
-        target,
+        target: target.into(),
         port: None,
         server_identities: Some(vec![parse_id(expect)]),
     });

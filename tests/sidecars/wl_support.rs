@@ -216,7 +216,7 @@ impl Sidecar {
             name: "in".into(),
             direction: Direction::Inbound,
             listen: inbound,
-            target: app,
+            target: app.into(),
             port: None,
             server_identities: None,
         });
@@ -231,7 +231,7 @@ impl Sidecar {
             name: "out".into(),
             direction: Direction::Outbound,
             listen: outbound,
-            target: inbound,
+            target: inbound.into(),
             port: None,
             server_identities: Some(vec![parse_id(SERVER_ID)]),
         });

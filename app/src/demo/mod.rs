@@ -900,7 +900,7 @@ fn sidecar_config(
         name: "inbound".into(),
         direction: Direction::Inbound,
         listen: a.inbound,
-        target: a.app,
+        target: a.app.into(),
         port: None,
         server_identities: None,
     });
@@ -920,7 +920,7 @@ fn sidecar_config(
                 name: format!("to-{backend}"),
                 direction: Direction::Outbound,
                 listen,
-                target: addrs[backend].inbound,
+                target: addrs[backend].inbound.into(),
                 port: None,
                 server_identities: Some(vec![workload_id(backend)]),
             });

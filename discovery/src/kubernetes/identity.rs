@@ -75,7 +75,48 @@ pub enum LabelOperator {
     DoesNotExist,
 }
 
+impl IdentityRule {
+    /// A rule for every pod: `template` in ClusterSPIFFEID syntax (checked
+    /// with the rest of the configuration, [`validate`]).
+    pub fn new(template: impl Into<String>) -> IdentityRule {
+        IdentityRule {
+            template: template.into(),
+            pod_selector: None,
+        }
+    }
+
+    /// This rule for the pods `selector` selects only.
+    pub fn for_pods(self, selector: LabelSelector) -> IdentityRule {
+        IdentityRule {
+            pod_selector: Some(selector),
+            ..self
+        }
+    }
+}
+
 impl LabelSelector {
+    /// Also requires label `key` to be `value` (`matchLabels`).
+    pub fn with_label(mut self, key: &str, value: &str) -> LabelSelector {
+        self.match_labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Also requires `key` `operator` `values` (`matchExpressions`;
+    /// `values` empty for `Exists` and `DoesNotExist`).
+    pub fn with_expression(
+        mut self,
+        key: &str,
+        operator: LabelOperator,
+        values: &[&str],
+    ) -> LabelSelector {
+        self.match_expressions.push(LabelRequirement {
+            key: key.to_owned(),
+            operator,
+            values: values.iter().map(|v| (*v).to_owned()).collect(),
+        });
+        self
+    }
+
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.match_labels
@@ -327,10 +368,7 @@ pub fn validate(rules: &[IdentityRule]) -> Vec<(String, String)> {
 
 /// The default rules: one, SPIRE's service-account shape.
 pub fn default_rules() -> Vec<IdentityRule> {
-    vec![IdentityRule {
-        template: DEFAULT_TEMPLATE.into(),
-        pod_selector: None,
-    }]
+    vec![IdentityRule::new(DEFAULT_TEMPLATE)]
 }
 
 #[cfg(test)]
@@ -415,6 +453,29 @@ mod tests {
             id(r.identity(&pod("cart", &[("rampart.io/spiffe-id", "app")]))),
             "none: no identity rule selects pod shop/web-1"
         );
+    }
+
+    #[test]
+    fn typed_rules_are_the_rules_the_yaml_gives() {
+        use LabelOperator::{Exists, In, NotIn};
+        let typed = vec![
+            IdentityRule::new(r#"spiffe://{{ .TrustDomain }}/{{ index .PodMeta.Labels "app" }}"#)
+                .for_pods(
+                    LabelSelector::default()
+                        .with_expression("rampart.io/spiffe-id", In, &["app"])
+                        .with_expression("app", Exists, &[]),
+                ),
+            IdentityRule::new(DEFAULT_TEMPLATE).for_pods(LabelSelector::default().with_expression(
+                "rampart.io/spiffe-id",
+                NotIn,
+                &["app"],
+            )),
+        ];
+        let parsed: Vec<IdentityRule> = serde_yaml::from_str(REGISTRATION).unwrap();
+        assert_eq!(typed, parsed);
+        let labels = LabelSelector::default().with_label("tier", "a");
+        assert_eq!(labels.match_labels["tier"], "a");
+        assert_eq!(default_rules(), vec![IdentityRule::new(DEFAULT_TEMPLATE)]);
     }
 
     #[test]

@@ -32,12 +32,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::IPAddress;
 use kube::Client;
 use kube::api::{Api, ListParams};
 use rampart_identity::TrustDomain;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::model::Destination;
 use crate::model::SourceKind;
 use crate::registry::{Demand, Publisher};
 use identity::{IdentityRule, IdentityRules};
@@ -149,6 +151,17 @@ pub enum KubeStartError {
     /// Not in a pod with a service account (and no kubeconfig given).
     #[error("in-cluster configuration: {0} (give discovery.kubernetes.kubeconfig outside a pod)")]
     InCluster(String),
+    /// In a pod, but no service-account token is mounted into this
+    /// container: the pod (or its ServiceAccount) says
+    /// `automountServiceAccountToken: false`, or the sidecar was added
+    /// without the app's token mount (docs/kubernetes.md).
+    #[error(
+        "in-cluster configuration: no service-account token at {}: this container mounts none \
+         (automountServiceAccountToken: false on the pod or its ServiceAccount?); mount a token \
+         at {SERVICE_ACCOUNT_DIR} or give discovery.kubernetes.kubeconfig",
+        .0.display()
+    )]
+    NoServiceAccountToken(PathBuf),
     /// The client could not be built.
     #[error("Kubernetes client: {0}")]
     Client(String),
@@ -157,14 +170,41 @@ pub enum KubeStartError {
     Identities(String),
 }
 
+/// Where the kubelet mounts a pod's service-account token, CA and
+/// namespace (the projected `kube-api-access-*` volume the ServiceAccount
+/// admission plugin adds), and where in-cluster configuration reads them.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Without a kubeconfig, the source needs the in-cluster environment: the
+/// API server's address (`KUBERNETES_SERVICE_HOST`) and a mounted token.
+/// Checked at start: the kubelet mounts volumes before a container starts,
+/// so a token missing then never comes, and a sidecar that would only warn
+/// would run without discovery (routing every Service by the rules).
+fn check_in_cluster(cfg: &KubernetesConfig) -> Result<(), KubeStartError> {
+    if cfg.kubeconfig.is_some() {
+        return Ok(());
+    }
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+        return Err(KubeStartError::InCluster(
+            "KUBERNETES_SERVICE_HOST is not set: not in a pod".into(),
+        ));
+    }
+    let token = std::path::Path::new(SERVICE_ACCOUNT_DIR).join("token");
+    if !token.is_file() {
+        return Err(KubeStartError::NoServiceAccountToken(token));
+    }
+    Ok(())
+}
+
 /// How often a client that could not be built is tried again.
 const CLIENT_RETRY: Duration = Duration::from_secs(5);
 
 /// Returns the worker that answers `demands` and follows what they found,
-/// publishing through `publisher`. The client is built by the worker, and
-/// built again every few seconds while it cannot be (a token not mounted
-/// yet, no in-cluster environment): until then every address is routed by
-/// the `outbound` rules, and the sidecar serves.
+/// publishing through `publisher`. Without a kubeconfig, the in-cluster
+/// environment and token must be there at start
+/// ([`KubeStartError::NoServiceAccountToken`]). The client is built by the
+/// worker, and built again every few seconds while it cannot be: until then
+/// every address is routed by the `outbound` rules, and the sidecar serves.
 pub fn start(
     cfg: KubernetesConfig,
     trust_domain: TrustDomain,
@@ -173,6 +213,7 @@ pub fn start(
 ) -> Result<impl std::future::Future<Output = ()>, KubeStartError> {
     let rules = IdentityRules::new(&cfg.identities, trust_domain, cfg.cluster_name.clone())
         .map_err(KubeStartError::Identities)?;
+    check_in_cluster(&cfg)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let worker = Worker {
         client: None,
@@ -218,7 +259,17 @@ pub(crate) enum Event {
 
 /// What a first lookup of an address found.
 pub(crate) enum Found {
-    Service { ns: String, name: String },
+    Service {
+        ns: String,
+        name: String,
+    },
+    /// A name an explicit listener targets: the Service it names, at a port
+    /// (followed whether it exists or not).
+    Named {
+        ns: String,
+        name: String,
+        port: u16,
+    },
     Pod(IpAddr),
     Nothing,
     Failed(String),
@@ -296,7 +347,23 @@ impl Worker {
             return;
         };
         let tx = self.tx.clone();
-        let ip = demand.addr.ip();
+        let ip = match &demand.dest {
+            Destination::Addr(a) => a.ip(),
+            Destination::Name(host, port) => {
+                // No lookup: the Service watch (by name) finds it, or that
+                // it does not exist.
+                let found = match state::service_of_name(host, &self.cfg.cluster_domain) {
+                    Some((ns, name)) => Found::Named {
+                        ns,
+                        name,
+                        port: *port,
+                    },
+                    None => Found::Nothing,
+                };
+                let _ = tx.send(Event::Found { demand, found });
+                return;
+            }
+        };
         tokio::spawn(async move {
             let found = lookup(client, ip).await;
             let _ = tx.send(Event::Found { demand, found });
@@ -322,21 +389,35 @@ impl Worker {
                         demand.done.send_replace(true);
                         return;
                     }
-                    tracing::info!(dst.addr = %demand.addr, service = %format!("{ns}/{name}"), "following Kubernetes Service");
+                    tracing::info!(destination = %demand.dest, service = %format!("{ns}/{name}"), "following Kubernetes Service");
                     self.state.use_service(&ns, &name);
                     self.pending.push(Waiting::Service { ns, name, demand });
                 }
+                Found::Named { ns, name, port } => {
+                    let service = format!("{ns}/{name}");
+                    if !self.state.uses_service(&ns, &name)
+                        && self.state.services_in_use() >= self.cfg.max_services
+                    {
+                        tracing::warn!(%service, max = self.cfg.max_services, "too many Services in use; this name is not followed");
+                        crate::metrics::source_update(SourceKind::Kubernetes, false);
+                        demand.done.send_replace(true);
+                        return;
+                    }
+                    tracing::info!(destination = %demand.dest, %service, "following Kubernetes Service by name");
+                    self.state.use_service_by_name(&ns, &name, port);
+                    self.pending.push(Waiting::Service { ns, name, demand });
+                }
                 Found::Pod(ip) => {
-                    tracing::info!(dst.addr = %demand.addr, "following the Kubernetes pod at this address");
+                    tracing::info!(destination = %demand.dest, "following the Kubernetes pod at this address");
                     self.state.use_pod_ip(ip);
                     self.pending.push(Waiting::Pod { ip, demand });
                 }
                 Found::Nothing => {
-                    tracing::debug!(dst.addr = %demand.addr, "no Kubernetes Service or pod has this address");
+                    tracing::debug!(destination = %demand.dest, "no Kubernetes Service or pod has this address");
                     demand.done.send_replace(true);
                 }
                 Found::Failed(e) => {
-                    tracing::warn!(dst.addr = %demand.addr, error = %e, "Kubernetes lookup failed; routing by the outbound rules for now");
+                    tracing::warn!(destination = %demand.dest, error = %e, "Kubernetes lookup failed; routing by the outbound rules for now");
                     crate::metrics::source_update(SourceKind::Kubernetes, false);
                     demand.done.send_replace(true);
                 }
@@ -423,6 +504,29 @@ async fn lookup(client: Client, ip: IpAddr) -> Found {
             }
         }
         Err(e) => return Found::Failed(e.to_string()),
+    }
+    // A dual-stack Service's ClusterIP of its second family is not
+    // `spec.clusterIP`, the only one the field selector sees. Since
+    // MultiCIDRServiceAllocator (GA in 1.33) the API server keeps an
+    // IPAddress object per allocated ClusterIP, named by the address in
+    // its canonical form, whose parentRef is the Service.
+    match Api::<IPAddress>::all(client.clone())
+        .get_opt(&ip.to_string())
+        .await
+    {
+        Ok(Some(a)) => {
+            let p = a.spec.parent_ref;
+            if p.resource == "services"
+                && p.group.as_deref().unwrap_or_default().is_empty()
+                && let Some(ns) = p.namespace
+            {
+                return Found::Service { ns, name: p.name };
+            }
+        }
+        Ok(None) => {}
+        // An older API server, or RBAC without `ipaddresses`: the primary
+        // ClusterIPs are still found.
+        Err(e) => tracing::debug!(dst.addr = %ip, error = %e, "no IPAddress lookup"),
     }
     match Api::<Pod>::all(client).list(&by("status.podIP")).await {
         Ok(list) if list.items.is_empty() => Found::Nothing,

@@ -135,6 +135,9 @@ struct Watched {
 #[derive(Debug, Default)]
 pub struct State {
     services: BTreeSet<(String, String)>,
+    /// Services followed by name (an explicit listener's target), with the
+    /// ports named: followed even while they do not exist.
+    named: BTreeMap<(String, String), BTreeSet<u16>>,
     pod_ips: BTreeSet<IpAddr>,
     data: HashMap<WatchKey, Watched>,
 }
@@ -145,9 +148,27 @@ impl State {
         self.services.insert((ns.to_owned(), name.to_owned()));
     }
 
+    /// Starts using Service `ns/name` by name, at `port` (an explicit
+    /// listener targets `NAME.NS...:PORT`): it is followed whether or not
+    /// it exists, and while it does not (or has no such port) its
+    /// destinations are published as a missing service, so that requests
+    /// fail closed with the reason instead of falling back to the rules.
+    pub fn use_service_by_name(&mut self, ns: &str, name: &str, port: u16) {
+        let key = (ns.to_owned(), name.to_owned());
+        self.services.insert(key.clone());
+        self.named.entry(key).or_default().insert(port);
+    }
+
+    /// Whether Service `ns/name` is in use.
+    pub fn uses_service(&self, ns: &str, name: &str) -> bool {
+        self.services.contains(&(ns.to_owned(), name.to_owned()))
+    }
+
     /// Stops using a Service (it was deleted).
     pub fn drop_service(&mut self, ns: &str, name: &str) {
-        self.services.remove(&(ns.to_owned(), name.to_owned()));
+        let key = (ns.to_owned(), name.to_owned());
+        self.services.remove(&key);
+        self.named.remove(&key);
     }
 
     /// Starts following the pod at `ip` (the app dialled it directly).
@@ -291,10 +312,12 @@ impl State {
         self.synced(&WatchKey::PodByIp(ip))
     }
 
-    /// Services in use whose watch says they are gone.
+    /// Services in use whose watch says they are gone (except those used
+    /// by name, which stay followed, missing).
     pub fn deleted_services(&self) -> Vec<(String, String)> {
         self.services
             .iter()
+            .filter(|key| !self.named.contains_key(*key))
             .filter(|(ns, name)| {
                 let key = WatchKey::Service {
                     ns: ns.clone(),
@@ -326,7 +349,41 @@ impl State {
         let pods = self.pods();
         let mut out = SourceState::default();
         for (ns, name) in &self.services {
+            let named = self.named.get(&(ns.clone(), name.clone()));
+            // Its DNS names at `port`; the short `NAME.NS` form only when an
+            // explicit listener used a name (a two-label name may as well
+            // be another source's).
+            let names = |port: u16| {
+                let mut hosts = vec![
+                    format!("{name}.{ns}.svc.{cluster_domain}"),
+                    format!("{name}.{ns}.svc"),
+                ];
+                if named.is_some() {
+                    hosts.push(format!("{name}.{ns}"));
+                }
+                hosts
+                    .into_iter()
+                    .map(move |h| Destination::Name(h.to_ascii_lowercase(), port))
+            };
+            let missing = |port: u16, why: String| {
+                (
+                    names(port).collect(),
+                    Service {
+                        name: format!("{ns}/{name}:{port}"),
+                        source: SourceKind::Kubernetes,
+                        endpoints: Vec::new(),
+                        missing: Some(why),
+                    },
+                )
+            };
             let Some(svc) = self.service(ns, name) else {
+                // Followed by name and (so far) absent.
+                for port in named.into_iter().flatten() {
+                    out.services.push(missing(
+                        *port,
+                        format!("no Service {ns}/{name} in the cluster"),
+                    ));
+                }
                 continue;
             };
             for port in &svc.ports {
@@ -335,20 +392,24 @@ impl State {
                     .iter()
                     .map(|ip| Destination::Addr(SocketAddr::new(*ip, port.port)))
                     .collect();
-                for host in [
-                    format!("{name}.{ns}.svc.{cluster_domain}"),
-                    format!("{name}.{ns}.svc"),
-                ] {
-                    dests.push(Destination::Name(host.to_ascii_lowercase(), port.port));
-                }
+                dests.extend(names(port.port));
                 out.services.push((
                     dests,
                     Service {
                         name: format!("{ns}/{name}:{}", port.port),
                         source: SourceKind::Kubernetes,
                         endpoints: self.endpoints(ns, name, &port.name, &pods),
+                        missing: None,
                     },
                 ));
+            }
+            for port in named.into_iter().flatten() {
+                if !svc.ports.iter().any(|p| p.port == *port) {
+                    out.services.push(missing(
+                        *port,
+                        format!("Service {ns}/{name} has no TCP port {port}"),
+                    ));
+                }
             }
         }
         for pod in pods.values().filter(|p| p.active) {
@@ -438,6 +499,29 @@ fn endpoint_identity(
     (identity, Some(owner))
 }
 
+/// The Service `(namespace, name)` a host name names, as a pod's resolver
+/// would find it with the cluster's search path: `NAME.NS.svc.DOMAIN`,
+/// `NAME.NS.svc` or `NAME.NS` (both DNS labels); anything else is no
+/// Service's name.
+pub fn service_of_name(host: &str, cluster_domain: &str) -> Option<(String, String)> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let domain = cluster_domain.trim_end_matches('.').to_ascii_lowercase();
+    let rest = host
+        .strip_suffix(&format!(".svc.{domain}"))
+        .or_else(|| host.strip_suffix(".svc"))
+        .unwrap_or(&host);
+    let (name, ns) = rest.split_once('.')?;
+    // RFC 1123 labels, as Service and namespace names are.
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    (label(name) && label(ns)).then(|| (ns.to_owned(), name.to_owned()))
+}
+
 /// A label selector as the API takes it: `k=v,k2=v2`, sorted.
 pub fn selector_string(sel: &BTreeMap<String, String>) -> String {
     sel.iter()
@@ -510,6 +594,133 @@ mod tests {
                 selector: "app=web".into(),
             },
         )
+    }
+
+    #[test]
+    fn names_are_services_as_a_pod_s_resolver_finds_them() {
+        let of = |h: &str| service_of_name(h, "cluster.local");
+        let web = Some(("shop".to_owned(), "web".to_owned()));
+        assert_eq!(of("web.shop.svc.cluster.local"), web);
+        assert_eq!(of("Web.Shop.svc.cluster.local."), web);
+        assert_eq!(of("web.shop.svc"), web);
+        assert_eq!(of("web.shop"), web);
+        assert_eq!(of("web"), None);
+        assert_eq!(of("web.shop.example.com"), None);
+        assert_eq!(of("web.shop.svc.other.domain"), None);
+        assert_eq!(of("-web.shop"), None);
+        assert_eq!(of("web_1.shop"), None);
+    }
+
+    #[test]
+    fn a_service_followed_by_name_is_published_missing_until_it_exists() {
+        let mut s = State::default();
+        s.use_service_by_name("shop", "web", 80);
+        s.use_service_by_name("shop", "web", 81);
+        let (svc_k, slices_k, pods_k) = keys();
+        for k in s.desired() {
+            s.watch_started(k);
+        }
+        s.apply(&svc_k, Change::Listed(vec![]));
+        s.apply(&slices_k, Change::Listed(vec![]));
+        // Absent, but not dropped: it stays followed.
+        assert!(s.service_synced("shop", "web"));
+        assert!(s.deleted_services().is_empty());
+        let out = s.source_state("cluster.local");
+        let missing: Vec<_> = out
+            .services
+            .iter()
+            .map(|(d, svc)| (svc.name.as_str(), d.len(), svc.missing.as_deref()))
+            .collect();
+        assert_eq!(
+            missing,
+            [
+                ("shop/web:80", 3, Some("no Service shop/web in the cluster")),
+                ("shop/web:81", 3, Some("no Service shop/web in the cluster")),
+            ]
+        );
+        assert!(
+            out.services[0]
+                .0
+                .contains(&Destination::Name("web.shop".into(), 80))
+        );
+        // It comes (with port 80 only).
+        s.apply(&svc_k, Change::Applied("web".into(), svc(true)));
+        assert!(s.desired().contains(&pods_k));
+        let out = s.source_state("cluster.local");
+        let by_name: BTreeMap<_, _> = out
+            .services
+            .iter()
+            .map(|(_, svc)| (svc.name.as_str(), svc.missing.as_deref()))
+            .collect();
+        assert_eq!(by_name["shop/web:80"], None);
+        assert_eq!(
+            by_name["shop/web:81"],
+            Some("Service shop/web has no TCP port 81")
+        );
+        // A Service followed by ClusterIP only has no short name.
+        let mut t = State::default();
+        t.use_service("shop", "web");
+        for k in t.desired() {
+            t.watch_started(k);
+        }
+        t.apply(&svc_k, Change::Listed(vec![("web".into(), svc(true))]));
+        let (dests, _) = &t.source_state("cluster.local").services[0];
+        assert!(!dests.contains(&Destination::Name("web.shop".into(), 80)));
+    }
+
+    #[test]
+    fn both_address_families_are_destinations_and_endpoints() {
+        let mut s = State::default();
+        s.use_service("shop", "web");
+        let (svc_k, slices_k, pods_k) = keys();
+        for k in s.desired() {
+            s.watch_started(k);
+        }
+        let dual = Obj::Service(SvcInfo {
+            cluster_ips: vec![ip("10.96.0.10"), ip("fd00::10")],
+            ports: vec![SvcPort {
+                name: "http".into(),
+                port: 80,
+            }],
+            selector: Some([("app".to_owned(), "web".to_owned())].into()),
+        });
+        s.apply(&svc_k, Change::Listed(vec![("web".into(), dual)]));
+        s.watch_started(pods_k.clone());
+        let slice = |addr: &str| {
+            Obj::Slice(SliceInfo {
+                ports: vec![("http".into(), 8080)],
+                endpoints: vec![ep(addr, true, Some("p1"))],
+            })
+        };
+        s.apply(
+            &slices_k,
+            Change::Listed(vec![
+                ("web-v4".into(), slice("10.1.0.1")),
+                ("web-v6".into(), slice("fd00:1::1")),
+            ]),
+        );
+        let (name, Obj::Pod(mut p1)) = pod("p1", "10.1.0.1", true) else {
+            unreachable!("pod() makes a pod")
+        };
+        p1.ips.push(ip("fd00:1::1"));
+        s.apply(&pods_k, Change::Listed(vec![(name, Obj::Pod(p1))]));
+        let out = s.source_state("cluster.local");
+        let (dests, svc) = &out.services[0];
+        assert!(dests.contains(&Destination::Addr("[fd00::10]:80".parse().unwrap())));
+        assert!(dests.contains(&Destination::Addr("10.96.0.10:80".parse().unwrap())));
+        let eps: Vec<(String, bool)> = svc
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.identity.id().is_some()))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                ("10.1.0.1:8080".to_owned(), true),
+                ("[fd00:1::1]:8080".to_owned(), true)
+            ]
+        );
+        assert_eq!(out.pods.len(), 2, "both addresses are the pod's");
     }
 
     #[test]
