@@ -466,7 +466,7 @@ fn kubernetes_source_finds_a_dual_stack_service_by_its_ipv6_cluster_ip() {
         &format!("/api/v1/namespaces/{NS}/services"),
         &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "dual"},
             "spec": {"selector": {"app": "dual"}, "ipFamilyPolicy": "RequireDualStack",
-                "ipFamilies": ["IPv4", "IPv6"], "clusterIPs": [v4, v6],
+                "ipFamilies": ["IPv4", "IPv6"], "clusterIP": v4, "clusterIPs": [v4, v6],
                 "ports": [{"name": "http", "port": 80, "targetPort": APP_PORT}]}}),
     );
     let ips: Vec<IpAddr> = svc["spec"]["clusterIPs"]
