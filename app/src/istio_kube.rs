@@ -8,9 +8,11 @@
 //! the list's resource version, list again on 410 Gone, after an error
 //! (with backoff) and every `resync`. Once every watch has listed, and
 //! after every change, the objects are compiled together with the
-//! `inbound.istio.files` by the same loader a file reload uses
-//! ([`Config::authorizer`], which reads [`ApiObjects`]), off the runtime
-//! and within `inbound.policy_budget`, and the result replaces the
+//! `inbound.istio.files` (and `inbound.policies`, polled here rather than
+//! by the file watcher, so that one worker orders every version) by the
+//! same loader a file reload uses ([`Config::authorizer`], which reads
+//! [`ApiObjects`]), off the runtime and within `inbound.policy_budget`,
+//! and the result replaces the
 //! policies in force ([`PolicyCell::replace`]); live connections are then
 //! decided again, as after a file reload.
 //!
@@ -255,15 +257,46 @@ async fn run(cfg: Config, cell: Arc<PolicyCell>) {
         reported: BTreeMap::new(),
         jwks_fetched: HashSet::new(),
     };
-    while let Some(ev) = rx.recv().await {
-        worker.event(ev);
-        while let Ok(ev) = rx.try_recv() {
-            worker.event(ev);
+    // The files are polled here too (not by the file watcher), so that
+    // one worker puts every set in force, in order.
+    let mut tick = tokio::time::interval(rampart_proxy::policy::DEFAULT_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => {
+                    worker.event(ev);
+                    while let Ok(ev) = rx.try_recv() {
+                        worker.event(ev);
+                    }
+                }
+                None => return,
+            },
+            _ = tick.tick() => {}
         }
         if worker.listed.len() == keys.len() {
             worker.settle().await;
         }
     }
+}
+
+/// The contents of the files the policies in force were compiled from
+/// (`None`: unreadable), to see a change.
+type FileContents = Vec<(PathBuf, Option<Vec<u8>>)>;
+
+async fn read_sources(cfg: &Config, cell: &PolicyCell) -> FileContents {
+    let files = rampart_proxy::policy::sources(&cfg.policy_files(), &cell.current().authorizer);
+    tokio::task::spawn_blocking(move || {
+        files
+            .into_iter()
+            .map(|f| {
+                let bytes = std::fs::read(&f).ok();
+                (f, bytes)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 struct Worker {
@@ -273,8 +306,9 @@ struct Worker {
     /// Every object, by watch and name: its origin and YAML.
     state: BTreeMap<WatchKey, BTreeMap<String, String>>,
     listed: BTreeSet<WatchKey>,
-    /// The objects last compiled (the same again is not recompiled).
-    last_attempt: Option<Vec<(String, String)>>,
+    /// The objects and files last compiled (the same again is not
+    /// recompiled).
+    last_attempt: Option<(Vec<(String, String)>, FileContents)>,
     /// The refused version of each resource already reported.
     reported: BTreeMap<String, String>,
     jwks_fetched: HashSet<String>,
@@ -315,8 +349,8 @@ impl Worker {
         }
     }
 
-    /// Compiles the objects if they changed, and puts the set in force
-    /// when it loads.
+    /// Compiles the objects and files if they changed, and puts the set
+    /// in force when it loads.
     async fn settle(&mut self) {
         let objects: Vec<(String, String)> = self
             .state
@@ -326,17 +360,24 @@ impl Worker {
                     .map(move |(name, text)| (origin(key, name), text.clone()))
             })
             .collect();
-        if self.last_attempt.as_ref() == Some(&objects) {
+        let contents = read_sources(&self.cfg, &self.cell).await;
+        let attempt = (objects, contents);
+        if self.last_attempt.as_ref() == Some(&attempt) {
             return;
         }
-        self.last_attempt = Some(objects.clone());
+        self.last_attempt = Some(attempt.clone());
+        let (objects, contents) = attempt;
         let budget = self.cfg.inbound.policy_budget;
-        let bytes: u64 = objects.iter().map(|(_, t)| t.len() as u64).sum();
+        let bytes: u64 = objects.iter().map(|(_, t)| t.len() as u64).sum::<u64>()
+            + contents
+                .iter()
+                .map(|(_, c)| c.as_ref().map_or(0, |c| c.len() as u64))
+                .sum::<u64>();
         let outcome = if bytes > budget.max_bytes {
             Err(LoadRefused::OverSize {
                 bytes,
                 limit: budget.max_bytes,
-                files: "Istio resources from the Kubernetes API".into(),
+                files: "Istio resources from the Kubernetes API, with the policy files".into(),
             })
         } else {
             let cfg = self.cfg.clone();
@@ -383,9 +424,9 @@ impl Worker {
             None => {
                 let error = outcome.error.unwrap_or_default();
                 if self.in_force() {
-                    tracing::warn!(error = %error, "Istio resources from the Kubernetes API refused; keeping the last good set");
+                    tracing::warn!(error = %error, "Istio resources from the Kubernetes API (with the policy files) refused; keeping the last good set");
                 } else {
-                    tracing::warn!(error = %error, "Istio resources from the Kubernetes API refused; no set is in force yet: every request is denied and the sidecar is not ready");
+                    tracing::warn!(error = %error, "Istio resources from the Kubernetes API (with the policy files) refused; no set is in force yet: every request is denied and the sidecar is not ready");
                 }
                 rampart_proxy::metrics::policy_reload(rampart_proxy::metrics::ReloadResult::Error);
             }

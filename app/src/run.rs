@@ -166,28 +166,25 @@ impl Sidecar {
             );
         }
         // Istio resources from the Kubernetes API: a worker of their own
-        // puts each set in force (none is until the first lists load).
-        let api_objects = match cfg.inbound.istio.as_ref() {
-            Some(i) if i.kubernetes.is_some() => {
-                crate::istio_kube::spawn(cfg.clone(), plan.authorizer.clone());
-                Some(i.api_objects.clone())
-            }
-            Some(_) | None => None,
-        };
+        // puts each set in force (none is until the first lists load), and
+        // follows the policy files too.
+        let from_api = cfg
+            .inbound
+            .istio
+            .as_ref()
+            .is_some_and(|i| i.kubernetes.is_some());
+        if from_api {
+            crate::istio_kube::spawn(cfg.clone(), plan.authorizer.clone());
+        }
         // With a bundle, the policy files are the fallback until the first
         // bundle: a reload must not replace a bundle in force.
         if (!cfg.inbound.policies.is_empty() || cfg.inbound.istio.is_some())
             && cfg.inbound.bundle.is_none()
+            && !from_api
         {
             let for_loader = cfg.clone();
-            let loader: rampart_proxy::policy::PolicyLoader = Arc::new(move || {
-                // A file edit must not put a set in force that lacks the
-                // API's resources.
-                if api_objects.as_ref().is_some_and(|o| !o.is_synced()) {
-                    return Err("waiting for the Istio resources of the Kubernetes API".into());
-                }
-                for_loader.authorizer().map_err(|e| e.to_string())
-            });
+            let loader: rampart_proxy::policy::PolicyLoader =
+                Arc::new(move || for_loader.authorizer().map_err(|e| e.to_string()));
             tokio::spawn(rampart_proxy::policy::watch(
                 cfg.policy_files(),
                 rampart_proxy::policy::DEFAULT_POLL_INTERVAL,

@@ -79,8 +79,9 @@ fn update(api: &ControlPlane, kind: &str, ns: &str, name: &str, spec: Json) {
     assert_eq!(status, 200, "PUT {path}: {answer}");
 }
 
-fn delete(api: &ControlPlane, kind: &str, ns: &str, name: &str) {
-    let path = format!("{}/{name}", at("v1", ns, plural(kind)));
+/// Deletes a resource through the collection at `version`.
+fn delete(api: &ControlPlane, version: &str, kind: &str, ns: &str, name: &str) {
+    let path = format!("{}/{name}", at(version, ns, plural(kind)));
     let (status, answer) = api.request("DELETE", &path, None);
     assert_eq!(status, 200, "DELETE {path}: {answer}");
 }
@@ -371,7 +372,13 @@ fn istio_resources_from_the_api_server_decide_through_a_sidecar_pair() {
             && log.contains("experimental"),
         "{log}"
     );
-    delete(&api, "AuthorizationPolicy", "istio-system", "deny-admin");
+    delete(
+        &api,
+        "v1",
+        "AuthorizationPolicy",
+        "istio-system",
+        "deny-admin",
+    );
     // Give the deletion the time a change takes, then check nothing moved.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(mesh("/data", &["-H", &valid]).status, 200);
@@ -384,7 +391,7 @@ fn istio_resources_from_the_api_server_decide_through_a_sidecar_pair() {
     assert_eq!(plaintext("/data"), 0, "STRICT kept");
 
     // The broken policy deleted: the set loads, deny-admin's deletion too.
-    delete(&api, "AuthorizationPolicy", "foo", "bad");
+    delete(&api, "v1", "AuthorizationPolicy", "foo", "bad");
     wait::until_true("the set in force again", WITHIN, || {
         mesh("/admin", &["-H", &valid]).status == 200
     });
@@ -395,4 +402,112 @@ fn istio_resources_from_the_api_server_decide_through_a_sidecar_pair() {
             .unwrap_or_default()
             .trim()
     );
+}
+
+/// The CRDs of `istio-crds.yaml` as an older cluster has them: only
+/// `v1beta1` served (and stored).
+fn v1beta1_only_crds() -> Vec<Json> {
+    let text = std::fs::read_to_string(repo().join("tests/sidecars/istio-crds.yaml")).unwrap();
+    text.split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<Option<Json>>(doc).unwrap())
+        .map(|mut crd| {
+            let versions = crd["spec"]["versions"].as_array_mut().unwrap();
+            versions.retain(|v| v["name"] == "v1beta1");
+            versions[0]["storage"] = json!(true);
+            crd
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs the Kubernetes peers (tests/peers/peer-kube.sh; cargo test -- --include-ignored)"]
+fn a_cluster_serving_only_v1beta1_and_istio_files_beside_the_api() {
+    let api = ControlPlane::start();
+    for ns in ["foo", "istio-system"] {
+        api.namespace(ns, &json!({}));
+    }
+    for crd in v1beta1_only_crds() {
+        api.create(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            &crd,
+        );
+    }
+    wait::until_true("the v1beta1 CRDs served", Duration::from_secs(30), || {
+        api.raw("GET", &at("v1beta1", "foo", "authorizationpolicies"), None)
+            .0
+            == 200
+    });
+    assert_eq!(
+        api.raw("GET", &at("v1", "foo", "authorizationpolicies"), None)
+            .0,
+        404,
+        "v1 is not served"
+    );
+    grant(&api, &["foo", "istio-system"]);
+    let kubeconfig = api.kubeconfig_for(USER, None);
+    let deny = |path: &str| json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": [path]}}]}]});
+    api.create(
+        &at("v1beta1", "istio-system", "authorizationpolicies"),
+        &resource(
+            "v1beta1",
+            "AuthorizationPolicy",
+            "istio-system",
+            "deny-api",
+            deny("/from-api"),
+        ),
+    );
+
+    let pki = Loopback::new();
+    let dir = pki.dir.path();
+    let file = dir.join("istio.yaml");
+    let write_file = |path: &str| {
+        let doc = resource("v1", "AuthorizationPolicy", "foo", "deny-file", deny(path));
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, serde_yaml::to_string(&doc).unwrap()).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write_file("/from-file");
+    let app_addr = free_addr();
+    let _app = LocalProc::spawn(&apps::http_app(app_addr.port(), "httpbin"), dir, "httpbin");
+    wait_listening(app_addr);
+    let inbound = free_addr();
+    let server = pki.sidecar_with(SERVER, |c| {
+        c.listeners
+            .push(inbound_listener_as("in", inbound, app_addr, APP_PORT));
+        c.inbound.ports = vec![PortConfig {
+            protocol: DeclaredProtocol::Http,
+            ..PortConfig::new(APP_PORT)
+        }];
+        c.inbound.istio = Some(IstioConfig {
+            trust_domain: "example.org".into(),
+            kubernetes: Some(IstioKubernetes {
+                kubeconfig: Some(kubeconfig.clone()),
+                ..IstioKubernetes::default()
+            }),
+            ..IstioConfig::new(vec![file.clone()], "foo")
+        });
+    });
+    let (_client, outs) = pki.outbound_sidecar_with(CLIENT, &[inbound], SERVER, |_| {});
+    let status = |path: &str| curl(&format!("http://{}{path}", outs[0]), &[]).status;
+    assert_eq!(status("/data"), 200, "{}", server.logs());
+    assert_eq!(status("/from-api"), 403, "the v1beta1 policy");
+    assert_eq!(status("/from-file"), 403, "the file's policy");
+
+    // A file edit applies, the API's resources staying in the set.
+    write_file("/edited");
+    wait::until_true("the file edit in force", WITHIN, || {
+        status("/edited") == 403
+    });
+    assert_eq!(status("/from-file"), 200);
+    assert_eq!(status("/from-api"), 403);
+    // And an API change keeps the edited file.
+    delete(
+        &api,
+        "v1beta1",
+        "AuthorizationPolicy",
+        "istio-system",
+        "deny-api",
+    );
+    wait::until_true("deny-api deleted", WITHIN, || status("/from-api") == 200);
+    assert_eq!(status("/edited"), 403);
 }
