@@ -260,6 +260,7 @@ fn istio_resources_from_the_api_server_decide_through_a_sidecar_pair() {
 
     // A workload-level STRICT (selector on the pod's labels): plaintext
     // fails the handshake, and the live plaintext connection is cut.
+    let changed = std::time::Instant::now();
     create(
         &api,
         "PeerAuthentication",
@@ -270,6 +271,7 @@ fn istio_resources_from_the_api_server_decide_through_a_sidecar_pair() {
     wait::until_true("plaintext refused once STRICT", WITHIN, || {
         plaintext("/data") == 0
     });
+    let applied_after = changed.elapsed();
     assert_ne!(
         get_on(&mut live, "/data"),
         200,
@@ -397,7 +399,7 @@ fn istio_resources_from_the_api_server_decide_through_a_sidecar_pair() {
     });
     assert_eq!(mesh("/data", &[]).status, 403);
     println!(
-        "istio_kube: sidecar ready {ready_after:?} after start (lists of 6 watches loaded); load average {}",
+        "istio_kube: sidecar ready {ready_after:?} after start (lists of 6 watches loaded); a created PeerAuthentication refused plaintext {applied_after:?} after the POST (curl polling); load average {}",
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .trim()
@@ -445,6 +447,40 @@ fn a_cluster_serving_only_v1beta1_and_istio_files_beside_the_api() {
     );
     grant(&api, &["foo", "istio-system"]);
     let kubeconfig = api.kubeconfig_for(USER, None);
+    let pki = Loopback::new();
+    let dir = pki.dir.path();
+
+    // A user the API refuses (no binding): nothing is in force, the
+    // sidecar is not ready, the log says why.
+    let unbound = api.kubeconfig_for("rampart-unbound", None);
+    let refused = pki.sidecar_unready_with("spiffe://example.org/ns/foo/sa/unbound", |c| {
+        c.listeners.push(inbound_listener_as(
+            "in",
+            free_addr(),
+            free_addr(),
+            APP_PORT,
+        ));
+        c.inbound.istio = Some(IstioConfig {
+            kubernetes: Some(IstioKubernetes {
+                kubeconfig: Some(unbound),
+                ..IstioKubernetes::default()
+            }),
+            ..IstioConfig::new(Vec::new(), "foo")
+        });
+    });
+    let deadline = std::time::Instant::now() + WITHIN;
+    while !refused.logs().contains("listing Istio resources failed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused list not logged:\n{}",
+            refused.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(refused.logs().contains("forbidden"), "{}", refused.logs());
+    assert_eq!(refused.get("/ready"), Some(503), "{}", refused.logs());
+    drop(refused);
+
     let deny = |path: &str| json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": [path]}}]}]});
     api.create(
         &at("v1beta1", "istio-system", "authorizationpolicies"),
@@ -457,8 +493,6 @@ fn a_cluster_serving_only_v1beta1_and_istio_files_beside_the_api() {
         ),
     );
 
-    let pki = Loopback::new();
-    let dir = pki.dir.path();
     let file = dir.join("istio.yaml");
     let write_file = |path: &str| {
         let doc = resource("v1", "AuthorizationPolicy", "foo", "deny-file", deny(path));
