@@ -423,7 +423,7 @@ fn v1beta1_only_crds() -> Vec<Json> {
 
 #[test]
 #[ignore = "needs the Kubernetes peers (tests/peers/peer-kube.sh; cargo test -- --include-ignored)"]
-fn a_cluster_serving_only_v1beta1_and_istio_files_beside_the_api() {
+fn a_cluster_serving_only_v1beta1_istio_files_beside_the_api_and_fetched_keys() {
     let api = ControlPlane::start();
     for ns in ["foo", "istio-system"] {
         api.namespace(ns, &json!({}));
@@ -544,4 +544,61 @@ fn a_cluster_serving_only_v1beta1_and_istio_files_beside_the_api() {
     );
     wait::until_true("deny-api deleted", WITHIN, || status("/from-api") == 200);
     assert_eq!(status("/edited"), 403);
+
+    // A RequestAuthentication whose keys are at an http:// jwksUri, first
+    // seen from the API: fetched once it is in force.
+    let issuer = Issuer::new(dir);
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    std::fs::write(keys_dir.join("jwks.json"), issuer.jwks()).unwrap();
+    let keys_addr = free_addr();
+    let python = apps::python().expect("python3");
+    let _keys = LocalProc::spawn(
+        &[
+            python,
+            "-m".into(),
+            "http.server".into(),
+            keys_addr.port().to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--directory".into(),
+            keys_dir.display().to_string(),
+        ],
+        dir,
+        "jwks-server",
+    );
+    wait_listening(keys_addr);
+    api.create(
+        &at("v1beta1", "foo", "requestauthentications"),
+        &resource(
+            "v1beta1",
+            "RequestAuthentication",
+            "foo",
+            "jwt",
+            json!({"jwtRules": [{"issuer": "https://issuer.test",
+                "jwksUri": format!("http://{keys_addr}/jwks.json")}]}),
+        ),
+    );
+    api.create(
+        &at("v1beta1", "foo", "authorizationpolicies"),
+        &resource(
+            "v1beta1",
+            "AuthorizationPolicy",
+            "foo",
+            "jwt-on-data",
+            json!({"action": "DENY", "rules": [{
+                "from": [{"source": {"notRequestPrincipals": ["*"]}}],
+                "to": [{"operation": {"paths": ["/data"]}}]}]}),
+        ),
+    );
+    let token = format!(
+        "authorization: Bearer {}",
+        issuer.token(&claims("https://issuer.test", "httpbin", now() + 600))
+    );
+    let with_token = || curl(&format!("http://{}/data", outs[0]), &["-H", &token]).status;
+    wait::until_true("the fetched keys verify the token", WITHIN, || {
+        with_token() == 200
+    });
+    assert_eq!(status("/data"), 403, "no token on /data");
+    assert!(server.logs().contains("JWKS fetched"), "{}", server.logs());
 }
