@@ -398,6 +398,10 @@ impl Worker {
                 return;
             }
         };
+        // Forget what is no longer refused, so that breaking it again is
+        // reported again.
+        self.reported
+            .retain(|o, _| outcome.refused.iter().any(|r| &r.origin == o));
         for r in &outcome.refused {
             if self.reported.get(&r.origin) == Some(&r.text) {
                 continue;
