@@ -421,7 +421,8 @@ impl Worker {
                 let names: Vec<&str> = objects.iter().map(|(o, _)| o.as_str()).collect();
                 tracing::info!(resources = ?names, "Istio resources from the Kubernetes API in force");
                 self.istio.api_objects.put_in_force(objects);
-                self.cell.replace(authorizer);
+                self.cell
+                    .replace_from(authorizer, rampart_proxy::policy::PolicyOrigin::Kubernetes);
                 rampart_proxy::metrics::policy_reload(rampart_proxy::metrics::ReloadResult::Ok);
                 self.fetch_jwks(uris);
             }
