@@ -196,6 +196,8 @@ const WATCH_TIMEOUT_S: u32 = 290;
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// The longest wait between two attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Watch events waiting for the worker, at most.
+const EVENT_QUEUE: usize = 64;
 
 /// One watch: a kind in a namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -234,7 +236,9 @@ async fn run(cfg: Config, cell: Arc<PolicyCell>) {
     if istio.root_namespace != istio.namespace {
         namespaces.push(istio.root_namespace.clone());
     }
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Bounded: a burst of events waits in the watches (the API server
+    // holds them) while a set compiles.
+    let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
     let mut keys = BTreeSet::new();
     for ns in &namespaces {
         for kind in IstioKind::ALL {
@@ -421,7 +425,8 @@ impl Worker {
                 let names: Vec<&str> = objects.iter().map(|(o, _)| o.as_str()).collect();
                 tracing::info!(resources = ?names, "Istio resources from the Kubernetes API in force");
                 self.istio.api_objects.put_in_force(objects);
-                self.cell.replace(authorizer);
+                self.cell
+                    .replace_from(authorizer, rampart_proxy::policy::PolicyOrigin::Kubernetes);
                 rampart_proxy::metrics::policy_reload(rampart_proxy::metrics::ReloadResult::Ok);
                 self.fetch_jwks(uris);
             }
@@ -626,7 +631,7 @@ enum Stop {
 }
 
 /// Lists and watches one kind in one namespace until the worker is gone.
-async fn follow(client: Client, key: WatchKey, resync: Duration, tx: mpsc::UnboundedSender<Event>) {
+async fn follow(client: Client, key: WatchKey, resync: Duration, tx: mpsc::Sender<Event>) {
     let mut backoff = BACKOFF_BASE;
     loop {
         let mut found = None;
@@ -660,6 +665,7 @@ async fn follow(client: Client, key: WatchKey, resync: Duration, tx: mpsc::Unbou
             tracing::info!(kind = key.kind.as_str(), namespace = %key.ns, "security.istio.io serves no such resource; none of this kind");
             if tx
                 .send(Event::Listed(key.clone(), BTreeMap::new()))
+                .await
                 .is_err()
             {
                 return;
@@ -673,7 +679,7 @@ async fn follow(client: Client, key: WatchKey, resync: Duration, tx: mpsc::Unbou
             .iter()
             .map(|o| text_of(key.kind, version, o))
             .collect();
-        if tx.send(Event::Listed(key.clone(), objects)).is_err() {
+        if tx.send(Event::Listed(key.clone(), objects)).await.is_err() {
             return;
         }
         let until = tokio::time::Instant::now() + resync;
@@ -692,7 +698,7 @@ async fn watch(
     version: &str,
     rv: &mut String,
     until: tokio::time::Instant,
-    tx: &mpsc::UnboundedSender<Event>,
+    tx: &mpsc::Sender<Event>,
 ) -> Stop {
     loop {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
@@ -725,14 +731,14 @@ async fn watch(
                         rv.clone_from(v);
                     }
                     let (name, text) = text_of(key.kind, version, &o);
-                    tx.send(Event::Applied(key.clone(), name, text))
+                    tx.send(Event::Applied(key.clone(), name, text)).await
                 }
                 Some(Ok(WatchEvent::Deleted(o))) => {
                     if let Some(v) = &o.metadata.resource_version {
                         rv.clone_from(v);
                     }
                     let name = o.metadata.name.clone().unwrap_or_default();
-                    tx.send(Event::Deleted(key.clone(), name))
+                    tx.send(Event::Deleted(key.clone(), name)).await
                 }
                 Some(Ok(WatchEvent::Bookmark(b))) => {
                     rv.clone_from(&b.metadata.resource_version);

@@ -9,6 +9,7 @@
 //! created, updated and deleted through the API while the pair serves,
 //! and every decision is asserted on the wire.
 
+use crate::central::policy;
 use crate::istio::{Issuer, now};
 use crate::support;
 
@@ -238,6 +239,7 @@ fn istio_resources_from_the_api_server_decide_through_a_sidecar_pair() {
     assert_eq!(mesh("/data", &[]).status, 200, "{}", logs());
     let admin = mesh("/admin", &[]);
     assert_eq!(admin.status, 403, "{}", logs());
+    assert_eq!(policy(&server)["origin"], "kubernetes");
     assert!(admin.body.contains("RBAC: access denied"), "{}", admin.body);
     assert_eq!(plaintext("/data"), 200, "PERMISSIVE in foo: {}", logs());
     let mut live = TcpStream::connect(inbound).unwrap();
@@ -479,6 +481,7 @@ fn a_cluster_serving_only_v1beta1_istio_files_beside_the_api_and_fetched_keys() 
     }
     assert!(refused.logs().contains("forbidden"), "{}", refused.logs());
     assert_eq!(refused.get("/ready"), Some(503), "{}", refused.logs());
+    assert_eq!(policy(&refused)["origin"], "waiting_for_kubernetes");
     drop(refused);
 
     let deny = |path: &str| json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": [path]}}]}]});
