@@ -259,7 +259,13 @@ pub struct InboundConfig {
 pub struct IstioConfig {
     /// YAML files of AuthorizationPolicy, PeerAuthentication and
     /// RequestAuthentication resources (multi-document, or `kind: List`).
+    #[serde(default)]
     pub files: Vec<PathBuf>,
+    /// The same resources read from the Kubernetes API: the workload's
+    /// namespace and the root namespace, watched (docs/policy.md,
+    /// "Istio resources from the Kubernetes API").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::istio_kube::IstioKubernetes>,
     /// The workload's namespace.
     pub namespace: String,
     /// The workload's labels, matched by `selector.matchLabels`.
@@ -282,6 +288,10 @@ pub struct IstioConfig {
     /// JWKS fetched for RequestAuthentication, shared by every (re)load.
     #[serde(skip)]
     pub jwks_cache: std::sync::Arc<rampart_authz::jwt::JwksCache>,
+    /// The resources read from the Kubernetes API that every (re)load
+    /// compiles with the files (empty without `kubernetes`).
+    #[serde(skip)]
+    pub api_objects: std::sync::Arc<crate::istio_kube::ApiObjects>,
 }
 
 impl IstioConfig {
@@ -291,6 +301,7 @@ impl IstioConfig {
     pub fn new(files: Vec<PathBuf>, namespace: &str) -> IstioConfig {
         IstioConfig {
             files,
+            kubernetes: None,
             namespace: namespace.to_owned(),
             labels: Default::default(),
             root_namespace: d_istio_root(),
@@ -298,6 +309,7 @@ impl IstioConfig {
             trust_domain_aliases: Vec::new(),
             jwks_ca_file: None,
             jwks_cache: Default::default(),
+            api_objects: Default::default(),
         }
     }
 
@@ -316,11 +328,13 @@ impl IstioConfig {
 
     fn validate(&self, cfg: &Config) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        if self.files.is_empty() {
-            p.push((
+        match &self.kubernetes {
+            None if self.files.is_empty() => p.push((
                 "inbound.istio.files".into(),
-                "list at least one file".into(),
-            ));
+                "list at least one file (or read the resources from `kubernetes`)".into(),
+            )),
+            None => {}
+            Some(k) => p.extend(k.validate()),
         }
         if self.namespace.is_empty() {
             p.push(("inbound.istio.namespace".into(), "required".into()));

@@ -7,7 +7,8 @@
 //!   (identity source, central management, policy reloads, the data plane),
 //!   as a process (`rampart run`) or in a caller's runtime ([`run::Sidecar`]);
 //! - [`identity`] and [`central`]: the wiring of the identity source and of
-//!   central management that [`run`] uses;
+//!   central management that [`run`] uses; [`istio_kube`]: Istio's security
+//!   resources read from the Kubernetes API, for the policy reloads;
 //! - [`init`], [`inject`], [`webhook`]: the pod's capture rules, the
 //!   Kubernetes mutation (with [`probes`] and [`other_mesh`]) and the
 //!   admission webhook (with [`webhook_tls`]);
@@ -25,6 +26,8 @@ pub mod demo;
 pub mod identity;
 pub mod init;
 pub mod inject;
+pub mod istio_kube;
+pub mod metrics;
 pub mod netns;
 pub mod other_mesh;
 pub mod probes;

@@ -157,23 +157,7 @@ impl Sidecar {
         if let Some(istio) = plan.authorizer.current().authorizer.istio()
             && !istio.jwks_uris().is_empty()
         {
-            let tls = if istio.jwks_uris().iter().any(|u| u.starts_with("https://")) {
-                let ca = cfg
-                    .inbound
-                    .istio
-                    .as_ref()
-                    .and_then(|i| i.jwks_ca_file.clone())
-                    .unwrap_or_else(|| rampart_central::jwks::SYSTEM_CA_FILE.into());
-                let client = rampart_central::jwks::https_client(&ca).map_err(|message| {
-                    crate::central::CentralStartError::Field {
-                        field: "inbound.istio.jwks_ca_file".into(),
-                        message,
-                    }
-                })?;
-                Some(client)
-            } else {
-                None
-            };
+            let tls = jwks_tls(&cfg, istio.jwks_uris())?;
             rampart_central::jwks::spawn(
                 istio.jwks_uris().to_vec(),
                 istio.jwks_cache().clone(),
@@ -181,10 +165,22 @@ impl Sidecar {
                 tls,
             );
         }
+        // Istio resources from the Kubernetes API: a worker of their own
+        // puts each set in force (none is until the first lists load), and
+        // follows the policy files too.
+        let from_api = cfg
+            .inbound
+            .istio
+            .as_ref()
+            .is_some_and(|i| i.kubernetes.is_some());
+        if from_api {
+            crate::istio_kube::spawn(cfg.clone(), plan.authorizer.clone());
+        }
         // With a bundle, the policy files are the fallback until the first
         // bundle: a reload must not replace a bundle in force.
         if (!cfg.inbound.policies.is_empty() || cfg.inbound.istio.is_some())
             && cfg.inbound.bundle.is_none()
+            && !from_api
         {
             let for_loader = cfg.clone();
             let loader: rampart_proxy::policy::PolicyLoader =
@@ -233,6 +229,32 @@ impl Sidecar {
     }
 }
 
+/// The TLS client for RequestAuthentication keys at `uris`: `None` unless
+/// one is `https://`, then verified against `inbound.istio.jwks_ca_file`
+/// (default: the system bundle).
+pub(crate) fn jwks_tls(
+    cfg: &Config,
+    uris: &[String],
+) -> Result<Option<rampart_central::http_fetch::ClientTlsProvider>, crate::central::CentralStartError>
+{
+    if !uris.iter().any(|u| u.starts_with("https://")) {
+        return Ok(None);
+    }
+    let ca = cfg
+        .inbound
+        .istio
+        .as_ref()
+        .and_then(|i| i.jwks_ca_file.clone())
+        .unwrap_or_else(|| rampart_central::jwks::SYSTEM_CA_FILE.into());
+    let client = rampart_central::jwks::https_client(&ca).map_err(|message| {
+        crate::central::CentralStartError::Field {
+            field: "inbound.istio.jwks_ca_file".into(),
+            message,
+        }
+    })?;
+    Ok(Some(client))
+}
+
 /// Installs the process's metrics recorder when `admin.metrics` is on;
 /// returns what renders `/metrics`.
 fn install_metrics(cfg: &Config) -> Result<rampart_proxy::admin::MetricsRender, StartError> {
@@ -269,6 +291,7 @@ fn install_metrics(cfg: &Config) -> Result<rampart_proxy::admin::MetricsRender, 
     rampart_proxy::metrics::describe();
     rampart_discovery::metrics::describe();
     rampart_identity::metrics::describe();
+    crate::metrics::describe();
     Ok(Arc::new(move || handle.render()))
 }
 

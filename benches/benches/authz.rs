@@ -209,7 +209,10 @@ fn normalize(c: &mut Criterion) {
 /// beside a native decision, in one run: `native` is a one-rule native
 /// ALLOW on the peer and path; `istio` the same as an Istio
 /// AuthorizationPolicy; `istio_jwt` an AuthorizationPolicy requiring a
-/// request principal, with the token verified on every request.
+/// request principal, a client sending the same token on every request
+/// (its signature checked once, its claims on every request);
+/// `istio_jwt_new_token` the same with 1,024 tokens in turn, each signature
+/// checked (the verified-token cache holds 256).
 fn jwt(c: &mut Criterion) {
     use base64::Engine as _;
     use rampart_authz::istio::{IstioPolicies, Workload};
@@ -225,17 +228,20 @@ fn jwt(c: &mut Criterion) {
         b64.encode(&p[1..33]),
         b64.encode(&p[33..65])
     );
-    let msg = format!(
-        "{}.{}",
-        b64.encode(r#"{"alg":"ES256","kid":"k"}"#),
-        b64.encode(
-            r#"{"iss":"https://issuer.example","sub":"alice","aud":"api","exp":4102444800}"#
-        )
-    );
-    let token = format!(
-        "{msg}.{}",
-        b64.encode(key.sign(&rng, msg.as_bytes()).unwrap())
-    );
+    let sign = |sub: &str| {
+        let msg = format!(
+            "{}.{}",
+            b64.encode(r#"{"alg":"ES256","kid":"k"}"#),
+            b64.encode(format!(
+                r#"{{"iss":"https://issuer.example","sub":"{sub}","aud":"api","exp":4102444800}}"#
+            ))
+        );
+        let token = format!(
+            "{msg}.{}",
+            b64.encode(key.sign(&rng, msg.as_bytes()).unwrap())
+        );
+        http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap()
+    };
     let workload = Workload {
         namespace: "foo".into(),
         labels: Default::default(),
@@ -267,12 +273,16 @@ fn jwt(c: &mut Criterion) {
     let mut f = Fixture::new(2);
     f.peer = SpiffeId::parse("spiffe://example.org/ns/ns2/sa/svc2").unwrap();
     f.path = "/data2".into();
-    f.headers.insert(
-        http::header::AUTHORIZATION,
-        http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
-    );
-    let decide = |a: &Authorizer, f: &Fixture| -> bool {
-        let jwt = match a.authenticate_request(&f.headers, None) {
+    f.headers.insert(http::header::AUTHORIZATION, sign("alice"));
+    let many: Vec<http::HeaderMap> = (0..1024)
+        .map(|i| {
+            let mut h = f.headers.clone();
+            h.insert(http::header::AUTHORIZATION, sign(&format!("user{i}")));
+            h
+        })
+        .collect();
+    let decide = |a: &Authorizer, f: &Fixture, headers: &http::HeaderMap| -> bool {
+        let jwt = match a.authenticate_request(headers, None) {
             Ok(j) => j,
             Err(_) => return false,
         };
@@ -284,7 +294,7 @@ fn jwt(c: &mut Criterion) {
             path: &f.path,
             raw_path_and_query: &f.path,
             query: None,
-            headers: &f.headers,
+            headers,
             protocol: HttpProtocol::Http2,
             scheme: "https",
             grpc_method: None,
@@ -301,9 +311,19 @@ fn jwt(c: &mut Criterion) {
         ("istio", &plain),
         ("istio_jwt", &with_jwt),
     ] {
-        assert!(decide(a, &f), "{name}: fixture must be allowed");
-        g.bench_function(name, |b| b.iter(|| black_box(decide(black_box(a), &f))));
+        assert!(decide(a, &f, &f.headers), "{name}: fixture must be allowed");
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(decide(black_box(a), &f, &f.headers)))
+        });
     }
+    assert!(many.iter().all(|h| decide(&with_jwt, &f, h)));
+    let mut next = 0;
+    g.bench_function("istio_jwt_new_token", |b| {
+        b.iter(|| {
+            next = (next + 1) % many.len();
+            black_box(decide(black_box(&with_jwt), &f, &many[next]))
+        })
+    });
     g.finish();
 }
 

@@ -285,6 +285,13 @@ pub struct Limits {
     /// How long a drain waits for connections to finish.
     #[serde(with = "duration")]
     pub drain_timeout: Duration,
+    /// How long an HTTP/1 keep-alive connection is still served once a
+    /// drain starts (at most `drain_timeout`): its next response carries
+    /// `Connection: close`, and an idle one is closed when the grace ends.
+    /// Closing an idle keep-alive connection at once races the peer's next
+    /// request on it, which then fails (RFC 9112 section 9.6).
+    #[serde(with = "duration")]
+    pub http1_drain_grace: Duration,
     /// Open connections per listener.
     pub max_connections: usize,
     /// Connections per source address (per /64 for IPv6) still in their
@@ -325,6 +332,9 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
+            // Long enough for a busy pooled connection's next request,
+            // short enough not to hold an idle sidecar's exit for long.
+            http1_drain_grace: Duration::from_secs(2),
             max_connections: 10_000,
             // Far above what a peer sidecar opens at once (its HTTP is
             // pooled), far below `max_connections`.

@@ -73,19 +73,36 @@ impl Watch {
 }
 
 /// Drives a hyper server connection (`$conn`) to its end. When the drain
-/// starts (`$watch`) or `$idle` resolves, it is first asked to finish
+/// starts (`$watch`) or `$idle` resolves, it is asked to finish
 /// gracefully: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1, in-flight
-/// requests completed. Evaluates to the connection's result. A macro
-/// because hyper's connection types share `graceful_shutdown` but no trait.
+/// requests completed. On a drain it is first served on for `$grace`
+/// (zero for HTTP/2, whose GOAWAY tells the client which requests were
+/// not taken): an HTTP/1 client cannot tell an idle keep-alive connection
+/// closed under it from a request lost, so the connection stays until its
+/// next response, which the service marks `Connection: close`
+/// ([`crate::server::Shared::is_draining`]), or until the grace ends.
+/// Evaluates to the connection's result. A macro because hyper's
+/// connection types share `graceful_shutdown` but no trait.
 macro_rules! serve_gracefully {
-    ($conn:expr, $watch:expr, $idle:expr) => {{
+    ($conn:expr, $watch:expr, $idle:expr, $grace:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => r,
             _ = $watch.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+                let grace: std::time::Duration = $grace;
+                let ended = if grace.is_zero() {
+                    None
+                } else {
+                    tokio::time::timeout(grace, conn.as_mut()).await.ok()
+                };
+                match ended {
+                    Some(r) => r,
+                    None => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
             }
             _ = $idle => {
                 tracing::debug!("idle connection closed");

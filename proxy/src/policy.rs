@@ -207,9 +207,16 @@ pub enum PolicyOrigin {
         /// Whether its signature was verified.
         verified: bool,
     },
+    /// The policy files together with Istio resources read from the
+    /// Kubernetes API (`inbound.istio.kubernetes`).
+    Kubernetes,
     /// No policy yet (a bundle is configured, none has arrived, and there
     /// is no fallback): everything is denied and the sidecar is not ready.
     Waiting,
+    /// No policy yet: Istio resources are read from the Kubernetes API and
+    /// their first lists have not loaded. Everything is denied and the
+    /// sidecar is not ready.
+    WaitingForKubernetes,
 }
 
 impl PolicyOrigin {
@@ -219,8 +226,18 @@ impl PolicyOrigin {
             PolicyOrigin::Files => "files",
             PolicyOrigin::Fallback => "fallback",
             PolicyOrigin::Bundle { .. } => "bundle",
+            PolicyOrigin::Kubernetes => "kubernetes",
             PolicyOrigin::Waiting => "waiting_for_bundle",
+            PolicyOrigin::WaitingForKubernetes => "waiting_for_kubernetes",
         }
+    }
+
+    /// True while nothing is in force yet (everything is denied).
+    pub fn is_waiting(&self) -> bool {
+        matches!(
+            self,
+            PolicyOrigin::Waiting | PolicyOrigin::WaitingForKubernetes
+        )
     }
 }
 
@@ -255,12 +272,19 @@ impl PolicyCell {
     /// A cell with no policy yet: it denies everything (an empty policy
     /// set with the deny default) until [`PolicyCell::replace_from`].
     pub fn waiting() -> Self {
-        PolicyCell::with_origin(Authorizer::default(), PolicyOrigin::Waiting)
+        PolicyCell::waiting_for(PolicyOrigin::Waiting)
+    }
+
+    /// As [`PolicyCell::waiting`], saying what it waits for (`origin` is
+    /// one of the waiting origins).
+    pub fn waiting_for(origin: PolicyOrigin) -> Self {
+        debug_assert!(origin.is_waiting());
+        PolicyCell::with_origin(Authorizer::default(), origin)
     }
 
     /// Whether a policy is in force (readiness).
     pub fn is_in_force(&self) -> bool {
-        self.inner.load().origin != PolicyOrigin::Waiting
+        !self.inner.load().origin.is_waiting()
     }
 
     /// The policies in force now.

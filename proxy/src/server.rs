@@ -72,6 +72,12 @@ impl Shared {
         }
     }
 
+    /// True once a drain has started: HTTP/1 responses then carry
+    /// `Connection: close` ([`crate::drain::serve_gracefully`]).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// Starts a graceful drain, as SIGTERM does (the admin API's `/drain`).
     pub fn request_drain(&self) {
         // notify_one stores a permit, so a request before `run` waits is kept.

@@ -188,7 +188,7 @@ fn quick_bundle(url: String) -> BundleConfig {
 }
 
 /// The admin API's `/policy` document.
-fn policy(s: &Sidecar) -> serde_json::Value {
+pub(crate) fn policy(s: &Sidecar) -> serde_json::Value {
     let (status, text) = s.admin("GET", "/policy", "");
     assert_eq!(status, 200, "{text}");
     let body = text.split_once("\r\n\r\n").map_or("", |x| x.1);

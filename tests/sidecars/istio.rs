@@ -299,12 +299,13 @@ spec:
 
 /// RS256 tokens signed by `openssl dgst` with a key made by `openssl
 /// genrsa`, and the matching JWKS (modulus from `openssl rsa -modulus`).
-struct Issuer {
+/// Shared with `istio_kube`.
+pub(crate) struct Issuer {
     key: std::path::PathBuf,
 }
 
 impl Issuer {
-    fn new(dir: &Path) -> Issuer {
+    pub(crate) fn new(dir: &Path) -> Issuer {
         let key = dir.join("issuer.key");
         let o = Command::new("openssl")
             .args(["genrsa", "-out"])
@@ -316,7 +317,7 @@ impl Issuer {
         Issuer { key }
     }
 
-    fn jwks(&self) -> String {
+    pub(crate) fn jwks(&self) -> String {
         use base64::Engine as _;
         let o = Command::new("openssl")
             .args(["rsa", "-noout", "-modulus", "-in"])
@@ -336,7 +337,7 @@ impl Issuer {
         )
     }
 
-    fn token(&self, claims: &str) -> String {
+    pub(crate) fn token(&self, claims: &str) -> String {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let msg = format!(
@@ -364,7 +365,7 @@ impl Issuer {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -14,6 +14,7 @@ mod http;
 mod ingress_mtls;
 mod istio;
 mod istio_interop;
+mod istio_kube;
 mod istio_reload;
 mod kube_api;
 mod loopback;

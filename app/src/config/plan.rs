@@ -38,9 +38,17 @@ impl Config {
         // An Istio PeerAuthentication's modes are not baked in here: the
         // proxy reads them from the policies in force for each connection
         // (`ProxyConfig::inbound_port`), so a reload applies them.
+        let from_kubernetes = self
+            .inbound
+            .istio
+            .as_ref()
+            .is_some_and(|i| i.kubernetes.is_some());
         let cell = match (authorizer, self.inbound.bundle.is_some()) {
             (Some(a), false) => PolicyCell::new(a),
             (Some(a), true) => PolicyCell::with_origin(a, PolicyOrigin::Fallback),
+            (None, _) if from_kubernetes => {
+                PolicyCell::waiting_for(PolicyOrigin::WaitingForKubernetes)
+            }
             (None, _) => PolicyCell::waiting(),
         };
         pc::ProxyConfig {

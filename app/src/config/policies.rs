@@ -41,16 +41,31 @@ impl Config {
         self.with_istio(native)
     }
 
-    /// Adds the Istio resources of `inbound.istio`, if any.
+    /// Adds the Istio resources of `inbound.istio`, if any: its files and
+    /// the objects read from the Kubernetes API so far.
     fn with_istio(&self, native: Authorizer) -> Result<Authorizer, ConfigError> {
         let Some(istio) = &self.inbound.istio else {
             return Ok(native);
         };
-        let problem = |m: String| ConfigError {
-            problems: m.lines().map(str::to_owned).collect(),
-        };
-        let set = rampart_authz::istio::IstioPolicies::load(&istio.files, &istio.workload(self))
-            .map_err(|e| problem(e.to_string()))?;
+        let objects = istio.api_objects.current();
+        let set = self.istio_set(istio, &istio.files, &objects)?;
+        native
+            .with_istio(set)
+            .map_err(|m| problem(format!("inbound.istio: {m}")))
+    }
+
+    /// Compiles the Istio resources in `files` and `objects` (`(origin,
+    /// YAML)`) for this workload as one set; a CUSTOM policy must name a
+    /// provider of `ext_authz.providers`.
+    pub fn istio_set(
+        &self,
+        istio: &super::IstioConfig,
+        files: &[std::path::PathBuf],
+        objects: &[(String, String)],
+    ) -> Result<rampart_authz::istio::IstioPolicies, ConfigError> {
+        let set =
+            rampart_authz::istio::IstioPolicies::load_with(files, objects, &istio.workload(self))
+                .map_err(|e| problem(e.to_string()))?;
         for name in set.custom_providers() {
             if !self
                 .ext_authz
@@ -63,9 +78,7 @@ impl Config {
                 )));
             }
         }
-        native
-            .with_istio(set)
-            .map_err(|m| problem(format!("inbound.istio: {m}")))
+        Ok(set)
     }
 
     /// Inbound ports that may carry opaque TCP (declared `detect` or
@@ -108,19 +121,34 @@ impl Config {
     /// thread of its own within `inbound.policy_budget`: a file over budget
     /// is a configuration error, as a broken one is, rather than a sidecar
     /// that never starts.
+    ///
+    /// With Istio resources from the Kubernetes API the files are checked
+    /// now, but nothing is in force (and the sidecar is not ready) until
+    /// the API's first lists load: `None`.
     pub fn initial_policies(&self) -> Result<Option<Authorizer>, ConfigError> {
         if self.inbound.bundle.is_some() && self.inbound.policies.is_empty() {
             return Ok(None);
         }
+        let from_api = self
+            .inbound
+            .istio
+            .as_ref()
+            .is_some_and(|i| i.kubernetes.is_some());
         let budget = self.inbound.policy_budget;
         let files = self.policy_files();
         let cfg = self.clone();
         let loader: rampart_proxy::policy::PolicyLoader =
             std::sync::Arc::new(move || cfg.authorizer().map_err(|e| e.to_string()));
         rampart_proxy::policy::load_within(&budget, &files, &loader)
-            .map(Some)
+            .map(|a| (!from_api).then_some(a))
             .map_err(|e| ConfigError {
                 problems: e.to_string().lines().map(str::to_owned).collect(),
             })
+    }
+}
+
+fn problem(m: String) -> ConfigError {
+    ConfigError {
+        problems: m.lines().map(str::to_owned).collect(),
     }
 }

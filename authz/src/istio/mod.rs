@@ -135,6 +135,17 @@ impl IstioPolicies {
     /// in every file is reported; a field Rampart cannot honour is an
     /// error naming it.
     pub fn load<P: AsRef<Path>>(paths: &[P], workload: &Workload) -> Result<Self, LoadErrors> {
+        Self::load_with(paths, &[], workload)
+    }
+
+    /// Reads and compiles the resource files in `paths` and the resources
+    /// in `objects` (`(origin, YAML)`: an object from the Kubernetes API,
+    /// say, its origin naming it in errors) together, as one set.
+    pub fn load_with<P: AsRef<Path>>(
+        paths: &[P],
+        objects: &[(String, String)],
+        workload: &Workload,
+    ) -> Result<Self, LoadErrors> {
         let mut texts = Vec::new();
         let mut errors = Vec::new();
         for p in paths {
@@ -147,6 +158,11 @@ impl IstioPolicies {
                 }),
             }
         }
+        texts.extend(
+            objects
+                .iter()
+                .map(|(origin, yaml)| (PathBuf::from(origin), yaml.clone())),
+        );
         Self::from_texts(&texts, workload, errors)
     }
 

@@ -12,7 +12,8 @@
 //! request path (the last good key set is kept when a fetch fails).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -23,10 +24,75 @@ use crate::jose::{self, Alg, Key, KeyError};
 pub const CLOCK_SKEW_SECONDS: u64 = 60;
 
 /// A parsed JSON Web Key Set: the keys Rampart can verify with
-/// ([`crate::jose`] parses them and checks the signatures).
+/// ([`crate::jose`] parses them and checks the signatures), and the tokens
+/// whose signatures they verified.
 #[derive(Debug, Clone, Default)]
 pub struct Jwks {
     keys: Vec<Key>,
+    verified: Verified,
+}
+
+/// Tokens whose signature this key set verified, so that a client sending
+/// the same token on every request pays the signature check once (as
+/// Envoy's `jwt_cache_config`): a signature check is most of a JWT
+/// decision (tens of microseconds for ES256 or RS256), while the claims
+/// (`exp`, `nbf`, audience) are still checked on every request. Only
+/// tokens that verified are kept, whole, and compared whole, so a client
+/// cannot place an entry it did not get signed, and a hash collision only
+/// costs a check. A refreshed key set is a new [`Jwks`], with an empty
+/// cache. Direct-mapped and bounded: a new token takes its slot.
+#[derive(Debug)]
+struct Verified {
+    slots: Mutex<Vec<Option<Box<str>>>>,
+    hasher: std::hash::RandomState,
+}
+
+/// Slots of a key set's [`Verified`] tokens.
+const VERIFIED_SLOTS: usize = 256;
+
+impl Default for Verified {
+    fn default() -> Self {
+        Verified {
+            slots: Mutex::new(Vec::new()),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl Clone for Verified {
+    /// A copy of a key set starts with no verified token.
+    fn clone(&self) -> Self {
+        Verified::default()
+    }
+}
+
+impl Verified {
+    fn slot(&self, token: &str) -> usize {
+        // Invariant: the modulus keeps the index in range on every target.
+        (self.hasher.hash_one(token) % VERIFIED_SLOTS as u64) as usize
+    }
+
+    fn contains(&self, token: &str) -> bool {
+        let slots = match self.slots.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        slots
+            .get(self.slot(token))
+            .is_some_and(|s| s.as_deref() == Some(token))
+    }
+
+    fn insert(&self, token: &str) {
+        let i = self.slot(token);
+        let mut slots = match self.slots.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if slots.is_empty() {
+            slots.resize(VERIFIED_SLOTS, None);
+        }
+        slots[i] = Some(token.into());
+    }
 }
 
 impl Jwks {
@@ -45,7 +111,10 @@ impl Jwks {
         if keys.is_empty() {
             return Err("JWKS has no RSA, EC (P-256, P-384) or Ed25519 key".into());
         }
-        Ok(Jwks { keys })
+        Ok(Jwks {
+            keys,
+            verified: Verified::default(),
+        })
     }
 
     /// As Envoy's `jwt_verify_lib` picks keys: a key with a `kid` must
@@ -346,13 +415,16 @@ fn check(
     let kid = header.get("kid").and_then(serde_json::Value::as_str);
     let t = jose::Compact::split(token).ok_or(JwtError::Malformed)?;
     let (message, signature) = (t.signing_input, t.signature);
-    let signature = b64.decode(signature).map_err(|_| JwtError::Malformed)?;
     let keys = match &rule.keys {
         KeySource::Static(k) => k.clone(),
         KeySource::Fetched { uri, cache } => cache.get(uri).ok_or(JwtError::KeysUnavailable)?,
     };
-    if !keys.verify(alg, kid, message.as_bytes(), &signature) {
-        return Err(JwtError::BadSignature);
+    if !keys.verified.contains(token) {
+        let signature = b64.decode(signature).map_err(|_| JwtError::Malformed)?;
+        if !keys.verify(alg, kid, message.as_bytes(), &signature) {
+            return Err(JwtError::BadSignature);
+        }
+        keys.verified.insert(token);
     }
     let time = |k: &str| claims.get(k).and_then(serde_json::Value::as_u64);
     if let Some(exp) = time("exp")

@@ -212,3 +212,69 @@ fn eddsa_tokens_verify_and_a_key_of_another_alg_is_not_tried() {
     // Envoy's jwt_verify_lib skips a key whose `alg` is not the token's.
     assert_eq!(with("ES256"), Err(JwtError::BadSignature));
 }
+
+/// The verified-signature cache saves only the signature check: a token
+/// verified once is still refused once it expires, a forgery of it (the
+/// same claims, another signature) still fails, and a token of keys that
+/// were rotated out is refused with the new set.
+#[test]
+fn a_token_verified_before_is_still_checked_for_time_forgery_and_rotation() {
+    let s = Signer::new();
+    let cache = Arc::new(JwksCache::default());
+    let mut a = authn(&s);
+    let uri = "http://keys.example/jwks";
+    a.rules[0].keys = KeySource::Fetched {
+        uri: uri.into(),
+        cache: cache.clone(),
+    };
+    cache.store(uri, Jwks::parse(&s.jwks()).unwrap());
+    let exp = now() + 600;
+    let t = s.token(serde_json::json!({"iss": "https://issuer.example", "sub": "a", "aud": "httpbin", "exp": exp}));
+    for _ in 0..3 {
+        assert!(
+            a.authenticate(&bearer(&t), None, SystemTime::now())
+                .unwrap()
+                .is_some()
+        );
+    }
+    // The same token, after its expiry (and the skew).
+    let later = UNIX_EPOCH + std::time::Duration::from_secs(exp + CLOCK_SKEW_SECONDS + 1);
+    assert_eq!(
+        a.authenticate(&bearer(&t), None, later),
+        Err(JwtError::Expired)
+    );
+    // The same header and claims with another signature.
+    let (signed, _) = t.rsplit_once('.').unwrap();
+    let other = Signer::new().token(serde_json::json!({"x": 1}));
+    let forged = format!("{signed}.{}", other.rsplit_once('.').unwrap().1);
+    assert_eq!(
+        a.authenticate(&bearer(&forged), None, SystemTime::now()),
+        Err(JwtError::BadSignature)
+    );
+    // The issuer rotates to a new key: the old key's token no longer verifies.
+    cache.store(uri, Jwks::parse(&Signer::new().jwks()).unwrap());
+    assert_eq!(
+        a.authenticate(&bearer(&t), None, SystemTime::now()),
+        Err(JwtError::BadSignature)
+    );
+}
+
+/// Many distinct tokens keep the cache bounded, and each still verifies.
+#[test]
+fn the_verified_token_cache_is_bounded() {
+    let s = Signer::new();
+    let a = authn(&s);
+    for i in 0..(2 * VERIFIED_SLOTS) {
+        let t = s.token(serde_json::json!({"iss": "https://issuer.example", "sub": format!("u{i}"), "aud": "httpbin"}));
+        assert!(
+            a.authenticate(&bearer(&t), None, SystemTime::now())
+                .unwrap()
+                .is_some()
+        );
+    }
+    let KeySource::Static(keys) = &a.rules[0].keys else {
+        unreachable!()
+    };
+    let slots = keys.verified.slots.lock().unwrap();
+    assert_eq!(slots.len(), VERIFIED_SLOTS);
+}

@@ -224,6 +224,18 @@ pub fn apply_response_effects(permit: &Permit, h: &mut HeaderMap) {
     }
 }
 
+/// Marks an HTTP/1 response `Connection: close` once the sidecar drains,
+/// so that the client retires its keep-alive connection after it rather
+/// than send its next request on a connection about to close. Responses
+/// that turn the connection into a tunnel (101, a CONNECT's 2xx) are left
+/// as they are.
+pub(crate) fn close_when_draining<B>(resp: &mut http::Response<B>, draining: bool, connect: bool) {
+    if draining && !connect && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

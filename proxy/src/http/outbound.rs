@@ -103,7 +103,12 @@ pub async fn serve<S: Io>(
     let service = hyper::service::service_fn(move |req| {
         let a = a.clone();
         let stream = Some(counts.open());
-        async move { Ok::<_, Infallible>(send(&a, req).await.map(|b| Counted::new(b, stream))) }
+        let connect = req.method() == http::Method::CONNECT;
+        async move {
+            let mut resp = send(&a, req).await;
+            super::headers::close_when_draining(&mut resp, a.shared.is_draining(), connect);
+            Ok::<_, Infallible>(resp.map(|b| Counted::new(b, stream)))
+        }
     });
     let conn = shared
         .outbound_http
@@ -116,7 +121,8 @@ pub async fn serve<S: Io>(
             service,
         )
         .with_upgrades();
-    let result = serve_gracefully!(conn, watch, streams.idle_expired());
+    let grace = limits.http1_drain_grace.min(limits.drain_timeout);
+    let result = serve_gracefully!(conn, watch, streams.idle_expired(), grace);
     if let Err(e) = result {
         tracing::debug!(error = %e, "app http connection ended with an error");
     }

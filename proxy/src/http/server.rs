@@ -188,10 +188,18 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
     let streams = StreamCount::new(limits.http_idle_timeout);
     let h = handler.clone();
     let counts = streams.clone();
+    let h1 = !matches!(serve_version, ServeVersion::Http2);
     let service = hyper::service::service_fn(move |req| {
         let h = h.clone();
         let stream = Some(counts.open());
-        async move { Ok::<_, Infallible>(h.handle(req).await.map(|b| Counted::new(b, stream))) }
+        let connect = req.method() == http::Method::CONNECT;
+        async move {
+            let mut resp = h.handle(req).await;
+            if h1 {
+                super::headers::close_when_draining(&mut resp, h.shared.is_draining(), connect);
+            }
+            Ok::<_, Infallible>(resp.map(|b| Counted::new(b, stream)))
+        }
     });
     let tls = handler.conn.tls;
     let idle = async {
@@ -230,14 +238,15 @@ pub async fn serve(stream: BoxedIo, conn: InboundConn, shared: Arc<Shared>, mut 
                 .server_h1
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            serve_gracefully!(conn, watch, idle).map_err(Into::into)
+            let grace = limits.http1_drain_grace.min(limits.drain_timeout);
+            serve_gracefully!(conn, watch, idle, grace).map_err(Into::into)
         }
         ServeVersion::Http2 => {
             let conn = shared
                 .http
                 .server_h2
                 .serve_connection(TokioIo::new(stream), service);
-            serve_gracefully!(conn, watch, idle)
+            serve_gracefully!(conn, watch, idle, std::time::Duration::ZERO)
         }
     };
     if let Err(e) = result {
