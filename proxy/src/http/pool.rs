@@ -7,19 +7,13 @@
 //! travels with the response body, back to the pool when the body is
 //! dropped. So connections on the hop number the requests in flight, not
 //! the client connections open (1,000 idle keep-alive clients hold no hop
-//! connection), and nothing is spawned per request. A link has no task of
-//! its own: hyper's connection future is polled by the request that holds
-//! it (while waiting for the response head, then by the response body as
-//! the far end's server writes it), so an exchange wakes one task, not two
-//! that hand the request and the response to each other. Between
-//! exchanges a link waits unpolled in its pool; a far end that closed it
-//! meanwhile is noticed by the next request before it writes anything
-//! (and that request goes on another connection). The pool's sweeper
-//! closes idle links after the idle timeout and when the certificates they
-//! were made with expire (issue 19 R5: no request is sent on a connection
-//! past its SVID's or its peer's `notAfter`; one in flight then finishes
-//! first; requests move to a new connection made with the current SVID,
-//! or fail closed without one).
+//! connection), and nothing is spawned per request. Each link's hyper
+//! connection runs in a task of its own (`drive`), which also closes it
+//! when idle for the idle timeout or, once its in-flight request has
+//! finished, when the certificates it was made with expire (issue 19 R5:
+//! no request is sent on a connection past its SVID's or its peer's
+//! `notAfter`; requests move to a new connection made with the current
+//! SVID, or fail closed without one).
 //!
 //! The outbound pool ([`OutboundHttp`]) dials with `forward::dial_peer`
 //! and the identity store's current configuration (nothing is built per
@@ -30,7 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -119,37 +113,87 @@ impl SendError {
     }
 }
 
-/// hyper's HTTP/1.1 client connection of a link: the future that does its
-/// reads and writes, polled by whoever holds the link (the request's own
-/// task while an exchange is on it), so nothing crosses tasks per request.
-type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
-
-/// A response body from upstream (the peer sidecar or the app). From a
-/// pooled connection, it carries that connection (and drives it: the body
-/// is read by the connection's reads) until it is dropped; a connection
-/// whose response was read to its end then goes back to its pool.
-pub struct UpstreamBody {
-    inner: Incoming,
-    link: Option<Link>,
-    /// The last frame was read.
-    ended: bool,
+/// A link's shared state, between the lessee and the connection task.
+#[derive(Debug)]
+struct LinkState {
+    /// A request is on the link (until its response body is dropped).
+    in_flight: AtomicBool,
+    /// The connection task decided to close: send nothing more on it.
+    closing: AtomicBool,
+    /// Milliseconds after `epoch` of the end of the last exchange.
+    last_used_ms: AtomicU64,
+    epoch: Instant,
+    /// Signalled when an exchange ends while `closing`.
+    idle: Notify,
 }
 
-impl std::fmt::Debug for UpstreamBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody")
-            .field("pooled", &self.link.is_some())
-            .field("ended", &self.ended)
-            .finish_non_exhaustive()
+impl LinkState {
+    fn new() -> Arc<Self> {
+        Arc::new(LinkState {
+            in_flight: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            last_used_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            idle: Notify::new(),
+        })
     }
+
+    /// Claims the link for one exchange; false if it is closing. The
+    /// connection task sets `closing` before it reads `in_flight`, and this
+    /// sets `in_flight` before it reads `closing`: one of them sees the other.
+    fn begin(&self) -> bool {
+        self.in_flight.store(true, Ordering::SeqCst);
+        if self.closing.load(Ordering::SeqCst) {
+            self.end();
+            return false;
+        }
+        true
+    }
+
+    fn end(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_used_ms.store(ms, Ordering::Relaxed);
+        self.in_flight.store(false, Ordering::SeqCst);
+        if self.closing.load(Ordering::SeqCst) {
+            self.idle.notify_one();
+        }
+    }
+
+    fn last_used(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A link during one exchange, carried by its response body: when the
+/// body is dropped (read to its end, usually), the exchange ends and the
+/// link goes back to its pool.
+#[derive(Debug)]
+struct InFlight(Option<Link>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(link) = self.0.take() {
+            link.state.end();
+            if let Some(home) = link.home.clone() {
+                home(link);
+            }
+        }
+    }
+}
+
+/// A response body from upstream (the peer sidecar or the app). From a
+/// pooled connection, that connection counts as busy until it is dropped.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    _in_flight: Option<InFlight>,
 }
 
 impl From<Incoming> for UpstreamBody {
     fn from(inner: Incoming) -> Self {
         UpstreamBody {
             inner,
-            link: None,
-            ended: false,
+            _in_flight: None,
         }
     }
 }
@@ -159,30 +203,10 @@ impl Body for UpstreamBody {
     type Error = hyper::Error;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let Some(link) = this.link.as_mut() else {
-            return Pin::new(&mut this.inner).poll_frame(cx);
-        };
-        // The body's frames come only from the connection, which this
-        // polls itself: its channel needs no wake-up (one would be a
-        // spurious poll of this whole task).
-        let mut quiet = Context::from_waker(std::task::Waker::noop());
-        let mut polled = Pin::new(&mut this.inner).poll_frame(&mut quiet);
-        // Nothing read yet: the connection reads it (it already has, in
-        // the poll that read the head, for a short response).
-        if polled.is_pending() {
-            link.poll_conn(cx);
-            polled = Pin::new(&mut this.inner).poll_frame(&mut quiet);
-        }
-        match &polled {
-            Poll::Ready(None) => this.ended = true,
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.ended = true,
-            _ => {}
-        }
-        polled
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -194,20 +218,6 @@ impl Body for UpstreamBody {
     }
 }
 
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        let Some(link) = self.link.take() else {
-            return;
-        };
-        // Dropped before its end (the client went away, or the exchange
-        // broke): the connection cannot carry another exchange; it closes
-        // as it drops.
-        if self.ended || self.inner.is_end_stream() {
-            link.exchange_done();
-        }
-    }
-}
-
 /// How long before its certificates expire a pooled connection stops
 /// taking new requests (the far end closes it at expiry).
 const REUSE_MARGIN: Duration = Duration::from_secs(1);
@@ -216,27 +226,19 @@ const REUSE_MARGIN: Duration = Duration::from_secs(1);
 type Home = Arc<dyn Fn(Link) + Send + Sync>;
 
 /// One pooled HTTP/1.1 connection: one exchange at a time, back to its
-/// pool between exchanges, where it waits unpolled until the next one
-/// (or until its pool's sweeper closes it).
+/// pool between exchanges.
 pub struct Link {
     sender: SendRequest<RequestBody>,
-    /// `None` once the connection has closed.
-    conn: Option<Driver>,
     /// Set by the pool that first sends on it.
     home: Option<Home>,
+    state: Arc<LinkState>,
     /// When the certificates it was made with expire (`None`: plaintext).
     expires: Option<Instant>,
-    /// Closed when idle this long.
-    idle_timeout: Duration,
-    /// When its last exchange ended (or it opened).
-    last_used: Instant,
     /// Whether it already carried a request (a fresh connection that
     /// fails is not retried).
     reused: bool,
     /// The verified peer, for the request metrics.
     peer: Option<metrics::DestinationId>,
-    /// A permit of the pools' connection limit, held while it is open.
-    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for Link {
@@ -249,9 +251,9 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// Whether a new request may go on it: open, not idle past its
-    /// timeout, certificates not expired.
-    fn usable(&self, now: Instant) -> bool {
+    /// Whether a new request may go on it: open, not closing, certificates
+    /// not expired.
+    fn usable(&self) -> bool {
         // A connection already used stops taking requests a little before
         // its certificates expire, so that none races the far end's close.
         let margin = if self.reused {
@@ -259,17 +261,9 @@ impl Link {
         } else {
             Duration::ZERO
         };
-        self.conn.is_some()
-            && !self.sender.is_closed()
-            && now < self.last_used + self.idle_timeout
-            && self.expires.is_none_or(|e| now + margin < e)
-    }
-
-    /// When it must close if it stays idle: its idle timeout, or the
-    /// expiry of its certificates.
-    fn deadline(&self) -> Instant {
-        let idle = self.last_used + self.idle_timeout;
-        self.expires.map_or(idle, |e| e.min(idle))
+        !self.sender.is_closed()
+            && !self.state.closing.load(Ordering::Relaxed)
+            && self.expires.is_none_or(|e| Instant::now() + margin < e)
     }
 
     /// The verified peer of a mesh connection.
@@ -277,24 +271,9 @@ impl Link {
         self.peer.as_ref()
     }
 
-    /// Runs hyper's connection future once (reads and writes what it
-    /// can); drops it once it has finished, which hands any request still
-    /// queued on it back to its sender.
-    fn poll_conn(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = self.conn.as_mut()
-            && let Poll::Ready(r) = conn.as_mut().poll(cx)
-        {
-            self.conn = None;
-            match r {
-                Ok(()) => tracing::debug!("pooled connection closed by the far end"),
-                Err(e) => tracing::debug!(error = %e, "pooled connection ended with an error"),
-            }
-        }
-    }
-
-    /// HTTP/1.1 over `io`, driven by the holder of the link; it closes
-    /// when idle for `idle_timeout`, or (after its in-flight request) at
-    /// `expires`. `slot` is held until the connection closes.
+    /// Runs HTTP/1.1 over `io` in a task of its own, closed when idle for
+    /// `idle_timeout` or (after its in-flight request) at `expires`.
+    /// `slot` is held until the connection closes.
     pub async fn establish<S>(
         io: S,
         expires: Option<SystemTime>,
@@ -306,106 +285,48 @@ impl Link {
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        let state = LinkState::new();
+        let expires = expires.map(instant_of);
+        tokio::spawn(drive(conn, state.clone(), expires, idle_timeout, slot));
         Ok(Link {
             sender,
-            conn: Some(Box::pin(conn)),
             home: None,
-            expires: expires.map(instant_of),
-            idle_timeout,
-            last_used: Instant::now(),
+            state,
+            expires,
             reused: false,
             peer,
-            _slot: slot,
         })
     }
 
     /// Sends `req` and waits for the response head (the caller bounds the
-    /// wait), driving the connection meanwhile. The link travels with the
-    /// response body, back to its pool when the body is dropped.
+    /// wait). The link travels with the response body, back to its pool
+    /// when the body is dropped.
     async fn send(mut self, req: Request<RequestBody>) -> Result<Response<UpstreamBody>, Attempt> {
-        // An idle link is ready at once; a fresh one once hyper has
-        // polled its queue. A connection the far end closed while it sat in
-        // the pool finds out in the poll below, before it writes anything
-        // (hyper reads before it writes, and hands the request back).
-        if !self.sender.is_ready() {
-            let ready = std::future::poll_fn(|cx| {
-                self.poll_conn(cx);
-                if self.conn.is_none() {
-                    return Poll::Ready(false);
-                }
-                self.sender.poll_ready(cx).map(|r| r.is_ok())
-            })
-            .await;
-            if !ready {
-                return Err(Attempt::Retry(Box::new(req)));
-            }
+        if self.sender.ready().await.is_err() || !self.state.begin() {
+            // Closed or closing before anything was written.
+            return Err(Attempt::Retry(Box::new(req)));
         }
         self.reused = true;
         let sent = self.sender.try_send_request(req);
-        tokio::pin!(sent);
-        // The response comes only from the connection, polled here: its
-        // channel needs no wake-up of this task (which would poll it once
-        // more for nothing).
-        let got = std::future::poll_fn(|cx| {
-            self.poll_conn(cx);
-            sent.as_mut()
-                .poll(&mut Context::from_waker(std::task::Waker::noop()))
-        })
-        .await;
-        match got {
-            Ok(resp) => Ok(resp.map(|inner| UpstreamBody {
-                inner,
-                link: Some(self),
-                ended: false,
-            })),
-            Err(mut e) => match e.take_message() {
-                // hyper gave it back: the connection closed before writing it.
-                Some(req) => Err(Attempt::Retry(Box::new(req))),
-                None => Err(Attempt::Failed(e.into_error())),
-            },
-        }
-    }
-
-    /// Its response was read to the end: back to the pool if hyper is
-    /// ready for the next request (it is, in the poll that read the end,
-    /// unless the request body is still being sent); else a task drives
-    /// it there first.
-    fn exchange_done(mut self) {
-        self.last_used = Instant::now();
-        // Once more without a waker: whatever is left that needs none, and
-        // hyper forgets this task's waker, which the next request's send
-        // would otherwise wake (an idle link is polled by whoever takes it).
-        self.poll_conn(&mut Context::from_waker(std::task::Waker::noop()));
-        if self.sender.is_ready() {
-            self.go_home();
-        } else if self.conn.is_some()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(self.settle());
-        }
-    }
-
-    /// Drives a link whose last exchange is not quite over (an upload the
-    /// app answered early) until it can take a request, then sends it home;
-    /// one that closes, or stays busy past its deadline, is dropped.
-    async fn settle(mut self) {
-        let deadline = self.deadline();
-        let ready = std::future::poll_fn(|cx| {
-            self.poll_conn(cx);
-            if self.conn.is_none() {
-                return Poll::Ready(false);
+        // The exchange ends (and the link goes home) with the body, or
+        // here on failure.
+        let mut in_flight = InFlight(None);
+        match sent.await {
+            Ok(resp) => {
+                in_flight.0 = Some(self);
+                Ok(resp.map(|inner| UpstreamBody {
+                    inner,
+                    _in_flight: Some(in_flight),
+                }))
             }
-            self.sender.poll_ready(cx).map(|r| r.is_ok())
-        });
-        if let Ok(true) = tokio::time::timeout_at(deadline, ready).await {
-            self.last_used = Instant::now();
-            self.go_home();
-        }
-    }
-
-    fn go_home(self) {
-        if let Some(home) = self.home.clone() {
-            home(self);
+            Err(mut e) => {
+                self.state.end();
+                match e.take_message() {
+                    // hyper gave it back: the connection closed before writing it.
+                    Some(req) => Err(Attempt::Retry(Box::new(req))),
+                    None => Err(Attempt::Failed(e.into_error())),
+                }
+            }
         }
     }
 }
@@ -419,6 +340,72 @@ enum Attempt {
     Failed(hyper::Error),
 }
 
+/// The connection task of a link.
+async fn drive<S>(
+    conn: hyper::client::conn::http1::Connection<TokioIo<S>, RequestBody>,
+    state: Arc<LinkState>,
+    expires: Option<Instant>,
+    idle_timeout: Duration,
+    _slot: Option<OwnedSemaphorePermit>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    tokio::pin!(conn);
+    loop {
+        // An exchange in progress counts as use.
+        let idle_at = match state.in_flight.load(Ordering::SeqCst) {
+            true => Instant::now() + idle_timeout,
+            false => state.last_used() + idle_timeout,
+        };
+        let wake = expires.map_or(idle_at, |e| e.min(idle_at));
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "pooled connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        let now = Instant::now();
+        let expired = expires.is_some_and(|e| now >= e);
+        if !expired && state.last_used() + idle_timeout > now {
+            continue;
+        }
+        state.closing.store(true, Ordering::SeqCst);
+        if !state.in_flight.load(Ordering::SeqCst) {
+            tracing::debug!(
+                expired,
+                "pooled connection closed (idle or certificates expired)"
+            );
+            return;
+        }
+        if !expired {
+            // Busy after all: not idle.
+            state.closing.store(false, Ordering::SeqCst);
+            continue;
+        }
+        // Expired with a request in flight: let it finish, then close.
+        loop {
+            let notified = state.idle.notified();
+            if !state.in_flight.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "pooled connection ended with an error");
+                    }
+                    return;
+                }
+                () = notified => {}
+            }
+        }
+        tracing::debug!("pooled connection closed: its certificates expired");
+        return;
+    }
+}
+
 /// `t` on tokio's clock (a time already past is now).
 fn instant_of(t: SystemTime) -> Instant {
     let now = Instant::now();
@@ -428,15 +415,10 @@ fn instant_of(t: SystemTime) -> Instant {
     }
 }
 
-/// The idle connections of a pool, by key. They wait unpolled; one task
-/// per pool (the sweeper, running only while some are idle) closes those
-/// idle past their timeout or whose certificates expire.
+/// The idle connections of a pool, by key.
 #[derive(Debug)]
 pub struct IdleLinks<K> {
-    links: Mutex<Parked<K>>,
-    /// Signalled when a connection comes back with an earlier deadline
-    /// than the sweeper sleeps until.
-    sweep: Notify,
+    links: Mutex<HashMap<K, Idle>>,
     /// Signalled when a connection comes back or a dial ends, while
     /// `waiting` requests wait for that.
     changed: Notify,
@@ -448,17 +430,7 @@ pub struct IdleLinks<K> {
     dial_wait: Duration,
 }
 
-/// The idle connections, and when the sweeper wakes next (`None`: no
-/// sweeper is running).
-#[derive(Debug)]
-struct Parked<K> {
-    by_key: HashMap<K, Idle>,
-    sweep_at: Option<Instant>,
-}
-
-/// One key's idle connections and dials under way. An entry stays while
-/// connections come and go (its `Vec` is reused); the sweeper removes
-/// empty ones.
+/// One key's idle connections and dials under way.
 #[derive(Debug, Default)]
 struct Idle {
     links: Vec<Link>,
@@ -478,11 +450,7 @@ impl<K> IdleLinks<K> {
     /// dial to end ([`PoolConnectError::PoolFull`] after that).
     pub fn with_dial_limit(max_dials: usize, dial_wait: Duration) -> Self {
         IdleLinks {
-            links: Mutex::new(Parked {
-                by_key: HashMap::new(),
-                sweep_at: None,
-            }),
-            sweep: Notify::new(),
+            links: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             waiting: AtomicUsize::new(0),
             max_dials: max_dials.max(1),
@@ -510,8 +478,11 @@ struct DialGuard<'a, K: std::hash::Hash + Eq + Clone> {
 impl<K: std::hash::Hash + Eq + Clone> Drop for DialGuard<'_, K> {
     fn drop(&mut self) {
         let mut map = self.pool.links.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(idle) = map.by_key.get_mut(self.key) {
+        if let Some(idle) = map.get_mut(self.key) {
             idle.dialing = idle.dialing.saturating_sub(1);
+            if idle.links.is_empty() && idle.dialing == 0 {
+                map.remove(self.key);
+            }
         }
         drop(map);
         self.pool.signal();
@@ -525,8 +496,8 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
     fn lease<'a>(&'a self, key: &'a K) -> Lease<'a, K> {
         // Poisoning needs a panic while moving a Vec element.
         let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(idle) = map.by_key.get_mut(key) else {
-            map.by_key.insert(
+        let Some(idle) = map.get_mut(key) else {
+            map.insert(
                 key.clone(),
                 Idle {
                     links: Vec::new(),
@@ -535,9 +506,10 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
             );
             return Lease::Dial(DialGuard { pool: self, key });
         };
-        let now = Instant::now();
-        // Unusable ones close as they drop.
-        if let Some(link) = std::iter::from_fn(|| idle.links.pop()).find(|l| l.usable(now)) {
+        if let Some(link) = std::iter::from_fn(|| idle.links.pop()).find(Link::usable) {
+            if idle.links.is_empty() && idle.dialing == 0 {
+                map.remove(key);
+            }
             return Lease::Idle(link);
         }
         if idle.dialing >= self.max_dials {
@@ -547,15 +519,20 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
         Lease::Dial(DialGuard { pool: self, key })
     }
 
-    /// Idle connections open now.
-    pub fn len(&self) -> usize {
-        let map = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        map.by_key.values().map(|i| i.links.len()).sum()
-    }
-
-    /// Whether no idle connection is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Puts a connection back if it can still take requests (it is
+    /// closed otherwise, as it drops). hyper may not have seen the end of
+    /// the last response yet; the next exchange waits for it.
+    fn put(&self, key: K, link: Link) {
+        if !link.usable() {
+            return;
+        }
+        let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let v = &mut map.entry(key).or_default().links;
+        // Connections that closed while idle go now, not at the next take.
+        v.retain(Link::usable);
+        v.push(link);
+        drop(map);
+        self.signal();
     }
 
     /// Wakes the requests waiting for a connection, if any (the common
@@ -573,13 +550,6 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
         D: Fn() -> F,
         F: Future<Output = Result<Link, PoolConnectError>>,
     {
-        // The common case first, without registering as a waiter: an
-        // idle connection, or leave to dial.
-        match self.lease(key) {
-            Lease::Idle(link) => return Ok(link),
-            Lease::Dial(guard) => return Self::dialed(guard, dial).await,
-            Lease::Wait => {}
-        }
         let deadline = Instant::now() + self.dial_wait;
         loop {
             // Registered, and counted as waiting, before looking: a
@@ -596,7 +566,14 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
             }
             match lease {
                 Lease::Idle(link) => return Ok(link),
-                Lease::Dial(guard) => return Self::dialed(guard, dial).await,
+                Lease::Dial(guard) => {
+                    // Boxed: the handshake's state is large and only a
+                    // new connection needs it, so the request's future
+                    // (which hyper allocates per connection) stays small.
+                    let link = Box::pin(dial()).await;
+                    drop(guard);
+                    return link;
+                }
                 Lease::Wait => {
                     let waited = tokio::time::timeout_at(deadline, changed).await;
                     self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -608,106 +585,19 @@ impl<K: std::hash::Hash + Eq + Clone> IdleLinks<K> {
         }
     }
 
-    /// A new connection from `dial`, counted against `max_dials` until it
-    /// is open (or failed).
-    async fn dialed<D, F>(guard: DialGuard<'_, K>, dial: &D) -> Result<Link, PoolConnectError>
-    where
-        D: Fn() -> F,
-        F: Future<Output = Result<Link, PoolConnectError>>,
-    {
-        // Boxed: the handshake's state is large and only a new connection
-        // needs it, so the request's future (which hyper allocates per
-        // connection) stays small.
-        let link = Box::pin(dial()).await;
-        drop(guard);
-        link
+    /// Idle connections open now.
+    pub fn len(&self) -> usize {
+        let map = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().map(|i| i.links.len()).sum()
+    }
+
+    /// Whether no idle connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> IdleLinks<K> {
-    /// Puts a connection back if it can still take requests (it is
-    /// closed otherwise, as it drops), and has the sweeper close it at its
-    /// deadline if no request takes it first.
-    fn put(self: &Arc<Self>, key: &K, link: Link) {
-        let now = Instant::now();
-        if !link.usable(now) {
-            return;
-        }
-        let deadline = link.deadline();
-        let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        match map.by_key.get_mut(key) {
-            Some(idle) => idle.links.push(link),
-            None => {
-                map.by_key.insert(
-                    key.clone(),
-                    Idle {
-                        links: vec![link],
-                        dialing: 0,
-                    },
-                );
-            }
-        }
-        let sweeper = match map.sweep_at {
-            None => Some(true),
-            Some(at) if deadline < at => Some(false),
-            Some(_) => None,
-        };
-        if sweeper.is_some() {
-            map.sweep_at = Some(deadline);
-        }
-        drop(map);
-        match sweeper {
-            Some(true) => match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(Self::sweeper(Arc::downgrade(self)));
-                }
-                // No runtime (shutting down): nothing would close it.
-                Err(_) => {
-                    let mut map = self.links.lock().unwrap_or_else(|e| e.into_inner());
-                    map.by_key.clear();
-                    map.sweep_at = None;
-                }
-            },
-            Some(false) => self.sweep.notify_one(),
-            None => {}
-        }
-        self.signal();
-    }
-
-    /// Closes idle connections at their deadlines; ends when none is
-    /// left (the next `put` starts another).
-    async fn sweeper(pool: std::sync::Weak<Self>) {
-        loop {
-            let Some(p) = pool.upgrade() else {
-                return;
-            };
-            let next = {
-                let mut map = p.links.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                let mut next: Option<Instant> = None;
-                map.by_key.retain(|_, idle| {
-                    // Closed as they drop.
-                    idle.links.retain(|l| l.usable(now));
-                    for l in &idle.links {
-                        let d = l.deadline();
-                        next = Some(next.map_or(d, |n| n.min(d)));
-                    }
-                    !idle.links.is_empty() || idle.dialing > 0
-                });
-                map.sweep_at = next;
-                next
-            };
-            let Some(next) = next else {
-                return;
-            };
-            let woken = p.sweep.notified();
-            tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
-                () = woken => {}
-            }
-        }
-    }
-
     /// Sends `req` to `key` on an idle connection of the pool or a new one
     /// from `dial`; the connection comes back to the pool when the
     /// response body is dropped. A request that a reused connection closed
@@ -733,7 +623,7 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> IdleLinks<K> {
                 let (pool, k) = (Arc::downgrade(self), key.clone());
                 link.home = Some(Arc::new(move |l| {
                     if let Some(pool) = pool.upgrade() {
-                        pool.put(&k, l);
+                        pool.put(k.clone(), l);
                     }
                 }));
             }
