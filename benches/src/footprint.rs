@@ -4,7 +4,7 @@
 //! split into anonymous and file-backed pages), memory per idle keep-alive
 //! app connection, memory after a burst with a request in flight on every
 //! connection, and per request on one keep-alive connection: context
-//! switches (all threads), read/write system calls and CPU time, and with
+//! switches (voluntary, all threads), read/write system calls and CPU time, and with
 //! `--strace` every system call (`strace -c -f` attached to both sides).
 //! Each `--also NAME=BIN` is another `rampart` executable measured the
 //! same way in the same run (an older build: before against after).
@@ -24,6 +24,12 @@ pub struct Options {
     pub requests: u64,
     /// Also count system calls with strace.
     pub strace: bool,
+    /// Also count heap allocations (`malloc`, `calloc`, `realloc`) with
+    /// `perf stat` on libc uprobes (root, `perf probe`).
+    pub allocs: bool,
+    /// Also measure each executable's pair with the port declared opaque
+    /// (the L4 reference), named `NAME-opaque`.
+    pub opaque: bool,
     /// Other `rampart` executables, by name.
     pub also: Vec<(String, PathBuf)>,
 }
@@ -34,6 +40,8 @@ impl Default for Options {
             conns: 1_000,
             requests: 2_000,
             strace: false,
+            allocs: false,
+            opaque: false,
             also: Vec::new(),
         }
     }
@@ -87,10 +95,9 @@ fn counters(pid: u32) -> Counters {
             let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
             switches += s
                 .lines()
-                .filter_map(|l| {
-                    l.strip_prefix("voluntary_ctxt_switches:")
-                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-                })
+                // Voluntary only: the waits for I/O, which the code decides;
+                // preemptions count how loaded the machine is.
+                .filter_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
                 .filter_map(|v| v.trim().parse::<u64>().ok())
                 .sum::<u64>();
         }
@@ -122,6 +129,7 @@ struct Measured {
     rw_syscalls: [f64; 2],
     cpu_us: [f64; 2],
     syscalls: Option<[Syscalls; 2]>,
+    allocations: Option<[f64; 2]>,
 }
 
 /// strace's summary of one side, per request.
@@ -143,9 +151,20 @@ pub fn run(o: &Options) {
     if o.strace && !strace {
         eprintln!("skipping system call counts: strace is not installed");
     }
-    let results: Vec<Measured> = bins
+    let allocs = o.allocs && alloc_probes();
+    if o.allocs && !allocs {
+        eprintln!("skipping allocation counts: perf probes on libc could not be set");
+    }
+    let mut runs: Vec<(String, PathBuf, bool)> = Vec::new();
+    for (name, bin) in &bins {
+        runs.push((name.clone(), bin.clone(), false));
+        if o.opaque {
+            runs.push((format!("{name}-opaque"), bin.clone(), true));
+        }
+    }
+    let results: Vec<Measured> = runs
         .iter()
-        .map(|(name, bin)| measure(&env, app.addr, name, bin, o, strace))
+        .map(|(name, bin, opaque)| measure(&env, app.addr, name, bin, *opaque, o, strace, allocs))
         .collect();
     println!(
         "# HTTP-aware pair footprint: {} idle keep-alive app connections, {} requests on one",
@@ -188,9 +207,9 @@ pub fn run(o: &Options) {
     }
     println!();
     println!(
-        "| pair | side | context switches / request | read+write syscalls / request | CPU µs / request | all syscalls / request (strace) | most frequent |"
+        "| pair | side | voluntary context switches / request | read+write syscalls / request | CPU µs / request | allocations / request | all syscalls / request (strace) | most frequent |"
     );
-    println!("|---|---|--:|--:|--:|--:|---|");
+    println!("|---|---|--:|--:|--:|--:|--:|---|");
     for m in &results {
         for (side, s) in ["client", "server"].iter().enumerate() {
             let (total, top) = match &m.syscalls {
@@ -205,8 +224,11 @@ pub fn run(o: &Options) {
                 ),
                 None => ("-".into(), "-".into()),
             };
+            let allocs = m
+                .allocations
+                .map_or_else(|| "-".to_string(), |a| format!("{:.2}", a[side]));
             println!(
-                "| {} | {s} | {:.2} | {:.2} | {:.1} | {total} | {top} |",
+                "| {} | {s} | {:.2} | {:.2} | {:.1} | {allocs} | {total} | {top} |",
                 m.name, m.switches[side], m.rw_syscalls[side], m.cpu_us[side],
             );
         }
@@ -222,16 +244,26 @@ pub fn run(o: &Options) {
     }
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site, each a setting of the run"
+)]
 fn measure(
     env: &topology::Env,
     app: std::net::SocketAddr,
     name: &str,
     bin: &Path,
+    opaque: bool,
     o: &Options,
     strace: bool,
+    allocs: bool,
 ) -> Measured {
     eprintln!("{name}: starting the pair");
-    let pair = env.rampart_http_pair_with(bin, app);
+    let pair = if opaque {
+        env.rampart_opaque_pair_with(bin, app)
+    } else {
+        env.rampart_http_pair_with(bin, app)
+    };
     let pids: Vec<u32> = pair.sides().iter().map(|s| s[0]).collect();
     let read = || [resident(pids[0]), resident(pids[1])];
     // One request first: what every sidecar has done once it carried any.
@@ -255,6 +287,7 @@ fn measure(
     let rw_syscalls = per(&|c| (c.syscr + c.syscw) as f64);
     let cpu_us = per(&|c| c.cpu.as_secs_f64() * 1e6);
     let syscalls = strace.then(|| traced(&pids, &mut c, o.requests));
+    let allocations = allocs.then(|| counted_allocations(&pids, &mut c, o.requests));
     drop(c);
 
     eprintln!("{name}: opening {} keep-alive connections", o.conns);
@@ -296,7 +329,92 @@ fn measure(
         rw_syscalls,
         cpu_us,
         syscalls,
+        allocations,
     }
+}
+
+/// The libc uprobes `perf stat` counts allocations with.
+const ALLOC_EVENTS: [&str; 3] = [
+    "probe_libc:malloc",
+    "probe_libc:calloc",
+    "probe_libc:realloc",
+];
+
+/// Sets the libc allocation probes (kept if already there); false when
+/// perf or uprobes are missing.
+fn alloc_probes() -> bool {
+    let libc = ["/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(libc) = libc else {
+        return false;
+    };
+    let listed = Command::new("perf")
+        .args(["probe", "-l"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for (event, func) in ALLOC_EVENTS.iter().zip(["malloc", "calloc", "realloc"]) {
+        if listed.contains(event) {
+            continue;
+        }
+        let added = Command::new("perf")
+            .args(["probe", "-q", "-x", libc, func])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !added {
+            return false;
+        }
+    }
+    true
+}
+
+/// Heap allocations per request on each side, counted by `perf stat`
+/// attached to both sides while `requests` more are sent.
+fn counted_allocations(pids: &[u32], c: &mut HttpConn, requests: u64) -> [f64; 2] {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut counters: Vec<(std::process::Child, PathBuf)> = pids
+        .iter()
+        .map(|pid| {
+            let out = dir.path().join(format!("perf-{pid}"));
+            let child = Command::new("perf")
+                .args(["stat", "-x", ",", "-e", &ALLOC_EVENTS.join(","), "-o"])
+                .arg(&out)
+                .arg("-p")
+                .arg(pid.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn perf stat");
+            (child, out)
+        })
+        .collect();
+    // perf attaches in well under this; requests sent before it has are
+    // not counted, which only lowers the figure a little.
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..requests {
+        c.get().expect("GET under perf stat");
+    }
+    counters
+        .iter_mut()
+        .map(|(child, out)| {
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+            }
+            let _ = child.wait();
+            let text = std::fs::read_to_string(&*out).unwrap_or_default();
+            // CSV: count,unit,event,...
+            let total: f64 = text
+                .lines()
+                .filter_map(|l| l.split(',').next()?.trim().parse::<f64>().ok())
+                .sum();
+            total / requests as f64
+        })
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one counter per side"))
 }
 
 fn strace_available() -> bool {

@@ -39,7 +39,8 @@ fn usage() -> ! {
          \x20      rampart-bench tcp-rtt|http-rtt [--requests N] [--reps N] [--size BYTES] [--conns N]\n\
          \x20                                     [--also NAME=RAMPART_BINARY]...\n\
          \x20      rampart-bench unscraped [--minutes M] [--rate R] [--conns N]\n\
-         \x20      rampart-bench footprint [--conns N] [--requests N] [--strace] [--also NAME=BIN]...\n\n\
+         \x20      rampart-bench footprint [--conns N] [--requests N] [--strace] [--allocs] [--opaque]\n\
+         \x20                        [--also NAME=BIN]...\n\n\
          mesh (the default): direct versus Rampart, nginx and HAProxy pairs doing the same\n\
          mTLS hop, --duration ({dur}) s per run, --reps ({reps}) interleaved, in workloads\n\
          (--only, default all):\n\
@@ -70,7 +71,9 @@ fn usage() -> ! {
          footprint: per sidecar of the HTTP-aware pair, idle RSS (anonymous and file),\n\
          memory per idle keep-alive connection with --conns (1000) open, after a burst with\n\
          a request in flight on each, and per request on one connection (--requests, 2000):\n\
-         context switches, read/write system calls, CPU, and with --strace every system call.",
+         context switches, read/write system calls, CPU, with --strace every system call,\n\
+         with --allocs heap allocations (perf uprobes on libc); --opaque also measures\n\
+         each executable's pair with the port declared opaque.",
         dur = d.duration.as_secs_f64(),
         reps = d.reps,
         rates = list(&d.rates),
@@ -105,6 +108,14 @@ fn main() {
         while let Some(a) = args.next() {
             if a == "--strace" {
                 o.strace = true;
+                continue;
+            }
+            if a == "--allocs" {
+                o.allocs = true;
+                continue;
+            }
+            if a == "--opaque" {
+                o.opaque = true;
                 continue;
             }
             let v = args.next().unwrap_or_else(|| usage());

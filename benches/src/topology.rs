@@ -261,6 +261,23 @@ impl Env {
         )
     }
 
+    /// [`Env::rampart_opaque_pair`] with another `rampart` executable.
+    pub fn rampart_opaque_pair_with(&self, bin: &Path, app: SocketAddr) -> Pair {
+        self.sidecar_pair(
+            bin,
+            ServerSvid::Genuine,
+            app,
+            |c| {
+                c.inbound.ports = vec![PortConfig {
+                    protocol: DeclaredProtocol::Opaque,
+                    allowed_peers: Some(vec![parse_id(CLIENT_ID)]),
+                    ..PortConfig::new(app.port())
+                }]
+            },
+            true,
+        )
+    }
+
     /// The same pair in front of an HTTP app, with an ALLOW policy that is
     /// evaluated on every request (principal, method and path).
     pub fn rampart_http_pair(&self, app: SocketAddr) -> Pair {
